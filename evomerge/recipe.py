@@ -1,0 +1,359 @@
+"""The Recipe: the one value that flows from the search to the merge, the ledger and the exports.
+
+A Recipe has at most two stages:
+  1. `merge` (parameter space): a mergekit-style merge (method, base_model, models or slices, parameters, dtype, seed);
+  2. `layers` (data-flow space): a layer path, a list of slots (source, layer, scale) where `source` is a model or
+     `merged` (the result of stage 1).
+`provenance` never changes the weights and is left out of `Recipe.identity`.
+
+Parameter values follow mergekit: a scalar, a gradient list interpolated across the layers of a slice, or `{filter, value}`
+entries matched against tensor names (the first match wins, no filter matches everything).
+This module knows nothing of torch; the merge package checks a recipe against the method registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from evomerge.errors import EvomergeError
+
+MERGED = "merged"  # the name of the parameter-space result inside a layer path
+
+Scalar = Union[bool, float, int, str]
+ScalarOrGradient = Union[Scalar, list[Scalar]]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Conditional(_Frozen):
+    value: ScalarOrGradient
+    filter: str | None = None
+
+
+ParamValue = Union[Conditional, list[Conditional], ScalarOrGradient]
+Params = dict[str, ParamValue]
+
+
+class ModelEntry(_Frozen):
+    model: str
+    parameters: Params = Field(default_factory=dict)
+
+
+class SliceSource(_Frozen):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Params = Field(default_factory=dict)
+
+
+class OutputSlice(_Frozen):
+    sources: list[SliceSource]
+    base_model: str | None = None
+    parameters: Params = Field(default_factory=dict)
+
+
+class MergeStage(_Frozen):
+    method: str
+    base_model: str | None = None
+    models: list[ModelEntry] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Params = Field(default_factory=dict)
+    dtype: str | None = None  # compute dtype; None keeps the sources' dtype
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None  # "base", a model, or None (the base, else the first model)
+    seed: int = 0  # keys the counter-based masks of DARE/DELLA
+
+    @model_validator(mode="after")
+    def _models_or_slices(self):
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' or 'slices'")
+        return self
+
+    def referenced_models(self) -> list[str]:
+        names = [self.base_model] if self.base_model else []
+        for entry in self.models or []:
+            names.append(entry.model)
+        for out in self.slices or []:
+            names += [s.model for s in out.sources] + ([out.base_model] if out.base_model else [])
+        return list(dict.fromkeys(names))
+
+
+class LayerSlot(_Frozen):
+    source: str  # a model, or MERGED
+    layer: int = Field(ge=0)
+    scale: float = 1.0  # multiplies the hidden state entering this layer
+
+
+class Recipe(_Frozen):
+    merge: MergeStage | None = None
+    layers: list[LayerSlot] | None = None
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _some_stage(self):
+        if self.merge is None and not self.layers:
+            raise ValueError("a recipe needs a 'merge' stage, a 'layers' path, or both")
+        if self.layers and self.merge is None and any(s.source == MERGED for s in self.layers):
+            raise ValueError(f"layer source {MERGED!r} needs a 'merge' stage")
+        return self
+
+    def weights_dict(self) -> dict:
+        """Everything that changes the weights, in canonical form."""
+        return self.model_dump(mode="json", exclude={"provenance"})
+
+    @property
+    def identity(self) -> str:
+        canonical = json.dumps(self.weights_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def referenced_models(self) -> list[str]:
+        names = self.merge.referenced_models() if self.merge else []
+        names += [s.source for s in self.layers or [] if s.source != MERGED]
+        return list(dict.fromkeys(names))
+
+    def with_provenance(self, **fields) -> "Recipe":
+        return self.model_copy(update={"provenance": {**self.provenance, **fields}})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parameter resolution (mergekit semantics)
+
+
+def evaluate_setting(setting: ParamValue, tensor_name: str, t: float) -> Any:
+    """A parameter's value for one tensor: filters by substring of the tensor name, gradients interpolated at t in [0, 1]."""
+    if isinstance(setting, Conditional):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if not setting:
+        return None
+    if all(isinstance(e, Conditional) for e in setting):
+        for cond in setting:
+            if cond.filter in (None, "*") or cond.filter in tensor_name:
+                return evaluate_setting(cond.value, tensor_name, t)
+        return None
+    if any(isinstance(e, bool) or not isinstance(e, (int, float)) for e in setting):
+        return setting[int(t * (len(setting) - 1))]  # discrete values are picked, not blended
+    scaled = t * (len(setting) - 1)
+    i0 = int(scaled)
+    i1 = min(len(setting) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * setting[i0] + frac * setting[i1]
+
+
+def resolve(name: str, scopes: list[Params | None], tensor_name: str, t: float) -> Any:
+    """First defined value of `name` over scopes ordered from highest to lowest precedence (None when absent)."""
+    for scope in scopes:
+        if scope and name in scope:
+            value = evaluate_setting(scope[name], tensor_name, t)
+            if value is not None:
+                return value
+    return None
+
+
+def iter_settings(params: Params):
+    """Every scalar (name, value) inside a parameter mapping, through gradients and filters; for range checks."""
+    for name, setting in params.items():
+        stack = [setting]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, Conditional):
+                stack.append(item.value)
+            elif isinstance(item, list):
+                stack.extend(item)
+            else:
+                yield name, item
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# YAML I/O: evomerge documents and mergekit documents (single or mergekit-multi)
+
+_MERGEKIT_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+
+
+def format_validation_error(err: ValidationError, source: str) -> EvomergeError:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "union[", "list[", "tagged")))
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return EvomergeError("; ".join(dict.fromkeys(parts)), source=source)
+
+
+def _merge_stage_from_mergekit(doc: dict, source: str) -> MergeStage:
+    unknown = set(doc) - _MERGEKIT_KEYS - {"name"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise EvomergeError(f"unknown mergekit key (supported: {', '.join(sorted(_MERGEKIT_KEYS))})", source=source, key=key)
+    fields = {k: v for k, v in doc.items() if k in _MERGEKIT_KEYS and k != "merge_method" and v is not None}
+    fields["method"] = doc.get("merge_method")
+    try:
+        return MergeStage.model_validate(fields)
+    except ValidationError as err:
+        raise format_validation_error(err, source) from None
+
+
+def _passthrough_path(stage: MergeStage) -> list[LayerSlot] | None:
+    """A passthrough `slices:` document whose only parameter is a scalar `scale` is a layer path."""
+    if stage.method != "passthrough" or not stage.slices or stage.parameters:
+        return None
+    slots = []
+    for out in stage.slices:
+        if len(out.sources) != 1 or out.parameters or out.base_model:
+            return None
+        src = out.sources[0]
+        if set(src.parameters) - {"scale"}:
+            return None
+        scale = src.parameters.get("scale", 1.0)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            return None
+        slots += [LayerSlot(source=src.model, layer=i, scale=float(scale)) for i in range(*src.layer_range)]
+    return slots
+
+
+def recipe_from_dict(docs: list[dict], source: str = "<recipe>") -> Recipe:
+    """Build a Recipe from parsed YAML documents (evomerge, mergekit, or mergekit-multi)."""
+    docs = [d for d in docs if d is not None]
+    if not docs:
+        raise EvomergeError("empty recipe", source=source)
+    for d in docs:
+        if not isinstance(d, dict):
+            raise EvomergeError(f"expected a mapping, got {type(d).__name__}", source=source)
+    if len(docs) == 1 and "merge_method" not in docs[0]:
+        try:
+            return Recipe.model_validate(docs[0])
+        except ValidationError as err:
+            raise format_validation_error(err, source) from None
+    if any("merge_method" not in d for d in docs):
+        raise EvomergeError("a multi-document recipe must be mergekit-multi (every document has 'merge_method')", source=source)
+    if len(docs) == 1:
+        stage = _merge_stage_from_mergekit(docs[0], source)
+        path = _passthrough_path(stage)
+        return Recipe(layers=path) if path else Recipe(merge=stage)
+    if len(docs) != 2:
+        raise EvomergeError("mergekit-multi recipes with more than two documents are not supported", source=source)
+    first, second = docs
+    name = first.get("name")
+    if not name:
+        raise EvomergeError("the first document of a mergekit-multi recipe needs a 'name'", source=source, key="name")
+    stage = _merge_stage_from_mergekit(first, source)
+    path = _passthrough_path(_merge_stage_from_mergekit(second, source))
+    if path is None:
+        raise EvomergeError("the second mergekit-multi document must be passthrough slices with scalar 'scale'", source=source)
+    path = [slot.model_copy(update={"source": MERGED}) if slot.source == name else slot for slot in path]
+    return Recipe(merge=stage, layers=path)
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise EvomergeError(f"cannot read recipe ({err.strerror})", source=str(path)) from None
+    try:
+        docs = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as err:
+        raise EvomergeError(f"invalid YAML: {str(err).splitlines()[0]}", source=str(path)) from None
+    return recipe_from_dict(docs, source=str(path))
+
+
+def _params_to_yaml(params: Params) -> dict:
+    return {k: (v.model_dump(exclude_none=True) if isinstance(v, Conditional) else
+                [c.model_dump(exclude_none=True) if isinstance(c, Conditional) else c for c in v] if isinstance(v, list) else v)
+            for k, v in params.items()}
+
+
+def _stage_to_mergekit(stage: MergeStage) -> dict:
+    doc: dict[str, Any] = {"merge_method": stage.method}
+    if stage.base_model:
+        doc["base_model"] = stage.base_model
+    if stage.models is not None:
+        doc["models"] = [{"model": m.model, **({"parameters": _params_to_yaml(m.parameters)} if m.parameters else {})}
+                         for m in stage.models]
+    else:
+        doc["slices"] = [out.model_dump(mode="json", exclude_defaults=True) for out in stage.slices]
+    if stage.parameters:
+        doc["parameters"] = _params_to_yaml(stage.parameters)
+    for key in ("dtype", "out_dtype", "tokenizer_source"):
+        if getattr(stage, key):
+            doc[key] = getattr(stage, key)
+    return doc
+
+
+def _path_to_slices(layers: list[LayerSlot], rename: dict[str, str]) -> list[dict]:
+    """Consecutive slots of one source with one scale become one passthrough slice."""
+    slices: list[dict] = []
+    for slot in layers:
+        model = rename.get(slot.source, slot.source)
+        last = slices[-1]["sources"][0] if slices else None
+        if last and last["model"] == model and last["layer_range"][1] == slot.layer and last["parameters"]["scale"] == slot.scale:
+            last["layer_range"][1] += 1
+        else:
+            slices.append({"sources": [{"model": model, "layer_range": [slot.layer, slot.layer + 1],
+                                        "parameters": {"scale": slot.scale}}]})
+    return slices
+
+
+def to_mergekit_docs(recipe: Recipe, stage_name: str = "evomerge-ps") -> list[dict]:
+    """mergekit documents for a recipe: one for a single stage, two (mergekit-multi) for PS+DFS.
+
+    The layer path's `scale` is written as mergekit passthrough's per-tensor `scale`, which multiplies the layer's
+    weights, not the hidden state: evomerge.export folds hidden-state scales into weights where that is exact and warns
+    otherwise; this function writes the path as given.
+    """
+    docs = []
+    if recipe.merge:
+        docs.append(_stage_to_mergekit(recipe.merge))
+    if recipe.layers:
+        rename = {MERGED: stage_name}
+        path_doc: dict[str, Any] = {"merge_method": "passthrough", "slices": _path_to_slices(recipe.layers, rename)}
+        if recipe.merge:
+            docs[0] = {"name": stage_name, **docs[0]}
+            for key in ("dtype", "out_dtype", "tokenizer_source"):
+                if docs[0].get(key):
+                    path_doc[key] = docs[0][key]
+        docs.append(path_doc)
+    return docs
+
+
+class _FlowListDumper(yaml.SafeDumper):
+    def represent_list(self, data):
+        flow = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_FlowListDumper.add_representer(list, _FlowListDumper.represent_list)
+_FlowListDumper.add_representer(tuple, _FlowListDumper.represent_list)
+
+
+def dump_yaml(docs: list[dict] | dict) -> str:
+    docs = docs if isinstance(docs, list) else [docs]
+    return "---\n".join(yaml.dump(d, Dumper=_FlowListDumper, sort_keys=False) for d in docs)
+
+
+def to_evomerge_yaml(recipe: Recipe) -> str:
+    return dump_yaml(recipe.model_dump(mode="json", exclude_defaults=True))
+
+
+def to_mergekit_yaml(recipe: Recipe) -> str:
+    return dump_yaml(to_mergekit_docs(recipe))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write via a temp file in the same directory and rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_recipe(recipe: Recipe, path: str | os.PathLike, fmt: Literal["evomerge", "mergekit"] = "evomerge") -> None:
+    write_text_atomic(path, to_evomerge_yaml(recipe) if fmt == "evomerge" else to_mergekit_yaml(recipe))
