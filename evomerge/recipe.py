@@ -89,7 +89,10 @@ class MergeStage(_Frozen):
 class LayerSlot(_Frozen):
     source: str  # a model, or MERGED
     layer: int = Field(ge=0)
-    scale: float = 1.0  # multiplies the hidden state entering this layer
+    scale: float = 1.0  # multiplies the hidden state entering this layer (Sakana's DFS scaling)
+    # mergekit passthrough's `scale`: multiplies this layer's weights, tensor by tensor (filters allowed). Imported
+    # mergekit paths use it; exports fold hidden-state `scale` into it where that is exact (see evomerge.export).
+    weight_scale: ParamValue | None = None
 
 
 class Recipe(_Frozen):
@@ -202,21 +205,38 @@ def _merge_stage_from_mergekit(doc: dict, source: str) -> MergeStage:
 
 
 def _passthrough_path(stage: MergeStage) -> list[LayerSlot] | None:
-    """A passthrough `slices:` document whose only parameter is a scalar `scale` is a layer path."""
-    if stage.method != "passthrough" or not stage.slices or stage.parameters:
+    """A passthrough `slices:` document with one source per slice is a layer path (its `scale` scales weights)."""
+    if stage.method != "passthrough" or not stage.slices or set(stage.parameters) - {"scale"}:
         return None
     slots = []
     for out in stage.slices:
-        if len(out.sources) != 1 or out.parameters or out.base_model:
+        if len(out.sources) != 1 or out.base_model or set(out.parameters) - {"scale"}:
             return None
         src = out.sources[0]
         if set(src.parameters) - {"scale"}:
             return None
-        scale = src.parameters.get("scale", 1.0)
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-            return None
-        slots += [LayerSlot(source=src.model, layer=i, scale=float(scale)) for i in range(*src.layer_range)]
+        setting = resolve_scope_setting("scale", [src.parameters, out.parameters, stage.parameters])
+        first, end = src.layer_range
+        for i in range(first, end):
+            t = (i - first) / (end - first - 1) if end - first > 1 else 1.0  # mergekit's t within a slice
+            slots.append(LayerSlot(source=src.model, layer=i, weight_scale=None if setting is None else at_t(setting, t)))
     return slots
+
+
+def at_t(setting: ParamValue, t: float) -> ParamValue:
+    """The setting with every gradient list evaluated at t (filters kept)."""
+    if isinstance(setting, Conditional):
+        return Conditional(value=at_t(setting.value, t), filter=setting.filter)
+    if isinstance(setting, list) and setting and all(isinstance(c, Conditional) for c in setting):
+        return [at_t(c, t) for c in setting]
+    if isinstance(setting, list):
+        return evaluate_setting(setting, "", t)
+    return setting
+
+
+def resolve_scope_setting(name: str, scopes: list[Params]) -> ParamValue | None:
+    """The unevaluated setting of `name` from the first scope that has it."""
+    return next((scope[name] for scope in scopes if name in scope), None)
 
 
 def recipe_from_dict(docs: list[dict], source: str = "<recipe>") -> Recipe:
@@ -235,9 +255,7 @@ def recipe_from_dict(docs: list[dict], source: str = "<recipe>") -> Recipe:
     if any("merge_method" not in d for d in docs):
         raise EvomergeError("a multi-document recipe must be mergekit-multi (every document has 'merge_method')", source=source)
     if len(docs) == 1:
-        stage = _merge_stage_from_mergekit(docs[0], source)
-        path = _passthrough_path(stage)
-        return Recipe(layers=path) if path else Recipe(merge=stage)
+        return Recipe(merge=_merge_stage_from_mergekit(docs[0], source))
     if len(docs) != 2:
         raise EvomergeError("mergekit-multi recipes with more than two documents are not supported", source=source)
     first, second = docs
@@ -247,7 +265,7 @@ def recipe_from_dict(docs: list[dict], source: str = "<recipe>") -> Recipe:
     stage = _merge_stage_from_mergekit(first, source)
     path = _passthrough_path(_merge_stage_from_mergekit(second, source))
     if path is None:
-        raise EvomergeError("the second mergekit-multi document must be passthrough slices with scalar 'scale'", source=source)
+        raise EvomergeError("the second mergekit-multi document must be passthrough slices, one source each", source=source)
     path = [slot.model_copy(update={"source": MERGED}) if slot.source == name else slot for slot in path]
     return Recipe(merge=stage, layers=path)
 
@@ -289,25 +307,26 @@ def _stage_to_mergekit(stage: MergeStage) -> dict:
 
 
 def _path_to_slices(layers: list[LayerSlot], rename: dict[str, str]) -> list[dict]:
-    """Consecutive slots of one source with one scale become one passthrough slice."""
+    """Consecutive slots of one source with the same weight scale become one passthrough slice."""
     slices: list[dict] = []
     for slot in layers:
+        if slot.scale != 1.0:
+            raise ValueError("fold hidden-state scales into weight_scale first (evomerge.export.fold_hidden_scales)")
         model = rename.get(slot.source, slot.source)
+        params = {} if slot.weight_scale is None else {"scale": _params_to_yaml({"scale": slot.weight_scale})["scale"]}
         last = slices[-1]["sources"][0] if slices else None
-        if last and last["model"] == model and last["layer_range"][1] == slot.layer and last["parameters"]["scale"] == slot.scale:
+        if last and last["model"] == model and last["layer_range"][1] == slot.layer and last.get("parameters", {}) == params:
             last["layer_range"][1] += 1
         else:
-            slices.append({"sources": [{"model": model, "layer_range": [slot.layer, slot.layer + 1],
-                                        "parameters": {"scale": slot.scale}}]})
+            source = {"model": model, "layer_range": [slot.layer, slot.layer + 1]}
+            slices.append({"sources": [{**source, "parameters": params} if params else source]})
     return slices
 
 
 def to_mergekit_docs(recipe: Recipe, stage_name: str = "evomerge-ps") -> list[dict]:
     """mergekit documents for a recipe: one for a single stage, two (mergekit-multi) for PS+DFS.
 
-    The layer path's `scale` is written as mergekit passthrough's per-tensor `scale`, which multiplies the layer's
-    weights, not the hidden state: evomerge.export folds hidden-state scales into weights where that is exact and warns
-    otherwise; this function writes the path as given.
+    mergekit has no hidden-state scale: a path must have its `scale`s folded into `weight_scale` first.
     """
     docs = []
     if recipe.merge:

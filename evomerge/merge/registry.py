@@ -8,7 +8,8 @@ A method is a pure function over tensors:
 - `base` is the base model's tensor (None when the method takes no base), `tensors` the other models' tensors, in recipe order.
 - Keyword parameters annotated `PerModel` take one value per entry of `tensors` (a list); the rest are scalars shared by all.
 - A parameter with no default is required. A trailing `_` is dropped from the public name (`lambda_` is `lambda`).
-- A keyword `key` (a `MaskKey`) marks a randomized method: the materializer passes the counter-based RNG key for the tensor.
+- A keyword `key` marks a randomized method (DARE, DELLA): the materializer passes a list of `MaskKey` aligned with
+  `tensors`, `MaskKey(seed, tensor name, model name)` for each model (see `evomerge.merge.rng`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,153 @@
+"""Execute a Plan: tensor by tensor into a new HF model dir (streaming, bounded memory), or in place into a live model.
+
+Memory when writing a dir: one output tensor and its inputs at a time (sources are read lazily from safetensors), plus the
+writer's current shard. A search worker instead keeps the sources resident on its device and re-materializes the same
+live model for every candidate, recomputing only the tensors whose task changed since the last candidate.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from evomerge.errors import EvomergeError
+from evomerge.merge.plan import Plan, TensorTask, plan_recipe
+from evomerge.merge.registry import METHODS, get_method
+from evomerge.merge.rng import MaskKey
+from evomerge.models.io import ModelDir, ModelWriter, check_finite, live_param
+from evomerge.recipe import Recipe, to_evomerge_yaml
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_dtype(name: str | None, *, source: str | None = None, key: str = "dtype") -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise EvomergeError(f"unknown dtype {name!r} (one of {', '.join(DTYPES)})", source=source, key=key)
+    return DTYPES[name]
+
+
+class Sources(Protocol):
+    def get(self, model: str, name: str) -> torch.Tensor: ...
+
+
+class LazySources:
+    """Reads each input tensor from disk when asked, on the merge device, in the compute dtype."""
+
+    def __init__(self, dirs: dict[str, ModelDir], device: str, dtype: torch.dtype | None):
+        self.dirs, self.device, self.dtype = dirs, device, dtype
+
+    def get(self, model: str, name: str) -> torch.Tensor:
+        return self.dirs[model].get(name, device=self.device, dtype=self.dtype)
+
+
+class ResidentSources:
+    """Every tensor of every source model, loaded once onto the device (a search worker's store)."""
+
+    def __init__(self, dirs: dict[str, ModelDir], device: str, dtype: torch.dtype | None):
+        self.dirs = dirs
+        self.tensors = {(m, n): d.get(n, device=device, dtype=dtype) for m, d in dirs.items() for n in d.tensor_names}
+
+    @classmethod
+    def from_tensors(cls, dirs: dict[str, ModelDir], tensors: dict[tuple[str, str], torch.Tensor]) -> "ResidentSources":
+        """A store over tensors already resident (e.g. the parameters of live source models)."""
+        store = cls.__new__(cls)
+        store.dirs, store.tensors = dirs, tensors
+        return store
+
+    def get(self, model: str, name: str) -> torch.Tensor:
+        return self.tensors[(model, name)]
+
+
+def open_model_dirs(recipe: Recipe, source: str = "<recipe>") -> dict[str, ModelDir]:
+    return {m: ModelDir.open(m, source=source) for m in recipe.referenced_models()}
+
+
+def compute(task: TensorTask, sources: Sources) -> torch.Tensor:
+    """The output tensor of one task, in the dtype of its inputs."""
+    spec = METHODS[task.method]
+    base = sources.get(*task.base) if task.base else None
+    tensors = [sources.get(*ref) for ref in task.inputs]
+    if task.vocab:  # embeddings of different vocab sizes: the common block of rows
+        rows = min(t.shape[0] for t in tensors + ([base] if base is not None else []))
+        tensors = [t[:rows] for t in tensors]
+        base = base[:rows] if base is not None else None
+    kwargs = task.kwargs
+    if spec.randomized:
+        kwargs["key"] = [MaskKey(task.seed, task.out_name, model) for model, _ in task.inputs]
+    out = spec.fn(base, tensors, **kwargs)
+    return out * task.scale if task.scale != 1.0 else out
+
+
+def model_card(recipe: Recipe, plan: Plan) -> str:
+    return (f"---\ntags: [merge, evomerge]\n---\n# Merged model\n\nMade by evomerge from this recipe "
+            f"(`evomerge merge recipe.yaml OUT` reproduces it):\n\n```yaml\n{to_evomerge_yaml(recipe)}```\n"
+            + ("".join(f"\nWarning: {w}\n" for w in plan.warnings)))
+
+
+def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<recipe>", device: str = "cpu",
+                 dtype: str | None = None, out_shard_bytes: int = 5 * 2**30, force: bool = False,
+                 allow_nonfinite: bool = False, progress: bool = True) -> Plan:
+    """Materialize `recipe` into a Hugging Face model dir; nothing is left at `out_dir` on failure."""
+    stage = recipe.merge
+    compute_dtype = parse_dtype(dtype or (stage.dtype if stage else None), source=source)
+    out_dtype = parse_dtype(dtype or (stage.out_dtype if stage else None), source=source, key="out_dtype") or compute_dtype
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvomergeError(f"device {device!r} asked for, but torch sees no CUDA device", key="--device")
+    dirs = open_model_dirs(recipe, source)
+    plan = plan_recipe(recipe, dirs, source)
+    if not allow_nonfinite:
+        for name, d in dirs.items():
+            bad = check_finite(d)
+            if bad:
+                raise EvomergeError(f"{name} has NaN/inf weights in {bad[0]} (and {len(bad) - 1} more); "
+                                    f"pass --allow-nonfinite to merge anyway", source=source, key="models")
+    sources = LazySources(dirs, device, compute_dtype)
+    rows = None
+    with ModelWriter(out_dir, max_shard_bytes=out_shard_bytes, force=force) as writer:
+        for task in tqdm(plan.tasks, desc="merging", unit="tensor", disable=not progress):
+            tensor = compute(task, sources)
+            if task.vocab:
+                rows = tensor.shape[0] if rows is None else min(rows, tensor.shape[0])
+            writer.add(task.out_name, tensor.to(out_dtype or tensor.dtype).cpu())
+        template = dirs[plan.config_from]
+        config = template.arch.set_num_layers(dict(template.config), plan.num_layers)
+        if rows is not None and config.get("vocab_size", rows) != rows:
+            config["vocab_size"] = rows
+        if out_dtype is not None:
+            config["torch_dtype"] = config["dtype"] = str(out_dtype).removeprefix("torch.")
+        writer.write_config(config)
+        if plan.tokenizer_from:
+            writer.copy_tokenizer(dirs[plan.tokenizer_from])
+        writer.write_text("README.md", model_card(recipe, plan))
+    return plan
+
+
+class LiveMaterializer:
+    """Writes recipes into one live model in place, from resident sources; recomputes only tensors whose task changed."""
+
+    def __init__(self, model: torch.nn.Module, sources: ResidentSources):
+        self.model, self.sources = model, sources
+        self.applied: dict[str, TensorTask] = {}
+
+    @torch.no_grad()
+    def apply(self, recipe: Recipe, source: str = "<recipe>") -> dict[str, int]:
+        plan = plan_recipe(recipe, self.sources.dirs, source)
+        if recipe.layers:
+            raise EvomergeError("layer paths are materialized by evomerge.run's path model, not in place", key="layers")
+        computed = 0
+        for task in plan.tasks:
+            if self.applied.get(task.out_name) == task:
+                continue
+            target = live_param(self.model, task.out_name)
+            value = compute(task, self.sources)
+            target[: value.shape[0]].copy_(value) if task.vocab else target.copy_(value)
+            self.applied[task.out_name] = task
+            computed += 1
+        return {"tensors": len(plan.tasks), "computed": computed}
+
+

@@ -1,0 +1,301 @@
+"""The merge methods of mergekit 0.1.5, as pure tensor functions (names, parameters and defaults as in mergekit).
+
+Every method is `fn(base, tensors, *, <parameters>) -> Tensor` (see `registry.py`): `base` is the base model's tensor or
+None, `tensors` the other models' tensors in recipe order, per-model parameters are lists aligned with `tensors`.
+Arithmetic runs in float32 (float64 when an input is float64) and the result has the dtype of `base` (of `tensors[0]`
+when there is no base). Nothing here syncs with the device except SCE's top-k count, nor touches the global RNG.
+
+`int8_mask` is accepted for mergekit compatibility and does nothing: in mergekit it only picks the dtype of the sign
+mask to save memory, and our masks are bool.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from evomerge.merge.registry import PerModel, merge_method
+from evomerge.merge.sparsify import SPARSIFIERS, kth_largest, sparsify
+
+Tensor = torch.Tensor
+# meaningful ranges of the family's parameters (DELLA also needs density +/- epsilon inside (0, 1))
+RANGES = {"density": (0.0, 1.0), "gamma": (0.0, 1.0), "epsilon": (0.0, 0.5)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _work_dtype(*tensors: Tensor | None) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _stack(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.stack([t.to(dtype) for t in tensors])  # [n, *shape]
+
+
+def _per_model(values: list[float], like: Tensor) -> Tensor:
+    """Per-model scalars shaped [n, 1, ..., 1] to broadcast against a stack `like` of shape [n, *shape]."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(-1, *[1] * (like.ndim - 1))
+
+
+def _each(value, n: int) -> list:
+    """A per-model parameter as a list; a scalar (a default, in a direct call) applies to every model."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+def sign_agreement(deltas: Tensor) -> Tensor:
+    """TIES sign election: True where a delta has the sign of the sum over models (+ on a zero sum); sign(0) matches
+    nothing, so a zero delta never counts towards the divisor."""
+    majority = torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
+    return deltas.sign() == majority
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the task-arithmetic family: one function, members as data (mergekit GeneralizedTaskArithmeticMerge)
+
+
+@dataclass(frozen=True)
+class TaskArithmetic:
+    consensus: bool  # TIES sign election before the sum
+    sparsifier: str | None  # a key of SPARSIFIERS
+    normalize: bool  # default of `normalize`: divide by the (agreeing) weights' sum
+    rescale: bool  # default of `rescale`: sparsified deltas keep their L1 norm
+    reference: str
+
+
+TASK_ARITHMETIC_FAMILY = {
+    "task_arithmetic": TaskArithmetic(False, None, False, False, "https://arxiv.org/abs/2212.04089"),
+    "ties": TaskArithmetic(True, "magnitude", True, False, "https://arxiv.org/abs/2306.01708"),
+    "dare_ties": TaskArithmetic(True, "random", False, True, "https://arxiv.org/abs/2311.03099"),
+    "dare_linear": TaskArithmetic(False, "random", False, True, "https://arxiv.org/abs/2311.03099"),
+    "breadcrumbs": TaskArithmetic(False, "magnitude_outliers", False, False, "https://arxiv.org/abs/2312.06795"),
+    "breadcrumbs_ties": TaskArithmetic(True, "magnitude_outliers", False, False, "https://arxiv.org/abs/2312.06795"),
+    "della": TaskArithmetic(True, "della_magprune", True, True, "https://arxiv.org/abs/2406.11617"),
+    "della_linear": TaskArithmetic(False, "della_magprune", False, True, "https://arxiv.org/abs/2406.11617"),
+}
+
+
+def generalized_task_arithmetic(
+    base: Tensor, tensors: list[Tensor], *, member: TaskArithmetic, weight: list[float], density: list[float],
+    normalize: bool, rescale: bool, lambda_: float, int8_mask: bool = False, key: list | None = None, **extra: list,
+) -> Tensor:
+    """base + lambda * sum_i w_i m_i s(theta_i - base) / D   (task arithmetic, TIES, DARE, breadcrumbs, DELLA).
+
+    s sparsifies each delta (`extra` holds its per-model gamma/epsilon, `key` its per-model MaskKey); m_i is the TIES
+    sign agreement of the *weighted* deltas (all ones without consensus); D = sum_i w_i m_i if normalize, else 1.
+    Guards as mergekit: with consensus D == 0 -> 1, without |D| < 1e-8 -> 1.
+    """
+    if not tensors:
+        return base.clone()
+    work = _work_dtype(base, *tensors)
+    b = base.to(work)
+    deltas = []
+    for i, t in enumerate(tensors):
+        delta = t.to(work) - b
+        if member.sparsifier:
+            own = {name: values[i] for name, values in extra.items()}
+            if SPARSIFIERS[member.sparsifier].randomized:
+                own["key"] = key[i]
+            delta = sparsify(delta, member.sparsifier, density[i], rescale=rescale, **own)
+        deltas.append(delta)
+    deltas = torch.stack(deltas)  # [n, *shape]
+    w = _per_model(weight, deltas)  # [n, 1, ...]
+    deltas = deltas * w
+    if member.consensus:
+        agree = sign_agreement(deltas)
+        mixed, divisor = (deltas * agree).sum(0), (w * agree).sum(0)
+        divisor = torch.where(divisor == 0, 1.0, divisor)
+    else:
+        mixed, divisor = deltas.sum(0), w.sum(0)
+        divisor = torch.where(divisor.abs() < 1e-8, 1.0, divisor)
+    if normalize:
+        mixed = mixed / divisor
+    return (b + lambda_ * mixed).to(base.dtype)
+
+
+def _register_family_member(name: str, member: TaskArithmetic) -> None:
+    """Register `name` with the parameter schema mergekit gives it: the common ones, the sparsifier's own, and `key`."""
+    sparsifier = SPARSIFIERS.get(member.sparsifier)
+    kw = inspect.Parameter.KEYWORD_ONLY
+    own = sparsifier.extra if sparsifier else {}
+    params = [
+        inspect.Parameter("weight", kw, annotation=PerModel),
+        inspect.Parameter("density", kw, default=1.0, annotation=PerModel),
+        *(inspect.Parameter(p, kw, default=v, annotation=PerModel) for p, v in own.items()),
+        inspect.Parameter("normalize", kw, default=member.normalize, annotation=bool),
+        inspect.Parameter("rescale", kw, default=member.rescale, annotation=bool),
+        inspect.Parameter("lambda_", kw, default=1.0, annotation=float),
+        inspect.Parameter("int8_mask", kw, default=False, annotation=bool),
+    ]
+    if sparsifier and sparsifier.randomized:
+        params.append(inspect.Parameter("key", kw, annotation=list))  # one MaskKey per entry of `tensors`
+    positional = [inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in ("base", "tensors")]
+    signature = inspect.Signature(positional + params)
+
+    def merge(base, tensors, **kwargs):
+        bound = signature.bind(base, tensors, **kwargs)
+        bound.apply_defaults()
+        per_model = {p.name: _each(bound.arguments[p.name], len(tensors)) for p in params if p.annotation is PerModel}
+        return generalized_task_arithmetic(base, tensors, member=member, **{**bound.kwargs, **per_model})
+
+    merge.__signature__ = signature
+    merge.__annotations__ = {p.name: p.annotation for p in params}
+    merge.__name__ = merge.__qualname__ = name
+    merge.__doc__ = f"{name}: {member} preset of generalized_task_arithmetic."
+    ranges = {p: r for p, r in RANGES.items() if p in signature.parameters}
+    merge_method(name, base="required", min_models=0, ranges=ranges, reference=member.reference)(merge)
+
+
+for _name, _member in TASK_ARITHMETIC_FAMILY.items():
+    _register_family_member(_name, _member)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the other methods
+
+
+@merge_method("linear", base="none", reference="https://arxiv.org/abs/2203.05482")
+def linear(base: None, tensors: list[Tensor], *, weight: PerModel, normalize: bool = True) -> Tensor:
+    """Model soups: sum_i w_i theta_i, divided by sum_i w_i if normalize.
+
+    A weight sum with |sum| < 1e-8 divides by 1 (mergekit divides by it and returns inf/NaN).
+    """
+    x = _stack(tensors, _work_dtype(*tensors))
+    w = _per_model(weight, x)
+    mixed, total = (w * x).sum(0), w.sum(0)
+    if normalize:
+        mixed = mixed / torch.where(total.abs() < 1e-8, 1.0, total)
+    return mixed.to(tensors[0].dtype)
+
+
+@merge_method("slerp", base="required", min_models=1, max_models=1, ranges={"t": (0.0, 1.0)},
+              reference="https://en.wikipedia.org/wiki/Slerp")
+def slerp(base: Tensor, tensors: list[Tensor], *, t: float) -> Tensor:
+    """Spherical interpolation from base (t=0) to the other model (t=1) over the whole flattened tensor:
+
+        out = sin((1-t) theta) / sin(theta) * a + sin(t theta) / sin(theta) * b,   cos(theta) = <a/|a|, b/|b|>
+    Norms below 1e-8 count as 1; (anti)parallel tensors (|cos| > 0.9995) interpolate linearly (mergekit 0.1.5).
+    """
+    work = _work_dtype(base, tensors[0])
+    a, b = base.to(work).reshape(-1), tensors[0].to(work).reshape(-1)
+    na, nb = a.norm(), b.norm()
+    na, nb = torch.where(na > 1e-8, na, 1.0), torch.where(nb > 1e-8, nb, 1.0)
+    dot = ((a / na) * (b / nb)).sum().clamp(-1, 1)
+    linear = dot.abs() > 0.9995
+    theta = torch.acos(torch.where(linear, 0.0, dot))  # acos(0) keeps the unused branch finite
+    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / theta.sin())
+    coef_b = torch.where(linear, t, torch.sin(t * theta) / theta.sin())
+    return (coef_a * a + coef_b * b).reshape(base.shape).to(base.dtype)
+
+
+def _nuslerp(t: float, a: Tensor, b: Tensor, *, row_wise: bool, flatten: bool) -> Tensor:
+    """Slerp of the vectors along the last dim (dim 0 if row_wise, the whole tensor if flatten); colinear -> linear."""
+    shape = a.shape
+    if flatten:
+        a, b = a.reshape(-1), b.reshape(-1)
+    elif row_wise and a.ndim > 1:
+        a, b = a.transpose(0, -1), b.transpose(0, -1)
+    ua = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+    ub = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+    cos = (ua * ub).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = 1 - cos.square() <= 1e-16
+    theta = torch.acos(torch.where(colinear, 0.0, cos))
+    out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / theta.sin()
+    out = torch.where(colinear, (1 - t) * a + t * b, out)
+    if row_wise and not flatten and a.ndim > 1:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+@merge_method("nuslerp", base="optional", min_models=2, max_models=2)
+def nuslerp(base: Tensor | None, tensors: list[Tensor], *, weight: PerModel, nuslerp_row_wise: bool = False,
+            nuslerp_flatten: bool = True) -> Tensor:
+    """Slerp between two models at t = w_1 / (w_0 + w_1) (0.5 if |w_0 + w_1| < 1e-6); with a base, between their
+    task vectors, added back to the base. With nuslerp_flatten=False each vector along the last dim is slerped on its
+    own, or with `nuslerp_row_wise` each along dim 0 (mergekit 0.1.5 moves dim 0 last: the columns of a 2-D weight).
+    """
+    total = weight[0] + weight[1]
+    t = 0.5 if abs(total) < 1e-6 else weight[1] / total
+    work = _work_dtype(base, *tensors)
+    a, b = (x.to(work) for x in tensors)
+    origin = base.to(work) if base is not None else torch.zeros((), dtype=work, device=a.device)
+    out = origin + _nuslerp(t, a - origin, b - origin, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
+    return out.to((base if base is not None else tensors[0]).dtype)
+
+
+@merge_method("nearswap", base="required", min_models=1, max_models=1,
+              reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001")
+def nearswap(base: Tensor, tensors: list[Tensor], *, t: float) -> Tensor:
+    """Move base a towards the other model b where they are close:
+
+        w = clamp(t / max(|a - b|, 1e-6), 0, 1),   out = w b + (1 - w) a
+    """
+    work = _work_dtype(base, tensors[0])
+    a, b = base.to(work), tensors[0].to(work)
+    w = (t / (a - b).abs().clamp_min(1e-6)).clamp(0, 1)
+    return (w * b + (1 - w) * a).to(base.dtype)
+
+
+@merge_method("model_stock", base="required", min_models=2, reference="https://arxiv.org/abs/2403.19522")
+def model_stock(base: Tensor, tensors: list[Tensor], *, filter_wise: bool = False) -> Tensor:
+    """Model Stock (Jang et al. 2024, eq. 6): out = t * mean_i(w_i) + (1 - t) * w_0,  t = k cos / (1 + (k - 1) cos),
+
+    cos the mean pairwise cosine of the offsets w_i - w_0 over the whole tensor, or per vector along the last dim with
+    `filter_wise` (a 1-D tensor is one vector). Where |1 + (k - 1) cos| < 1e-6 the base is kept (t = 0).
+    """
+    work = _work_dtype(base, *tensors)
+    w0, ws = base.to(work), _stack(tensors, work)  # [*shape], [k, *shape]
+    if not filter_wise:
+        w0, ws = w0.reshape(1, -1), ws.reshape(len(tensors), 1, -1)
+    offsets = ws - w0
+    norms = offsets.norm(dim=-1)  # [k, ...]
+    k = len(tensors)
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    cos = torch.stack([((offsets[i] * offsets[j]).sum(-1) / (norms[i] * norms[j]).clamp_min(1e-6)).clamp(-1, 1)
+                       for i, j in pairs]).mean(0).unsqueeze(-1)
+    denominator = 1 + (k - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, 0.0, k * cos / torch.where(singular, 1.0, denominator))
+    return (t * ws.mean(0) + (1 - t) * w0).reshape(base.shape).to(base.dtype)
+
+
+@merge_method("sce", base="required", min_models=0, ranges={"select_topk": (0.0, 1.0)},
+              reference="https://arxiv.org/abs/2408.07990")
+def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0, int8_mask: bool = False) -> Tensor:
+    """SCE (FuseChat-2.0): Select the fraction `select_topk` of entries whose task vectors vary most across models,
+    Calculate energy weights e_i = mean(tau_i^2) / sum_j mean(tau_j^2) (uniform if that sum < 1e-6), Erase entries
+    against the TIES majority sign, then average: base + sum_i e_i m_i tau_i / max(sum_i e_i m_i, 1e-6).
+
+    Selection keeps the k = int(select_topk * #nonzero variances) largest variances, ties at the k-th all kept.
+    """
+    if not tensors:
+        return base.clone()
+    work = _work_dtype(base, *tensors)
+    b = base.to(work)
+    tau = _stack(tensors, work) - b  # [n, *shape]
+    if select_topk < 1:
+        tau = tau * _top_variance(tau, select_topk)
+    energy = tau.square().reshape(len(tensors), -1).mean(1)  # [n]
+    total = energy.sum()
+    energy = torch.where(total.abs() < 1e-6, 1.0 / len(tensors), energy / total.clamp_min(1e-6))
+    weights = energy.reshape(-1, *[1] * b.ndim) * sign_agreement(tau)
+    return (b + (tau * weights).sum(0) / weights.sum(0).clamp_min(1e-6)).to(base.dtype)
+
+
+def _top_variance(tau: Tensor, fraction: float) -> Tensor:
+    """Mask of the k = int(fraction * #nonzero) entries with the largest variance across models."""
+    var = tau.var(0, unbiased=False)
+    k = int(int(torch.count_nonzero(var)) * fraction)  # the one device sync: the count sizes the selection
+    if k <= 0:
+        return torch.zeros_like(var, dtype=torch.bool)
+    return var >= kth_largest(var, k)
+
+
+@merge_method("passthrough", base="none", max_models=1)
+def passthrough(base: None, tensors: list[Tensor], *, scale: PerModel = 1.0) -> Tensor:
+    """The one model's tensor times its `scale` (mergekit's default None is scale 1)."""
+    x = tensors[0]
+    return (x.to(_work_dtype(x)) * _each(scale, 1)[0]).to(x.dtype)

@@ -1,0 +1,263 @@
+"""Recipe -> a list of TensorTasks: for every output tensor, which input tensors and which resolved parameters.
+
+Planning follows mergekit's order: tensors before the layers (embeddings) from the first slice, the layers slice by slice
+(t = i / (n - 1) inside a slice, for gradient lists), then the tensors after the layers from the last slice, both with t = 0.
+A `models:` stage is one slice over all layers. Everything the user can get wrong is checked here, before any tensor is
+read, and reported as one EvomergeError naming the recipe file and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from evomerge.errors import EvomergeError
+from evomerge.merge.registry import MethodSpec, get_method
+from evomerge.models.io import ModelDir
+from evomerge.recipe import MERGED, LayerSlot, MergeStage, OutputSlice, Params, Recipe, SliceSource, evaluate_setting, iter_settings, resolve
+
+Ref = tuple[str, str]  # (model, tensor name in that model)
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One output tensor: `method(base, inputs, **params)`; for a layer-path slot, a copy of `inputs[0]` times `scale`."""
+
+    out_name: str
+    method: str
+    base: Ref | None
+    inputs: tuple[Ref, ...]
+    params: tuple[tuple[str, Any], ...]  # per-model params are tuples aligned with inputs
+    vocab: bool = False  # rows index the vocabulary: cut to the common block when sizes differ
+    scale: float = 1.0  # folded hidden-state scale (layer paths) or passthrough weight scale
+    seed: int = 0  # keys the random masks of DARE/DELLA with (seed, out_name, model)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.params}
+
+
+@dataclass
+class Plan:
+    tasks: list[TensorTask]
+    num_layers: int
+    config_from: str  # model whose config.json the output starts from
+    tokenizer_from: str | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _check_params(spec: MethodSpec, params: Params, source: str, where: str, *, per_model_ok: bool, global_ok: bool):
+    allowed = {p.name for p in spec.params if (p.per_model and per_model_ok) or (not p.per_model and global_ok)}
+    for name in params:
+        if name not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise EvomergeError(f"unknown parameter {name!r} for method {spec.name} (allowed here: {known})",
+                                source=source, key=f"{where}.{name}")
+    for name, value in iter_settings(params):
+        p = spec.param(name)
+        if p.kind is bool:
+            if not isinstance(value, bool):
+                raise EvomergeError(f"expected true/false, got {value!r}", source=source, key=f"{where}.{name}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EvomergeError(f"expected a number, got {value!r}", source=source, key=f"{where}.{name}")
+        if (p.low is not None and value < p.low) or (p.high is not None and value > p.high):
+            raise EvomergeError(f"{value} is outside [{p.low}, {p.high}]", source=source, key=f"{where}.{name}")
+
+
+def validate_stage(stage: MergeStage, source: str) -> MethodSpec:
+    """Method, parameter names, ranges and model counts; raises EvomergeError naming the key."""
+    spec = get_method(stage.method, source=source, key="merge.method")
+    _check_params(spec, stage.parameters, source, "parameters", per_model_ok=True, global_ok=True)
+    for i, entry in enumerate(stage.models or []):
+        _check_params(spec, entry.parameters, source, f"models[{i}].parameters", per_model_ok=True, global_ok=False)
+    for i, out in enumerate(stage.slices or []):
+        _check_params(spec, out.parameters, source, f"slices[{i}].parameters", per_model_ok=True, global_ok=True)
+        for j, src in enumerate(out.sources):
+            _check_params(spec, src.parameters, source, f"slices[{i}].sources[{j}].parameters", per_model_ok=True, global_ok=False)
+    for i, out in enumerate(_slices(stage)):
+        base = out.base_model or stage.base_model
+        if spec.base == "required" and not base:
+            raise EvomergeError(f"method {spec.name} needs a base_model", source=source, key="base_model")
+        n = len([s for s in out.sources if spec.base == "none" or s.model != base])
+        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+            want = f"exactly {spec.min_models}" if spec.min_models == spec.max_models else \
+                f"at least {spec.min_models}" if spec.max_models is None else f"{spec.min_models} to {spec.max_models}"
+            base_note = " besides the base" if spec.base != "none" else ""
+            raise EvomergeError(f"method {spec.name} takes {want} models{base_note}, got {n}", source=source,
+                                key="models" if stage.models is not None else f"slices[{i}].sources")
+    return spec
+
+
+def _slices(stage: MergeStage, num_layers: int | None = None) -> list[OutputSlice]:
+    """mergekit's normalisation: `models:` is one slice over every layer, with the base added when not listed."""
+    if stage.slices is not None:
+        return stage.slices
+    n = num_layers or 0
+    sources = [SliceSource(model=m.model, layer_range=(0, n), parameters=m.parameters) for m in stage.models]
+    if stage.base_model and stage.base_model not in [m.model for m in stage.models]:
+        sources.append(SliceSource(model=stage.base_model, layer_range=(0, n)))
+    return [OutputSlice(sources=sources)]
+
+
+def _resolve_task(spec: MethodSpec, stage: MergeStage, out: OutputSlice, out_name: str, inputs: list[tuple[SliceSource, str]],
+                  t: float, source: str, vocab: bool) -> TensorTask:
+    base_model = out.base_model or stage.base_model
+    base_ref, others = None, []
+    for src, name in inputs:
+        if spec.base != "none" and src.model == base_model:
+            base_ref = (src.model, name)
+        else:
+            others.append((src, name))
+    if spec.base == "required" and base_ref is None:
+        raise EvomergeError(f"base model {base_model} is not a source of this slice", source=source, key="base_model")
+    params: dict[str, Any] = {}
+    for p in spec.global_params:
+        value = resolve(p.name, [out.parameters, stage.parameters], out_name, t)
+        params[p.arg] = p.default if value is None else value
+    for p in spec.per_model_params:
+        values = []
+        for src, name in others:
+            value = resolve(p.name, [src.parameters, out.parameters, stage.parameters], name, t)
+            if value is None and p.required:
+                raise EvomergeError(f"missing required parameter {p.name!r} for model {src.model} (tensor {name})",
+                                    source=source, key=f"{p.name}")
+            values.append(p.default if value is None else value)
+        params[p.arg] = tuple(values)
+    if spec.name.startswith("della"):
+        for d, e in zip(params.get("density", ()), params.get("epsilon", ())):
+            if d < 1 and not (0 < d - e and d + e < 1):
+                raise EvomergeError(f"della needs density +- epsilon inside (0, 1), got density={d}, epsilon={e} "
+                                    f"at {out_name}", source=source, key="epsilon")
+    return TensorTask(out_name, spec.name, base_ref, tuple((s.model, n) for s, n in others), tuple(sorted(params.items())),
+                      vocab=vocab, seed=stage.seed)
+
+
+def _check_compatible(dirs: dict[str, ModelDir], source: str) -> None:
+    """Same architecture family, layer shapes and names; only vocabulary rows may differ."""
+    first_name, first = next(iter(dirs.items()))
+    for name, d in dirs.items():
+        if d.arch.name != first.arch.name:
+            raise EvomergeError(f"architecture {d.arch.name} of {name} differs from {first.arch.name} of {first_name}",
+                                source=source, key="models")
+        for tensor in first.tensor_names:
+            layer = first.arch.layer_of(tensor)
+            if layer is not None and layer >= d.num_layers:
+                continue
+            if tensor not in d.tensor_names:
+                raise EvomergeError(f"{name} has no tensor {tensor} (present in {first_name})", source=source, key="models")
+            a, b = tuple(first.shape(tensor)), tuple(d.shape(tensor))
+            if a != b and not (first.arch.is_vocab_tensor(tensor) and a[1:] == b[1:]):
+                raise EvomergeError(f"tensor {tensor} has shape {list(b)} in {name} but {list(a)} in {first_name}",
+                                    source=source, key="models")
+
+
+def plan_stage(stage: MergeStage, dirs: dict[str, ModelDir], source: str) -> tuple[list[TensorTask], list[list[TensorTask]]]:
+    """(non-layer tasks, per-output-layer task lists) for a parameter-space stage."""
+    spec = validate_stage(stage, source)
+    used = {m: dirs[m] for m in stage.referenced_models()}
+    _check_compatible(used, source)
+    template_name = stage.base_model or stage.referenced_models()[0]
+    template = dirs[template_name]
+    arch = template.arch
+    slices = _slices(stage, template.num_layers)
+    for i, out in enumerate(slices):
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in out.sources}
+        if len(lengths) != 1:
+            raise EvomergeError("all sources of a slice need the same number of layers", source=source, key=f"slices[{i}]")
+        for s in out.sources:
+            if not 0 <= s.layer_range[0] <= s.layer_range[1] <= dirs[s.model].num_layers:
+                raise EvomergeError(f"layer_range {list(s.layer_range)} is outside 0..{dirs[s.model].num_layers} of {s.model}",
+                                    source=source, key=f"slices[{i}].layer_range")
+
+    def non_layer(names: list[str], out: OutputSlice) -> list[TensorTask]:
+        return [_resolve_task(spec, stage, out, n, [(s, n) for s in out.sources if n in dirs[s.model].tensor_names],
+                              0.0, source, arch.is_vocab_tensor(n)) for n in names]
+
+    layer0 = [n for n in template.tensor_names if arch.layer_of(n) == 0]
+    outside = [n for n in template.tensor_names if arch.layer_of(n) is None]
+    pre = [n for n in outside if arch.is_pre_layer(n)]
+    post = [n for n in outside if n not in pre]
+    head = non_layer(pre, slices[0]) + non_layer(post, slices[-1])
+    layers: list[list[TensorTask]] = []
+    for out in slices:
+        n = out.sources[0].layer_range[1] - out.sources[0].layer_range[0]
+        for idx in range(n):
+            t = idx / (n - 1) if n > 1 else 1.0
+            out_layer = len(layers)
+            tasks = []
+            for name in layer0:
+                inputs = [(s, arch.rename_layer(name, s.layer_range[0] + idx)) for s in out.sources]
+                tasks.append(_resolve_task(spec, stage, out, arch.rename_layer(name, out_layer), inputs, t, source, False))
+            layers.append(tasks)
+    return head, layers
+
+
+def fold_hidden_scales(layers: list[LayerSlot]) -> list[float]:
+    """Per slot, the factor for its output projections that makes a plain model equal the scaled path.
+
+    The path computes x_k <- s_k x_k; x_{k+1} = x_k + f_k(norm(x_k)). With y_k = x_k / prod_{i<k} s_i this is
+    y_{k+1} = y_k + f_k(norm(y_k)) / prod_{i<=k} s_i, because norm() is invariant to a positive scale of its input (up to
+    its epsilon), and the final norm removes prod s. So slot k's output projections are scaled by 1 / prod_{i<=k} s_i.
+    """
+    factors, running = [], 1.0
+    for slot in layers:
+        running *= slot.scale
+        factors.append(1.0 / running)
+    return factors
+
+
+def plan_recipe(recipe: Recipe, dirs: dict[str, ModelDir], source: str = "<recipe>") -> Plan:
+    warnings: list[str] = []
+    head: list[TensorTask] = []
+    merged_layers: list[list[TensorTask]] = []
+    if recipe.merge:
+        head, merged_layers = plan_stage(recipe.merge, dirs, source)
+        config_from = recipe.merge.base_model or recipe.merge.referenced_models()[0]
+    if not recipe.layers:
+        return Plan(head + [t for layer in merged_layers for t in layer], len(merged_layers), config_from,
+                    _tokenizer_source(recipe, config_from), warnings)
+
+    # Layer path: slot k is layer `slot.layer` of its source, renamed to k.
+    if not recipe.merge:
+        config_from = recipe.layers[0].source
+        _check_compatible({m: dirs[m] for m in recipe.referenced_models()}, source)
+        d = dirs[config_from]
+        head = [TensorTask(n, "passthrough", None, ((config_from, n),), (("scale", (1.0,)),), d.arch.is_vocab_tensor(n))
+                for n in d.tensor_names if d.arch.layer_of(n) is None]
+    arch = dirs[config_from].arch
+    factors = fold_hidden_scales(recipe.layers)
+    if any(s.scale <= 0 for s in recipe.layers) or (any(f != 1 for f in factors) and not arch.output_projections):
+        warnings.append(f"hidden-state scales cannot be folded exactly into {arch.name} weights; written unscaled")
+        factors = [1.0] * len(factors)
+    tasks = list(head)
+    for k, (slot, factor) in enumerate(zip(recipe.layers, factors)):
+        if slot.source == MERGED:
+            if slot.layer >= len(merged_layers):
+                raise EvomergeError(f"layer {slot.layer} is past the {len(merged_layers)} merged layers", source=source,
+                                    key=f"layers[{k}].layer")
+            slot_tasks = merged_layers[slot.layer]
+            renamed = [replace(t, out_name=arch.rename_layer(t.out_name, k)) for t in slot_tasks]
+        else:
+            d = dirs[slot.source]
+            if slot.layer >= d.num_layers:
+                raise EvomergeError(f"layer {slot.layer} is past the {d.num_layers} layers of {slot.source}", source=source,
+                                    key=f"layers[{k}].layer")
+            names = [n for n in d.tensor_names if d.arch.layer_of(n) == slot.layer]
+            renamed = [TensorTask(arch.rename_layer(n, k), "passthrough", None, ((slot.source, n),), (("scale", (1.0,)),))
+                       for n in names]
+        for t in renamed:
+            scale = factor if arch.is_output_projection(t.out_name) else 1.0
+            if slot.weight_scale is not None:
+                scale *= float(evaluate_setting(slot.weight_scale, t.out_name, 0.0) or 1.0)
+            tasks.append(replace(t, scale=t.scale * scale))
+    return Plan(tasks, len(recipe.layers), config_from, _tokenizer_source(recipe, config_from), warnings)
+
+
+def _tokenizer_source(recipe: Recipe, config_from: str) -> str | None:
+    choice = recipe.merge.tokenizer_source if recipe.merge else None
+    if choice in (None, "base"):
+        return config_from
+    if choice == "union":
+        raise EvomergeError("tokenizer_source 'union' is not supported; name a model or 'base'", key="tokenizer_source")
+    return choice

@@ -1,0 +1,157 @@
+"""Checkpoint naming per model family: where the layer index sits in a tensor name, what comes before and after the layers.
+
+One frozen `Architecture` value per family; every question about a tensor name is a regex match against its fields.
+Names are those of the safetensors checkpoint (e.g. `model.layers.3.mlp.up_proj.weight`), not of the live module.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from evomerge.errors import EvomergeError
+
+Block = Literal["attn", "mlp", "norm"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str  # the canonical `model_type`
+    architectures: tuple[str, ...]  # config.json `architectures` values
+    layer: str  # regex: group 1 is everything up to the index, group 2 the index
+    pre: str  # regex (fullmatch): tensors before the layers
+    post: str  # regex (fullmatch): tensors after the layers
+    vocab: str  # regex (fullmatch): tensors with one row per vocabulary entry
+    tied_default: bool  # `tie_word_embeddings` when config.json leaves it out
+    num_layers_key: str = "num_hidden_layers"
+    attn: str = r"\.(self_attn|attn|attention)\."
+    mlp: str = r"\.mlp\."
+    norm: str = r"norm|\bln_"
+    # regex (search): the tensors that end a residual branch (attention and MLP output projections, with their biases);
+    # multiplying them by c multiplies what the layer adds to the hidden state by c. Empty where no such weights exist
+    # (Gemma-2 normalises each branch's output, with a (1 + w) norm weight).
+    output_projections: str = ""
+    # config keys holding one entry per layer (e.g. sliding vs full attention); they follow the layers when the stack changes
+    per_layer_keys: tuple[str, ...] = ("layer_types",)
+    # (regex, replacement) from checkpoint names to the live transformers module, where transformers renames on load
+    live_renames: tuple[tuple[str, str], ...] = ()
+
+    def live_names(self, tensor_name: str) -> list[str]:
+        """Names a checkpoint tensor may have in a live transformers model, the checkpoint's own first."""
+        renamed = [re.sub(pattern, repl, tensor_name) for pattern, repl in self.live_renames]
+        return list(dict.fromkeys([tensor_name, *renamed]))
+
+    def layer_of(self, tensor_name: str) -> int | None:
+        m = re.match(self.layer, tensor_name)
+        return int(m.group(2)) if m else None
+
+    def rename_layer(self, tensor_name: str, new_index: int) -> str:
+        m = re.match(self.layer, tensor_name)
+        if not m:
+            raise ValueError(f"{tensor_name!r} is not a layer tensor of {self.name}")
+        return f"{m.group(1)}{new_index}{tensor_name[m.end(2):]}"
+
+    def is_pre_layer(self, tensor_name: str) -> bool:
+        """Embeddings: the tensors applied before the first layer."""
+        return re.fullmatch(self.pre, tensor_name) is not None
+
+    def is_post_layer(self, tensor_name: str) -> bool:
+        """Final norm and lm_head: the tensors applied after the last layer."""
+        return re.fullmatch(self.post, tensor_name) is not None
+
+    def is_vocab_tensor(self, tensor_name: str) -> bool:
+        return re.fullmatch(self.vocab, tensor_name) is not None
+
+    def is_output_projection(self, tensor_name: str) -> bool:
+        return bool(self.output_projections) and re.search(self.output_projections, tensor_name) is not None
+
+    def block_of(self, tensor_name: str) -> Block | None:
+        """The parameter group of a tensor: attention, MLP, a norm (final norm included), or None (embeddings, lm_head)."""
+        for block, pattern in (("attn", self.attn), ("mlp", self.mlp), ("norm", self.norm)):
+            if re.search(pattern, tensor_name):
+                return block
+        return None
+
+    def num_layers(self, config: dict) -> int:
+        if not isinstance(config.get(self.num_layers_key), int):
+            raise EvomergeError(f"{self.name} config needs an integer layer count", key=self.num_layers_key)
+        return config[self.num_layers_key]
+
+    def set_num_layers(self, config: dict, n: int, *, source_layers: list[int] | None = None) -> dict:
+        """A copy of `config` with n layers. Per-layer lists are re-indexed by `source_layers` (the original index of each
+        new layer) when given, else dropped when their length no longer fits, so transformers rebuilds its default."""
+        if source_layers is not None and len(source_layers) != n:
+            raise ValueError(f"source_layers has {len(source_layers)} entries for {n} layers")
+        out = {**config, self.num_layers_key: n}
+        for key in self.per_layer_keys:
+            values = config.get(key)
+            if not isinstance(values, list):
+                continue
+            if source_layers is not None:
+                out[key] = [values[i] for i in source_layers]
+            elif len(values) != n:
+                del out[key]
+        return out
+
+    def tied_embeddings(self, config: dict) -> bool:
+        return bool(config.get("tie_word_embeddings", self.tied_default))
+
+
+_LLAMA_OUT = r"\.(self_attn\.o_proj|mlp\.down_proj)\.(weight|bias)$"
+
+
+def _llama_like(name: str, architecture: str, *, tied: bool = False, output_projections: str = _LLAMA_OUT) -> Architecture:
+    return Architecture(
+        name=name,
+        architectures=(architecture,),
+        layer=r"(model\.layers\.)(\d+)\.",
+        pre=r"model\.embed_tokens\.weight",
+        post=r"model\.norm\.weight|lm_head\.weight",
+        vocab=r"model\.embed_tokens\.weight|lm_head\.weight",
+        tied_default=tied,
+        output_projections=output_projections,
+    )
+
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    _llama_like("llama", "LlamaForCausalLM"),
+    _llama_like("mistral", "MistralForCausalLM"),
+    _llama_like("qwen2", "Qwen2ForCausalLM"),
+    _llama_like("gemma", "GemmaForCausalLM", tied=True),
+    _llama_like("gemma2", "Gemma2ForCausalLM", tied=True, output_projections=""),
+    _llama_like("phi3", "Phi3ForCausalLM"),
+    Architecture(  # older GPT-2 checkpoints (the hub's `gpt2`) leave out the `transformer.` prefix
+        name="gpt2",
+        architectures=("GPT2LMHeadModel",),
+        layer=r"((?:transformer\.)?h\.)(\d+)\.",
+        pre=r"(transformer\.)?(wte|wpe)\.weight",
+        post=r"(transformer\.)?ln_f\.(weight|bias)|lm_head\.weight",
+        vocab=r"(transformer\.)?wte\.weight|lm_head\.weight",
+        tied_default=True,
+        num_layers_key="n_layer",
+        output_projections=r"\.(attn|mlp)\.c_proj\.(weight|bias)$",
+    ),
+    Architecture(
+        name="gpt_neox",
+        architectures=("GPTNeoXForCausalLM",),
+        layer=r"(gpt_neox\.layers\.)(\d+)\.",
+        pre=r"gpt_neox\.embed_in\.weight",
+        post=r"gpt_neox\.final_layer_norm\.(weight|bias)|embed_out\.weight",
+        vocab=r"gpt_neox\.embed_in\.weight|embed_out\.weight",
+        tied_default=False,
+        output_projections=r"\.(attention\.dense|mlp\.dense_4h_to_h)\.(weight|bias)$",
+        live_renames=((r"^embed_out\.", "lm_head."),),  # transformers >= 5 calls it lm_head, checkpoints embed_out
+    ),
+)
+
+
+def architecture_for(config: dict, source: str) -> Architecture:
+    """The family of a config.json, by its `architectures` entries, or its `model_type` when those are absent."""
+    declared = config.get("architectures") or []
+    for arch in ARCHITECTURES:
+        if any(a in arch.architectures for a in declared) or (not declared and config.get("model_type") == arch.name):
+            return arch
+    supported = ", ".join(a for arch in ARCHITECTURES for a in arch.architectures)
+    found = ", ".join(declared) or f"model_type {config.get('model_type')!r}"
+    raise EvomergeError(f"unsupported architecture {found} (supported: {supported})", source=source, key="architectures")

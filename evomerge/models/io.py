@@ -1,0 +1,294 @@
+"""Hugging Face model directories: lazy per-tensor reading, streaming sharded atomic writing, and the live-model bridge.
+
+A model directory holds config.json, the weights as `model.safetensors` or shards listed in `model.safetensors.index.json`,
+and optionally tokenizer files. Tensors are read one at a time (headers are parsed up front, data only on `get`), and written
+shard by shard, so neither side ever holds a whole model in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from evomerge.errors import EvomergeError
+from evomerge.models.architectures import Architecture, architecture_for
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+                   "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+_HUB_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.jinja", "tokenizer.model"]
+_HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _read_header(file: Path) -> dict[str, dict]:
+    """A safetensors header: {name: {dtype, shape, data_offsets}}, in the order the data lies in the file."""
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
+
+
+def _resolve(ref: str) -> Path:
+    """A local directory, or a hub snapshot when `ref` is not a local path but looks like a repo id."""
+    path = Path(ref).expanduser()
+    if path.exists() or not _HUB_ID.fullmatch(str(ref)):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=str(ref), allow_patterns=_HUB_PATTERNS))
+    except Exception as err:  # offline, unknown or gated repo, network: all mean "cannot get this model"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise EvomergeError(f"no such directory, and fetching it from the Hugging Face Hub failed "
+                            f"({type(err).__name__}: {reason})", source=str(ref)) from None
+
+
+class ModelDir:
+    """A model directory read lazily: headers now, each tensor's data when asked for."""
+
+    def __init__(self, path: Path, config: dict, arch: Architecture, files: dict[str, Path], header: dict[str, dict]):
+        self.path, self.config, self.arch = path, config, arch
+        self._files, self._header = files, header  # tensor name -> shard file, header entry
+        self._handles: dict[Path, object] = {}
+        self.tensor_names: list[str] = list(header)
+
+    @classmethod
+    def open(cls, ref: str | os.PathLike, *, source: str | None = None) -> "ModelDir":
+        """`source` is the file that names this model (a recipe, a config); errors then name both."""
+        path = _resolve(str(ref))
+
+        def fail(message: str):
+            return EvomergeError(f"{path}: {message}", source=source) if source else EvomergeError(message, source=str(path))
+
+        if not path.is_dir():
+            raise fail("no such model directory")
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except FileNotFoundError:
+            raise fail("no config.json in the model directory") from None
+        except (OSError, ValueError) as err:
+            raise fail(f"unreadable config.json ({err})") from None
+        if not isinstance(config, dict):
+            raise fail("config.json is not a JSON object")
+        arch = architecture_for(config, source=str(path / "config.json"))
+        try:
+            arch.num_layers(config)
+        except EvomergeError as err:
+            raise EvomergeError(str(err), source=str(path / "config.json")) from None
+
+        if (path / INDEX).is_file():
+            try:
+                weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise fail(f"unreadable {INDEX} ({type(err).__name__}: {err})") from None
+            shards = sorted(set(weight_map.values()))
+        elif (path / SINGLE).is_file():
+            weight_map, shards = None, [SINGLE]
+        else:
+            hint = " (only PyTorch .bin weights: convert them to safetensors)" if any(path.glob("*.bin")) else ""
+            raise fail(f"no {SINGLE} or {INDEX} in the model directory{hint}")
+
+        files, header = {}, {}
+        for shard in shards:
+            if not (path / shard).is_file():
+                raise fail(f"{INDEX} names shard {shard}, which is missing")
+            try:
+                entries = _read_header(path / shard)
+            except (OSError, ValueError, struct.error) as err:
+                raise fail(f"unreadable safetensors file {shard} ({err})") from None
+            header.update(entries)
+            files.update(dict.fromkeys(entries, path / shard))
+        for name, shard in (weight_map or {}).items():
+            if files.get(name) != path / shard:
+                raise fail(f"{INDEX} puts tensor {name} in {shard}, which does not hold it")
+        return cls(path, config, arch, files, header)
+
+    @property
+    def num_layers(self) -> int:
+        return self.arch.num_layers(self.config)
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return any((self.path / f).is_file() for f in _VOCAB_FILES)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._header
+
+    def _entry(self, name: str) -> dict:
+        if name not in self._header:
+            raise EvomergeError(f"no tensor named {name!r}", source=str(self.path))
+        return self._header[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entry(name)["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _DTYPES[self._entry(name)["dtype"]]
+
+    def get(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        self._entry(name)
+        file = self._files[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt", device="cpu")
+        return self._handles[file].get_tensor(name).to(device=device, dtype=dtype)
+
+    def close(self) -> None:
+        self._handles.clear()  # dropping the handles unmaps the files
+
+    def __enter__(self) -> "ModelDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:  # picklable (Ray): open handles stay behind
+        return {**self.__dict__, "_handles": {}}
+
+    def __repr__(self) -> str:
+        return f"ModelDir({str(self.path)!r}, {self.arch.name}, {self.num_layers} layers)"
+
+
+def check_finite(model_dir: ModelDir | str | os.PathLike) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity, read one tensor at a time."""
+    md = model_dir if isinstance(model_dir, ModelDir) else ModelDir.open(model_dir)
+    bad = []
+    for name in md.tensor_names:
+        t = md.get(name)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad.append(name)
+    return bad
+
+
+class ModelWriter:
+    """Writes a model directory atomically: into a temp directory beside `out_dir`, renamed into place only on success.
+
+        with ModelWriter(out) as w:
+            for name in names: w.add(name, tensor)
+            w.write_config(config); w.copy_tokenizer(src)
+
+    Tensors are copied to CPU on `add` and written as soon as a shard fills, so at most one shard is held in memory.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 10**9, force: bool = False):
+        self.out_dir, self.max_shard_bytes, self.force = Path(out_dir), max_shard_bytes, force
+        self._tmp: Path | None = None
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []  # tensor names per written shard
+        self.total_size = 0
+
+    def __enter__(self) -> "ModelWriter":
+        out = self.out_dir
+        if out.exists() and not self.force and (not out.is_dir() or any(out.iterdir())):
+            raise EvomergeError("output directory exists and is not empty (use --force to replace it)", source=str(out))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self._tmp.mkdir()
+        return self
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._tmp is None:
+            raise RuntimeError("ModelWriter.add outside its `with` block")
+        if name in self._pending or any(name in shard for shard in self._shards):
+            raise ValueError(f"tensor {name!r} added twice")
+        t = tensor.detach().to("cpu", copy=True).contiguous()  # a copy: the caller may change its tensor afterwards
+        nbytes = t.numel() * t.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = t
+        self._pending_bytes += nbytes
+        self.total_size += nbytes
+
+    def _flush(self) -> None:
+        save_file(self._pending, self._tmp / f"shard-{len(self._shards)}.safetensors", metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def write_config(self, config: dict) -> None:
+        self.write_text("config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        (self._tmp / name).write_text(text)
+
+    def copy_tokenizer(self, model_dir: ModelDir | str | os.PathLike) -> list[str]:
+        """Copies the tokenizer files (and generation_config.json) present in `model_dir`; returns their names."""
+        src = model_dir.path if isinstance(model_dir, ModelDir) else Path(model_dir)
+        copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+        for f in copied:
+            shutil.copyfile(src / f, self._tmp / f)
+        return copied
+
+    def _finish(self) -> None:
+        if self._pending:
+            self._flush()
+        n = len(self._shards)
+        names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for i, final in enumerate(names):
+            os.replace(self._tmp / f"shard-{i}.safetensors", self._tmp / final)
+        if n > 1:
+            weight_map = {t: final for final, shard in zip(names, self._shards) for t in shard}
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            self.write_text(INDEX, json.dumps(index, indent=2) + "\n")
+        if self.out_dir.exists():  # --force: move the old one aside, put the new one in place, then delete the old
+            old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.out_dir, old)
+            os.replace(self._tmp, self.out_dir)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(self._tmp, self.out_dir)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._finish()
+        finally:
+            if self._tmp.exists():
+                shutil.rmtree(self._tmp)
+            self._pending = {}
+
+
+def load_live_model(ref: ModelDir | str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | str | None = None):
+    """A transformers causal LM in eval mode; `dtype=None` keeps the checkpoint's dtype."""
+    from transformers import AutoModelForCausalLM
+
+    md = ref if isinstance(ref, ModelDir) else ModelDir.open(ref)
+    model = AutoModelForCausalLM.from_pretrained(md.path, dtype=dtype or "auto")
+    return model.to(device).eval()
+
+
+def live_param(model: torch.nn.Module, checkpoint_name: str, arch: Architecture | None = None) -> torch.Tensor:
+    """The live parameter (or buffer) behind a checkpoint tensor name.
+
+    Checkpoints may or may not carry the base model prefix (GPT-2's `transformer.`), and transformers renames a few
+    tensors on load (`arch.live_renames`); a tied lm_head resolves to the embedding Parameter itself, so writing into it
+    writes the embeddings. `arch` defaults to the one of `model.config`.
+    """
+    if arch is None:
+        config = {"architectures": model.config.architectures, "model_type": model.config.model_type}
+        arch = architecture_for(config, source=type(model).__name__)
+    prefix = f"{model.base_model_prefix}."
+    for live_name in arch.live_names(checkpoint_name):
+        for name in dict.fromkeys((live_name, prefix + live_name, live_name.removeprefix(prefix))):
+            for getter in (model.get_parameter, model.get_buffer):
+                try:
+                    return getter(name)
+                except AttributeError:
+                    pass
+    raise EvomergeError(f"the live {type(model).__name__} has no parameter for checkpoint tensor {checkpoint_name!r}")

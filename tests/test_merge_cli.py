@@ -1,0 +1,134 @@
+"""`evomerge merge`: a loadable HF dir on success; on bad input one line naming file and key, exit 2, and no OUT."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from evomerge.cli import main
+from tiny_models import build_tiny, make_variants
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_models")
+    base = build_tiny("llama", root / "base", num_layers=3)
+    a, b = make_variants(base, root, n=2, scale=0.05)
+    return str(base), str(a), str(b)
+
+
+def write(path, doc):
+    path.write_text(yaml.safe_dump(doc, sort_keys=False) if isinstance(doc, dict) else doc)
+    return str(path)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def ties(models, **over):
+    base, a, b = models
+    doc = {"merge_method": "ties", "base_model": base,
+           "models": [{"model": a, "parameters": {"weight": 0.5, "density": 0.5}},
+                      {"model": b, "parameters": {"weight": [0.2, 0.8], "density": 0.7}}],
+           "dtype": "float32"}
+    doc.update(over)
+    return doc
+
+
+def test_merge_writes_a_loadable_model_with_card_tokenizer_and_shards(models, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = write(tmp_path / "r.yaml", ties(models))
+    result = run("merge", recipe, tmp_path / "out", "--out-shard-size", "20KB")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    model = AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    assert "merge_method: ties" in (out / "README.md").read_text() or "method: ties" in (out / "README.md").read_text()
+    assert model.config.num_hidden_layers == 3
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_layer_path_updates_num_hidden_layers(models, tmp_path):
+    base, a, _ = models
+    recipe = write(tmp_path / "p.yaml", {"layers": [{"source": base, "layer": 0}, {"source": a, "layer": 2},
+                                                    {"source": a, "layer": 2}, {"source": base, "layer": 1}]})
+    result = run("merge", recipe, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    source = load_file(f"{a}/model.safetensors")
+    for suffix in ("self_attn.q_proj.weight", "mlp.down_proj.weight"):
+        assert torch.equal(merged[f"model.layers.1.{suffix}"], source[f"model.layers.2.{suffix}"])
+        assert torch.equal(merged[f"model.layers.2.{suffix}"], source[f"model.layers.2.{suffix}"])
+
+
+def corrupt(models, tmp_path):
+    bad = tmp_path / "nan_model"
+    shutil.copytree(models[1], bad)
+    tensors = load_file(bad / "model.safetensors")
+    name = next(n for n in tensors if "q_proj" in n)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    return str(bad)
+
+
+def other_arch(tmp_path):
+    return str(build_tiny("gpt2", tmp_path / "gpt2", num_layers=3))
+
+
+def other_shape(tmp_path):
+    return str(build_tiny("llama", tmp_path / "wide", num_layers=3, hidden=32))
+
+
+BAD = {
+    "unknown method": (lambda m, p: ties(m, merge_method="tiez"), "did you mean 'ties'"),
+    "misspelled key": (lambda m, p: {**ties(m), "base_modle": m[0]}, "base_modle"),
+    "misspelled parameter": (lambda m, p: ties(m, parameters={"normalise": True}), "parameters.normalise"),
+    "density out of range": (lambda m, p: ties(m, parameters={"density": 1.5}), "parameters.density"),
+    "della epsilon": (lambda m, p: ties(m, merge_method="della", parameters={"density": 0.5, "epsilon": 0.6}), "epsilon"),
+    "missing model dir": (lambda m, p: ties(m, base_model=str(p / "nope")), "nope"),
+    "architecture differs": (lambda m, p: ties(m, base_model=other_arch(p)), "architecture"),
+    "shape differs": (lambda m, p: ties(m, base_model=other_shape(p)), "shape"),
+    "nan weights": (lambda m, p: ties(m, base_model=corrupt(m, p)), "allow-nonfinite"),
+    "slerp needs two": (lambda m, p: {"merge_method": "slerp", "base_model": m[0], "models": [{"model": x} for x in m],
+                                      "parameters": {"t": 0.5}}, "exactly 1"),
+    "model_stock needs two plus base": (lambda m, p: {"merge_method": "model_stock", "base_model": m[0],
+                                                      "models": [{"model": m[1]}]}, "at least 2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_exit_2_and_no_out(models, tmp_path, case):
+    make_doc, expected = BAD[case]
+    recipe = write(tmp_path / "bad.yaml", make_doc(models, tmp_path))
+    result = run("merge", recipe, tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    line = result.output.strip()
+    assert "\n" not in line and line.startswith("error: ") and expected in line, line
+    assert str(tmp_path / "bad.yaml") in line or expected in ("nope",), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_empty_out_is_refused_unless_force(models, tmp_path):
+    recipe = write(tmp_path / "r.yaml", ties(models))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    result = run("merge", recipe, tmp_path / "out")
+    assert result.exit_code == 2 and "--force" in result.output
+    assert (tmp_path / "out" / "keep.txt").exists()
+    assert run("merge", recipe, tmp_path / "out", "--force").exit_code == 0
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_nan_weights_merge_with_allow_nonfinite(models, tmp_path):
+    recipe = write(tmp_path / "r.yaml", ties(models, base_model=corrupt(models, tmp_path)))
+    assert run("merge", recipe, tmp_path / "out", "--allow-nonfinite").exit_code == 0

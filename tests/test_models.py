@@ -1,0 +1,363 @@
+"""Model I/O: architecture naming tables against real transformers checkpoints, lazy reading, sharded atomic writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import FAMILIES, build_tiny, make_variants
+
+from evomerge.errors import EvomergeError
+from evomerge.models import ModelDir, ModelWriter, architecture_for, check_finite, live_param, load_live_model
+
+LAYERS = 3
+PRE_POST = {  # family -> (tensors before the layers, after the layers), as transformers saves them
+    "llama": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "mistral": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "qwen2": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "gemma": ({"model.embed_tokens.weight"}, {"model.norm.weight"}),
+    "gemma2": ({"model.embed_tokens.weight"}, {"model.norm.weight"}),
+    "phi3": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "gpt2": ({"transformer.wte.weight", "transformer.wpe.weight"}, {"transformer.ln_f.weight", "transformer.ln_f.bias"}),
+    "gpt_neox": ({"gpt_neox.embed_in.weight"},
+                 {"gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias", "embed_out.weight"}),
+}
+VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight",
+         "embed_out.weight"}
+TIED = {"gemma", "gemma2", "gpt2"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: build_tiny(f, root / f, num_layers=LAYERS, seed=1) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def live(tiny):
+    return {f: load_live_model(p) for f, p in tiny.items()}
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([[2, 5, 9, 17, 33, 40, 3]])).logits
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Architecture tables
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_naming_table_matches_the_checkpoint(tiny, family):
+    md = ModelDir.open(tiny[family])
+    arch = md.arch
+    assert arch.name == family and md.num_layers == LAYERS
+    pre, post = PRE_POST[family]
+    assert {n for n in md.tensor_names if arch.is_pre_layer(n)} == pre
+    assert {n for n in md.tensor_names if arch.is_post_layer(n)} == post
+    for name in md.tensor_names:
+        assert arch.is_vocab_tensor(name) == (name in VOCAB)
+        if name in VOCAB:
+            assert md.shape(name)[0] == 64
+        numbers = re.findall(r"\.(\d+)\.", name)
+        assert arch.layer_of(name) == (int(numbers[0]) if numbers else None)
+        assert (arch.layer_of(name) is None) == (name in pre | post)
+    layer_names = [n for n in md.tensor_names if arch.layer_of(n) is not None]
+    assert {arch.layer_of(n) for n in layer_names} == set(range(LAYERS))
+    for name in layer_names:  # renaming moves a tensor onto another layer's slot, which exists
+        renamed = arch.rename_layer(name, 2)
+        assert arch.layer_of(renamed) == 2 and renamed in md and renamed.replace(".2.", f".{arch.layer_of(name)}.") == name
+    assert arch.tied_embeddings(md.config) == (family in TIED) == ("lm_head.weight" not in md and family != "gpt_neox")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_of_agrees_with_the_live_module_classes(tiny, live, family):
+    """attn / mlp / norm from the name equals what the owning module in transformers is (e.g. LlamaAttention)."""
+    md, model = ModelDir.open(tiny[family]), live[family]
+    live_names = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for name in md.tensor_names:
+        parts = live_names[id(live_param(model, name))].split(".")
+        numeric = [i for i, p in enumerate(parts) if p.isdigit()]
+        owner = ".".join(parts[:numeric[0] + 2] if numeric else parts[:-1])  # e.g. model.layers.0.self_attn
+        cls = type(model.get_submodule(owner)).__name__
+        expected = next((b for key, b in (("Attention", "attn"), ("MLP", "mlp"), ("Norm", "norm")) if key in cls), None)
+        assert md.arch.block_of(name) == expected, (name, cls)
+        seen.add(expected)
+    assert {"attn", "mlp", "norm", None} <= seen
+
+
+EPS_KEY = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps"}
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"gemma2"}))
+def test_output_projections_fold_a_hidden_state_scale(tmp_path, family):
+    """A layer with its output projections times c computes c * layer(x / c): each branch adds c times its output to a
+    stream whose norms ignore the scale (exact with a negligible norm epsilon, as here)."""
+    eps = {EPS_KEY.get(family, "rms_norm_eps"): 1e-30}
+    path = build_tiny(family, tmp_path / family, num_layers=LAYERS, tokenizer=False, **eps)
+    md, c = ModelDir.open(path), 0.37
+    outs = [n for n in md.tensor_names if md.arch.is_output_projection(n)]
+    assert {md.arch.block_of(n) for n in outs} == {"attn", "mlp"} and {md.arch.layer_of(n) for n in outs} == {0, 1, 2}
+    layer = re.match(md.arch.layer, outs[0]).group(1) + "1"  # e.g. model.layers.1
+
+    def divide_input(module, args, kwargs):
+        return ((args[0] / c, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": kwargs["hidden_states"] / c})
+
+    def multiply_output(module, args, output):
+        return (output[0] * c, *output[1:]) if isinstance(output, tuple) else output * c
+
+    hooked = load_live_model(md, dtype=torch.float64)
+    hooks = [hooked.get_submodule(layer).register_forward_pre_hook(divide_input, with_kwargs=True),
+             hooked.get_submodule(layer).register_forward_hook(multiply_output)]
+    folded = load_live_model(md, dtype=torch.float64)
+    with torch.no_grad():
+        for name in outs:
+            if md.arch.layer_of(name) == 1:
+                live_param(folded, name).mul_(c)
+    expected = _logits(hooked)
+    torch.testing.assert_close(_logits(folded), expected, rtol=0, atol=1e-7)  # the norms compute in float32
+    for hook in hooks:
+        hook.remove()
+    assert not torch.allclose(expected, _logits(hooked), atol=1e-3)
+
+
+def test_gpt2_names_without_the_transformer_prefix():
+    arch = architecture_for({"architectures": ["GPT2LMHeadModel"], "n_layer": 12}, "config.json")
+    assert arch.layer_of("h.11.mlp.c_fc.weight") == 11
+    assert arch.rename_layer("h.11.attn.c_attn.bias", 3) == "h.3.attn.c_attn.bias"
+    assert arch.is_pre_layer("wte.weight") and arch.is_post_layer("ln_f.bias") and not arch.is_pre_layer("ln_f.bias")
+    assert arch.is_vocab_tensor("wte.weight") and arch.block_of("h.0.ln_2.weight") == "norm"
+    assert arch.is_pre_layer("wpe.weight") and not arch.is_vocab_tensor("wpe.weight")
+    assert arch.num_layers({"n_layer": 12}) == 12 and arch.set_num_layers({"n_layer": 12}, 4) == {"n_layer": 4}
+
+
+def test_architecture_detection_by_model_type_and_unsupported():
+    assert architecture_for({"model_type": "mistral"}, "c.json").name == "mistral"
+    with pytest.raises(EvomergeError) as err:
+        architecture_for({"architectures": ["BertForMaskedLM"], "model_type": "bert"}, "m/config.json")
+    assert "m/config.json" in str(err.value) and "BertForMaskedLM" in str(err.value)
+    assert "LlamaForCausalLM" in str(err.value) and "GPTNeoXForCausalLM" in str(err.value)
+    with pytest.raises(EvomergeError, match="LlamaForSequenceClassification"):  # same model_type, not a causal LM
+        architecture_for({"architectures": ["LlamaForSequenceClassification"], "model_type": "llama"}, "c.json")
+    with pytest.raises(EvomergeError, match="num_hidden_layers"):
+        architecture_for({"model_type": "llama"}, "c.json").num_layers({})
+
+
+def test_set_num_layers_carries_per_layer_lists(tiny):
+    from transformers import Gemma2Config
+
+    md = ModelDir.open(tiny["gemma2"])
+    types = md.config["layer_types"]
+    assert types == ["sliding_attention", "full_attention", "sliding_attention"]
+    grown = md.arch.set_num_layers(md.config, 4, source_layers=[0, 1, 1, 2])
+    assert grown["num_hidden_layers"] == 4 and grown["layer_types"] == [types[0], types[1], types[1], types[2]]
+    assert md.config["num_hidden_layers"] == LAYERS and md.config["layer_types"] == types  # the input is left alone
+    assert Gemma2Config(**grown).layer_types == grown["layer_types"]
+    shrunk = md.arch.set_num_layers(md.config, 2)  # no map: the list is dropped and transformers rebuilds its default
+    assert "layer_types" not in shrunk and len(Gemma2Config(**shrunk).layer_types) == 2
+    assert md.arch.set_num_layers(md.config, LAYERS)["layer_types"] == types
+    with pytest.raises(ValueError):
+        md.arch.set_num_layers(md.config, 2, source_layers=[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def test_lazy_reading(tiny):
+    md = ModelDir.open(tiny["llama"])
+    assert md.has_tokenizer and md.config["hidden_size"] == 16 and md.path == tiny["llama"]
+    for name in md.tensor_names:
+        t = md.get(name)
+        assert tuple(t.shape) == md.shape(name) and t.dtype == md.dtype(name) == torch.float32
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert md.get(name, dtype=torch.float64).dtype == torch.float64
+    assert torch.equal(pickle.loads(pickle.dumps(md)).get(name), md.get(name))
+    with pytest.raises(EvomergeError, match="no tensor named 'nope'"):
+        md.get("nope")
+
+
+def test_check_finite(tiny, tmp_path):
+    md = ModelDir.open(tiny["qwen2"])
+    assert check_finite(md) == []
+    broken = {"model.layers.0.self_attn.q_proj.bias": float("nan"), "model.norm.weight": float("-inf")}
+    with ModelWriter(tmp_path / "bad") as w:
+        for name in md.tensor_names:
+            t = md.get(name)
+            if name in broken:
+                t[0] = broken[name]
+            w.add(name, t)
+        w.write_config(md.config)
+    assert sorted(check_finite(tmp_path / "bad")) == sorted(broken)
+
+
+def test_open_errors(tiny, tmp_path):
+    def error(path, **kw) -> str:
+        with pytest.raises(EvomergeError) as err:
+            ModelDir.open(path, **kw)
+        return str(err.value)
+
+    missing = tmp_path / "missing"
+    assert str(missing) in error(missing) and "no such model directory" in error(missing)
+    assert error(missing, source="recipe.yaml").startswith(f"recipe.yaml: {missing}: ")
+
+    d = tmp_path / "noconfig"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes((tiny["llama"] / "model.safetensors").read_bytes())
+    assert str(d) in error(d) and "no config.json" in error(d)
+    (d / "config.json").write_text("{not json")
+    assert "unreadable config.json" in error(d)
+
+    d = tmp_path / "noweights"
+    d.mkdir()
+    (d / "config.json").write_text((tiny["llama"] / "config.json").read_text())
+    assert "no model.safetensors" in error(d)
+    (d / "pytorch_model.bin").write_bytes(b"")
+    assert "convert them to safetensors" in error(d)
+
+    md = ModelDir.open(tiny["llama"])
+    with ModelWriter(tmp_path / "sharded", max_shard_bytes=4000) as w:
+        for name in md.tensor_names:
+            w.add(name, md.get(name))
+        w.write_config(md.config)
+    shard = sorted((tmp_path / "sharded").glob("model-00002-of-*.safetensors"))[0]
+    shard.unlink()
+    msg = error(tmp_path / "sharded")
+    assert str(tmp_path / "sharded") in msg and f"shard {shard.name}, which is missing" in msg
+
+
+def test_hub_id_that_cannot_be_fetched_is_a_clear_error():
+    code = "from evomerge.models import ModelDir\nModelDir.open('evomerge-tests/no-such-model')"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "EvomergeError: evomerge-tests/no-such-model: no such directory, and fetching it from the Hugging Face Hub " \
+           "failed" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sharded_write_round_trips_bit_exactly(tiny, live, tmp_path, family):
+    md, out, limit = ModelDir.open(tiny[family]), tmp_path / "out", 3000
+    with ModelWriter(out, max_shard_bytes=limit) as w:
+        for name in md.tensor_names:
+            w.add(name, md.get(name))
+        w.write_config(md.config)
+        assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(w.copy_tokenizer(md))
+        w.write_text("README.md", "# merged\n")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    n = len(shards)
+    assert n > 2 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    sizes = {s: [md.get(t).numel() * 4 for t, f in index["weight_map"].items() if f == s] for s in shards}
+    assert all(sum(b) <= limit or len(b) == 1 for b in sizes.values())  # a tensor larger than a shard gets its own
+    assert index["metadata"]["total_size"] == sum(md.get(t).numel() * 4 for t in md.tensor_names)
+    assert (out / "README.md").read_text() == "# merged\n" and not (out / "model.safetensors").exists()
+
+    back = ModelDir.open(out)
+    assert sorted(back.tensor_names) == sorted(md.tensor_names) and back.config == md.config and back.has_tokenizer
+    for name in md.tensor_names:
+        assert back.dtype(name) == md.dtype(name) and torch.equal(back.get(name), md.get(name))
+    assert torch.equal(_logits(load_live_model(back)), _logits(live[family]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left beside it
+
+
+def test_single_file_when_it_fits_and_dtype_kept(tmp_path):
+    src = ModelDir.open(build_tiny("llama", tmp_path / "bf16", dtype=torch.bfloat16, tokenizer=False))
+    assert not src.has_tokenizer
+    with ModelWriter(tmp_path / "out") as w:
+        for name in src.tensor_names:
+            w.add(name, src.get(name))
+        w.write_config(src.config)
+        assert w.copy_tokenizer(src) == ["generation_config.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "generation_config.json",
+                                                                      "model.safetensors"]
+    back = ModelDir.open(tmp_path / "out")
+    for name in src.tensor_names:
+        assert back.dtype(name) == torch.bfloat16 and torch.equal(back.get(name), src.get(name))
+
+
+def test_writer_is_atomic_and_refuses_a_non_empty_dir(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom"):
+        with ModelWriter(out, max_shard_bytes=8) as w:
+            w.add("a", torch.ones(4))
+            w.add("b", torch.ones(4))  # the first shard is already on disk
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+    out.mkdir()  # an empty directory is fine
+    with ModelWriter(out) as w:
+        w.add("a", torch.ones(4))
+    with pytest.raises(EvomergeError) as err:
+        with ModelWriter(out) as w:
+            pass
+    assert str(out) in str(err.value) and "--force" in str(err.value)
+
+    with pytest.raises(RuntimeError):  # a failed forced write leaves the old directory as it was
+        with ModelWriter(out, force=True) as w:
+            w.add("b", torch.zeros(2))
+            raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and os.listdir(out) == ["model.safetensors"]
+
+    with ModelWriter(out, force=True) as w:
+        w.write_text("note.txt", "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and os.listdir(out) == ["note.txt"]
+
+
+def test_writer_copies_the_tensor_it_is_given(tmp_path):
+    t = torch.arange(4.0)
+    with ModelWriter(tmp_path / "out") as w:
+        w.add("t", t)
+        t.zero_()  # changed after add, before the shard is written
+        with pytest.raises(ValueError, match="added twice"):
+            w.add("t", t)
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["t"], torch.arange(4.0))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Live models
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_live_param_covers_every_checkpoint_tensor(tiny, live, family):
+    md, model = ModelDir.open(tiny[family]), live[family]
+    found = {name: live_param(model, name) for name in md.tensor_names}
+    for name, param in found.items():
+        assert torch.equal(param.detach(), md.get(name)), name
+    assert len({id(p) for p in found.values()}) == len(found)
+    if family in TIED:  # the lm_head the checkpoint leaves out is the embedding itself
+        embed = next(n for n in md.tensor_names if md.arch.is_vocab_tensor(n))
+        assert live_param(model, "lm_head.weight") is found[embed]
+    with pytest.raises(EvomergeError, match="no parameter for checkpoint tensor 'nope.weight'"):
+        live_param(model, "nope.weight")
+
+
+def test_live_param_accepts_gpt2_names_without_prefix(live):
+    model = live["gpt2"]
+    assert live_param(model, "h.1.mlp.c_fc.weight") is live_param(model, "transformer.h.1.mlp.c_fc.weight")
+    assert live_param(model, "wte.weight") is model.transformer.wte.weight
+
+
+def test_make_variants(tiny, tmp_path):
+    base = ModelDir.open(tiny["phi3"])
+    ft1, ft2 = (ModelDir.open(p) for p in make_variants(base.path, tmp_path / "a", n=2, seed=3))
+    again = ModelDir.open(make_variants(base.path, tmp_path / "b", n=1, seed=3)[0])
+    assert ft1.config == base.config and ft1.has_tokenizer
+    for name in base.tensor_names:
+        d1, d2 = ft1.get(name) - base.get(name), ft2.get(name) - base.get(name)
+        assert 0 < d1.abs().max() < 0.2 and not torch.equal(d1, d2)
+        assert torch.equal(again.get(name), ft1.get(name))

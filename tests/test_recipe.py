@@ -1,0 +1,123 @@
+"""Recipe: YAML in/out (evomerge, mergekit, mergekit-multi), identity, mergekit parameter semantics."""
+
+import random
+
+import pytest
+import yaml
+
+from evomerge.errors import EvomergeError
+from evomerge.recipe import (
+    MERGED, Conditional, LayerSlot, Recipe, evaluate_setting, load_recipe, recipe_from_dict, save_recipe,
+    to_evomerge_yaml, to_mergekit_yaml,
+)
+
+MERGEKIT_TIES = """
+merge_method: ties
+base_model: base
+models:
+  - model: a
+    parameters:
+      weight: [0.2, 0.9, 0.4]
+      density:
+        - filter: self_attn
+          value: 0.3
+        - value: [0.5, 0.7]
+  - model: b
+    parameters: {weight: 0.5, density: 0.5}
+parameters: {normalize: true, int8_mask: true}
+dtype: bfloat16
+out_dtype: float32
+tokenizer_source: base
+"""
+
+
+def parse(text, source="r.yaml"):
+    return recipe_from_dict(list(yaml.safe_load_all(text)), source)
+
+
+def test_mergekit_yaml_round_trip_keeps_identity():
+    r = parse(MERGEKIT_TIES)
+    assert r.merge.method == "ties" and r.merge.dtype == "bfloat16" and r.merge.tokenizer_source == "base"
+    again = parse(to_mergekit_yaml(r))
+    assert again == r and again.identity == r.identity
+    assert parse(to_evomerge_yaml(r)) == r
+
+
+def test_identity_ignores_provenance_only():
+    r = parse(MERGEKIT_TIES)
+    assert r.with_provenance(trial=3, fitness=0.5).identity == r.identity
+    changed = r.model_copy(update={"merge": r.merge.model_copy(update={"seed": 1})})
+    assert changed.identity != r.identity
+
+
+def test_gradients_and_filters_match_mergekit():
+    from mergekit.config import ConditionalParameter, evaluate_setting as mk_evaluate
+
+    rng = random.Random(0)
+    for _ in range(200):
+        values = [round(rng.uniform(-1, 2), 3) for _ in range(rng.randint(1, 5))]
+        t = rng.choice([0.0, 1.0, rng.random()])
+        assert evaluate_setting(values, "x", t) == pytest.approx(mk_evaluate("x", values, t, validate=float))
+    ours = [Conditional(filter="mlp", value=[0.1, 0.9]), Conditional(value=0.5)]
+    theirs = [ConditionalParameter(filter="mlp", value=[0.1, 0.9]), ConditionalParameter(value=0.5)]
+    for name in ("model.layers.3.mlp.up_proj.weight", "model.layers.3.self_attn.q_proj.weight"):
+        for t in (0.0, 0.25, 1.0):
+            assert evaluate_setting(ours, name, t) == pytest.approx(mk_evaluate(name, theirs, t, validate=float))
+
+
+def test_layer_path_export_and_mergekit_multi_import():
+    ps = parse(MERGEKIT_TIES).merge
+    r = Recipe(merge=ps, layers=[LayerSlot(source=MERGED, layer=0), LayerSlot(source=MERGED, layer=1),
+                                 LayerSlot(source="a", layer=1, weight_scale=0.5)])
+    docs = list(yaml.safe_load_all(to_mergekit_yaml(r)))
+    assert len(docs) == 2 and docs[0]["name"] == "evomerge-ps" and docs[1]["merge_method"] == "passthrough"
+    assert docs[1]["slices"][0]["sources"][0] == {"model": "evomerge-ps", "layer_range": [0, 2]}
+    assert parse(to_mergekit_yaml(r)) == r
+
+
+def test_hidden_scale_must_be_folded_before_mergekit_export():
+    r = Recipe(layers=[LayerSlot(source="a", layer=0, scale=0.5)])
+    with pytest.raises(ValueError, match="fold"):
+        to_mergekit_yaml(r)
+
+
+def test_passthrough_gradient_scale_is_evaluated_per_layer():
+    text = """
+merge_method: passthrough
+slices:
+  - sources: [{model: a, layer_range: [0, 3], parameters: {scale: [0.0, 1.0]}}]
+"""
+    stage = parse(text).merge
+    assert stage.method == "passthrough" and stage.slices[0].sources[0].layer_range == (0, 3)
+    multi = f"name: first\n{MERGEKIT_TIES}\n---\n{text}".replace("model: a,", "model: first,")
+    path = parse(multi).layers
+    assert [s.source for s in path] == [MERGED] * 3
+    assert [s.weight_scale for s in path] == [0.0, 0.5, 1.0]
+
+
+@pytest.mark.parametrize("text, key", [
+    ("merge: {method: ties, base_model: a, modles: []}", "merge.modles"),
+    ("merge: {method: ties, base_model: a}", "give exactly one of 'models' or 'slices'"),
+    ("merge_method: ties\nmodels: [{model: a}]\nbogus: 1", "bogus"),
+    ("layers: [{source: merged, layer: 0}]", "needs a 'merge' stage"),
+    ("layers: [{source: a, layer: -1}]", "layers.0.layer"),
+    ("[1, 2]", "expected a mapping"),
+])
+def test_bad_recipes_give_one_line_errors_naming_file_and_key(text, key):
+    with pytest.raises(EvomergeError) as err:
+        parse(text, source="bad.yaml")
+    message = str(err.value)
+    assert message.startswith("bad.yaml") and key in message and "\n" not in message
+
+
+def test_load_and_save(tmp_path):
+    r = parse(MERGEKIT_TIES)
+    save_recipe(r, tmp_path / "r.yaml")
+    save_recipe(r, tmp_path / "m.yaml", fmt="mergekit")
+    assert load_recipe(tmp_path / "r.yaml") == r == load_recipe(tmp_path / "m.yaml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.yaml", "r.yaml"]  # no temp files left
+    with pytest.raises(EvomergeError, match="missing.yaml: cannot read"):
+        load_recipe(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("merge: [")
+    with pytest.raises(EvomergeError, match="broken.yaml: invalid YAML"):
+        load_recipe(tmp_path / "broken.yaml")

@@ -1,0 +1,88 @@
+"""Tiny random Hugging Face models of every supported family, for tests.
+
+    build_tiny("llama", tmp_path / "m")                    -> a saved model dir (config, model.safetensors, tokenizer)
+    make_variants(base, tmp_path, n=2)                     -> [ft1, ft2]: base's config, ft_i = base + small deltas
+
+A character-level tokenizer (ids: <pad>=0, <unk>=1, <s>=2, </s>=3, then characters) is saved with each model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from evomerge.models.io import ModelDir, ModelWriter
+
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox")
+_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+_CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
+    import transformers
+
+    ids = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    if family == "gpt2":
+        return transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=num_layers, n_head=2, n_positions=128,
+                                       **ids, **overrides)
+    if family == "gpt_neox":
+        return transformers.GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                          num_hidden_layers=num_layers, num_attention_heads=2,
+                                          max_position_embeddings=128, **ids, **overrides)
+    classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "gemma": "GemmaConfig",
+               "gemma2": "Gemma2Config", "phi3": "Phi3Config"}
+    if family not in classes:
+        raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
+    dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    if family.startswith("gemma"):
+        dims["head_dim"] = hidden // 2  # Gemma's default head_dim is 256 whatever the hidden size
+    return getattr(transformers, classes[family])(**{**dims, **ids, **overrides})
+
+
+def save_tokenizer(path: str | Path, vocab: int = 64) -> None:
+    """A character-level fast tokenizer over the first `vocab` ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = (_SPECIALS + list(_CHARS))[:vocab]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.save_pretrained(str(path))
+
+
+def build_tiny(family: str, path: str | Path, *, seed: int = 0, num_layers: int = 2, hidden: int = 16, vocab: int = 64,
+               dtype: torch.dtype = torch.float32, tokenizer: bool = True, **overrides) -> Path:
+    """A randomly initialised model of `family` saved at `path`; `overrides` go to the transformers config class."""
+    from transformers import AutoModelForCausalLM
+
+    config = _config(family, num_layers, hidden, vocab, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+    path = Path(path)
+    model.save_pretrained(path)
+    if tokenizer:
+        save_tokenizer(path, vocab)
+    return path
+
+
+def make_variants(base: str | Path, root: str | Path, n: int = 2, *, seed: int = 0, scale: float = 0.02) -> list[Path]:
+    """[root/ft1, ..., root/ftn]: copies of the model at `base` (same config and tokenizer) whose every tensor is
+    base + scale * N(0, 1), drawn from a generator seeded by (seed, i)."""
+    paths = []
+    with ModelDir.open(base) as src:
+        for i in range(1, n + 1):
+            gen = torch.Generator().manual_seed(seed * 1009 + i)
+            with ModelWriter(Path(root) / f"ft{i}") as out:
+                for name in src.tensor_names:
+                    t = src.get(name)
+                    out.add(name, (t.double() + scale * torch.randn(t.shape, generator=gen, dtype=torch.float64)).to(t.dtype))
+                out.write_config(src.config)
+                out.copy_tokenizer(src)
+            paths.append(Path(root) / f"ft{i}")
+    return paths
