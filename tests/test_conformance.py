@@ -71,3 +71,23 @@ def test_dare_keeps_density_and_l1_exactly_with_rescale(zoo, tmp_path):
         if delta.numel() >= 4096:
             assert abs((delta != 0).float().mean() - 0.3) < 0.03, name
             torch.testing.assert_close(delta.abs().sum(), original.abs().sum(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ties", "slices_ties", "passthrough", "linear", "breadcrumbs_ties"])
+def test_round_trips_give_the_same_tensors(zoo, tmp_path, name):
+    """mergekit YAML -> Recipe -> mergekit YAML (run by mergekit) and -> evomerge YAML (run by us): same tensors."""
+    from evomerge.recipe import load_recipe, save_recipe
+
+    base, models = zoo
+    original = write_config(tmp_path / "original.yaml", name, method_configs(base, models)[name])
+    recipe = load_recipe(original)
+    save_recipe(recipe, tmp_path / "exported_mergekit.yaml", fmt="mergekit")
+    save_recipe(recipe, tmp_path / "exported_evomerge.yaml", fmt="evomerge")
+    run_evomerge(original, tmp_path / "reference")
+    run_mergekit(tmp_path / "exported_mergekit.yaml", tmp_path / "mergekit")
+    run_evomerge(tmp_path / "exported_evomerge.yaml", tmp_path / "evomerge")
+    reference = load_dir(tmp_path / "reference")
+    for other in (load_dir(tmp_path / "mergekit"), load_dir(tmp_path / "evomerge")):
+        assert set(other) == set(reference)
+        for tensor_name, expected in reference.items():
+            torch.testing.assert_close(other[tensor_name], expected, atol=2e-5, rtol=1e-5)

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.plan import Plan, TensorTask, plan_recipe
-from evomerge.merge.registry import METHODS, get_method
+import evomerge.merge.methods  # noqa: F401  (registers the built-in methods)
+from evomerge.merge.registry import METHODS
 from evomerge.merge.rng import MaskKey
 from evomerge.models.io import ModelDir, ModelWriter, check_finite, live_param
 from evomerge.recipe import Recipe, to_evomerge_yaml

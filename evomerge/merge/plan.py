@@ -218,14 +218,23 @@ def plan_recipe(recipe: Recipe, dirs: dict[str, ModelDir], source: str = "<recip
         return Plan(head + [t for layer in merged_layers for t in layer], len(merged_layers), config_from,
                     _tokenizer_source(recipe, config_from), warnings)
 
-    # Layer path: slot k is layer `slot.layer` of its source, renamed to k.
+    # Layer path: slot k is layer `slot.layer` of its source, renamed to k. As in mergekit, the tensors before the layers
+    # come from the first slot's source and those after from the last slot's (the merge stage's when that is `merged`).
     if not recipe.merge:
         config_from = recipe.layers[0].source
         _check_compatible({m: dirs[m] for m in recipe.referenced_models()}, source)
-        d = dirs[config_from]
-        head = [TensorTask(n, "passthrough", None, ((config_from, n),), (("scale", (1.0,)),), d.arch.is_vocab_tensor(n))
-                for n in d.tensor_names if d.arch.layer_of(n) is None]
     arch = dirs[config_from].arch
+    merged_head = {t.out_name: t for t in head}
+
+    def outside(slot: LayerSlot, names: list[str]) -> list[TensorTask]:
+        if slot.source == MERGED:
+            return [merged_head[n] for n in names if n in merged_head]
+        return [TensorTask(n, "passthrough", None, ((slot.source, n),), (("scale", (1.0,)),), arch.is_vocab_tensor(n))
+                for n in names if n in dirs[slot.source].tensor_names]
+
+    names = [n for n in dirs[config_from].tensor_names if arch.layer_of(n) is None]
+    head = outside(recipe.layers[0], [n for n in names if arch.is_pre_layer(n)]) + \
+        outside(recipe.layers[-1], [n for n in names if not arch.is_pre_layer(n)])
     factors = fold_hidden_scales(recipe.layers)
     if any(s.scale <= 0 for s in recipe.layers) or (any(f != 1 for f in factors) and not arch.output_projections):
         warnings.append(f"hidden-state scales cannot be folded exactly into {arch.name} weights; written unscaled")

@@ -1,0 +1,50 @@
+"""Recipes out to other tools: mergekit YAML (single or mergekit-multi) and evomerge YAML.
+
+mergekit has no hidden-state scale. For a layer path, slot k's scale s_k is folded into the weights: its output
+projections are multiplied by 1 / prod_{i<=k} s_i (see merge.plan.fold_hidden_scales), which gives the same model for
+pre-norm architectures up to the norms' epsilon. Where that is not exact (non-positive scales, architectures whose
+branches end in a norm, such as Gemma-2) the scales are dropped with a warning.
+"""
+
+from __future__ import annotations
+
+from evomerge.merge.plan import fold_hidden_scales
+from evomerge.models.io import ModelDir
+from evomerge.recipe import MERGED, Conditional, Recipe, to_evomerge_yaml, to_mergekit_yaml
+
+
+def fold_for_mergekit(recipe: Recipe, dirs: dict[str, ModelDir]) -> tuple[Recipe, list[str]]:
+    """The recipe with every hidden-state scale moved into per-tensor `weight_scale` filters."""
+    if not recipe.layers or all(s.scale == 1.0 for s in recipe.layers):
+        return recipe, []
+    template = recipe.merge.base_model or recipe.merge.referenced_models()[0] if recipe.merge else recipe.layers[0].source
+    arch = dirs[template].arch
+    if any(s.scale <= 0 for s in recipe.layers) or not arch.output_projections:
+        return _without_scales(recipe), [f"hidden-state scales cannot be folded exactly into {arch.name} weights; "
+                                         "the mergekit export drops them"]
+    if any(s.weight_scale is not None for s in recipe.layers if s.scale != 1.0):
+        raise ValueError("a slot has both a hidden-state scale and a weight_scale; fold by hand")
+    slots = []
+    for slot, factor in zip(recipe.layers, fold_hidden_scales(recipe.layers)):
+        d = dirs[template if slot.source == MERGED else slot.source]
+        suffixes = [name.split(f".{slot.layer}.", 1)[1] for name in d.tensor_names
+                    if d.arch.layer_of(name) == slot.layer and d.arch.is_output_projection(name)]
+        weight_scale = None if factor == 1.0 else [Conditional(filter=s, value=factor) for s in suffixes] + [Conditional(value=1.0)]
+        slots.append(slot.model_copy(update={"scale": 1.0, "weight_scale": weight_scale}))
+    return recipe.model_copy(update={"layers": slots}), []
+
+
+def _without_scales(recipe: Recipe) -> Recipe:
+    return recipe.model_copy(update={"layers": [s.model_copy(update={"scale": 1.0}) for s in recipe.layers]})
+
+
+def export_text(recipe: Recipe, fmt: str) -> tuple[str, list[str]]:
+    """(YAML text, warnings) for `fmt` in {"evomerge", "mergekit"}."""
+    if fmt == "evomerge":
+        return to_evomerge_yaml(recipe), []
+    dirs = {m: ModelDir.open(m) for m in recipe.referenced_models()}
+    folded, warnings = fold_for_mergekit(recipe, dirs)
+    if any(m.method in ("dare_ties", "dare_linear", "della", "della_linear") for m in [recipe.merge] if m):
+        warnings.append("mergekit draws DARE/DELLA masks from torch's global RNG: its merge matches evomerge's in "
+                        "distribution, not element by element")
+    return to_mergekit_yaml(folded), warnings

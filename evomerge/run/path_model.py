@@ -1,0 +1,73 @@
+"""A data-flow-space candidate as a live model that runs resident layers in the order of its layer path, copying nothing.
+
+The path model is a shallow copy of a skeleton model (embeddings, final norm, head) whose layer list is replaced by one
+slot per path entry. A slot reuses a resident decoder layer's parameters; only its attention module is shallow-copied so
+that each slot has its own `layer_idx` (its own KV-cache entry) when a layer appears twice. A slot scales the hidden state
+entering it (Sakana's DFS scaling). A repeated layer therefore costs no memory.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from evomerge.errors import EvomergeError
+
+
+class ScaledSlot(nn.Module):
+    """Runs `layer` on `scale * hidden_states`."""
+
+    def __init__(self, layer: nn.Module, scale: float):
+        super().__init__()
+        self.layer, self.scale = layer, scale
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.scale != 1.0:
+            hidden_states = hidden_states * self.scale
+        return self.layer(hidden_states, *args, **kwargs)
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "model", None)
+    if inner is None or not isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        raise EvomergeError(f"data-flow search needs a decoder with `model.layers` (Llama, Mistral, Qwen2 style); "
+                            f"got {type(model).__name__}", key="space.dfs")
+    return inner
+
+
+def _slot(layer: nn.Module, index: int, scale: float) -> nn.Module:
+    shared = copy.copy(layer)
+    shared._modules = dict(layer._modules)  # the copy's own child table, same child modules
+    attention = copy.copy(layer.self_attn)
+    attention.layer_idx = index
+    shared._modules["self_attn"] = attention
+    return ScaledSlot(shared, scale)
+
+
+def build_path_model(first: nn.Module, layers: dict[str, nn.ModuleList], path: list[tuple[str, int, float]],
+                     last: nn.Module | None = None) -> nn.Module:
+    """A model running `layers[source][layer]` for each (source, layer, scale) of `path`.
+
+    As in mergekit, embeddings come from `first` (the first slot's source) and the final norm and head from `last`.
+    """
+    last = first if last is None else last
+    model = copy.copy(first)
+    model._modules = dict(first._modules)
+    model._modules["lm_head"] = last.lm_head
+    decoder = copy.copy(_decoder(first))
+    decoder._modules = dict(decoder._modules)
+    decoder._modules["norm"] = _decoder(last).norm
+    decoder._modules["layers"] = nn.ModuleList(_slot(layers[src][i], k, s) for k, (src, i, s) in enumerate(path))
+    config = copy.deepcopy(first.config)
+    config.num_hidden_layers = len(path)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[min(i, len(config.layer_types) - 1)] for _, i, _ in path]
+    model.config = decoder.config = config
+    model._modules["model"] = decoder
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return _decoder(model).layers

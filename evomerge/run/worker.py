@@ -1,0 +1,89 @@
+"""A search worker: source models resident on its device, one live merged model, one evaluator; scores one recipe at a time.
+
+`TrialRunner` is plain Python (used in process, and in tests); `RayWorker` wraps it as a Ray actor, one per GPU or CPU slot.
+A parameter-space stage is written in place into the live merged model (only tensors whose task changed are recomputed);
+a layer path is a path model over the resident layers (see path_model), built without copying weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from evomerge.merge.materialize import LiveMaterializer, ResidentSources
+from evomerge.models.io import ModelDir, live_param, load_live_model
+from evomerge.recipe import MERGED, Recipe, recipe_from_dict
+from evomerge.run.path_model import build_path_model, decoder_layers
+
+
+@dataclass
+class TrialResult:
+    candidate: int
+    split: str
+    status: str  # ok or failed
+    fitness: float | None
+    scores: dict[str, Any] = field(default_factory=dict)
+    objectives: list[float] | None = None
+    error: str | None = None
+    worker: str = ""
+    t_merge: float = 0.0
+    t_eval: float = 0.0
+    t_total: float = 0.0
+
+
+class TrialRunner:
+    def __init__(self, models: list[str], base: str, make_evaluator: Callable[[], Any], *, device: str = "cpu",
+                 dtype: str | None = None, name: str = "local"):
+        from evomerge.merge.materialize import parse_dtype
+
+        torch_dtype = parse_dtype(dtype)
+        self.name, self.device = name, device
+        self.dirs = {m: ModelDir.open(m) for m in models}
+        self.live = {m: load_live_model(self.dirs[m], device, torch_dtype).eval() for m in models}
+        # The resident store is the live source models' own parameters: no second copy.
+        self.sources = ResidentSources.from_tensors(self.dirs, {
+            (m, n): live_param(self.live[m], n, self.dirs[m].arch).data for m in models for n in self.dirs[m].tensor_names})
+        self.merged = load_live_model(self.dirs[base], device, torch_dtype).eval()
+        self.materializer = LiveMaterializer(self.merged, self.sources)
+        self.evaluator = make_evaluator()
+
+    def model_for(self, recipe: Recipe) -> torch.nn.Module:
+        if recipe.merge:
+            self.materializer.apply(recipe.model_copy(update={"layers": None}))
+        if not recipe.layers:
+            return self.merged
+        models = {**self.live, MERGED: self.merged}
+        layers = {m: decoder_layers(model) for m, model in models.items()}
+        return build_path_model(models[recipe.layers[0].source], layers, [(s.source, s.layer, s.scale) for s in recipe.layers],
+                                last=models[recipe.layers[-1].source])
+
+    def run(self, candidate: int, recipe_yaml: str, split: str = "search") -> TrialResult:
+        import yaml
+
+        start = time.perf_counter()
+        result = TrialResult(candidate, split, "failed", None, worker=self.name)
+        try:
+            recipe = recipe_from_dict([yaml.safe_load(recipe_yaml)])
+            model = self.model_for(recipe)
+            result.t_merge = time.perf_counter() - start
+            evaluation = self.evaluator.evaluate(model, split=split)
+            result.t_eval = time.perf_counter() - start - result.t_merge
+            result.scores = evaluation.scores
+            result.objectives = getattr(evaluation, "objectives", None)
+            fitness = evaluation.fitness
+            if evaluation.status == "ok" and fitness is not None and math.isfinite(fitness):
+                result.status, result.fitness = "ok", float(fitness)
+            else:
+                result.error = evaluation.error or f"non-finite fitness {fitness}"
+        except Exception as err:  # a failed candidate is a value: recorded, never best, and the run goes on
+            result.error = f"{type(err).__name__}: {err}"
+            if os.environ.get("EVOMERGE_DEBUG"):
+                traceback.print_exc()
+        result.t_total = time.perf_counter() - start
+        return result

@@ -1,0 +1,91 @@
+"""Space files: reading, composition (`include`), validation, and building a SearchSpace.
+
+Composition: a mapping (a space file, or the `space:` block of an experiment file) may say `include: other.yaml`; the
+included file's top-level keys are read first and this mapping's keys replace them whole (no deeper merge). Relative paths
+(`include`, a `merge` recipe file) are relative to the file that writes them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Union
+
+import yaml
+from pydantic import ValidationError
+
+from evomerge.errors import EvomergeError, did_you_mean
+from evomerge.recipe import MERGED, format_validation_error
+from evomerge.spaces.base import SearchSpace
+from evomerge.spaces.dfs import DataFlowSpace, DFSConfig, merge_stage
+from evomerge.spaces.ps import ParameterSpace, PSConfig
+
+SpaceConfig = Union[PSConfig, DFSConfig]
+KINDS = {"ps": (PSConfig, ParameterSpace), "dfs": (DFSConfig, DataFlowSpace)}
+
+
+def _read(path: Path, source: str, seen: tuple[Path, ...] = ()) -> dict:
+    if path.resolve() in seen:
+        raise EvomergeError(f"include cycle through {path}", source=source, key="include")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise EvomergeError(f"cannot read space file {path} ({err.strerror})", source=source) from None
+    except yaml.YAMLError as err:
+        raise EvomergeError(f"invalid YAML: {str(err).splitlines()[0]}", source=str(path)) from None
+    if not isinstance(doc, dict):
+        raise EvomergeError("a space file must be a mapping", source=str(path))
+    return _compose(doc, path.parent, source, seen + (path.resolve(),))
+
+
+def _compose(doc: Mapping, base_dir: Path, source: str, seen: tuple[Path, ...] = ()) -> dict:
+    doc = dict(doc)
+    for key in ("include", "merge"):
+        if isinstance(doc.get(key), str):
+            doc[key] = str(base_dir / doc[key])  # an absolute path stays as it is
+    if "include" in doc:
+        included = doc.pop("include")
+        doc = {**_read(Path(included), source, seen), **doc}
+    return doc
+
+
+def load_space_config(spec: str | os.PathLike | Mapping, *, source: str | None = None,
+                      base_dir: str | os.PathLike = ".") -> SpaceConfig:
+    """A validated space config from a file path, or from a mapping whose relative paths are relative to `base_dir`."""
+    if isinstance(spec, Mapping):
+        source = source or "<space>"
+        doc = _compose(spec, Path(base_dir), source)
+    else:
+        source = source or str(spec)
+        doc = _read(Path(spec), source)
+    kind = doc.get("kind")
+    if kind not in KINDS:
+        raise EvomergeError(f"unknown space kind {kind!r}; {did_you_mean(str(kind), KINDS)}", source=source, key="kind")
+    try:
+        return KINDS[kind][0].model_validate(doc)
+    except ValidationError as err:
+        raise format_validation_error(err, source) from None
+
+
+def build_space(config: SpaceConfig, *, num_layers: Mapping[str, int], source: str = "<space>") -> SearchSpace:
+    """`num_layers`: the layer count of every model the space names (see `space_models`), read from the models."""
+    return KINDS[config.kind][1](config, num_layers=num_layers, source=source)
+
+
+def space_models(config: SpaceConfig, *, source: str = "<space>") -> list[str]:
+    """The models whose layer counts `build_space` needs (a PS+DFS space: also those of its merge stage)."""
+    if isinstance(config, PSConfig):
+        return config.referenced_models()
+    stage = merge_stage(config, source)
+    names = [m for m in config.models if m != MERGED] + (stage.referenced_models() if stage else [])
+    return list(dict.fromkeys(names))
+
+
+def space_from_yaml(path: str | os.PathLike, *, num_layers: Mapping[str, int]) -> SearchSpace:
+    return build_space(load_space_config(path), num_layers=num_layers, source=str(path))
+
+
+def space_from_dict(doc: Mapping, *, num_layers: Mapping[str, int], source: str = "<space>",
+                    base_dir: str | os.PathLike = ".") -> SearchSpace:
+    return build_space(load_space_config(doc, source=source, base_dir=base_dir), num_layers=num_layers, source=source)

@@ -1,0 +1,198 @@
+"""Parameter-space (PS) search: a merge method's parameters per model and per layer group -> a Recipe `merge` stage.
+
+Which parameters exist, which are per model, and their valid ranges come from the method registry (the one source of
+truth); the space file only picks some of them, narrows their bounds and fixes others.
+
+Genes, in order: for each searched parameter, for each model (once for a global parameter), for each layer group, for each
+part (`split: attn_mlp`: self_attn, mlp, rest; otherwise one part) -- i.e. one [models, groups, parts] block per parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from evomerge.errors import EvomergeError, did_you_mean
+from evomerge.recipe import Conditional, MergeStage, ModelEntry, Params, Recipe
+from evomerge.spaces.base import Gene, Schema, SearchSpace, rounded
+
+# mergekit {filter, value} entries of `split: attn_mlp`, first match wins; the last (no filter) covers every other tensor:
+# norms inside the layers, and the embeddings / final norm / lm_head.
+SPLIT_PARTS = (("self_attn", "self_attn"), ("mlp", "mlp"), ("rest", None))  # (gene suffix, filter)
+
+
+class PSConfig(Schema):
+    kind: Literal["ps"] = "ps"
+    method: str
+    base_model: str | None = None
+    models: list[str] = Field(min_length=1)  # the models merged (into the base, when the method has one)
+    search: list[str] | None = None  # default: the method's per-model numeric parameters (else its global numeric ones)
+    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)  # default: the method's range for the parameter
+    fixed: Params = Field(default_factory=dict)  # parameters set, not searched (per-model ones apply to every model)
+    layer_groups: int | Literal["all"] = 1  # 1: one value per model (Sakana's 7B); "all" or num_layers: one per layer
+    split: Literal["attn_mlp"] | None = None  # separate genes for attention, MLP and the other tensors
+    dtype: str | None = None
+    seed: int = 0  # keys the random masks of DARE/DELLA
+
+    @field_validator("bounds")
+    @classmethod
+    def _ordered(cls, bounds):
+        for name, (low, high) in bounds.items():
+            if not (np.isfinite(low) and np.isfinite(high) and low < high):
+                raise ValueError(f"{name}: low {low} must be below high {high}, both finite")
+        return bounds
+
+    @field_validator("layer_groups")
+    @classmethod
+    def _positive(cls, groups):
+        if groups != "all" and groups < 1:
+            raise ValueError("must be at least 1, or 'all'")
+        return groups
+
+    @model_validator(mode="after")
+    def _distinct_models(self):
+        if len(set(self.models)) != len(self.models):
+            raise ValueError("models: a model is listed twice")
+        if self.base_model in self.models:
+            raise ValueError("models: list only the models merged into base_model, not the base itself")
+        if self.search is not None and len(set(self.search)) != len(self.search):
+            raise ValueError("search: a parameter is listed twice")
+        return self
+
+    def referenced_models(self) -> list[str]:
+        return ([self.base_model] if self.base_model else []) + list(self.models)
+
+
+class ParameterSpace(SearchSpace):
+    def __init__(self, config: PSConfig, *, num_layers: Mapping[str, int], source: str = "<space>"):
+        from evomerge.merge.plan import validate_stage  # the registry loads the methods (torch); configs parse without it
+        from evomerge.merge.registry import get_method
+
+        self.config, self.source = config, source
+        self.spec = get_method(config.method, source=source, key="method")
+        if self.spec.base == "none" and config.base_model:
+            raise EvomergeError(f"method {config.method} takes no base_model; list every model under models",
+                                source=source, key="base_model")
+        self.num_layers = _layer_count(config, num_layers, source)
+        self.groups = self.num_layers if config.layer_groups == "all" else config.layer_groups
+        if self.groups > self.num_layers:
+            raise EvomergeError(f"{self.groups} groups for {self.num_layers} layers; at most one group per layer",
+                                source=source, key="layer_groups")
+        self.group_of_layer = [i * self.groups // self.num_layers for i in range(self.num_layers)]  # contiguous groups
+        self.parts = SPLIT_PARTS if config.split else (("", None),)
+        self.searched = _searched_params(self.spec, config, source)
+        self.genes = tuple(self._genes())
+        validate_stage(self.decode(self.x0).merge, source)  # base policy, model count, fixed values: same for every genome
+
+    def _genes(self):
+        for p in self.searched:
+            low, high = _bounds(p, self.config, self.source)
+            start = float(np.clip(p.default, low, high)) if p.default is not None else (low + high) / 2  # the default merge
+            for model in self.config.models if p.per_model else [None]:
+                for g in range(self.groups):
+                    for suffix, _ in self.parts:
+                        name = p.name + (f"[{model}]" if model else "") + (f".g{g}" if self.groups > 1 else "")
+                        yield Gene(name + (f".{suffix}" if suffix else ""), low, high, start)
+
+    def _decode(self, raw: np.ndarray) -> Recipe:
+        cfg = self.config
+        per_model: dict[str, Params] = {m: {} for m in cfg.models}
+        shared: Params = dict(cfg.fixed)  # fixed per-model values sit here too: mergekit falls back to these for each model
+        offset = 0
+        for p in self.searched:
+            n = len(cfg.models) if p.per_model else 1
+            size = n * self.groups * len(self.parts)
+            block = raw[offset:offset + size].reshape(n, self.groups, len(self.parts))
+            offset += size
+            if p.per_model:
+                for model, values in zip(cfg.models, block):
+                    per_model[model][p.name] = self._setting(values)
+            else:
+                shared[p.name] = self._setting(block[0])
+        stage = MergeStage(method=cfg.method, base_model=cfg.base_model, parameters=shared, dtype=cfg.dtype, seed=cfg.seed,
+                           models=[ModelEntry(model=m, parameters=per_model[m]) for m in cfg.models])
+        return Recipe(merge=stage)
+
+    def _setting(self, values: np.ndarray):
+        """[groups, parts] values -> a mergekit setting: scalar or per-layer list, inside {filter, value} entries if split."""
+        per_part = [self._per_layer(values[:, k]) for k in range(len(self.parts))]
+        if not self.config.split:
+            return per_part[0]
+        return [Conditional(filter=f, value=v) for (_, f), v in zip(self.parts, per_part)]
+
+    def _per_layer(self, group_values: np.ndarray):
+        if self.groups == 1:
+            return rounded(group_values[0])
+        # A gradient list of num_layers entries: mergekit reads entry i exactly at layer i (t = i / (L - 1)); tensors outside
+        # the layers (embeddings, final norm, lm_head) are read at t = 0, so they take layer group 0's value.
+        return [rounded(group_values[g]) for g in self.group_of_layer]
+
+    def describe(self) -> str:
+        cfg = self.config
+        split = f", split {cfg.split}" if cfg.split else ""
+        lines = [f"PS space: {cfg.method}, base {cfg.base_model}, models {', '.join(cfg.models)}; {self.num_layers} layers in "
+                 f"{self.groups} group(s){split}; dim {self.dim}"]
+        for p in self.searched:
+            low, high = _bounds(p, cfg, self.source)
+            lines.append(f"  {p.name}: {'per model' if p.per_model else 'global'}, bounds [{low}, {high}]")
+        if cfg.fixed:
+            lines.append("  fixed: " + ", ".join(f"{k}={v}" for k, v in cfg.fixed.items()))
+        return "\n".join(lines)
+
+
+def _layer_count(config: PSConfig, num_layers: Mapping[str, int], source: str) -> int:
+    counts = {}
+    for model in config.referenced_models():
+        if model not in num_layers:
+            raise EvomergeError(f"no layer count for model {model!r} (a placeholder not overridden?)", source=source,
+                                key="base_model" if model == config.base_model else "models")
+        counts[model] = num_layers[model]
+    if len(set(counts.values())) != 1:
+        raise EvomergeError(f"a PS merge needs models with one layer count, got {counts}", source=source, key="models")
+    return next(iter(counts.values()))
+
+
+def _searched_params(spec, config: PSConfig, source: str):
+    names = {p.name for p in spec.params}
+    for key, given in (("fixed", config.fixed), ("bounds", config.bounds), ("search", config.search or [])):
+        for name in given:
+            if name not in names:
+                raise EvomergeError(f"method {spec.name} has no parameter {name!r}; {did_you_mean(name, names)}",
+                                    source=source, key=f"{key}.{name}" if key != "search" else key)
+    numeric = [p for p in spec.params if p.kind is float and p.name not in config.fixed]
+    if config.search is None:
+        searched = [p for p in numeric if p.per_model] or [p for p in numeric if not p.per_model]
+    else:
+        searched = [spec.param(name) for name in config.search]
+    for p in searched:
+        if p.kind is not float:
+            raise EvomergeError(f"{p.name!r} is true/false and cannot be searched; set it under 'fixed'", source=source,
+                                key="search")
+        if p.name in config.fixed:
+            raise EvomergeError(f"{p.name!r} is both searched and fixed", source=source, key=f"fixed.{p.name}")
+    for name in config.bounds:
+        if name not in [p.name for p in searched]:
+            raise EvomergeError(f"bounds for {name!r}, which is not searched", source=source, key=f"bounds.{name}")
+    for p in spec.params:
+        if p.required and p not in searched and p.name not in config.fixed:
+            raise EvomergeError(f"method {spec.name} needs {p.name!r}: search it or set it under 'fixed'", source=source,
+                                key="search")
+    if not searched:
+        raise EvomergeError(f"method {spec.name} has no numeric parameter to search", source=source, key="method")
+    return tuple(searched)
+
+
+def _bounds(p, config: PSConfig, source: str) -> tuple[float, float]:
+    if p.name in config.bounds:
+        low, high = config.bounds[p.name]
+        if (p.low is not None and low < p.low) or (p.high is not None and high > p.high):
+            raise EvomergeError(f"[{low}, {high}] leaves the method's range [{p.low}, {p.high}]", source=source,
+                                key=f"bounds.{p.name}")
+        return float(low), float(high)
+    if p.low is None or p.high is None:
+        raise EvomergeError(f"method {config.method} gives no range for {p.name!r}; set bounds: {{{p.name}: [low, high]}}",
+                            source=source, key=f"bounds.{p.name}")
+    return float(p.low), float(p.high)

@@ -1,0 +1,88 @@
+"""Layer paths: the live path model (resident layers, hidden-state scales) == the merged dir with scales folded in."""
+
+import importlib.util
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from evomerge.export import export_text
+from evomerge.merge.materialize import merge_to_dir
+from evomerge.models.io import load_live_model
+from evomerge.recipe import LayerSlot, Recipe, recipe_from_dict
+from evomerge.run.path_model import build_path_model, decoder_layers
+from tiny_models import build_tiny, make_variants
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("path_models")
+    base = build_tiny("llama", root / "base", num_layers=3, hidden=32, rms_norm_eps=1e-12, dtype=torch.float64)
+    (a,) = make_variants(base, root, n=1, scale=0.05)
+    return str(base), str(a)
+
+
+PATH = [("base", 0, 1.0), ("a", 1, 0.8), ("a", 1, 1.25), ("base", 2, 0.5), ("a", 2, 1.0)]
+
+
+def live_path(models):
+    base, a = models
+    live = {"base": load_live_model(base, dtype=torch.float64), "a": load_live_model(a, dtype=torch.float64)}
+    layers = {name: decoder_layers(m) for name, m in live.items()}
+    return live, build_path_model(live["base"], layers, PATH, last=live["a"])
+
+
+def test_path_model_shares_weights_and_matches_the_folded_merge(models, tmp_path):
+    base, a = models
+    names = {"base": base, "a": a}
+    live, path_model = live_path(models)
+    assert path_model.model.layers[1].layer.mlp is live["a"].model.layers[1].mlp  # no copy
+    assert len(live["base"].model.layers) == 3 and live["base"].config.num_hidden_layers == 3  # sources untouched
+    recipe = Recipe(layers=[LayerSlot(source=names[s], layer=i, scale=c) for s, i, c in PATH])
+    merge_to_dir(recipe, tmp_path / "out", progress=False)
+    merged = load_live_model(tmp_path / "out", dtype=torch.float64)
+    assert merged.config.num_hidden_layers == len(PATH)
+    tokens = torch.randint(4, 60, (2, 7))
+    with torch.no_grad():
+        expected = merged(tokens).logits
+        got = path_model(tokens).logits
+        unscaled = build_path_model(live["base"], {n: decoder_layers(m) for n, m in live.items()},
+                                    [(s, i, 1.0) for s, i, _ in PATH], last=live["a"])(tokens).logits
+    # transformers' RMSNorm computes in float32, hence 1e-6 and not float64 round-off; ignoring the scales is far off
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert (unscaled - expected).abs().max() > 1e-3
+
+
+def test_repeated_layers_get_their_own_kv_cache_entries(models):
+    _, path_model = live_path(models)
+    tokens = torch.randint(4, 60, (1, 5))
+    with torch.no_grad():
+        greedy = path_model.generate(tokens, max_new_tokens=6, do_sample=False, use_cache=True)
+        no_cache = path_model.generate(tokens, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(greedy, no_cache)
+
+
+def test_exported_path_folds_scales_for_mergekit(models, tmp_path):
+    """A path with hidden-state scales exports to mergekit passthrough slices whose weight scales give the same model."""
+    base, a = models
+    names = {"base": base, "a": a}
+    recipe = Recipe(layers=[LayerSlot(source=names[s], layer=i, scale=c) for s, i, c in PATH])
+    text, warnings = export_text(recipe, "mergekit")
+    assert warnings == [] and "o_proj" in text and "down_proj" in text
+    reimported = recipe_from_dict(list(yaml.safe_load_all(text)))
+    assert reimported.merge.method == "passthrough" and len(reimported.merge.slices) == len(PATH)
+    merge_to_dir(recipe, tmp_path / "direct", progress=False)
+    merge_to_dir(reimported, tmp_path / "via_mergekit_yaml", progress=False)
+    direct, via = load_file(tmp_path / "direct/model.safetensors"), load_file(tmp_path / "via_mergekit_yaml/model.safetensors")
+    outputs = [via]
+    if importlib.util.find_spec("mergekit"):  # and mergekit itself, on the exported YAML
+        from mergekit_harness import load_dir, run_mergekit
+
+        (tmp_path / "export.yaml").write_text(text)
+        run_mergekit(tmp_path / "export.yaml", tmp_path / "mergekit")
+        outputs.append(load_dir(tmp_path / "mergekit"))
+    for other in outputs:
+        assert set(other) == set(direct)
+        for name in direct:
+            torch.testing.assert_close(other[name], direct[name], atol=0, rtol=1e-12)
