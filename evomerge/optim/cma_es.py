@@ -6,7 +6,6 @@ once complete. cma minimizes, so it is told -fitness; a failed member is told a 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Annotated
 
 import cma
@@ -16,6 +15,16 @@ from pydantic import Field
 from evomerge.optim.base import Candidate, Optimizer
 
 
+class StandardNormal:
+    """cma's `randn(lam, N)` from a seeded generator of our own (cma's default is numpy's global RNG)."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, *shape: int) -> np.ndarray:
+        return self.rng.standard_normal(shape)
+
+
 class CMAES(Optimizer):
     name = "cmaes"
 
@@ -23,35 +32,21 @@ class CMAES(Optimizer):
                  popsize: Annotated[int, Field(ge=2)] | None = None, **common):
         """sigma0: the initial step as a fraction of each gene's range; popsize: cma's default 4 + 3 ln(dim) if None."""
         super().__init__(lower, upper, **common)
-        # cma samples from numpy's global RNG (and re-seeds it when given a seed): it gets a private state, swapped in
-        # around every call, so runs are reproducible from `seed` and the state pickles with the optimizer.
-        self._rng_state = np.random.RandomState(self.seed).get_state()
+        # seed nan: cma neither seeds nor uses numpy's global RNG, it samples from our own (which pickles with it)
         options = {"bounds": [self.lower, self.upper], "CMA_stds": self.upper - self.lower, "seed": np.nan,
-                   "verbose": -9, "verb_disp": 0, "verb_log": 0}  # verb_log 0: never write outcmaes/
+                   "randn": StandardNormal(self.seed), "verbose": -9, "verb_disp": 0, "verb_log": 0}  # no outcmaes/
         if popsize is not None:
             options["popsize"] = popsize
-        with self._private_rng():
-            self.es = cma.CMAEvolutionStrategy(self.x0, sigma0, options)
+        self.es = cma.CMAEvolutionStrategy(self.x0, sigma0, options)
         self._generation: list[np.ndarray] = []  # as cma returned them, to give back unchanged
         self._first_id = 0
         self._losses: dict[int, float | None] = {}  # index in the generation -> loss (None: failed)
         self._worst_loss: float | None = None
 
-    @contextmanager
-    def _private_rng(self):
-        outside = np.random.get_state()
-        np.random.set_state(self._rng_state)
-        try:
-            yield
-        finally:
-            self._rng_state = np.random.get_state()
-            np.random.set_state(outside)
-
     def _ask(self, first_id: int) -> list[np.ndarray]:
         if self._generation:
             return []  # the current generation is still out
-        with self._private_rng():
-            self._generation = self.es.ask()
+        self._generation = self.es.ask()
         self._first_id = first_id
         return self._generation
 
@@ -64,8 +59,7 @@ class CMAES(Optimizer):
             return
         penalty = (self._worst_loss if self._worst_loss is not None else 0.0) + 1.0  # ranks below every success
         losses = [penalty if self._losses[i] is None else self._losses[i] for i in range(len(self._generation))]
-        with self._private_rng():
-            self.es.tell(self._generation, losses)
+        self.es.tell(self._generation, losses)
         self._generation, self._losses = [], {}
 
     @property

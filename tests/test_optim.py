@@ -1,0 +1,186 @@
+"""Optimizers: one suite over every registry entry (determinism, resume, failures, progress), then per-backend details."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from evomerge.errors import EvomergeError
+from evomerge.optim import OPTIMIZERS, load_optimizer, make_optimizer, save_optimizer
+
+DIM = 4
+CENTRE = np.array([0.2, 0.7, 0.4, 0.9])
+SMALL = {"cmaes": {"popsize": 6}, "optuna_cmaes": {"popsize": 6}, "nsga2": {"population_size": 6}, "tpe": {}, "random": {}}
+
+
+def quadratic(genome):
+    return -float(np.sum((genome - CENTRE) ** 2))
+
+
+def make(name, tmp_path=None, seed=0, **kw):
+    if tmp_path is not None:
+        tmp_path.mkdir(parents=True, exist_ok=True)
+    return make_optimizer(name, np.zeros(DIM), np.ones(DIM), seed=seed, x0=np.full(DIM, 0.5), options=SMALL[name],
+                          run_dir=tmp_path, **kw)
+
+
+def fitness(candidate):
+    """The quadratic, with every 5th candidate failing (NaN) to exercise failure handling everywhere."""
+    return float("nan") if candidate.id % 5 == 4 else quadratic(candidate.genome)
+
+
+def drive(opt, n_tells, queue=None, checkpoint=None):
+    """Keep up to 3 candidates out and tell the newest first (results out of order), like busy workers would.
+
+    With `checkpoint`, the optimizer is saved after every third tell and reloaded from the file, as a resumed run does; the
+    queue is rebuilt from the optimizer's pending candidates. Returns every genome asked, in order, and the optimizer.
+    """
+    asked, queue = [], list(queue or [])
+    while opt.n_told < n_tells:
+        while len(queue) < 3 and (batch := opt.ask()):
+            asked += [c.genome for c in batch]
+            queue += batch
+        candidate = queue.pop()
+        opt.tell(candidate.id, fitness(candidate))
+        if checkpoint and opt.n_told % 3 == 0:
+            save_optimizer(opt, checkpoint)
+            opt = load_optimizer(checkpoint)
+            queue = sorted(opt.pending.values(), key=lambda c: c.id)
+    return asked, opt
+
+
+@pytest.fixture(params=sorted(OPTIMIZERS))
+def name(request):
+    return request.param
+
+
+def test_same_seed_same_genomes(name):
+    first, _ = drive(make(name), 14)  # optuna: in memory (SQLite in the resume test)
+    second, _ = drive(make(name), 14)
+    other, _ = drive(make(name, seed=1), 14)
+    np.testing.assert_array_equal(np.array(first), np.array(second))
+    assert not np.array_equal(np.array(first), np.array(other))
+    assert all(np.all((g >= 0) & (g <= 1)) for g in first)
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(name, tmp_path):
+    straight, _ = drive(make(name, tmp_path / "a"), 13)  # optuna: SQLite in the run dir
+    part, opt = drive(make(name, tmp_path / "b"), 5)
+    queue = sorted(opt.pending.values(), key=lambda c: c.id)
+    assert queue, "the checkpoint must hold pending candidates"
+    save_optimizer(opt, tmp_path / "opt.pkl")
+    del opt
+    rest, resumed = drive(load_optimizer(tmp_path / "opt.pkl"), 13, queue=queue, checkpoint=tmp_path / "opt.pkl")
+    np.testing.assert_array_equal(np.array(straight), np.array(part + rest))
+    assert resumed.n_told == 13 and resumed.n_failed == sum(r.id % 5 == 4 for r in resumed.results) > 0
+
+
+def test_failures_are_recorded_and_never_best(name):
+    opt = make(name)  # optuna: in memory
+    _, opt = drive(opt, 10)
+    failed = [r for r in opt.results if not r.ok]
+    assert len(failed) == opt.n_failed == 2 and {r.id % 5 for r in failed} == {4}
+    batch = opt.ask() or [next(iter(opt.pending.values()))]
+    opt.tell(batch[0].id, None)
+    assert opt.best.ok and opt.best.fitness[0] == max(r.fitness[0] for r in opt.results if r.ok)
+    with pytest.raises(KeyError):
+        opt.tell(batch[0].id, 1.0)  # told already
+
+
+def test_each_optimizer_improves_on_a_quadratic(name):
+    _, opt = drive(make(name), 60)
+    first = max(r.fitness[0] for r in opt.results[:6] if r.ok)  # the first generation (popsize 6)
+    assert -opt.best.fitness[0] < 0.5 * -first, (first, opt.best.fitness)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# interface details
+
+
+def test_fitness_values_and_objectives(tmp_path):
+    opt = make("random", tmp_path, n_objectives=2)
+    pairs = [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (0.4, 0.4), (float("inf"), 2.0)]
+    for f in pairs:
+        opt.tell(opt.ask()[0].id, f)
+    assert [r.fitness for r in opt.pareto_front()] == [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)]  # inf is a failure
+    with pytest.raises(ValueError, match="expected 2 fitness"):
+        opt.tell(opt.ask()[0].id, 1.0)
+    with pytest.raises(ValueError, match="no single best"):
+        opt.best
+    for single in ("cmaes", "optuna_cmaes"):
+        with pytest.raises(EvomergeError, match=f"optimizer {single} takes one objective"):
+            make(single, tmp_path / single, n_objectives=2)
+    nsga = make("nsga2", tmp_path / "nsga", n_objectives=2)
+    for _ in range(12):
+        c = nsga.ask()[0]
+        nsga.tell(c.id, [c.genome[0], 1 - c.genome[0] ** 2])
+    assert len(nsga.pareto_front()) >= 1
+
+
+def test_registry_errors_name_the_key():
+    with pytest.raises(EvomergeError, match="optimizer: unknown optimizer 'cma'; did you mean 'cmaes'"):
+        make_optimizer("cma", np.zeros(2), np.ones(2))
+    with pytest.raises(EvomergeError, match=r"optimizer.sigma: unknown option \(options of cmaes: sigma0, popsize\)"):
+        make_optimizer("cmaes", np.zeros(2), np.ones(2), options={"sigma": 0.3})
+    with pytest.raises(EvomergeError, match="optimizer.popsize: Input should be greater than or equal to 2"):
+        make_optimizer("cmaes", np.zeros(2), np.ones(2), options={"popsize": 1})
+    with pytest.raises(EvomergeError, match="optimizer.n_startup_trials"):
+        make_optimizer("tpe", np.zeros(2), np.ones(2), options={"n_startup_trials": "many"})
+
+
+def test_cmaes_asks_by_generation_and_penalizes_failures(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.random.seed(5)
+    expected = np.random.rand()
+    np.random.seed(5)
+    opt = make("cmaes")
+    generation = opt.ask()
+    assert len(generation) == 6 and opt.ask() == []  # nothing more until the generation is told
+    assert np.random.rand() == expected  # cma ran on its own RNG state, not numpy's global one
+    losses = {}
+    for c in reversed(generation):  # out of order
+        f = None if c.id in (1, 3) else quadratic(c.genome)
+        opt.tell(c.id, f)
+        if f is not None:
+            losses[c.id] = -f
+    assert opt.generation == 1 and len(opt.ask()) == 6
+    told = np.sort(opt.es.fit.fit)  # what cma was told, sorted
+    np.testing.assert_allclose(told[:4], np.sort(list(losses.values())))
+    np.testing.assert_allclose(told[4:], max(losses.values()) + 1.0)  # the penalty: worse than the worst seen
+    assert not (tmp_path / "outcmaes").exists()
+
+
+def test_optuna_storage_lives_in_the_run_dir_and_survives_a_crash(tmp_path):
+    opt = make("tpe", tmp_path)
+    assert opt.storage == f"sqlite:///{tmp_path.resolve() / 'optuna.sqlite3'}" and (tmp_path / "optuna.sqlite3").exists()
+    with pytest.raises(EvomergeError, match="study 'evomerge' already exists"):
+        make("tpe", tmp_path)
+    _, opt = drive(opt, 12)
+    save_optimizer(opt, tmp_path / "opt.pkl")
+    lost = opt.ask()[0]  # asked after the checkpoint, then the process dies
+    resumed = load_optimizer(tmp_path / "opt.pkl")
+    again = resumed.ask()[0]
+    np.testing.assert_array_equal(again.genome, lost.genome)  # the same proposal, from the saved sampler state
+    states = {t.number: t.state.name for t in resumed.study.get_trials()}
+    assert states[opt._trial_of[lost.id]] == "FAIL" and states[resumed._trial_of[again.id]] == "RUNNING"
+
+
+def test_optuna_sqlalchemy_url_and_in_memory(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    opt = make_optimizer("nsga2", np.zeros(2), np.ones(2), options={"storage": url, "study_name": "s1"})
+    assert opt.storage == url and opt.study.study_name == "s1"
+    memory = make_optimizer("tpe", np.zeros(2), np.ones(2))
+    assert memory.storage is None
+    c = memory.ask()[0]
+    copy = pickle.loads(pickle.dumps(memory))
+    copy.tell(c.id, 1.0)
+    assert copy.best.fitness == (1.0,) and len(copy.study.trials) == 1
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "opt.pkl").write_bytes(b"\x80\x05garbage")
+    with pytest.raises(EvomergeError, match="opt.pkl: cannot load the optimizer checkpoint"):
+        load_optimizer(tmp_path / "opt.pkl")
+    (tmp_path / "other.pkl").write_bytes(pickle.dumps({"not": "an optimizer"}))
+    with pytest.raises(EvomergeError, match="not an optimizer checkpoint"):
+        load_optimizer(tmp_path / "other.pkl")
