@@ -44,6 +44,7 @@ class Plan:
     config_from: str  # model whose config.json the output starts from
     tokenizer_from: str | None
     warnings: list[str] = field(default_factory=list)
+    source_layers: list[int] | None = None  # for a layer path: the source layer of each output layer
 
 
 def _check_params(spec: MethodSpec, params: Params, source: str, where: str, *, per_model_ok: bool, global_ok: bool):
@@ -175,7 +176,8 @@ def plan_stage(stage: MergeStage, dirs: dict[str, ModelDir], source: str) -> tup
                               0.0, source, arch.is_vocab_tensor(n)) for n in names]
 
     layer0 = [n for n in template.tensor_names if arch.layer_of(n) == 0]
-    outside = [n for n in template.tensor_names if arch.layer_of(n) is None]
+    tied = arch.tied_embeddings(template.config)
+    outside = [n for n in template.tensor_names if arch.layer_of(n) is None and not (tied and n.startswith("lm_head."))]
     pre = [n for n in outside if arch.is_pre_layer(n)]
     post = [n for n in outside if n not in pre]
     head = non_layer(pre, slices[0]) + non_layer(post, slices[-1])
@@ -260,7 +262,8 @@ def plan_recipe(recipe: Recipe, dirs: dict[str, ModelDir], source: str = "<recip
             if slot.weight_scale is not None:
                 scale *= float(evaluate_setting(slot.weight_scale, t.out_name, 0.0) or 1.0)
             tasks.append(replace(t, scale=t.scale * scale))
-    return Plan(tasks, len(recipe.layers), config_from, _tokenizer_source(recipe, config_from), warnings)
+    return Plan(tasks, len(recipe.layers), config_from, _tokenizer_source(recipe, config_from), warnings,
+                [slot.layer for slot in recipe.layers])
 
 
 def _tokenizer_source(recipe: Recipe, config_from: str) -> str | None:
