@@ -1,0 +1,135 @@
+"""The experiment file: what to search (space), how (optimizer, budget, workers), and how to score (evaluation).
+
+    name: toy_ps
+    seed: 0
+    space: {include: ../search_spaces/ties_per_model.yaml, base_model: zoo/base, models: [zoo/a, zoo/b]}
+    optimizer: {name: cmaes, options: {sigma0: 0.2}}
+    budget: {trials: 60}
+    evaluation: {tasks: [skill_a, skill_b], limit: 64}   # read by the evaluator factory, not by the loop
+    workers: {backend: ray, num: 2}
+    validation: {top_k: 3}
+
+Defaults live here. `load_experiment` resolves the space (includes, relative paths) so the frozen copy written into the
+run directory stands alone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from evomerge.errors import EvomergeError, did_you_mean
+from evomerge.recipe import format_validation_error
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimizerConfig(_Schema):
+    name: str = "cmaes"
+    options: dict[str, Any] = Field(default_factory=dict)  # checked against the optimizer's own schema (optim.registry)
+
+
+class BudgetConfig(_Schema):
+    trials: int = Field(ge=1)  # search-split evaluations, exactly (a CMA-ES generation past the budget is cut)
+
+
+class EvaluationConfig(_Schema):
+    tasks: list[str] = Field(default_factory=list)
+    split: str = "search"
+    limit: int | None = Field(None, ge=1)  # samples per task on the search split
+    weights: dict[str, float] | None = None  # fitness = weighted mean over tasks; None: plain mean
+
+
+class WorkersConfig(_Schema):
+    backend: Literal["local", "ray"] = "local"
+    num: int = Field(1, ge=1)  # candidates in flight; part of the search's determinism (see loop)
+    device: str = "cpu"
+    dtype: str | None = None  # compute dtype of the live models; None keeps the sources'
+    ray_address: str | None = None  # join a running cluster; None starts a local one
+
+
+class ValidationConfig(_Schema):
+    top_k: int = Field(3, ge=0)  # elites re-scored on validation; 0: the winner is the best on search
+
+
+class Experiment(_Schema):
+    name: str = Field(min_length=1)
+    seed: int = 0
+    space: dict[str, Any]  # a space document (see evomerge.spaces.load); resolved by load_experiment
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    budget: BudgetConfig
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Settings of where the search runs, not of what it finds: a resume may change them.
+RUNTIME_KEYS = ("workers.backend", "workers.device", "workers.ray_address")
+
+
+def experiment_from_dict(doc: Any, *, source: str = "<experiment>", base_dir: str | os.PathLike = ".") -> Experiment:
+    """A validated experiment whose space is resolved: includes read, relative paths made absolute, defaults filled in."""
+    from evomerge.spaces import load_space_config
+
+    if not isinstance(doc, dict):
+        raise EvomergeError("an experiment file must be a mapping", source=source)
+    try:
+        experiment = Experiment.model_validate(doc)
+    except ValidationError as err:
+        raise format_validation_error(err, source) from None
+    space = load_space_config(experiment.space, source=source, base_dir=base_dir)
+    _check_optimizer(experiment.optimizer, source)
+    return experiment.model_copy(update={"space": space.model_dump(mode="json")})
+
+
+def _check_optimizer(config: OptimizerConfig, source: str) -> None:
+    """Name and options, now rather than when the search starts (messages as make_optimizer's)."""
+    from evomerge.optim import OPTIMIZERS, options_schema
+
+    if config.name not in OPTIMIZERS:
+        raise EvomergeError(f"unknown optimizer {config.name!r}; {did_you_mean(config.name, OPTIMIZERS)}", source=source,
+                            key="optimizer.name")
+    schema = options_schema(OPTIMIZERS[config.name])
+    try:
+        schema.model_validate(config.options)
+    except ValidationError as err:
+        first = err.errors()[0]
+        msg = "unknown option" if first["type"] == "extra_forbidden" else first["msg"]
+        raise EvomergeError(f"{msg} (options of {config.name}: {', '.join(schema.model_fields) or 'none'})", source=source,
+                            key="optimizer.options." + ".".join(str(p) for p in first["loc"])) from None
+
+
+def load_experiment(path: str | os.PathLike) -> Experiment:
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise EvomergeError(f"cannot read experiment file ({err.strerror})", source=str(path)) from None
+    except yaml.YAMLError as err:
+        raise EvomergeError(f"invalid YAML: {str(err).splitlines()[0]}", source=str(path)) from None
+    return experiment_from_dict(doc, source=str(path), base_dir=path.parent)
+
+
+def differences(a: Experiment, b: Experiment, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ, as 'key: a -> b'."""
+
+    def flat(value, prefix=""):
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: value}
+
+    fa, fb = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
+    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(fa.keys() | fb.keys())
+            if k not in ignore and fa.get(k) != fb.get(k)]

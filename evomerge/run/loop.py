@@ -1,0 +1,290 @@
+"""The search loop: ask/tell over a worker pool, with a ledger and checkpoints that make any crash resumable.
+
+Determinism. With W = workers.num, the optimizer is told results in candidate order (a result that arrives early waits in
+a buffer), and right after each tell it is asked for new candidates while fewer than W are asked and not told. The
+sequence of asks and tells is then fixed by the config and seed alone: candidate k is asked after exactly the tells of
+candidates 0 .. k - W, however fast the workers are. A CMA-ES generation comes out whole (ask gives [] until it is told)
+and is dispatched whole. The budget is exact: candidates asked past it are never run.
+
+Durability. Each result goes to the ledger first, then to the optimizer, then optimizer.pkl is rewritten (atomically).
+Resume loads optimizer.pkl, tells it the ledger's results for the candidates it still waits for, runs the others, and
+goes on. A ledger row is reused whenever the optimizer proposes its candidate again, so an unreadable optimizer.pkl is
+replaced by a fresh optimizer that replays the whole ledger to the same state.
+
+After the budget: the top-k trials by search fitness are re-scored on `validation`, the winner (best on validation) is
+scored once on `test`, and best/recipe.yaml + best/scores.json are written. Rows already in the ledger are never rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+from evomerge.errors import EvomergeError
+from evomerge.optim import Optimizer, load_optimizer, make_optimizer, save_optimizer
+from evomerge.recipe import recipe_from_dict, save_recipe, to_evomerge_yaml, write_text_atomic
+from evomerge.run.config import EvaluationConfig, Experiment
+from evomerge.run.ledger import Ledger, Trial
+from evomerge.run.pool import Pool, RunnerSpec, Task, make_pool
+from evomerge.run.rundir import RunDir
+
+EvaluatorFactory = Callable[[EvaluationConfig], Any]  # evaluation config -> an evaluator with evaluate(model, split=)
+
+
+@dataclass
+class Summary:
+    """The outcome of a finished run (also in best/scores.json)."""
+    candidate: int  # the winner
+    recipe_hash: str
+    fitness: dict[str, float | None]  # split -> the winner's fitness
+    trials: int
+    failed: int
+
+
+def search(experiment: Experiment, run_dir, make_evaluator: EvaluatorFactory, *, pool: Pool | None = None,
+           progress: bool = True) -> Summary:
+    """Run (or, for a run dir holding the same config, continue) the search of `experiment` in `run_dir`."""
+    with RunDir(run_dir) as rd:
+        return _run(rd, rd.freeze(experiment), make_evaluator, pool, progress)
+
+
+def resume(run_dir, make_evaluator: EvaluatorFactory, *, experiment: Experiment | None = None, pool: Pool | None = None,
+           progress: bool = True) -> Summary:
+    """Continue the run in `run_dir` from its files alone (`experiment`, if given, must match the frozen config)."""
+    with RunDir(run_dir) as rd:
+        frozen = rd.frozen()  # refuses a dir that holds no run
+        return _run(rd, frozen if experiment is None else rd.freeze(experiment), make_evaluator, pool, progress)
+
+
+def _run(rd: RunDir, experiment: Experiment, make_evaluator: EvaluatorFactory, pool: Pool | None,
+         progress: bool) -> Summary:
+    from evomerge.models.io import ModelDir
+    from evomerge.spaces import build_space, load_space_config, space_models
+
+    source = str(rd.config)
+    space_config = load_space_config(experiment.space, source=source)
+    models = space_models(space_config, source=source)
+    num_layers = {}
+    for model in models:
+        with ModelDir.open(model, source=source) as md:
+            num_layers[model] = md.num_layers
+    space = build_space(space_config, num_layers=num_layers, source=source)
+    ledger = Ledger(rd.ledger)
+    owned = pool is None
+    try:
+        optimizer = _optimizer(experiment, rd, space, ledger)
+        if owned:
+            spec = RunnerSpec(tuple(models), _live_base(space_config, models),
+                              partial(make_evaluator, experiment.evaluation), experiment.workers.device,
+                              experiment.workers.dtype)
+            pool = make_pool(spec, experiment.workers)
+        loop = _Loop(experiment, rd, space, optimizer, ledger, pool, progress)
+        loop.run()
+        return loop.finish()
+    finally:
+        if owned and pool is not None:
+            pool.close()
+        ledger.close()
+
+
+def _live_base(space_config, models: list[str]) -> str:
+    """The model a worker's live merged model starts from: the merge stage's base, else the first model."""
+    from evomerge.spaces import PSConfig
+    from evomerge.spaces.dfs import merge_stage
+
+    stage = space_config if isinstance(space_config, PSConfig) else merge_stage(space_config, "<space>")
+    return (stage.base_model if stage is not None and stage.base_model else None) or models[0]
+
+
+def _optimizer(experiment: Experiment, rd: RunDir, space, ledger: Ledger) -> Optimizer:
+    if rd.optimizer.exists():
+        try:
+            return load_optimizer(rd.optimizer)
+        except EvomergeError as err:
+            _log(rd, f"{err}; rebuilding the optimizer and replaying the ledger", echo=True)
+    elif ledger.trials(experiment.evaluation.split):
+        _log(rd, "no optimizer.pkl; rebuilding the optimizer and replaying the ledger", echo=True)
+    try:
+        return make_optimizer(experiment.optimizer.name, *space.bounds, seed=experiment.seed, x0=space.x0,
+                              run_dir=rd.path, options=experiment.optimizer.options, source=str(rd.config))
+    except EvomergeError as err:
+        if not rd.optimizer.exists():
+            raise
+        raise EvomergeError(f"optimizer.pkl is unreadable and a fresh optimizer cannot replay the ledger ({err}); move "
+                            "the optimizer's storage (optuna.sqlite3) aside and resume again", source=str(rd.path)) from None
+
+
+def _log(rd: RunDir, message: str, echo: bool = False) -> None:
+    if echo:
+        print(f"warning: {message}", file=sys.stderr)
+    rd.logs.mkdir(parents=True, exist_ok=True)
+    with open(rd.logs / "search.log", "a") as log:
+        log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
+
+
+class _Loop:
+    def __init__(self, experiment: Experiment, rd: RunDir, space, optimizer: Optimizer, ledger: Ledger, pool: Pool,
+                 progress: bool):
+        self.experiment, self.rd, self.space, self.opt, self.ledger, self.pool = experiment, rd, space, optimizer, ledger, pool
+        self.width, self.budget = experiment.workers.num, experiment.budget.trials
+        self.split = experiment.evaluation.split
+        self.recorded: dict[int, Trial] = {}  # search-split results in the ledger, by candidate
+        for trial in ledger.trials(self.split):
+            self.recorded.setdefault(trial.candidate, trial)
+        self.results: dict[int, float | None] = {}  # arrived, not yet told
+        self.in_flight: dict[int, str] = {}  # candidate -> its recipe (evomerge YAML)
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.budget, desc=experiment.name, unit="trial", dynamic_ncols=True)
+            self._update_bar()
+
+    # -- the search ---------------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        self._fill()
+        save_optimizer(self.opt, self.rd.optimizer)
+        while True:
+            self._dispatch()
+            if self._advance():
+                continue
+            if not self.in_flight:
+                break
+            for result in self.pool.wait():
+                self._record(result)
+        if self.bar is not None:
+            self.bar.close()
+        missing = [i for i in range(min(self.budget, self.opt.n_asked)) if i in self.opt.pending]
+        if missing:  # the scheduler's invariant; a failure here is a bug, not bad input
+            raise RuntimeError(f"search ended with candidates never told: {missing}")
+
+    def _fill(self) -> None:
+        """Ask while fewer than `width` candidates are out (called only right after a tell, or at the start)."""
+        while self.opt.n_asked < self.budget and self.opt.n_asked - self.opt.n_told < self.width:
+            if not self.opt.ask():
+                break  # e.g. a CMA-ES generation still out
+
+    def _dispatch(self) -> None:
+        """Send waiting candidates to idle workers, in candidate order; a candidate in the ledger is not run again."""
+        for cid in sorted(self.opt.pending):
+            if cid >= self.budget or cid in self.in_flight or cid in self.results:
+                continue
+            candidate = self.opt.pending[cid]
+            if cid in self.recorded:
+                trial = self.recorded[cid]
+                if not np.array_equal(np.asarray(trial.genome), candidate.genome):
+                    raise EvomergeError(f"the ledger's candidate {cid} differs from the one the optimizer proposes: "
+                                        "the run dir was edited, or its optimizer is not deterministic; start a new run "
+                                        "dir", source=str(self.rd.ledger))
+                self.results[cid] = trial.fitness if trial.ok else None
+                continue
+            if not self.pool.idle:
+                continue  # later candidates may still be in the ledger
+            self.in_flight[cid] = to_evomerge_yaml(self.space.decode(candidate.genome))
+            self.pool.submit(Task(cid, self.in_flight[cid], self.split))
+
+    def _record(self, result) -> None:
+        cid = result.candidate
+        trial = self._append(result, self.opt.pending[cid].genome, self.in_flight.pop(cid))
+        self.recorded[cid] = trial
+        self.results[cid] = trial.fitness if trial.ok else None
+        self._update_bar()
+
+    def _advance(self) -> bool:
+        """Tell the buffered results that are next in candidate order, asking after each tell; checkpoint."""
+        told = False
+        while self.opt.pending and min(self.opt.pending) in self.results:
+            cid = min(self.opt.pending)
+            self.opt.tell(cid, self.results.pop(cid))
+            self._fill()
+            told = True
+        if told:
+            save_optimizer(self.opt, self.rd.optimizer)
+        return told
+
+    def _append(self, result, genome, recipe_yaml: str) -> Trial:
+        """The ledger row of a result: written before anything else learns of it."""
+        recipe = recipe_from_dict([yaml.safe_load(recipe_yaml)])
+        trial = Trial(candidate=result.candidate, split=result.split, genome=[float(g) for g in genome],
+                      recipe_hash=recipe.identity, recipe=recipe_yaml, scores=result.scores, fitness=result.fitness,
+                      objectives=result.objectives, status=result.status, error=result.error, worker=result.worker,
+                      t_merge=result.t_merge, t_eval=result.t_eval, t_total=result.t_total)
+        if not trial.ok:
+            trial.status = "failed"
+            _log(self.rd, f"candidate {result.candidate} ({result.split}) failed: {result.error}")
+        self.ledger.append(trial)
+        return trial
+
+    def _update_bar(self) -> None:
+        if self.bar is None:
+            return
+        done = [t for cid, t in self.recorded.items() if cid < self.budget]
+        best = max((t.fitness for t in done if t.ok), default=None)
+        self.bar.n = len(done)
+        self.bar.set_postfix_str(f"best {best:.4g}" if best is not None else "best -", refresh=False)
+        self.bar.refresh()
+
+    # -- fitness hygiene: validation, test, best/ ---------------------------------------------------------------------
+    def finish(self) -> Summary:
+        searched = [t for cid, t in sorted(self.recorded.items()) if cid < self.budget]
+        ranked = sorted((t for t in searched if t.ok), key=lambda t: (-t.fitness, t.candidate))
+        if not ranked:
+            raise EvomergeError(f"all {len(searched)} trials failed; the errors are in the ledger and logs/search.log",
+                                source=str(self.rd.path))
+        top_k = self.experiment.validation.top_k
+        elites = ranked[:top_k] if top_k else ranked[:1]
+        validation = self._score(elites, "validation") if top_k else {}
+        if top_k:
+            winner = max(elites, key=lambda t: (_fitness(validation[t.candidate]), -t.candidate))
+        else:
+            winner = elites[0]
+        test = self._score([winner], "test")[winner.candidate]
+        return self._write_best(winner, elites, validation, test, searched)
+
+    def _score(self, trials: list[Trial], split: str) -> dict[int, Trial]:
+        """Each trial's row on `split`: from the ledger, else evaluated now (on as many workers as are idle)."""
+        scored = {}
+        for t in self.ledger.trials(split):
+            scored.setdefault(t.candidate, t)
+        todo = [t for t in trials if t.candidate not in scored]
+        by_id = {t.candidate: t for t in todo}
+        pending = 0
+        while todo or pending:
+            while todo and self.pool.idle:
+                t = todo.pop(0)
+                self.pool.submit(Task(t.candidate, t.recipe, split))
+                pending += 1
+            for result in self.pool.wait():
+                pending -= 1
+                scored[result.candidate] = self._append(result, by_id[result.candidate].genome,
+                                                        by_id[result.candidate].recipe)
+        return scored
+
+    def _write_best(self, winner: Trial, elites, validation, test: Trial, searched) -> Summary:
+        fitness = {self.split: winner.fitness, "validation": validation[winner.candidate].fitness if validation else None,
+                   "test": test.fitness}
+        recipe = recipe_from_dict([yaml.safe_load(winner.recipe)]).with_provenance(
+            run=self.experiment.name, trial=winner.candidate, fitness=fitness)
+        self.rd.best.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, self.rd.best / "recipe.yaml")
+        summary = Summary(winner.candidate, winner.recipe_hash, fitness, len(searched), sum(not t.ok for t in searched))
+        scores = {"candidate": winner.candidate, "recipe_hash": winner.recipe_hash, "fitness": fitness,
+                  "scores": {self.split: winner.scores, "validation": validation[winner.candidate].scores if validation
+                             else None, "test": test.scores},
+                  "elites": [{"candidate": t.candidate, self.split: t.fitness,
+                              "validation": validation[t.candidate].fitness if validation else None} for t in elites],
+                  "trials": summary.trials, "failed": summary.failed}
+        write_text_atomic(self.rd.best / "scores.json", json.dumps(scores, indent=2) + "\n")
+        return summary
+
+
+def _fitness(trial: Trial) -> float:
+    return trial.fitness if trial.ok else -math.inf

@@ -1,0 +1,90 @@
+"""The run directory, the search's only source of truth:
+
+    runs/<name>/
+      config.yaml      the resolved experiment, frozen when the run starts
+      ledger.sqlite    append-only trials (evomerge.run.ledger)
+      optimizer.pkl    the optimizer after the last tell and the asks that follow it (atomic)
+      best/            recipe.yaml (evomerge) and scores.json of the winner
+      logs/
+      lock             held (fcntl.flock) by the one process searching here; the OS drops it if that process dies
+
+Policy for a config that differs from the frozen one: refused, naming the differing keys; only where the run runs
+(config.RUNTIME_KEYS) may change on resume.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import yaml
+
+from evomerge.errors import EvomergeError
+from evomerge.recipe import write_text_atomic
+from evomerge.run.config import RUNTIME_KEYS, Experiment, differences, experiment_from_dict
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.ledger = self.path / "ledger.sqlite"
+        self.optimizer = self.path / "optimizer.pkl"
+        self.best = self.path / "best"
+        self.logs = self.path / "logs"
+        self._lock_file = None
+
+    def __enter__(self) -> "RunDir":
+        self.lock()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unlock()
+
+    def lock(self) -> None:
+        """Take the run dir for this process, or refuse: two searches writing one ledger would interleave their trials."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / "lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise EvomergeError("run dir in use by another search (wait for it, or stop it first)",
+                                source=str(self.path)) from None
+        handle.seek(0), handle.truncate(), handle.write(f"{os.getpid()}\n"), handle.flush()
+        self._lock_file = handle
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing releases the flock
+            self._lock_file = None
+
+    @property
+    def started(self) -> bool:
+        return self.config.exists()
+
+    def frozen(self) -> Experiment:
+        if not self.started:
+            raise EvomergeError("not a run directory (no config.yaml)", source=str(self.path))
+        try:
+            doc = yaml.safe_load(self.config.read_text())
+        except yaml.YAMLError as err:
+            raise EvomergeError(f"invalid YAML: {str(err).splitlines()[0]}", source=str(self.config)) from None
+        return experiment_from_dict(doc, source=str(self.config))
+
+    def freeze(self, experiment: Experiment) -> Experiment:
+        """Write the config of a new run; for a started run, check `experiment` against the frozen one and return the
+        frozen one with the runtime keys of `experiment`."""
+        if not self.started:
+            for folder in (self.best, self.logs):
+                folder.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.config, experiment.to_yaml())
+            return experiment
+        frozen = self.frozen()
+        changed = differences(frozen, experiment, ignore=RUNTIME_KEYS)
+        if changed:
+            raise EvomergeError(f"this run dir belongs to a different config ({'; '.join(changed)}); use another run dir, "
+                                "or resume with the frozen config", source=str(self.config))
+        return frozen.model_copy(update={"workers": frozen.workers.model_copy(update={
+            key.split(".")[1]: getattr(experiment.workers, key.split(".")[1]) for key in RUNTIME_KEYS})})

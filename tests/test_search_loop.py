@@ -1,0 +1,329 @@
+"""The search loop end to end on tiny models, with an evaluator whose optimum is known.
+
+fitness(theta) = -sum_params ||theta - target||^2 with target = base + 0.7 (ft1 - base) + 0.2 (ft2 - base): a
+task_arithmetic merge with weights (0.7, 0.2) reaches fitness 0, so the search has a real optimum to find.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import closing
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from evomerge.errors import EvomergeError
+from evomerge.optim import load_optimizer
+from evomerge.recipe import load_recipe
+from evomerge.run.config import experiment_from_dict, load_experiment
+from evomerge.run.ledger import Ledger
+from evomerge.run.loop import resume, search
+from evomerge.run.pool import LocalPool, RunnerSpec
+from evomerge.run.rundir import RunDir
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import build_tiny, make_variants  # noqa: E402
+
+TARGET_WEIGHTS = (0.7, 0.2)
+
+
+@dataclass
+class Evaluation:
+    fitness: float | None
+    scores: dict = field(default_factory=dict)
+    status: str = "ok"
+    error: str | None = None
+
+
+class DistanceEvaluator:
+    """-||theta - target||^2 over the live model's parameters; optionally slow, or raising on chosen calls."""
+
+    def __init__(self, base: str, experts: list[str], delay: float = 0.0, fail_calls: tuple[int, ...] = (),
+                 die_once: str | None = None):
+        from evomerge.models.io import ModelDir
+
+        with ModelDir.open(base) as b:
+            dirs = [ModelDir.open(e) for e in experts]
+            self.target = {n: b.get(n).double() + sum(w * (d.get(n).double() - b.get(n).double())
+                                                      for w, d in zip(TARGET_WEIGHTS, dirs)) for n in b.tensor_names}
+        self.delay, self.fail_calls, self.die_once, self.calls = delay, fail_calls, die_once, 0
+
+    def evaluate(self, model, split: str) -> Evaluation:
+        self.calls += 1
+        if self.calls in self.fail_calls:
+            raise RuntimeError("boom")
+        if self.die_once and self.calls == 2 and not os.path.exists(self.die_once):  # the worker process dies, once
+            Path(self.die_once).touch()
+            os._exit(1)
+        time.sleep(self.delay)
+        distance = sum(float(((p.detach().double() - self.target[n]) ** 2).sum()) for n, p in model.named_parameters())
+        return Evaluation(-distance, {"distance": {"metric": distance}})
+
+
+def evaluator_factory(models: dict, **kwargs):
+    """make_evaluator(evaluation_config) for the loop."""
+    return lambda evaluation: DistanceEvaluator(models["base"], models["experts"], **kwargs)
+
+
+def experiment(models: dict, **overrides) -> dict:
+    doc = {"name": "tiny", "seed": 3,
+           "space": {"kind": "ps", "method": "task_arithmetic", "base_model": models["base"], "models": models["experts"],
+                     "search": ["weight"], "bounds": {"weight": [0.0, 1.0]}},
+           "optimizer": {"name": "cmaes", "options": {"sigma0": 0.3, "popsize": 6}},
+           "budget": {"trials": 18}, "workers": {"num": 2}, "validation": {"top_k": 2}}
+    for key, value in overrides.items():
+        section, _, sub = key.partition(".")
+        if sub:
+            doc[section] = {**doc.get(section, {}), sub: value}
+        else:
+            doc[section] = value
+    return doc
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    base = build_tiny("llama", root / "base", num_layers=2, hidden=16)
+    return {"base": str(base), "experts": [str(p) for p in make_variants(base, root, n=2, scale=0.05)]}
+
+
+def genomes(run_dir) -> list[tuple[int, list[float]]]:
+    ledger = Ledger(Path(run_dir) / "ledger.sqlite")
+    rows = sorted((t.candidate, t.genome) for t in ledger.trials("search"))
+    ledger.close()
+    return rows
+
+
+def run(models, run_dir, evaluator=None, pool_class=None, **overrides):
+    exp = experiment_from_dict(experiment(models, **overrides))
+    make = evaluator or evaluator_factory(models)
+    pool = None
+    if pool_class is not None:
+        spec = RunnerSpec(tuple([models["base"], *models["experts"]]), models["base"], partial(make, exp.evaluation))
+        pool = pool_class(spec, exp.workers.num)
+    return search(exp, run_dir, make, pool=pool, progress=False)
+
+
+def test_cmaes_search_finds_the_optimum_and_writes_the_run_dir(models, tmp_path):
+    summary = run(models, tmp_path / "run", **{"budget.trials": 36})
+    ledger = Ledger(tmp_path / "run" / "ledger.sqlite")
+    trials = ledger.trials("search")
+    assert sorted(t.candidate for t in trials) == list(range(36)) and all(t.ok for t in trials)
+    first_generation = max(t.fitness for t in trials if t.candidate < 6)
+    best = max(trials, key=lambda t: t.fitness)
+    assert best.fitness > first_generation and best.fitness > 0.1 * first_generation  # 10x closer to the target
+    assert len(ledger.trials("validation")) == 2 and len(ledger.trials("test")) == 1
+
+    recipe = load_recipe(tmp_path / "run" / "best" / "recipe.yaml")
+    weights = [m.parameters["weight"] for m in recipe.merge.models]
+    assert np.allclose(weights, TARGET_WEIGHTS, atol=0.1)
+    scores = json.loads((tmp_path / "run" / "best" / "scores.json").read_text())
+    winner = next(t for t in trials if t.candidate == summary.candidate)
+    assert scores["candidate"] == summary.candidate == recipe.provenance["trial"]
+    # one fitness function on every split: the winner scores the same on search, validation and test
+    assert scores["fitness"]["test"] == pytest.approx(winner.fitness, rel=1e-9)
+    assert summary.fitness["validation"] == pytest.approx(winner.fitness, rel=1e-9)
+    optimizer = load_optimizer(tmp_path / "run" / "optimizer.pkl")
+    assert optimizer.n_told == 36 and optimizer.best.fitness[0] == pytest.approx(best.fitness)
+    frozen = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert frozen["workers"] == {"backend": "local", "num": 2, "device": "cpu", "dtype": None, "ray_address": None}
+    assert frozen["space"]["kind"] == "ps" and frozen["space"]["layer_groups"] == 1  # resolved defaults frozen
+
+
+class ShuffledPool(LocalPool):
+    """Runs its queued tasks in a seeded random order: results reach the loop out of candidate order."""
+
+    def next_task(self):
+        rng = getattr(self, "rng", None) or np.random.default_rng(7)
+        self.rng = rng
+        task = self.tasks[int(rng.integers(len(self.tasks)))]
+        self.tasks.remove(task)
+        return task
+
+
+@pytest.mark.parametrize("optimizer", ["cmaes", "random"])
+def test_completion_order_does_not_change_the_run(models, tmp_path, optimizer):
+    options = {"sigma0": 0.3, "popsize": 4} if optimizer == "cmaes" else {}
+    overrides = {"optimizer": {"name": optimizer, "options": options}, "workers.num": 3, "budget.trials": 10}
+    ordered = run(models, tmp_path / "fifo", pool_class=LocalPool, **overrides)
+    shuffled = run(models, tmp_path / "shuffled", pool_class=ShuffledPool, **overrides)
+    rows = Ledger(tmp_path / "shuffled" / "ledger.sqlite").trials("search")
+    assert [t.candidate for t in rows] != sorted(t.candidate for t in rows)  # results did arrive out of order
+    assert genomes(tmp_path / "fifo") == genomes(tmp_path / "shuffled")
+    assert ordered == shuffled
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupting_pool(after: int):
+    """A ShuffledPool whose process 'dies' (raises) once it has returned `after` results: what is on disk remains."""
+
+    class Pool(ShuffledPool):
+        returned = 0
+
+        def wait(self):
+            if self.returned == after:
+                raise Interrupted
+            self.returned += 1
+            return super().wait()
+
+    return Pool
+
+
+def test_interrupted_anywhere_and_resumed_equals_an_uninterrupted_run(models, tmp_path):
+    overrides = {"workers.num": 3, "budget.trials": 14}
+    reference = run(models, tmp_path / "reference", **overrides)
+    for after in (0, 1, 5, 6, 7, 11, 13):  # popsize 6: generation boundaries at 6 and 12; 13 is the last but one
+        run_dir = tmp_path / f"after{after}"
+        with pytest.raises(Interrupted):
+            run(models, run_dir, pool_class=interrupting_pool(after), **overrides)
+        assert _rows(run_dir / "ledger.sqlite") == after
+        assert resume(run_dir, evaluator_factory(models), progress=False) == reference
+        assert genomes(run_dir) == genomes(tmp_path / "reference")
+
+
+class LogitsEvaluator:
+    """-mean squared distance of the model's logits on fixed tokens to those of a target model (a function of the path)."""
+
+    def __init__(self, target: str):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.tokens = torch.arange(4, 20).reshape(2, 8)
+        with torch.no_grad():
+            self.target = AutoModelForCausalLM.from_pretrained(target)(self.tokens).logits
+
+    def evaluate(self, model, split: str) -> Evaluation:
+        import torch
+
+        with torch.no_grad():
+            distance = float(((model(self.tokens).logits - self.target) ** 2).mean())
+        return Evaluation(-distance, {"logits": {"metric": distance}})
+
+
+def test_a_data_flow_search_runs_layer_paths(models, tmp_path):
+    space = {"kind": "dfs", "models": [models["base"], models["experts"][0]], "repeats": 1, "scale": "slot"}
+    summary = run(models, tmp_path / "run", evaluator=lambda evaluation: LogitsEvaluator(models["experts"][0]),
+                  space=space, optimizer={"name": "random"}, **{"budget.trials": 6})
+    trials = Ledger(tmp_path / "run" / "ledger.sqlite").trials("search")
+    assert len(trials) == 6 and all(t.ok for t in trials) and len({t.recipe_hash for t in trials}) == 6
+    recipe = load_recipe(tmp_path / "run" / "best" / "recipe.yaml")
+    assert recipe.layers and {s.source for s in recipe.layers} <= {models["base"], models["experts"][0]}
+    assert summary.fitness["test"] == pytest.approx(max(t.fitness for t in trials), rel=1e-6)
+
+
+RESUMABLE = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_search_loop import evaluator_factory, experiment
+from evomerge.run.config import experiment_from_dict
+from evomerge.run.loop import search
+models = {models!r}
+search(experiment_from_dict(experiment(models)), {run_dir!r}, evaluator_factory(models, delay=0.15), progress=False)
+"""
+
+
+def test_resume_after_sigkill_mid_generation_equals_an_uninterrupted_run(models, tmp_path):
+    reference = run(models, tmp_path / "reference")
+    killed = tmp_path / "killed"
+    script = RESUMABLE.format(tests=str(Path(__file__).parent), models=models, run_dir=str(killed))
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while _rows(killed / "ledger.sqlite") < 9:  # popsize 6: candidate 8 is in the second generation
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 9 <= _rows(killed / "ledger.sqlite") < 12  # killed in the second generation
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(killed, corrupt)
+    (corrupt / "optimizer.pkl").write_bytes(b"\x80\x05not a pickle")
+
+    for run_dir in (killed, corrupt):
+        summary = resume(run_dir, evaluator_factory(models), progress=False)
+        assert genomes(run_dir) == genomes(tmp_path / "reference")
+        assert summary == reference
+        assert json.loads((run_dir / "best" / "scores.json").read_text()) == \
+            json.loads((tmp_path / "reference" / "best" / "scores.json").read_text())
+    assert "rebuilding the optimizer and replaying the ledger" in (corrupt / "logs" / "search.log").read_text()
+    assert not (killed / "logs" / "search.log").exists()  # resumed from optimizer.pkl
+
+
+def _rows(path: Path) -> int:
+    try:
+        with closing(sqlite3.connect(path)) as db:
+            return db.execute("SELECT count(*) FROM trials").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
+def test_run_dir_in_use_and_config_mismatch_are_refused(models, tmp_path):
+    with RunDir(tmp_path / "run"):
+        with pytest.raises(EvomergeError, match="run dir in use"):
+            run(models, tmp_path / "run", **{"budget.trials": 4})
+    run(models, tmp_path / "run", **{"budget.trials": 4})
+    changed = experiment_from_dict(experiment(models, seed=4, **{"budget.trials": 4}))
+    with pytest.raises(EvomergeError, match=r"different config \(seed: 3 -> 4\)"):
+        resume(tmp_path / "run", evaluator_factory(models), experiment=changed, progress=False)
+    with pytest.raises(EvomergeError, match="different config"):
+        search(changed, tmp_path / "run", evaluator_factory(models), progress=False)
+    # where the run runs may change on resume; the finished run is then only re-read
+    moved = experiment_from_dict(experiment(models, **{"budget.trials": 4, "workers.device": "cpu:0"}))
+    assert resume(tmp_path / "run", evaluator_factory(models), experiment=moved, progress=False).trials == 4
+
+
+def test_a_candidate_that_raises_is_recorded_failed_and_the_run_goes_on(models, tmp_path):
+    summary = run(models, tmp_path / "run", evaluator=evaluator_factory(models, fail_calls=(2,)), **{"budget.trials": 6})
+    trials = sorted(Ledger(tmp_path / "run" / "ledger.sqlite").trials("search"), key=lambda t: t.candidate)
+    assert [t.status for t in trials] == ["ok", "failed", "ok", "ok", "ok", "ok"]
+    assert trials[1].fitness is None and trials[1].error == "RuntimeError: boom"
+    assert summary.failed == 1 and summary.trials == 6 and summary.candidate != 1
+    assert "candidate 1 (search) failed: RuntimeError: boom" in (tmp_path / "run" / "logs" / "search.log").read_text()
+
+
+def test_experiment_errors_name_the_file_and_key(models, tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(experiment(models, workers={"num": 2, "gpus": 1})))
+    with pytest.raises(EvomergeError, match=r"exp.yaml: workers.gpus: unknown key"):
+        load_experiment(path)
+    path.write_text(yaml.safe_dump(experiment(models, budget={"trials": 0})))
+    with pytest.raises(EvomergeError, match=r"budget.trials: Input should be greater than or equal to 1"):
+        load_experiment(path)
+    path.write_text(yaml.safe_dump(experiment(models, optimizer={"name": "cmaes", "options": {"sigma": 0.1}})))
+    with pytest.raises(EvomergeError, match=r"optimizer.options.sigma: unknown option \(options of cmaes: sigma0, popsize\)"):
+        load_experiment(path)
+    path.write_text(yaml.safe_dump(experiment(models, optimizer={"name": "cma"})))
+    with pytest.raises(EvomergeError, match=r"optimizer.name: unknown optimizer 'cma'; did you mean 'cmaes'\?"):
+        load_experiment(path)
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(experiment(models)["space"]))
+    path.write_text(yaml.safe_dump(experiment(models, space={"include": "space.yaml", "bounds": {"weight": [1, 0]}})))
+    with pytest.raises(EvomergeError, match=r"exp.yaml: bounds: weight: low 1.0 must be below high 0.0"):
+        load_experiment(path)
+
+
+@pytest.mark.slow  # ~20-30 s on 2 busy cores: Ray and two worker processes start, and one is restarted
+def test_ray_pool_with_two_workers_matches_the_local_run(models, tmp_path):
+    pytest.importorskip("ray")
+    overrides = {"budget.trials": 8, "optimizer": {"name": "cmaes", "options": {"sigma0": 0.3, "popsize": 4}}}
+    local = run(models, tmp_path / "local", **overrides)
+    died = tmp_path / "died"
+    on_ray = run(models, tmp_path / "ray", evaluator=evaluator_factory(models, die_once=str(died)), **overrides,
+                 workers={"backend": "ray", "num": 2})
+    assert died.exists()  # a worker died mid-trial; it was replaced and its candidate retried
+    assert on_ray == local and genomes(tmp_path / "ray") == genomes(tmp_path / "local")
+    workers = {t.worker for t in Ledger(tmp_path / "ray" / "ledger.sqlite").trials("search")}
+    assert workers == {"ray-0", "ray-1"}
