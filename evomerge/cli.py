@@ -67,5 +67,80 @@ def merge(recipe, out, device, dtype, out_shard_size, seed, force, allow_nonfini
     click.echo(f"wrote {out} ({len(plan.tasks)} tensors, {plan.num_layers} layers)")
 
 
+def _evaluator_factory():
+    from evomerge.evaluate import evaluator_from_config
+
+    return evaluator_from_config
+
+
+def _print_summary(run_dir, summary) -> None:
+    fitness = ", ".join(f"{split} {value:.4f}" for split, value in summary.fitness.items() if value is not None)
+    click.echo(f"winner: trial {summary.candidate} ({fitness}); {summary.trials} trials, {summary.failed} failed")
+    click.echo(f"best recipe: {run_dir}/best/recipe.yaml   report: evomerge report {run_dir}")
+
+
+@main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False))
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="where the run's files go")
+@click.option("--ray-address", default=None, help="join a running Ray cluster (e.g. 127.0.0.1:6379)")
+@user_errors
+def search(experiment, run_dir, ray_address):
+    """Run the evolutionary search of EXPERIMENT (YAML) into RUN_DIR."""
+    from evomerge.run.config import load_experiment
+    from evomerge.run.loop import search as run_search
+
+    config = load_experiment(experiment)
+    if ray_address:
+        config = config.model_copy(update={"workers": config.workers.model_copy(
+            update={"backend": "ray", "ray_address": ray_address})})
+    _print_summary(run_dir, run_search(config, run_dir, _evaluator_factory()))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@user_errors
+def resume(run_dir):
+    """Continue the search in RUN_DIR from its files alone (after Ctrl-C, kill -9, a reboot or a lost node)."""
+    from evomerge.run.loop import resume as run_resume
+
+    _print_summary(run_dir, run_resume(run_dir, _evaluator_factory()))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["evomerge", "mergekit"]), default="evomerge", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="file to write (default: stdout)")
+@user_errors
+def export(run_dir, fmt, output):
+    """Write the winning recipe of RUN_DIR as evomerge or mergekit YAML (PS+DFS: a mergekit-multi document)."""
+    from pathlib import Path
+
+    from evomerge.export import export_text
+    from evomerge.recipe import load_recipe, write_text_atomic
+
+    best = Path(run_dir) / "best" / "recipe.yaml"
+    if not best.exists():
+        raise EvomergeError("no winner yet (best/recipe.yaml is written when the search budget is spent)", source=run_dir)
+    text, warnings = export_text(load_recipe(best), fmt)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if output:
+        write_text_atomic(output, text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@user_errors
+def report(run_dir):
+    """Write RUN_DIR/report/: fitness over trials, the winner's per-layer parameters and layer path, summary.md."""
+    from evomerge.report import write_report
+
+    out = write_report(run_dir)
+    click.echo(f"wrote {out}/summary.md")
+
+
 if __name__ == "__main__":
     main()

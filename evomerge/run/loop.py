@@ -275,6 +275,10 @@ class _Loop:
             run=self.experiment.name, trial=winner.candidate, fitness=fitness)
         self.rd.best.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, self.rd.best / "recipe.yaml")
+        from evomerge.export import export_text
+
+        mergekit_yaml, warnings = export_text(recipe, "mergekit")
+        write_text_atomic(self.rd.best / "recipe.mergekit.yaml", "".join(f"# warning: {w}\n" for w in warnings) + mergekit_yaml)
         summary = Summary(winner.candidate, winner.recipe_hash, fitness, len(searched), sum(not t.ok for t in searched))
         scores = {"candidate": winner.candidate, "recipe_hash": winner.recipe_hash, "fitness": fitness,
                   "scores": {self.split: winner.scores, "validation": validation[winner.candidate].scores if validation

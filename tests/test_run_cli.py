@@ -1,0 +1,73 @@
+"""`evomerge export` and `evomerge report` on a finished run; the exported YAML merges to the winner."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from evomerge.cli import main
+from evomerge.merge.materialize import merge_to_dir
+from evomerge.recipe import load_recipe
+from evomerge.run.config import experiment_from_dict
+from evomerge.run.loop import search
+from test_search_loop import evaluator_factory, experiment, models  # noqa: F401  (module fixture)
+
+
+@pytest.fixture(scope="module")
+def ps_run(models, tmp_path_factory):  # noqa: F811
+    run_dir = tmp_path_factory.mktemp("runs") / "ps"
+    doc = experiment(models, **{"budget.trials": 8, "workers.num": 1})
+    doc["space"] = {**doc["space"], "method": "ties", "search": ["weight", "density"], "layer_groups": 2,
+                    "bounds": {"weight": [0.0, 1.0], "density": [0.2, 1.0]}}
+    search(experiment_from_dict(doc), run_dir, evaluator_factory(models), progress=False)
+    return run_dir
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def tensors(path):
+    return load_file(path / "model.safetensors")
+
+
+@pytest.mark.parametrize("fmt", ["evomerge", "mergekit"])
+def test_exported_winner_merges_to_the_same_model(ps_run, tmp_path, fmt):
+    result = run("export", ps_run, "--format", fmt, "-o", tmp_path / "best.yaml")
+    assert result.exit_code == 0, result.output
+    assert run("merge", tmp_path / "best.yaml", tmp_path / "merged").exit_code == 0
+    merge_to_dir(load_recipe(ps_run / "best" / "recipe.yaml"), tmp_path / "reference", progress=False)
+    expected, got = tensors(tmp_path / "reference"), tensors(tmp_path / "merged")
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=0, rtol=0)
+    if fmt == "mergekit":
+        assert (tmp_path / "best.yaml").read_text().startswith("merge_method: ties")
+
+
+def test_mergekit_runs_the_exported_winner(ps_run, tmp_path):
+    pytest.importorskip("mergekit")
+    from mergekit_harness import load_dir, run_mergekit
+
+    run("export", ps_run, "--format", "mergekit", "-o", tmp_path / "best.yaml")
+    run_mergekit(tmp_path / "best.yaml", tmp_path / "mergekit")
+    merge_to_dir(load_recipe(ps_run / "best" / "recipe.yaml"), tmp_path / "ours", progress=False)
+    theirs, ours = load_dir(tmp_path / "mergekit"), tensors(tmp_path / "ours")
+    for name in ours:
+        torch.testing.assert_close(theirs[name], ours[name], atol=2e-5, rtol=1e-5)
+
+
+def test_report_writes_plots_and_summary(ps_run):
+    result = run("report", ps_run)
+    assert result.exit_code == 0, result.output
+    out = ps_run / "report"
+    for name in ("fitness.png", "parameters.png", "summary.md"):
+        assert (out / name).stat().st_size > 1000 or name == "summary.md", name
+    summary = (out / "summary.md").read_text()
+    assert "Trials: 8" in summary and "Median time per trial" in summary
+
+
+def test_export_and_report_refuse_a_dir_without_a_run(tmp_path):
+    for verb in ("export", "report"):
+        result = run(verb, tmp_path)
+        assert result.exit_code == 2 and result.output.startswith("error: ") and str(tmp_path) in result.output
