@@ -67,10 +67,13 @@ def merge(recipe, out, device, dtype, out_shard_size, seed, force, allow_nonfini
     click.echo(f"wrote {out} ({len(plan.tasks)} tensors, {plan.num_layers} layers)")
 
 
-def _evaluator_factory():
-    from evomerge.evaluate import evaluator_from_config
+def _evaluator_factory(experiment):
+    """lm-eval scoring with the tokenizer of the space's base model (the first model of a data-flow space)."""
+    from evomerge.run.evaluation import evaluator_factory
+    from evomerge.spaces import load_space_config, space_models
 
-    return evaluator_from_config
+    space = load_space_config(experiment.space, source=experiment.name)
+    return evaluator_factory(getattr(space, "base_model", None) or [m for m in space_models(space)][0])
 
 
 def _print_summary(run_dir, summary) -> None:
@@ -93,7 +96,7 @@ def search(experiment, run_dir, ray_address):
     if ray_address:
         config = config.model_copy(update={"workers": config.workers.model_copy(
             update={"backend": "ray", "ray_address": ray_address})})
-    _print_summary(run_dir, run_search(config, run_dir, _evaluator_factory()))
+    _print_summary(run_dir, run_search(config, run_dir, _evaluator_factory(config)))
 
 
 @main.command()
@@ -102,8 +105,9 @@ def search(experiment, run_dir, ray_address):
 def resume(run_dir):
     """Continue the search in RUN_DIR from its files alone (after Ctrl-C, kill -9, a reboot or a lost node)."""
     from evomerge.run.loop import resume as run_resume
+    from evomerge.run.rundir import RunDir
 
-    _print_summary(run_dir, run_resume(run_dir, _evaluator_factory()))
+    _print_summary(run_dir, run_resume(run_dir, _evaluator_factory(RunDir(run_dir).frozen())))
 
 
 @main.command()

@@ -44,6 +44,8 @@ class EvaluationConfig(_Schema):
     split: str = "search"
     limit: int | None = Field(None, ge=1)  # samples per task on the search split
     weights: dict[str, float] | None = None  # fitness = weighted mean over tasks; None: plain mean
+    task_dirs: list[str] = Field(default_factory=list)  # user lm-eval task dirs, besides evomerge's evals/
+    network: bool = False  # allow lm-eval's built-in tasks (their data is downloaded: needs network)
 
 
 class WorkersConfig(_Schema):
