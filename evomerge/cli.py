@@ -67,6 +67,58 @@ def merge(recipe, out, device, dtype, out_shard_size, seed, force, allow_nonfini
     click.echo(f"wrote {out} ({len(plan.tasks)} tensors, {plan.num_layers} layers)")
 
 
+@main.group()
+def zoo():
+    """The toy model zoo: a base, skill experts, a distractor and a multi-task reference, trained here on CPU."""
+
+
+@zoo.command("build")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--size", type=click.Choice(["tiny", "default"]), default="default", show_default=True)
+@user_errors
+def zoo_build(out, seed, size):
+    """Train the zoo into OUT (ordinary Hugging Face model dirs and a zoo.json manifest); deterministic by seed."""
+    from evomerge.zoo.build import build_zoo
+
+    build_zoo(out, seed=seed, size=size)
+
+
+def _load_target(target: str):
+    """A model dir, or a recipe (merged into a temp dir first)."""
+    from pathlib import Path
+
+    from evomerge.evaluate.table import load_model_dir
+
+    if Path(target).is_file():
+        import tempfile
+
+        from evomerge.merge.materialize import merge_to_dir
+        from evomerge.recipe import load_recipe
+
+        with tempfile.TemporaryDirectory() as tmp:
+            merge_to_dir(load_recipe(target), Path(tmp) / "merged", source=target, progress=False)
+            return load_model_dir(Path(tmp) / "merged")
+    return load_model_dir(target)
+
+
+@main.command("eval")
+@click.argument("targets", nargs=-1, required=True)
+@click.option("--tasks", required=True, help="comma-separated lm-eval tasks or groups (evomerge's: toy, toy_gen, ...)")
+@click.option("--split", default="test", show_default=True, help="search, validation or test")
+@click.option("--limit", type=int, default=None, help="score only the first N documents of each task")
+@click.option("--task-dir", "task_dirs", multiple=True, help="a directory of your own lm-eval task YAMLs")
+@click.option("--network", is_flag=True, help="allow lm-eval's built-in tasks (downloads their data)")
+@click.option("--output-json", type=click.Path(dir_okay=False), default=None)
+@user_errors
+def evaluate(targets, tasks, split, limit, task_dirs, network, output_json):
+    """Score model dirs or recipes (TARGETS) on lm-eval tasks: per-task scores, 95% CIs, chance levels."""
+    from evomerge.evaluate.table import evaluate_targets
+
+    evaluate_targets(list(targets), tasks.split(","), split=split, limit=limit, task_dirs=task_dirs, network=network,
+                     load=_load_target, output_json=output_json, echo=click.echo)
+
+
 def _evaluator_factory(experiment):
     """lm-eval scoring with the tokenizer of the space's base model (the first model of a data-flow space)."""
     from evomerge.run.evaluation import evaluator_factory
