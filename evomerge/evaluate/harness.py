@@ -1,0 +1,147 @@
+"""lm-eval over a live model: tasks are loaded once, then `evaluate(model)` runs as often as the weights change.
+
+    ev = HarnessEvaluator(["toy"], tokenizer, split="search")      # once per worker: task index, datasets, split
+    for recipe in candidates:
+        materializer.apply(recipe)                                   # weights change in place
+        result = ev.evaluate(model)                                  # EvalResult: scores, fitness, status
+
+lm-eval's HFLM wraps the model object itself (no copy), so every call scores the current weights; HFLM keeps no
+logits across calls (tests/test_evaluate.py checks this). lm-eval's logs go to the `lm_eval` logger, not the console.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import time
+from dataclasses import replace
+from typing import Mapping, Sequence
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluate.result import EvalResult, TaskScore, weighted_fitness
+from evomerge.evaluate.tasks import load_tasks, select_split
+
+log = logging.getLogger(__name__)
+
+PROPORTIONS = {"acc", "acc_norm", "exact_match"}  # metrics whose per-document values are 0 or 1
+
+
+class HarnessEvaluator:
+    """Scores a live causal LM on lm-eval tasks; fitness = weighted mean of each task's primary metric.
+
+    tasks: task, group or tag names from evals/, `task_dirs`, or (network=True) lm-eval's built-in tasks.
+    split: "search" | "validation" | "test" (any split the tasks' data has); None = each task's own test split.
+    limit: score only the first `limit` documents of each task.
+    weights: {task or group: weight}; a group's weight is shared equally by its tasks, tasks left out weigh 0.
+        None: every task weighs 1.
+    """
+
+    def __init__(self, tasks: Sequence[str], tokenizer, *, split: str | None = "search", limit: int | None = None,
+                 weights: Mapping[str, float] | None = None, task_dirs: Sequence[str] = (), network: bool = False,
+                 batch_size: int = 64):
+        if limit is not None and limit < 1:
+            raise EvomergeError(f"limit must be >= 1, got {limit}", key="limit")
+        self.split, self.limit, self.tokenizer, self.batch_size = split, limit, tokenizer, batch_size
+        self.task_dict = load_tasks(tasks, task_dirs, network=network)
+        self.tasks = dict(self.task_dict["tasks"])  # leaf name -> lm-eval Task
+        self.sizes = {name: min(select_split(task, split), limit or math.inf) for name, task in self.tasks.items()}
+        self.chance = {name: chance_level(task, limit) for name, task in self.tasks.items()}
+        self.weights = self._leaf_weights(weights)
+        self._lm = None
+
+    def evaluate(self, model, tokenizer=None) -> EvalResult:
+        """Score the model's current weights (with `tokenizer`, default the evaluator's). Errors inside lm-eval or
+        the model become a failed EvalResult."""
+        start = time.perf_counter()
+        try:
+            raw = self._run(model, tokenizer or self.tokenizer)
+            scores = {name: self._score(name, raw) for name in self.tasks}
+        except Exception as err:  # noqa: BLE001 - a failed candidate is a value (style item 7)
+            log.warning("evaluation failed: %s: %s", type(err).__name__, err)
+            return EvalResult.failed(f"{type(err).__name__}: {err}", seconds=time.perf_counter() - start)
+        return replace(weighted_fitness(scores, self.weights), seconds=time.perf_counter() - start)
+
+    def _run(self, model, tokenizer) -> dict:
+        import torch
+        from lm_eval import evaluator
+
+        lm = self._lm_for(model, tokenizer)
+        _check_finite(model, tokenizer)
+        # lm-eval draws tqdm bars on stderr: keep them off the console, in the log at debug level.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()) as noise:
+            raw = evaluator.evaluate(lm, self.task_dict, limit=self.limit, bootstrap_iters=1000, log_samples=False)
+        log.debug("lm-eval: %s", noise.getvalue()[-2000:])
+        return raw
+
+    def _lm_for(self, model, tokenizer):
+        """One HFLM per (model, tokenizer) object pair (cheap: it wraps the objects). A new pair gets a new wrapper."""
+        if self._lm is None or self._lm.model is not model or self._lm.tokenizer is not tokenizer:
+            from lm_eval.models.huggingface import HFLM
+
+            with contextlib.redirect_stderr(io.StringIO()):
+                self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size,
+                                max_length=getattr(model.config, "max_position_embeddings", None))
+            model.eval()
+        return self._lm
+
+    def _score(self, name: str, raw: dict) -> TaskScore:
+        task, values = self.tasks[name], raw["results"][name]
+        metric = primary_metric(task, values)
+        key = next(k for k in values if k.split(",")[0] == metric and "_stderr" not in k)
+        stderr = values.get(key.replace(",", "_stderr,", 1))
+        return TaskScore(task=name, metric=metric, value=float(values[key]), n=int(raw["n-samples"][name]["effective"]),
+                         stderr=float(stderr) if isinstance(stderr, (int, float)) else None, chance=self.chance[name],
+                         higher_is_better=bool(raw["higher_is_better"][name].get(metric, True)),
+                         proportion=metric in PROPORTIONS)
+
+    def _leaf_weights(self, weights: Mapping[str, float] | None) -> dict[str, float]:
+        if weights is None:
+            return {name: 1.0 for name in self.tasks}
+        leaves: dict[str, float] = {}
+        for name, weight in weights.items():
+            members = self._leaves_of(name)
+            if not members:
+                raise EvomergeError(f"weight for {name!r}, which is not among the evaluated tasks "
+                                    f"({', '.join(self.tasks)})", key="weights")
+            for member in members:
+                leaves[member] = leaves.get(member, 0.0) + weight / len(members)
+        if sum(leaves.values()) <= 0:
+            raise EvomergeError("task weights sum to zero", key="weights")
+        return leaves
+
+    def _leaves_of(self, name: str) -> list[str]:
+        if name in self.tasks:
+            return [name]
+        children = self.task_dict["group_map"].get(name, [])
+        return [leaf for child in children for leaf in self._leaves_of(child)]
+
+
+def _check_finite(model, tokenizer) -> None:
+    """NaN/inf weights give NaN log-likelihoods, which lm-eval's argmax turns into plausible-looking accuracies."""
+    import torch
+
+    ids = torch.tensor([tokenizer("a")["input_ids"]], device=model.device)
+    if not torch.isfinite(model(input_ids=ids).logits).all():
+        raise FloatingPointError("model outputs non-finite logits (NaN/inf weights?)")
+
+
+def primary_metric(task, values: Mapping[str, object] | None = None) -> str:
+    """The first metric of the task's metric_list (lm-eval's default for its output type when it has none)."""
+    metrics = task.config.metric_list or []
+    if metrics:
+        return metrics[0]["metric"]
+    return next(k.split(",")[0] for k in values or {} if k != "alias" and "_stderr" not in k)
+
+
+def chance_level(task, limit: int | None = None) -> float | None:
+    """Uniform guessing: `metadata.chance` when the task states it, else mean 1/#choices for multiple choice."""
+    stated = (task.config.metadata or {}).get("chance")
+    if stated is not None:
+        return float(stated)
+    if task.config.output_type != "multiple_choice":
+        return None
+    docs = task.eval_docs
+    docs = [docs[i] for i in range(min(len(docs), limit or len(docs)))]
+    return sum(1.0 / len(task.doc_to_choice(doc)) for doc in docs) / len(docs)

@@ -1,0 +1,86 @@
+"""What one evaluation returns: per-task scores with uncertainty and chance level, the fitness, and a status.
+
+Failures are values (style item 7): an exception or a non-finite fitness gives status "failed", fitness NaN, and the
+error text; `EvalResult.ok` is False, so a search can record it and never rank it best.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_ci(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion p observed over n trials (sound at p = 0 or 1, unlike p +- z*se)."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    lo, hi = center - half, center + half
+    return (0.0 if lo < 1e-12 else lo, 1.0 if hi > 1 - 1e-12 else hi)  # exact ends at p = 0 and p = 1
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One task's primary metric. `chance` is the score of uniform guessing (None when it has no closed form)."""
+
+    task: str
+    metric: str
+    value: float
+    n: int
+    stderr: float | None = None
+    chance: float | None = None
+    higher_is_better: bool = True
+    proportion: bool = True  # per-document values are 0/1 (acc, exact_match): Wilson interval
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        if self.proportion:
+            return wilson_ci(self.value, self.n)
+        if self.stderr is None:
+            return (math.nan, math.nan)
+        return (self.value - Z95 * self.stderr, self.value + Z95 * self.stderr)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ci95": list(self.ci95)}
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    scores: dict[str, TaskScore] = field(default_factory=dict)
+    fitness: float = math.nan
+    status: Literal["ok", "failed"] = "ok"
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @classmethod
+    def failed(cls, error: str, scores: dict[str, TaskScore] | None = None, seconds: float = 0.0) -> "EvalResult":
+        return cls(scores=scores or {}, fitness=math.nan, status="failed", error=error, seconds=seconds)
+
+    def metrics(self) -> dict[str, float]:
+        """{task: value}: the flat view a ledger stores."""
+        return {task: s.value for task, s in self.scores.items()}
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "error": self.error, "fitness": self.fitness, "seconds": self.seconds,
+                "scores": {task: s.to_dict() for task, s in self.scores.items()}}
+
+
+def weighted_fitness(scores: dict[str, TaskScore], weights: dict[str, float]) -> EvalResult:
+    """Fitness = sum_t w_t * score_t / sum_t w_t over the weighted tasks; NaN anywhere -> a failed result."""
+    missing = sorted(set(weights) - set(scores))
+    if missing:
+        return EvalResult.failed(f"no score for weighted task(s) {', '.join(missing)}", scores)
+    total = sum(weights.values())
+    fitness = sum(w * scores[t].value for t, w in weights.items()) / total if total > 0 else math.nan
+    if not math.isfinite(fitness):
+        bad = [t for t in weights if not math.isfinite(scores[t].value)]
+        return EvalResult.failed(f"non-finite score on {', '.join(bad) or 'fitness'}", scores)
+    return EvalResult(scores=scores, fitness=fitness)

@@ -1,0 +1,111 @@
+"""`evomerge eval TARGET... --tasks toy`: score several models on the same tasks, print a table, write JSON.
+
+A target is a Hugging Face model dir by default; `load` (a callable target -> (model, tokenizer)) lets the CLI pass
+recipes too (materialized into a live model). Tasks are loaded once and reused for every target.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluate.harness import HarnessEvaluator
+from evomerge.evaluate.result import EvalResult
+
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def load_model_dir(path: str | os.PathLike, *, device: str = "cpu", dtype=None):
+    """(model, tokenizer) from a Hugging Face model dir; a missing dir or tokenizer is a one-line EvomergeError."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise EvomergeError("not a model directory (no config.json)", source=str(path))
+    if not any((path / f).is_file() for f in _VOCAB_FILES):
+        raise EvomergeError(f"model has no tokenizer (none of {', '.join(_VOCAB_FILES)}); copy the base model's "
+                            f"tokenizer files in, or set tokenizer_source in the recipe", source=str(path))
+    from transformers.utils import logging as hf_logging
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar between the table's lines
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+    finally:
+        hf_logging.enable_progress_bar()
+    return model.eval(), tokenizer
+
+
+def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str | None = "test",
+                     limit: int | None = None, task_dirs: Sequence[str] = (), network: bool = False,
+                     load: Callable[[str], tuple[object, object]] | None = None,
+                     output_json: str | os.PathLike | None = None, echo: Callable[[str], None] | None = print) -> dict:
+    """Evaluate every target on `tasks`; returns (and optionally writes) {split, tasks, chance, results}."""
+    load = load or load_model_dir
+    evaluator, results = None, []
+    for target in targets:
+        model, tokenizer = load(target)
+        if evaluator is None:
+            evaluator = HarnessEvaluator(tasks, tokenizer, split=split, limit=limit, task_dirs=task_dirs,
+                                         network=network)
+        result = evaluator.evaluate(model, tokenizer=tokenizer)
+        results.append({"target": str(target), **result.to_dict()})
+        if echo:
+            echo(f"{target}: {_summary(result)}")
+        del model
+    report = {"split": split, "limit": limit, "tasks": list(evaluator.tasks), "n": evaluator.sizes,
+              "chance": evaluator.chance, "results": results}
+    if output_json:
+        Path(output_json).write_text(json.dumps(report, indent=2) + "\n")
+    if echo:
+        echo(format_table(report))
+    return report
+
+
+def format_table(report: dict, markdown: bool = False) -> str:
+    """Targets as rows, tasks as columns: 'score [95% CI]', then a chance row; fitness = mean of the tasks."""
+    tasks = report["tasks"]
+    prefix = os.path.commonprefix(tasks) if len(tasks) > 1 else ""
+    header = ["model", *(t[len(prefix):] or t for t in tasks), "mean"]
+    rows = []
+    for r in report["results"]:
+        if r["status"] != "ok":
+            rows.append([r["target"], f"failed: {r['error']}"] + [""] * (len(tasks) - 1) + [""])
+            continue
+        cells = []
+        for t in tasks:
+            s = r["scores"][t]
+            lo, hi = s["ci95"]
+            cells.append(f"{s['value']:.2f} [{lo:.2f},{hi:.2f}]" if not math.isnan(lo) else f"{s['value']:.3f}")
+        rows.append([_short(r["target"]), *cells, f"{r['fitness']:.3f}"])
+    chance = [report["chance"].get(t) for t in tasks]
+    rows.append(["chance", *("-" if c is None else f"{c:.2f}" if c >= 0.01 else f"{c:.0e}" for c in chance),
+                 "-" if None in chance else f"{sum(chance) / len(chance):.3f}"])
+    note = f"split={report['split']}, n={_sizes(report['n'])}, 95% Wilson intervals"
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines) + f"\n\n{note}"
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), *map(fmt, rows), note])
+
+
+def _summary(result: EvalResult) -> str:
+    if not result.ok:
+        return f"failed: {result.error}"
+    return f"fitness {result.fitness:.3f} ({result.seconds:.1f}s)"
+
+
+def _short(target: str) -> str:
+    path = Path(target)
+    return path.name if path.name else target
+
+
+def _sizes(n: dict) -> str:
+    values = sorted(set(n.values()))
+    return str(values[0]) if len(values) == 1 else "/".join(map(str, values))

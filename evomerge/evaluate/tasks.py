@@ -1,0 +1,100 @@
+"""Finding and loading lm-eval tasks: evomerge's own `evals/` dir, user task dirs, and (when asked) lm-eval's built-ins.
+
+Every failure a user can cause (unknown name, missing data file, unknown or empty split) becomes a one-line
+EvomergeError that names the task and the file or split.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+from evomerge.errors import EvomergeError, did_you_mean
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("search", "validation", "test")
+
+
+def evals_dir() -> Path:
+    """evomerge's task dir: $EVOMERGE_EVALS, else `evals/` beside the package (a checkout or an editable install)."""
+    return Path(os.environ.get("EVOMERGE_EVALS") or Path(__file__).resolve().parents[2] / "evals")
+
+
+def quiet_lm_eval() -> None:
+    """lm-eval logs to the `lm_eval` logger; without a handler Python would print its warnings on the console.
+
+    A NullHandler stops that, and records still propagate to whatever log file the application configured.
+    """
+    logger = logging.getLogger("lm_eval")
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
+
+
+def task_manager(task_dirs: Sequence[str | os.PathLike] = (), include_defaults: bool = False):
+    from lm_eval.tasks import TaskManager
+
+    quiet_lm_eval()
+    paths = [evals_dir(), *map(Path, task_dirs)]
+    for path in paths[1:]:
+        if not path.is_dir():
+            raise EvomergeError("task dir does not exist", source=str(path))
+    return TaskManager(include_defaults=include_defaults, include_path=[str(p) for p in paths if p.is_dir()])
+
+
+def load_tasks(names: Sequence[str], task_dirs: Sequence[str | os.PathLike] = (), *, network: bool = False) -> dict:
+    """lm-eval's task dict {tasks, groups, group_map} for `names` (tasks, groups or tags).
+
+    Names are looked up in evals/ and `task_dirs` first. Only with `network=True` does a name found nowhere else fall
+    back to lm-eval's built-in tasks (their datasets come from the Hugging Face Hub, so this needs network access).
+    """
+    if not names:
+        raise EvomergeError("no tasks given", key="tasks")
+    manager = task_manager(task_dirs)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown and network:
+        manager = task_manager(task_dirs, include_defaults=True)
+        unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        hint = "" if network else " (lm-eval's built-in tasks need network=True / --network)"
+        raise EvomergeError(f"unknown task {unknown[0]!r}{hint}; {did_you_mean(unknown[0], manager.all_tasks)}",
+                            key="tasks")
+    try:
+        return manager.load(list(names))
+    except FileNotFoundError as err:
+        missing = err.filename or str(err)
+        raise EvomergeError(f"data file missing: {missing}", source=_task_file(manager, names), key="tasks") from None
+    except Exception as err:  # a malformed YAML, a dataset that cannot be fetched: name the task, keep one line
+        raise EvomergeError(f"cannot load task(s) {', '.join(names)}: {type(err).__name__}: {_first_line(err)}",
+                            source=_task_file(manager, names), key="tasks") from None
+
+
+def select_split(task, split: str | None) -> int:
+    """Point `task` at `split` (None: the task's own test split) and return its number of documents."""
+    name = task.config.task
+    if split is not None:
+        available = list(task.dataset.keys()) if hasattr(task.dataset, "keys") else []
+        if split not in available:
+            raise EvomergeError(f"task {name} has no split {split!r} (available: {', '.join(available) or 'none'})",
+                                key="split")
+        task.config.test_split = split
+    n = len(task.eval_docs)
+    if n == 0:
+        raise EvomergeError(f"task {name}: split {task.config.test_split or task.config.validation_split!r} is empty",
+                            key="split")
+    return n
+
+
+def _task_file(manager, names: Sequence[str]) -> str | None:
+    for name in names:
+        entry = manager.task_index.get(name)
+        if entry is not None and getattr(entry, "yaml_path", None):
+            return str(entry.yaml_path)
+    return None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""

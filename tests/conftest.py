@@ -1,0 +1,23 @@
+"""Shared fixtures. Keep this file small and generic: fixtures used by one test file belong in that file."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _datasets_cache_in_tmp(tmp_path_factory):
+    """The datasets cache in a temp dir: tests never write under ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets_cache")))
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """A tiny toy zoo (evomerge.zoo, --size tiny, seed 0), built once per test session: base/, expert_*/, multitask/."""
+    from evomerge.zoo.build import build_zoo
+
+    out = tmp_path_factory.mktemp("zoo") / "tiny"
+    build_zoo(out, seed=0, size="tiny", log=None)
+    return out

@@ -1,0 +1,190 @@
+"""Evaluation: result arithmetic, the lm-eval adapter over live models (known answers, in-place re-evaluation),
+the table, the cheap evaluator, and the one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluate.harness import HarnessEvaluator
+from evomerge.evaluate.proximity import ProximityEvaluator
+from evomerge.evaluate.result import TaskScore, weighted_fitness, wilson_ci
+from evomerge.evaluate.table import evaluate_targets, format_table, load_model_dir
+from evomerge.zoo.train import quick_accuracy
+
+TOY = Path(__file__).resolve().parents[1] / "evals" / "toy"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_zoo):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_zoo / "base")
+
+
+@pytest.fixture(scope="module")
+def digits_evaluator(tokenizer):
+    return HarnessEvaluator(["toy_digits", "toy_digits_gen"], tokenizer, split="search")
+
+
+def _model(zoo: Path, name: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(zoo / name).eval()
+
+
+def test_wilson_interval_known_values():
+    # z = 1.96: 50/100 -> [0.4038, 0.5962]; 0/10 -> [0, 0.2775]; 10/10 -> [0.7225, 1]
+    assert wilson_ci(0.5, 100) == pytest.approx((0.40383, 0.59617), abs=1e-5)
+    assert wilson_ci(0.0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
+    assert wilson_ci(1.0, 10) == pytest.approx((0.72247, 1.0), abs=1e-5)
+
+
+def test_weighted_fitness_and_failures():
+    scores = {t: TaskScore(task=t, metric="acc", value=v, n=100) for t, v in [("a", 0.5), ("b", 0.8), ("c", 0.2)]}
+    result = weighted_fitness(scores, {"a": 1.0, "b": 3.0})
+    assert result.ok and result.fitness == pytest.approx((0.5 + 3 * 0.8) / 4)
+    nan = dict(scores, b=TaskScore(task="b", metric="acc", value=math.nan, n=100))
+    failed = weighted_fitness(nan, {"a": 1.0, "b": 1.0})
+    assert failed.status == "failed" and math.isnan(failed.fitness) and "non-finite score on b" in failed.error
+    assert weighted_fitness(nan, {"a": 1.0}).ok  # an unweighted NaN is reported, not fatal
+
+
+def test_lm_eval_scores_equal_an_independent_computation(tiny_zoo, digits_evaluator):
+    """The adapter's accuracy equals the zoo's own two-forward-pass scorer on the same documents, and the expert beats
+    chance on its own skill (a known answer: it was trained for it)."""
+    model = _model(tiny_zoo, "expert_digits")
+    result = digits_evaluator.evaluate(model)
+    em, mc = quick_accuracy(model, "digits", split="search", n=100)
+    acc, exact = result.scores["toy_digits"], result.scores["toy_digits_gen"]
+    assert (acc.value, exact.value) == pytest.approx((mc, em))
+    assert acc.n == exact.n == 100 and acc.chance == 0.25 and exact.chance == pytest.approx(0.001)
+    assert acc.ci95[0] > acc.chance  # well above chance, beyond the 95% interval
+    assert result.fitness == pytest.approx((acc.value + exact.value) / 2)
+
+
+def test_in_place_weight_changes_are_re_evaluated(tiny_zoo, digits_evaluator):
+    model = _model(tiny_zoo, "base")
+    before = digits_evaluator.evaluate(model).metrics()
+    expert = _model(tiny_zoo, "expert_digits").state_dict()
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            p.copy_(expert[name])
+    after = digits_evaluator.evaluate(model).metrics()
+    assert after != before
+    assert after == digits_evaluator.evaluate(_model(tiny_zoo, "expert_digits")).metrics()
+
+
+def test_split_limit_and_weights(tokenizer, tiny_zoo):
+    ev = HarnessEvaluator(["toy"], tokenizer, split="validation", limit=7, weights={"toy_cipher": 2, "toy_reverse": 1})
+    assert ev.sizes == {"toy_cipher": 7, "toy_reverse": 7, "toy_digits": 7}
+    assert ev.weights == {"toy_cipher": 2.0, "toy_reverse": 1.0}
+    result = ev.evaluate(_model(tiny_zoo, "multitask"))
+    s = result.scores
+    assert all(x.n == 7 for x in s.values())
+    assert result.fitness == pytest.approx((2 * s["toy_cipher"].value + s["toy_reverse"].value) / 3)
+    group = HarnessEvaluator(["toy"], tokenizer, weights={"toy": 3.0})
+    assert group.weights == {"toy_cipher": 1.0, "toy_reverse": 1.0, "toy_digits": 1.0}
+
+
+def test_evaluation_is_quiet(tiny_zoo, digits_evaluator, capfd):
+    model = _model(tiny_zoo, "base")
+    capfd.readouterr()  # transformers' loading bar is not ours
+    digits_evaluator.evaluate(model)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_a_model_that_raises_is_a_failed_result(digits_evaluator, tiny_zoo):
+    model = _model(tiny_zoo, "base")
+    with torch.no_grad():
+        model.model.embed_tokens.weight.fill_(math.nan)
+    result = digits_evaluator.evaluate(model)
+    # lm-eval's argmax over NaN log-likelihoods would still give an accuracy: the adapter must refuse it
+    assert result.status == "failed" and math.isnan(result.fitness) and "non-finite logits" in result.error
+
+
+def test_table_and_json(tiny_zoo, tmp_path):
+    out = tmp_path / "scores.json"
+    report = evaluate_targets([str(tiny_zoo / "base"), str(tiny_zoo / "expert_digits")], ["toy_digits"],
+                              split="test", limit=20, output_json=out, echo=None)
+    saved = json.loads(out.read_text())
+    assert saved["split"] == "test" and saved["tasks"] == ["toy_digits"] and saved["chance"] == {"toy_digits": 0.25}
+    assert [r["target"] for r in saved["results"]] == [str(tiny_zoo / "base"), str(tiny_zoo / "expert_digits")]
+    assert all(r["scores"]["toy_digits"]["n"] == 20 for r in saved["results"])
+    table = format_table(report)
+    assert "expert_digits" in table and "chance" in table and "0.25" in table
+    assert format_table(report, markdown=True).startswith("| model | toy_digits | mean |")
+
+
+def test_proximity_evaluator_known_values():
+    model = torch.nn.Linear(2, 1, bias=False)
+    ref = {"weight": torch.tensor([[0.0, 0.0]])}
+    ev = ProximityEvaluator({"a": {"weight": torch.tensor([[1.0, 0.0]])}, "b": {"weight": torch.tensor([[0.0, 2.0]])}},
+                            reference=ref)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0]]))
+    r = ev.evaluate(model)
+    # at a: score_a = exp(0) = 1; score_b = exp(-(1 + 4) / 4)
+    assert r.scores["a"].value == 1.0 and r.scores["b"].value == pytest.approx(math.exp(-5 / 4))
+    assert r.fitness == pytest.approx((1 + math.exp(-5 / 4)) / 2)
+    with torch.no_grad():
+        model.weight.fill_(math.nan)
+    assert ev.evaluate(model).status == "failed"
+
+
+# --- bad input: one line, naming the task or file ---------------------------------------------------------------
+
+def test_unknown_task(tokenizer):
+    with pytest.raises(EvomergeError, match=r"unknown task 'toy_cipher_gne'.*did you mean 'toy_cipher_gen'"):
+        HarnessEvaluator(["toy_cipher_gne"], tokenizer)
+
+
+def _task_dir(tmp_path: Path, skill: str, rows: dict[str, int] | None) -> Path:
+    """A user task dir holding a copy of the toy loader, one task over `skill`, and data files with `rows` lines."""
+    d = tmp_path / "tasks"
+    (d / "data").mkdir(parents=True)
+    shutil.copy(TOY / "toy_data.py", d)
+    shutil.copy(TOY / "_toy_choice_template", d)
+    (d / "mine.yaml").write_text(f"include: _toy_choice_template\ntask: mine\ndataset_kwargs:\n  skill: {skill}\n")
+    line = (TOY / "data" / "digits_test.jsonl").read_text().splitlines()[0] + "\n"
+    for split, n in (rows or {}).items():
+        (d / "data" / f"{skill}_{split}.jsonl").write_text(line * n)
+    return d
+
+
+def test_missing_data_file(tmp_path, tokenizer):
+    d = _task_dir(tmp_path, "nothing", rows=None)
+    with pytest.raises(EvomergeError, match=r"mine\.yaml.*data file missing: .*nothing_search\.jsonl"):
+        HarnessEvaluator(["mine"], tokenizer, task_dirs=[str(d)])
+
+
+def test_empty_and_unknown_split(tmp_path, tokenizer):
+    d = _task_dir(tmp_path, "few", rows={"search": 0, "validation": 3, "test": 3})
+    with pytest.raises(EvomergeError, match="task mine: split 'search' is empty"):
+        HarnessEvaluator(["mine"], tokenizer, task_dirs=[str(d)], split="search")
+    with pytest.raises(EvomergeError, match=r"task mine has no split 'train' \(available: search, validation, test\)"):
+        HarnessEvaluator(["mine"], tokenizer, task_dirs=[str(d)], split="train")
+    assert HarnessEvaluator(["mine"], tokenizer, task_dirs=[str(d)], split="test").sizes == {"mine": 3}
+
+
+def test_missing_task_dir(tokenizer, tmp_path):
+    with pytest.raises(EvomergeError, match="task dir does not exist"):
+        HarnessEvaluator(["toy"], tokenizer, task_dirs=[str(tmp_path / "nope")])
+
+
+def test_model_without_tokenizer(tiny_zoo, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_zoo / "base" / f, bare / f)
+    with pytest.raises(EvomergeError, match=r"bare: model has no tokenizer"):
+        load_model_dir(bare)
+    with pytest.raises(EvomergeError, match="not a model directory"):
+        load_model_dir(tmp_path)

@@ -1,0 +1,46 @@
+"""The fast kernels against plain references on tensors large enough to take the fast paths (> 2**15 entries)."""
+
+import pytest
+import torch
+
+from evomerge.merge.methods import _top_variance
+from evomerge.merge.sparsify import kth_largest, kth_smallest, magnitude
+
+N = 3 * 2**15 + 7  # above the radix-select cut-over, not a power of two
+
+
+def cases():
+    g = torch.Generator().manual_seed(0)
+    yield "randn", torch.randn(N, generator=g).abs()
+    yield "ties", torch.randint(0, 4, (N,), generator=g).float()  # every k lands inside a block of ties
+    yield "zeros", torch.zeros(N)
+    yield "subnormal", torch.rand(N, generator=g) * 1e-40
+    yield "nan_inf", torch.cat([torch.randn(N - 4, generator=g).abs(), torch.tensor([float("inf"), float("nan"), 0.0, 7.0])])
+    yield "float64", torch.randn(N, dtype=torch.float64, generator=g).abs()
+    yield "bfloat16", torch.randn(N, generator=g).abs().bfloat16()
+    yield "2d", torch.randn(300, 400, generator=g).abs()
+
+
+@pytest.mark.parametrize("name,values", list(cases()))
+def test_kth_smallest_is_kthvalue(name, values):
+    flat = values.reshape(-1).float() if values.dtype == torch.bfloat16 else values.reshape(-1)
+    for k in (1, 2, values.numel() // 3, values.numel() // 2 + 1, values.numel() - 1, values.numel()):
+        got, expected = kth_smallest(values, k), torch.kthvalue(flat, k).values
+        assert got.shape == () and got.dtype == flat.dtype
+        assert (got.isnan() and expected.isnan()) or got.item() == expected.item(), (name, k)
+    torch.testing.assert_close(kth_largest(values, 1), kth_smallest(values, values.numel()), rtol=0, atol=0, equal_nan=True)
+
+
+def test_magnitude_keeps_every_tie_at_the_threshold_on_large_tensors():
+    d = torch.randint(-3, 4, (N,), generator=torch.Generator().manual_seed(1)).float()
+    kept = magnitude(d, 0.5)
+    threshold = d.abs().sort(descending=True).values[int(0.5 * N) - 1]  # the k-th largest |d|
+    assert kept.equal(d.abs() >= threshold) and kept.sum() > int(0.5 * N)
+
+
+def test_top_variance_selects_the_largest_population_variances():
+    tau = torch.randn(3, 200, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    var = tau.var(0, unbiased=False)
+    k = int(var.numel() * 0.3)
+    expected = var >= var.reshape(-1).sort(descending=True).values[k - 1]
+    assert _top_variance(tau, 0.3).equal(expected)
