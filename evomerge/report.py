@@ -140,7 +140,7 @@ def write_report(run_dir: str | Path) -> Path:
             lines += ["![path](path.png)", ""]
     scores_file = run_dir / "best" / "scores.json"
     if scores_file.exists():
-        lines += ["## Winner", ""] + _scores_table(json.loads(scores_file.read_text())) + [""]
+        lines += ["## Winner", ""] + _scores_table(json.loads(scores_file.read_text()).get("scores", {})) + [""]
     lines += ["![fitness](fitness.png)", ""]
     (out / "summary.md").write_text("\n".join(lines))
     return out
