@@ -110,13 +110,14 @@ def _load_target(target: str):
 @click.option("--task-dir", "task_dirs", multiple=True, help="a directory of your own lm-eval task YAMLs")
 @click.option("--network", is_flag=True, help="allow lm-eval's built-in tasks (downloads their data)")
 @click.option("--output-json", type=click.Path(dir_okay=False), default=None)
+@click.option("--output-md", type=click.Path(dir_okay=False), default=None, help="also write the table as Markdown")
 @user_errors
-def evaluate(targets, tasks, split, limit, task_dirs, network, output_json):
+def evaluate(targets, tasks, split, limit, task_dirs, network, output_json, output_md):
     """Score model dirs or recipes (TARGETS) on lm-eval tasks: per-task scores, 95% CIs, chance levels."""
     from evomerge.evaluate.table import evaluate_targets
 
     evaluate_targets(list(targets), tasks.split(","), split=split, limit=limit, task_dirs=task_dirs, network=network,
-                     load=_load_target, output_json=output_json, echo=click.echo)
+                     load=_load_target, output_json=output_json, output_markdown=output_md, echo=click.echo)
 
 
 def _evaluator_factory(experiment):
@@ -138,28 +139,38 @@ def _print_summary(run_dir, summary) -> None:
 @click.argument("experiment", type=click.Path(dir_okay=False))
 @click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="where the run's files go")
 @click.option("--ray-address", default=None, help="join a running Ray cluster (e.g. 127.0.0.1:6379)")
+@click.option("--seed", type=int, default=None, help="replace the experiment's seed (frozen into the run dir)")
 @user_errors
-def search(experiment, run_dir, ray_address):
+def search(experiment, run_dir, ray_address, seed):
     """Run the evolutionary search of EXPERIMENT (YAML) into RUN_DIR."""
     from evomerge.run.config import load_experiment
     from evomerge.run.loop import search as run_search
 
-    config = load_experiment(experiment)
-    if ray_address:
-        config = config.model_copy(update={"workers": config.workers.model_copy(
-            update={"backend": "ray", "ray_address": ray_address})})
+    config = _on_ray(load_experiment(experiment), ray_address)
+    if seed is not None:
+        config = config.model_copy(update={"seed": seed})
     _print_summary(run_dir, run_search(config, run_dir, _evaluator_factory(config)))
+
+
+def _on_ray(config, ray_address: str | None):
+    """The experiment with its workers on the Ray cluster at `ray_address` (None: as configured)."""
+    if not ray_address:
+        return config
+    return config.model_copy(update={"workers": config.workers.model_copy(
+        update={"backend": "ray", "ray_address": ray_address})})
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--ray-address", default=None, help="continue on a running Ray cluster (e.g. 127.0.0.1:6379)")
 @user_errors
-def resume(run_dir):
+def resume(run_dir, ray_address):
     """Continue the search in RUN_DIR from its files alone (after Ctrl-C, kill -9, a reboot or a lost node)."""
     from evomerge.run.loop import resume as run_resume
     from evomerge.run.rundir import RunDir
 
-    _print_summary(run_dir, run_resume(run_dir, _evaluator_factory(RunDir(run_dir).frozen())))
+    config = RunDir(run_dir).frozen()
+    _print_summary(run_dir, run_resume(run_dir, _evaluator_factory(config), experiment=_on_ray(config, ray_address)))
 
 
 @main.command()

@@ -1,6 +1,6 @@
 """Plots and a summary from a run directory alone: fitness over trials, the winner's per-layer parameters, its layer path.
 
-    evomerge report runs/ps   ->  runs/ps/report/{fitness.png, parameters.png, path.png, summary.md}
+    evomerge report runs/ps   ->  runs/ps/report/{fitness.png, parameters.png, path.png, pareto.png, summary.md}
 """
 
 from __future__ import annotations
@@ -107,6 +107,34 @@ def _scores_table(scores: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def plot_pareto(trials, front: list[dict], winner: int, path: Path) -> None:
+    """Several objectives: every trial as a line across the objectives (parallel coordinates), the Pareto front coloured."""
+    names = list(front[0]["objectives"])
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names) + 2), 4))
+    x = np.arange(len(names))
+    for t in trials:
+        if t.ok and t.objectives is not None:
+            ax.plot(x, t.objectives, color="0.8", lw=0.6, zorder=0)
+    for k, member in enumerate(front):
+        is_winner = member["candidate"] == winner
+        ax.plot(x, [member["objectives"][n] for n in names], marker="o", lw=2.5 if is_winner else 1.2,
+                color="C3" if is_winner else f"C{k % 3}", label=f"trial {member['candidate']}" + (" (winner)" if is_winner
+                                                                                               else ""))
+    ax.set(xticks=x, xticklabels=names, ylabel="score (search split)", title="Pareto front (grey: all trials)")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pareto_table(front: list[dict], winner: int) -> list[str]:
+    names = list(front[0]["objectives"])
+    lines = ["## Pareto front (search split)", "", "| trial | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {m['candidate']}{' (winner)' if m['candidate'] == winner else ''} | "
+              + " | ".join(f"{m['objectives'][n]:.3f}" for n in names) + " |" for m in front]
+    return lines + [""]
+
+
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "ledger.sqlite").exists():
@@ -140,7 +168,11 @@ def write_report(run_dir: str | Path) -> Path:
             lines += ["![path](path.png)", ""]
     scores_file = run_dir / "best" / "scores.json"
     if scores_file.exists():
-        lines += ["## Winner", ""] + _scores_table(json.loads(scores_file.read_text()).get("scores", {})) + [""]
+        scores = json.loads(scores_file.read_text())
+        lines += ["## Winner", ""] + _scores_table(scores.get("scores", {})) + [""]
+        if scores.get("pareto_front"):
+            plot_pareto(trials, scores["pareto_front"], scores["candidate"], out / "pareto.png")
+            lines += _pareto_table(scores["pareto_front"], scores["candidate"]) + ["![pareto](pareto.png)", ""]
     lines += ["![fitness](fitness.png)", ""]
     (out / "summary.md").write_text("\n".join(lines))
     return out

@@ -7,11 +7,14 @@
 
 A synthetic Llama-shaped state (random base, experts = base + small noise) is resident on the device; every candidate is
 written into a live LlamaForCausalLM by the real planner and materializer (LiveMaterializer over ResidentSources), with
-its per-tensor cache cleared so that every tensor is recomputed. One run measures the device copy bandwidth, then per
-method: the median time per candidate, the bytes it must move (inputs read + output written, once each), the floor
-(bytes / bandwidth), the ratio to it, the planner's and the method kernels' share, and the peak extra memory.
+its per-tensor cache cleared so that every tensor is recomputed (the plan's layout and the live-parameter lookups stay
+cached, as in a worker: only the parameter values change between candidates). One run measures the device copy
+bandwidth, then per method: the median time per candidate, the bytes it must move (inputs read + output written,
+once each), the floor (bytes / bandwidth), the ratio to it, the planner's and the method kernels' share, and the peak
+extra memory.
 With --mergekit (the bench extra) the same recipes also go through mergekit's in-process run_merge and the
 `mergekit-yaml` CLI on an on-disk copy of the models. Writes benchmarks/results/<device>-<shape>-<date>.{json,md}.
+With --memo-draws the DARE/DELLA draws stay resident across candidates, as a worker can keep them (see rng.memoize_draws).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import yaml
 
 from evomerge.merge.materialize import LiveMaterializer, ResidentSources, compute
 from evomerge.merge.plan import plan_recipe
-from evomerge.merge.rng import MaskKey, compile_rng, uniform
+from evomerge.merge.rng import MaskKey, compile_rng, memoize_draws, uniform
 from evomerge.models.architectures import architecture_for
 from evomerge.models.io import ModelDir, ModelWriter
 from evomerge.recipe import recipe_from_dict
@@ -215,7 +218,7 @@ def bench_method(method: str, target, sources: ResidentSources, experts: list[st
         out = sources.get(*refs[0])
         nbytes += sum(sources.get(*r).nbytes for r in refs) + out.nbytes
     t = median_time(candidate, device, warmup, repeats)
-    t_plan = median_time(lambda: plan_recipe(recipe, sources.dirs), "cpu", 1, repeats)
+    t_plan = median_time(lambda: plan_recipe(recipe, sources.dirs, layouts=materializer.layouts), "cpu", 1, repeats)
     def kernels():  # the method functions alone: no planning, no writing into the target
         for task in plan.tasks:
             compute(task, sources)
@@ -321,6 +324,8 @@ def main() -> None:
     parser.add_argument("--mergekit-repeats", type=int, default=3)
     parser.add_argument("--cli-methods", default="linear,slerp,ties,dare_ties", help="methods timed with mergekit-yaml")
     parser.add_argument("--compile", action="store_true", help="fuse the DARE/DELLA mask hash (rng.compile_rng)")
+    parser.add_argument("--memo-draws", type=float, default=0.0, metavar="GIB",
+                        help="keep up to GIB of DARE/DELLA draws across candidates (rng.memoize_draws); adds -memo to the file name")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); use 1 on a shared CPU")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -335,6 +340,7 @@ def main() -> None:
     check_memory(config, args.device, dtype, len(experts))
     if args.compile:
         check_compiled_rng(args.device)
+    memoize_draws(int(args.memo_draws * 2**30))
     sources = synthetic_sources(config, ["base", *experts], args.device, dtype)
     target = live_model(config, args.device, dtype)
     params = sum(t.numel() for (m, _), t in sources.tensors.items() if m == "base")
@@ -355,7 +361,7 @@ def main() -> None:
               "bandwidth_bytes_per_s": bandwidth, "rows": rows, "mergekit": mergekit}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{result['device']}-{args.shape}-{date}"
+    stem = out / f"{result['device']}-{args.shape}-{date}{'-memo' if args.memo_draws else ''}"
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
     table = markdown(result)
     Path(f"{stem}.md").write_text(table)

@@ -14,7 +14,7 @@ import torch
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.harness import HarnessEvaluator
 from evomerge.evaluate.proximity import ProximityEvaluator
-from evomerge.evaluate.result import TaskScore, weighted_fitness, wilson_ci
+from evomerge.evaluate.result import TaskScore, mean_ci95, weighted_fitness, wilson_ci
 from evomerge.evaluate.table import evaluate_targets, format_table, load_model_dir
 from evomerge.zoo.train import quick_accuracy
 
@@ -44,6 +44,12 @@ def test_wilson_interval_known_values():
     assert wilson_ci(0.5, 100) == pytest.approx((0.40383, 0.59617), abs=1e-5)
     assert wilson_ci(0.0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
     assert wilson_ci(1.0, 10) == pytest.approx((0.72247, 1.0), abs=1e-5)
+
+
+def test_mean_interval_known_values():
+    # two tasks at 0.5 and 1.0 over 100 documents each: se = sqrt(0.25 / 100 + 0) / 2 = 0.025
+    assert mean_ci95([0.5, 1.0], [100, 100]) == pytest.approx((0.75 - 1.959964 * 0.025, 0.75 + 1.959964 * 0.025))
+    assert mean_ci95([1.0, 1.0], [10, 10]) == (1.0, 1.0)
 
 
 def test_weighted_fitness_and_failures():
@@ -121,6 +127,18 @@ def test_table_and_json(tiny_zoo, tmp_path):
     table = format_table(report)
     assert "expert_digits" in table and "chance" in table and "0.25" in table
     assert format_table(report, markdown=True).startswith("| model | toy_digits | mean |")
+
+
+def test_table_rows_markdown_file_and_labels(tmp_path):
+    score = lambda v: {"value": v, "n": 100, "proportion": True, "ci95": list(wilson_ci(v, 100))}  # noqa: E731
+    report = {"split": "test", "tasks": ["t_a", "t_b"], "n": {"t_a": 100, "t_b": 100}, "chance": {"t_a": 0.25, "t_b": 0.0},
+              "results": [{"target": "runs/ps/best/recipe.yaml", "status": "ok", "fitness": 0.75,
+                           "scores": {"t_a": score(0.5), "t_b": score(1.0)}},
+                          {"target": "experiments/baselines/ties.yaml", "status": "ok", "fitness": 0.5,
+                           "scores": {"t_a": score(0.5), "t_b": score(0.5)}}]}
+    rows = format_table(report, markdown=True).splitlines()
+    assert rows[2] == "| ps (winner) | 0.50 [0.40,0.60] | 1.00 [0.96,1.00] | 0.750 [0.70,0.80] |"
+    assert rows[3].startswith("| ties | 0.50 [0.40,0.60] |")
 
 
 def test_proximity_evaluator_known_values():

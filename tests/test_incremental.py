@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from evomerge.merge.materialize import LiveMaterializer, ResidentSources
+from evomerge.merge.plan import plan_recipe
 from evomerge.models.io import ModelDir, load_live_model
 from evomerge.recipe import recipe_from_dict
 from tiny_models import build_tiny, make_variants
@@ -75,3 +76,39 @@ def test_a_changed_global_parameter_recomputes_everything(zoo):
     total = live.apply(recipe_from_dict([doc]))["tensors"]
     assert live.apply(recipe_from_dict([{**doc, "parameters": {"normalize": False}}]))["computed"] == total
     assert live.apply(recipe_from_dict([{**doc, "parameters": {"normalize": False}}]))["computed"] == 0
+
+
+def test_the_cached_layout_plans_what_a_fresh_plan_does(zoo):
+    base, a, b = zoo
+    dirs = {m: ModelDir.open(m) for m in zoo}
+    layouts = {}
+    for method, weights in [("ties", [0.3, 0.5, 0.7]), ("ties", [0.9, 0.1, 0.2]), ("dare_ties", [0.3, 0.5, 0.7])]:
+        r = recipe(zoo, method, weights)
+        assert plan_recipe(r, dirs, layouts=layouts).tasks == plan_recipe(r, dirs).tasks
+    assert len(layouts) == 2  # one per structure: new values reuse it, a new method does not
+    sliced = recipe_from_dict([{"merge_method": "linear", "slices": [
+        {"sources": [{"model": a, "layer_range": [0, 2]}, {"model": b, "layer_range": [1, 3]}]},
+        {"sources": [{"model": a, "layer_range": [2, 3]}, {"model": b, "layer_range": [0, 1]}]}],
+        "parameters": {"weight": 0.5}}])
+    moved = recipe_from_dict([{"merge_method": "linear", "slices": [
+        {"sources": [{"model": a, "layer_range": [1, 3]}, {"model": b, "layer_range": [0, 2]}]},
+        {"sources": [{"model": a, "layer_range": [0, 1]}, {"model": b, "layer_range": [2, 3]}]}],
+        "parameters": {"weight": 0.5}}])
+    for r in (sliced, moved, sliced):  # a changed layer range is a new structure, not a stale layout
+        assert plan_recipe(r, dirs, layouts=layouts).tasks == plan_recipe(r, dirs).tasks
+    assert len(layouts) == 4
+
+
+def test_a_structural_change_is_materialized_in_full(zoo):
+    live = materializer(zoo)
+    base, a, b = zoo
+    live.apply(recipe(zoo, "ties", [0.3, 0.5, 0.7]))
+    swapped = recipe_from_dict([{"merge_method": "ties", "base_model": a, "dtype": "float32", "models": [
+        {"model": base, "parameters": {"weight": 0.5, "density": 0.6}},
+        {"model": b, "parameters": {"weight": 0.4, "density": 0.6}}]}])
+    stats = live.apply(swapped)
+    assert stats["computed"] == stats["tensors"]  # a new base changes every task
+    fresh = materializer(zoo)
+    fresh.apply(swapped)
+    for name, value in fresh.model.state_dict().items():
+        assert torch.equal(live.model.state_dict()[name], value), name

@@ -1,10 +1,12 @@
-"""The fast kernels against plain references on tensors large enough to take the fast paths (> 2**15 entries)."""
+"""The fast kernels against plain references on tensors large enough to take the fast paths (> 2**15 entries).
+
+radix_select and _row_order_torch are what runs off the CPU (where numpy selects and sorts); they run on CPU here too."""
 
 import pytest
 import torch
 
 from evomerge.merge.methods import _top_variance
-from evomerge.merge.sparsify import kth_largest, kth_smallest, magnitude
+from evomerge.merge.sparsify import _row_order_torch, kth_largest, kth_smallest, magnitude, radix_select, row_order
 
 N = 3 * 2**15 + 7  # above the radix-select cut-over, not a power of two
 
@@ -28,6 +30,8 @@ def test_kth_smallest_is_kthvalue(name, values):
         got, expected = kth_smallest(values, k), torch.kthvalue(flat, k).values
         assert got.shape == () and got.dtype == flat.dtype
         assert (got.isnan() and expected.isnan()) or got.item() == expected.item(), (name, k)
+        radix = radix_select(flat, k)
+        assert radix.dtype == flat.dtype and ((radix.isnan() and expected.isnan()) or radix.item() == expected.item())
     torch.testing.assert_close(kth_largest(values, 1), kth_smallest(values, values.numel()), rtol=0, atol=0, equal_nan=True)
 
 
@@ -35,7 +39,7 @@ def test_magnitude_keeps_every_tie_at_the_threshold_on_large_tensors():
     d = torch.randint(-3, 4, (N,), generator=torch.Generator().manual_seed(1)).float()
     kept = magnitude(d, 0.5)
     threshold = d.abs().sort(descending=True).values[int(0.5 * N) - 1]  # the k-th largest |d|
-    assert kept.equal(d.abs() >= threshold) and kept.sum() > int(0.5 * N)
+    assert kept.equal((d.abs() >= threshold).float()) and kept.sum() > int(0.5 * N)
 
 
 def test_top_variance_selects_the_largest_population_variances():
@@ -43,4 +47,16 @@ def test_top_variance_selects_the_largest_population_variances():
     var = tau.var(0, unbiased=False)
     k = int(var.numel() * 0.3)
     expected = var >= var.reshape(-1).sort(descending=True).values[k - 1]
-    assert _top_variance(tau, 0.3).equal(expected)
+    assert _top_variance(tau, 0.3).equal(expected.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_order_is_a_stable_argsort(dtype):
+    g = torch.Generator().manual_seed(3)
+    mag = torch.randint(0, 5, (300, 70), generator=g).to(dtype)  # many ties in every row
+    mag[0, :3] = torch.tensor([float("nan"), float("inf"), 0.0], dtype=dtype)
+    mag[1] = torch.rand(70, generator=g, dtype=dtype)
+    expected = mag.argsort(dim=1, stable=True)
+    assert row_order(mag).equal(expected)
+    if dtype == torch.float32:  # the int64-key sort off the CPU, run here on CPU
+        assert _row_order_torch(mag).equal(expected)

@@ -17,7 +17,7 @@ import torch
 import reference_methods as ref
 from evomerge.merge.methods import TASK_ARITHMETIC_FAMILY, generalized_task_arithmetic, sign_agreement
 from evomerge.merge.registry import all_methods, get_method
-from evomerge.merge.rng import MaskKey, _mix32, uniform
+from evomerge.merge.rng import MaskKey, _draws_torch, _mix32, memoize_draws, uniform, uniforms
 from evomerge.merge.sparsify import magnitude, magnitude_outliers, sparsify
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -332,11 +332,12 @@ def test_generalized_function_is_the_registered_one():
 
 def test_magnitude_keeps_top_k_and_all_ties_at_the_threshold():
     d = torch.tensor([0.5, -5.0, 3.0, 1.0, -3.0, 3.0])
+    assert magnitude(d, 0.5).dtype == d.dtype and magnitude(d.double(), 0.5).dtype == torch.float64  # 0/1 masks
     assert magnitude(d, 2 / 6).tolist() == [False, True, True, False, True, True]  # k = 2, three tied at 3
     d = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     for density in (0.001, 0.0001, 0.25, 0.999):
         k = max(1, int(density * 1000))
-        kept = magnitude(d, density)
+        kept = magnitude(d, density).bool()
         assert kept.sum() == k and d.abs()[kept].min() > d.abs()[~kept].max()
     assert sparsify(d, "magnitude", 1.0, rescale=True).equal(d)
     assert sparsify(d, "magnitude", 1.5, rescale=False).equal(d)
@@ -346,9 +347,9 @@ def test_magnitude_keeps_top_k_and_all_ties_at_the_threshold():
 
 def test_rescale_keeps_the_l1_norm():
     d = torch.randn(40, 30, dtype=F64, generator=torch.Generator().manual_seed(1))
-    for method, extra in [("magnitude", {}), ("random", {"key": MaskKey(0, "w", "a")}),
-                          ("magnitude_outliers", {"gamma": 0.05}),
-                          ("della_magprune", {"epsilon": 0.1, "key": MaskKey(0, "w", "a")})]:
+    u = uniform(MaskKey(0, "w", "a"), d.shape)
+    for method, extra in [("magnitude", {}), ("random", {"u": u}), ("magnitude_outliers", {"gamma": 0.05}),
+                          ("della_magprune", {"epsilon": 0.1, "u": u})]:
         out = sparsify(d, method, 0.3, rescale=True, **extra)
         assert out.abs().sum().item() == pytest.approx(d.abs().sum().item())
         kept = out != 0
@@ -361,7 +362,7 @@ def test_dare_rescale_is_the_l1_ratio_not_one_over_density():
     d = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], dtype=F64)
     key = MaskKey(3, "w", "a")
     keep = uniform(key, d.shape) < 0.5
-    out = sparsify(d, "random", 0.5, rescale=True, key=key)
+    out = sparsify(d, "random", 0.5, rescale=True, u=uniform(key, d.shape))
     torch.testing.assert_close(out, d * keep * (36.0 / d[keep].sum()))
     assert 36.0 / d[keep].sum() != 1 / 0.5
 
@@ -370,11 +371,11 @@ def test_breadcrumbs_without_outliers_keeps_the_top_density():
     d = torch.randn(200, generator=torch.Generator().manual_seed(2))
     order = d.abs().argsort(descending=True)
     for gamma in (0.0, 0.004):  # int(gamma * 200) == 0: nothing to drop on top
-        kept = magnitude_outliers(d, 0.3, gamma=gamma)
+        kept = magnitude_outliers(d, 0.3, gamma=gamma).bool()
         assert kept.sum() == 60 and kept[order[:60]].all()
-    kept = magnitude_outliers(d, 0.3, gamma=0.05)  # drop the 10 largest, keep the next 60
+    kept = magnitude_outliers(d, 0.3, gamma=0.05).bool()  # drop the 10 largest, keep the next 60
     assert kept.sum() == 60 and kept[order[10:70]].all()
-    kept = magnitude_outliers(d, 0.9, gamma=0.2)  # 180 + 40 > 200: only 20 outliers dropped
+    kept = magnitude_outliers(d, 0.9, gamma=0.2).bool()  # 180 + 40 > 200: only 20 outliers dropped
     assert kept.sum() == 180 and kept[order[20:]].all()
     assert not magnitude_outliers(d, 0.004, gamma=0.1).any()  # int(density * 200) == 0
     ties = torch.tensor([9.0, 4.0, 4.0, 3.0, 2.0, 2.0, 1.0, 0.5, 0.25, 0.1])
@@ -384,7 +385,7 @@ def test_breadcrumbs_without_outliers_keeps_the_top_density():
 def test_della_keep_probability_is_ranked_per_row():
     rows, cols, density, epsilon = 4000, 11, 0.5, 0.2
     d = torch.randn(rows, cols, dtype=F64, generator=torch.Generator().manual_seed(3))
-    kept = sparsify(d, "della_magprune", density, rescale=False, epsilon=epsilon, key=MaskKey(0, "w", "a")) != 0
+    kept = sparsify(d, "della_magprune", density, rescale=False, epsilon=epsilon, u=uniform(MaskKey(0, "w", "a"), d.shape)) != 0
     rank = d.abs().argsort(dim=1).argsort(dim=1)
     for r in range(cols):
         p = density - epsilon + 2 * epsilon * r / (cols - 1)
@@ -396,15 +397,15 @@ def test_della_checks_epsilon():
     d = torch.randn(4, 4)
     for density, epsilon in [(0.9, 0.1), (0.1, 0.1), (0.5, 0.6)]:
         with pytest.raises(ValueError, match="density"):
-            sparsify(d, "della_magprune", density, rescale=True, epsilon=epsilon, key=MaskKey(0, "w", "a"))
-    assert sparsify(d, "della_magprune", 1.0, rescale=True, epsilon=0.6, key=MaskKey(0, "w", "a")).equal(d)
-    one = sparsify(torch.ones(3, 1), "della_magprune", 0.5, rescale=False, epsilon=0.1, key=MaskKey(0, "w", "a"))
+            sparsify(d, "della_magprune", density, rescale=True, epsilon=epsilon, u=uniform(MaskKey(0, "w", "a"), d.shape))
+    assert sparsify(d, "della_magprune", 1.0, rescale=True, epsilon=0.6, u=uniform(MaskKey(0, "w", "a"), d.shape)).equal(d)
+    one = sparsify(torch.ones(3, 1), "della_magprune", 0.5, rescale=False, epsilon=0.1, u=torch.rand(3, 1))
     assert one.isfinite().all()  # rows of one entry get probability `density`
 
 
 def test_dare_keeps_about_density():
     n, density = 100_000, 0.3
-    kept = (sparsify(torch.ones(n), "random", density, rescale=False, key=MaskKey(0, "w", "a")) != 0).sum().item()
+    kept = (sparsify(torch.ones(n), "random", density, rescale=False, u=uniform(MaskKey(0, "w", "a"), (n,))) != 0).sum().item()
     assert abs(kept - density * n) < 5 * (n * density * (1 - density)) ** 0.5
 
 
@@ -502,11 +503,38 @@ def test_uniform_is_keyed_and_stateless(device):
 
 
 def test_no_global_rng_use():
-    d = torch.arange(1.0, 101.0).reshape(10, 10)
+    base, tensors = inputs((10, 10), 2, seed=4)
     state = torch.get_rng_state()
-    sparsify(d, "random", 0.5, rescale=True, key=MaskKey(0, "w", "a"))
-    sparsify(d, "della_magprune", 0.5, rescale=True, epsilon=0.1, key=MaskKey(0, "w", "a"))
+    for name in ("dare_ties", "della"):
+        run(name, base, tensors, {"weight": [0.5, 0.5], "density": [0.5, 0.5], "key": keys_for(2)})
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_uniforms_draws_each_key_as_uniform_does(device):
+    keys = [MaskKey(0, "w", "a"), MaskKey(0, "w", "b"), MaskKey(5, "v", "a")]
+    for shape in [(7,), (33, 65), (2, 3, 4)]:
+        rows = uniforms(keys, shape, device)
+        assert rows.shape == (3, *shape)
+        for row, key in zip(rows, keys):
+            assert row.equal(uniform(key, shape, device))
+        n = rows[0].numel()  # on CPU numpy draws them; the int32 torch ops (every other device) give the same bits
+        assert _draws_torch(keys, n, device).equal(rows.reshape(3, n))
+
+
+def test_memoized_draws_are_the_same_bits_within_the_budget():
+    keys, shape = keys_for(2), (40, 50)
+    fresh = uniforms(keys, shape)
+    memoize_draws(fresh.nbytes)  # room for exactly one
+    try:
+        first = uniforms(keys, shape)
+        assert first.equal(fresh) and uniforms(keys, shape) is first  # kept and returned again
+        other = uniforms(keys_for(2, "v"), shape)
+        assert uniforms(keys_for(2, "v"), shape) is not other  # past the budget: drawn again
+        assert uniforms(keys_for(2, "v"), shape).equal(other)
+    finally:
+        memoize_draws(0)
+    assert uniforms(keys, shape) is not uniforms(keys, shape)
 
 
 def test_uniform_statistics():

@@ -165,6 +165,18 @@ def test_optuna_storage_lives_in_the_run_dir_and_survives_a_crash(tmp_path):
     assert states[opt._trial_of[lost.id]] == "FAIL" and states[resumed._trial_of[again.id]] == "RUNNING"
 
 
+@pytest.mark.parametrize("optuna_name", ["tpe", "nsga2"])
+def test_optuna_tell_first_after_loading_reaches_the_storage(tmp_path, optuna_name):
+    """A resumed run's first call is a tell (of a result in the ledger): its trial is still pending, not lost."""
+    opt = make(optuna_name, tmp_path)
+    first = opt.ask()[0]
+    save_optimizer(opt, tmp_path / "opt.pkl")
+    resumed = load_optimizer(tmp_path / "opt.pkl")
+    resumed.tell(first.id, quadratic(first.genome))
+    [trial] = resumed.study.get_trials()
+    assert trial.state.name == "COMPLETE" and trial.values == [quadratic(first.genome)]
+
+
 def test_optuna_sqlalchemy_url_and_in_memory(tmp_path):
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     opt = make_optimizer("nsga2", np.zeros(2), np.ones(2), options={"storage": url, "study_name": "s1"})

@@ -71,3 +71,43 @@ def test_export_and_report_refuse_a_dir_without_a_run(tmp_path):
     for verb in ("export", "report"):
         result = run(verb, tmp_path)
         assert result.exit_code == 2 and result.output.startswith("error: ") and str(tmp_path) in result.output
+
+
+def test_search_refuses_objectives_for_a_single_objective_optimizer(models, tmp_path):  # noqa: F811
+    import yaml
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(experiment(models, **{"evaluation.objectives": ["a", "b"]})))  # cmaes
+    result = run("search", path, "--run-dir", tmp_path / "run")
+    assert result.exit_code == 2
+    assert result.output == (f"error: {path}: evaluation.objectives: optimizer cmaes takes one objective; use one of "
+                             "nsga2, random, tpe, or drop objectives (the search then maximizes the fitness)\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_of_a_finished_run_reprints_its_winner(ps_run, tmp_path):
+    import json
+
+    winner = json.loads((ps_run / "best" / "scores.json").read_text())["candidate"]
+    result = run("resume", ps_run)
+    assert result.exit_code == 0, result.output
+    assert f"winner: trial {winner} (" in result.output and "8 trials, 0 failed" in result.output
+    result = run("resume", tmp_path, "--ray-address", "127.0.0.1:1")
+    assert result.exit_code == 2 and "not a run directory (no config.yaml)" in result.output
+
+
+def test_search_seed_option_replaces_the_experiments_seed(models, tmp_path, monkeypatch):  # noqa: F811
+    import yaml
+
+    import evomerge.cli
+    from test_search_loop import genomes
+
+    monkeypatch.setattr(evomerge.cli, "_evaluator_factory", lambda config: evaluator_factory(models))
+    doc = experiment(models, **{"budget.trials": 4, "workers.num": 1, "validation.top_k": 0})
+    for seed in (0, 5):
+        (tmp_path / f"seed{seed}.yaml").write_text(yaml.safe_dump({**doc, "seed": seed}))
+    assert run("search", tmp_path / "seed0.yaml", "--run-dir", tmp_path / "flag", "--seed", 5).exit_code == 0
+    assert run("search", tmp_path / "seed5.yaml", "--run-dir", tmp_path / "file").exit_code == 0
+    assert run("search", tmp_path / "seed0.yaml", "--run-dir", tmp_path / "zero").exit_code == 0
+    assert yaml.safe_load((tmp_path / "flag" / "config.yaml").read_text())["seed"] == 5
+    assert genomes(tmp_path / "flag") == genomes(tmp_path / "file") != genomes(tmp_path / "zero")

@@ -50,13 +50,13 @@ class DistanceEvaluator:
     """-||theta - target||^2 over the live model's parameters; optionally slow, or raising on chosen calls."""
 
     def __init__(self, base: str, experts: list[str], delay: float = 0.0, fail_calls: tuple[int, ...] = (),
-                 die_once: str | None = None):
+                 die_once: str | None = None, weights: tuple[float, ...] = TARGET_WEIGHTS):
         from evomerge.models.io import ModelDir
 
         with ModelDir.open(base) as b:
             dirs = [ModelDir.open(e) for e in experts]
             self.target = {n: b.get(n).double() + sum(w * (d.get(n).double() - b.get(n).double())
-                                                      for w, d in zip(TARGET_WEIGHTS, dirs)) for n in b.tensor_names}
+                                                      for w, d in zip(weights, dirs)) for n in b.tensor_names}
         self.delay, self.fail_calls, self.die_once, self.calls = delay, fail_calls, die_once, 0
 
     def evaluate(self, model, split: str) -> Evaluation:
@@ -137,7 +137,8 @@ def test_cmaes_search_finds_the_optimum_and_writes_the_run_dir(models, tmp_path)
     optimizer = load_optimizer(tmp_path / "run" / "optimizer.pkl")
     assert optimizer.n_told == 36 and optimizer.best.fitness[0] == pytest.approx(best.fitness)
     frozen = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert frozen["workers"] == {"backend": "local", "num": 2, "device": "cpu", "dtype": None, "ray_address": None}
+    assert frozen["workers"] == {"backend": "local", "num": 2, "tell_order": "candidate", "device": "cpu", "dtype": None,
+                                 "ray_address": None}
     assert frozen["space"]["kind"] == "ps" and frozen["space"]["layer_groups"] == 1  # resolved defaults frozen
 
 
@@ -162,6 +163,33 @@ def test_completion_order_does_not_change_the_run(models, tmp_path, optimizer):
     assert [t.candidate for t in rows] != sorted(t.candidate for t in rows)  # results did arrive out of order
     assert genomes(tmp_path / "fifo") == genomes(tmp_path / "shuffled")
     assert ordered == shuffled
+
+
+class StarvingPool(LocalPool):
+    """Runs the newest task first (candidate 0 waits to the end) and records how many tasks it held at each wait."""
+
+    def next_task(self):
+        self.held = getattr(self, "held", []) + [len(self.tasks)]
+        return self.tasks.pop()
+
+
+@pytest.mark.parametrize("optimizer", ["random", "tpe"])
+def test_arrival_order_keeps_every_worker_busy(models, tmp_path, optimizer):
+    overrides = {"optimizer": {"name": optimizer}, "workers.num": 3, "budget.trials": 12, "validation.top_k": 0}
+    pools = {}
+
+    def pool_class(spec, slots):
+        pools[len(pools)] = pool = StarvingPool(spec, slots)
+        return pool
+
+    run(models, tmp_path / "candidate", pool_class=pool_class, **overrides)
+    run(models, tmp_path / "arrival", pool_class=pool_class, **{**overrides, "workers.tell_order": "arrival"})
+    candidate_order, arrival = pools[0].held[:10], pools[1].held[:10]  # the search's waits, before the budget runs out
+    assert min(candidate_order) < 3  # a finished worker waited for candidate 0
+    assert arrival == [3] * 10  # never a worker idle
+    assert [c for c, _ in genomes(tmp_path / "arrival")] == list(range(12))
+    if optimizer == "random":  # its proposals ignore results: the same candidates in either order
+        assert genomes(tmp_path / "arrival") == genomes(tmp_path / "candidate")
 
 
 class Interrupted(Exception):
@@ -311,8 +339,12 @@ def test_experiment_errors_name_the_file_and_key(models, tmp_path):
         load_experiment(path)
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(experiment(models)["space"]))
     path.write_text(yaml.safe_dump(experiment(models, space={"include": "space.yaml", "bounds": {"weight": [1, 0]}})))
-    with pytest.raises(EvomergeError, match=r"exp.yaml: bounds: weight: low 1.0 must be below high 0.0"):
+    with pytest.raises(EvomergeError, match=r"exp.yaml: space.bounds.weight: low 1.0 must be below high 0.0"):
         load_experiment(path)
+    # a space error found when the search builds the space names the key in the run's config.yaml
+    with pytest.raises(EvomergeError, match=r"run/config.yaml: space.search: method task_arithmetic has no parameter "
+                                            r"'wieght'; did you mean 'weight'\?"):
+        run(models, tmp_path / "run", space={**experiment(models)["space"], "search": ["wieght"], "bounds": {}})
 
 
 @pytest.mark.slow  # ~20-30 s on 2 busy cores: Ray and two worker processes start, and one is restarted
@@ -327,3 +359,93 @@ def test_ray_pool_with_two_workers_matches_the_local_run(models, tmp_path):
     assert on_ray == local and genomes(tmp_path / "ray") == genomes(tmp_path / "local")
     workers = {t.worker for t in Ledger(tmp_path / "ray" / "ledger.sqlite").trials("search")}
     assert workers == {"ray-0", "ray-1"}
+
+
+# -- several objectives --------------------------------------------------------------------------------------------------
+
+OTHER_WEIGHTS = (0.2, 0.7)
+
+
+class TwoTargetEvaluator:
+    """Two tasks: `near_a` scores -||theta - target_a||^2, `near_b` the same for a second target; fitness is their mean.
+    The Pareto front is the set of merges between the two targets."""
+
+    def __init__(self, base: str, experts: list[str]):
+        self.a = DistanceEvaluator(base, experts)
+        self.b = DistanceEvaluator(base, experts, weights=OTHER_WEIGHTS)
+
+    def evaluate(self, model, split: str) -> Evaluation:
+        a, b = (ev.evaluate(model, split).fitness for ev in (self.a, self.b))
+        return Evaluation((a + b) / 2, {"near_a": {"value": a, "higher_is_better": True}, "near_b": {"value": b}})
+
+
+def two_targets(models: dict):
+    return lambda evaluation: TwoTargetEvaluator(models["base"], models["experts"])
+
+
+NSGA2 = {"optimizer": {"name": "nsga2", "options": {"population_size": 4}}, "evaluation.objectives": ["near_a", "near_b"]}
+
+
+def test_multi_objective_search_tells_score_vectors_and_validates_the_pareto_front(models, tmp_path):
+    summary = run(models, tmp_path / "run", evaluator=two_targets(models), **NSGA2, **{"budget.trials": 12})
+    ledger = Ledger(tmp_path / "run" / "ledger.sqlite")
+    trials = sorted(ledger.trials("search"), key=lambda t: t.candidate)
+    assert [t.candidate for t in trials] == list(range(12)) and all(t.ok for t in trials)
+    for t in trials:  # the objectives are the tasks' scores, in the configured order; the fitness is their mean
+        assert t.objectives == [t.scores["near_a"]["value"], t.scores["near_b"]["value"]]
+        assert t.fitness == pytest.approx(sum(t.objectives) / 2, rel=1e-12)
+    front = [t for t in trials if not any(all(np.array(u.objectives) >= t.objectives) and
+                                          any(np.array(u.objectives) > t.objectives) for u in trials)]
+    assert len(front) >= 2  # the two tasks do conflict
+    optimizer = load_optimizer(tmp_path / "run" / "optimizer.pkl")
+    assert optimizer.n_objectives == 2 and [r.id for r in optimizer.pareto_front()] == [t.candidate for t in front]
+    scores = json.loads((tmp_path / "run" / "best" / "scores.json").read_text())
+    assert scores["pareto_front"] == [{"candidate": t.candidate, "objectives": {"near_a": t.objectives[0],
+                                                                                "near_b": t.objectives[1]}} for t in front]
+    elites = sorted(front, key=lambda t: -t.fitness)[:2]  # top_k 2 of the front, by fitness
+    assert [e["candidate"] for e in scores["elites"]] == [t.candidate for t in elites]
+    assert sorted(t.candidate for t in ledger.trials("validation")) == sorted(t.candidate for t in elites)
+    assert summary.candidate == max(elites, key=lambda t: t.fitness).candidate  # validation = search here
+
+    from evomerge.report import write_report
+
+    summary_md = (write_report(tmp_path / "run") / "summary.md").read_text()
+    assert (tmp_path / "run" / "report" / "pareto.png").stat().st_size > 0
+    table = summary_md.split("## Pareto front (search split)")[1].split("![pareto]")[0].strip().splitlines()
+    assert table[0] == "| trial | near_a | near_b |" and len(table) == 2 + len(front)
+    assert table[2] == f"| {front[0].candidate}{' (winner)' if front[0].candidate == summary.candidate else ''} | " \
+                       f"{front[0].objectives[0]:.3f} | {front[0].objectives[1]:.3f} |"
+
+
+def test_objectives_need_a_multi_objective_optimizer_and_known_tasks(models, tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(experiment(models, **{"evaluation.objectives": ["near_a", "near_b"]})))
+    with pytest.raises(EvomergeError, match=r"exp.yaml: evaluation.objectives: optimizer cmaes takes one objective; use "
+                                            r"one of nsga2, random, tpe"):
+        load_experiment(path)
+    path.write_text(yaml.safe_dump(experiment(models, **NSGA2, evaluation={"objectives": ["near_a", "near_a"]})))
+    with pytest.raises(EvomergeError, match=r"exp.yaml: evaluation.objectives: a task is listed twice"):
+        load_experiment(path)
+    with pytest.raises(EvomergeError, match=r"run/config.yaml: evaluation.objectives: no score for task 'near_c'; did "
+                                            r"you mean 'near_b'\? available: near_a, near_b; start a new run dir"):
+        run(models, tmp_path / "run", evaluator=two_targets(models), **{**NSGA2, "evaluation.objectives": ["near_c"]})
+    assert _rows(tmp_path / "run" / "ledger.sqlite") == 0  # caught at the first result, before anything is recorded
+
+
+@pytest.mark.parametrize("optimizer", ["tpe", "nsga2"])
+def test_optuna_run_interrupted_anywhere_and_resumed_equals_an_uninterrupted_run(models, tmp_path, optimizer):
+    if optimizer == "tpe":
+        overrides = {"optimizer": {"name": "tpe", "options": {"n_startup_trials": 4}}}
+        make = evaluator_factory(models)
+    else:
+        overrides, make = NSGA2, two_targets(models)
+    overrides = {**overrides, "workers.num": 3, "budget.trials": 11}
+    reference = run(models, tmp_path / "reference", evaluator=make, **overrides)
+    expected = json.loads((tmp_path / "reference" / "best" / "scores.json").read_text())
+    for after in (1, 4, 9):  # tpe: before and after the startup trials; nsga2 (population 4): in generations 1 and 3
+        run_dir = tmp_path / f"after{after}"
+        with pytest.raises(Interrupted):
+            run(models, run_dir, evaluator=make, pool_class=interrupting_pool(after), **overrides)
+        assert resume(run_dir, make, progress=False) == reference
+        assert genomes(run_dir) == genomes(tmp_path / "reference")
+        assert json.loads((run_dir / "best" / "scores.json").read_text()) == expected

@@ -126,7 +126,7 @@ def test_decode_is_pure_and_checks_the_genome():
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"bounds": {"weight": [1.0, 0.0]}}, "s.yaml: bounds: weight: low 1.0 must be below high 0.0"),
+    ({"bounds": {"weight": [1.0, 0.0]}}, "s.yaml: bounds.weight: low 1.0 must be below high 0.0"),
     ({"colour": 1}, "s.yaml: colour: unknown key"),
     ({"search": ["wieght"]}, "s.yaml: search: method ties has no parameter 'wieght'; did you mean 'weight'?"),
     ({"fixed": {"normalise": True}}, "s.yaml: fixed.normalise: .*did you mean 'normalize'"),
@@ -224,6 +224,29 @@ def test_psdfs_uses_the_merge_stage(tmp_path):
 def test_dfs_bad_input_names_file_and_key(fields, message):
     with pytest.raises(EvomergeError, match=message):
         dfs(**fields)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"bounds": {"weight": [1.0, 0.0]}}, r"exp.yaml: space.bounds.weight: low 1.0 must be below high 0.0"),  # on load
+    ({"colour": 1, "layer_groups": 0}, r"exp.yaml: space.layer_groups: must be at least 1.*; space.colour: unknown key"),
+    ({"models": ["a", "a"]}, r"exp.yaml: space.models: a model is listed twice"),  # a model-level check
+    ({"kind": "pss"}, r"exp.yaml: space.kind: unknown space kind 'pss'"),
+    ({"search": ["wieght"]}, r"exp.yaml: space.search: method ties has no parameter 'wieght'"),  # on build
+    ({"bounds": {"weight": [0, 1], "density": [0.5, 1.5]}}, r"exp.yaml: space.bounds.density: \[0.5, 1.5\] leaves"),
+    ({"kind": "dfs", "models": ["a", "c"], "pin": "b"}, r"exp.yaml: space.pin: 'b' is not one of the models"),
+    ({"kind": "dfs", "models": ["a", "x"]}, r"exp.yaml: space.models: no layer count for model 'x'"),
+])
+def test_errors_in_an_experiments_space_name_the_key_under_space(fields, message):
+    ps_doc = {"kind": "ps", "method": "ties", "base_model": "base", "models": ["a", "b"], "bounds": {"weight": [0.0, 1.0]}}
+    doc = fields if fields.get("kind") == "dfs" else {**ps_doc, **fields}
+    with pytest.raises(EvomergeError, match=message):
+        space_from_dict(doc, num_layers=LAYERS, source="exp.yaml", key="space")
+
+
+def test_an_included_files_own_errors_keep_its_name(tmp_path):
+    (tmp_path / "bad.yaml").write_text("kind: [ps\n")
+    with pytest.raises(EvomergeError, match=r"^\S*bad.yaml: invalid YAML"):
+        load_space_config({"include": "bad.yaml"}, source="exp.yaml", base_dir=tmp_path, key="space")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

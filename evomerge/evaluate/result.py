@@ -23,6 +23,16 @@ def wilson_ci(p: float, n: int, z: float = Z95) -> tuple[float, float]:
     return (0.0 if lo < 1e-12 else lo, 1.0 if hi > 1 - 1e-12 else hi)  # exact ends at p = 0 and p = 1
 
 
+def mean_ci95(values: list[float], sizes: list[int], z: float = Z95) -> tuple[float, float]:
+    """95% normal interval of the plain mean of k independent proportions: var = sum_i p_i (1 - p_i) / n_i / k^2."""
+    if not values or min(sizes) <= 0:
+        return (math.nan, math.nan)
+    k = len(values)
+    mean = sum(values) / k
+    half = z * math.sqrt(sum(p * (1 - p) / n for p, n in zip(values, sizes))) / k
+    return (max(0.0, mean - half), min(1.0, mean + half))
+
+
 @dataclass(frozen=True)
 class TaskScore:
     """One task's primary metric. `chance` is the score of uniform guessing (None when it has no closed form)."""

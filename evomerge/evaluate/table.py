@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.harness import HarnessEvaluator
-from evomerge.evaluate.result import EvalResult
+from evomerge.evaluate.result import EvalResult, mean_ci95
+from evomerge.recipe import write_text_atomic
 
 _VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
@@ -43,7 +44,8 @@ def load_model_dir(path: str | os.PathLike, *, device: str = "cpu", dtype=None):
 def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str | None = "test",
                      limit: int | None = None, task_dirs: Sequence[str] = (), network: bool = False,
                      load: Callable[[str], tuple[object, object]] | None = None,
-                     output_json: str | os.PathLike | None = None, echo: Callable[[str], None] | None = print) -> dict:
+                     output_json: str | os.PathLike | None = None, output_markdown: str | os.PathLike | None = None,
+                     echo: Callable[[str], None] | None = print) -> dict:
     """Evaluate every target on `tasks`; returns (and optionally writes) {split, tasks, chance, results}."""
     load = load or load_model_dir
     evaluator, results = None, []
@@ -60,7 +62,9 @@ def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str
     report = {"split": split, "limit": limit, "tasks": list(evaluator.tasks), "n": evaluator.sizes,
               "chance": evaluator.chance, "results": results}
     if output_json:
-        Path(output_json).write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomic(output_json, json.dumps(report, indent=2) + "\n")
+    if output_markdown:
+        write_text_atomic(output_markdown, format_table(report, markdown=True) + "\n")
     if echo:
         echo(format_table(report))
     return report
@@ -81,11 +85,11 @@ def format_table(report: dict, markdown: bool = False) -> str:
             s = r["scores"][t]
             lo, hi = s["ci95"]
             cells.append(f"{s['value']:.2f} [{lo:.2f},{hi:.2f}]" if not math.isnan(lo) else f"{s['value']:.3f}")
-        rows.append([_short(r["target"]), *cells, f"{r['fitness']:.3f}"])
+        rows.append([_short(r["target"]), *cells, f"{r['fitness']:.3f}{_mean_interval(r['scores'], tasks)}"])
     chance = [report["chance"].get(t) for t in tasks]
     rows.append(["chance", *("-" if c is None else f"{c:.2f}" if c >= 0.01 else f"{c:.0e}" for c in chance),
                  "-" if None in chance else f"{sum(chance) / len(chance):.3f}"])
-    note = f"split={report['split']}, n={_sizes(report['n'])}, 95% Wilson intervals"
+    note = f"split={report['split']}, n={_sizes(report['n'])}, 95% Wilson intervals (mean: normal approximation)"
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -101,9 +105,20 @@ def _summary(result: EvalResult) -> str:
     return f"fitness {result.fitness:.3f} ({result.seconds:.1f}s)"
 
 
+def _mean_interval(scores: dict, tasks: list[str]) -> str:
+    """' [lo,hi]' around the mean of proportions (normal approximation); '' when a task is not a proportion."""
+    if not all(scores[t].get("proportion") for t in tasks):
+        return ""
+    lo, hi = mean_ci95([scores[t]["value"] for t in tasks], [scores[t]["n"] for t in tasks])
+    return f" [{lo:.2f},{hi:.2f}]"
+
+
 def _short(target: str) -> str:
+    """A row label: the model dir's or recipe's name; a search winner (RUN/best/recipe.yaml) by its run's name."""
     path = Path(target)
-    return path.name if path.name else target
+    if path.name == "recipe.yaml" and path.parent.name == "best":
+        return f"{path.parent.parent.name} (winner)"
+    return (path.stem if path.suffix in (".yaml", ".yml") else path.name) or target
 
 
 def _sizes(n: dict) -> str:

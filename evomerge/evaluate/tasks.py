@@ -19,8 +19,11 @@ SPLITS = ("search", "validation", "test")
 
 
 def evals_dir() -> Path:
-    """evomerge's task dir: $EVOMERGE_EVALS, else `evals/` beside the package (a checkout or an editable install)."""
-    return Path(os.environ.get("EVOMERGE_EVALS") or Path(__file__).resolve().parents[2] / "evals")
+    """evomerge's task dir: $EVOMERGE_EVALS, else the wheel's evomerge/evals, else the checkout's evals/ (editable)."""
+    if os.environ.get("EVOMERGE_EVALS"):
+        return Path(os.environ["EVOMERGE_EVALS"])
+    package = Path(__file__).resolve().parents[1]
+    return package / "evals" if (package / "evals").is_dir() else package.parent / "evals"
 
 
 def quiet_lm_eval() -> None:

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.plan import Plan, TensorTask, plan_recipe
+from evomerge.merge.plan import Layout, Plan, TensorTask, plan_recipe
 import evomerge.merge.methods  # noqa: F401  (registers the built-in methods)
 from evomerge.merge.registry import METHODS
 from evomerge.merge.rng import MaskKey
@@ -129,26 +129,34 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
 
 
 class LiveMaterializer:
-    """Writes recipes into one live model in place, from resident sources; recomputes only tensors whose task changed."""
+    """Writes recipes into one live model in place, from resident sources; recomputes only tensors whose task changed.
+
+    Per candidate only the parameters are resolved: the plan's layout (which inputs make each output) is cached per
+    recipe structure, and the live parameter of each output name is looked up once.
+    """
 
     def __init__(self, model: torch.nn.Module, sources: ResidentSources):
         self.model, self.sources = model, sources
         self.applied: dict[str, TensorTask] = {}
+        self.layouts: dict[tuple, Layout] = {}  # plan_recipe's cache, keyed by plan.structure(stage)
+        self.targets: dict[str, torch.Tensor] = {}  # output name -> live parameter
+
+    def target(self, name: str) -> torch.Tensor:
+        if name not in self.targets:
+            self.targets[name] = live_param(self.model, name)
+        return self.targets[name]
 
     @torch.no_grad()
     def apply(self, recipe: Recipe, source: str = "<recipe>") -> dict[str, int]:
-        plan = plan_recipe(recipe, self.sources.dirs, source)
         if recipe.layers:
             raise EvomergeError("layer paths are materialized by evomerge.run's path model, not in place", key="layers")
+        plan = plan_recipe(recipe, self.sources.dirs, source, self.layouts)
         computed = 0
         for task in plan.tasks:
             if self.applied.get(task.out_name) == task:
                 continue
-            target = live_param(self.model, task.out_name)
-            value = compute(task, self.sources)
+            target, value = self.target(task.out_name), compute(task, self.sources)
             target[: value.shape[0]].copy_(value) if task.vocab else target.copy_(value)
             self.applied[task.out_name] = task
             computed += 1
         return {"tensors": len(plan.tasks), "computed": computed}
-
-

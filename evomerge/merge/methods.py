@@ -6,7 +6,7 @@ Arithmetic runs in float32 (float64 when an input is float64) and the result has
 when there is no base). Nothing here syncs with the device except SCE's top-k count, nor touches the global RNG.
 
 `int8_mask` is accepted for mergekit compatibility and does nothing: in mergekit it only picks the dtype of the sign
-mask to save memory, and our masks are bool.
+mask to save memory, and our masks are 0/1 in the work dtype.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.merge.registry import PerModel, merge_method
-from evomerge.merge.sparsify import SPARSIFIERS, kth_largest, sparsify
+from evomerge.merge.rng import uniforms
+from evomerge.merge.sparsify import SPARSIFIERS, kth_largest, sparsify_
 
 Tensor = torch.Tensor
 # meaningful ranges of the family's parameters (DELLA also needs density +/- epsilon inside (0, 1))
@@ -55,8 +56,10 @@ def _sum0(x: Tensor) -> Tensor:
 def sign_agreement(deltas: Tensor) -> Tensor:
     """TIES sign election: 1 where a delta has the sign of the sum over models (+ on a zero sum), else 0, in the
     deltas' dtype; sign(0) matches nothing, so a zero delta never counts towards the divisor."""
-    majority = (_sum0(deltas) >= 0).to(deltas.dtype).mul_(2).sub_(1)  # +-1 (arithmetic: torch.where is slow on CPU)
-    return (deltas.sign() == majority).to(deltas.dtype)
+    majority = torch.ge(_sum0(deltas), 0, out=torch.empty_like(deltas[0])).mul_(2).sub_(1)  # +-1 (torch.where is slow)
+    # sign(d) == majority  <=>  d * majority > 0 (also for 0 and NaN); torch.sign is slow, and a bool result too
+    agree = deltas * majority
+    return torch.gt(agree, 0, out=agree)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -100,11 +103,10 @@ def generalized_task_arithmetic(
     b = base.to(work)
     deltas = _stack(tensors, work).sub_(b)  # [n, *shape]; updated in place below (fewer passes over memory)
     if member.sparsifier:
+        draws = uniforms(key, b.shape, b.device) if SPARSIFIERS[member.sparsifier].randomized else None  # [n, *shape]
         for i, delta in enumerate(deltas):
-            own = {name: values[i] for name, values in extra.items()}
-            if SPARSIFIERS[member.sparsifier].randomized:
-                own["key"] = key[i]
-            deltas[i] = sparsify(delta, member.sparsifier, density[i], rescale=rescale, **own)
+            own = {name: values[i] for name, values in extra.items()} | ({"u": draws[i]} if draws is not None else {})
+            sparsify_(delta, member.sparsifier, density[i], rescale=rescale, **own)
     for delta, w in zip(deltas, weight):  # Python scalars: no host-to-device copy, no sync
         delta.mul_(w)
     if member.consensus:
@@ -113,7 +115,7 @@ def generalized_task_arithmetic(
         for m, w in zip(agree, weight):
             m.mul_(w)
         divisor = _sum0(agree)
-        divisor += divisor == 0  # 0 -> 1
+        divisor += torch.eq(divisor, 0, out=torch.empty_like(divisor))  # 0 -> 1
     else:
         mixed, divisor = _sum0(deltas), _guarded(sum(weight))
     if normalize:
@@ -140,11 +142,16 @@ def _register_family_member(name: str, member: TaskArithmetic) -> None:
     positional = [inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in ("base", "tensors")]
     signature = inspect.Signature(positional + params)
 
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    allowed, required = {p.name for p in params}, {p.name for p in params if p.name not in defaults}
+    per_model = [p.name for p in params if p.annotation is PerModel]
+
     def merge(base, tensors, **kwargs):
-        bound = signature.bind(base, tensors, **kwargs)
-        bound.apply_defaults()
-        per_model = {p.name: _each(bound.arguments[p.name], len(tensors)) for p in params if p.annotation is PerModel}
-        return generalized_task_arithmetic(base, tensors, member=member, **{**bound.kwargs, **per_model})
+        if not required <= kwargs.keys() <= allowed:
+            signature.bind(base, tensors, **kwargs)  # raises the TypeError (binding every call costs ~10 us)
+        args = {**defaults, **kwargs}
+        args.update({name: _each(args[name], len(tensors)) for name in per_model})
+        return generalized_task_arithmetic(base, tensors, member=member, **args)
 
     merge.__signature__ = signature
     merge.__annotations__ = {p.name: p.annotation for p in params}
@@ -210,7 +217,8 @@ def _nuslerp(t: float, a: Tensor, b: Tensor, *, row_wise: bool, flatten: bool) -
     colinear = 1 - cos.square() <= 1e-16
     theta = torch.acos(torch.where(colinear, 0.0, cos))
     out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / theta.sin()
-    out = torch.where(colinear, (1 - t) * a + t * b, out)
+    if a.device.type != "cpu" or colinear.any():  # reading the flag costs a device sync, but nothing on CPU
+        out = torch.where(colinear, (1 - t) * a + t * b, out)
     if row_wise and not flatten and a.ndim > 1:
         out = out.transpose(0, -1)
     return out.reshape(shape)
@@ -292,12 +300,12 @@ def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0, int8_m
 
 
 def _top_variance(tau: Tensor, fraction: float) -> Tensor:
-    """Mask of the k = int(fraction * #nonzero) entries with the largest variance across models."""
+    """0/1 mask of the k = int(fraction * #nonzero) entries with the largest variance across models."""
     var = (tau - tau.mean(0)).square_().mean(0)  # population variance; tau.var(0) is ~50x slower on CPU
     k = int(int(torch.count_nonzero(var)) * fraction)  # the one device sync: the count sizes the selection
     if k <= 0:
-        return torch.zeros_like(var, dtype=torch.bool)
-    return var >= kth_largest(var, k)
+        return torch.zeros_like(var)
+    return torch.ge(var, kth_largest(var, k), out=torch.empty_like(var))
 
 
 @merge_method("passthrough", base="none", max_models=1)

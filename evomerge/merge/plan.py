@@ -153,13 +153,33 @@ def _check_compatible(dirs: dict[str, ModelDir], source: str) -> None:
                                     source=source, key="models")
 
 
-def plan_stage(stage: MergeStage, dirs: dict[str, ModelDir], source: str) -> tuple[list[TensorTask], list[list[TensorTask]]]:
-    """(non-layer tasks, per-output-layer task lists) for a parameter-space stage."""
-    spec = validate_stage(stage, source)
+@dataclass(frozen=True)
+class _Slot:
+    """One output tensor of a stage before its parameters are resolved: where its inputs come from."""
+
+    out_name: str
+    slice: int  # index into the stage's slices
+    inputs: tuple[tuple[int, str], ...]  # (index of the source in the slice, tensor name in that source)
+    t: float  # position inside the slice, for gradient parameters
+    vocab: bool
+
+
+Layout = tuple[list[_Slot], list[list[_Slot]]]  # (non-layer slots, per-output-layer slots)
+
+
+def structure(stage: MergeStage) -> tuple:
+    """All a stage's layout depends on (with the model dirs): its method, models and layer ranges, not parameter values."""
+    if stage.slices is None:
+        return stage.method, stage.base_model, tuple(m.model for m in stage.models)
+    return stage.method, stage.base_model, tuple(
+        (out.base_model, tuple((s.model, s.layer_range) for s in out.sources)) for out in stage.slices)
+
+
+def stage_layout(stage: MergeStage, dirs: dict[str, ModelDir], source: str) -> Layout:
+    """Which input tensors make each output tensor: the structural checks and name bookkeeping of `plan_stage`."""
     used = {m: dirs[m] for m in stage.referenced_models()}
     _check_compatible(used, source)
-    template_name = stage.base_model or stage.referenced_models()[0]
-    template = dirs[template_name]
+    template = dirs[stage.base_model or stage.referenced_models()[0]]
     arch = template.arch
     slices = _slices(stage, template.num_layers)
     for i, out in enumerate(slices):
@@ -171,28 +191,51 @@ def plan_stage(stage: MergeStage, dirs: dict[str, ModelDir], source: str) -> tup
                 raise EvomergeError(f"layer_range {list(s.layer_range)} is outside 0..{dirs[s.model].num_layers} of {s.model}",
                                     source=source, key=f"slices[{i}].layer_range")
 
-    def non_layer(names: list[str], out: OutputSlice) -> list[TensorTask]:
-        return [_resolve_task(spec, stage, out, n, [(s, n) for s in out.sources if n in dirs[s.model].tensor_names],
-                              0.0, source, arch.is_vocab_tensor(n)) for n in names]
+    def non_layer(names: list[str], i: int) -> list[_Slot]:
+        sources = slices[i].sources
+        return [_Slot(n, i, tuple((j, n) for j, s in enumerate(sources) if n in dirs[s.model].tensor_names), 0.0,
+                      arch.is_vocab_tensor(n)) for n in names]
 
     layer0 = [n for n in template.tensor_names if arch.layer_of(n) == 0]
     tied = arch.tied_embeddings(template.config)
     outside = [n for n in template.tensor_names if arch.layer_of(n) is None and not (tied and n.startswith("lm_head."))]
     pre = [n for n in outside if arch.is_pre_layer(n)]
-    post = [n for n in outside if n not in pre]
-    head = non_layer(pre, slices[0]) + non_layer(post, slices[-1])
-    layers: list[list[TensorTask]] = []
-    for out in slices:
+    head = non_layer(pre, 0) + non_layer([n for n in outside if n not in pre], len(slices) - 1)
+    layers: list[list[_Slot]] = []
+    for i, out in enumerate(slices):
         n = out.sources[0].layer_range[1] - out.sources[0].layer_range[0]
         for idx in range(n):
             t = idx / (n - 1) if n > 1 else 1.0
             out_layer = len(layers)
-            tasks = []
-            for name in layer0:
-                inputs = [(s, arch.rename_layer(name, s.layer_range[0] + idx)) for s in out.sources]
-                tasks.append(_resolve_task(spec, stage, out, arch.rename_layer(name, out_layer), inputs, t, source, False))
-            layers.append(tasks)
+            layers.append([_Slot(arch.rename_layer(name, out_layer), i, tuple(
+                (j, arch.rename_layer(name, s.layer_range[0] + idx)) for j, s in enumerate(out.sources)), t, False)
+                for name in layer0])
     return head, layers
+
+
+def plan_stage(stage: MergeStage, dirs: dict[str, ModelDir], source: str, layouts: dict[tuple, Layout] | None = None
+               ) -> tuple[list[TensorTask], list[list[TensorTask]]]:
+    """(non-layer tasks, per-output-layer task lists) for a parameter-space stage.
+
+    `layouts` memoizes `stage_layout` by `structure(stage)` for a caller that plans many recipes over the same `dirs`
+    (a search worker): then only the parameters are resolved per recipe.
+    """
+    spec = validate_stage(stage, source)
+    key = structure(stage)
+    layout = layouts.get(key) if layouts is not None else None
+    if layout is None:
+        layout = stage_layout(stage, dirs, source)
+        if layouts is not None:
+            layouts[key] = layout
+    slices = _slices(stage, dirs[stage.base_model or stage.referenced_models()[0]].num_layers)
+
+    def task(slot: _Slot) -> TensorTask:
+        out = slices[slot.slice]
+        inputs = [(out.sources[j], name) for j, name in slot.inputs]
+        return _resolve_task(spec, stage, out, slot.out_name, inputs, slot.t, source, slot.vocab)
+
+    head, layers = layout
+    return [task(s) for s in head], [[task(s) for s in layer] for layer in layers]
 
 
 def fold_hidden_scales(layers: list[LayerSlot]) -> list[float]:
@@ -209,12 +252,14 @@ def fold_hidden_scales(layers: list[LayerSlot]) -> list[float]:
     return factors
 
 
-def plan_recipe(recipe: Recipe, dirs: dict[str, ModelDir], source: str = "<recipe>") -> Plan:
+def plan_recipe(recipe: Recipe, dirs: dict[str, ModelDir], source: str = "<recipe>",
+                layouts: dict[tuple, Layout] | None = None) -> Plan:
+    """The tasks of `recipe` over `dirs`; `layouts` caches the merge stage's layout (see `plan_stage`)."""
     warnings: list[str] = []
     head: list[TensorTask] = []
     merged_layers: list[list[TensorTask]] = []
     if recipe.merge:
-        head, merged_layers = plan_stage(recipe.merge, dirs, source)
+        head, merged_layers = plan_stage(recipe.merge, dirs, source, layouts)
         config_from = recipe.merge.base_model or recipe.merge.referenced_models()[0]
     if not recipe.layers:
         return Plan(head + [t for layer in merged_layers for t in layer], len(merged_layers), config_from,

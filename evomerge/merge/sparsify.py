@@ -3,7 +3,8 @@
 Semantics of mergekit 0.1.5 `sparsify.py`: density >= 1 returns the delta unchanged (no rescale), density <= 0 zeros
 it; otherwise a mask is chosen and, with `rescale`, the kept entries are scaled to keep the delta's L1 norm. Masks are
 chosen by selection (`kth_smallest`), never by sorting the whole tensor, and exact ties at a threshold are always kept,
-so the result is the same on every device. Random masks come from `evomerge.merge.rng`, not the torch global RNG.
+so the result is the same on every device. Masks are 0/1 in the delta's dtype (`_mask`). Random masks compare the
+delta's uniform draws `u` (from `evomerge.merge.rng`, never the torch global RNG) with the keep probability.
 """
 
 from __future__ import annotations
@@ -11,23 +12,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
-
-from evomerge.merge.rng import MaskKey, uniform
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest (1-based) of nonnegative `values` over the whole tensor, a 0-dim tensor: exact, no device sync.
 
-    Radix select on the float bits, which order like integers for values >= 0 (magnitudes, variances; NaN is largest,
-    as in torch.kthvalue): 16 bits at a time, histogram the next digit of the keys that share the digits chosen so far
-    (bin 0 counts every smaller key, the last every larger one) and take the digit where the running count reaches k.
-    Two passes over a float32 tensor, no sort: 4-5x faster than torch.kthvalue on CPU, and on CUDA no single-block
-    select over the whole tensor. Up to 2**15 entries torch.kthvalue (same value) beats the histograms' fixed cost.
+    NaN counts as largest, as in torch.kthvalue. On CPU numpy's introselect (SIMD) is 20x faster than the radix select
+    at 2**16 entries and 3x at 2**22; elsewhere `radix_select`, or torch.kthvalue up to 2**15 entries.
     """
     flat = values.reshape(-1) if values.element_size() >= 4 else values.reshape(-1).float()
-    if flat.numel() <= 2**15:
-        return torch.kthvalue(flat, k).values
+    if flat.device.type == "cpu":
+        return torch.as_tensor(np.partition(flat.detach().numpy(), k - 1)[k - 1])
+    return torch.kthvalue(flat, k).values if flat.numel() <= 2**15 else radix_select(flat, k)
+
+
+def radix_select(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """kth_smallest of a 1-D float32/float64 tensor by radix select on the float bits, which order like integers for
+    values >= 0: 16 bits at a time, histogram the next digit of the keys that share the digits chosen so far (bin 0
+    counts every smaller key, the last every larger one) and take the digit where the running count reaches k. Two
+    passes over a float32 tensor, no sort, no sync; on CUDA no single-block select over the whole tensor.
+    """
     keys = flat.view(torch.int32 if flat.element_size() == 4 else torch.int64)
     ones = torch.ones((), dtype=torch.int64, device=keys.device).expand(keys.numel())
     prefix = torch.zeros((), dtype=torch.int64, device=keys.device)  # the digits chosen so far, as an integer
@@ -42,6 +48,12 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return kth_smallest(values, values.numel() - k + 1)
 
 
+def _mask(compare, a, b, like: torch.Tensor) -> torch.Tensor:
+    """compare(a, b) as 0/1 in the dtype of `like`: on CPU writing a bool result and multiplying by it each cost ~4x
+    a float op (the product converts the bool tensor first)."""
+    return compare(a, b, out=torch.empty_like(like))
+
+
 def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     """TIES: keep the k = max(1, int(density * numel)) largest |delta| over the whole tensor.
 
@@ -49,7 +61,7 @@ def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     when there are exact ties at the threshold (mergekit's argsort keeps an arbitrary k of them).
     """
     mag = delta.abs()
-    return mag >= kth_largest(mag, max(1, int(density * mag.numel())))
+    return _mask(torch.ge, mag, kth_largest(mag, max(1, int(density * mag.numel()))), delta)
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, *, gamma: float) -> torch.Tensor:
@@ -62,18 +74,41 @@ def magnitude_outliers(delta: torch.Tensor, density: float, *, gamma: float) -> 
     n = delta.numel()
     keep, top = int(density * n), max(0, int(gamma * n))
     if keep <= 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
+        return torch.zeros_like(delta)
     skip = max(0, n - keep - top)  # the smallest entries dropped
     mag = delta.abs()
-    return (mag >= kth_smallest(mag, skip + 1)) & (mag <= kth_smallest(mag, skip + keep))
+    above_low = _mask(torch.ge, mag, kth_smallest(mag, skip + 1), delta)
+    return above_low.mul_(_mask(torch.le, mag, kth_smallest(mag, skip + keep), delta))
 
 
-def bernoulli(delta: torch.Tensor, density: float, *, key: MaskKey) -> torch.Tensor:
-    """DARE: keep each entry independently with probability `density`."""
-    return uniform(key, delta.shape, delta.device) < density
+def bernoulli(delta: torch.Tensor, density: float, *, u: torch.Tensor) -> torch.Tensor:
+    """DARE: keep each entry independently with probability `density` (u: its U[0, 1) draws, see rng.uniform)."""
+    return _mask(torch.lt, u, density, delta)
 
 
-def della_magprune(delta: torch.Tensor, density: float, *, epsilon: float, key: MaskKey) -> torch.Tensor:
+def row_order(mag: torch.Tensor) -> torch.Tensor:
+    """mag.argsort(dim=1, stable=True) of a 2-D mag >= 0 (ties by column). float32 sorts the int64 keys (bits of mag,
+    column) instead: distinct, and ordered like (mag, column), so any sort is stable. On CPU numpy builds and sorts
+    them in place (its SIMD sort is ~50x faster than torch.sort there)."""
+    if mag.dtype != torch.float32:
+        return mag.argsort(dim=1, stable=True)
+    return _row_order_numpy(mag) if mag.device.type == "cpu" else _row_order_torch(mag)
+
+
+def _row_order_numpy(mag: torch.Tensor) -> torch.Tensor:
+    keys = mag.detach().numpy().view(np.int32).astype(np.int64)
+    keys <<= 32
+    keys |= np.arange(mag.shape[1])
+    keys.sort(axis=-1)
+    return torch.from_numpy(keys).bitwise_and_(0xFFFFFFFF)
+
+
+def _row_order_torch(mag: torch.Tensor) -> torch.Tensor:
+    keys = (mag.view(torch.int32).to(torch.int64) << 32) | torch.arange(mag.shape[1], device=mag.device)
+    return keys.sort(dim=-1).values.bitwise_and_(0xFFFFFFFF)
+
+
+def della_magprune(delta: torch.Tensor, density: float, *, epsilon: float, u: torch.Tensor) -> torch.Tensor:
     """DELLA MagPrune: keep with probability density - epsilon + 2 * epsilon * rank / (n - 1), rank by |delta| within
     each row (along dim 1 as in mergekit; a 1-D tensor is one row). Ties rank by position (stable sort).
 
@@ -83,19 +118,18 @@ def della_magprune(delta: torch.Tensor, density: float, *, epsilon: float, key: 
         raise ValueError(f"DELLA needs density +/- epsilon in (0, 1); got density {density}, epsilon {epsilon}")
     rows = delta if delta.ndim >= 2 else delta.reshape(1, -1)
     n = rows.shape[1]
-    order = rows.abs().argsort(dim=1, stable=True)
-    positions = torch.arange(n, dtype=delta.dtype, device=delta.device).expand_as(rows)
-    rank = torch.empty_like(rows).scatter_(1, order, positions)  # 0 = smallest |delta| of its row; inverts `order`
+    rank = torch.arange(n, dtype=delta.dtype, device=delta.device)
     rank_norm = rank / (n - 1) if n > 1 else torch.full_like(rank, 0.5)
-    keep_prob = density - epsilon + rank_norm * (2 * epsilon)
-    return (uniform(key, rows.shape, delta.device) < keep_prob).reshape(delta.shape)
+    prob = density - epsilon + rank_norm * (2 * epsilon)  # [n]: the keep probability of each rank, once per tensor
+    keep_prob = torch.empty_like(rows).scatter_(1, row_order(rows.abs()), prob.expand_as(rows))  # at each entry's rank
+    return _mask(torch.lt, u.reshape(rows.shape), keep_prob, rows).reshape(delta.shape)
 
 
 @dataclass(frozen=True)
 class Sparsifier:
-    mask: Callable[..., torch.Tensor]  # (delta, density, **extra) -> bool mask
+    mask: Callable[..., torch.Tensor]  # (delta, density, **extra) -> 0/1 mask in delta's dtype
     extra: dict[str, float] = field(default_factory=dict)  # per-model parameters it adds, with mergekit's defaults
-    randomized: bool = False  # takes `key`
+    randomized: bool = False  # takes `u`, the delta's uniform draws
 
 
 SPARSIFIERS: dict[str, Sparsifier] = {
@@ -106,19 +140,25 @@ SPARSIFIERS: dict[str, Sparsifier] = {
 }
 
 
-def rescale_l1(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """delta * mask scaled to the L1 norm of delta (mergekit `rescaled_masked_tensor`); unscaled if a norm is < eps."""
-    masked = delta * mask
-    before, after = delta.abs().sum(), masked.abs().sum()
-    ratio = torch.where((before >= eps) & (after >= eps), before / after.clamp_min(eps), 1.0)
-    return masked * ratio
+def rescale_l1_(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """delta *= mask, then scaled back to delta's L1 norm before masking (mergekit `rescaled_masked_tensor`); unscaled
+    if either norm is < eps. In place."""
+    mag = delta.abs()
+    before = mag.sum()
+    after = mag.mul_(mask).sum()  # |delta * mask|, the mask being 0/1
+    return delta.mul_(mask).mul_(torch.where((before >= eps) & (after >= eps), before / after.clamp_min(eps), 1.0))
 
 
-def sparsify(delta: torch.Tensor, method: str, density: float, *, rescale: bool, **extra) -> torch.Tensor:
-    """Apply SPARSIFIERS[method] to one delta; `extra` holds its own parameters (gamma, epsilon, key)."""
+def sparsify_(delta: torch.Tensor, method: str, density: float, *, rescale: bool, **extra) -> torch.Tensor:
+    """Apply SPARSIFIERS[method] to one delta, in place; `extra` holds its own parameters (gamma, epsilon, u)."""
     if density >= 1 or delta.numel() == 0:
         return delta
     if density <= 0:
-        return torch.zeros_like(delta)
+        return delta.zero_()
     mask = SPARSIFIERS[method].mask(delta, density, **extra)
-    return rescale_l1(delta, mask) if rescale else delta * mask
+    return rescale_l1_(delta, mask) if rescale else delta.mul_(mask)
+
+
+def sparsify(delta: torch.Tensor, method: str, density: float, *, rescale: bool, **extra) -> torch.Tensor:
+    """`sparsify_` on a copy of `delta`."""
+    return sparsify_(delta.clone(), method, density, rescale=rescale, **extra)

@@ -268,8 +268,14 @@ def load_live_model(ref: ModelDir | str | os.PathLike, device: str | torch.devic
     """A transformers causal LM in eval mode; `dtype=None` keeps the checkpoint's dtype."""
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     md = ref if isinstance(ref, ModelDir) else ModelDir.open(ref)
-    model = AutoModelForCausalLM.from_pretrained(md.path, dtype=dtype or "auto")
+    hf_logging.disable_progress_bar()  # a worker loads several models: no "Loading weights" bar for each
+    try:
+        model = AutoModelForCausalLM.from_pretrained(md.path, dtype=dtype or "auto")
+    finally:
+        hf_logging.enable_progress_bar()
     return model.to(device).eval()
 
 

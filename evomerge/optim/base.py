@@ -108,8 +108,7 @@ class Optimizer(ABC):
     def pareto_front(self) -> list[Result]:
         """Successful results no other result dominates (>= in every objective, > in one), in order of asking."""
         ok = [r for r in self.results if r.ok]
-        f = np.array([r.fitness for r in ok]).reshape(len(ok), self.n_objectives)
-        return [r for r, fi in zip(ok, f) if not np.any(np.all(f >= fi, axis=1) & np.any(f > fi, axis=1))]
+        return [ok[i] for i in non_dominated([r.fitness for r in ok])]
 
     @abstractmethod
     def _ask(self, first_id: int) -> list[np.ndarray]:
@@ -117,6 +116,12 @@ class Optimizer(ABC):
 
     @abstractmethod
     def _tell(self, candidate: Candidate, fitness: tuple[float, ...] | None) -> None: ...
+
+
+def non_dominated(points: Sequence[Sequence[float]]) -> list[int]:
+    """Indices of the points no other point dominates (>= in every objective, > in one; maximizing), in order."""
+    f = np.asarray(points, dtype=np.float64).reshape(len(points), -1)
+    return [i for i, fi in enumerate(f) if not np.any(np.all(f >= fi, axis=1) & np.any(f > fi, axis=1))]
 
 
 def save_optimizer(optimizer: Optimizer, path: str | os.PathLike) -> None:

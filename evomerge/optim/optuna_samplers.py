@@ -64,11 +64,12 @@ class OptunaOptimizer(Optimizer):
         return [np.array([trial.params[name] for name in self.distributions])]
 
     def _tell(self, candidate: Candidate, fitness: tuple[float, ...] | None) -> None:
+        study = self.study  # reconnect first: while unpickled, this trial must still count as known (not failed)
         number = self._trial_of.pop(candidate.id)
         if fitness is None:
-            self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+            study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
         else:
-            self.study.tell(number, list(fitness), skip_if_finished=True)
+            study.tell(number, list(fitness), skip_if_finished=True)
 
 
 class TPE(OptunaOptimizer):

@@ -9,6 +9,9 @@
     workers: {backend: ray, num: 2}
     validation: {top_k: 3}
 
+Several objectives (a multi-objective optimizer: nsga2, tpe, random): `optimizer: {name: nsga2}` and
+`evaluation: {tasks: [skill_a, skill_b], objectives: [skill_a, skill_b]}` (names as the evaluator's per-task scores).
+
 Defaults live here. `load_experiment` resolves the space (includes, relative paths) so the frozen copy written into the
 run directory stands alone.
 """
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.errors import EvomergeError, did_you_mean
 from evomerge.recipe import format_validation_error
@@ -44,13 +47,26 @@ class EvaluationConfig(_Schema):
     split: str = "search"
     limit: int | None = Field(None, ge=1)  # samples per task on the search split
     weights: dict[str, float] | None = None  # fitness = weighted mean over tasks; None: plain mean
+    # Multi-objective search: each name is a task whose score (per-task scores, as the evaluator names them) is one
+    # maximized objective. None: one objective, the fitness. Elites and winner still rank by fitness (see run.loop).
+    objectives: list[str] | None = Field(None, min_length=1)
     task_dirs: list[str] = Field(default_factory=list)  # user lm-eval task dirs, besides evomerge's evals/
     network: bool = False  # allow lm-eval's built-in tasks (their data is downloaded: needs network)
+
+    @field_validator("objectives")
+    @classmethod
+    def _distinct(cls, objectives):
+        if objectives is not None and len(set(objectives)) != len(objectives):
+            raise ValueError("a task is listed twice")
+        return objectives
 
 
 class WorkersConfig(_Schema):
     backend: Literal["local", "ray"] = "local"
     num: int = Field(1, ge=1)  # candidates in flight; part of the search's determinism (see loop)
+    # candidate: results are told in candidate order (reproducible; a worker can wait for an earlier, slower candidate);
+    # arrival: told as they come, so no worker waits on TPE or random search (TPE's run then depends on worker timing)
+    tell_order: Literal["candidate", "arrival"] = "candidate"
     device: str = "cpu"
     dtype: str | None = None  # compute dtype of the live models; None keeps the sources'
     ray_address: str | None = None  # join a running cluster; None starts a local one
@@ -88,8 +104,9 @@ def experiment_from_dict(doc: Any, *, source: str = "<experiment>", base_dir: st
         experiment = Experiment.model_validate(doc)
     except ValidationError as err:
         raise format_validation_error(err, source) from None
-    space = load_space_config(experiment.space, source=source, base_dir=base_dir)
+    space = load_space_config(experiment.space, source=source, base_dir=base_dir, key="space")
     _check_optimizer(experiment.optimizer, source)
+    _check_objectives(experiment, source)
     return experiment.model_copy(update={"space": space.model_dump(mode="json")})
 
 
@@ -108,6 +125,16 @@ def _check_optimizer(config: OptimizerConfig, source: str) -> None:
         msg = "unknown option" if first["type"] == "extra_forbidden" else first["msg"]
         raise EvomergeError(f"{msg} (options of {config.name}: {', '.join(schema.model_fields) or 'none'})", source=source,
                             key="optimizer.options." + ".".join(str(p) for p in first["loc"])) from None
+
+
+def _check_objectives(experiment: Experiment, source: str) -> None:
+    from evomerge.optim import OPTIMIZERS
+
+    name = experiment.optimizer.name
+    if experiment.evaluation.objectives and not OPTIMIZERS[name].multi_objective:
+        multi = sorted(n for n, cls in OPTIMIZERS.items() if cls.multi_objective)
+        raise EvomergeError(f"optimizer {name} takes one objective; use one of {', '.join(multi)}, or drop objectives "
+                            "(the search then maximizes the fitness)", source=source, key="evaluation.objectives")
 
 
 def load_experiment(path: str | os.PathLike) -> Experiment:

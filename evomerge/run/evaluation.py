@@ -1,4 +1,5 @@
-"""The search's evaluator: one lm-eval HarnessEvaluator per split, built once per worker and reused for every trial."""
+"""The search's evaluator: one lm-eval HarnessEvaluator per split, built once per worker and reused for every trial; and
+the objectives of a multi-objective search, read from an evaluation's per-task scores."""
 
 from __future__ import annotations
 
@@ -41,6 +42,17 @@ class SplitEvaluator:
     def evaluate(self, model, split: str) -> Evaluation:
         result = self._for(split).evaluate(model)
         return Evaluation(result.fitness, {t: s.to_dict() for t, s in result.scores.items()}, result.status, result.error)
+
+
+def objective_values(scores: dict[str, Any], names: list[str]) -> list[float]:
+    """The objectives vector of one evaluation: task t's score (`value`, negated if lower is better), in `names` order.
+    A name with no score is a config error (`evaluation.objectives`), not a failed candidate: every trial would fail."""
+    from evomerge.errors import EvomergeError, did_you_mean
+
+    for name in names:
+        if name not in scores:
+            raise EvomergeError(f"no score for task {name!r}; {did_you_mean(name, scores)}", key="evaluation.objectives")
+    return [float(scores[t]["value"]) * (1 if scores[t].get("higher_is_better", True) else -1) for t in names]
 
 
 def evaluator_factory(tokenizer_source: str):

@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS trials (
     recipe TEXT NOT NULL,              -- evomerge YAML
     scores TEXT NOT NULL,              -- JSON {task: {metric, stderr, chance}}
     fitness REAL,                      -- NULL when failed
-    objectives TEXT,                   -- JSON list, for multi-objective optimizers
+    objectives TEXT,                   -- JSON list: the scores of evaluation.objectives (multi-objective runs)
     status TEXT NOT NULL,              -- ok or failed
     error TEXT,
     worker TEXT,

@@ -4,15 +4,22 @@ Determinism. With W = workers.num, the optimizer is told results in candidate or
 a buffer), and right after each tell it is asked for new candidates while fewer than W are asked and not told. The
 sequence of asks and tells is then fixed by the config and seed alone: candidate k is asked after exactly the tells of
 candidates 0 .. k - W, however fast the workers are. A CMA-ES generation comes out whole (ask gives [] until it is told)
-and is dispatched whole. The budget is exact: candidates asked past it are never run.
+and is dispatched whole. The budget is exact: candidates asked past it are never run. The price: a worker done early
+waits while an earlier candidate runs. `workers.tell_order: arrival` tells results as they come instead, so TPE and
+random search keep every worker busy; random search stays reproducible (its proposals ignore results), TPE does not.
 
 Durability. Each result goes to the ledger first, then to the optimizer, then optimizer.pkl is rewritten (atomically).
 Resume loads optimizer.pkl, tells it the ledger's results for the candidates it still waits for, runs the others, and
 goes on. A ledger row is reused whenever the optimizer proposes its candidate again, so an unreadable optimizer.pkl is
 replaced by a fresh optimizer that replays the whole ledger to the same state.
 
+Objectives. The optimizer maximizes the fitness (the weighted mean of the task scores), or, with
+`evaluation.objectives`, the vector of those tasks' scores (a multi-objective optimizer, e.g. NSGA-II); failed: None.
+
 After the budget: the top-k trials by search fitness are re-scored on `validation`, the winner (best on validation) is
 scored once on `test`, and best/recipe.yaml + best/scores.json are written. Rows already in the ledger are never rerun.
+With several objectives the elites are the Pareto front of the search trials (best fitness first, at most top-k), and
+scores.json lists that front too.
 """
 
 from __future__ import annotations
@@ -29,9 +36,10 @@ import numpy as np
 import yaml
 
 from evomerge.errors import EvomergeError
-from evomerge.optim import Optimizer, load_optimizer, make_optimizer, save_optimizer
+from evomerge.optim import Optimizer, load_optimizer, make_optimizer, non_dominated, save_optimizer
 from evomerge.recipe import recipe_from_dict, save_recipe, to_evomerge_yaml, write_text_atomic
 from evomerge.run.config import EvaluationConfig, Experiment
+from evomerge.run.evaluation import objective_values
 from evomerge.run.ledger import Ledger, Trial
 from evomerge.run.pool import Pool, RunnerSpec, Task, make_pool
 from evomerge.run.rundir import RunDir
@@ -70,13 +78,13 @@ def _run(rd: RunDir, experiment: Experiment, make_evaluator: EvaluatorFactory, p
     from evomerge.spaces import build_space, load_space_config, space_models
 
     source = str(rd.config)
-    space_config = load_space_config(experiment.space, source=source)
-    models = space_models(space_config, source=source)
+    space_config = load_space_config(experiment.space, source=source, key="space")
+    models = space_models(space_config, source=source, key="space")
     num_layers = {}
     for model in models:
         with ModelDir.open(model, source=source) as md:
             num_layers[model] = md.num_layers
-    space = build_space(space_config, num_layers=num_layers, source=source)
+    space = build_space(space_config, num_layers=num_layers, source=source, key="space")
     ledger = Ledger(rd.ledger)
     owned = pool is None
     try:
@@ -114,7 +122,8 @@ def _optimizer(experiment: Experiment, rd: RunDir, space, ledger: Ledger) -> Opt
         _log(rd, "no optimizer.pkl; rebuilding the optimizer and replaying the ledger", echo=True)
     try:
         return make_optimizer(experiment.optimizer.name, *space.bounds, seed=experiment.seed, x0=space.x0,
-                              run_dir=rd.path, options=experiment.optimizer.options, source=str(rd.config))
+                              n_objectives=len(experiment.evaluation.objectives or [None]), run_dir=rd.path,
+                              options=experiment.optimizer.options, source=str(rd.config))
     except EvomergeError as err:
         if not rd.optimizer.exists():
             raise
@@ -135,7 +144,7 @@ class _Loop:
                  progress: bool):
         self.experiment, self.rd, self.space, self.opt, self.ledger, self.pool = experiment, rd, space, optimizer, ledger, pool
         self.width, self.budget = experiment.workers.num, experiment.budget.trials
-        self.split = experiment.evaluation.split
+        self.split, self.objectives = experiment.evaluation.split, experiment.evaluation.objectives
         self.recorded: dict[int, Trial] = {}  # search-split results in the ledger, by candidate
         for trial in ledger.trials(self.split):
             self.recorded.setdefault(trial.candidate, trial)
@@ -184,7 +193,7 @@ class _Loop:
                     raise EvomergeError(f"the ledger's candidate {cid} differs from the one the optimizer proposes: "
                                         "the run dir was edited, or its optimizer is not deterministic; start a new run "
                                         "dir", source=str(self.rd.ledger))
-                self.results[cid] = trial.fitness if trial.ok else None
+                self.results[cid] = self._told(trial)
                 continue
             if not self.pool.idle:
                 continue  # later candidates may still be in the ledger
@@ -195,14 +204,19 @@ class _Loop:
         cid = result.candidate
         trial = self._append(result, self.opt.pending[cid].genome, self.in_flight.pop(cid))
         self.recorded[cid] = trial
-        self.results[cid] = trial.fitness if trial.ok else None
+        self.results[cid] = self._told(trial)
         self._update_bar()
 
+    def _told(self, trial: Trial):
+        """What the optimizer learns of a trial: its fitness, or its objectives vector; None when it failed."""
+        if not trial.ok:
+            return None
+        return trial.objectives if self.objectives else trial.fitness
+
     def _advance(self) -> bool:
-        """Tell the buffered results that are next in candidate order, asking after each tell; checkpoint."""
+        """Tell the buffered results that are next (in candidate or arrival order), asking after each tell; checkpoint."""
         told = False
-        while self.opt.pending and min(self.opt.pending) in self.results:
-            cid = min(self.opt.pending)
+        while (cid := self._next_to_tell()) is not None:
             self.opt.tell(cid, self.results.pop(cid))
             self._fill()
             told = True
@@ -210,16 +224,31 @@ class _Loop:
             save_optimizer(self.opt, self.rd.optimizer)
         return told
 
+    def _next_to_tell(self) -> int | None:
+        if self.experiment.workers.tell_order == "arrival":
+            return next(iter(self.results), None)  # dicts keep insertion (arrival) order
+        first = min(self.opt.pending, default=None)
+        return first if first in self.results else None
+
     def _append(self, result, genome, recipe_yaml: str) -> Trial:
         """The ledger row of a result: written before anything else learns of it."""
         recipe = recipe_from_dict([yaml.safe_load(recipe_yaml)])
         trial = Trial(candidate=result.candidate, split=result.split, genome=[float(g) for g in genome],
                       recipe_hash=recipe.identity, recipe=recipe_yaml, scores=result.scores, fitness=result.fitness,
-                      objectives=result.objectives, status=result.status, error=result.error, worker=result.worker,
+                      status=result.status, error=result.error, worker=result.worker,
                       t_merge=result.t_merge, t_eval=result.t_eval, t_total=result.t_total)
+        if self.objectives and trial.ok:
+            try:
+                trial.objectives = objective_values(result.scores, self.objectives)
+            except EvomergeError as err:  # a wrong task name: every trial would fail alike, so stop now
+                raise EvomergeError(f"{err}; start a new run dir with a corrected config",
+                                    source=str(self.rd.config)) from None
+            if not all(math.isfinite(v) for v in trial.objectives):
+                trial.error = f"non-finite objective(s) {trial.objectives}"
+                trial.fitness, trial.objectives = None, None
         if not trial.ok:
             trial.status = "failed"
-            _log(self.rd, f"candidate {result.candidate} ({result.split}) failed: {result.error}")
+            _log(self.rd, f"candidate {result.candidate} ({result.split}) failed: {trial.error}")
         self.ledger.append(trial)
         return trial
 
@@ -235,7 +264,8 @@ class _Loop:
     # -- fitness hygiene: validation, test, best/ ---------------------------------------------------------------------
     def finish(self) -> Summary:
         searched = [t for cid, t in sorted(self.recorded.items()) if cid < self.budget]
-        ranked = sorted((t for t in searched if t.ok), key=lambda t: (-t.fitness, t.candidate))
+        candidates = self._pareto_front(searched) if self.objectives else searched
+        ranked = sorted((t for t in candidates if t.ok), key=lambda t: (-t.fitness, t.candidate))
         if not ranked:
             raise EvomergeError(f"all {len(searched)} trials failed; the errors are in the ledger and logs/search.log",
                                 source=str(self.rd.path))
@@ -248,6 +278,11 @@ class _Loop:
             winner = elites[0]
         test = self._score([winner], "test")[winner.candidate]
         return self._write_best(winner, elites, validation, test, searched)
+
+    def _pareto_front(self, trials: list[Trial]) -> list[Trial]:
+        """The successful trials whose objectives no other trial's dominate, in candidate order."""
+        ok = [t for t in trials if t.ok]
+        return [ok[i] for i in non_dominated([t.objectives for t in ok])]
 
     def _score(self, trials: list[Trial], split: str) -> dict[int, Trial]:
         """Each trial's row on `split`: from the ledger, else evaluated now (on as many workers as are idle)."""
@@ -286,6 +321,9 @@ class _Loop:
                   "elites": [{"candidate": t.candidate, self.split: t.fitness,
                               "validation": validation[t.candidate].fitness if validation else None} for t in elites],
                   "trials": summary.trials, "failed": summary.failed}
+        if self.objectives:
+            scores["pareto_front"] = [{"candidate": t.candidate, "objectives": dict(zip(self.objectives, t.objectives))}
+                                      for t in self._pareto_front(searched)]
         write_text_atomic(self.rd.best / "scores.json", json.dumps(scores, indent=2) + "\n")
         return summary
 

@@ -99,8 +99,13 @@ class RayPool(Pool):
         if self._owns_ray:
             # A local cluster's workers import what this process can (e.g. an evaluator defined next to the caller).
             env = None if ray_address else {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
-            ray.init(address=ray_address, num_cpus=None if ray_address else num, include_dashboard=False,
-                     log_to_driver=False, runtime_env=env)
+            try:
+                ray.init(address=ray_address, num_cpus=None if ray_address else num, include_dashboard=False,
+                         log_to_driver=False, runtime_env=env)
+            except ConnectionError as err:  # Ray joins an address given explicitly without its token unless told to
+                raise EvomergeError(f"cannot join the Ray cluster at {ray_address} ({err}); is it running (`ray status`)? "
+                                    "If it uses token authentication, set RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN, if "
+                                    "the token is not in ~/.ray/auth_token)", key="workers.ray_address") from None
         gpu = spec.device.startswith("cuda")
         self._actor_class = ray.remote(_RayRunner).options(num_cpus=1, num_gpus=1 if gpu else 0)
         self.actors = [self._start(i) for i in range(num)]

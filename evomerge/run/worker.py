@@ -17,9 +17,14 @@ from typing import Any, Callable
 import torch
 
 from evomerge.merge.materialize import LiveMaterializer, ResidentSources
+from evomerge.merge.rng import memoize_draws
 from evomerge.models.io import ModelDir, live_param, load_live_model
 from evomerge.recipe import MERGED, Recipe, recipe_from_dict
 from evomerge.run.path_model import build_path_model, decoder_layers
+
+# DARE/DELLA masks are keyed by (seed, tensor, model), not by candidate: a worker draws the same uniforms for every
+# candidate, so it keeps up to this much of them (4 bytes per element and model; past it, draws are recomputed).
+DRAW_MEMO_BYTES = 2 << 30
 
 
 @dataclass
@@ -29,7 +34,6 @@ class TrialResult:
     status: str  # ok or failed
     fitness: float | None
     scores: dict[str, Any] = field(default_factory=dict)
-    objectives: list[float] | None = None
     error: str | None = None
     worker: str = ""
     t_merge: float = 0.0
@@ -51,6 +55,7 @@ class TrialRunner:
             (m, n): live_param(self.live[m], n, self.dirs[m].arch).data for m in models for n in self.dirs[m].tensor_names})
         self.merged = load_live_model(self.dirs[base], device, torch_dtype).eval()
         self.materializer = LiveMaterializer(self.merged, self.sources)
+        memoize_draws(DRAW_MEMO_BYTES)
         self.evaluator = make_evaluator()
 
     def model_for(self, recipe: Recipe) -> torch.nn.Module:
@@ -75,7 +80,6 @@ class TrialRunner:
             evaluation = self.evaluator.evaluate(model, split=split)
             result.t_eval = time.perf_counter() - start - result.t_merge
             result.scores = evaluation.scores
-            result.objectives = getattr(evaluation, "objectives", None)
             fitness = evaluation.fitness
             if evaluation.status == "ok" and fitness is not None and math.isfinite(fitness):
                 result.status, result.fitness = "ok", float(fitness)

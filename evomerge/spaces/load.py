@@ -3,12 +3,16 @@
 Composition: a mapping (a space file, or the `space:` block of an experiment file) may say `include: other.yaml`; the
 included file's top-level keys are read first and this mapping's keys replace them whole (no deeper merge). Relative paths
 (`include`, a `merge` recipe file) are relative to the file that writes them.
+
+Error keys: for a space inside another file (the `space:` block of an experiment), `key="space"` makes every error name
+its key as written there (`space.bounds.weight`), so the user finds it in that file.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Union
 
@@ -51,35 +55,64 @@ def _compose(doc: Mapping, base_dir: Path, source: str, seen: tuple[Path, ...] =
 
 
 def load_space_config(spec: str | os.PathLike | Mapping, *, source: str | None = None,
-                      base_dir: str | os.PathLike = ".") -> SpaceConfig:
-    """A validated space config from a file path, or from a mapping whose relative paths are relative to `base_dir`."""
-    if isinstance(spec, Mapping):
-        source = source or "<space>"
-        doc = _compose(spec, Path(base_dir), source)
-    else:
-        source = source or str(spec)
-        doc = _read(Path(spec), source)
-    kind = doc.get("kind")
-    if kind not in KINDS:
-        raise EvomergeError(f"unknown space kind {kind!r}; {did_you_mean(str(kind), KINDS)}", source=source, key="kind")
+                      base_dir: str | os.PathLike = ".", key: str | None = None) -> SpaceConfig:
+    """A validated space config from a file path, or from a mapping whose relative paths are relative to `base_dir`.
+    `key`: where the space sits in `source` (see the module doc)."""
+    source = source or ("<space>" if isinstance(spec, Mapping) else str(spec))
+    with keys_under(key, source):
+        doc = _compose(spec, Path(base_dir), source) if isinstance(spec, Mapping) else _read(Path(spec), source)
+        kind = doc.get("kind")
+        if kind not in KINDS:
+            raise EvomergeError(f"unknown space kind {kind!r}; {did_you_mean(str(kind), KINDS)}", source=source,
+                                key="kind")
     try:
         return KINDS[kind][0].model_validate(doc)
-    except ValidationError as err:
-        raise format_validation_error(err, source) from None
+    except ValidationError as err:  # located under `key` here: all errors at once, each at its own key
+        raise format_validation_error(_located(err, key, KINDS[kind][0].model_fields), source) from None
 
 
-def build_space(config: SpaceConfig, *, num_layers: Mapping[str, int], source: str = "<space>") -> SearchSpace:
+def build_space(config: SpaceConfig, *, num_layers: Mapping[str, int], source: str = "<space>",
+                key: str | None = None) -> SearchSpace:
     """`num_layers`: the layer count of every model the space names (see `space_models`), read from the models."""
-    return KINDS[config.kind][1](config, num_layers=num_layers, source=source)
+    with keys_under(key, source):
+        return KINDS[config.kind][1](config, num_layers=num_layers, source=source)
 
 
-def space_models(config: SpaceConfig, *, source: str = "<space>") -> list[str]:
+def space_models(config: SpaceConfig, *, source: str = "<space>", key: str | None = None) -> list[str]:
     """The models whose layer counts `build_space` needs (a PS+DFS space: also those of its merge stage)."""
     if isinstance(config, PSConfig):
         return config.referenced_models()
-    stage = merge_stage(config, source)
+    with keys_under(key, source):
+        stage = merge_stage(config, source)
     names = [m for m in config.models if m != MERGED] + (stage.referenced_models() if stage else [])
     return list(dict.fromkeys(names))
+
+
+@contextmanager
+def keys_under(key: str | None, source: str):
+    """Errors about `source` name their keys under `key` (`bounds.weight` -> `space.bounds.weight`); others pass."""
+    try:
+        yield
+    except EvomergeError as err:
+        if not key or err.source != source:
+            raise
+        message = str(err).removeprefix(": ".join(p for p in (err.source, err.key) if p) + ": ")
+        raise EvomergeError(message, source=source, key=f"{key}.{err.key}" if err.key else key) from None
+
+
+def _located(err: ValidationError, key: str | None, fields) -> ValidationError:
+    """`err` with its locations under `key`; a model check's 'field: message' is located at that field."""
+    if not key:
+        return err
+    details = []
+    for e in err.errors():
+        loc, ctx = e["loc"], e.get("ctx")
+        if not loc and e["type"] == "value_error":
+            head, _, rest = str(ctx["error"]).partition(": ")
+            if head in fields and rest:
+                loc, ctx = (head,), {"error": ValueError(rest)}
+        details.append({"type": e["type"], "loc": (key, *loc), "input": e["input"], **({"ctx": ctx} if ctx else {})})
+    return ValidationError.from_exception_data(err.title, details)
 
 
 def space_from_yaml(path: str | os.PathLike, *, num_layers: Mapping[str, int]) -> SearchSpace:
@@ -87,5 +120,6 @@ def space_from_yaml(path: str | os.PathLike, *, num_layers: Mapping[str, int]) -
 
 
 def space_from_dict(doc: Mapping, *, num_layers: Mapping[str, int], source: str = "<space>",
-                    base_dir: str | os.PathLike = ".") -> SearchSpace:
-    return build_space(load_space_config(doc, source=source, base_dir=base_dir), num_layers=num_layers, source=source)
+                    base_dir: str | os.PathLike = ".", key: str | None = None) -> SearchSpace:
+    config = load_space_config(doc, source=source, base_dir=base_dir, key=key)
+    return build_space(config, num_layers=num_layers, source=source, key=key)

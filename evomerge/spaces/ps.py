@@ -10,10 +10,10 @@ part (`split: attn_mlp`: self_attn, mlp, rest; otherwise one part) -- i.e. one [
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from evomerge.errors import EvomergeError, did_you_mean
 from evomerge.recipe import Conditional, MergeStage, ModelEntry, Params, Recipe
@@ -24,26 +24,28 @@ from evomerge.spaces.base import Gene, Schema, SearchSpace, rounded
 SPLIT_PARTS = (("self_attn", "self_attn"), ("mlp", "mlp"), ("rest", None))  # (gene suffix, filter)
 
 
+def _ordered(bounds: tuple[float, float]) -> tuple[float, float]:
+    low, high = bounds
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ValueError(f"low {low} must be below high {high}, both finite")
+    return bounds
+
+
+Bounds = Annotated[tuple[float, float], AfterValidator(_ordered)]  # errors then name bounds.<parameter>
+
+
 class PSConfig(Schema):
     kind: Literal["ps"] = "ps"
     method: str
     base_model: str | None = None
     models: list[str] = Field(min_length=1)  # the models merged (into the base, when the method has one)
     search: list[str] | None = None  # default: the method's per-model numeric parameters (else its global numeric ones)
-    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)  # default: the method's range for the parameter
+    bounds: dict[str, Bounds] = Field(default_factory=dict)  # default: the method's range for the parameter
     fixed: Params = Field(default_factory=dict)  # parameters set, not searched (per-model ones apply to every model)
     layer_groups: int | Literal["all"] = 1  # 1: one value per model (Sakana's 7B); "all" or num_layers: one per layer
     split: Literal["attn_mlp"] | None = None  # separate genes for attention, MLP and the other tensors
     dtype: str | None = None
     seed: int = 0  # keys the random masks of DARE/DELLA
-
-    @field_validator("bounds")
-    @classmethod
-    def _ordered(cls, bounds):
-        for name, (low, high) in bounds.items():
-            if not (np.isfinite(low) and np.isfinite(high) and low < high):
-                raise ValueError(f"{name}: low {low} must be below high {high}, both finite")
-        return bounds
 
     @field_validator("layer_groups")
     @classmethod
