@@ -14,7 +14,8 @@ once each), the floor (bytes / bandwidth), the ratio to it, the planner's and th
 extra memory.
 With --mergekit (the bench extra) the same recipes also go through mergekit's in-process run_merge and the
 `mergekit-yaml` CLI on an on-disk copy of the models. Writes benchmarks/results/<device>-<shape>-<date>.{json,md}.
-With --memo-draws the DARE/DELLA draws stay resident across candidates, as a worker can keep them (see rng.memoize_draws).
+DARE/DELLA draws stay resident across candidates up to the worker's budget (run.worker.DRAW_MEMO_BYTES), as in a search;
+--memo-draws 0 recomputes them for every candidate (file name -nomemo).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from evomerge.merge.rng import MaskKey, compile_rng, memoize_draws, uniform
 from evomerge.models.architectures import architecture_for
 from evomerge.models.io import ModelDir, ModelWriter
 from evomerge.recipe import recipe_from_dict
+from evomerge.run.worker import DRAW_MEMO_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # Llama dimensions: hidden, layers, intermediate, attention heads, kv heads, vocab, tied embeddings
@@ -324,8 +326,9 @@ def main() -> None:
     parser.add_argument("--mergekit-repeats", type=int, default=3)
     parser.add_argument("--cli-methods", default="linear,slerp,ties,dare_ties", help="methods timed with mergekit-yaml")
     parser.add_argument("--compile", action="store_true", help="fuse the DARE/DELLA mask hash (rng.compile_rng)")
-    parser.add_argument("--memo-draws", type=float, default=0.0, metavar="GIB",
-                        help="keep up to GIB of DARE/DELLA draws across candidates (rng.memoize_draws); adds -memo to the file name")
+    parser.add_argument("--memo-draws", type=float, default=DRAW_MEMO_BYTES / 2**30, metavar="GIB",
+                        help="keep up to GIB of DARE/DELLA draws across candidates (default: a search worker's budget); "
+                             "0 adds -nomemo to the file name")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); use 1 on a shared CPU")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -361,7 +364,7 @@ def main() -> None:
               "bandwidth_bytes_per_s": bandwidth, "rows": rows, "mergekit": mergekit}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{result['device']}-{args.shape}-{date}{'-memo' if args.memo_draws else ''}"
+    stem = out / f"{result['device']}-{args.shape}-{date}{'' if args.memo_draws else '-nomemo'}"
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
     table = markdown(result)
     Path(f"{stem}.md").write_text(table)
