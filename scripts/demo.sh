@@ -2,9 +2,9 @@
 # The main job: the toy-zoo demo end to end on CPU (~6 minutes on 2 cores).
 #   1. install evomerge;  2. build the toy zoo (once; deterministic by seed; committed, so usually skipped);
 #   3. run the searches of experiments/ (PS with CMA-ES, the same space with random search, PS with DARE-TIES, the
-#      distraction test, DFS,
-#      PS+DFS, NSGA-II over the three skills) and report each;  4. score every model, default merge and search winner on
-#      the test split and print the results table (runs/results.md; the other tasks in runs/results_extra.md).
+#      distraction test, DFS, PS+DFS, NSGA-II over the three skills) and report each;  4. score every model, default
+#      merge and search winner on the test split and print the results table (runs/results.md; other tasks in
+#      runs/results_extra.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
