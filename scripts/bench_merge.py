@@ -362,11 +362,14 @@ def main() -> None:
               "experts": len(experts), "params": params, "date": date, "torch": torch.__version__,
               "command": command_line(args),
               "bandwidth_bytes_per_s": bandwidth, "rows": rows, "mergekit": mergekit}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{result['device']}-{args.shape}-{date}{'' if args.memo_draws else '-nomemo'}"
+    write_results(Path(args.out) / f"{result['device']}-{args.shape}-{date}{'' if args.memo_draws else '-nomemo'}",
+                  result, markdown(result))
+
+
+def write_results(stem: Path, result: dict, table: str) -> None:
+    """STEM.json and STEM.md (the table, also printed)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
-    table = markdown(result)
     Path(f"{stem}.md").write_text(table)
     print(table)
 

@@ -42,7 +42,7 @@ def main() -> None:
             diff = max((ours[k] - theirs[k]).abs().max().item() for k in theirs)
             rows.append({"config": name, "max_abs_diff": diff, "randomized": name in RANDOMIZED,
                          "evomerge_s": statistics.median(t_evo), "mergekit_s": statistics.median(t_mk)})
-    print(f"| config | max abs diff vs mergekit | evomerge s/merge | mergekit run_merge s/merge | ratio |")
+    print("| config | max abs diff vs mergekit | evomerge s/merge | mergekit run_merge s/merge | ratio |")
     print("|---|---|---|---|---|")
     for r in rows:
         note = " (random masks differ by design)" if r["randomized"] else ""

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import statistics
 import sys
@@ -39,7 +38,8 @@ import torch.nn.functional as F
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import DTYPES, SHAPES, device_name, live_model, llama_config, sync, synthetic_sources  # noqa: E402
+from bench_merge import (DTYPES, SHAPES, device_name, live_model, llama_config, sync, synthetic_sources,  # noqa: E402
+                         write_results)
 
 from evomerge.errors import EvomergeError  # noqa: E402
 from evomerge.merge.materialize import LiveMaterializer  # noqa: E402
@@ -217,13 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
               "torch": torch.__version__, "command": command_line(args), "memory_estimate": memory,
               "peak_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
               "plan_seconds": plan_seconds, "median": median, "trials": trials}
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"trial-{result['device']}-{args.shape}-{date}"
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
-    table = markdown(result)
-    Path(f"{stem}.md").write_text(table)
-    print(table)
+    write_results(Path(args.out_dir) / f"trial-{result['device']}-{args.shape}-{date}", result, markdown(result))
     return result
 
 

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from evomerge.errors import EvomergeError, did_you_mean
-from evomerge.zoo.skills import DISTRACTOR, EXPERT_SKILLS, SKILLS
+from evomerge.zoo.skills import DISTRACTOR, EXPERT_SKILLS
 from evomerge.zoo.tokenizer import save_tokenizer
 from evomerge.zoo.train import ModelSize, TrainSettings, new_model, quick_accuracy, train
 
