@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: the toy-zoo demo end to end on CPU (~6 minutes on 2 cores).
+# The main job: the toy-zoo demo end to end on CPU (~4 minutes on 2 cores).
 #   1. install evomerge;  2. build the toy zoo (once; deterministic by seed; committed, so usually skipped);
 #   3. run the searches of experiments/ (PS with CMA-ES, the same space with random search, PS with DARE-TIES, the
 #      distraction test, DFS, PS+DFS, NSGA-II over the three skills) and report each;  4. score every model, default
