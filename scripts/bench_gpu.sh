@@ -9,4 +9,6 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mergekit=()
 python -c "import mergekit" 2>/dev/null && mergekit=(--mergekit --mergekit-methods linear,slerp,ties,dare_ties --mergekit-repeats 1)
 python scripts/bench_merge.py --shape llama-3.2-1b --device cuda --dtype bfloat16 "${mergekit[@]}"
+# the DARE/DELLA mask hash fused by torch.compile (rng.compile_rng): draws past the worker's memo budget cost one kernel
+python scripts/bench_merge.py --shape llama-3.2-1b --device cuda --dtype bfloat16 --compile
 python scripts/bench_trial.py --shape llama-3.2-1b --device cuda --dtype bfloat16

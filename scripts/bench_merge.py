@@ -362,8 +362,8 @@ def main() -> None:
               "experts": len(experts), "params": params, "date": date, "torch": torch.__version__,
               "command": command_line(args),
               "bandwidth_bytes_per_s": bandwidth, "rows": rows, "mergekit": mergekit}
-    write_results(Path(args.out) / f"{result['device']}-{args.shape}-{date}{'' if args.memo_draws else '-nomemo'}",
-                  result, markdown(result))
+    variant = ("" if args.memo_draws else "-nomemo") + ("-compiled" if args.compile else "")
+    write_results(Path(args.out) / f"{result['device']}-{args.shape}-{date}{variant}", result, markdown(result))
 
 
 def write_results(stem: Path, result: dict, table: str) -> None:
