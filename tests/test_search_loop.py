@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from evomerge.errors import EvomergeError
@@ -137,8 +138,8 @@ def test_cmaes_search_finds_the_optimum_and_writes_the_run_dir(models, tmp_path)
     optimizer = load_optimizer(tmp_path / "run" / "optimizer.pkl")
     assert optimizer.n_told == 36 and optimizer.best.fitness[0] == pytest.approx(best.fitness)
     frozen = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert frozen["workers"] == {"backend": "local", "num": 2, "tell_order": "candidate", "device": "cpu", "dtype": None,
-                                 "ray_address": None}
+    assert frozen["workers"] == {"backend": "local", "num": 2, "tell_order": "candidate", "device": "cpu", "cpus": 1,
+                                 "dtype": None, "ray_address": None}
     assert frozen["space"]["kind"] == "ps" and frozen["space"]["layer_groups"] == 1  # resolved defaults frozen
 
 
@@ -364,6 +365,20 @@ def test_ray_pool_with_two_workers_matches_the_local_run(models, tmp_path):
 # -- several objectives --------------------------------------------------------------------------------------------------
 
 OTHER_WEIGHTS = (0.2, 0.7)
+
+
+def test_a_ray_worker_runs_torch_on_its_reserved_cores(models):
+    from evomerge.run.pool import _RayRunner
+
+    threads = torch.get_num_threads()
+    try:
+        spec = RunnerSpec(tuple([models["base"], *models["experts"]]), models["base"],
+                          partial(evaluator_factory(models), None))
+        for cpus in (1, 3):
+            runner = _RayRunner(spec, "ray-0", cpus)  # the actor class, built in process
+            assert torch.get_num_threads() == cpus and runner.ready() == "ray-0"
+    finally:
+        torch.set_num_threads(threads)
 
 
 class TwoTargetEvaluator:

@@ -68,6 +68,7 @@ class WorkersConfig(_Schema):
     # arrival: told as they come, so no worker waits on TPE or random search (TPE's run then depends on worker timing)
     tell_order: Literal["candidate", "arrival"] = "candidate"
     device: str = "cpu"
+    cpus: int = Field(1, ge=1)  # CPU cores a Ray worker reserves; torch runs that many threads in it
     dtype: str | None = None  # compute dtype of the live models; None keeps the sources'
     ray_address: str | None = None  # join a running cluster; None starts a local one
 
@@ -91,7 +92,7 @@ class Experiment(_Schema):
 
 
 # Settings of where the search runs, not of what it finds: a resume may change them.
-RUNTIME_KEYS = ("workers.backend", "workers.device", "workers.ray_address")
+RUNTIME_KEYS = ("workers.backend", "workers.device", "workers.cpus", "workers.ray_address")
 
 
 def experiment_from_dict(doc: Any, *, source: str = "<experiment>", base_dir: str | os.PathLike = ".") -> Experiment:

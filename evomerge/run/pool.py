@@ -91,23 +91,23 @@ class LocalPool(Pool):
 
 
 class RayPool(Pool):
-    def __init__(self, spec: RunnerSpec, num: int, *, ray_address: str | None = None, retries: int = 2):
+    def __init__(self, spec: RunnerSpec, num: int, *, ray_address: str | None = None, retries: int = 2, cpus: int = 1):
         import ray
 
-        self.ray, self.spec, self.size, self.retries = ray, spec, num, retries
+        self.ray, self.spec, self.size, self.retries, self.cpus = ray, spec, num, retries, cpus
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             # A local cluster's workers import what this process can (e.g. an evaluator defined next to the caller).
             env = None if ray_address else {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
             try:
-                ray.init(address=ray_address, num_cpus=None if ray_address else num, include_dashboard=False,
+                ray.init(address=ray_address, num_cpus=None if ray_address else num * cpus, include_dashboard=False,
                          log_to_driver=False, runtime_env=env)
             except ConnectionError as err:  # Ray joins an address given explicitly without its token unless told to
                 raise EvomergeError(f"cannot join the Ray cluster at {ray_address} ({err}); is it running (`ray status`)? "
                                     "If it uses token authentication, set RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN, if "
                                     "the token is not in ~/.ray/auth_token)", key="workers.ray_address") from None
         gpu = spec.device.startswith("cuda")
-        self._actor_class = ray.remote(_RayRunner).options(num_cpus=1, num_gpus=1 if gpu else 0)
+        self._actor_class = ray.remote(_RayRunner).options(num_cpus=cpus, num_gpus=1 if gpu else 0)
         self.actors = [self._start(i) for i in range(num)]
         try:  # a worker that cannot load its models fails the search now, not every trial later
             ray.get([a.ready.remote() for a in self.actors])
@@ -122,7 +122,7 @@ class RayPool(Pool):
         spec = self.spec
         if spec.device.startswith("cuda"):  # Ray shows the actor its own GPU as cuda:0
             spec = RunnerSpec(spec.models, spec.base, spec.make_evaluator, "cuda", spec.dtype)
-        return self._actor_class.remote(spec, f"ray-{index}")
+        return self._actor_class.remote(spec, f"ray-{index}", self.cpus)
 
     @property
     def idle(self) -> int:
@@ -164,7 +164,10 @@ class RayPool(Pool):
 class _RayRunner:
     """The actor: a TrialRunner built inside the worker process."""
 
-    def __init__(self, spec: RunnerSpec, name: str):
+    def __init__(self, spec: RunnerSpec, name: str, cpus: int = 1):
+        import torch
+
+        torch.set_num_threads(cpus)  # its reserved cores: more threads than cores would make OpenMP threads wait
         self.runner = spec.build(name)
 
     def ready(self) -> str:
@@ -177,5 +180,5 @@ class _RayRunner:
 def make_pool(spec: RunnerSpec, workers) -> Pool:
     """The pool a WorkersConfig asks for."""
     if workers.backend == "ray":
-        return RayPool(spec, workers.num, ray_address=workers.ray_address)
+        return RayPool(spec, workers.num, ray_address=workers.ray_address, cpus=workers.cpus)
     return LocalPool(spec, workers.num)
