@@ -38,6 +38,10 @@ def test_path_model_shares_weights_and_matches_the_folded_merge(models, tmp_path
     names = {"base": base, "a": a}
     live, path_model = live_path(models)
     assert path_model.model.layers[1].layer.mlp is live["a"].model.layers[1].mlp  # no copy
+    repeated = path_model.model.layers[2].layer, path_model.model.layers[1].layer  # own layer_idx (KV cache), same weights
+    assert repeated[0] is not repeated[1] and repeated[0].self_attn.q_proj is repeated[1].self_attn.q_proj
+    path_params = {p.data_ptr() for p in path_model.parameters()}
+    assert path_params <= {p.data_ptr() for m in live.values() for p in m.parameters()}  # no new memory
     assert len(live["base"].model.layers) == 3 and live["base"].config.num_hidden_layers == 3  # sources untouched
     recipe = Recipe(layers=[LayerSlot(source=names[s], layer=i, scale=c) for s, i, c in PATH])
     merge_to_dir(recipe, tmp_path / "out", progress=False)
