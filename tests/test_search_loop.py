@@ -254,6 +254,34 @@ def test_a_data_flow_search_runs_layer_paths(models, tmp_path):
     assert summary.fitness["test"] == pytest.approx(max(t.fitness for t in trials), rel=1e-6)
 
 
+class CountingLogitsEvaluator(LogitsEvaluator):
+    calls: list = []
+
+    def evaluate(self, model, split: str) -> Evaluation:
+        self.calls.append(split)
+        return super().evaluate(model, split)
+
+
+def test_a_candidate_that_repeats_a_scored_recipe_is_not_run_again(models, tmp_path):
+    # 4 slots and no scale genes: 16 layer paths, so 14 random genomes must repeat some
+    space = {"kind": "dfs", "models": [models["base"], models["experts"][0]], "repeats": 1, "scale": "none"}
+    summary = run(models, tmp_path / "run", evaluator=lambda evaluation: CountingLogitsEvaluator(models["experts"][0]),
+                  space=space, optimizer={"name": "random"}, **{"budget.trials": 14, "validation.top_k": 3})
+    trials = sorted(Ledger(tmp_path / "run" / "ledger.sqlite").trials("search"), key=lambda t: t.candidate)
+    first = {}
+    for t in trials:
+        first.setdefault(t.recipe_hash, t)
+    repeats = [t for t in trials if t is not first[t.recipe_hash]]
+    assert len(trials) == 14 and repeats and CountingLogitsEvaluator.calls.count("search") == len(first)
+    for t in repeats:
+        twin = first[t.recipe_hash]
+        assert t.worker == f"repeat of {twin.candidate}" and t.fitness == twin.fitness and t.scores == twin.scores
+        assert t.genome != twin.genome and t.t_total == 0.0
+    validated = Ledger(tmp_path / "run" / "ledger.sqlite").trials("validation")
+    assert len(validated) == 3 and len({t.recipe_hash for t in validated}) == 3  # three distinct recipes
+    assert summary.trials == 14
+
+
 RESUMABLE = """
 import sys
 sys.path.insert(0, {tests!r})

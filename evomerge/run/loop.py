@@ -8,6 +8,10 @@ and is dispatched whole. The budget is exact: candidates asked past it are never
 waits while an earlier candidate runs. `workers.tell_order: arrival` tells results as they come instead, so TPE and
 random search keep every worker busy; random search stays reproducible (its proposals ignore results), TPE does not.
 
+Repeats. Different genomes can decode to the same recipe (an excluded DFS slot's scale, a clipped gene, a GA's copy):
+a candidate whose recipe identity was scored already is not run; its ledger row is the earlier one's ("repeat of N").
+Scoring is deterministic, so this changes no result, only the time.
+
 Durability. Each result goes to the ledger first, then to the optimizer, then optimizer.pkl is rewritten (atomically).
 Resume loads optimizer.pkl, tells it the ledger's results for the candidates it still waits for, runs the others, and
 goes on. A ledger row is reused whenever the optimizer proposes its candidate again, so an unreadable optimizer.pkl is
@@ -28,7 +32,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Callable
 
@@ -146,8 +150,11 @@ class _Loop:
         self.width, self.budget = experiment.workers.num, experiment.budget.trials
         self.split, self.objectives = experiment.evaluation.split, experiment.evaluation.objectives
         self.recorded: dict[int, Trial] = {}  # search-split results in the ledger, by candidate
+        self.by_recipe: dict[str, Trial] = {}  # the first successful trial of each recipe identity
         for trial in ledger.trials(self.split):
             self.recorded.setdefault(trial.candidate, trial)
+            if trial.ok:
+                self.by_recipe.setdefault(trial.recipe_hash, trial)
         self.results: dict[int, float | None] = {}  # arrived, not yet told
         self.in_flight: dict[int, str] = {}  # candidate -> its recipe (evomerge YAML)
         self.bar = None
@@ -197,12 +204,28 @@ class _Loop:
                 continue
             if not self.pool.idle:
                 continue  # later candidates may still be in the ledger
-            self.in_flight[cid] = to_evomerge_yaml(self.space.decode(candidate.genome))
+            recipe = self.space.decode(candidate.genome)
+            if recipe.identity in self.by_recipe:  # these weights were scored already (genomes can decode alike)
+                self._record_repeat(cid, candidate.genome, self.by_recipe[recipe.identity])
+                continue
+            self.in_flight[cid] = to_evomerge_yaml(recipe)
             self.pool.submit(Task(cid, self.in_flight[cid], self.split))
 
     def _record(self, result) -> None:
         cid = result.candidate
         trial = self._append(result, self.opt.pending[cid].genome, self.in_flight.pop(cid))
+        self.recorded[cid] = trial
+        self.results[cid] = self._told(trial)
+        if trial.ok:
+            self.by_recipe.setdefault(trial.recipe_hash, trial)
+        self._update_bar()
+
+    def _record_repeat(self, cid: int, genome, twin: Trial) -> None:
+        """A candidate whose recipe was scored before: scoring is deterministic, so its row is the twin's (worker
+        "repeat of N"), written without running it."""
+        trial = replace(twin, candidate=cid, genome=[float(g) for g in genome], worker=f"repeat of {twin.candidate}",
+                        t_merge=0.0, t_eval=0.0, t_total=0.0, id=None)
+        self.ledger.append(trial)
         self.recorded[cid] = trial
         self.results[cid] = self._told(trial)
         self._update_bar()
@@ -266,6 +289,7 @@ class _Loop:
         searched = [t for cid, t in sorted(self.recorded.items()) if cid < self.budget]
         candidates = self._pareto_front(searched) if self.objectives else searched
         ranked = sorted((t for t in candidates if t.ok), key=lambda t: (-t.fitness, t.candidate))
+        ranked = _first_of_each_recipe(ranked)  # validate distinct recipes, not one recipe top_k times
         if not ranked:
             raise EvomergeError(f"all {len(searched)} trials failed; the errors are in the ledger and logs/search.log",
                                 source=str(self.rd.path))
@@ -280,9 +304,9 @@ class _Loop:
         return self._write_best(winner, elites, validation, test, searched)
 
     def _pareto_front(self, trials: list[Trial]) -> list[Trial]:
-        """The successful trials whose objectives no other trial's dominate, in candidate order."""
+        """The successful trials whose objectives no other trial's dominate, in candidate order, each recipe once."""
         ok = [t for t in trials if t.ok]
-        return [ok[i] for i in non_dominated([t.objectives for t in ok])]
+        return _first_of_each_recipe([ok[i] for i in non_dominated([t.objectives for t in ok])])
 
     def _score(self, trials: list[Trial], split: str) -> dict[int, Trial]:
         """Each trial's row on `split`: from the ledger, else evaluated now (on as many workers as are idle)."""
@@ -326,6 +350,13 @@ class _Loop:
                                       for t in self._pareto_front(searched)]
         write_text_atomic(self.rd.best / "scores.json", json.dumps(scores, indent=2) + "\n")
         return summary
+
+
+def _first_of_each_recipe(trials: list[Trial]) -> list[Trial]:
+    first: dict[str, Trial] = {}
+    for trial in trials:
+        first.setdefault(trial.recipe_hash, trial)
+    return list(first.values())
 
 
 def _fitness(trial: Trial) -> float:
