@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import click
 
@@ -86,7 +87,6 @@ def zoo_build(out, seed, size):
 
 def _load_target(target: str):
     """A model dir, or a recipe (merged into a temp dir first)."""
-    from pathlib import Path
 
     from evomerge.evaluate.table import load_model_dir
 
@@ -120,12 +120,14 @@ def evaluate(targets, tasks, split, limit, task_dirs, network, output_json, outp
                      load=_load_target, output_json=output_json, output_markdown=output_md, echo=click.echo)
 
 
-def _evaluator_factory(experiment):
-    """lm-eval scoring with the tokenizer of the space's base model (the first model of a data-flow space)."""
-    from evomerge.run.evaluation import evaluator_factory
+def _evaluator_factory(experiment, source: str):
+    """lm-eval scoring with the tokenizer of the space's base model (the first model of a data-flow space); the tasks
+    are checked first, so that a wrong name stops the run before it starts."""
+    from evomerge.run.evaluation import check_tasks, evaluator_factory
     from evomerge.spaces import load_space_config, space_models
 
-    space = load_space_config(experiment.space, source=experiment.name)
+    check_tasks(experiment.evaluation, source)
+    space = load_space_config(experiment.space, source=source)
     return evaluator_factory(getattr(space, "base_model", None) or [m for m in space_models(space)][0])
 
 
@@ -149,7 +151,7 @@ def search(experiment, run_dir, ray_address, seed):
     config = _on_ray(load_experiment(experiment), ray_address)
     if seed is not None:
         config = config.model_copy(update={"seed": seed})
-    _print_summary(run_dir, run_search(config, run_dir, _evaluator_factory(config)))
+    _print_summary(run_dir, run_search(config, run_dir, _evaluator_factory(config, experiment)))
 
 
 def _on_ray(config, ray_address: str | None):
@@ -170,7 +172,7 @@ def resume(run_dir, ray_address):
     from evomerge.run.rundir import RunDir
 
     config = RunDir(run_dir).frozen()
-    _print_summary(run_dir, run_resume(run_dir, _evaluator_factory(config), experiment=_on_ray(config, ray_address)))
+    _print_summary(run_dir, run_resume(run_dir, _evaluator_factory(config, str(Path(run_dir) / "config.yaml")), experiment=_on_ray(config, ray_address)))
 
 
 @main.command()
@@ -180,7 +182,6 @@ def resume(run_dir, ray_address):
 @user_errors
 def export(run_dir, fmt, output):
     """Write the winning recipe of RUN_DIR as evomerge or mergekit YAML (PS+DFS: a mergekit-multi document)."""
-    from pathlib import Path
 
     from evomerge.export import export_text
     from evomerge.recipe import load_recipe, write_text_atomic

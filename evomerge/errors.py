@@ -10,7 +10,7 @@ class EvomergeError(Exception):
     """Bad input from the user (config, recipe, model dir, run dir)."""
 
     def __init__(self, message: str, *, source: str | None = None, key: str | None = None):
-        self.source, self.key = source, key
+        self.message, self.source, self.key = message, source, key
         where = ": ".join(part for part in (source, key) if part)
         super().__init__(f"{where}: {message}" if where else message)
 

@@ -85,9 +85,12 @@ def test_search_refuses_objectives_for_a_single_objective_optimizer(models, tmp_
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_of_a_finished_run_reprints_its_winner(ps_run, tmp_path):
+def test_resume_of_a_finished_run_reprints_its_winner(ps_run, models, tmp_path, monkeypatch):  # noqa: F811
     import json
 
+    import evomerge.cli
+
+    monkeypatch.setattr(evomerge.cli, "_evaluator_factory", lambda config, source: evaluator_factory(models))
     winner = json.loads((ps_run / "best" / "scores.json").read_text())["candidate"]
     result = run("resume", ps_run)
     assert result.exit_code == 0, result.output
@@ -102,7 +105,7 @@ def test_search_seed_option_replaces_the_experiments_seed(models, tmp_path, monk
     import evomerge.cli
     from test_search_loop import genomes
 
-    monkeypatch.setattr(evomerge.cli, "_evaluator_factory", lambda config: evaluator_factory(models))
+    monkeypatch.setattr(evomerge.cli, "_evaluator_factory", lambda config, source: evaluator_factory(models))
     doc = experiment(models, **{"budget.trials": 4, "workers.num": 1, "validation.top_k": 0})
     for seed in (0, 5):
         (tmp_path / f"seed{seed}.yaml").write_text(yaml.safe_dump({**doc, "seed": seed}))
@@ -111,3 +114,15 @@ def test_search_seed_option_replaces_the_experiments_seed(models, tmp_path, monk
     assert run("search", tmp_path / "seed0.yaml", "--run-dir", tmp_path / "zero").exit_code == 0
     assert yaml.safe_load((tmp_path / "flag" / "config.yaml").read_text())["seed"] == 5
     assert genomes(tmp_path / "flag") == genomes(tmp_path / "file") != genomes(tmp_path / "zero")
+
+
+def test_search_refuses_an_unknown_task_before_it_starts(models, tmp_path):  # noqa: F811
+    import yaml
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(experiment(models, **{"evaluation.tasks": ["toy_gne"]})))
+    result = run("search", path, "--run-dir", tmp_path / "run")
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: {path}: evaluation.tasks: unknown task 'toy_gne'")
+    assert "did you mean 'toy_gen'?" in result.output and len(result.output.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

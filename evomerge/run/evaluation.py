@@ -55,6 +55,17 @@ def objective_values(scores: dict[str, Any], names: list[str]) -> list[float]:
     return [float(scores[t]["value"]) * (1 if scores[t].get("higher_is_better", True) else -1) for t in names]
 
 
+def check_tasks(evaluation: EvaluationConfig, source: str) -> None:
+    """Load the tasks once before a run starts: a wrong name or a missing data file would fail every trial alike."""
+    from evomerge.errors import EvomergeError
+    from evomerge.evaluate.tasks import load_tasks
+
+    try:
+        load_tasks(evaluation.tasks, evaluation.task_dirs, network=evaluation.network)
+    except EvomergeError as err:  # a task YAML at fault keeps its own name; otherwise the experiment's key
+        raise EvomergeError(err.message, source=err.source or source, key=f"evaluation.{err.key or 'tasks'}") from None
+
+
 def evaluator_factory(tokenizer_source: str):
     """make_evaluator(evaluation_config) for the search loop."""
     return lambda evaluation: SplitEvaluator(evaluation, tokenizer_source)
