@@ -156,7 +156,7 @@ class _Loop:
             if trial.ok:
                 self.by_recipe.setdefault(trial.recipe_hash, trial)
         self.results: dict[int, float | None] = {}  # arrived, not yet told
-        self.in_flight: dict[int, str] = {}  # candidate -> its recipe (evomerge YAML)
+        self.in_flight: dict[int, tuple[str, str]] = {}  # candidate -> its recipe (evomerge YAML, identity)
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -208,12 +208,12 @@ class _Loop:
             if recipe.identity in self.by_recipe:  # these weights were scored already (genomes can decode alike)
                 self._record_repeat(cid, candidate.genome, self.by_recipe[recipe.identity])
                 continue
-            self.in_flight[cid] = to_evomerge_yaml(recipe)
-            self.pool.submit(Task(cid, self.in_flight[cid], self.split))
+            self.in_flight[cid] = (to_evomerge_yaml(recipe), recipe.identity)
+            self.pool.submit(Task(cid, self.in_flight[cid][0], self.split))
 
     def _record(self, result) -> None:
         cid = result.candidate
-        trial = self._append(result, self.opt.pending[cid].genome, self.in_flight.pop(cid))
+        trial = self._append(result, self.opt.pending[cid].genome, *self.in_flight.pop(cid))
         self.recorded[cid] = trial
         self.results[cid] = self._told(trial)
         if trial.ok:
@@ -253,11 +253,10 @@ class _Loop:
         first = min(self.opt.pending, default=None)
         return first if first in self.results else None
 
-    def _append(self, result, genome, recipe_yaml: str) -> Trial:
+    def _append(self, result, genome, recipe_yaml: str, recipe_hash: str) -> Trial:
         """The ledger row of a result: written before anything else learns of it."""
-        recipe = recipe_from_dict([yaml.safe_load(recipe_yaml)])
         trial = Trial(candidate=result.candidate, split=result.split, genome=[float(g) for g in genome],
-                      recipe_hash=recipe.identity, recipe=recipe_yaml, scores=result.scores, fitness=result.fitness,
+                      recipe_hash=recipe_hash, recipe=recipe_yaml, scores=result.scores, fitness=result.fitness,
                       status=result.status, error=result.error, worker=result.worker,
                       t_merge=result.t_merge, t_eval=result.t_eval, t_total=result.t_total)
         if self.objectives and trial.ok:
@@ -323,8 +322,8 @@ class _Loop:
                 pending += 1
             for result in self.pool.wait():
                 pending -= 1
-                scored[result.candidate] = self._append(result, by_id[result.candidate].genome,
-                                                        by_id[result.candidate].recipe)
+                searched = by_id[result.candidate]
+                scored[result.candidate] = self._append(result, searched.genome, searched.recipe, searched.recipe_hash)
         return scored
 
     def _write_best(self, winner: Trial, elites, validation, test: Trial, searched) -> Summary:
