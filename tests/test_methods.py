@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import reference_methods as ref
+from evomerge.merge import scalars
 from evomerge.merge.methods import TASK_ARITHMETIC_FAMILY, generalized_task_arithmetic, sign_agreement
 from evomerge.merge.registry import all_methods, get_method
 from evomerge.merge.rng import MaskKey, _draws_torch, _mix32, memoize_draws, uniform, uniforms
@@ -51,6 +52,7 @@ VARIANTS = [(name, {}) for name in TYPICAL] + [
     ("ties", dict(rescale=True)),
     ("ties", dict(normalize=False, lambda_=1.5)),
     ("dare_linear", dict(rescale=False)),
+    ("dare_linear", dict(density=[1.0, 0.0, 0.5])),  # kept whole (still weighted), dropped, sparsified
     ("dare_ties", dict(normalize=True)),
     ("breadcrumbs", dict(rescale=True, gamma=[0.0, 0.01, 0.5])),
     ("della", dict(normalize=False, rescale=False)),
@@ -150,6 +152,26 @@ def test_matches_float64_reference(variant, shape, device):
             out = run(name, base, tensors, params)
             assert out.shape == tensors[0].shape and out.device == tensors[0].device
             assert_close(out, reference(name, base, tensors, params), F64)
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] in ("slerp", "nuslerp", "model_stock")],
+                         ids=_variant_id)
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_scalar_math_matches_the_reference(variant, path, monkeypatch):
+    """Off CPU slerp/nuslerp/model_stock keep their per-tensor statistics on the device (0-dim tensors, no sync); on
+    CPU they read them as Python floats. Both paths (the device one forced here on CPU) meet the reference, also for
+    parallel, anti-parallel and zero inputs (the guarded branches)."""
+    name, overrides = variant
+    if path == "device":
+        monkeypatch.setattr(scalars, "READABLE_DEVICES", ())
+    n = model_count(name)
+    base, tensors = inputs((6, 9), n, seed=7)
+    cases = [tensors, [2 * base for _ in tensors], [-base for _ in tensors], [base.clone() for _ in tensors]]
+    for xs in cases:
+        params = params_for(name, n, **overrides)
+        out = run(name, base, xs, params)
+        assert out.device.type == "cpu" and torch.isfinite(out).all()
+        assert_close(out, reference(name, base, xs, params), F64)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)

@@ -3,7 +3,9 @@
 Every method is `fn(base, tensors, *, <parameters>) -> Tensor` (see `registry.py`): `base` is the base model's tensor or
 None, `tensors` the other models' tensors in recipe order, per-model parameters are lists aligned with `tensors`.
 Arithmetic runs in float32 (float64 when an input is float64) and the result has the dtype of `base` (of `tensors[0]`
-when there is no base). Nothing here syncs with the device except SCE's top-k count, nor touches the global RNG.
+when there is no base). Nothing here syncs with the device except SCE's top-k count, nor touches the global RNG:
+per-tensor statistics (norms, dot products, L1 sums) feed their scalar math through `scalars.scalar`, Python floats on
+CPU only.
 
 `int8_mask` is accepted for mergekit compatibility and does nothing: in mergekit it only picks the dtype of the sign
 mask to save memory, and our masks are 0/1 in the work dtype.
@@ -19,6 +21,7 @@ import torch
 
 from evomerge.merge.registry import PerModel, merge_method
 from evomerge.merge.rng import uniforms
+from evomerge.merge.scalars import math_for, scalar
 from evomerge.merge.sparsify import SPARSIFIERS, kth_largest, sparsify_
 
 Tensor = torch.Tensor
@@ -51,6 +54,15 @@ def _each(value, n: int) -> list:
 def _sum0(x: Tensor) -> Tensor:
     """x.sum(0) for a stack of a few models (as sequential adds: torch's reduction over dim 0 is ~5x slower on CPU)."""
     return functools.reduce(torch.add, x.unbind(0))
+
+
+def _slerp_coefficients(t: float, cos, linear) -> tuple:
+    """(c_a, c_b) of slerp(a, b) = c_a a + c_b b:  sin((1-t) theta) / sin(theta) and sin(t theta) / sin(theta),
+    theta = acos(cos); (1 - t, t) where `linear`. Works on `scalar` values and on tensors of per-vector values."""
+    xp = math_for(cos)
+    theta = xp.acos(xp.where(linear, 0.0, cos))  # acos(0) keeps the unused branch finite
+    return (xp.where(linear, 1 - t, xp.sin((1 - t) * theta) / xp.sin(theta)),
+            xp.where(linear, t, xp.sin(t * theta) / xp.sin(theta)))
 
 
 def sign_agreement(deltas: Tensor) -> Tensor:
@@ -102,24 +114,26 @@ def generalized_task_arithmetic(
     work = _work_dtype(base, *tensors)
     b = base.to(work)
     deltas = _stack(tensors, work).sub_(b)  # [n, *shape]; updated in place below (fewer passes over memory)
-    if member.sparsifier:
-        draws = uniforms(key, b.shape, b.device) if SPARSIFIERS[member.sparsifier].randomized else None  # [n, *shape]
-        for i, delta in enumerate(deltas):
-            own = {name: values[i] for name, values in extra.items()} | ({"u": draws[i]} if draws is not None else {})
-            sparsify_(delta, member.sparsifier, density[i], rescale=rescale, **own)
-    for delta, w in zip(deltas, weight):  # Python scalars: no host-to-device copy, no sync
-        delta.mul_(w)
+    randomized = member.sparsifier and SPARSIFIERS[member.sparsifier].randomized
+    draws = uniforms(key, b.shape, b.device) if randomized else None  # [n, *shape]
+    for i, delta in enumerate(deltas):  # weights as Python scalars: no host-to-device copy, no sync
+        if member.sparsifier:
+            own = {name: values[i] for name, values in extra.items()} | ({"u": draws[i]} if randomized else {})
+            sparsify_(delta, member.sparsifier, density[i], rescale=rescale, scale=weight[i], **own)
+        else:
+            delta.mul_(weight[i])
     if member.consensus:
         agree = sign_agreement(deltas)  # [n, *shape] of 0/1
         mixed = _sum0(deltas.mul_(agree))
-        for m, w in zip(agree, weight):
-            m.mul_(w)
-        divisor = _sum0(agree)
-        divisor += torch.eq(divisor, 0, out=torch.empty_like(divisor))  # 0 -> 1
+        if normalize:
+            for m, w in zip(agree, weight):
+                m.mul_(w)
+            divisor = _sum0(agree)
+            mixed /= divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor)))  # 0 -> 1
     else:
-        mixed, divisor = _sum0(deltas), _guarded(sum(weight))
-    if normalize:
-        mixed /= divisor
+        mixed = _sum0(deltas)
+        if normalize:
+            mixed /= _guarded(sum(weight))
     return mixed.mul_(lambda_).add_(b).to(base.dtype)
 
 
@@ -194,14 +208,11 @@ def slerp(base: Tensor, tensors: list[Tensor], *, t: float) -> Tensor:
     """
     work = _work_dtype(base, tensors[0])
     a, b = base.to(work).reshape(-1), tensors[0].to(work).reshape(-1)
-    na, nb = a.norm(), b.norm()
-    na, nb = torch.where(na > 1e-8, na, 1.0), torch.where(nb > 1e-8, nb, 1.0)
-    dot = ((a / na) * (b / nb)).sum().clamp(-1, 1)
-    linear = dot.abs() > 0.9995
-    theta = torch.acos(torch.where(linear, 0.0, dot))  # acos(0) keeps the unused branch finite
-    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / theta.sin())
-    coef_b = torch.where(linear, t, torch.sin(t * theta) / theta.sin())
-    return (coef_a * a + coef_b * b).reshape(base.shape).to(base.dtype)
+    na, nb, dot = (scalar(x) for x in (a.norm(), b.norm(), torch.dot(a, b)))
+    xp = math_for(dot)
+    cos = xp.clamp(dot / (xp.where(na > 1e-8, na, 1.0) * xp.where(nb > 1e-8, nb, 1.0)), min=-1, max=1)
+    coef_a, coef_b = _slerp_coefficients(t, cos, linear=abs(cos) > 0.9995)
+    return (a * coef_a).add_(b * coef_b).reshape(base.shape).to(base.dtype)
 
 
 def _nuslerp(t: float, a: Tensor, b: Tensor, *, row_wise: bool, flatten: bool) -> Tensor:
@@ -211,14 +222,15 @@ def _nuslerp(t: float, a: Tensor, b: Tensor, *, row_wise: bool, flatten: bool) -
         a, b = a.reshape(-1), b.reshape(-1)
     elif row_wise and a.ndim > 1:
         a, b = a.transpose(0, -1), b.transpose(0, -1)
-    ua = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-    ub = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-    cos = (ua * ub).sum(-1, keepdim=True).clamp(-1, 1)
-    colinear = 1 - cos.square() <= 1e-16
-    theta = torch.acos(torch.where(colinear, 0.0, cos))
-    out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / theta.sin()
-    if a.device.type != "cpu" or colinear.any():  # reading the flag costs a device sync, but nothing on CPU
-        out = torch.where(colinear, (1 - t) * a + t * b, out)
+    if a.ndim == 1:  # one vector: scalar statistics
+        na, nb, dot = (scalar(x) for x in (a.norm(), b.norm(), torch.dot(a, b)))
+    else:
+        na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+        dot = torch.linalg.vecdot(a, b).unsqueeze(-1)
+    xp = math_for(dot)
+    cos = xp.clamp(dot / (xp.clamp(na, min=1e-7) * xp.clamp(nb, min=1e-7)), min=-1, max=1)
+    coef_a, coef_b = _slerp_coefficients(t, cos, linear=1 - cos * cos <= 1e-16)
+    out = (a * coef_a).add_(b * coef_b)
     if row_wise and not flatten and a.ndim > 1:
         out = out.transpose(0, -1)
     return out.reshape(shape)
@@ -261,19 +273,22 @@ def model_stock(base: Tensor, tensors: list[Tensor], *, filter_wise: bool = Fals
     `filter_wise` (a 1-D tensor is one vector). Where |1 + (k - 1) cos| < 1e-6 the base is kept (t = 0).
     """
     work = _work_dtype(base, *tensors)
-    w0, ws = base.to(work), _stack(tensors, work)  # [*shape], [k, *shape]
-    if not filter_wise:
-        w0, ws = w0.reshape(1, -1), ws.reshape(len(tensors), 1, -1)
-    offsets = ws - w0
-    norms = offsets.norm(dim=-1)  # [k, ...]
-    k = len(tensors)
-    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    cos = torch.stack([((offsets[i] * offsets[j]).sum(-1) / (norms[i] * norms[j]).clamp_min(1e-6)).clamp(-1, 1)
-                       for i, j in pairs]).mean(0).unsqueeze(-1)
+    w0 = base.to(work)
+    offsets = [x.to(work) - w0 for x in tensors]
+    if filter_wise and base.ndim > 1:  # statistics per vector, as [..., 1] tensors
+        inner = lambda x, y: torch.linalg.vecdot(x, y).unsqueeze(-1)  # noqa: E731
+    else:  # statistics of the whole tensor, as `scalar` values
+        inner = lambda x, y: scalar(torch.dot(x.reshape(-1), y.reshape(-1)))  # noqa: E731
+    k = len(offsets)
+    norms = [inner(o, o) ** 0.5 for o in offsets]
+    xp = math_for(norms[0])
+    cos = sum(xp.clamp(inner(offsets[i], offsets[j]) / xp.clamp(norms[i] * norms[j], min=1e-6), min=-1, max=1)
+              for i in range(k) for j in range(i + 1, k)) / (k * (k - 1) / 2)
     denominator = 1 + (k - 1) * cos
-    singular = denominator.abs() < 1e-6
-    t = torch.where(singular, 0.0, k * cos / torch.where(singular, 1.0, denominator))
-    return (t * ws.mean(0) + (1 - t) * w0).reshape(base.shape).to(base.dtype)
+    singular = abs(denominator) < 1e-6
+    t = xp.where(singular, 0.0, k * cos / xp.where(singular, 1.0, denominator))
+    mixed = functools.reduce(torch.Tensor.add_, offsets)  # in place into offsets[0]
+    return mixed.mul_(t / k).add_(w0).to(base.dtype)  # w0 + t (mean_i(w_i) - w0)
 
 
 @merge_method("sce", base="required", min_models=0, ranges={"select_topk": (0.0, 1.0)},

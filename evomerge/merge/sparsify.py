@@ -15,6 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from evomerge.merge.scalars import math_for, scalar
+
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest (1-based) of nonnegative `values` over the whole tensor, a 0-dim tensor: exact, no device sync.
@@ -140,23 +142,28 @@ SPARSIFIERS: dict[str, Sparsifier] = {
 }
 
 
-def rescale_l1_(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+def rescale_l1_(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7, *, scale: float = 1.0) -> torch.Tensor:
     """delta *= mask, then scaled back to delta's L1 norm before masking (mergekit `rescaled_masked_tensor`); unscaled
-    if either norm is < eps. In place."""
-    mag = delta.abs()
-    before = mag.sum()
-    after = mag.mul_(mask).sum()  # |delta * mask|, the mask being 0/1
-    return delta.mul_(mask).mul_(torch.where((before >= eps) & (after >= eps), before / after.clamp_min(eps), 1.0))
+    if either norm is < eps. In place; `scale` multiplies the result in the same pass."""
+    mag = delta.abs().reshape(-1)
+    before, after = scalar(mag.sum()), scalar(torch.dot(mag, mask.reshape(-1)))  # |delta * mask|, the mask being 0/1
+    xp = math_for(before)
+    factor = xp.where((before >= eps) & (after >= eps), before / xp.clamp(after, min=eps), 1.0)
+    return delta.mul_(mask).mul_(factor * scale)
 
 
-def sparsify_(delta: torch.Tensor, method: str, density: float, *, rescale: bool, **extra) -> torch.Tensor:
-    """Apply SPARSIFIERS[method] to one delta, in place; `extra` holds its own parameters (gamma, epsilon, u)."""
-    if density >= 1 or delta.numel() == 0:
-        return delta
+def sparsify_(delta: torch.Tensor, method: str, density: float, *, rescale: bool, scale: float = 1.0,
+              **extra) -> torch.Tensor:
+    """Apply SPARSIFIERS[method] to one delta and multiply it by `scale` (a model's weight; with `rescale` in the
+    same pass), in place; `extra` holds the sparsifier's own parameters (gamma, epsilon, u)."""
     if density <= 0:
         return delta.zero_()
-    mask = SPARSIFIERS[method].mask(delta, density, **extra)
-    return rescale_l1_(delta, mask) if rescale else delta.mul_(mask)
+    if density < 1 and delta.numel():
+        mask = SPARSIFIERS[method].mask(delta, density, **extra)
+        if rescale:
+            return rescale_l1_(delta, mask, scale=scale)
+        delta.mul_(mask)
+    return delta.mul_(scale) if scale != 1 else delta
 
 
 def sparsify(delta: torch.Tensor, method: str, density: float, *, rescale: bool, **extra) -> torch.Tensor:
