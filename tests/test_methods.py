@@ -154,19 +154,20 @@ def test_matches_float64_reference(variant, shape, device):
             assert_close(out, reference(name, base, tensors, params), F64)
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] in ("slerp", "nuslerp", "model_stock")],
-                         ids=_variant_id)
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
 @pytest.mark.parametrize("path", ["host", "device"])
 def test_scalar_math_matches_the_reference(variant, path, monkeypatch):
-    """Off CPU slerp/nuslerp/model_stock keep their per-tensor statistics on the device (0-dim tensors, no sync); on
-    CPU they read them as Python floats. Both paths (the device one forced here on CPU) meet the reference, also for
-    parallel, anti-parallel and zero inputs (the guarded branches)."""
+    """Off CPU the methods keep their per-tensor statistics (norms, dot products, L1 sums) on the device as 0-dim
+    tensors (no sync); on CPU they read them as Python floats. Both paths (the device one forced here on CPU) meet the
+    reference, also for parallel, anti-parallel and zero inputs (the guarded branches)."""
     name, overrides = variant
     if path == "device":
         monkeypatch.setattr(scalars, "READABLE_DEVICES", ())
     n = model_count(name)
     base, tensors = inputs((6, 9), n, seed=7)
     cases = [tensors, [2 * base for _ in tensors], [-base for _ in tensors], [base.clone() for _ in tensors]]
+    if name == "sce":  # equal task vectors: their variances across models are rounding noise, its top-k arbitrary
+        cases = cases[:1]
     for xs in cases:
         params = params_for(name, n, **overrides)
         out = run(name, base, xs, params)
