@@ -14,7 +14,7 @@ once each), the floor (bytes / bandwidth), the ratio to it, the planner's and th
 extra memory.
 With --mergekit (the bench extra) the same recipes also go through mergekit's in-process run_merge and the
 `mergekit-yaml` CLI on an on-disk copy of the models. Writes benchmarks/results/<device>-<shape>-<date>.{json,md}.
-DARE/DELLA draws stay resident across candidates up to the worker's budget (run.worker.DRAW_MEMO_BYTES), as in a search;
+DARE/DELLA draws stay resident across candidates up to the worker's budget (run.worker.draw_memo_bytes), as in a search;
 --memo-draws 0 recomputes them for every candidate (file name -nomemo).
 """
 
@@ -40,7 +40,7 @@ from evomerge.merge.rng import MaskKey, compile_rng, memoize_draws, uniform
 from evomerge.models.architectures import architecture_for
 from evomerge.models.io import ModelDir, ModelWriter
 from evomerge.recipe import recipe_from_dict
-from evomerge.run.worker import DRAW_MEMO_BYTES
+from evomerge.run.worker import draw_memo_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # Llama dimensions: hidden, layers, intermediate, attention heads, kv heads, vocab, tied embeddings
@@ -326,7 +326,7 @@ def main() -> None:
     parser.add_argument("--mergekit-repeats", type=int, default=3)
     parser.add_argument("--cli-methods", default="linear,slerp,ties,dare_ties", help="methods timed with mergekit-yaml")
     parser.add_argument("--compile", action="store_true", help="fuse the DARE/DELLA mask hash (rng.compile_rng)")
-    parser.add_argument("--memo-draws", type=float, default=DRAW_MEMO_BYTES / 2**30, metavar="GIB",
+    parser.add_argument("--memo-draws", type=float, metavar="GIB",
                         help="keep up to GIB of DARE/DELLA draws across candidates (default: a search worker's budget); "
                              "0 adds -nomemo to the file name")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); use 1 on a shared CPU")
@@ -343,9 +343,11 @@ def main() -> None:
     check_memory(config, args.device, dtype, len(experts))
     if args.compile:
         check_compiled_rng(args.device)
-    memoize_draws(int(args.memo_draws * 2**30))
     sources = synthetic_sources(config, ["base", *experts], args.device, dtype)
     target = live_model(config, args.device, dtype)
+    if args.memo_draws is None:  # as a worker: its budget once the models are resident
+        args.memo_draws = draw_memo_bytes(args.device) / 2**30
+    memoize_draws(int(args.memo_draws * 2**30))
     params = sum(t.numel() for (m, _), t in sources.tensors.items() if m == "base")
     bandwidth = copy_bandwidth(args.device, dtype, 2**30 if args.device.startswith("cuda") else 2**28)  # past caches
     rows = []

@@ -576,3 +576,11 @@ def test_mask_key_words_come_from_blake2b():
     key = MaskKey(3, "t", "m")
     digest = int.from_bytes(hashlib.blake2b(b"3\x00t\x00m", digest_size=8).digest(), "little")
     assert key.words() == (digest & 0xFFFFFFFF, digest >> 32)
+
+
+def test_a_worker_keeps_draws_in_half_the_free_gpu_memory(monkeypatch):
+    from evomerge.run.worker import CPU_DRAW_MEMO_BYTES, draw_memo_bytes
+
+    assert draw_memo_bytes("cpu") == CPU_DRAW_MEMO_BYTES == 2 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 << 30, 80 << 30))  # free, total
+    assert draw_memo_bytes("cuda:0") == draw_memo_bytes("cuda") == 35 << 30

@@ -23,8 +23,16 @@ from evomerge.recipe import MERGED, Recipe, recipe_from_dict
 from evomerge.run.path_model import build_path_model, decoder_layers
 
 # DARE/DELLA masks are keyed by (seed, tensor, model), not by candidate: a worker draws the same uniforms for every
-# candidate, so it keeps up to this much of them (4 bytes per element and model; past it, draws are recomputed).
-DRAW_MEMO_BYTES = 2 << 30
+# candidate, so it keeps them (4 bytes per element and model; past its budget, draws are recomputed).
+CPU_DRAW_MEMO_BYTES = 2 << 30
+
+
+def draw_memo_bytes(device: str) -> int:
+    """A worker's budget for kept draws: 2 GiB on CPU; on a GPU half the memory free once the models are resident (a
+    1.24B model with two experts needs 10 GB of draws; the evaluation keeps the other half)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return CPU_DRAW_MEMO_BYTES
 
 
 @dataclass
@@ -55,7 +63,7 @@ class TrialRunner:
             (m, n): live_param(self.live[m], n, self.dirs[m].arch).data for m in models for n in self.dirs[m].tensor_names})
         self.merged = load_live_model(self.dirs[base], device, torch_dtype).eval()
         self.materializer = LiveMaterializer(self.merged, self.sources)
-        memoize_draws(DRAW_MEMO_BYTES)
+        memoize_draws(draw_memo_bytes(device))
         self.evaluator = make_evaluator()
 
     def model_for(self, recipe: Recipe) -> torch.nn.Module:
