@@ -112,3 +112,38 @@ def test_a_structural_change_is_materialized_in_full(zoo):
     fresh.apply(swapped)
     for name, value in fresh.model.state_dict().items():
         assert torch.equal(live.model.state_dict()[name], value), name
+
+
+def test_results_become_the_parameters_and_never_alias_a_source(zoo, tmp_path, monkeypatch):
+    """A fresh result replaces the parameter's storage (no copy); the Parameter objects stay, tied weights stay tied, and
+    a result that is a source tensor itself is copied instead, so no parameter shares memory with a source."""
+    from evomerge.merge import materialize
+
+    m = materializer(zoo)
+    params = dict(m.model.named_parameters())
+    storages = {n: p.untyped_storage().data_ptr() for n, p in params.items()}
+    m.apply(recipe(zoo, "ties", [0.2, 0.5, 0.8]))
+    assert all(p is params[n] for n, p in m.model.named_parameters())
+    assert all(p.untyped_storage().data_ptr() != storages[n] for n, p in m.model.named_parameters())  # adopted
+    assert not any(p.untyped_storage().data_ptr() in m.source_storages for p in m.model.parameters())
+
+    monkeypatch.setattr(materialize, "compute", lambda task, sources: sources.get(*task.inputs[0]))
+    m.applied.clear()
+    m.apply(recipe(zoo, "ties", [0.2, 0.5, 0.8]))
+    a = m.sources.dirs[zoo[1]]
+    for name in a.tensor_names:
+        live = m.target(name)
+        assert live.equal(m.sources.get(zoo[1], name))
+        assert live.untyped_storage().data_ptr() not in m.source_storages
+
+    base = build_tiny("llama", tmp_path / "tied", num_layers=1, hidden=16, tie_word_embeddings=True)
+    expert = make_variants(base, tmp_path, n=1, scale=0.05)[0]
+    dirs = {str(p): ModelDir.open(p) for p in (base, expert)}
+    tied = LiveMaterializer(load_live_model(str(base), dtype=torch.float32), ResidentSources(dirs, "cpu", torch.float32))
+    monkeypatch.undo()
+    tied.apply(recipe_from_dict([{"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": str(base), "parameters": {"weight": 0.5}}, {"model": str(expert), "parameters": {"weight": 0.5}}]}]))
+    model = tied.model
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    expected = (dirs[str(base)].get("model.embed_tokens.weight") + dirs[str(expert)].get("model.embed_tokens.weight")) / 2
+    torch.testing.assert_close(model.lm_head.weight.data, expected)

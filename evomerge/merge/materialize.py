@@ -140,11 +140,18 @@ class LiveMaterializer:
         self.applied: dict[str, TensorTask] = {}
         self.layouts: dict[tuple, Layout] = {}  # plan_recipe's cache, keyed by plan.structure(stage)
         self.targets: dict[str, torch.Tensor] = {}  # output name -> live parameter
+        self.source_storages = {t.untyped_storage().data_ptr() for t in sources.tensors.values()}
 
     def target(self, name: str) -> torch.Tensor:
         if name not in self.targets:
             self.targets[name] = live_param(self.model, name)
         return self.targets[name]
+
+    def adoptable(self, value: torch.Tensor, target: torch.Tensor) -> bool:
+        """Whether `value` can replace the parameter's storage: its shape, dtype and device, and memory of its own (a
+        result that is a source tensor, or a view of one, is copied, so the live model never aliases a source)."""
+        return (value.shape == target.shape and value.dtype == target.dtype and value.device == target.device
+                and value.is_contiguous() and value.untyped_storage().data_ptr() not in self.source_storages)
 
     @torch.no_grad()
     def apply(self, recipe: Recipe, source: str = "<recipe>") -> dict[str, int]:
@@ -156,7 +163,10 @@ class LiveMaterializer:
             if self.applied.get(task.out_name) == task:
                 continue
             target, value = self.target(task.out_name), compute(task, self.sources)
-            target[: value.shape[0]].copy_(value) if task.vocab else target.copy_(value)
+            if self.adoptable(value, target):
+                target.data = value  # the fresh result becomes the parameter: no copy (tied weights stay tied)
+            else:
+                target[: value.shape[0]].copy_(value) if task.vocab else target.copy_(value)
             self.applied[task.out_name] = task
             computed += 1
         return {"tensors": len(plan.tasks), "computed": computed}
