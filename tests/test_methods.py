@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import reference_methods as ref
-from evomerge.merge import scalars
+from evomerge.merge import host
 from evomerge.merge.methods import TASK_ARITHMETIC_FAMILY, generalized_task_arithmetic, sign_agreement
 from evomerge.merge.registry import all_methods, get_method
 from evomerge.merge.rng import MaskKey, _draws_torch, _mix32, memoize_draws, uniform, uniforms
@@ -156,15 +156,16 @@ def test_matches_float64_reference(variant, shape, device):
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
 @pytest.mark.parametrize("path", ["host", "device"])
-def test_scalar_math_matches_the_reference(variant, path, monkeypatch):
-    """Off CPU the methods keep their per-tensor statistics (norms, dot products, L1 sums) on the device as 0-dim
-    tensors (no sync); on CPU they read them as Python floats. Both paths (the device one forced here on CPU) meet the
-    reference, also for parallel, anti-parallel and zero inputs (the guarded branches)."""
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)  # float32 takes the sort-key and numpy fast paths
+def test_host_and_device_paths_match_the_reference(variant, path, dtype, monkeypatch):
+    """On CPU the methods select, sort, hash and do their scalar math in numpy and Python; on any other device in torch
+    ops (no sync). Both paths (the device one forced here on CPU: radix select, torch sort keys, int32 hash, 0-dim
+    statistics) meet the reference, also for parallel, anti-parallel and zero inputs (the guarded branches)."""
     name, overrides = variant
     if path == "device":
-        monkeypatch.setattr(scalars, "READABLE_DEVICES", ())
+        monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())
     n = model_count(name)
-    base, tensors = inputs((6, 9), n, seed=7)
+    base, tensors = inputs((6, 9), n, dtype=dtype, seed=7)
     cases = [tensors, [2 * base for _ in tensors], [-base for _ in tensors], [base.clone() for _ in tensors]]
     if name == "sce":  # equal task vectors: their variances across models are rounding noise, its top-k arbitrary
         cases = cases[:1]
@@ -172,7 +173,7 @@ def test_scalar_math_matches_the_reference(variant, path, monkeypatch):
         params = params_for(name, n, **overrides)
         out = run(name, base, xs, params)
         assert out.device.type == "cpu" and torch.isfinite(out).all()
-        assert_close(out, reference(name, base, xs, params), F64)
+        assert_close(out, reference(name, base, xs, params), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)

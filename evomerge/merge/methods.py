@@ -4,7 +4,7 @@ Every method is `fn(base, tensors, *, <parameters>) -> Tensor` (see `registry.py
 None, `tensors` the other models' tensors in recipe order, per-model parameters are lists aligned with `tensors`.
 Arithmetic runs in float32 (float64 when an input is float64) and the result has the dtype of `base` (of `tensors[0]`
 when there is no base). Nothing here syncs with the device except SCE's top-k count, nor touches the global RNG:
-per-tensor statistics (norms, dot products, L1 sums) feed their scalar math through `scalars.scalar`, Python floats on
+per-tensor statistics (norms, dot products, L1 sums) feed their scalar math through `host.scalar`, Python floats on
 CPU only.
 
 `int8_mask` is accepted for mergekit compatibility and does nothing: in mergekit it only picks the dtype of the sign
@@ -21,7 +21,7 @@ import torch
 
 from evomerge.merge.registry import PerModel, merge_method
 from evomerge.merge.rng import uniforms
-from evomerge.merge.scalars import math_for, scalar
+from evomerge.merge.host import math_for, scalar
 from evomerge.merge.sparsify import SPARSIFIERS, kth_largest, sparsify_
 
 Tensor = torch.Tensor

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from evomerge.merge.host import on_host
+
 _M32 = 0xFFFFFFFF
 
 
@@ -147,8 +149,8 @@ def uniforms(keys: list[MaskKey], shape: torch.Size | tuple[int, ...], device: t
     if _memo is not None and memo_key in _memo.draws:
         return _memo.draws[memo_key]
     n = torch.Size(shape).numel()
-    on_cpu = torch.device(device).type == "cpu" and _kernel is _draw and n <= 2**32  # unless compiled: fused is faster
-    draws = (_draws_numpy(keys, n) if on_cpu else _draws_torch(keys, n, device)).reshape(len(keys), *shape)
+    in_numpy = on_host(device) and _kernel is _draw and n <= 2**32  # unless compiled: fused is faster
+    draws = (_draws_numpy(keys, n) if in_numpy else _draws_torch(keys, n, device)).reshape(len(keys), *shape)
     if _memo is not None:
         _memo.keep(memo_key, draws)
     return draws

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from evomerge.merge.scalars import math_for, scalar
+from evomerge.merge.host import math_for, on_host, scalar
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -25,7 +25,7 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     at 2**16 entries and 3x at 2**22; elsewhere `radix_select`, or torch.kthvalue up to 2**15 entries.
     """
     flat = values.reshape(-1) if values.element_size() >= 4 else values.reshape(-1).float()
-    if flat.device.type == "cpu":
+    if on_host(flat):
         return torch.as_tensor(np.partition(flat.detach().numpy(), k - 1)[k - 1])
     return torch.kthvalue(flat, k).values if flat.numel() <= 2**15 else radix_select(flat, k)
 
@@ -94,7 +94,7 @@ def row_order(mag: torch.Tensor) -> torch.Tensor:
     them in place (its SIMD sort is ~50x faster than torch.sort there)."""
     if mag.dtype != torch.float32:
         return mag.argsort(dim=1, stable=True)
-    return _row_order_numpy(mag) if mag.device.type == "cpu" else _row_order_torch(mag)
+    return _row_order_numpy(mag) if on_host(mag) else _row_order_torch(mag)
 
 
 def _row_order_numpy(mag: torch.Tensor) -> torch.Tensor:
