@@ -504,7 +504,8 @@ def _lowbias32(x: int) -> int:
 @pytest.mark.parametrize("device", DEVICES)
 def test_mix32_is_lowbias32(device):
     xs = [0, 1, 2, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF] + list(range(12345, 2**32, 2**32 // 97))
-    out = _mix32(torch.tensor(xs, dtype=torch.int64, device=device)).tolist()
+    bits = torch.tensor(xs, dtype=torch.int64, device=device).to(torch.int32)  # the uint32 values as int32 bits
+    out = _mix32(bits).to(torch.int64).bitwise_and_(0xFFFFFFFF).tolist()
     assert out == [_lowbias32(x) for x in xs]
 
 

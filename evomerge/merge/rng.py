@@ -57,12 +57,7 @@ def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 (C. Wellons, hash-prospector): a bijection of 32-bit integers with strong avalanche.
-
-    On int32 bits (wrapping); an int64 tensor of values below 2**32 is mapped through it and returned as int64.
-    """
-    if x.dtype == torch.int64:
-        return _mix32(x.to(torch.int32)).to(torch.int64).bitwise_and_(_M32)
+    """lowbias32 (C. Wellons, hash-prospector): a bijection of 32-bit integers with strong avalanche, on int32 bits."""
     x = x ^ _shr(x, 16)
     x.mul_(_MUL[0])
     x ^= _shr(x, 15)
