@@ -15,30 +15,22 @@ from typing import Callable, Sequence
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.harness import HarnessEvaluator
 from evomerge.evaluate.result import EvalResult, mean_ci95
+from evomerge.models.io import VOCAB_FILES, load_causal_lm
 from evomerge.recipe import write_text_atomic
-
-_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def load_model_dir(path: str | os.PathLike, *, device: str = "cpu", dtype=None):
-    """(model, tokenizer) from a Hugging Face model dir; a missing dir or tokenizer is a one-line EvomergeError."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) from a Hugging Face model dir of any architecture; a missing dir or tokenizer is a one-line
+    EvomergeError."""
+    from transformers import AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise EvomergeError("not a model directory (no config.json)", source=str(path))
-    if not any((path / f).is_file() for f in _VOCAB_FILES):
-        raise EvomergeError(f"model has no tokenizer (none of {', '.join(_VOCAB_FILES)}); copy the base model's "
+    if not any((path / f).is_file() for f in VOCAB_FILES):
+        raise EvomergeError(f"model has no tokenizer (none of {', '.join(VOCAB_FILES)}); copy the base model's "
                             f"tokenizer files in, or set tokenizer_source in the recipe", source=str(path))
-    from transformers.utils import logging as hf_logging
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar between the table's lines
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
-    finally:
-        hf_logging.enable_progress_bar()
-    return model.eval(), tokenizer
+    return load_causal_lm(path, dtype).to(device).eval(), AutoTokenizer.from_pretrained(str(path))
 
 
 def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str | None = "test",
@@ -58,7 +50,6 @@ def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str
         results.append({"target": str(target), **result.to_dict()})
         if echo:
             echo(f"{target}: {_summary(result)}")
-        del model
     report = {"split": split, "limit": limit, "tasks": list(evaluator.tasks), "n": evaluator.sizes,
               "chance": evaluator.chance, "results": results}
     if output_json:

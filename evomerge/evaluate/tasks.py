@@ -15,8 +15,6 @@ from evomerge.errors import EvomergeError, did_you_mean
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("search", "validation", "test")
-
 
 def evals_dir() -> Path:
     """evomerge's task dir: $EVOMERGE_EVALS, else the wheel's evomerge/evals, else the checkout's evals/ (editable)."""

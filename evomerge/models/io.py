@@ -27,7 +27,7 @@ SINGLE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
                    "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
-_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 _HUB_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.jinja", "tokenizer.model"]
 _HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -125,7 +125,7 @@ class ModelDir:
 
     @property
     def has_tokenizer(self) -> bool:
-        return any((self.path / f).is_file() for f in _VOCAB_FILES)
+        return any((self.path / f).is_file() for f in VOCAB_FILES)
 
     def __contains__(self, name: str) -> bool:
         return name in self._header
@@ -266,17 +266,23 @@ class ModelWriter:
 def load_live_model(ref: ModelDir | str | os.PathLike, device: str | torch.device = "cpu",
                     dtype: torch.dtype | str | None = None):
     """A transformers causal LM in eval mode; `dtype=None` keeps the checkpoint's dtype."""
-    from transformers import AutoModelForCausalLM
+    md = ref if isinstance(ref, ModelDir) else ModelDir.open(ref)
+    return load_causal_lm(md.path, dtype or "auto").to(device).eval()
 
+
+def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | str | None = None):
+    """AutoModelForCausalLM.from_pretrained(path) without transformers' "Loading weights" bar (a worker loads several
+    models; `evomerge eval` prints a table line per model)."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    md = ref if isinstance(ref, ModelDir) else ModelDir.open(ref)
-    hf_logging.disable_progress_bar()  # a worker loads several models: no "Loading weights" bar for each
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(md.path, dtype=dtype or "auto")
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     finally:
-        hf_logging.enable_progress_bar()
-    return model.to(device).eval()
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def live_param(model: torch.nn.Module, checkpoint_name: str, arch: Architecture | None = None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from evomerge.zoo.skills import SKILLS, example, held_out
+from evomerge.zoo.skills import SKILLS, eval_records, example, held_out
 from evomerge.zoo.tokenizer import BOS, EOS, PAD, VOCAB, encode
 
 IGNORE = -100  # label of prompt and padding tokens
@@ -110,8 +110,6 @@ def quick_accuracy(model, skill_name: str, split: str = "validation", n: int = 1
     Greedy decoding is exactly right iff every answer token is the argmax given the right prefix, so exact match needs
     no generation loop. For the build's progress lines and manifest; lm-eval gives the reported numbers.
     """
-    from evomerge.zoo.skills import eval_records
-
     rows = eval_records(SKILLS[skill_name])[split][:n]
     em_ids, em_labels = tensors([(r["prompt"], r["answer"] + "\n") for r in rows])
     pred = model(input_ids=em_ids, attention_mask=(em_ids != PAD).long()).logits[:, :-1].argmax(-1)
