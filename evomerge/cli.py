@@ -121,14 +121,12 @@ def evaluate(targets, tasks, split, limit, task_dirs, network, output_json, outp
 
 
 def _evaluator_factory(experiment, source: str):
-    """lm-eval scoring with the tokenizer of the space's base model (the first model of a data-flow space); the tasks
-    are checked first, so that a wrong name stops the run before it starts."""
-    from evomerge.run.evaluation import check_tasks, evaluator_factory
-    from evomerge.spaces import load_space_config, space_models
+    """lm-eval scoring (run.evaluation.SplitEvaluator); the tasks are checked first, so that a wrong name stops the run
+    before it starts."""
+    from evomerge.run.evaluation import SplitEvaluator, check_tasks
 
     check_tasks(experiment.evaluation, source)
-    space = load_space_config(experiment.space, source=source)
-    return evaluator_factory(getattr(space, "base_model", None) or [m for m in space_models(space)][0])
+    return SplitEvaluator
 
 
 def _print_summary(run_dir, summary) -> None:
@@ -172,7 +170,9 @@ def resume(run_dir, ray_address):
     from evomerge.run.rundir import RunDir
 
     config = RunDir(run_dir).frozen()
-    _print_summary(run_dir, run_resume(run_dir, _evaluator_factory(config, str(Path(run_dir) / "config.yaml")), experiment=_on_ray(config, ray_address)))
+    make_evaluator = _evaluator_factory(config, str(Path(run_dir) / "config.yaml"))
+    on_ray = _on_ray(config, ray_address) if ray_address else None  # else the frozen config as it is
+    _print_summary(run_dir, run_resume(run_dir, make_evaluator, experiment=on_ray))
 
 
 @main.command()

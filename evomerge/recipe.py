@@ -182,11 +182,18 @@ def iter_settings(params: Params):
 _MERGEKIT_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 
 
-def format_validation_error(err: ValidationError, source: str) -> EvomergeError:
+def format_validation_error(err: ValidationError, source: str, *, key: str | None = None,
+                            fields=()) -> EvomergeError:
+    """One line for all of a pydantic error's problems, each `location: message`. `key` prefixes the locations (a
+    section of a larger file); a model check's `field: message` is located at that field when it is one of `fields`."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "union[", "list[", "tagged")))
+        loc = [str(p) for p in e["loc"] if not str(p).startswith(("function-", "union[", "list[", "tagged"))]
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        head, _, rest = msg.partition(": ")
+        if not loc and e["type"] == "value_error" and head in fields and rest:
+            loc, msg = [head], rest
+        loc = ".".join(([key] if key else []) + loc)
         parts.append(f"{loc}: {msg}" if loc else msg)
     return EvomergeError("; ".join(dict.fromkeys(parts)), source=source)
 

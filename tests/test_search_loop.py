@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from contextlib import closing
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from evomerge.errors import EvomergeError
 from evomerge.optim import load_optimizer
 from evomerge.recipe import load_recipe
 from evomerge.run.config import experiment_from_dict, load_experiment
+from evomerge.run.evaluation import Evaluation
 from evomerge.run.ledger import Ledger
 from evomerge.run.loop import resume, search
 from evomerge.run.pool import LocalPool, RunnerSpec
@@ -37,14 +37,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import build_tiny, make_variants  # noqa: E402
 
 TARGET_WEIGHTS = (0.7, 0.2)
-
-
-@dataclass
-class Evaluation:
-    fitness: float | None
-    scores: dict = field(default_factory=dict)
-    status: str = "ok"
-    error: str | None = None
 
 
 class DistanceEvaluator:
@@ -73,8 +65,8 @@ class DistanceEvaluator:
 
 
 def evaluator_factory(models: dict, **kwargs):
-    """make_evaluator(evaluation_config) for the loop."""
-    return lambda evaluation: DistanceEvaluator(models["base"], models["experts"], **kwargs)
+    """make_evaluator(evaluation_config, base) for the loop."""
+    return lambda evaluation, base: DistanceEvaluator(models["base"], models["experts"], **kwargs)
 
 
 def experiment(models: dict, **overrides) -> dict:
@@ -111,7 +103,7 @@ def run(models, run_dir, evaluator=None, pool_class=None, **overrides):
     make = evaluator or evaluator_factory(models)
     pool = None
     if pool_class is not None:
-        spec = RunnerSpec(tuple([models["base"], *models["experts"]]), models["base"], partial(make, exp.evaluation))
+        spec = RunnerSpec(tuple([models["base"], *models["experts"]]), models["base"], partial(make, exp.evaluation, models["base"]))
         pool = pool_class(spec, exp.workers.num)
     return search(exp, run_dir, make, pool=pool, progress=False)
 
@@ -245,7 +237,7 @@ class LogitsEvaluator:
 
 def test_a_data_flow_search_runs_layer_paths(models, tmp_path):
     space = {"kind": "dfs", "models": [models["base"], models["experts"][0]], "repeats": 1, "scale": "slot"}
-    summary = run(models, tmp_path / "run", evaluator=lambda evaluation: LogitsEvaluator(models["experts"][0]),
+    summary = run(models, tmp_path / "run", evaluator=lambda evaluation, base: LogitsEvaluator(models["experts"][0]),
                   space=space, optimizer={"name": "random"}, **{"budget.trials": 6})
     trials = Ledger(tmp_path / "run" / "ledger.sqlite").trials("search")
     assert len(trials) == 6 and all(t.ok for t in trials) and len({t.recipe_hash for t in trials}) == 6
@@ -265,7 +257,8 @@ class CountingLogitsEvaluator(LogitsEvaluator):
 def test_a_candidate_that_repeats_a_scored_recipe_is_not_run_again(models, tmp_path):
     # 4 slots and no scale genes: 16 layer paths, so 14 random genomes must repeat some
     space = {"kind": "dfs", "models": [models["base"], models["experts"][0]], "repeats": 1, "scale": "none"}
-    summary = run(models, tmp_path / "run", evaluator=lambda evaluation: CountingLogitsEvaluator(models["experts"][0]),
+    CountingLogitsEvaluator.calls.clear()
+    summary = run(models, tmp_path / "run", evaluator=lambda evaluation, base: CountingLogitsEvaluator(models["experts"][0]),
                   space=space, optimizer={"name": "random"}, **{"budget.trials": 14, "validation.top_k": 3})
     trials = sorted(Ledger(tmp_path / "run" / "ledger.sqlite").trials("search"), key=lambda t: t.candidate)
     first = {}
@@ -401,7 +394,7 @@ def test_a_ray_worker_runs_torch_on_its_reserved_cores(models):
     threads = torch.get_num_threads()
     try:
         spec = RunnerSpec(tuple([models["base"], *models["experts"]]), models["base"],
-                          partial(evaluator_factory(models), None))
+                          partial(evaluator_factory(models), None, None))
         for cpus in (1, 3):
             runner = _RayRunner(spec, "ray-0", cpus)  # the actor class, built in process
             assert torch.get_num_threads() == cpus and runner.ready() == "ray-0"
@@ -423,7 +416,7 @@ class TwoTargetEvaluator:
 
 
 def two_targets(models: dict):
-    return lambda evaluation: TwoTargetEvaluator(models["base"], models["experts"])
+    return lambda evaluation, base: TwoTargetEvaluator(models["base"], models["experts"])
 
 
 NSGA2 = {"optimizer": {"name": "nsga2", "options": {"population_size": 4}}, "evaluation.objectives": ["near_a", "near_b"]}

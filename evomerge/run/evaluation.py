@@ -18,7 +18,8 @@ class Evaluation:
 
 
 class SplitEvaluator:
-    """`evaluate(model, split)`; the sample limit applies to the search split only (validation/test are scored whole)."""
+    """`evaluate(model, split)`; the sample limit applies to the search split only (validation/test are scored whole).
+    The search loop's `make_evaluator(evaluation, base)`: a worker scores with the tokenizer of its live base model."""
 
     def __init__(self, evaluation: EvaluationConfig, tokenizer_source: str):
         self.config, self.tokenizer_source = evaluation, tokenizer_source
@@ -65,7 +66,3 @@ def check_tasks(evaluation: EvaluationConfig, source: str) -> None:
     except EvomergeError as err:  # a task YAML at fault keeps its own name; otherwise the experiment's key
         raise EvomergeError(err.message, source=err.source or source, key=f"evaluation.{err.key or 'tasks'}") from None
 
-
-def evaluator_factory(tokenizer_source: str):
-    """make_evaluator(evaluation_config) for the search loop."""
-    return lambda evaluation: SplitEvaluator(evaluation, tokenizer_source)

@@ -48,7 +48,8 @@ from evomerge.run.ledger import Ledger, Trial
 from evomerge.run.pool import Pool, RunnerSpec, Task, make_pool
 from evomerge.run.rundir import RunDir
 
-EvaluatorFactory = Callable[[EvaluationConfig], Any]  # evaluation config -> an evaluator with evaluate(model, split=)
+# (evaluation config, the worker's live base model) -> an evaluator with evaluate(model, split=)
+EvaluatorFactory = Callable[[EvaluationConfig, str], Any]
 
 
 @dataclass
@@ -94,9 +95,9 @@ def _run(rd: RunDir, experiment: Experiment, make_evaluator: EvaluatorFactory, p
     try:
         optimizer = _optimizer(experiment, rd, space, ledger)
         if owned:
-            spec = RunnerSpec(tuple(models), _live_base(space_config, models),
-                              partial(make_evaluator, experiment.evaluation), experiment.workers.device,
-                              experiment.workers.dtype)
+            base = _live_base(space_config, models)
+            spec = RunnerSpec(tuple(models), base, partial(make_evaluator, experiment.evaluation, base),
+                              experiment.workers.device, experiment.workers.dtype)
             pool = make_pool(spec, experiment.workers)
         loop = _Loop(experiment, rd, space, optimizer, ledger, pool, progress)
         loop.run()
@@ -286,7 +287,8 @@ class _Loop:
     # -- fitness hygiene: validation, test, best/ ---------------------------------------------------------------------
     def finish(self) -> Summary:
         searched = [t for cid, t in sorted(self.recorded.items()) if cid < self.budget]
-        candidates = self._pareto_front(searched) if self.objectives else searched
+        front = self._pareto_front(searched) if self.objectives else None
+        candidates = searched if front is None else front
         ranked = sorted((t for t in candidates if t.ok), key=lambda t: (-t.fitness, t.candidate))
         ranked = _first_of_each_recipe(ranked)  # validate distinct recipes, not one recipe top_k times
         if not ranked:
@@ -300,7 +302,7 @@ class _Loop:
         else:
             winner = elites[0]
         test = self._score([winner], "test")[winner.candidate]
-        return self._write_best(winner, elites, validation, test, searched)
+        return self._write_best(winner, elites, validation, test, searched, front)
 
     def _pareto_front(self, trials: list[Trial]) -> list[Trial]:
         """The successful trials whose objectives no other trial's dominate, in candidate order, each recipe once."""
@@ -326,7 +328,7 @@ class _Loop:
                 scored[result.candidate] = self._append(result, searched.genome, searched.recipe, searched.recipe_hash)
         return scored
 
-    def _write_best(self, winner: Trial, elites, validation, test: Trial, searched) -> Summary:
+    def _write_best(self, winner: Trial, elites, validation, test: Trial, searched, front) -> Summary:
         fitness = {self.split: winner.fitness, "validation": validation[winner.candidate].fitness if validation else None,
                    "test": test.fitness}
         recipe = recipe_from_dict([yaml.safe_load(winner.recipe)]).with_provenance(
@@ -344,9 +346,9 @@ class _Loop:
                   "elites": [{"candidate": t.candidate, self.split: t.fitness,
                               "validation": validation[t.candidate].fitness if validation else None} for t in elites],
                   "trials": summary.trials, "failed": summary.failed}
-        if self.objectives:
+        if front is not None:
             scores["pareto_front"] = [{"candidate": t.candidate, "objectives": dict(zip(self.objectives, t.objectives))}
-                                      for t in self._pareto_front(searched)]
+                                      for t in front]
         write_text_atomic(self.rd.best / "scores.json", json.dumps(scores, indent=2) + "\n")
         return summary
 

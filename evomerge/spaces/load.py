@@ -68,7 +68,7 @@ def load_space_config(spec: str | os.PathLike | Mapping, *, source: str | None =
     try:
         return KINDS[kind][0].model_validate(doc)
     except ValidationError as err:  # located under `key` here: all errors at once, each at its own key
-        raise format_validation_error(_located(err, key, KINDS[kind][0].model_fields), source) from None
+        raise format_validation_error(err, source, key=key, fields=KINDS[kind][0].model_fields) from None
 
 
 def build_space(config: SpaceConfig, *, num_layers: Mapping[str, int], source: str = "<space>",
@@ -96,23 +96,7 @@ def keys_under(key: str | None, source: str):
     except EvomergeError as err:
         if not key or err.source != source:
             raise
-        message = str(err).removeprefix(": ".join(p for p in (err.source, err.key) if p) + ": ")
-        raise EvomergeError(message, source=source, key=f"{key}.{err.key}" if err.key else key) from None
-
-
-def _located(err: ValidationError, key: str | None, fields) -> ValidationError:
-    """`err` with its locations under `key`; a model check's 'field: message' is located at that field."""
-    if not key:
-        return err
-    details = []
-    for e in err.errors():
-        loc, ctx = e["loc"], e.get("ctx")
-        if not loc and e["type"] == "value_error":
-            head, _, rest = str(ctx["error"]).partition(": ")
-            if head in fields and rest:
-                loc, ctx = (head,), {"error": ValueError(rest)}
-        details.append({"type": e["type"], "loc": (key, *loc), "input": e["input"], **({"ctx": ctx} if ctx else {})})
-    return ValidationError.from_exception_data(err.title, details)
+        raise EvomergeError(err.message, source=source, key=f"{key}.{err.key}" if err.key else key) from None
 
 
 def space_from_yaml(path: str | os.PathLike, *, num_layers: Mapping[str, int]) -> SearchSpace:
