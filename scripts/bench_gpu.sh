@@ -18,6 +18,6 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mergekit=()
 "$PYTHON" -c "import mergekit" 2>/dev/null && mergekit=(--mergekit --mergekit-methods linear,slerp,ties,dare_ties --mergekit-repeats 1)
 "$PYTHON" scripts/bench_merge.py --shape "$SHAPE" --device "$DEVICE" --dtype bfloat16 --out "$RESULTS" "${mergekit[@]}"
-# the DARE/DELLA mask hash fused by torch.compile (rng.compile_rng): draws past the worker's memo budget cost one kernel
-"$PYTHON" scripts/bench_merge.py --shape "$SHAPE" --device "$DEVICE" --dtype bfloat16 --out "$RESULTS" --compile
+# the same without the fused kernels (merge/fused.py), for comparison: each op one pass over memory
+"$PYTHON" scripts/bench_merge.py --shape "$SHAPE" --device "$DEVICE" --dtype bfloat16 --out "$RESULTS" --fuse off
 "$PYTHON" scripts/bench_trial.py --shape "$SHAPE" --device "$DEVICE" --dtype bfloat16 --out "$RESULTS"

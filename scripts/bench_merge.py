@@ -15,7 +15,8 @@ extra memory.
 With --mergekit (the bench extra) the same recipes also go through mergekit's in-process run_merge and the
 `mergekit-yaml` CLI on an on-disk copy of the models. Writes benchmarks/results/<device>-<shape>-<date>.{json,md}.
 DARE/DELLA draws stay resident across candidates up to the worker's budget (run.worker.draw_memo_bytes), as in a search;
---memo-draws 0 recomputes them for every candidate (file name -nomemo).
+--memo-draws 0 recomputes them for every candidate (file name -nomemo). The methods' element-wise math runs as fused
+kernels on a GPU (merge/fused.py; compiled during warm-up); --fuse on/off forces them on or off (-fused, -unfused).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import yaml
 
 from evomerge.merge.materialize import LiveMaterializer, ResidentSources, compute
 from evomerge.merge.plan import plan_recipe
-from evomerge.merge.rng import MaskKey, compile_rng, memoize_draws, uniform
+from evomerge.merge.fused import fuse
+from evomerge.merge.rng import memoize_draws
 from evomerge.models.architectures import architecture_for
 from evomerge.models.io import ModelDir, ModelWriter
 from evomerge.recipe import recipe_from_dict
@@ -181,15 +183,6 @@ def peak_extra_memory(fn, device: str) -> int | None:
     return max(0, max(peak[0], proc.memory_info().rss) - before)
 
 
-def check_compiled_rng(device: str) -> None:
-    """Turn on the fused mask hash, after checking that it draws the same bits as the eager ops."""
-    key, shape = MaskKey(0, "model.layers.0.mlp.up_proj.weight", "a"), (1000, 999)
-    eager = uniform(key, shape, device)
-    compile_rng()
-    if not torch.equal(uniform(key, shape, device), eager):
-        raise SystemExit("the compiled mask hash draws different bits from the eager one")
-
-
 def check_memory(config, device: str, dtype: torch.dtype, experts: int) -> None:
     """Stop early, with a message, when base + experts + the live target (+ 10% working space) cannot fit."""
     if not device.startswith("cuda"):
@@ -285,7 +278,8 @@ def device_name(device: str) -> str:
 def markdown(result: dict) -> str:
     ms = lambda s: f"{s * 1e3:.2f}" if s is not None else "-"  # noqa: E731
     mib = lambda b: f"{b / 2**20:.1f}" if b is not None else "-"  # noqa: E731
-    lines = [f"# bench_merge: {result['shape']} on {result['device']} ({result['dtype']}, base + {result['experts']} experts)",
+    lines = [f"# bench_merge: {result['shape']} on {result['device']} ({result['dtype']}, base + {result['experts']} experts, "
+             f"fuse {result.get('fuse', 'off')})",
              "", f"`{result['command']}`  ", f"{result['params'] / 1e6:.1f}M params per model; copy bandwidth "
              f"{result['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s (read + write); torch {result['torch']}; {result['date']}", "",
              "| method | ms / candidate | plan ms | kernels ms | MB moved | floor ms | x floor | peak extra MiB |"
@@ -325,7 +319,9 @@ def main() -> None:
     parser.add_argument("--mergekit-methods", help="methods timed with run_merge (default: --methods)")
     parser.add_argument("--mergekit-repeats", type=int, default=3)
     parser.add_argument("--cli-methods", default="linear,slerp,ties,dare_ties", help="methods timed with mergekit-yaml")
-    parser.add_argument("--compile", action="store_true", help="fuse the DARE/DELLA mask hash (rng.compile_rng)")
+    parser.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
+                        help="fused kernels (merge/fused.py): auto = on a GPU only; on/off add -fused/-unfused to the "
+                             "file name")
     parser.add_argument("--memo-draws", type=float, metavar="GIB",
                         help="keep up to GIB of DARE/DELLA draws across candidates (default: a search worker's budget); "
                              "0 adds -nomemo to the file name")
@@ -341,8 +337,7 @@ def main() -> None:
 
     config = llama_config(SHAPES[args.shape])
     check_memory(config, args.device, dtype, len(experts))
-    if args.compile:
-        check_compiled_rng(args.device)
+    fuse({"auto": None, "on": True, "off": False}[args.fuse])
     sources = synthetic_sources(config, ["base", *experts], args.device, dtype)
     target = live_model(config, args.device, dtype)
     if args.memo_draws is None:  # as a worker: its budget once the models are resident
@@ -362,9 +357,10 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     result = {"shape": args.shape, "dims": SHAPES[args.shape], "device": device_name(args.device), "dtype": dtype_name,
               "experts": len(experts), "params": params, "date": date, "torch": torch.__version__,
+              "fuse": args.fuse,
               "command": command_line(args),
               "bandwidth_bytes_per_s": bandwidth, "rows": rows, "mergekit": mergekit}
-    variant = ("" if args.memo_draws else "-nomemo") + ("-compiled" if args.compile else "")
+    variant = ("" if args.memo_draws else "-nomemo") + {"auto": "", "on": "-fused", "off": "-unfused"}[args.fuse]
     write_results(Path(args.out) / f"{result['device']}-{args.shape}-{date}{variant}", result, markdown(result))
 
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from evomerge.merge.methods import _top_variance
-from evomerge.merge.sparsify import _row_order_torch, kth_largest, kth_smallest, magnitude, radix_select, row_order
+from evomerge.merge.sparsify import SPARSIFIERS, _row_order_torch, kth_largest, kth_smallest, radix_select, row_order
+
+magnitude = SPARSIFIERS["magnitude"].mask  # 0/1 mask
 
 N = 3 * 2**15 + 7  # above the radix-select cut-over, not a power of two
 

@@ -15,11 +15,13 @@ import pytest
 import torch
 
 import reference_methods as ref
-from evomerge.merge import host
+from evomerge.merge import fused, host
 from evomerge.merge.methods import TASK_ARITHMETIC_FAMILY, generalized_task_arithmetic, sign_agreement
 from evomerge.merge.registry import all_methods, get_method
 from evomerge.merge.rng import MaskKey, _draws_torch, _mix32, memoize_draws, uniform, uniforms
-from evomerge.merge.sparsify import magnitude, magnitude_outliers, sparsify
+from evomerge.merge.sparsify import SPARSIFIERS, sparsify
+
+magnitude, magnitude_outliers = SPARSIFIERS["magnitude"].mask, SPARSIFIERS["magnitude_outliers"].mask  # 0/1 masks
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -155,13 +157,15 @@ def test_matches_float64_reference(variant, shape, device):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
-@pytest.mark.parametrize("path", ["host", "device"])
+@pytest.mark.parametrize("path", ["host", "device", "fused"])
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)  # float32 takes the sort-key and numpy fast paths
 def test_host_and_device_paths_match_the_reference(variant, path, dtype, monkeypatch):
     """On CPU the methods select, sort, hash and do their scalar math in numpy and Python; on any other device in torch
-    ops (no sync). Both paths (the device one forced here on CPU: radix select, torch sort keys, int32 hash, 0-dim
-    statistics) meet the reference, also for parallel, anti-parallel and zero inputs (the guarded branches)."""
+    ops (no sync), fused by torch.compile by default. All three paths (device and fused forced here on CPU: radix
+    select, torch sort keys, int32 hash, 0-dim statistics, compiled kernels with in-kernel draws) meet the reference,
+    also for parallel, anti-parallel and zero inputs (the guarded branches)."""
     name, overrides = variant
+    monkeypatch.setattr(fused, "_forced", path == "fused")
     if path == "device":
         monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())
     n = model_count(name)

@@ -18,7 +18,10 @@ HOST_DEVICE_TYPES = ("cpu",)
 
 
 def on_host(x: torch.Tensor | torch.device | str) -> bool:
-    """Whether `x` (a tensor, or a device) lives where numpy and Python can read it for free."""
+    """Whether `x` (a tensor, or a device) lives where numpy and Python can read it for free (never while torch.compile
+    traces: a fused kernel takes the device path)."""
+    if torch.compiler.is_compiling():
+        return False
     device = x.device if isinstance(x, torch.Tensor) else torch.device(x)
     return device.type in HOST_DEVICE_TYPES
 

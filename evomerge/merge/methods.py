@@ -5,7 +5,8 @@ None, `tensors` the other models' tensors in recipe order, per-model parameters 
 Arithmetic runs in float32 (float64 when an input is float64) and the result has the dtype of `base` (of `tensors[0]`
 when there is no base). Nothing here syncs with the device except SCE's top-k count, nor touches the global RNG:
 per-tensor statistics (norms, dot products, L1 sums) feed their scalar math through `host.scalar`, Python floats on
-CPU only.
+CPU only. On a GPU the element-wise tails run as fused kernels (`fused.py`): `@fusible` functions, and the
+task-arithmetic family's `_task_sum_fused`.
 
 `int8_mask` is accepted for mergekit compatibility and does nothing: in mergekit it only picks the dtype of the sign
 mask to save memory, and our masks are 0/1 in the work dtype.
@@ -15,13 +16,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from evomerge.merge.registry import PerModel, merge_method
-from evomerge.merge.rng import uniforms
+from evomerge.merge.fused import fusible, fusing
 from evomerge.merge.host import math_for, scalar
+from evomerge.merge.registry import PerModel, merge_method
+from evomerge.merge.rng import draws_at, key_words, uniforms
 from evomerge.merge.sparsify import SPARSIFIERS, kth_largest, sparsify_
 
 Tensor = torch.Tensor
@@ -111,6 +113,8 @@ def generalized_task_arithmetic(
     """
     if not tensors:
         return base.clone()
+    if fusing(base) and 0 < base.numel() < 2**31:  # int32 element indices for the in-kernel draws
+        return _task_arithmetic_fused(base, tensors, member, weight, density, normalize, rescale, lambda_, key, extra)
     work = _work_dtype(base, *tensors)
     b = base.to(work)
     deltas = _stack(tensors, work).sub_(b)  # [n, *shape]; updated in place below (fewer passes over memory)
@@ -135,6 +139,75 @@ def generalized_task_arithmetic(
         if normalize:
             mixed /= _guarded(sum(weight))
     return mixed.mul_(lambda_).add_(b).to(base.dtype)
+
+
+def _task_arithmetic_fused(base, tensors, member, weight, density, normalize, rescale, lambda_, key, extra) -> Tensor:
+    """generalized_task_arithmetic with each sparsifier reduced to its bounds first (`Keep`: the selections), then
+    masks, draws, rescale, sign election and sum in one fused `_task_sum_fused`. A model at density <= 0 is left out
+    (its zero delta adds nothing and never agrees in sign); the divisor without consensus still counts its weight."""
+    sparsifier = SPARSIFIERS.get(member.sparsifier)
+    words = key_words(tuple(key), str(base.device)) if sparsifier and sparsifier.randomized else None
+    flat = base.reshape(-1)
+    kept = []  # (model's flat tensor, weight, Keep or None, key words or None)
+    for i, x in enumerate(tensors):
+        keep = None
+        if sparsifier and density[i] < 1:
+            mag = _abs_delta(x, base) if sparsifier.magnitudes else None
+            keep = None if density[i] <= 0 else sparsifier.rule(mag, density[i], **{k: v[i] for k, v in extra.items()})
+            if keep is None:
+                continue
+            if isinstance(keep.p, Tensor):  # DELLA's per-entry probabilities
+                keep = replace(keep, p=keep.p.reshape(-1))
+        kept.append((x.reshape(-1), weight[i], keep, words[i] if words is not None else None))
+    if not kept:
+        return base.clone()
+    xs, ws, keeps, ks = (list(column) for column in zip(*kept))
+    divisor = _guarded(sum(weight)) if normalize and not member.consensus else 1.0
+    out = _task_sum_fused(flat, xs, ws, [k and k.lo for k in keeps], [k and k.hi for k in keeps],
+                          [k and k.p for k in keeps], ks, rescale=rescale, consensus=member.consensus,
+                          normalize=normalize, divisor=divisor, lambda_=lambda_)
+    return out.reshape(base.shape)
+
+
+@fusible
+def _abs_delta(x: Tensor, base: Tensor) -> Tensor:
+    work = _work_dtype(base, x)
+    return (x.to(work) - base.to(work)).abs()
+
+
+@fusible
+def _task_sum_fused(base, xs, weight, lo, hi, p, words, *, rescale, consensus, normalize, divisor, lambda_) -> Tensor:
+    """base + lambda * sum_i w_i r_i m_i k_i (x_i - base) / D over flat tensors, as generalized_task_arithmetic: k_i
+    the 0/1 keep mask of model i (lo_i <= |delta| <= hi_i, draw < p_i; None: no such bound), r_i its L1 rescale factor
+    (`sparsify.rescale_l1_`), m_i the TIES sign agreement, D the agreeing weights' sum with consensus and normalize,
+    else `divisor`. Two passes: the L1 sums (with rescale), then the rest."""
+    work = _work_dtype(base, *xs)
+    b = base.to(work)
+    index = torch.arange(b.numel(), dtype=torch.int32, device=b.device) if any(k is not None for k in words) else None
+    terms = []
+    for x, w, low, high, prob, key in zip(xs, weight, lo, hi, p, words):
+        delta = x.to(work) - b
+        mag = delta.abs()
+        bounds = [mag >= low if low is not None else None, mag <= high if high is not None else None,
+                  draws_at(index, key) < prob if prob is not None else None]
+        bounds = [c for c in bounds if c is not None]
+        if bounds:
+            keep = functools.reduce(torch.logical_and, bounds)
+            if rescale:
+                before, after = mag.sum(), torch.where(keep, mag, 0).sum()
+                w = w * torch.where((before >= 1e-7) & (after >= 1e-7), before / after.clamp(min=1e-7), 1.0)
+            delta = torch.where(keep, delta, 0)
+        terms.append(delta * w)
+    if consensus:
+        majority = torch.where(functools.reduce(torch.add, terms) >= 0, 1.0, -1.0)
+        agree = [t * majority > 0 for t in terms]  # sign_agreement
+        mixed = functools.reduce(torch.add, [torch.where(a, t, 0) for a, t in zip(agree, terms)])
+        if normalize:
+            agreeing = functools.reduce(torch.add, [a.to(work) * w for a, w in zip(agree, weight)])
+            mixed = mixed / torch.where(agreeing == 0, 1.0, agreeing)
+    else:
+        mixed = functools.reduce(torch.add, terms) / divisor
+    return (b + lambda_ * mixed).to(base.dtype)
 
 
 def _register_family_member(name: str, member: TaskArithmetic) -> None:
@@ -189,17 +262,23 @@ def linear(base: None, tensors: list[Tensor], *, weight: PerModel, normalize: bo
 
     A weight sum with |sum| < 1e-8 divides by 1 (mergekit divides by it and returns inf/NaN).
     """
-    work = _work_dtype(*tensors)
-    mixed = tensors[0].to(work) * weight[0]
-    for t, w in zip(tensors[1:], weight[1:]):
-        mixed.add_(t.to(work), alpha=w)  # one pass per model, no temporaries
-    if normalize:
-        mixed /= _guarded(sum(weight))
-    return mixed.to(tensors[0].dtype)
+    total = _guarded(sum(weight)) if normalize else 1.0
+    return _weighted_sum([t.reshape(-1) for t in tensors], [w / total for w in weight]).reshape(tensors[0].shape)
+
+
+@fusible
+def _weighted_sum(xs: list[Tensor], coefs: list[float]) -> Tensor:
+    """sum_i c_i x_i in the work dtype, returned in the dtype of xs[0]."""
+    work = _work_dtype(*xs)
+    mixed = xs[0].to(work) * coefs[0]
+    for x, c in zip(xs[1:], coefs[1:]):
+        mixed.add_(x.to(work), alpha=c)  # one pass per model, no temporaries
+    return mixed.to(xs[0].dtype)
 
 
 @merge_method("slerp", base="required", min_models=1, max_models=1, ranges={"t": (0.0, 1.0)},
               reference="https://en.wikipedia.org/wiki/Slerp")
+@fusible
 def slerp(base: Tensor, tensors: list[Tensor], *, t: float) -> Tensor:
     """Spherical interpolation from base (t=0) to the other model (t=1) over the whole flattened tensor:
 
@@ -245,15 +324,21 @@ def nuslerp(base: Tensor | None, tensors: list[Tensor], *, weight: PerModel, nus
     """
     total = weight[0] + weight[1]
     t = 0.5 if abs(total) < 1e-6 else weight[1] / total
+    return _nuslerp_merge(base, tensors, t, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
+
+
+@fusible
+def _nuslerp_merge(base: Tensor | None, tensors: list[Tensor], t: float, *, row_wise: bool, flatten: bool) -> Tensor:
     work = _work_dtype(base, *tensors)
     a, b = (x.to(work) for x in tensors)
     origin = base.to(work) if base is not None else torch.zeros((), dtype=work, device=a.device)
-    out = origin + _nuslerp(t, a - origin, b - origin, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
+    out = origin + _nuslerp(t, a - origin, b - origin, row_wise=row_wise, flatten=flatten)
     return out.to((base if base is not None else tensors[0]).dtype)
 
 
 @merge_method("nearswap", base="required", min_models=1, max_models=1,
               reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001")
+@fusible
 def nearswap(base: Tensor, tensors: list[Tensor], *, t: float) -> Tensor:
     """Move base a towards the other model b where they are close:
 
@@ -266,6 +351,7 @@ def nearswap(base: Tensor, tensors: list[Tensor], *, t: float) -> Tensor:
 
 
 @merge_method("model_stock", base="required", min_models=2, reference="https://arxiv.org/abs/2403.19522")
+@fusible
 def model_stock(base: Tensor, tensors: list[Tensor], *, filter_wise: bool = False) -> Tensor:
     """Model Stock (Jang et al. 2024, eq. 6): out = t * mean_i(w_i) + (1 - t) * w_0,  t = k cos / (1 + (k - 1) cos),
 
@@ -326,5 +412,4 @@ def _top_variance(tau: Tensor, fraction: float) -> Tensor:
 @merge_method("passthrough", base="none", max_models=1)
 def passthrough(base: None, tensors: list[Tensor], *, scale: PerModel = 1.0) -> Tensor:
     """The one model's tensor times its `scale` (mergekit's default None is scale 1)."""
-    x = tensors[0]
-    return (x.to(_work_dtype(x)) * _each(scale, 1)[0]).to(x.dtype)
+    return _weighted_sum([tensors[0].reshape(-1)], _each(scale, 1)).reshape(tensors[0].shape)

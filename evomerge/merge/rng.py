@@ -11,6 +11,7 @@ of all models of a tensor in one pass, and `memoize_draws` lets a search worker 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -76,17 +77,6 @@ def _draw(low: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, high: torch.Ten
     return _shr(h, 8).to(torch.float32).mul_(2.0**-24)
 
 
-_kernel = _draw  # or its torch.compile'd form, see compile_rng
-
-
-def compile_rng(enabled: bool = True) -> None:
-    """Fuse the ~25 element-wise integer ops of a draw into one kernel with torch.compile (same bits: the same int32
-    ops). It costs ~30 s of compilation once per process and makes masks ~25x cheaper on CPU; on a GPU the eager ops
-    would each read and write the whole index tensor, so a search worker there should turn it on."""
-    global _kernel
-    _kernel = torch.compile(_draw, dynamic=True) if enabled else _draw
-
-
 class _Memo:
     """Draws kept for reuse, up to a byte budget (first come, first kept): see `memoize_draws`."""
 
@@ -111,11 +101,11 @@ def memoize_draws(max_bytes: int) -> None:
 
 
 def _draws_torch(keys: list[MaskKey], n: int, device: torch.device | str) -> torch.Tensor:
-    """[len(keys), n] draws by `_kernel` on int32 tensors (any device)."""
-    words = torch.tensor([[_signed(w) for w in key.words()] for key in keys], dtype=torch.int32, device=device)
+    """[len(keys), n] draws by the int32 hash (any device)."""
+    words = key_words(tuple(keys), str(device))
     index = torch.arange(n, dtype=torch.int32 if n <= 2**31 else torch.int64, device=device)
     high = (index >> 32).to(torch.int32) if n > 2**32 else None  # entries past 2**32 get distinct draws too
-    return _kernel(index.to(torch.int32), words[:, :1], words[:, 1:], high)
+    return _draw(index.to(torch.int32), words[:, :1], words[:, 1:], high)
 
 
 def _draws_numpy(keys: list[MaskKey], n: int) -> torch.Tensor:
@@ -137,6 +127,19 @@ def _draws_numpy(keys: list[MaskKey], n: int) -> torch.Tensor:
     return torch.from_numpy(x.astype(np.float32)).mul_(2.0**-24)
 
 
+@functools.lru_cache(maxsize=65536)
+def key_words(keys: tuple[MaskKey, ...], device: str) -> torch.Tensor:
+    """int32 [len(keys), 2]: the keys' words on `device`, copied there once (a search asks for the same keys for every
+    candidate; a copy per call would stall a GPU's queue)."""
+    return torch.tensor([[_signed(w) for w in key.words()] for key in keys], dtype=torch.int32, device=device)
+
+
+def draws_at(index: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """The draws of one key (`words`, a row of `key_words`) at int32 element indices: `uniform` of that key, computed
+    where it is used, so inside a fused kernel a mask costs arithmetic instead of reading stored draws."""
+    return _draw(index, words[0], words[1], None)
+
+
 def uniforms(keys: list[MaskKey], shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 tensor [len(keys), *shape]: row i is `uniform(keys[i], shape)`, drawn for all keys at once (read-only:
     with `memoize_draws` on, the same tensor is returned again)."""
@@ -144,7 +147,7 @@ def uniforms(keys: list[MaskKey], shape: torch.Size | tuple[int, ...], device: t
     if _memo is not None and memo_key in _memo.draws:
         return _memo.draws[memo_key]
     n = torch.Size(shape).numel()
-    in_numpy = on_host(device) and _kernel is _draw and n <= 2**32  # unless compiled: fused is faster
+    in_numpy = on_host(device) and n <= 2**32
     draws = (_draws_numpy(keys, n) if in_numpy else _draws_torch(keys, n, device)).reshape(len(keys), *shape)
     if _memo is not None:
         _memo.keep(memo_key, draws)

@@ -1,20 +1,23 @@
 """Sparsifiers: which entries of a task vector (delta = model - base) survive before the deltas are mixed.
 
 Semantics of mergekit 0.1.5 `sparsify.py`: density >= 1 returns the delta unchanged (no rescale), density <= 0 zeros
-it; otherwise a mask is chosen and, with `rescale`, the kept entries are scaled to keep the delta's L1 norm. Masks are
-chosen by selection (`kth_smallest`), never by sorting the whole tensor, and exact ties at a threshold are always kept,
-so the result is the same on every device. Masks are 0/1 in the delta's dtype (`_mask`). Random masks compare the
-delta's uniform draws `u` (from `evomerge.merge.rng`, never the torch global RNG) with the keep probability.
+it; otherwise a mask is chosen and, with `rescale`, the kept entries are scaled to keep the delta's L1 norm. Each
+sparsifier is a rule that returns the bounds of what survives (`Keep`: magnitude thresholds, a keep probability);
+thresholds come from selection (`kth_smallest`), never from sorting the whole tensor, and exact ties at a threshold are
+always kept, so the result is the same on every device. Masks are 0/1 in the delta's dtype (`_mask`). Random masks
+compare the delta's uniform draws `u` (from `evomerge.merge.rng`, never the torch global RNG) with the keep probability.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 
+from evomerge.merge.fused import fusible
 from evomerge.merge.host import math_for, on_host, scalar
 
 
@@ -30,6 +33,7 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(flat, k).values if flat.numel() <= 2**15 else radix_select(flat, k)
 
 
+@fusible  # on a GPU: each pass one kernel (digit and histogram fused), not five over int32 copies
 def radix_select(flat: torch.Tensor, k: int) -> torch.Tensor:
     """kth_smallest of a 1-D float32/float64 tensor by radix select on the float bits, which order like integers for
     values >= 0: 16 bits at a time, histogram the next digit of the keys that share the digits chosen so far (bin 0
@@ -56,36 +60,52 @@ def _mask(compare, a, b, like: torch.Tensor) -> torch.Tensor:
     return compare(a, b, out=torch.empty_like(like))
 
 
-def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class Keep:
+    """The entries of a delta that survive: lo <= |delta| <= hi and u < p (a bound that is None does not apply).
+
+    A sparsifier's rule turns |delta| and its parameters into these bounds (selection happens there); applying them is
+    element-wise, so fused kernels (`evomerge.merge.fused`) apply them in the same pass as the sum."""
+
+    lo: torch.Tensor | None = None
+    hi: torch.Tensor | None = None
+    p: float | torch.Tensor | None = None  # keep probability, per tensor or per entry (DELLA)
+
+    def mask(self, mag: torch.Tensor | None, u: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """0/1 mask in the dtype of `like` (mag = |delta|, u = the delta's uniform draws)."""
+        conditions = [(torch.ge, mag, self.lo), (torch.le, mag, self.hi), (torch.lt, u, self.p)]
+        masks = [_mask(compare, x, bound, like) for compare, x, bound in conditions if bound is not None]
+        return functools.reduce(torch.Tensor.mul_, masks)
+
+
+def magnitude(mag: torch.Tensor, density: float) -> Keep:
     """TIES: keep the k = max(1, int(density * numel)) largest |delta| over the whole tensor.
 
     Every |delta| >= the k-th largest |delta| is kept: entries tied with it are all kept, so more than k survive only
     when there are exact ties at the threshold (mergekit's argsort keeps an arbitrary k of them).
     """
-    mag = delta.abs()
-    return _mask(torch.ge, mag, kth_largest(mag, max(1, int(density * mag.numel()))), delta)
+    return Keep(lo=kth_largest(mag, max(1, int(density * mag.numel()))))
 
 
-def magnitude_outliers(delta: torch.Tensor, density: float, *, gamma: float) -> torch.Tensor:
+def magnitude_outliers(mag: torch.Tensor, density: float, *, gamma: float) -> Keep | None:
     """Model Breadcrumbs: drop the int(gamma * numel) largest |delta| (outliers), keep the next int(density * numel).
 
     Fewer outliers are dropped when both do not fit (mergekit 0.1.5). In ascending order of |delta| the kept entries
     are ranks skip+1 .. skip+keep; both ends are kthvalue thresholds and ties at either end are kept. With no outlier
-    to drop the top `keep` entries survive (older mergekit's `indices[n_bot:-0]` zeroed everything there).
+    to drop the top `keep` entries survive (older mergekit's `indices[n_bot:-0]` zeroed everything there). None when
+    nothing is kept.
     """
-    n = delta.numel()
+    n = mag.numel()
     keep, top = int(density * n), max(0, int(gamma * n))
     if keep <= 0:
-        return torch.zeros_like(delta)
+        return None
     skip = max(0, n - keep - top)  # the smallest entries dropped
-    mag = delta.abs()
-    above_low = _mask(torch.ge, mag, kth_smallest(mag, skip + 1), delta)
-    return above_low.mul_(_mask(torch.le, mag, kth_smallest(mag, skip + keep), delta))
+    return Keep(lo=kth_smallest(mag, skip + 1), hi=kth_smallest(mag, skip + keep))
 
 
-def bernoulli(delta: torch.Tensor, density: float, *, u: torch.Tensor) -> torch.Tensor:
-    """DARE: keep each entry independently with probability `density` (u: its U[0, 1) draws, see rng.uniform)."""
-    return _mask(torch.lt, u, density, delta)
+def bernoulli(mag: None, density: float) -> Keep:
+    """DARE: keep each entry independently with probability `density` (by its U[0, 1) draw, see rng.uniform)."""
+    return Keep(p=density)
 
 
 def row_order(mag: torch.Tensor) -> torch.Tensor:
@@ -110,7 +130,7 @@ def _row_order_torch(mag: torch.Tensor) -> torch.Tensor:
     return keys.sort(dim=-1).values.bitwise_and_(0xFFFFFFFF)
 
 
-def della_magprune(delta: torch.Tensor, density: float, *, epsilon: float, u: torch.Tensor) -> torch.Tensor:
+def della_magprune(mag: torch.Tensor, density: float, *, epsilon: float) -> Keep:
     """DELLA MagPrune: keep with probability density - epsilon + 2 * epsilon * rank / (n - 1), rank by |delta| within
     each row (along dim 1 as in mergekit; a 1-D tensor is one row). Ties rank by position (stable sort).
 
@@ -118,25 +138,32 @@ def della_magprune(delta: torch.Tensor, density: float, *, epsilon: float, u: to
     """
     if not (0 < density - epsilon and density + epsilon < 1):
         raise ValueError(f"DELLA needs density +/- epsilon in (0, 1); got density {density}, epsilon {epsilon}")
-    rows = delta if delta.ndim >= 2 else delta.reshape(1, -1)
+    rows = mag if mag.ndim >= 2 else mag.reshape(1, -1)
     n = rows.shape[1]
-    rank = torch.arange(n, dtype=delta.dtype, device=delta.device)
+    rank = torch.arange(n, dtype=mag.dtype, device=mag.device)
     rank_norm = rank / (n - 1) if n > 1 else torch.full_like(rank, 0.5)
     prob = density - epsilon + rank_norm * (2 * epsilon)  # [n]: the keep probability of each rank, once per tensor
-    keep_prob = torch.empty_like(rows).scatter_(1, row_order(rows.abs()), prob.expand_as(rows))  # at each entry's rank
-    return _mask(torch.lt, u.reshape(rows.shape), keep_prob, rows).reshape(delta.shape)
+    keep_prob = torch.empty_like(rows).scatter_(1, row_order(rows), prob.expand_as(rows))  # at each entry's rank
+    return Keep(p=keep_prob.reshape(mag.shape))
 
 
 @dataclass(frozen=True)
 class Sparsifier:
-    mask: Callable[..., torch.Tensor]  # (delta, density, **extra) -> 0/1 mask in delta's dtype
+    rule: Callable[..., Keep | None]  # (|delta| or None, density, **extra) -> what survives (None: nothing)
     extra: dict[str, float] = field(default_factory=dict)  # per-model parameters it adds, with mergekit's defaults
-    randomized: bool = False  # takes `u`, the delta's uniform draws
+    randomized: bool = False  # compares the delta's uniform draws `u`
+    magnitudes: bool = True  # its rule reads |delta|
+
+    def mask(self, delta: torch.Tensor, density: float, u: torch.Tensor | None = None, **extra) -> torch.Tensor:
+        """0/1 mask of the entries of `delta` that survive, in delta's dtype."""
+        mag = delta.abs() if self.magnitudes else None
+        keep = self.rule(mag, density, **extra)
+        return torch.zeros_like(delta) if keep is None else keep.mask(mag, u, delta)
 
 
 SPARSIFIERS: dict[str, Sparsifier] = {
     "magnitude": Sparsifier(magnitude),
-    "random": Sparsifier(bernoulli, randomized=True),
+    "random": Sparsifier(bernoulli, randomized=True, magnitudes=False),
     "magnitude_outliers": Sparsifier(magnitude_outliers, {"gamma": 0.01}),
     "della_magprune": Sparsifier(della_magprune, {"epsilon": 0.15}, randomized=True),
 }

@@ -29,7 +29,8 @@ CPU_DRAW_MEMO_BYTES = 2 << 30
 
 def draw_memo_bytes(device: str) -> int:
     """A worker's budget for kept draws: 2 GiB on CPU; on a GPU half the memory free once the models are resident (a
-    1.24B model with two experts needs 10 GB of draws; the evaluation keeps the other half)."""
+    1.24B model with two experts needs 10 GB of draws; the evaluation keeps the other half). Only unfused DARE/DELLA
+    keep draws: fused kernels (merge/fused.py, the default on a GPU) hash them where they are used."""
     if torch.device(device).type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 2
     return CPU_DRAW_MEMO_BYTES
