@@ -32,16 +32,19 @@ CANDIDATES = {
     "passthrough": [dict(scale=[0.7]), dict(scale=[1.9])],
 }
 N_MODELS = {"slerp": 1, "nearswap": 1, "passthrough": 1, "nuslerp": 2}
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.filterwarnings("error:.*runs unfused")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(CANDIDATES))
-def test_compiled_kernels_read_each_candidates_numbers(name, monkeypatch):
+def test_compiled_kernels_read_each_candidates_numbers(name, device, monkeypatch):
     g = torch.Generator().manual_seed(3)
-    base = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    base = torch.randn(6, 9, generator=g, dtype=torch.float64).to(device)
     # parallel inputs take the guarded branches (slerp's linear fallback), where the numbers were baked in
-    for tensors in ([torch.randn(6, 9, generator=g, dtype=torch.float64) for _ in range(N_MODELS.get(name, 3))],
-                    [base * (2 + i) for i in range(N_MODELS.get(name, 3))]):
+    n = N_MODELS.get(name, 3)
+    for tensors in ([torch.randn(6, 9, generator=g, dtype=torch.float64).to(device) for _ in range(n)],
+                    [base * (2 + i) for i in range(n)]):
         for params in CANDIDATES[name]:
             if get_method(name).randomized:
                 params = params | {"key": [MaskKey(0, "w", f"m{i}") for i in range(len(tensors))]}
@@ -52,10 +55,12 @@ def test_compiled_kernels_read_each_candidates_numbers(name, monkeypatch):
 
 
 @pytest.mark.filterwarnings("error:.*runs unfused")
-def test_compiled_radix_select_is_kthvalue(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_radix_select_is_kthvalue(device, monkeypatch):
     monkeypatch.setattr(fused, "_forced", True)
     g = torch.Generator().manual_seed(4)
     for values in (torch.randn(40_000, generator=g).abs(), torch.randint(0, 5, (40_001,), generator=g).float()):
+        values = values.to(device)
         for k in (1, 777, values.numel() // 2, values.numel()):
             assert radix_select(values, k).item() == torch.kthvalue(values, k).values.item()
 
