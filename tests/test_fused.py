@@ -26,6 +26,7 @@ CANDIDATES = {
                          dict(weight=[0.4, 0.9, 0.3], density=[0.7, 0.4, 0.5], gamma=[0.2, 0.02, 0.1])],
     "della": [dict(weight=[0.7, 0.5, 1.2], density=[0.4, 0.5, 0.7], epsilon=[0.1, 0.2, 0.25]),
               dict(weight=[0.3, 0.9, 0.6], density=[0.6, 0.3, 0.5], epsilon=[0.2, 0.1, 0.15])],
+    "sce": [dict(select_topk=0.5), dict(select_topk=0.3)],
     "slerp": [dict(t=0.3), dict(t=0.8)],
     "nuslerp": [dict(weight=[0.3, 0.9]), dict(weight=[0.8, 0.1])],
     "nearswap": [dict(t=0.5), dict(t=0.05)],

@@ -5,7 +5,7 @@ radix_select and _row_order_torch are what runs off the CPU (where numpy selects
 import pytest
 import torch
 
-from evomerge.merge.methods import _top_variance
+from evomerge.merge.methods import _variance_across_models
 from evomerge.merge.sparsify import SPARSIFIERS, _row_order_torch, kth_largest, kth_smallest, radix_select, row_order
 
 magnitude = SPARSIFIERS["magnitude"].mask  # 0/1 mask
@@ -44,12 +44,12 @@ def test_magnitude_keeps_every_tie_at_the_threshold_on_large_tensors():
     assert kept.equal((d.abs() >= threshold).float()) and kept.sum() > int(0.5 * N)
 
 
-def test_top_variance_selects_the_largest_population_variances():
-    tau = torch.randn(3, 200, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    var = tau.var(0, unbiased=False)
-    k = int(var.numel() * 0.3)
-    expected = var >= var.reshape(-1).sort(descending=True).values[k - 1]
-    assert _top_variance(tau, 0.3).equal(expected.double())
+def test_sce_variance_is_the_population_variance_of_the_task_vectors():
+    g = torch.Generator().manual_seed(2)
+    tau = torch.randn(3, 200, 300, dtype=torch.float64, generator=g)
+    base = torch.randn(200, 300, dtype=torch.float64, generator=g)
+    var = _variance_across_models(base, list(tau + base))
+    torch.testing.assert_close(var, tau.var(0, unbiased=False), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -7,8 +7,8 @@ loop per reduction or output that reads every input once. Per-candidate numbers 
 passes as kernel arguments, so a new candidate reuses the compiled kernel: one compilation per function, number of
 models, dtype and flags; shapes are dynamic. Inside the graph each float becomes a 0-dim tensor first: torch 2.13's
 inductor kept the first call's value of `t` in `where(c, t, t * theta)` with a symbolic float t and a 0-dim theta
-(tests/test_fused.py calls every kernel again with other numbers). While tracing, `host.on_host` is False, so the code takes its device paths
-(no numpy, no sync).
+(tests/test_fused.py calls every kernel again with other numbers). While tracing, `host.on_host` is False, so the
+code takes its device paths (no numpy, no sync).
 
 Fusion is on by default for tensors on a GPU, and on CPU for tensors of HOST_MIN_NUMEL entries or more: below that
 (the toy zoo) dynamo's cost per call eats the saving (same ms per candidate either way), above it fewer passes win
@@ -61,8 +61,13 @@ def _with_tensor_floats(fn):
 
     def call(*args, **kwargs):
         device = _first_tensor(args).device
-        as_tensor = lambda v: torch.full((), v, dtype=torch.float64, device=device) if isinstance(v, float) else v  # noqa: E731
-        convert = lambda v: [as_tensor(x) for x in v] if isinstance(v, list) else as_tensor(v)  # noqa: E731
+
+        def as_tensor(v):
+            return torch.full((), v, dtype=torch.float64, device=device) if isinstance(v, float) else v
+
+        def convert(v):
+            return [as_tensor(x) for x in v] if isinstance(v, list) else as_tensor(v)
+
         return fn(*map(convert, args), **{k: convert(v) for k, v in kwargs.items()})
 
     # dynamo keeps compiled variants (and counts them against its limit) per code object: one of its own for each fn

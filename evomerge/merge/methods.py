@@ -53,9 +53,10 @@ def _each(value, n: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
-def _sum0(x: Tensor) -> Tensor:
-    """x.sum(0) for a stack of a few models (as sequential adds: torch's reduction over dim 0 is ~5x slower on CPU)."""
-    return functools.reduce(torch.add, x.unbind(0))
+def _sum0(x: Tensor | list[Tensor]) -> Tensor:
+    """x.sum(0) for a stack (or list) of a few models, as sequential adds: torch's reduction over dim 0 is ~5x slower
+    on CPU, and a list fuses into one loop."""
+    return functools.reduce(torch.add, x.unbind(0) if isinstance(x, Tensor) else x)
 
 
 def _slerp_coefficients(t: float, cos, linear) -> tuple:
@@ -67,11 +68,14 @@ def _slerp_coefficients(t: float, cos, linear) -> tuple:
             xp.where(linear, t, xp.sin(t * theta) / xp.sin(theta)))
 
 
-def sign_agreement(deltas: Tensor) -> Tensor:
+def sign_agreement(deltas: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
     """TIES sign election: 1 where a delta has the sign of the sum over models (+ on a zero sum), else 0, in the
-    deltas' dtype; sign(0) matches nothing, so a zero delta never counts towards the divisor."""
+    deltas' dtype; sign(0) matches nothing, so a zero delta never counts towards the divisor. Takes a stack [n, *shape]
+    or a list of n tensors, and answers in kind."""
     majority = torch.ge(_sum0(deltas), 0, out=torch.empty_like(deltas[0])).mul_(2).sub_(1)  # +-1 (torch.where is slow)
     # sign(d) == majority  <=>  d * majority > 0 (also for 0 and NaN); torch.sign is slow, and a bool result too
+    if isinstance(deltas, list):
+        return [torch.gt(d * majority, 0, out=torch.empty_like(d)) for d in deltas]
     agree = deltas * majority
     return torch.gt(agree, 0, out=agree)
 
@@ -388,25 +392,43 @@ def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0, int8_m
     """
     if not tensors:
         return base.clone()
+    var = threshold = None
+    if select_topk < 1:
+        var = _variance_across_models(base, tensors)
+        k = int(int(torch.count_nonzero(var)) * select_topk)  # the one device sync: the count sizes the selection
+        if k <= 0:  # nothing selected: every task vector is erased
+            return base.clone()
+        threshold = kth_largest(var, k)
+    return _sce_sum(base, tensors, var, threshold)
+
+
+@fusible
+def _variance_across_models(base: Tensor, tensors: list[Tensor]) -> Tensor:
+    """Population variance of the task vectors across models, per entry (as lists: one fused loop; tau.var(0) on a
+    stack is ~50x slower on CPU)."""
     work = _work_dtype(base, *tensors)
     b = base.to(work)
-    tau = _stack(tensors, work) - b  # [n, *shape]
-    if select_topk < 1:
-        tau = tau * _top_variance(tau, select_topk)
-    energy = tau.square().reshape(len(tensors), -1).mean(1)  # [n]
-    total = energy.sum()
-    energy = torch.where(total.abs() < 1e-6, 1.0 / len(tensors), energy / total.clamp_min(1e-6))
-    weights = energy.reshape(-1, *[1] * b.ndim) * sign_agreement(tau)
-    return (b + _sum0(tau * weights) / _sum0(weights).clamp_min(1e-6)).to(base.dtype)
+    tau = [x.to(work) - b for x in tensors]
+    mean = _sum0(tau) / len(tau)
+    return _sum0([(t - mean).square() for t in tau]) / len(tau)
 
 
-def _top_variance(tau: Tensor, fraction: float) -> Tensor:
-    """0/1 mask of the k = int(fraction * #nonzero) entries with the largest variance across models."""
-    var = (tau - tau.mean(0)).square_().mean(0)  # population variance; tau.var(0) is ~50x slower on CPU
-    k = int(int(torch.count_nonzero(var)) * fraction)  # the one device sync: the count sizes the selection
-    if k <= 0:
-        return torch.zeros_like(var)
-    return torch.ge(var, kth_largest(var, k), out=torch.empty_like(var))
+@fusible
+def _sce_sum(base: Tensor, tensors: list[Tensor], var: Tensor | None, threshold: Tensor | None) -> Tensor:
+    """SCE's Calculate and Erase steps and the average, after erasing the entries with var < threshold (if given)."""
+    work = _work_dtype(base, *tensors)
+    b = base.to(work)
+    tau = [x.to(work) - b for x in tensors]
+    if threshold is not None:
+        selected = torch.ge(var, threshold, out=torch.empty_like(var))  # 0/1 (torch.where is slow on CPU)
+        tau = [t.mul_(selected) for t in tau]
+    energy = [scalar(t.square().mean()) for t in tau]
+    total = sum(energy)
+    xp = math_for(total)
+    energy = [xp.where(abs(total) < 1e-6, 1.0 / len(tau), e / xp.clamp(total, min=1e-6)) for e in energy]
+    weights = [agree.mul_(e) for agree, e in zip(sign_agreement(tau), energy)]  # energy where the sign agrees
+    mixed = _sum0([t * w for t, w in zip(tau, weights)])
+    return (b + mixed / _sum0(weights).clamp_min(1e-6)).to(base.dtype)
 
 
 @merge_method("passthrough", base="none", max_models=1)
