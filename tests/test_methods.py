@@ -157,16 +157,16 @@ def test_matches_float64_reference(variant, shape, device):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
-@pytest.mark.parametrize("path", ["host", "device", "fused"])
+@pytest.mark.parametrize("path", ["host", "device", "fused", "device+fused"])  # the last as on a GPU
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)  # float32 takes the sort-key and numpy fast paths
 def test_host_and_device_paths_match_the_reference(variant, path, dtype, monkeypatch):
     """On CPU the methods select, sort, hash and do their scalar math in numpy and Python; on any other device in torch
-    ops (no sync), fused by torch.compile by default. All three paths (device and fused forced here on CPU: radix
-    select, torch sort keys, int32 hash, 0-dim statistics, compiled kernels with in-kernel draws) meet the reference,
-    also for parallel, anti-parallel and zero inputs (the guarded branches)."""
+    ops (no sync), fused by torch.compile by default. Every path (forced here on CPU: radix select, torch sort keys,
+    int32 hash, 0-dim statistics; compiled kernels with in-kernel draws; both, as on a GPU) meets the reference, also
+    for parallel, anti-parallel and zero inputs (the guarded branches)."""
     name, overrides = variant
-    monkeypatch.setattr(fused, "_forced", path == "fused")
-    if path == "device":
+    monkeypatch.setattr(fused, "_forced", {"host": False, "device": False, "fused": True, "device+fused": None}[path])
+    if path.startswith("device"):
         monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())
     n = model_count(name)
     base, tensors = inputs((6, 9), n, dtype=dtype, seed=7)
