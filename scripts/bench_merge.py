@@ -16,7 +16,8 @@ With --mergekit (the bench extra) the same recipes also go through mergekit's in
 `mergekit-yaml` CLI on an on-disk copy of the models. Writes benchmarks/results/<device>-<shape>-<date>.{json,md}.
 DARE/DELLA draws stay resident across candidates up to the worker's budget (run.worker.draw_memo_bytes), as in a search;
 --memo-draws 0 recomputes them for every candidate (file name -nomemo). The methods' element-wise math runs as fused
-kernels on a GPU (merge/fused.py; compiled during warm-up); --fuse on/off forces them on or off (-fused, -unfused).
+kernels on a GPU and for large CPU tensors (merge/fused.py; compiled during warm-up); --fuse on/off forces them on or
+off (-fused, -unfused).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from evomerge.merge.fused import fuse
 from evomerge.merge.materialize import LiveMaterializer, ResidentSources, compute
 from evomerge.merge.plan import plan_recipe
-from evomerge.merge.fused import fuse
 from evomerge.merge.rng import memoize_draws
 from evomerge.models.architectures import architecture_for
 from evomerge.models.io import ModelDir, ModelWriter
@@ -320,8 +321,8 @@ def main() -> None:
     parser.add_argument("--mergekit-repeats", type=int, default=3)
     parser.add_argument("--cli-methods", default="linear,slerp,ties,dare_ties", help="methods timed with mergekit-yaml")
     parser.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
-                        help="fused kernels (merge/fused.py): auto = on a GPU only; on/off add -fused/-unfused to the "
-                             "file name")
+                        help="fused kernels (merge/fused.py): auto = on a GPU and for CPU tensors of 2**20 entries or "
+                             "more; on/off add -fused/-unfused to the file name")
     parser.add_argument("--memo-draws", type=float, metavar="GIB",
                         help="keep up to GIB of DARE/DELLA draws across candidates (default: a search worker's budget); "
                              "0 adds -nomemo to the file name")
