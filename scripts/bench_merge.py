@@ -307,7 +307,7 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(["python scripts/bench_merge.py", *flags])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -328,7 +328,7 @@ def main() -> None:
                              "0 adds -nomemo to the file name")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); use 1 on a shared CPU")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.dtype = dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -363,6 +363,7 @@ def main() -> None:
               "bandwidth_bytes_per_s": bandwidth, "rows": rows, "mergekit": mergekit}
     variant = ("" if args.memo_draws else "-nomemo") + {"auto": "", "on": "-fused", "off": "-unfused"}[args.fuse]
     write_results(Path(args.out) / f"{result['device']}-{args.shape}-{date}{variant}", result, markdown(result))
+    return result
 
 
 def write_results(stem: Path, result: dict, table: str) -> None:

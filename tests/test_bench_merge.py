@@ -1,0 +1,45 @@
+"""scripts/bench_merge.py (the GPU run's first step) end to end on the tiny shape: its bytes, floors and ratios agree."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from evomerge.merge import fused, rng
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_merge.py"
+spec = importlib.util.spec_from_file_location("bench_merge", SCRIPT)
+bench_merge = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_merge)
+
+
+@pytest.fixture
+def restored_state():
+    """The script sets torch's threads, the fusion switch and the draw memo for the process: restore them."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    fused.fuse(None)
+    rng.memoize_draws(0)
+
+
+def test_bench_merge_table_is_consistent(tmp_path, restored_state):
+    bench_merge.main(["--shape", "tiny", "--methods", "linear,dare_ties,slerp", "--warmup", "1", "--repeats", "2",
+                      "--threads", "1", "--fuse", "off", "--out", str(tmp_path)])
+    [path] = tmp_path.glob("cpu1t-*-tiny-*-unfused.json")
+    result = json.loads(path.read_text())
+    assert result["fuse"] == "off" and "fuse off" in path.with_suffix(".md").read_text()
+    rows = {row["method"]: row for row in result["rows"]}
+    assert list(rows) == ["linear", "dare_ties", "slerp"]
+    model_bytes = result["params"] * 4  # float32
+    # linear and dare_ties read base + 2 experts and write one model; slerp reads two and writes one
+    assert rows["linear"]["bytes"] == rows["dare_ties"]["bytes"] == 4 * model_bytes
+    assert rows["slerp"]["bytes"] == 3 * model_bytes
+    for row in rows.values():
+        assert row["tensors"] > 0 and 0 < row["plan_seconds"] < row["seconds"]
+        assert row["floor_seconds"] == pytest.approx(row["bytes"] / result["bandwidth_bytes_per_s"], rel=1e-12)
+        assert row["ratio_to_floor"] == pytest.approx(row["seconds"] / row["floor_seconds"], rel=1e-12)
