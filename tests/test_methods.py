@@ -182,11 +182,14 @@ def test_host_and_device_paths_match_the_reference(variant, path, dtype, monkeyp
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("name", sorted(TYPICAL))
-def test_dtype_kept_and_close_to_float64(name, dtype):
+@pytest.mark.parametrize("fuse", [False, True], ids=["eager", "fused"])  # fused: as on a GPU, in bfloat16 there
+def test_dtype_kept_and_close_to_float64(name, dtype, fuse, monkeypatch):
     base, tensors = inputs((6, 9), model_count(name), dtype=dtype, seed=3,
                            with_base=get_method(name).base != "none")
     params = params_for(name, len(tensors))
+    monkeypatch.setattr(fused, "_forced", fuse)
     out = run(name, base, tensors, params)
+    monkeypatch.setattr(fused, "_forced", False)
     assert out.dtype == dtype and out.shape == tensors[0].shape
     exact = run(name, base.double() if base is not None else None, [t.double() for t in tensors], params)
     assert_close(out, exact, dtype)
