@@ -43,26 +43,32 @@ def _signed(word: int) -> int:
     return word - 2**32 if word >= 2**31 else word
 
 
-def _int32(word: int) -> torch.Tensor:
-    """A 0-dim int32 constant: an op with it runs the int32 kernel (a Python int goes through a slow int64 path)."""
-    return torch.tensor(_signed(word), dtype=torch.int32)
+def _int32(word: int) -> torch.Tensor | int:
+    """The uint32 `word` as an int32 operand: eagerly a 0-dim int32 tensor (an op with it runs the int32 kernel; a
+    Python int goes through a slow int64 path), while torch.compile traces the plain int (a CPU tensor constant inside
+    a GPU kernel is a device copy at best)."""
+    if torch.compiler.is_compiling():
+        return _signed(word)
+    if word not in _CONSTANTS:
+        _CONSTANTS[word] = torch.tensor(_signed(word), dtype=torch.int32)
+    return _CONSTANTS[word]
 
 
-_MUL = (_int32(0x7FEB352D), _int32(0x846CA68B))
-_LOW_BITS = {s: _int32((1 << (32 - s)) - 1) for s in (8, 15, 16)}
+_CONSTANTS: dict[int, torch.Tensor] = {}
+_MUL = (0x7FEB352D, 0x846CA68B)
 
 
 def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
     """Logical right shift of int32 bits (torch's >> on int32 is arithmetic)."""
-    return (x >> s).bitwise_and_(_LOW_BITS.get(s, (1 << (32 - s)) - 1))
+    return (x >> s).bitwise_and_(_int32((1 << (32 - s)) - 1))
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """lowbias32 (C. Wellons, hash-prospector): a bijection of 32-bit integers with strong avalanche, on int32 bits."""
     x = x ^ _shr(x, 16)
-    x.mul_(_MUL[0])
+    x.mul_(_int32(_MUL[0]))
     x ^= _shr(x, 15)
-    x.mul_(_MUL[1])
+    x.mul_(_int32(_MUL[1]))
     x ^= _shr(x, 16)
     return x
 
