@@ -21,3 +21,34 @@ def tiny_zoo(tmp_path_factory):
     out = tmp_path_factory.mktemp("zoo") / "tiny"
     build_zoo(out, seed=0, size="tiny", log=None)
     return out
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """Import scripts/<name>.py as a module (the benchmark scripts are not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture
+def one_thread():
+    """A benchmark script's `--threads 1` (a shared CPU); afterwards the process state it sets for itself (torch's
+    threads, the fusion switch, the draw memo) is restored for the other tests."""
+    import torch
+
+    from evomerge.merge import fused, rng
+
+    threads = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(threads)
+    fused.fuse(None)
+    rng.memoize_draws(0)

@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-import torch
-
-from evomerge.merge import fused, rng
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_merge.py"
-spec = importlib.util.spec_from_file_location("bench_merge", SCRIPT)
-bench_merge = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench_merge)
 
 
-@pytest.fixture
-def restored_state():
-    """The script sets torch's threads, the fusion switch and the draw memo for the process: restore them."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    fused.fuse(None)
-    rng.memoize_draws(0)
-
-
-def test_bench_merge_table_is_consistent(tmp_path, restored_state):
-    bench_merge.main(["--shape", "tiny", "--methods", "linear,dare_ties,slerp", "--warmup", "1", "--repeats", "2",
-                      "--threads", "1", "--fuse", "off", "--out", str(tmp_path)])
+def test_bench_merge_table_is_consistent(tmp_path, one_thread, load_script):
+    load_script("bench_merge").main(["--shape", "tiny", "--methods", "linear,dare_ties,slerp", "--warmup", "1",
+                                     "--repeats", "2", "--fuse", "off", "--out", str(tmp_path), *one_thread])
     [path] = tmp_path.glob("cpu1t-*-tiny-*-unfused.json")
     result = json.loads(path.read_text())
     assert result["fuse"] == "off" and "fuse off" in path.with_suffix(".md").read_text()

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_trial.py"
-spec = importlib.util.spec_from_file_location("bench_trial", SCRIPT)
-bench_trial = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench_trial)
+
+@pytest.fixture(scope="module")
+def bench_trial(load_script):
+    return load_script("bench_trial")
 
 
-@pytest.fixture
-def one_thread():
-    """--threads 1 (a shared CPU), and torch's thread count restored for the other tests."""
-    previous = torch.get_num_threads()
-    yield ["--threads", "1"]
-    torch.set_num_threads(previous)
-
-
-def test_trial_times_add_up(tmp_path, one_thread):
+def test_trial_times_add_up(tmp_path, one_thread, bench_trial):
     result = bench_trial.main(["--shape", "tiny", "--device", "cpu", "--tokens", "256", "--seq-len", "32", "--batch-size",
                                "4", "--warmup", "1", "--repeats", "2", "--out-dir", str(tmp_path), *one_thread])
     [path] = tmp_path.glob("trial-cpu*-tiny-*.json")
@@ -41,7 +31,7 @@ def test_trial_times_add_up(tmp_path, one_thread):
     assert math.isfinite(saved["median"]["fitness"])
 
 
-def test_loglikelihood_matches_float64_reference():
+def test_loglikelihood_matches_float64_reference(bench_trial):
     config = bench_trial.llama_config(bench_trial.SHAPES["tiny"])
     model = bench_trial.eval_model(config, "cpu", torch.float32)
     gen = torch.Generator().manual_seed(0)

@@ -154,9 +154,11 @@ class Sparsifier:
     randomized: bool = False  # compares the delta's uniform draws `u`
     magnitudes: bool = True  # its rule reads |delta|
 
-    def mask(self, delta: torch.Tensor, density: float, u: torch.Tensor | None = None, **extra) -> torch.Tensor:
-        """0/1 mask of the entries of `delta` that survive, in delta's dtype."""
-        mag = delta.abs() if self.magnitudes else None
+    def mask(self, delta: torch.Tensor, density: float, u: torch.Tensor | None = None,
+             mag: torch.Tensor | None = None, **extra) -> torch.Tensor:
+        """0/1 mask of the entries of `delta` that survive, in delta's dtype (`mag`: |delta|, if the caller has it)."""
+        if mag is None and self.magnitudes:
+            mag = delta.abs()
         keep = self.rule(mag, density, **extra)
         return torch.zeros_like(delta) if keep is None else keep.mask(mag, u, delta)
 
@@ -169,10 +171,11 @@ SPARSIFIERS: dict[str, Sparsifier] = {
 }
 
 
-def rescale_l1_(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7, *, scale: float = 1.0) -> torch.Tensor:
+def rescale_l1_(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7, *, scale: float = 1.0,
+                mag: torch.Tensor | None = None) -> torch.Tensor:
     """delta *= mask, then scaled back to delta's L1 norm before masking (mergekit `rescaled_masked_tensor`); unscaled
-    if either norm is < eps. In place; `scale` multiplies the result in the same pass."""
-    mag = delta.abs().reshape(-1)
+    if either norm is < eps. In place; `scale` multiplies the result in the same pass; `mag` is |delta| if known."""
+    mag = (delta.abs() if mag is None else mag).reshape(-1)
     before, after = scalar(mag.sum()), scalar(torch.dot(mag, mask.reshape(-1)))  # |delta * mask|, the mask being 0/1
     xp = math_for(before)
     factor = xp.where((before >= eps) & (after >= eps), before / xp.clamp(after, min=eps), 1.0)
@@ -186,9 +189,11 @@ def sparsify_(delta: torch.Tensor, method: str, density: float, *, rescale: bool
     if density <= 0:
         return delta.zero_()
     if density < 1 and delta.numel():
-        mask = SPARSIFIERS[method].mask(delta, density, **extra)
+        sparsifier = SPARSIFIERS[method]
+        mag = delta.abs() if sparsifier.magnitudes or rescale else None  # once, for the rule and the rescale
+        mask = sparsifier.mask(delta, density, mag=mag, **extra)
         if rescale:
-            return rescale_l1_(delta, mask, scale=scale)
+            return rescale_l1_(delta, mask, scale=scale, mag=mag)
         delta.mul_(mask)
     return delta.mul_(scale) if scale != 1 else delta
 
