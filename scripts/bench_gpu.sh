@@ -7,9 +7,11 @@
 #   bench    per-candidate merge time vs the bandwidth floor for every method, fused kernels on (the default on a GPU),
 #            with mergekit's run_merge / mergekit-yaml when the bench extra is installed
 #   unfused  the same without the fused kernels (merge/fused.py), for comparison
+#   batch1   the same with fused kernels but one compiled call per tensor (no batching of the fused tails), for comparison
 #   trial    one search trial end to end (merge + loglikelihood of 32768 tokens) on the same shape
 # On a machine without network, carry the wheels of scripts/gpu_wheels.sh as .whl/ (installed here into a temp dir).
-# SHAPE, DEVICE and RESULTS (the output dir) override the defaults; on the lent GPU machine, whose files come back only
+# SHAPE, DEVICE, METHODS (comma-separated, to split a step across calls) and RESULTS (the output dir) override the
+# defaults; on the lent GPU machine, whose files come back only
 # from $OUT: `RESULTS=$OUT STEPS="tests bench" bash scripts/bench_gpu.sh`, then `RESULTS=$OUT STEPS="unfused trial" ...`
 # (SHAPE=tiny DEVICE=cpu RESULTS=/tmp/x is a quick dry run).
 set -euo pipefail
@@ -23,7 +25,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$RESULTS"
-bench=("$PYTHON" scripts/bench_merge.py --shape "$SHAPE" --device "$DEVICE" --dtype bfloat16 --out "$RESULTS")
+bench=("$PYTHON" scripts/bench_merge.py --shape "$SHAPE" --device "$DEVICE" --dtype bfloat16 --out "$RESULTS"
+       ${METHODS:+--methods "$METHODS"})
 for step in $STEPS; do
   case "$step" in
     tests)  # a failure is reported in the file and does not stop the benchmarks
@@ -34,7 +37,8 @@ for step in $STEPS; do
       "$PYTHON" -c "import mergekit" 2>/dev/null && mergekit=(--mergekit --mergekit-methods linear,slerp,ties,dare_ties --mergekit-repeats 1)
       "${bench[@]}" "${mergekit[@]}" ;;
     unfused) "${bench[@]}" --fuse off ;;
+    batch1) "${bench[@]}" --max-batch 1 ;;
     trial) "$PYTHON" scripts/bench_trial.py --shape "$SHAPE" --device "$DEVICE" --dtype bfloat16 --out "$RESULTS" ;;
-    *) echo "unknown step $step (tests, bench, unfused, trial)" >&2; exit 2 ;;
+    *) echo "unknown step $step (tests, bench, unfused, batch1, trial)" >&2; exit 2 ;;
   esac
 done

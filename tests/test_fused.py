@@ -89,3 +89,41 @@ def test_a_compiler_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="needs_the_host runs unfused"):
         assert needs_the_host(x, 2.0).tolist() == [0.0, 2.0, 4.0, 6.0]
     assert needs_the_host(x, 3.0).tolist() == [0.0, 3.0, 6.0, 9.0]  # eager from now on, no new warning
+
+
+BATCHED = ["linear", "dare_ties", "ties", "slerp", "sce"]
+
+
+@pytest.mark.filterwarnings("error:.*runs unfused")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", BATCHED)
+def test_batched_tails_give_each_calls_own_result(name, device, monkeypatch):
+    """Inside `batched()` (as on a GPU) the fused tails of calls of one shape run as one compiled call: each call still
+    gets its own numbers (two candidates), shapes batch apart, and every result is what the eager method gives."""
+    monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())  # CPU tensors as if on a GPU
+    monkeypatch.setattr(fused, "MAX_BATCH", 2)
+    g = torch.Generator().manual_seed(5)
+    n = N_MODELS.get(name, 3)
+    shapes = [(6, 9), (6, 9), (6, 9), (4,)]  # a batch of two, then one call of each shape
+    inputs = [(torch.randn(s, generator=g, dtype=torch.float64).to(device),
+               [torch.randn(s, generator=g, dtype=torch.float64).to(device) for _ in range(n)]) for s in shapes]
+    method = get_method(name)
+    for params in CANDIDATES[name]:
+        calls = [params | ({"key": [MaskKey(0, f"w{j}", f"m{i}") for i in range(n)]} if method.randomized else {})
+                 for j in range(len(inputs))]
+        monkeypatch.setattr(fused, "_forced", True)
+        with fused.batched():
+            outs = [method.fn(base, tensors, **kw) for (base, tensors), kw in zip(inputs, calls)]
+            assert all(isinstance(out, fused.Deferred) and out.value is None for out in outs)
+        monkeypatch.setattr(fused, "_forced", False)
+        for out, (base, tensors), kw in zip(outs, inputs, calls):
+            torch.testing.assert_close(fused.resolved(out), method.fn(base, tensors, **kw), rtol=1e-10, atol=1e-10)
+
+
+def test_tails_on_the_host_are_not_deferred(monkeypatch):
+    """On CPU a batch saves nothing (the kernels take longer than the call) and would compile slowly."""
+    monkeypatch.setattr(fused, "_forced", True)
+    x = torch.ones(3)
+    with fused.batched():
+        out = get_method("linear").fn(None, [x, 2 * x], weight=[0.5, 0.5])
+    assert isinstance(out, torch.Tensor) and out.tolist() == [1.5, 1.5, 1.5]

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evomerge.errors import EvomergeError
+from evomerge.merge.fused import batched, resolved
 from evomerge.merge.plan import Layout, Plan, TensorTask, plan_recipe
 import evomerge.merge.methods  # noqa: F401  (registers the built-in methods)
 from evomerge.merge.registry import METHODS
@@ -80,7 +81,7 @@ def compute(task: TensorTask, sources: Sources) -> torch.Tensor:
     kwargs = task.kwargs
     if spec.randomized:
         kwargs["key"] = [MaskKey(task.seed, task.out_name, model) for model, _ in task.inputs]
-    out = spec.fn(base, tensors, **kwargs)
+    out = spec.fn(base, tensors, **kwargs)  # a fused tail's Deferred inside `batched()` (scale is 1 there: no paths)
     return out * task.scale if task.scale != 1.0 else out
 
 
@@ -132,8 +133,11 @@ class LiveMaterializer:
     """Writes recipes into one live model in place, from resident sources; recomputes only tensors whose task changed.
 
     Per candidate only the parameters are resolved: the plan's layout (which inputs make each output) is cached per
-    recipe structure, and the live parameter of each output name is looked up once.
+    recipe structure, and the live parameter of each output name is looked up once. The fused tails of a window of tasks
+    run in compiled batches (`fused.batched`): on a GPU one call per tensor would cost more host time than the kernel.
     """
+
+    WINDOW_BYTES = 2**30  # output bytes per window: what the batches may hold on top of the live model
 
     def __init__(self, model: torch.nn.Module, sources: ResidentSources):
         self.model, self.sources = model, sources
@@ -161,15 +165,32 @@ class LiveMaterializer:
         if recipe.layers:
             raise EvomergeError("layer paths are materialized by evomerge.run's path model, not in place", key="layers")
         plan = plan_recipe(recipe, self.sources.dirs, source, self.layouts)
-        computed = 0
-        for task in plan.tasks:
-            if self.applied.get(task.out_name) == task:
-                continue
-            target, value = self.target(task.out_name), compute(task, self.sources)
-            if self.adoptable(value, target):
-                target.data = value  # the fresh result becomes the parameter: no copy (tied weights stay tied)
-            else:
-                target[: value.shape[0]].copy_(value) if task.vocab else target.copy_(value)
-            self.applied[task.out_name] = task
-            computed += 1
-        return {"tensors": len(plan.tasks), "computed": computed}
+        changed = [task for task in plan.tasks if self.applied.get(task.out_name) != task]
+        for window in self.windows(changed):
+            with batched():  # fused tails run in batches (merge/fused.py) when the window has been planned
+                values = [compute(task, self.sources) for task in window]
+            for task, value in zip(window, map(resolved, values)):
+                self.write(task, value)
+        return {"tensors": len(plan.tasks), "computed": len(changed)}
+
+    def windows(self, tasks: list[TensorTask]):
+        """The tasks in runs of about WINDOW_BYTES of output: a window's results wait for its batches, so the memory
+        they hold on top of the model is bounded."""
+        window, nbytes = [], 0
+        for task in tasks:
+            window.append(task)
+            target = self.target(task.out_name)
+            nbytes += target.numel() * target.element_size()
+            if nbytes >= self.WINDOW_BYTES:
+                yield window
+                window, nbytes = [], 0
+        if window:
+            yield window
+
+    def write(self, task: TensorTask, value: torch.Tensor) -> None:
+        target = self.target(task.out_name)
+        if self.adoptable(value, target):
+            target.data = value  # the fresh result becomes the parameter: no copy (tied weights stay tied)
+        else:
+            target[: value.shape[0]].copy_(value) if task.vocab else target.copy_(value)
+        self.applied[task.out_name] = task

@@ -6,7 +6,9 @@ Arithmetic runs in float32 (float64 when an input is float64) and the result has
 when there is no base). Nothing here syncs with the device except SCE's top-k count, nor touches the global RNG:
 per-tensor statistics (norms, dot products, L1 sums) feed their scalar math through `host.scalar`, Python floats on
 CPU only. On a GPU the element-wise tails run as fused kernels (`fused.py`): `@fusible` functions, and the
-task-arithmetic family's `_task_sum_fused`.
+task-arithmetic family's `_task_sum_fused`. A method's last step, `@fusible(tail=True)`, returns the method's result
+untouched (no reshape or cast after it): inside the live materializer's `fused.batched()` such calls are deferred and
+run many tensors at a time, so a method may return a `fused.Deferred` there.
 
 `int8_mask` is accepted for mergekit compatibility and does nothing: in mergekit it only picks the dtype of the sign
 mask to save memory, and our masks are 0/1 in the work dtype.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -151,8 +153,7 @@ def _task_arithmetic_fused(base, tensors, member, weight, density, normalize, re
     (its zero delta adds nothing and never agrees in sign); the divisor without consensus still counts its weight."""
     sparsifier = SPARSIFIERS.get(member.sparsifier)
     words = key_words(tuple(key), str(base.device)) if sparsifier and sparsifier.randomized else None
-    flat = base.reshape(-1)
-    kept = []  # (model's flat tensor, weight, Keep or None, key words or None)
+    kept = []  # (model's tensor, weight, Keep or None, key words or None)
     for i, x in enumerate(tensors):
         keep = None
         if sparsifier and density[i] < 1:
@@ -160,17 +161,14 @@ def _task_arithmetic_fused(base, tensors, member, weight, density, normalize, re
             keep = None if density[i] <= 0 else sparsifier.rule(mag, density[i], **{k: v[i] for k, v in extra.items()})
             if keep is None:
                 continue
-            if isinstance(keep.p, Tensor):  # DELLA's per-entry probabilities
-                keep = replace(keep, p=keep.p.reshape(-1))
-        kept.append((x.reshape(-1), weight[i], keep, words[i] if words is not None else None))
+        kept.append((x, weight[i], keep, words[i] if words is not None else None))
     if not kept:
         return base.clone()
     xs, ws, keeps, ks = (list(column) for column in zip(*kept))
     divisor = _guarded(sum(weight)) if normalize and not member.consensus else 1.0
-    out = _task_sum_fused(flat, xs, ws, [k and k.lo for k in keeps], [k and k.hi for k in keeps],
-                          [k and k.p for k in keeps], ks, rescale=rescale, consensus=member.consensus,
-                          normalize=normalize, divisor=divisor, lambda_=lambda_)
-    return out.reshape(base.shape)
+    return _task_sum_fused(base, xs, ws, [k and k.lo for k in keeps], [k and k.hi for k in keeps],
+                           [k and k.p for k in keeps], ks, rescale=rescale, consensus=member.consensus,
+                           normalize=normalize, divisor=divisor, lambda_=lambda_)
 
 
 @fusible
@@ -179,14 +177,16 @@ def _abs_delta(x: Tensor, base: Tensor) -> Tensor:
     return (x.to(work) - base.to(work)).abs()
 
 
-@fusible
+@fusible(tail=True)
 def _task_sum_fused(base, xs, weight, lo, hi, p, words, *, rescale, consensus, normalize, divisor, lambda_) -> Tensor:
-    """base + lambda * sum_i w_i r_i m_i k_i (x_i - base) / D over flat tensors, as generalized_task_arithmetic: k_i
+    """base + lambda * sum_i w_i r_i m_i k_i (x_i - base) / D, as generalized_task_arithmetic: k_i
     the 0/1 keep mask of model i (lo_i <= |delta| <= hi_i, draw < p_i; None: no such bound), r_i its L1 rescale factor
     (`sparsify.rescale_l1_`), m_i the TIES sign agreement, D the agreeing weights' sum with consensus and normalize,
     else `divisor`. Two passes: the L1 sums (with rescale), then the rest."""
     work = _work_dtype(base, *xs)
-    b = base.to(work)
+    b = base.to(work).reshape(-1)  # flat: the draws are hashed from the element index
+    xs = [x.reshape(-1) for x in xs]
+    p = [q.reshape(-1) if isinstance(q, Tensor) else q for q in p]  # DELLA's per-entry probabilities
     index = torch.arange(b.numel(), dtype=torch.int32, device=b.device) if any(k is not None for k in words) else None
     terms = []
     for x, w, low, high, prob, key in zip(xs, weight, lo, hi, p, words):
@@ -211,7 +211,7 @@ def _task_sum_fused(base, xs, weight, lo, hi, p, words, *, rescale, consensus, n
             mixed = mixed / torch.where(agreeing == 0, 1.0, agreeing)
     else:
         mixed = functools.reduce(torch.add, terms) / divisor
-    return (b + lambda_ * mixed).to(base.dtype)
+    return (b + lambda_ * mixed).to(base.dtype).reshape(base.shape)
 
 
 def _register_family_member(name: str, member: TaskArithmetic) -> None:
@@ -267,10 +267,10 @@ def linear(base: None, tensors: list[Tensor], *, weight: PerModel, normalize: bo
     A weight sum with |sum| < 1e-8 divides by 1 (mergekit divides by it and returns inf/NaN).
     """
     total = _guarded(sum(weight)) if normalize else 1.0
-    return _weighted_sum([t.reshape(-1) for t in tensors], [w / total for w in weight]).reshape(tensors[0].shape)
+    return _weighted_sum(tensors, [w / total for w in weight])
 
 
-@fusible
+@fusible(tail=True)
 def _weighted_sum(xs: list[Tensor], coefs: list[float]) -> Tensor:
     """sum_i c_i x_i in the work dtype, returned in the dtype of xs[0]."""
     work = _work_dtype(*xs)
@@ -282,7 +282,7 @@ def _weighted_sum(xs: list[Tensor], coefs: list[float]) -> Tensor:
 
 @merge_method("slerp", base="required", min_models=1, max_models=1, ranges={"t": (0.0, 1.0)},
               reference="https://en.wikipedia.org/wiki/Slerp")
-@fusible
+@fusible(tail=True)
 def slerp(base: Tensor, tensors: list[Tensor], *, t: float) -> Tensor:
     """Spherical interpolation from base (t=0) to the other model (t=1) over the whole flattened tensor:
 
@@ -331,7 +331,7 @@ def nuslerp(base: Tensor | None, tensors: list[Tensor], *, weight: PerModel, nus
     return _nuslerp_merge(base, tensors, t, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
 
 
-@fusible
+@fusible(tail=True)
 def _nuslerp_merge(base: Tensor | None, tensors: list[Tensor], t: float, *, row_wise: bool, flatten: bool) -> Tensor:
     work = _work_dtype(base, *tensors)
     a, b = (x.to(work) for x in tensors)
@@ -342,7 +342,7 @@ def _nuslerp_merge(base: Tensor | None, tensors: list[Tensor], t: float, *, row_
 
 @merge_method("nearswap", base="required", min_models=1, max_models=1,
               reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001")
-@fusible
+@fusible(tail=True)
 def nearswap(base: Tensor, tensors: list[Tensor], *, t: float) -> Tensor:
     """Move base a towards the other model b where they are close:
 
@@ -355,7 +355,7 @@ def nearswap(base: Tensor, tensors: list[Tensor], *, t: float) -> Tensor:
 
 
 @merge_method("model_stock", base="required", min_models=2, reference="https://arxiv.org/abs/2403.19522")
-@fusible
+@fusible(tail=True)
 def model_stock(base: Tensor, tensors: list[Tensor], *, filter_wise: bool = False) -> Tensor:
     """Model Stock (Jang et al. 2024, eq. 6): out = t * mean_i(w_i) + (1 - t) * w_0,  t = k cos / (1 + (k - 1) cos),
 
@@ -413,7 +413,7 @@ def _variance_across_models(base: Tensor, tensors: list[Tensor]) -> Tensor:
     return _sum0([(t - mean).square() for t in tau]) / len(tau)
 
 
-@fusible
+@fusible(tail=True)
 def _sce_sum(base: Tensor, tensors: list[Tensor], var: Tensor | None, threshold: Tensor | None) -> Tensor:
     """SCE's Calculate and Erase steps and the average, after erasing the entries with var < threshold (if given)."""
     work = _work_dtype(base, *tensors)
@@ -434,4 +434,4 @@ def _sce_sum(base: Tensor, tensors: list[Tensor], var: Tensor | None, threshold:
 @merge_method("passthrough", base="none", max_models=1)
 def passthrough(base: None, tensors: list[Tensor], *, scale: PerModel = 1.0) -> Tensor:
     """The one model's tensor times its `scale` (mergekit's default None is scale 1)."""
-    return _weighted_sum([tensors[0].reshape(-1)], _each(scale, 1)).reshape(tensors[0].shape)
+    return _weighted_sum(tensors[:1], _each(scale, 1))
