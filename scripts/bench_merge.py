@@ -12,9 +12,9 @@ A synthetic Llama-shaped state (random base, experts = base + small noise) is re
 written into a live LlamaForCausalLM by the real planner and materializer (LiveMaterializer over ResidentSources), with
 its per-tensor cache cleared so that every tensor is recomputed (the plan's layout and the live-parameter lookups stay
 cached, as in a worker: only the parameter values change between candidates). One run measures the device copy
-bandwidth, then per method: the first candidate's time (compilation included), the median time per candidate, the bytes it must move (inputs read + output written,
-once each), the floor (bytes / bandwidth), the ratio to it, the planner's and the method kernels' share, and the peak
-extra memory.
+bandwidth, then per method: the first candidate's time (compilation included), the median time per candidate, the
+bytes it must move (inputs read + output written, once each), the floor (bytes / bandwidth), the ratio to it, the
+planner's and the method kernels' share, and the peak extra memory.
 With --mergekit (the bench extra) the same recipes also go through mergekit's in-process run_merge and the
 `mergekit-yaml` CLI on an on-disk copy of the models. Writes benchmarks/results/<device>-<shape>-<date>.{json,md}.
 DARE/DELLA draws stay resident across candidates up to the worker's budget (run.worker.draw_memo_bytes), as in a search;
@@ -231,8 +231,9 @@ def bench_method(method: str, target, sources: ResidentSources, experts: list[st
 
     t_kernels = median_time(kernels, device, warmup, repeats)
     floor = nbytes / bandwidth
-    return {"method": method, "seconds": t, "first_seconds": t_first, "plan_seconds": t_plan, "kernel_seconds": t_kernels, "bytes": nbytes,
-            "floor_seconds": floor, "ratio_to_floor": t / floor, "tensors": len(plan.tasks),
+    return {"method": method, "seconds": t, "first_seconds": t_first, "plan_seconds": t_plan,
+            "kernel_seconds": t_kernels, "bytes": nbytes, "floor_seconds": floor, "ratio_to_floor": t / floor,
+            "tensors": len(plan.tasks),
             "peak_extra_bytes": peak_extra_memory(candidate, device)}
 
 
@@ -298,8 +299,9 @@ def markdown(result: dict) -> str:
              "|---" * (9 + 4 * bool(result["mergekit"])) + "|"]
     for r in result["rows"]:
         first = f"{r['first_seconds']:.1f}" if "first_seconds" in r else "-"
-        line = (f"| {r['method']} | {ms(r['seconds'])} | {first} | {ms(r['plan_seconds'])} | {ms(r['kernel_seconds'])} | "
-                f"{r['bytes'] / 1e6:.1f} | {ms(r['floor_seconds'])} | {r['ratio_to_floor']:.1f} | {mib(r['peak_extra_bytes'])} |")
+        line = (f"| {r['method']} | {ms(r['seconds'])} | {first} | {ms(r['plan_seconds'])} | "
+                f"{ms(r['kernel_seconds'])} | {r['bytes'] / 1e6:.1f} | {ms(r['floor_seconds'])} | "
+                f"{r['ratio_to_floor']:.1f} | {mib(r['peak_extra_bytes'])} |")
         mk = result["mergekit"].get(r["method"]) if result["mergekit"] else None
         if mk:
             cli = mk.get("cli_seconds")
@@ -381,8 +383,9 @@ def main(argv: list[str] | None = None) -> dict:
               "fuse": args.fuse, "max_batch": args.max_batch, "as_device": args.as_device,
               "command": command_line(args),
               "bandwidth_bytes_per_s": bandwidth, "rows": rows, "mergekit": mergekit}
-    variant = ("" if args.memo_draws else "-nomemo") + {"auto": "", "on": "-fused", "off": "-unfused"}[args.fuse] \
-        + ("" if args.max_batch == default_batch else f"-batch{args.max_batch}") + ("-asdevice" if args.as_device else "")
+    variant = "".join([
+        "" if args.memo_draws else "-nomemo", {"auto": "", "on": "-fused", "off": "-unfused"}[args.fuse],
+        "" if args.max_batch == default_batch else f"-batch{args.max_batch}", "-asdevice" if args.as_device else ""])
     write_results(Path(args.out) / f"{result['device']}-{args.shape}-{date}{variant}", result, markdown(result))
     return result
 
