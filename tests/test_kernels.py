@@ -2,11 +2,16 @@
 
 radix_select and _row_order_torch are what runs off the CPU (where numpy selects and sorts); they run on CPU here too."""
 
+import gc
+
 import pytest
 import torch
 
+from evomerge.merge import fused, host, sparsify
 from evomerge.merge.methods import _variance_across_models
-from evomerge.merge.sparsify import SPARSIFIERS, _row_order_torch, kth_largest, kth_smallest, radix_select, row_order
+from evomerge.merge.registry import get_method
+from evomerge.merge.sparsify import (SPARSIFIERS, AbsDelta, _row_order_torch, abs_delta, kth_largest, kth_smallest,
+                                     radix_select, row_order)
 
 magnitude = SPARSIFIERS["magnitude"].mask  # 0/1 mask
 
@@ -62,3 +67,48 @@ def test_row_order_is_a_stable_argsort(dtype):
     assert row_order(mag).equal(expected)
     if dtype == torch.float32:  # the int64-key sort off the CPU, run here on CPU
         assert _row_order_torch(mag).equal(expected)
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_selection_from_abs_delta_counts_the_top_digit_once(dtype, fuse, monkeypatch):
+    """Off the host |x - base| is selected from without being materialized; the first radix pass (the top digit's
+    counts) is kept while x and base live, so every later k costs one pass, and the values are still exact."""
+    monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())  # as on a GPU
+    monkeypatch.setattr(fused, "_forced", fuse)
+    first_passes, top = [], sparsify._top_digit_counts
+    monkeypatch.setattr(sparsify, "_top_digit_counts", lambda x, base: first_passes.append(1) or top(x, base))
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(300, 200, generator=g, dtype=torch.float64).to(dtype)
+    x = (base.double() + 0.01 * torch.randn(300, 200, generator=g, dtype=torch.float64)).to(dtype)  # bf16: many ties
+    flat = abs_delta(x, base).reshape(-1)
+    n = flat.numel()
+    for k in (1, 2, n // 3, n // 2 + 1, n - 1, n):
+        mag = AbsDelta.of(x, base)
+        assert isinstance(mag, AbsDelta) and mag.numel() == n
+        got = kth_smallest(mag, k)
+        assert got.dtype == flat.dtype and got.item() == torch.kthvalue(flat, k).values.item(), k
+    assert len(first_passes) == 1
+    entries = len(AbsDelta._top_counts)
+    del x, mag
+    gc.collect()
+    assert len(AbsDelta._top_counts) == entries - 1  # gone with its tensor
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties"])
+def test_fused_magnitude_selection_off_the_host_is_the_host_merge(name, monkeypatch):
+    """ties and breadcrumbs as on a GPU (selection from an AbsDelta, fused sum) against the host path (numpy
+    introselect on the materialized |delta|, eager sum), on tensors past the kthvalue cut-over."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(300, 200, generator=g)
+    tensors = [base + 0.02 * torch.randint(-3, 4, (300, 200), generator=g) for _ in range(3)]  # ties at thresholds
+    params = {"weight": [0.7, 0.5, 1.2], "density": [0.3, 0.6, 0.9]}
+    if name == "breadcrumbs_ties":
+        params["gamma"] = [0.05, 0.1, 0.2]
+    expected = get_method(name).fn(base, tensors, **params)
+    monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())
+    monkeypatch.setattr(fused, "_forced", True)
+    calls, select = [], AbsDelta.kth_smallest
+    monkeypatch.setattr(AbsDelta, "kth_smallest", lambda self, k: calls.append(k) or select(self, k))
+    torch.testing.assert_close(get_method(name).fn(base, tensors, **params), expected, rtol=1e-6, atol=1e-6)
+    assert len(calls) == 3 * (2 if name == "breadcrumbs_ties" else 1)

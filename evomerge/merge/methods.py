@@ -26,7 +26,7 @@ from evomerge.merge.fused import fusible, fusing
 from evomerge.merge.host import math_for, scalar
 from evomerge.merge.registry import PerModel, merge_method
 from evomerge.merge.rng import draws_at, key_words, uniforms
-from evomerge.merge.sparsify import SPARSIFIERS, kth_largest, sparsify_
+from evomerge.merge.sparsify import SPARSIFIERS, AbsDelta, abs_delta, kth_largest, sparsify_
 
 Tensor = torch.Tensor
 # meaningful ranges of the family's parameters (DELLA also needs density +/- epsilon inside (0, 1))
@@ -157,7 +157,9 @@ def _task_arithmetic_fused(base, tensors, member, weight, density, normalize, re
     for i, x in enumerate(tensors):
         keep = None
         if sparsifier and density[i] < 1:
-            mag = _abs_delta(x, base) if sparsifier.magnitudes else None
+            mag = None
+            if sparsifier.magnitudes:  # not materialized where only selected from, off the host
+                mag = AbsDelta.of(x, base) if sparsifier.selects else abs_delta(x, base)
             keep = None if density[i] <= 0 else sparsifier.rule(mag, density[i], **{k: v[i] for k, v in extra.items()})
             if keep is None:
                 continue
@@ -169,12 +171,6 @@ def _task_arithmetic_fused(base, tensors, member, weight, density, normalize, re
     return _task_sum_fused(base, xs, ws, [k and k.lo for k in keeps], [k and k.hi for k in keeps],
                            [k and k.p for k in keeps], ks, rescale=rescale, consensus=member.consensus,
                            normalize=normalize, divisor=divisor, lambda_=lambda_)
-
-
-@fusible
-def _abs_delta(x: Tensor, base: Tensor) -> Tensor:
-    work = _work_dtype(base, x)
-    return (x.to(work) - base.to(work)).abs()
 
 
 @fusible(tail=True)
