@@ -10,8 +10,8 @@ import torch
 from evomerge.merge import fused, host, sparsify
 from evomerge.merge.methods import _variance_across_models
 from evomerge.merge.registry import get_method
-from evomerge.merge.sparsify import (SPARSIFIERS, AbsDelta, _row_order_torch, abs_delta, kth_largest, kth_smallest,
-                                     radix_select, row_order)
+from evomerge.merge.sparsify import (SPARSIFIERS, AbsDelta, Rank, _row_order_torch, abs_delta, kth_largest,
+                                     kth_smallest, radix_select, row_order)
 
 magnitude = SPARSIFIERS["magnitude"].mask  # 0/1 mask
 
@@ -69,11 +69,13 @@ def test_row_order_is_a_stable_argsort(dtype):
         assert _row_order_torch(mag).equal(expected)
 
 
+@pytest.mark.filterwarnings("error:.*runs unfused")
 @pytest.mark.parametrize("fuse", [False, True], ids=["eager", "fused"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
 def test_selection_from_abs_delta_counts_the_top_digit_once(dtype, fuse, monkeypatch):
     """Off the host |x - base| is selected from without being materialized; the first radix pass (the top digit's
-    counts) is kept while x and base live, so every later k costs one pass, and the values are still exact."""
+    counts) is kept while x and base live, so every later k costs one pass, and the values are still exact (eager and
+    compiled)."""
     monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())  # as on a GPU
     monkeypatch.setattr(fused, "_forced", fuse)
     first_passes, top = [], sparsify._top_digit_counts
@@ -86,7 +88,9 @@ def test_selection_from_abs_delta_counts_the_top_digit_once(dtype, fuse, monkeyp
     for k in (1, 2, n // 3, n // 2 + 1, n - 1, n):
         mag = AbsDelta.of(x, base)
         assert isinstance(mag, AbsDelta) and mag.numel() == n
-        got = kth_smallest(mag, k)
+        rank = kth_smallest(mag, k)  # selected where the fused sum applies it
+        assert isinstance(rank, Rank) and rank.k == k
+        got = rank.select(x, base)
         assert got.dtype == flat.dtype and got.item() == torch.kthvalue(flat, k).values.item(), k
     assert len(first_passes) == 1
     entries = len(AbsDelta._top_counts)
@@ -95,20 +99,30 @@ def test_selection_from_abs_delta_counts_the_top_digit_once(dtype, fuse, monkeyp
     assert len(AbsDelta._top_counts) == entries - 1  # gone with its tensor
 
 
+@pytest.mark.filterwarnings("error:.*runs unfused")
 @pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties"])
 def test_fused_magnitude_selection_off_the_host_is_the_host_merge(name, monkeypatch):
-    """ties and breadcrumbs as on a GPU (selection from an AbsDelta, fused sum) against the host path (numpy
-    introselect on the materialized |delta|, eager sum), on tensors past the kthvalue cut-over."""
+    """ties and breadcrumbs as on a GPU (ranks of AbsDeltas selected in the fused sums, two tensors' in one batched
+    call) against the host path (numpy introselect on the materialized |delta|, eager sum), on tensors past the
+    kthvalue cut-over."""
     g = torch.Generator().manual_seed(5)
     base = torch.randn(300, 200, generator=g)
-    tensors = [base + 0.02 * torch.randint(-3, 4, (300, 200), generator=g) for _ in range(3)]  # ties at thresholds
-    params = {"weight": [0.7, 0.5, 1.2], "density": [0.3, 0.6, 0.9]}
+    inputs = [[base + 0.02 * torch.randint(-3, 4, (300, 200), generator=g) for _ in range(3)]  # ties at thresholds
+              for _ in range(2)]
+    candidates = [{"weight": [0.7, 0.5, 1.2], "density": [0.3, 0.6, 0.9]},
+                  {"weight": [0.2, 1.1, 0.6], "density": [0.8, 0.2, 0.5]}]
     if name == "breadcrumbs_ties":
-        params["gamma"] = [0.05, 0.1, 0.2]
-    expected = get_method(name).fn(base, tensors, **params)
+        candidates = [c | {"gamma": gamma} for c, gamma in zip(candidates, ([0.05, 0.1, 0.2], [0.2, 0.02, 0.1]))]
+    method = get_method(name)
+    expected = [method.fn(base, tensors, **params) for tensors, params in zip(inputs, candidates)]
     monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())
     monkeypatch.setattr(fused, "_forced", True)
-    calls, select = [], AbsDelta.kth_smallest
-    monkeypatch.setattr(AbsDelta, "kth_smallest", lambda self, k: calls.append(k) or select(self, k))
-    torch.testing.assert_close(get_method(name).fn(base, tensors, **params), expected, rtol=1e-6, atol=1e-6)
-    assert len(calls) == 3 * (2 if name == "breadcrumbs_ties" else 1)
+    monkeypatch.setattr(fused, "MAX_BATCH", 2)
+    selections, select = [], AbsDelta.kth_smallest
+    monkeypatch.setattr(AbsDelta, "kth_smallest", lambda self, k: selections.append(k) or select(self, k))
+    with fused.batched():
+        outs = [method.fn(base, tensors, **params) for tensors, params in zip(inputs, candidates)]
+        assert all(isinstance(out, fused.Deferred) for out in outs)
+    for out, value in zip(outs, expected):
+        torch.testing.assert_close(fused.resolved(out), value, rtol=1e-6, atol=1e-6)
+    assert len(selections) == 2 * 3 * (2 if name == "breadcrumbs_ties" else 1)

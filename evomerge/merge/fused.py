@@ -71,6 +71,8 @@ def _tensor_floats(v, device: torch.device):
     math on them is tensor math (works around the miscompile above)."""
     if isinstance(v, float):
         return torch.full((), v, dtype=torch.float64, device=device)
+    if isinstance(v, tuple) and hasattr(v, "_fields"):  # a NamedTuple
+        return type(v)(*(_tensor_floats(x, device) for x in v))
     if isinstance(v, (list, tuple)):
         return type(v)(_tensor_floats(x, device) for x in v)
     if isinstance(v, dict):
@@ -182,13 +184,17 @@ def batched():
 
 def _structure(args: tuple, kwargs: dict) -> tuple:
     """What a batch shares: its tensors' shapes and dtypes (exact shapes: every batch of a kind then has the same
-    pattern of equal sizes, which dynamo's guards specialize on), list lengths, and the values of non-floats. Arguments
-    are tensors, numbers, flags or lists of them."""
+    pattern of equal sizes, which dynamo's guards specialize on), list and tuple lengths, and the values of non-floats.
+    Arguments are tensors, numbers, flags or lists and tuples of them."""
 
-    def leaf(v):
-        return (v.shape, v.dtype) if isinstance(v, torch.Tensor) else float if isinstance(v, float) else v
+    def structure(v):
+        if isinstance(v, torch.Tensor):
+            return v.shape, v.dtype
+        if isinstance(v, (list, tuple)):
+            return type(v), tuple(map(structure, v))
+        return float if isinstance(v, float) else v
 
-    return tuple(tuple(map(leaf, v)) if isinstance(v, list) else leaf(v) for v in (*args, *kwargs, *kwargs.values()))
+    return structure((args, tuple(kwargs.items())))
 
 
 def resolved(value):

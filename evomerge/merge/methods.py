@@ -26,7 +26,7 @@ from evomerge.merge.fused import fusible, fusing
 from evomerge.merge.host import math_for, scalar
 from evomerge.merge.registry import PerModel, merge_method
 from evomerge.merge.rng import draws_at, key_words, uniforms
-from evomerge.merge.sparsify import SPARSIFIERS, AbsDelta, abs_delta, kth_largest, sparsify_
+from evomerge.merge.sparsify import SPARSIFIERS, AbsDelta, Rank, abs_delta, kth_largest, sparsify_
 
 Tensor = torch.Tensor
 # meaningful ranges of the family's parameters (DELLA also needs density +/- epsilon inside (0, 1))
@@ -176,9 +176,10 @@ def _task_arithmetic_fused(base, tensors, member, weight, density, normalize, re
 @fusible(tail=True)
 def _task_sum_fused(base, xs, weight, lo, hi, p, words, *, rescale, consensus, normalize, divisor, lambda_) -> Tensor:
     """base + lambda * sum_i w_i r_i m_i k_i (x_i - base) / D, as generalized_task_arithmetic: k_i
-    the 0/1 keep mask of model i (lo_i <= |delta| <= hi_i, draw < p_i; None: no such bound), r_i its L1 rescale factor
-    (`sparsify.rescale_l1_`), m_i the TIES sign agreement, D the agreeing weights' sum with consensus and normalize,
-    else `divisor`. Two passes: the L1 sums (with rescale), then the rest."""
+    the 0/1 keep mask of model i (lo_i <= |delta| <= hi_i, draw < p_i; None: no such bound; a `Rank` is selected
+    here), r_i its L1 rescale factor (`sparsify.rescale_l1_`), m_i the TIES sign agreement, D the agreeing weights' sum
+    with consensus and normalize, else `divisor`. Two passes: the L1 sums (with rescale), then the rest (and a radix
+    pass per Rank before them)."""
     work = _work_dtype(base, *xs)
     b = base.to(work).reshape(-1)  # flat: the draws are hashed from the element index
     xs = [x.reshape(-1) for x in xs]
@@ -186,6 +187,7 @@ def _task_sum_fused(base, xs, weight, lo, hi, p, words, *, rescale, consensus, n
     index = torch.arange(b.numel(), dtype=torch.int32, device=b.device) if any(k is not None for k in words) else None
     terms = []
     for x, w, low, high, prob, key in zip(xs, weight, lo, hi, p, words):
+        low, high = (bound.select(x, b) if isinstance(bound, Rank) else bound for bound in (low, high))
         delta = x.to(work) - b
         mag = delta.abs()
         bounds = [mag >= low if low is not None else None, mag <= high if high is not None else None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -22,8 +22,9 @@ from evomerge.merge.fused import fusible
 from evomerge.merge.host import math_for, on_host, scalar
 
 
-def kth_smallest(values: torch.Tensor | AbsDelta, k: int) -> torch.Tensor:
-    """The k-th smallest (1-based) of nonnegative `values` over the whole tensor, a 0-dim tensor: exact, no device sync.
+def kth_smallest(values: torch.Tensor | AbsDelta, k: int) -> torch.Tensor | Rank:
+    """The k-th smallest (1-based) of nonnegative `values` over the whole tensor, a 0-dim tensor: exact, no device sync
+    (of an AbsDelta, the Rank that the fused sum selects).
 
     NaN counts as largest, as in torch.kthvalue. On CPU numpy's introselect (SIMD) is 20x faster than the radix select
     at 2**16 entries and 3x at 2**22; elsewhere `radix_select`, or torch.kthvalue up to 2**15 entries.
@@ -85,11 +86,23 @@ def _top_digit_counts(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return _digit_counts(keys, 8 * keys.element_size() - 16)
 
 
+class Rank(NamedTuple):
+    """The k-th smallest |x - base| of a model's tensor, left to the fused sum to select (`_task_sum_fused`): inside its
+    compiled call, so on a GPU the selections of many tensors run in one call with their sums (`fused.batched`)."""
+
+    k: float  # an integer, as a float: a kernel argument, not a constant compiled in
+    top: torch.Tensor  # the counts of the keys' top digit (radix select's first pass)
+
+    def select(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        return radix_select(x, self.k, base, self.top)
+
+
 class AbsDelta:
-    """|x - base| of a model's tensor as the rules see it off the host when they only select from it (`kth_smallest`):
-    never materialized, radix select recomputes it in each pass. Its first pass, the counts of the top digit, does not
-    depend on k, so they are kept while x and base live (sources are read-only): a search selects from the same
-    resident tensors for every candidate, in one pass over them each (x and base read, nothing written)."""
+    """|x - base| of a model's tensor as the rules see it off the host when they only select from it: never
+    materialized, its k-th smallest a `Rank` that radix select resolves in the fused sum, recomputing |x - base| in its
+    pass. The first pass, the counts of the top digit, does not depend on k, so they are kept while x and base live
+    (sources are read-only): a search selects from the same resident tensors for every candidate, in one pass over
+    them each (x and base read, nothing written)."""
 
     _top_counts: dict[tuple[int, int], tuple] = {}  # (id(x), id(base)) -> (weakref(x), weakref(base), counts)
 
@@ -106,8 +119,8 @@ class AbsDelta:
     def numel(self) -> int:
         return self.x.numel()
 
-    def kth_smallest(self, k: int) -> torch.Tensor:
-        return radix_select(self.x, k, self.base, top=self.top_counts())
+    def kth_smallest(self, k: int) -> Rank:
+        return Rank(float(k), self.top_counts())
 
     def top_counts(self) -> torch.Tensor:
         key = (id(self.x), id(self.base))
@@ -144,8 +157,8 @@ class Keep:
     A sparsifier's rule turns |delta| and its parameters into these bounds (selection happens there); applying them is
     element-wise, so fused kernels (`evomerge.merge.fused`) apply them in the same pass as the sum."""
 
-    lo: torch.Tensor | None = None
-    hi: torch.Tensor | None = None
+    lo: torch.Tensor | Rank | None = None
+    hi: torch.Tensor | Rank | None = None
     p: float | torch.Tensor | None = None  # keep probability, per tensor or per entry (DELLA)
 
     def mask(self, mag: torch.Tensor | None, u: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
