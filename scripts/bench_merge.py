@@ -17,8 +17,8 @@ bytes it must move (inputs read + output written, once each), the floor (bytes /
 planner's and the method kernels' share, and the peak extra memory.
 With --mergekit (the bench extra) the same recipes also go through mergekit's in-process run_merge and the
 `mergekit-yaml` CLI on an on-disk copy of the models. Writes benchmarks/results/<device>-<shape>-<date>.{json,md}.
-DARE/DELLA draws stay resident across candidates up to the worker's budget (run.worker.draw_memo_bytes), as in a search;
---memo-draws 0 recomputes them for every candidate (file name -nomemo). The methods' element-wise math runs as fused
+DARE/DELLA draws (unfused) or DELLA's ranks (fused) stay resident across candidates up to the worker's budget
+(run.worker.draw_memo_bytes), as in a search; --memo-draws 0 recomputes them for every candidate (file name -nomemo). The methods' element-wise math runs as fused
 kernels on a GPU and for large CPU tensors (merge/fused.py; compiled during warm-up); --fuse on/off forces them on or
 off (-fused, -unfused).
 """
@@ -44,6 +44,7 @@ from evomerge.merge.fused import fuse
 from evomerge.merge.materialize import LiveMaterializer, ResidentSources, compute
 from evomerge.merge.plan import plan_recipe
 from evomerge.merge.rng import memoize_draws
+from evomerge.merge.sparsify import keep_ranks
 from evomerge.models.architectures import architecture_for
 from evomerge.models.io import ModelDir, ModelWriter
 from evomerge.recipe import recipe_from_dict
@@ -343,8 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="CPU tensors take the code paths of a GPU (merge/host.py): with --shape micro-1b, the "
                              "host's cost per candidate that a GPU run pays on top of its kernels; adds -asdevice")
     parser.add_argument("--memo-draws", type=float, metavar="GIB",
-                        help="keep up to GIB of DARE/DELLA draws across candidates (default: a search worker's budget); "
-                             "0 adds -nomemo to the file name")
+                        help="keep up to GIB of DARE/DELLA draws (fused DELLA: ranks) across candidates (default: a "
+                             "search worker's budget); 0 adds -nomemo to the file name")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); use 1 on a shared CPU")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
@@ -366,6 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.memo_draws is None:  # as a worker: its budget once the models are resident
         args.memo_draws = draw_memo_bytes(args.device) / 2**30
     memoize_draws(int(args.memo_draws * 2**30))
+    keep_ranks(int(args.memo_draws * 2**30))  # fused DELLA keeps its ranks instead of draws
     params = sum(t.numel() for (m, _), t in sources.tensors.items() if m == "base")
     bandwidth = copy_bandwidth(args.device, dtype, 2**30 if args.device.startswith("cuda") else 2**28)  # past caches
     rows = []

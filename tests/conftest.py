@@ -42,11 +42,11 @@ def load_script():
 @pytest.fixture
 def one_thread():
     """A benchmark script's `--threads 1` (a shared CPU); afterwards the process state it sets for itself (torch's
-    threads, the fusion switch and batch size, the host's device types, the draw memo) is restored for the other
+    threads, the fusion switch and batch size, the host's device types, the draw and rank memos) is restored for the other
     tests."""
     import torch
 
-    from evomerge.merge import fused, host, rng
+    from evomerge.merge import fused, host, rng, sparsify
 
     threads, max_batch, host_types = torch.get_num_threads(), fused.MAX_BATCH, host.HOST_DEVICE_TYPES
     yield ["--threads", "1"]
@@ -54,3 +54,4 @@ def one_thread():
     fused.fuse(None)
     fused.MAX_BATCH, host.HOST_DEVICE_TYPES = max_batch, host_types
     rng.memoize_draws(0)
+    sparsify.keep_ranks(0)

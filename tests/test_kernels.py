@@ -10,8 +10,9 @@ import torch
 from evomerge.merge import fused, host, sparsify
 from evomerge.merge.methods import _variance_across_models
 from evomerge.merge.registry import get_method
+from evomerge.merge.rng import MaskKey
 from evomerge.merge.sparsify import (SPARSIFIERS, AbsDelta, Rank, _row_order_torch, abs_delta, kth_largest,
-                                     kth_smallest, radix_select, row_order)
+                                     kth_smallest, radix_select, row_order, row_ranks)
 
 magnitude = SPARSIFIERS["magnitude"].mask  # 0/1 mask
 
@@ -93,10 +94,10 @@ def test_selection_from_abs_delta_counts_the_top_digit_once(dtype, fuse, monkeyp
         got = rank.select(x, base)
         assert got.dtype == flat.dtype and got.item() == torch.kthvalue(flat, k).values.item(), k
     assert len(first_passes) == 1
-    entries = len(AbsDelta._top_counts)
+    entries = len(AbsDelta._kept)
     del x, mag
     gc.collect()
-    assert len(AbsDelta._top_counts) == entries - 1  # gone with its tensor
+    assert len(AbsDelta._kept) == entries - 1  # gone with its tensor
 
 
 @pytest.mark.filterwarnings("error:.*runs unfused")
@@ -126,3 +127,41 @@ def test_fused_magnitude_selection_off_the_host_is_the_host_merge(name, monkeypa
     for out, value in zip(outs, expected):
         torch.testing.assert_close(fused.resolved(out), value, rtol=1e-6, atol=1e-6)
     assert len(selections) == 2 * 3 * (2 if name == "breadcrumbs_ties" else 1)
+
+
+def test_row_ranks_invert_the_stable_row_order():
+    g = torch.Generator().manual_seed(6)
+    mag = torch.randint(0, 5, (40, 70), generator=g).float()  # ties in every row: ranked by position
+    expected = mag.argsort(dim=1, stable=True).argsort(dim=1)
+    assert row_ranks(mag).dtype == torch.int16 and row_ranks(mag).equal(expected.short())
+    assert row_ranks(mag[0]).equal(expected[:1].short())  # a 1-D tensor is one row
+
+
+@pytest.mark.filterwarnings("error:.*runs unfused")
+@pytest.mark.parametrize("budget", [0, 2**30], ids=["sorted-each-time", "ranks-kept"])
+def test_fused_della_off_the_host_is_the_host_merge(budget, monkeypatch):
+    """DELLA as on a GPU (each entry's keep probability from its rank in its row, ranks kept across candidates within
+    the budget, sums batched) against the host path (probabilities scattered by the row sort, eager sum)."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(300, 200, generator=g)
+    tensors = [base + 0.02 * torch.randint(-3, 4, (300, 200), generator=g) for _ in range(3)]
+    candidates = [{"weight": [0.7, 0.5, 1.2], "density": [0.4, 0.5, 0.7], "epsilon": [0.1, 0.2, 0.25]},
+                  {"weight": [0.3, 0.9, 0.6], "density": [0.6, 0.3, 0.5], "epsilon": [0.2, 0.1, 0.15]}]
+    method = get_method("della")
+    key = {"key": [MaskKey(0, "w", f"m{i}") for i in range(3)]}
+    expected = [method.fn(base, tensors, **params, **key) for params in candidates]
+    monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())
+    monkeypatch.setattr(fused, "_forced", True)
+    monkeypatch.setattr(fused, "MAX_BATCH", 2)
+    sparsify.keep_ranks(budget)
+    sorts, row_order = [], sparsify.row_order
+    monkeypatch.setattr(sparsify, "row_order", lambda mag: sorts.append(1) or row_order(mag))
+    try:
+        with fused.batched():
+            outs = [method.fn(base, tensors, **params, **key) for params in candidates]
+    finally:
+        sparsify.keep_ranks(0)
+    for out, value in zip(outs, expected):  # float32 L1 sums in another order; a flipped mask would miss by ~1e-2
+        torch.testing.assert_close(fused.resolved(out), value, rtol=1e-5, atol=1e-5)
+    assert len(sorts) == (3 if budget else 6)
+    assert AbsDelta.rank_bytes == 0  # keep_ranks(0) frees them

@@ -26,7 +26,7 @@ from evomerge.merge.fused import fusible, fusing
 from evomerge.merge.host import math_for, scalar
 from evomerge.merge.registry import PerModel, merge_method
 from evomerge.merge.rng import draws_at, key_words, uniforms
-from evomerge.merge.sparsify import SPARSIFIERS, AbsDelta, Rank, abs_delta, kth_largest, sparsify_
+from evomerge.merge.sparsify import SPARSIFIERS, AbsDelta, ByRank, Rank, abs_delta, kth_largest, sparsify_, work_dtype
 
 Tensor = torch.Tensor
 # meaningful ranges of the family's parameters (DELLA also needs density +/- epsilon inside (0, 1))
@@ -35,10 +35,6 @@ RANGES = {"density": (0.0, 1.0), "gamma": (0.0, 1.0), "epsilon": (0.0, 0.5)}
 
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _work_dtype(*tensors: Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _stack(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
@@ -121,7 +117,7 @@ def generalized_task_arithmetic(
         return base.clone()
     if fusing(base) and 0 < base.numel() < 2**31:  # int32 element indices for the in-kernel draws
         return _task_arithmetic_fused(base, tensors, member, weight, density, normalize, rescale, lambda_, key, extra)
-    work = _work_dtype(base, *tensors)
+    work = work_dtype(base, *tensors)
     b = base.to(work)
     deltas = _stack(tensors, work).sub_(b)  # [n, *shape]; updated in place below (fewer passes over memory)
     randomized = member.sparsifier and SPARSIFIERS[member.sparsifier].randomized
@@ -159,7 +155,7 @@ def _task_arithmetic_fused(base, tensors, member, weight, density, normalize, re
         if sparsifier and density[i] < 1:
             mag = None
             if sparsifier.magnitudes:  # not materialized where only selected from, off the host
-                mag = AbsDelta.of(x, base) if sparsifier.selects else abs_delta(x, base)
+                mag = AbsDelta.of(x, base) if sparsifier.ranks else abs_delta(x, base)
             keep = None if density[i] <= 0 else sparsifier.rule(mag, density[i], **{k: v[i] for k, v in extra.items()})
             if keep is None:
                 continue
@@ -180,10 +176,11 @@ def _task_sum_fused(base, xs, weight, lo, hi, p, words, *, rescale, consensus, n
     here), r_i its L1 rescale factor (`sparsify.rescale_l1_`), m_i the TIES sign agreement, D the agreeing weights' sum
     with consensus and normalize, else `divisor`. Two passes: the L1 sums (with rescale), then the rest (and a radix
     pass per Rank before them)."""
-    work = _work_dtype(base, *xs)
+    work = work_dtype(base, *xs)
     b = base.to(work).reshape(-1)  # flat: the draws are hashed from the element index
     xs = [x.reshape(-1) for x in xs]
-    p = [q.reshape(-1) if isinstance(q, Tensor) else q for q in p]  # DELLA's per-entry probabilities
+    p = [q.values().reshape(-1) if isinstance(q, ByRank) else q.reshape(-1) if isinstance(q, Tensor) else q
+         for q in p]  # DELLA's per-entry probabilities
     index = torch.arange(b.numel(), dtype=torch.int32, device=b.device) if any(k is not None for k in words) else None
     terms = []
     for x, w, low, high, prob, key in zip(xs, weight, lo, hi, p, words):
@@ -271,7 +268,7 @@ def linear(base: None, tensors: list[Tensor], *, weight: PerModel, normalize: bo
 @fusible(tail=True)
 def _weighted_sum(xs: list[Tensor], coefs: list[float]) -> Tensor:
     """sum_i c_i x_i in the work dtype, returned in the dtype of xs[0]."""
-    work = _work_dtype(*xs)
+    work = work_dtype(*xs)
     mixed = xs[0].to(work) * coefs[0]
     for x, c in zip(xs[1:], coefs[1:]):
         mixed.add_(x.to(work), alpha=c)  # one pass per model, no temporaries
@@ -287,7 +284,7 @@ def slerp(base: Tensor, tensors: list[Tensor], *, t: float) -> Tensor:
         out = sin((1-t) theta) / sin(theta) * a + sin(t theta) / sin(theta) * b,   cos(theta) = <a/|a|, b/|b|>
     Norms below 1e-8 count as 1; (anti)parallel tensors (|cos| > 0.9995) interpolate linearly (mergekit 0.1.5).
     """
-    work = _work_dtype(base, tensors[0])
+    work = work_dtype(base, tensors[0])
     a, b = base.to(work).reshape(-1), tensors[0].to(work).reshape(-1)
     na, nb, dot = (scalar(x) for x in (a.norm(), b.norm(), torch.dot(a, b)))
     xp = math_for(dot)
@@ -331,7 +328,7 @@ def nuslerp(base: Tensor | None, tensors: list[Tensor], *, weight: PerModel, nus
 
 @fusible(tail=True)
 def _nuslerp_merge(base: Tensor | None, tensors: list[Tensor], t: float, *, row_wise: bool, flatten: bool) -> Tensor:
-    work = _work_dtype(base, *tensors)
+    work = work_dtype(base, *tensors)
     a, b = (x.to(work) for x in tensors)
     origin = base.to(work) if base is not None else torch.zeros((), dtype=work, device=a.device)
     out = origin + _nuslerp(t, a - origin, b - origin, row_wise=row_wise, flatten=flatten)
@@ -346,7 +343,7 @@ def nearswap(base: Tensor, tensors: list[Tensor], *, t: float) -> Tensor:
 
         w = clamp(t / max(|a - b|, 1e-6), 0, 1),   out = w b + (1 - w) a
     """
-    work = _work_dtype(base, tensors[0])
+    work = work_dtype(base, tensors[0])
     a, b = base.to(work), tensors[0].to(work)
     w = (t / (a - b).abs().clamp_min(1e-6)).clamp(0, 1)
     return (w * b + (1 - w) * a).to(base.dtype)
@@ -360,7 +357,7 @@ def model_stock(base: Tensor, tensors: list[Tensor], *, filter_wise: bool = Fals
     cos the mean pairwise cosine of the offsets w_i - w_0 over the whole tensor, or per vector along the last dim with
     `filter_wise` (a 1-D tensor is one vector). Where |1 + (k - 1) cos| < 1e-6 the base is kept (t = 0).
     """
-    work = _work_dtype(base, *tensors)
+    work = work_dtype(base, *tensors)
     w0 = base.to(work)
     offsets = [x.to(work) - w0 for x in tensors]
     if filter_wise and base.ndim > 1:  # statistics per vector, as [..., 1] tensors
@@ -404,7 +401,7 @@ def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0, int8_m
 def _variance_across_models(base: Tensor, tensors: list[Tensor]) -> Tensor:
     """Population variance of the task vectors across models, per entry (as lists: one fused loop; tau.var(0) on a
     stack is ~50x slower on CPU)."""
-    work = _work_dtype(base, *tensors)
+    work = work_dtype(base, *tensors)
     b = base.to(work)
     tau = [x.to(work) - b for x in tensors]
     mean = _sum0(tau) / len(tau)
@@ -414,7 +411,7 @@ def _variance_across_models(base: Tensor, tensors: list[Tensor]) -> Tensor:
 @fusible(tail=True)
 def _sce_sum(base: Tensor, tensors: list[Tensor], var: Tensor | None, threshold: Tensor | None) -> Tensor:
     """SCE's Calculate and Erase steps and the average, after erasing the entries with var < threshold (if given)."""
-    work = _work_dtype(base, *tensors)
+    work = work_dtype(base, *tensors)
     b = base.to(work)
     tau = [x.to(work) - b for x in tensors]
     if threshold is not None:

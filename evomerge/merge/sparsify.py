@@ -98,16 +98,18 @@ class Rank(NamedTuple):
 
 
 class AbsDelta:
-    """|x - base| of a model's tensor as the rules see it off the host when they only select from it: never
-    materialized, its k-th smallest a `Rank` that radix select resolves in the fused sum, recomputing |x - base| in its
-    pass. The first pass, the counts of the top digit, does not depend on k, so they are kept while x and base live
-    (sources are read-only): a search selects from the same resident tensors for every candidate, in one pass over
-    them each (x and base read, nothing written)."""
+    """|x - base| of a model's tensor as the rules see it off the host, where they only rank it: never materialized for
+    a selection (its k-th smallest is a `Rank` that radix select resolves in the fused sum, recomputing |x - base| in
+    its pass). What does not depend on the candidate is kept while x and base live (sources are read-only): the counts
+    of the top digit, radix select's first pass, and DELLA's ranks within rows up to `keep_ranks`' budget. A search
+    ranks the same resident tensors for every candidate: one pass over them each for a threshold, no sort for DELLA."""
 
-    _top_counts: dict[tuple[int, int], tuple] = {}  # (id(x), id(base)) -> (weakref(x), weakref(base), counts)
+    _kept: dict[tuple[int, int], dict] = {}  # (id(x), id(base)) -> {"refs": weakrefs, "top": counts, "ranks": ranks}
+    rank_bytes, max_rank_bytes = 0, 0
 
     def __init__(self, x: torch.Tensor, base: torch.Tensor):
         self.x, self.base = x, base
+        self.shape, self.ndim, self.device, self.dtype = x.shape, x.ndim, x.device, work_dtype(x, base)
 
     @staticmethod
     def of(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor | AbsDelta:
@@ -120,24 +122,54 @@ class AbsDelta:
         return self.x.numel()
 
     def kth_smallest(self, k: int) -> Rank:
-        return Rank(float(k), self.top_counts())
+        kept = self._entry()
+        if "top" not in kept:
+            kept["top"] = _top_digit_counts(self.x, self.base)
+        return Rank(float(k), kept["top"])
 
-    def top_counts(self) -> torch.Tensor:
+    def row_ranks(self) -> torch.Tensor:
+        kept = self._entry()
+        if "ranks" in kept:
+            return kept["ranks"]
+        ranks = row_ranks(abs_delta(self.x, self.base))
+        if AbsDelta.rank_bytes + ranks.nbytes <= AbsDelta.max_rank_bytes:
+            kept["ranks"] = ranks
+            AbsDelta.rank_bytes += ranks.nbytes
+        return ranks
+
+    def _entry(self) -> dict:
         key = (id(self.x), id(self.base))
-        kept = self._top_counts.get(key)
-        if kept is None or kept[0]() is not self.x or kept[1]() is not self.base:
-            cache = self._top_counts
-            forget = lambda _ref: cache.pop(key, None)  # noqa: E731 (x or base is gone: so is the entry)
-            counts = _top_digit_counts(self.x, self.base)
-            self._top_counts[key] = kept = (weakref.ref(self.x, forget), weakref.ref(self.base, forget), counts)
-        return kept[2]
+        kept = self._kept.get(key)
+        if kept is None or kept["refs"][0]() is not self.x or kept["refs"][1]() is not self.base:
+
+            def forget(_ref, kept_all=self._kept):  # x or base is gone: so is what was kept of them
+                gone = kept_all.pop(key, None)
+                if gone is not None and "ranks" in gone:
+                    AbsDelta.rank_bytes -= gone["ranks"].nbytes
+
+            kept = self._kept[key] = {"refs": (weakref.ref(self.x, forget), weakref.ref(self.base, forget))}
+        return kept
+
+
+def keep_ranks(max_bytes: int) -> None:
+    """Keep up to `max_bytes` of DELLA's ranks off the host (2 bytes per element and model where rows have at most
+    2**15 entries, else 4), as a search worker does: its candidates rank the same tensors. 0 frees those kept."""
+    AbsDelta.max_rank_bytes = max_bytes
+    for kept in AbsDelta._kept.values():
+        if "ranks" in kept and max_bytes == 0:
+            AbsDelta.rank_bytes -= kept.pop("ranks").nbytes
 
 
 @fusible
 def abs_delta(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """|x - base| in the methods' work dtype (float64 if either is, else float32)."""
-    work = torch.float64 if torch.float64 in (x.dtype, base.dtype) else torch.float32
+    """|x - base| in the methods' work dtype."""
+    work = work_dtype(x, base)
     return (x.to(work) - base.to(work)).abs()
+
+
+def work_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype the methods compute in: float64 if any input is, else float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -159,7 +191,7 @@ class Keep:
 
     lo: torch.Tensor | Rank | None = None
     hi: torch.Tensor | Rank | None = None
-    p: float | torch.Tensor | None = None  # keep probability, per tensor or per entry (DELLA)
+    p: float | torch.Tensor | ByRank | None = None  # keep probability, per tensor or per entry (DELLA)
 
     def mask(self, mag: torch.Tensor | None, u: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         """0/1 mask in the dtype of `like` (mag = |delta|, u = the delta's uniform draws)."""
@@ -228,13 +260,34 @@ def della_magprune(mag: torch.Tensor, density: float, *, epsilon: float) -> Keep
     """
     if not (0 < density - epsilon and density + epsilon < 1):
         raise ValueError(f"DELLA needs density +/- epsilon in (0, 1); got density {density}, epsilon {epsilon}")
-    rows = mag if mag.ndim >= 2 else mag.reshape(1, -1)
-    n = rows.shape[1]
+    n = mag.shape[1] if mag.ndim >= 2 else mag.numel()  # row length
     rank = torch.arange(n, dtype=mag.dtype, device=mag.device)
     rank_norm = rank / (n - 1) if n > 1 else torch.full_like(rank, 0.5)
     prob = density - epsilon + rank_norm * (2 * epsilon)  # [n]: the keep probability of each rank, once per tensor
+    if isinstance(mag, AbsDelta):
+        return Keep(p=ByRank(prob, mag.row_ranks()))
+    rows = mag if mag.ndim >= 2 else mag.reshape(1, -1)
     keep_prob = torch.empty_like(rows).scatter_(1, row_order(rows), prob.expand_as(rows))  # at each entry's rank
     return Keep(p=keep_prob.reshape(mag.shape))
+
+
+def row_ranks(mag: torch.Tensor) -> torch.Tensor:
+    """Each entry's rank (from 0) by `mag` within its row as della_magprune ranks it, int16 where rows allow."""
+    rows = mag if mag.ndim >= 2 else mag.reshape(1, -1)
+    dtype = torch.int16 if rows.shape[1] <= 2**15 else torch.int32
+    rank = torch.arange(rows.shape[1], dtype=dtype, device=mag.device)
+    return torch.empty(rows.shape, dtype=dtype, device=mag.device).scatter_(1, row_order(rows), rank.expand_as(rows))
+
+
+class ByRank(NamedTuple):
+    """Per-entry keep probabilities as the probability of each rank (`table`) and each entry's rank in its row: the
+    fused sum reads 2 bytes an entry where it would read 4, and the ranks are kept across candidates."""
+
+    table: torch.Tensor
+    ranks: torch.Tensor
+
+    def values(self) -> torch.Tensor:
+        return self.table[self.ranks.long()]
 
 
 @dataclass(frozen=True)
@@ -243,7 +296,7 @@ class Sparsifier:
     extra: dict[str, float] = field(default_factory=dict)  # per-model parameters it adds, with mergekit's defaults
     randomized: bool = False  # compares the delta's uniform draws `u`
     magnitudes: bool = True  # its rule reads |delta|
-    selects: bool = False  # ... only through kth_smallest: an AbsDelta will do
+    ranks: bool = False  # ... only to rank it (kth_smallest, row_ranks): an AbsDelta will do
 
     def mask(self, delta: torch.Tensor, density: float, u: torch.Tensor | None = None,
              mag: torch.Tensor | None = None, **extra) -> torch.Tensor:
@@ -255,10 +308,10 @@ class Sparsifier:
 
 
 SPARSIFIERS: dict[str, Sparsifier] = {
-    "magnitude": Sparsifier(magnitude, selects=True),
+    "magnitude": Sparsifier(magnitude, ranks=True),
     "random": Sparsifier(bernoulli, randomized=True, magnitudes=False),
-    "magnitude_outliers": Sparsifier(magnitude_outliers, {"gamma": 0.01}, selects=True),
-    "della_magprune": Sparsifier(della_magprune, {"epsilon": 0.15}, randomized=True),
+    "magnitude_outliers": Sparsifier(magnitude_outliers, {"gamma": 0.01}, ranks=True),
+    "della_magprune": Sparsifier(della_magprune, {"epsilon": 0.15}, randomized=True, ranks=True),
 }
 
 
