@@ -39,12 +39,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from evomerge.merge import fused, host
+from evomerge.merge import fused, host, sparsify
 from evomerge.merge.fused import fuse
 from evomerge.merge.materialize import LiveMaterializer, ResidentSources, compute
 from evomerge.merge.plan import plan_recipe
 from evomerge.merge.rng import memoize_draws
-from evomerge.merge.sparsify import keep_ranks
 from evomerge.models.architectures import architecture_for
 from evomerge.models.io import ModelDir, ModelWriter
 from evomerge.recipe import recipe_from_dict
@@ -361,13 +360,15 @@ def main(argv: list[str] | None = None) -> dict:
     fuse({"auto": None, "on": True, "off": False}[args.fuse])
     if args.as_device:
         host.HOST_DEVICE_TYPES = ()
+        # the norms select by kthvalue, every matrix by radix select in the fused sum, as at full size
+        sparsify.KTHVALUE_MAX = min(sparsify.KTHVALUE_MAX, SHAPES[args.shape]["hidden"])
     default_batch, fused.MAX_BATCH = fused.MAX_BATCH, args.max_batch
     sources = synthetic_sources(config, ["base", *experts], args.device, dtype)
     target = live_model(config, args.device, dtype)
     if args.memo_draws is None:  # as a worker: its budget once the models are resident
         args.memo_draws = draw_memo_bytes(args.device) / 2**30
     memoize_draws(int(args.memo_draws * 2**30))
-    keep_ranks(int(args.memo_draws * 2**30))  # fused DELLA keeps its ranks instead of draws
+    sparsify.keep_ranks(int(args.memo_draws * 2**30))  # fused DELLA keeps its ranks instead of draws
     params = sum(t.numel() for (m, _), t in sources.tensors.items() if m == "base")
     bandwidth = copy_bandwidth(args.device, dtype, 2**30 if args.device.startswith("cuda") else 2**28)  # past caches
     rows = []

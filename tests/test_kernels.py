@@ -79,8 +79,8 @@ def test_selection_from_abs_delta_counts_the_top_digit_once(dtype, fuse, monkeyp
     compiled)."""
     monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())  # as on a GPU
     monkeypatch.setattr(fused, "_forced", fuse)
-    first_passes, top = [], sparsify._top_digit_counts
-    monkeypatch.setattr(sparsify, "_top_digit_counts", lambda x, base: first_passes.append(1) or top(x, base))
+    first_passes, top = [], sparsify.top_digit_counts
+    monkeypatch.setattr(sparsify, "top_digit_counts", lambda x, base: first_passes.append(1) or top(x, base))
     g = torch.Generator().manual_seed(4)
     base = torch.randn(300, 200, generator=g, dtype=torch.float64).to(dtype)
     x = (base.double() + 0.01 * torch.randn(300, 200, generator=g, dtype=torch.float64)).to(dtype)  # bf16: many ties
@@ -94,10 +94,10 @@ def test_selection_from_abs_delta_counts_the_top_digit_once(dtype, fuse, monkeyp
         got = rank.select(x, base)
         assert got.dtype == flat.dtype and got.item() == torch.kthvalue(flat, k).values.item(), k
     assert len(first_passes) == 1
-    entries = len(AbsDelta._kept)
+    entries = len(sparsify._kept)
     del x, mag
     gc.collect()
-    assert len(AbsDelta._kept) == entries - 1  # gone with its tensor
+    assert len(sparsify._kept) == entries - 1  # gone with its tensor
 
 
 @pytest.mark.filterwarnings("error:.*runs unfused")
@@ -165,3 +165,26 @@ def test_fused_della_off_the_host_is_the_host_merge(budget, monkeypatch):
         torch.testing.assert_close(fused.resolved(out), value, rtol=1e-5, atol=1e-5)
     assert len(sorts) == (3 if budget else 6)
     assert AbsDelta.rank_bytes == 0  # keep_ranks(0) frees them
+
+
+@pytest.mark.filterwarnings("error:.*runs unfused")
+def test_fused_sce_off_the_host_is_the_host_merge(monkeypatch):
+    """SCE as on a GPU (the variances' count and first radix pass kept across candidates, the threshold selected in
+    the batched fused sum: no device sync per candidate) against the host path (materialized variances, numpy select)."""
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(300, 200, generator=g)
+    tensors = [base + 0.02 * torch.randint(-3, 4, (300, 200), generator=g) for _ in range(3)]  # ties in the variances
+    candidates = [{"select_topk": 0.3}, {"select_topk": 0.7}]
+    method = get_method("sce")
+    expected = [method.fn(base, tensors, **params) for params in candidates]
+    monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())
+    monkeypatch.setattr(fused, "_forced", True)
+    monkeypatch.setattr(fused, "MAX_BATCH", 2)
+    counted, count_nonzero = [], torch.count_nonzero
+    monkeypatch.setattr(torch, "count_nonzero", lambda x: counted.append(1) or count_nonzero(x))
+    with fused.batched():
+        outs = [method.fn(base, tensors, **params) for params in candidates]
+        assert all(isinstance(out, fused.Deferred) for out in outs)
+    for out, value in zip(outs, expected):
+        torch.testing.assert_close(fused.resolved(out), value, rtol=1e-6, atol=1e-6)
+    assert len(counted) == 1  # the one sync, for the first candidate

@@ -26,7 +26,8 @@ from evomerge.merge.fused import fusible, fusing
 from evomerge.merge.host import math_for, scalar
 from evomerge.merge.registry import PerModel, merge_method
 from evomerge.merge.rng import draws_at, key_words, uniforms
-from evomerge.merge.sparsify import SPARSIFIERS, AbsDelta, ByRank, Rank, abs_delta, kth_largest, sparsify_, work_dtype
+from evomerge.merge.sparsify import (SPARSIFIERS, AbsDelta, ByRank, Rank, abs_delta, kept_with, kth_largest,
+                                      radix_selects, sparsify_, top_digit_counts, work_dtype)
 
 Tensor = torch.Tensor
 # meaningful ranges of the family's parameters (DELLA also needs density +/- epsilon inside (0, 1))
@@ -389,12 +390,26 @@ def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0, int8_m
         return base.clone()
     var = threshold = None
     if select_topk < 1:
-        var = _variance_across_models(base, tensors)
-        k = int(int(torch.count_nonzero(var)) * select_topk)  # the one device sync: the count sizes the selection
+        if radix_selects(base):  # off the host: selected in _sce_sum, from what is kept across candidates
+            nonzero, top = _variance_stats(base, tensors)
+        else:
+            var = _variance_across_models(base, tensors)
+            nonzero = int(torch.count_nonzero(var))  # a device sync: the count sizes the selection
+        k = int(nonzero * select_topk)
         if k <= 0:  # nothing selected: every task vector is erased
             return base.clone()
-        threshold = kth_largest(var, k)
+        threshold = kth_largest(var, k) if var is not None else Rank(float(base.numel() - k + 1), top)  # k-th largest
     return _sce_sum(base, tensors, var, threshold)
+
+
+def _variance_stats(base: Tensor, tensors: list[Tensor]) -> tuple[int, Tensor]:
+    """How many variances across models are nonzero, and radix select's first pass over them: the same for every
+    candidate, so computed once (and the device synced once) while the sources live."""
+    kept = kept_with(base, *tensors)
+    if "variance" not in kept:
+        var = _variance_across_models(base, tensors)
+        kept["variance"] = int(torch.count_nonzero(var)), top_digit_counts(var)
+    return kept["variance"]
 
 
 @fusible
@@ -410,10 +425,14 @@ def _variance_across_models(base: Tensor, tensors: list[Tensor]) -> Tensor:
 
 @fusible(tail=True)
 def _sce_sum(base: Tensor, tensors: list[Tensor], var: Tensor | None, threshold: Tensor | None) -> Tensor:
-    """SCE's Calculate and Erase steps and the average, after erasing the entries with var < threshold (if given)."""
+    """SCE's Calculate and Erase steps and the average, after erasing the entries with var < threshold (if given; a
+    Rank is selected here, from the variances recomputed)."""
     work = work_dtype(base, *tensors)
     b = base.to(work)
     tau = [x.to(work) - b for x in tensors]
+    if isinstance(threshold, Rank):
+        var = _variance_across_models(base, tensors)
+        threshold = threshold.select(var)
     if threshold is not None:
         selected = torch.ge(var, threshold, out=torch.empty_like(var))  # 0/1 (torch.where is slow on CPU)
         tau = [t.mul_(selected) for t in tau]

@@ -6,6 +6,10 @@ sparsifier is a rule that returns the bounds of what survives (`Keep`: magnitude
 thresholds come from selection (`kth_smallest`), never from sorting the whole tensor, and exact ties at a threshold are
 always kept, so the result is the same on every device. Masks are 0/1 in the delta's dtype (`_mask`). Random masks
 compare the delta's uniform draws `u` (from `evomerge.merge.rng`, never the torch global RNG) with the keep probability.
+
+Off the host (a GPU) the fused path hands the rules an `AbsDelta` instead of |delta|: their thresholds become `Rank`s
+and DELLA's probabilities `ByRank`, which the fused sum resolves in its own compiled call, and what does not change
+between candidates (radix select's first pass, DELLA's ranks) is kept while the source tensors live.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def kth_smallest(values: torch.Tensor | AbsDelta, k: int) -> torch.Tensor | Rank
     flat = values.reshape(-1) if values.element_size() >= 4 else values.reshape(-1).float()
     if on_host(flat):
         return torch.as_tensor(np.partition(flat.detach().numpy(), k - 1)[k - 1])
-    return torch.kthvalue(flat, k).values if flat.numel() <= KTHVALUE_MAX else radix_select(flat, k)
+    return radix_select(flat, k) if radix_selects(flat) else torch.kthvalue(flat, k).values
 
 
 KTHVALUE_MAX = 2**15  # off the host, torch.kthvalue selects up to this many entries, radix_select beyond
@@ -81,7 +85,8 @@ def _digit_counts(keys: torch.Tensor, shift: int, prefix: torch.Tensor | None = 
 
 
 @fusible
-def _top_digit_counts(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+def top_digit_counts(x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    """radix_select's first pass, which does not depend on k: the counts of the top digit of the keys."""
     keys = _keys(x, base)
     return _digit_counts(keys, 8 * keys.element_size() - 16)
 
@@ -93,7 +98,8 @@ class Rank(NamedTuple):
     k: float  # an integer, as a float: a kernel argument, not a constant compiled in
     top: torch.Tensor  # the counts of the keys' top digit (radix select's first pass)
 
-    def select(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    def select(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The k-th smallest |x - base| (of x >= 0 without base)."""
         return radix_select(x, self.k, base, self.top)
 
 
@@ -104,7 +110,6 @@ class AbsDelta:
     of the top digit, radix select's first pass, and DELLA's ranks within rows up to `keep_ranks`' budget. A search
     ranks the same resident tensors for every candidate: one pass over them each for a threshold, no sort for DELLA."""
 
-    _kept: dict[tuple[int, int], dict] = {}  # (id(x), id(base)) -> {"refs": weakrefs, "top": counts, "ranks": ranks}
     rank_bytes, max_rank_bytes = 0, 0
 
     def __init__(self, x: torch.Tensor, base: torch.Tensor):
@@ -114,21 +119,19 @@ class AbsDelta:
     @staticmethod
     def of(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor | AbsDelta:
         """An AbsDelta where radix select would run (off the host, large tensors), else |x - base| itself."""
-        if on_host(x) or x.numel() <= KTHVALUE_MAX:
-            return abs_delta(x, base)
-        return AbsDelta(x, base)
+        return AbsDelta(x, base) if radix_selects(x) else abs_delta(x, base)
 
     def numel(self) -> int:
         return self.x.numel()
 
     def kth_smallest(self, k: int) -> Rank:
-        kept = self._entry()
+        kept = kept_with(self.x, self.base)
         if "top" not in kept:
-            kept["top"] = _top_digit_counts(self.x, self.base)
+            kept["top"] = top_digit_counts(self.x, self.base)
         return Rank(float(k), kept["top"])
 
     def row_ranks(self) -> torch.Tensor:
-        kept = self._entry()
+        kept = kept_with(self.x, self.base)
         if "ranks" in kept:
             return kept["ranks"]
         ranks = row_ranks(abs_delta(self.x, self.base))
@@ -137,25 +140,36 @@ class AbsDelta:
             AbsDelta.rank_bytes += ranks.nbytes
         return ranks
 
-    def _entry(self) -> dict:
-        key = (id(self.x), id(self.base))
-        kept = self._kept.get(key)
-        if kept is None or kept["refs"][0]() is not self.x or kept["refs"][1]() is not self.base:
 
-            def forget(_ref, kept_all=self._kept):  # x or base is gone: so is what was kept of them
-                gone = kept_all.pop(key, None)
-                if gone is not None and "ranks" in gone:
-                    AbsDelta.rank_bytes -= gone["ranks"].nbytes
+_kept: dict[tuple[int, ...], dict] = {}  # id()s of source tensors -> {"refs": their weakrefs, what is kept}
 
-            kept = self._kept[key] = {"refs": (weakref.ref(self.x, forget), weakref.ref(self.base, forget))}
-        return kept
+
+def kept_with(*tensors: torch.Tensor) -> dict:
+    """A dict for what is computed from `tensors` (sources: read-only) and does not depend on the candidate, kept as
+    long as they all live."""
+    key = tuple(map(id, tensors))
+    kept = _kept.get(key)
+    if kept is None or any(ref() is not t for ref, t in zip(kept["refs"], tensors)):
+
+        def forget(_ref):  # a tensor is gone: so is what was kept of it
+            gone = _kept.pop(key, None)
+            if gone is not None and "ranks" in gone:
+                AbsDelta.rank_bytes -= gone["ranks"].nbytes
+
+        kept = _kept[key] = {"refs": [weakref.ref(t, forget) for t in tensors]}
+    return kept
+
+
+def radix_selects(x: torch.Tensor) -> bool:
+    """Whether a selection over x's entries runs as a radix select (off the host, past KTHVALUE_MAX entries)."""
+    return not on_host(x) and x.numel() > KTHVALUE_MAX
 
 
 def keep_ranks(max_bytes: int) -> None:
     """Keep up to `max_bytes` of DELLA's ranks off the host (2 bytes per element and model where rows have at most
     2**15 entries, else 4), as a search worker does: its candidates rank the same tensors. 0 frees those kept."""
     AbsDelta.max_rank_bytes = max_bytes
-    for kept in AbsDelta._kept.values():
+    for kept in _kept.values():
         if "ranks" in kept and max_bytes == 0:
             AbsDelta.rank_bytes -= kept.pop("ranks").nbytes
 
