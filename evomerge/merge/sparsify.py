@@ -74,14 +74,16 @@ def _keys(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
 
 
 def _digit_counts(keys: torch.Tensor, shift: int, prefix: torch.Tensor | None = None) -> torch.Tensor:
-    """How many keys have each value of the 16-bit digit at `shift`, among those whose higher bits equal `prefix`
-    (all keys when None). The other keys are counted apart, spread by their own digit: a single bin for all of them
-    would serialize a GPU's atomic adds."""
+    """How many keys have each value of the 16-bit digit at `shift` (int32), among those whose higher bits equal
+    `prefix` (all keys when None). The other keys are counted apart in 2**12 bins by their own digit: a single bin for
+    all of them would serialize a GPU's atomic adds."""
     digit = (keys >> shift) & 0xFFFF
+    others = 0
     if prefix is not None:
-        digit = digit + ((keys >> (shift + 16)) != prefix) * 2**16
-    ones = torch.ones((), dtype=torch.int64, device=keys.device).expand(keys.numel())
-    return torch.zeros(2**17, dtype=torch.int64, device=keys.device).index_add_(0, digit, ones)[: 2**16]
+        others = 2**12
+        digit = torch.where((keys >> (shift + 16)) == prefix, digit, 2**16 + (digit & (others - 1)))
+    ones = torch.ones((), dtype=torch.int32, device=keys.device).expand(keys.numel())
+    return torch.zeros(2**16 + others, dtype=torch.int32, device=keys.device).index_add_(0, digit, ones)[: 2**16]
 
 
 @fusible
@@ -92,8 +94,9 @@ def top_digit_counts(x: torch.Tensor, base: torch.Tensor | None = None) -> torch
 
 
 class Rank(NamedTuple):
-    """The k-th smallest |x - base| of a model's tensor, left to the fused sum to select (`_task_sum_fused`): inside its
-    compiled call, so on a GPU the selections of many tensors run in one call with their sums (`fused.batched`)."""
+    """The k-th smallest of what a fused sum computes anyway (|x - base| of a model's tensor, SCE's variances), left to
+    it to select: inside its compiled call, so on a GPU the selections of many tensors run in one call with their sums
+    (`fused.batched`)."""
 
     k: float  # an integer, as a float: a kernel argument, not a constant compiled in
     top: torch.Tensor  # the counts of the keys' top digit (radix select's first pass)
