@@ -30,7 +30,7 @@ bench=("$PYTHON" scripts/bench_merge.py --shape "$SHAPE" --device "$DEVICE" --dt
 for step in $STEPS; do
   case "$step" in
     tests)  # a failure is reported in the file and does not stop the benchmarks
-      "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_methods.py tests/test_fused.py -k "$DEVICE" \
+      "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_methods.py tests/test_fused.py tests/test_kernels.py -k "$DEVICE" \
         2>&1 | tee "$RESULTS/gpu-tests.txt" | tail -3 || true ;;
     bench)
       mergekit=()

@@ -360,8 +360,6 @@ def main(argv: list[str] | None = None) -> dict:
     fuse({"auto": None, "on": True, "off": False}[args.fuse])
     if args.as_device:
         host.HOST_DEVICE_TYPES = ()
-        # the norms select by kthvalue, every matrix by radix select in the fused sum, as at full size
-        sparsify.KTHVALUE_MAX = min(sparsify.KTHVALUE_MAX, SHAPES[args.shape]["hidden"])
     default_batch, fused.MAX_BATCH = fused.MAX_BATCH, args.max_batch
     sources = synthetic_sources(config, ["base", *experts], args.device, dtype)
     target = live_model(config, args.device, dtype)

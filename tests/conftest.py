@@ -42,17 +42,16 @@ def load_script():
 @pytest.fixture
 def one_thread():
     """A benchmark script's `--threads 1` (a shared CPU); afterwards the process state it sets for itself (torch's
-    threads, the fusion switch and batch size, the host's device types and kthvalue cut-over, the draw and rank
-    memos) is restored for the other tests."""
+    threads, the fusion switch and batch size, the host's device types, the draw and rank memos) is restored for the
+    other tests."""
     import torch
 
     from evomerge.merge import fused, host, rng, sparsify
 
-    threads, max_batch, host_types, kthvalue_max = (torch.get_num_threads(), fused.MAX_BATCH, host.HOST_DEVICE_TYPES,
-                                                    sparsify.KTHVALUE_MAX)
+    threads, max_batch, host_types = torch.get_num_threads(), fused.MAX_BATCH, host.HOST_DEVICE_TYPES
     yield ["--threads", "1"]
     torch.set_num_threads(threads)
     fused.fuse(None)
-    fused.MAX_BATCH, host.HOST_DEVICE_TYPES, sparsify.KTHVALUE_MAX = max_batch, host_types, kthvalue_max
+    fused.MAX_BATCH, host.HOST_DEVICE_TYPES = max_batch, host_types
     rng.memoize_draws(0)
     sparsify.keep_ranks(0)

@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 
-from evomerge.merge import fused, host, sparsify
+from evomerge.merge import fused, host, methods, sparsify
 from evomerge.merge.methods import _variance_across_models
 from evomerge.merge.registry import get_method
 from evomerge.merge.rng import MaskKey
@@ -100,35 +100,6 @@ def test_selection_from_abs_delta_counts_the_top_digit_once(dtype, fuse, monkeyp
     assert len(sparsify._kept) == entries - 1  # gone with its tensor
 
 
-@pytest.mark.filterwarnings("error:.*runs unfused")
-@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties"])
-def test_fused_magnitude_selection_off_the_host_is_the_host_merge(name, monkeypatch):
-    """ties and breadcrumbs as on a GPU (ranks of AbsDeltas selected in the fused sums, two tensors' in one batched
-    call) against the host path (numpy introselect on the materialized |delta|, eager sum), on tensors past the
-    kthvalue cut-over."""
-    g = torch.Generator().manual_seed(5)
-    base = torch.randn(300, 200, generator=g)
-    inputs = [[base + 0.02 * torch.randint(-3, 4, (300, 200), generator=g) for _ in range(3)]  # ties at thresholds
-              for _ in range(2)]
-    candidates = [{"weight": [0.7, 0.5, 1.2], "density": [0.3, 0.6, 0.9]},
-                  {"weight": [0.2, 1.1, 0.6], "density": [0.8, 0.2, 0.5]}]
-    if name == "breadcrumbs_ties":
-        candidates = [c | {"gamma": gamma} for c, gamma in zip(candidates, ([0.05, 0.1, 0.2], [0.2, 0.02, 0.1]))]
-    method = get_method(name)
-    expected = [method.fn(base, tensors, **params) for tensors, params in zip(inputs, candidates)]
-    monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())
-    monkeypatch.setattr(fused, "_forced", True)
-    monkeypatch.setattr(fused, "MAX_BATCH", 2)
-    selections, select = [], AbsDelta.kth_smallest
-    monkeypatch.setattr(AbsDelta, "kth_smallest", lambda self, k: selections.append(k) or select(self, k))
-    with fused.batched():
-        outs = [method.fn(base, tensors, **params) for tensors, params in zip(inputs, candidates)]
-        assert all(isinstance(out, fused.Deferred) for out in outs)
-    for out, value in zip(outs, expected):
-        torch.testing.assert_close(fused.resolved(out), value, rtol=1e-6, atol=1e-6)
-    assert len(selections) == 2 * 3 * (2 if name == "breadcrumbs_ties" else 1)
-
-
 def test_row_ranks_invert_the_stable_row_order():
     g = torch.Generator().manual_seed(6)
     mag = torch.randint(0, 5, (40, 70), generator=g).float()  # ties in every row: ranked by position
@@ -137,54 +108,65 @@ def test_row_ranks_invert_the_stable_row_order():
     assert row_ranks(mag[0]).equal(expected[:1].short())  # a 1-D tensor is one row
 
 
+def test_kept_work_is_found_again_for_a_new_view_of_the_same_rows():
+    """The materializer slices embeddings to their common rows anew for every candidate."""
+    x, base = torch.randn(8, 3), torch.randn(8, 3)
+    kept = sparsify.kept_with(x[:5], base[:5])
+    assert sparsify.kept_with(x[:5], base[:5]) is kept and sparsify.kept_with(x, base) is not kept
+    assert sparsify.kept_with(x[:4], base[:4]) is not kept and sparsify.kept_with(x[1:6], base[1:6]) is not kept
+    del kept, x
+    gc.collect()
+    assert not any(key[1][0] == id(base) for key in sparsify._kept)  # each was kept with x: gone with it
+
+
+# two candidates of each method whose selections run inside the fused sums off the host
+OFF_HOST_CANDIDATES = {
+    "ties": [{"weight": [0.7, 0.5, 1.2], "density": [0.3, 0.6, 0.9]},
+             {"weight": [0.2, 1.1, 0.6], "density": [0.8, 0.2, 0.5]}],
+    "breadcrumbs_ties": [{"weight": [0.7, 0.5, 1.2], "density": [0.3, 0.6, 0.8], "gamma": [0.05, 0.1, 0.2]},
+                         {"weight": [0.4, 0.9, 0.3], "density": [0.7, 0.4, 0.5], "gamma": [0.2, 0.02, 0.1]}],
+    "della": [{"weight": [0.7, 0.5, 1.2], "density": [0.4, 0.5, 0.7], "epsilon": [0.1, 0.2, 0.25]},
+              {"weight": [0.3, 0.9, 0.6], "density": [0.6, 0.3, 0.5], "epsilon": [0.2, 0.1, 0.15]}],
+    "sce": [{"select_topk": 0.3}, {"select_topk": 0.7}],
+}
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 @pytest.mark.filterwarnings("error:.*runs unfused")
-@pytest.mark.parametrize("budget", [0, 2**30], ids=["sorted-each-time", "ranks-kept"])
-def test_fused_della_off_the_host_is_the_host_merge(budget, monkeypatch):
-    """DELLA as on a GPU (each entry's keep probability from its rank in its row, ranks kept across candidates within
-    the budget, sums batched) against the host path (probabilities scattered by the row sort, eager sum)."""
-    g = torch.Generator().manual_seed(7)
-    base = torch.randn(300, 200, generator=g)
-    tensors = [base + 0.02 * torch.randint(-3, 4, (300, 200), generator=g) for _ in range(3)]
-    candidates = [{"weight": [0.7, 0.5, 1.2], "density": [0.4, 0.5, 0.7], "epsilon": [0.1, 0.2, 0.25]},
-                  {"weight": [0.3, 0.9, 0.6], "density": [0.6, 0.3, 0.5], "epsilon": [0.2, 0.1, 0.15]}]
-    method = get_method("della")
-    key = {"key": [MaskKey(0, "w", f"m{i}") for i in range(3)]}
-    expected = [method.fn(base, tensors, **params, **key) for params in candidates]
-    monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(OFF_HOST_CANDIDATES))
+def test_selections_off_the_host_give_the_host_merge(name, device, monkeypatch):
+    """ties, breadcrumbs, DELLA and SCE as on a GPU (thresholds selected inside the fused sums, DELLA's probabilities
+    from kept ranks, two tensors' sums in one batched call) against the host path (numpy select and sort on the
+    materialized magnitudes or variances, eager sums), on tensors past the kthvalue cut-over. What does not depend on
+    the candidate (radix select's first pass, DELLA's sort, SCE's count: a device sync) runs for the first only."""
+    g = torch.Generator().manual_seed(5)
+    inputs = []
+    for _ in range(2):
+        base = torch.randn(300, 200, generator=g)
+        inputs.append((base, [base + 0.02 * torch.randint(-3, 4, (300, 200), generator=g) for _ in range(3)]))  # ties
+    method = get_method(name)
+    key = {"key": [MaskKey(0, "w", f"m{i}") for i in range(3)]} if method.randomized else {}
+    expected = [[method.fn(base, xs, **params, **key) for base, xs in inputs] for params in OFF_HOST_CANDIDATES[name]]
+    on_device = [(base.to(device), [x.to(device) for x in xs]) for base, xs in inputs]
+    monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())  # as on a GPU (for CPU tensors)
     monkeypatch.setattr(fused, "_forced", True)
     monkeypatch.setattr(fused, "MAX_BATCH", 2)
-    sparsify.keep_ranks(budget)
-    sorts, row_order = [], sparsify.row_order
-    monkeypatch.setattr(sparsify, "row_order", lambda mag: sorts.append(1) or row_order(mag))
+    kept_work = []
+    for module, function in [(sparsify, "top_digit_counts"), (methods, "top_digit_counts"), (sparsify, "row_order"),
+                             (torch, "count_nonzero")]:
+        original = getattr(module, function)
+        monkeypatch.setattr(module, function, lambda *a, f=original: kept_work.append(1) or f(*a))
+    sparsify.keep_ranks(2**30)
     try:
-        with fused.batched():
-            outs = [method.fn(base, tensors, **params, **key) for params in candidates]
+        for candidate, params in enumerate(OFF_HOST_CANDIDATES[name]):
+            with fused.batched():
+                outs = [method.fn(base, xs, **params, **key) for base, xs in on_device]
+                assert all(isinstance(out, fused.Deferred) for out in outs)
+            assert (len(kept_work) > 0) if candidate == 0 else (len(kept_work) == work_of_first)
+            work_of_first = len(kept_work)
+            for out, value in zip(outs, expected[candidate]):  # float32 sums in another order; a flipped mask: ~1e-2
+                torch.testing.assert_close(fused.resolved(out).cpu(), value, rtol=1e-5, atol=1e-5)
     finally:
         sparsify.keep_ranks(0)
-    for out, value in zip(outs, expected):  # float32 L1 sums in another order; a flipped mask would miss by ~1e-2
-        torch.testing.assert_close(fused.resolved(out), value, rtol=1e-5, atol=1e-5)
-    assert len(sorts) == (3 if budget else 6)
     assert AbsDelta.rank_bytes == 0  # keep_ranks(0) frees them
-
-
-@pytest.mark.filterwarnings("error:.*runs unfused")
-def test_fused_sce_off_the_host_is_the_host_merge(monkeypatch):
-    """SCE as on a GPU (the variances' count and first radix pass kept across candidates, the threshold selected in
-    the batched fused sum: no device sync per candidate) against the host path (materialized variances, numpy select)."""
-    g = torch.Generator().manual_seed(8)
-    base = torch.randn(300, 200, generator=g)
-    tensors = [base + 0.02 * torch.randint(-3, 4, (300, 200), generator=g) for _ in range(3)]  # ties in the variances
-    candidates = [{"select_topk": 0.3}, {"select_topk": 0.7}]
-    method = get_method("sce")
-    expected = [method.fn(base, tensors, **params) for params in candidates]
-    monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())
-    monkeypatch.setattr(fused, "_forced", True)
-    monkeypatch.setattr(fused, "MAX_BATCH", 2)
-    counted, count_nonzero = [], torch.count_nonzero
-    monkeypatch.setattr(torch, "count_nonzero", lambda x: counted.append(1) or count_nonzero(x))
-    with fused.batched():
-        outs = [method.fn(base, tensors, **params) for params in candidates]
-        assert all(isinstance(out, fused.Deferred) for out in outs)
-    for out, value in zip(outs, expected):
-        torch.testing.assert_close(fused.resolved(out), value, rtol=1e-6, atol=1e-6)
-    assert len(counted) == 1  # the one sync, for the first candidate

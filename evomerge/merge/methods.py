@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.merge.fused import fusible, fusing
-from evomerge.merge.host import math_for, scalar
+from evomerge.merge.host import math_for, on_host, scalar
 from evomerge.merge.registry import PerModel, merge_method
 from evomerge.merge.rng import draws_at, key_words, uniforms
 from evomerge.merge.sparsify import (SPARSIFIERS, AbsDelta, ByRank, Rank, abs_delta, kept_with, kth_largest,
-                                      radix_selects, sparsify_, top_digit_counts, work_dtype)
+                                      sparsify_, top_digit_counts, work_dtype)
 
 Tensor = torch.Tensor
 # meaningful ranges of the family's parameters (DELLA also needs density +/- epsilon inside (0, 1))
@@ -390,7 +390,7 @@ def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0, int8_m
         return base.clone()
     var = threshold = None
     if select_topk < 1:
-        if radix_selects(base):  # off the host: selected in _sce_sum, from what is kept across candidates
+        if not on_host(base):  # selected in _sce_sum, from what is kept across candidates
             nonzero, top = _variance_stats(base, tensors)
         else:
             var = _variance_across_models(base, tensors)

@@ -38,7 +38,7 @@ def kth_smallest(values: torch.Tensor | AbsDelta, k: int) -> torch.Tensor | Rank
     flat = values.reshape(-1) if values.element_size() >= 4 else values.reshape(-1).float()
     if on_host(flat):
         return torch.as_tensor(np.partition(flat.detach().numpy(), k - 1)[k - 1])
-    return radix_select(flat, k) if radix_selects(flat) else torch.kthvalue(flat, k).values
+    return torch.kthvalue(flat, k).values if flat.numel() <= KTHVALUE_MAX else radix_select(flat, k)
 
 
 KTHVALUE_MAX = 2**15  # off the host, torch.kthvalue selects up to this many entries, radix_select beyond
@@ -121,8 +121,9 @@ class AbsDelta:
 
     @staticmethod
     def of(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor | AbsDelta:
-        """An AbsDelta where radix select would run (off the host, large tensors), else |x - base| itself."""
-        return AbsDelta(x, base) if radix_selects(x) else abs_delta(x, base)
+        """An AbsDelta off the host (small tensors too: their selections then need no call of their own either),
+        else |x - base| itself."""
+        return abs_delta(x, base) if on_host(x) else AbsDelta(x, base)
 
     def numel(self) -> int:
         return self.x.numel()
@@ -144,28 +145,25 @@ class AbsDelta:
         return ranks
 
 
-_kept: dict[tuple[int, ...], dict] = {}  # id()s of source tensors -> {"refs": their weakrefs, what is kept}
+_kept: dict[tuple, dict] = {}  # the tensors' identities -> {"refs": weakrefs to their roots, what is kept}
 
 
 def kept_with(*tensors: torch.Tensor) -> dict:
     """A dict for what is computed from `tensors` (sources: read-only) and does not depend on the candidate, kept as
-    long as they all live."""
-    key = tuple(map(id, tensors))
+    long as they all live. A view (an embedding's common rows) is a new tensor every candidate: it is known by the
+    tensor it views, its offset, shape and strides."""
+    roots = [t if t._base is None else t._base for t in tensors]
+    key = tuple((id(root), t.storage_offset(), t.shape, t.stride()) for root, t in zip(roots, tensors))
     kept = _kept.get(key)
-    if kept is None or any(ref() is not t for ref, t in zip(kept["refs"], tensors)):
+    if kept is None or any(ref() is not root for ref, root in zip(kept["refs"], roots)):
 
         def forget(_ref):  # a tensor is gone: so is what was kept of it
             gone = _kept.pop(key, None)
             if gone is not None and "ranks" in gone:
                 AbsDelta.rank_bytes -= gone["ranks"].nbytes
 
-        kept = _kept[key] = {"refs": [weakref.ref(t, forget) for t in tensors]}
+        kept = _kept[key] = {"refs": [weakref.ref(root, forget) for root in roots]}
     return kept
-
-
-def radix_selects(x: torch.Tensor) -> bool:
-    """Whether a selection over x's entries runs as a radix select (off the host, past KTHVALUE_MAX entries)."""
-    return not on_host(x) and x.numel() > KTHVALUE_MAX
 
 
 def keep_ranks(max_bytes: int) -> None:
