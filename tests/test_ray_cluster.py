@@ -3,6 +3,7 @@ evaluator on tiny models: the CLI joins the running cluster instead of starting 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import shutil
@@ -30,9 +31,11 @@ def free_port() -> int:
 def start_head(temp_dir: str, port: int, log: Path, env: dict) -> subprocess.Popen:
     """`ray start --head --block` in its own session, so the head and every process it starts can be killed together.
     Every port is free, not Ray's default, so it never meets another Ray on this machine."""
-    ports = {flag: free_port() for flag in ("--ray-client-server-port", "--dashboard-agent-listen-port",
-                                            "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-                                            "--metrics-export-port", "--node-manager-port", "--object-manager-port")}
+    flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+             "--metrics-export-port", "--node-manager-port", "--object-manager-port"]
+    if importlib.util.find_spec("grpc"):  # Ray Client's dependency: without it no client server starts (nor may be asked)
+        flags.append("--ray-client-server-port")
+    ports = {flag: free_port() for flag in flags}
     command = [sys.executable, "-m", "ray.scripts.scripts",  # the `ray` command, wherever PATH points
                "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
                f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats",

@@ -155,7 +155,7 @@ def _task_arithmetic_fused(base, tensors, member, weight, density, normalize, re
         keep = None
         if sparsifier and density[i] < 1:
             mag = None
-            if sparsifier.magnitudes:  # not materialized where only selected from, off the host
+            if sparsifier.magnitudes:  # off the host, a rule that only ranks |delta| gets it unmaterialized
                 mag = AbsDelta.of(x, base) if sparsifier.ranks else abs_delta(x, base)
             keep = None if density[i] <= 0 else sparsifier.rule(mag, density[i], **{k: v[i] for k, v in extra.items()})
             if keep is None:
