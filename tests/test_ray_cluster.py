@@ -33,7 +33,7 @@ def start_head(temp_dir: str, port: int, log: Path, env: dict) -> subprocess.Pop
     Every port is free, not Ray's default, so it never meets another Ray on this machine."""
     flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
              "--metrics-export-port", "--node-manager-port", "--object-manager-port"]
-    if importlib.util.find_spec("grpc"):  # Ray Client's dependency: without it no client server starts (nor may be asked)
+    if importlib.util.find_spec("grpc"):  # Ray Client needs grpc: without it, Ray refuses this flag
         flags.append("--ray-client-server-port")
     ports = {flag: free_port() for flag in flags}
     command = [sys.executable, "-m", "ray.scripts.scripts",  # the `ray` command, wherever PATH points
