@@ -18,9 +18,9 @@ planner's and the method kernels' share, and the peak extra memory.
 With --mergekit (the bench extra) the same recipes also go through mergekit's in-process run_merge and the
 `mergekit-yaml` CLI on an on-disk copy of the models. Writes benchmarks/results/<device>-<shape>-<date>.{json,md}.
 DARE/DELLA draws (unfused) or DELLA's ranks (fused) stay resident across candidates up to the worker's budget
-(run.worker.draw_memo_bytes), as in a search; --memo-draws 0 recomputes them for every candidate (file name -nomemo). The methods' element-wise math runs as fused
-kernels on a GPU and for large CPU tensors (merge/fused.py; compiled during warm-up); --fuse on/off forces them on or
-off (-fused, -unfused).
+(run.worker.draw_memo_bytes), as in a search; --memo-draws 0 recomputes them for every candidate (file name -nomemo).
+The methods' element-wise math runs as fused kernels on a GPU and for large CPU tensors (merge/fused.py; compiled
+during warm-up); --fuse on/off forces them on or off (-fused, -unfused).
 """
 
 from __future__ import annotations

@@ -66,8 +66,9 @@ class TrialRunner:
             (m, n): live_param(self.live[m], n, self.dirs[m].arch).data for m in models for n in self.dirs[m].tensor_names})
         self.merged = load_live_model(self.dirs[base], device, torch_dtype).eval()
         self.materializer = LiveMaterializer(self.merged, self.sources)
-        memoize_draws(draw_memo_bytes(device))
-        keep_ranks(draw_memo_bytes(device))  # fused DELLA's instead of draws: one or the other fills it
+        budget = draw_memo_bytes(device)
+        memoize_draws(budget)
+        keep_ranks(budget)  # fused DELLA keeps ranks instead of draws: one or the other fills it
         self.evaluator = make_evaluator()
 
     def model_for(self, recipe: Recipe) -> torch.nn.Module:
