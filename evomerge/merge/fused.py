@@ -1,14 +1,14 @@
 """The methods' element-wise math fused into single kernels by torch.compile (Triton on a GPU, C++ on CPU).
 
-Eager torch runs every op as its own pass over memory, on float32 copies: a linear merge of three bf16 models moves
-~64 bytes per element where reading each input once and writing the result (8 bytes) is the floor. A function marked
-`@fusible` is pure tensor math (the methods' tails, after their selections); with fusion on, inductor turns it into one
-loop per reduction or output that reads every input once. Per-candidate numbers enter as Python floats, which dynamo
-passes as kernel arguments, so a new candidate reuses the compiled kernel: one compilation per function, number of
-models, dtype and flags; shapes are dynamic. Inside the graph each float becomes a 0-dim tensor first: torch 2.13's
-inductor kept the first call's value of `t` in `where(c, t, t * theta)` with a symbolic float t and a 0-dim theta
-(tests/test_fused.py calls every kernel again with other numbers). While tracing, `host.on_host` is False, so the
-code takes its device paths (no numpy, no sync).
+Eager torch runs every op as its own pass over memory, on float32 copies: a linear merge of three bf16 models moves ~64
+bytes per element where reading each input once and writing the result (8 bytes) is the floor. A function marked
+`@fusible` is pure tensor math (the methods' tails, with their selections off the host); with fusion on, inductor turns
+it into one loop per reduction or output that reads every input once. Per-candidate numbers enter as Python floats,
+which dynamo passes as kernel arguments, so a new candidate reuses the compiled kernel: one compilation per function,
+number of models, dtype and flags; shapes are dynamic. Inside the graph each float becomes a 0-dim tensor first: torch
+2.13's inductor kept the first call's value of `t` in `where(c, t, t * theta)` with a symbolic float t and a 0-dim theta
+(tests/test_fused.py calls every kernel again with other numbers). While tracing, `host.on_host` is False, so the code
+takes its device paths (no numpy, no sync).
 
 Fusion is on by default for tensors on a GPU, and on CPU for tensors of HOST_MIN_NUMEL entries or more: below that
 (the toy zoo) dynamo's cost per call eats the saving (same ms per candidate either way), above it fewer passes win

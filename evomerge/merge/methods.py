@@ -3,12 +3,14 @@
 Every method is `fn(base, tensors, *, <parameters>) -> Tensor` (see `registry.py`): `base` is the base model's tensor or
 None, `tensors` the other models' tensors in recipe order, per-model parameters are lists aligned with `tensors`.
 Arithmetic runs in float32 (float64 when an input is float64) and the result has the dtype of `base` (of `tensors[0]`
-when there is no base). Nothing here syncs with the device except SCE's top-k count, nor touches the global RNG:
+when there is no base). Nothing here syncs with the device except SCE's top-k count (once per tensor off the host,
+where it is kept across candidates), nor touches the global RNG:
 per-tensor statistics (norms, dot products, L1 sums) feed their scalar math through `host.scalar`, Python floats on
 CPU only. On a GPU the element-wise tails run as fused kernels (`fused.py`): `@fusible` functions, and the
 task-arithmetic family's `_task_sum_fused`. A method's last step, `@fusible(tail=True)`, returns the method's result
 untouched (no reshape or cast after it): inside the live materializer's `fused.batched()` such calls are deferred and
-run many tensors at a time, so a method may return a `fused.Deferred` there.
+run many tensors at a time, so a method may return a `fused.Deferred` there. Off the host the selections run inside
+those tails too (`sparsify.Rank`, `ByRank`).
 
 `int8_mask` is accepted for mergekit compatibility and does nothing: in mergekit it only picks the dtype of the sign
 mask to save memory, and our masks are 0/1 in the work dtype.
