@@ -168,11 +168,10 @@ def kept_with(*tensors: torch.Tensor) -> dict:
 
 def keep_ranks(max_bytes: int) -> None:
     """Keep up to `max_bytes` of DELLA's ranks off the host (2 bytes per element and model where rows have at most
-    2**15 entries, else 4), as a search worker does: its candidates rank the same tensors. 0 frees those kept."""
-    AbsDelta.max_rank_bytes = max_bytes
+    2**15 entries, else 4), as a search worker does: its candidates rank the same tensors. Frees those kept so far."""
+    AbsDelta.max_rank_bytes, AbsDelta.rank_bytes = max_bytes, 0
     for kept in _kept.values():
-        if "ranks" in kept and max_bytes == 0:
-            AbsDelta.rank_bytes -= kept.pop("ranks").nbytes
+        kept.pop("ranks", None)
 
 
 @fusible
