@@ -17,8 +17,9 @@ bytes it must move (inputs read + output written, once each), the floor (bytes /
 planner's and the method kernels' share, and the peak extra memory.
 With --mergekit (the bench extra) the same recipes also go through mergekit's in-process run_merge and the
 `mergekit-yaml` CLI on an on-disk copy of the models. Writes benchmarks/results/<device>-<shape>-<date>.{json,md}.
-DARE/DELLA draws (unfused) or DELLA's ranks (fused) stay resident across candidates up to the worker's budget
-(run.worker.draw_memo_bytes), as in a search; --memo-draws 0 recomputes them for every candidate (file name -nomemo).
+DARE/DELLA draws (unfused) or the orders of |delta| (fused off the host: sorted for the thresholds, DELLA's ranks) stay
+resident across candidates up to the worker's budget (run.worker.draw_memo_bytes), as in a search, each method from an
+empty budget (column kept MiB); --memo-draws 0 recomputes them for every candidate (file name -nomemo).
 The methods' element-wise math runs as fused kernels on a GPU and for large CPU tensors (merge/fused.py; compiled
 during warm-up); --fuse on/off forces them on or off (-fused, -unfused).
 """
@@ -43,7 +44,7 @@ from evomerge.merge import fused, host, sparsify
 from evomerge.merge.fused import fuse
 from evomerge.merge.materialize import LiveMaterializer, ResidentSources, compute
 from evomerge.merge.plan import plan_recipe
-from evomerge.merge.rng import memoize_draws
+from evomerge.merge.rng import kept_draw_bytes, memoize_draws
 from evomerge.models.architectures import architecture_for
 from evomerge.models.io import ModelDir, ModelWriter
 from evomerge.recipe import recipe_from_dict
@@ -205,7 +206,9 @@ def check_memory(config, device: str, dtype: torch.dtype, experts: int) -> None:
 
 
 def bench_method(method: str, target, sources: ResidentSources, experts: list[str], device: str, bandwidth: float,
-                 warmup: int, repeats: int) -> dict:
+                 warmup: int, repeats: int, memo_bytes: int) -> dict:
+    memoize_draws(memo_bytes)  # as a worker that starts a search with this method
+    sparsify.keep_orders(memo_bytes)
     recipe = recipe_from_dict([{"merge_method": method, **recipe_doc(method, experts)}])
     materializer = LiveMaterializer(target, sources)
 
@@ -233,8 +236,8 @@ def bench_method(method: str, target, sources: ResidentSources, experts: list[st
     floor = nbytes / bandwidth
     return {"method": method, "seconds": t, "first_seconds": t_first, "plan_seconds": t_plan,
             "kernel_seconds": t_kernels, "bytes": nbytes, "floor_seconds": floor, "ratio_to_floor": t / floor,
-            "tensors": len(plan.tasks),
-            "peak_extra_bytes": peak_extra_memory(candidate, device)}
+            "tensors": len(plan.tasks), "peak_extra_bytes": peak_extra_memory(candidate, device),
+            "kept_bytes": sparsify.kept_order_bytes() + kept_draw_bytes()}
 
 
 def bench_mergekit(methods: list[str], sources: ResidentSources, config, experts: list[str], dtype_name: str,
@@ -294,14 +297,15 @@ def markdown(result: dict) -> str:
              f"fuse {result.get('fuse', 'off')}, max batch {result.get('max_batch', 1)})",
              "", f"`{result['command']}`  ", f"{result['params'] / 1e6:.1f}M params per model; copy bandwidth "
              f"{result['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s (read + write); torch {result['torch']}; {result['date']}", "",
-             "| method | ms / candidate | first s | plan ms | kernels ms | MB moved | floor ms | x floor | peak extra MiB |"
+             "| method | ms / candidate | first s | plan ms | kernels ms | MB moved | floor ms | x floor "
+             "| peak extra MiB | kept MiB |"
              + (" mergekit run_merge ms | speed-up | mergekit-yaml s | speed-up |" if result["mergekit"] else ""),
-             "|---" * (9 + 4 * bool(result["mergekit"])) + "|"]
+             "|---" * (10 + 4 * bool(result["mergekit"])) + "|"]
     for r in result["rows"]:
         first = f"{r['first_seconds']:.1f}" if "first_seconds" in r else "-"
         line = (f"| {r['method']} | {ms(r['seconds'])} | {first} | {ms(r['plan_seconds'])} | "
                 f"{ms(r['kernel_seconds'])} | {r['bytes'] / 1e6:.1f} | {ms(r['floor_seconds'])} | "
-                f"{r['ratio_to_floor']:.1f} | {mib(r['peak_extra_bytes'])} |")
+                f"{r['ratio_to_floor']:.1f} | {mib(r['peak_extra_bytes'])} | {mib(r.get('kept_bytes'))} |")
         mk = result["mergekit"].get(r["method"]) if result["mergekit"] else None
         if mk:
             cli = mk.get("cli_seconds")
@@ -343,8 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="CPU tensors take the code paths of a GPU (merge/host.py): with --shape micro-1b, the "
                              "host's cost per candidate that a GPU run pays on top of its kernels; adds -asdevice")
     parser.add_argument("--memo-draws", type=float, metavar="GIB",
-                        help="keep up to GIB of DARE/DELLA draws (fused DELLA: ranks) across candidates (default: a "
-                             "search worker's budget); 0 adds -nomemo to the file name")
+                        help="keep up to GIB of DARE/DELLA draws (fused: orders of |delta|) across candidates "
+                             "(default: a search worker's budget); 0 adds -nomemo to the file name")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); use 1 on a shared CPU")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
@@ -365,13 +369,12 @@ def main(argv: list[str] | None = None) -> dict:
     target = live_model(config, args.device, dtype)
     if args.memo_draws is None:  # as a worker: its budget once the models are resident
         args.memo_draws = draw_memo_bytes(args.device) / 2**30
-    memoize_draws(int(args.memo_draws * 2**30))
-    sparsify.keep_ranks(int(args.memo_draws * 2**30))  # fused DELLA keeps its ranks instead of draws
     params = sum(t.numel() for (m, _), t in sources.tensors.items() if m == "base")
     bandwidth = copy_bandwidth(args.device, dtype, 2**30 if args.device.startswith("cuda") else 2**28)  # past caches
     rows = []
     for method in methods:
-        rows.append(bench_method(method, target, sources, experts, args.device, bandwidth, args.warmup, args.repeats))
+        rows.append(bench_method(method, target, sources, experts, args.device, bandwidth, args.warmup, args.repeats,
+                                 int(args.memo_draws * 2**30)))
         r = rows[-1]
         print(f"{method}: {r['seconds'] * 1e3:.2f} ms ({r['ratio_to_floor']:.1f}x floor)", flush=True)
     mergekit = {}

@@ -54,4 +54,4 @@ def one_thread():
     fused.fuse(None)
     fused.MAX_BATCH, host.HOST_DEVICE_TYPES = max_batch, host_types
     rng.memoize_draws(0)
-    sparsify.keep_ranks(0)
+    sparsify.keep_orders(0)

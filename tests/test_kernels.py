@@ -133,13 +133,15 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.filterwarnings("error:.*runs unfused")
+@pytest.mark.parametrize("budget", [2**30, 0], ids=["orders_kept", "no_budget"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(OFF_HOST_CANDIDATES))
-def test_selections_off_the_host_give_the_host_merge(name, device, monkeypatch):
-    """ties, breadcrumbs, DELLA and SCE as on a GPU (thresholds selected inside the fused sums, DELLA's probabilities
-    from kept ranks, two tensors' sums in one batched call) against the host path (numpy select and sort on the
-    materialized magnitudes or variances, eager sums), on tensors past the kthvalue cut-over. What does not depend on
-    the candidate (radix select's first pass, DELLA's sort, SCE's count: a device sync) runs for the first only."""
+def test_selections_off_the_host_give_the_host_merge(name, device, budget, monkeypatch):
+    """ties, breadcrumbs, DELLA and SCE as on a GPU (thresholds looked up in kept sorted values, or without a budget
+    selected inside the fused sums; DELLA's probabilities from kept ranks; two tensors' sums in one batched call)
+    against the host path (numpy select and sort on the materialized magnitudes or variances, eager sums), on tensors
+    past the kthvalue cut-over. What does not depend on the candidate (the sorts, else radix select's first pass, SCE's
+    count: a device sync) runs for the first only."""
     g = torch.Generator().manual_seed(5)
     inputs = []
     for _ in range(2):
@@ -153,20 +155,57 @@ def test_selections_off_the_host_give_the_host_merge(name, device, monkeypatch):
     monkeypatch.setattr(fused, "_forced", True)
     monkeypatch.setattr(fused, "MAX_BATCH", 2)
     kept_work = []
-    for module, function in [(sparsify, "top_digit_counts"), (methods, "top_digit_counts"), (sparsify, "row_order"),
-                             (torch, "count_nonzero")]:
-        original = getattr(module, function)
-        monkeypatch.setattr(module, function, lambda *a, f=original: kept_work.append(1) or f(*a))
-    sparsify.keep_ranks(2**30)
+    watched = [(sparsify, "top_digit_counts"), (methods, "top_digit_counts"), (torch, "count_nonzero")]
+    if budget:  # without one, DELLA sorts every candidate
+        watched += [(sparsify, "row_order"), (sparsify._Budget, "keep")]
+    for owner, function in watched:
+        original = getattr(owner, function)
+        monkeypatch.setattr(owner, function, lambda *a, f=original, name=function: kept_work.append(name) or f(*a))
+    sparsify.keep_orders(budget)
     try:
         for candidate, params in enumerate(OFF_HOST_CANDIDATES[name]):
             with fused.batched():
                 outs = [method.fn(base, xs, **params, **key) for base, xs in on_device]
                 assert all(isinstance(out, fused.Deferred) for out in outs)
-            assert (len(kept_work) > 0) if candidate == 0 else (len(kept_work) == work_of_first)
-            work_of_first = len(kept_work)
+            if candidate == 0:
+                work_of_first = len(kept_work)
+            assert len(kept_work) == work_of_first
             for out, value in zip(outs, expected[candidate]):  # float32 sums in another order; a flipped mask: ~1e-2
                 torch.testing.assert_close(fused.resolved(out).cpu(), value, rtol=1e-5, atol=1e-5)
+        assert (sparsify.kept_order_bytes() > 0) == bool(budget)
+        assert (work_of_first > 0) == (bool(budget) or name != "della")  # della without a budget keeps nothing
+        assert ("top_digit_counts" in kept_work) == (not budget and name != "della")  # radix: only past the budget
     finally:
-        sparsify.keep_ranks(0)
-    assert AbsDelta.rank_bytes == 0  # keep_ranks(0) frees them
+        sparsify.keep_orders(0)
+    assert sparsify.kept_order_bytes() == 0  # keep_orders(0) frees them
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_kept_orders_make_thresholds_lookups_within_the_budget(dtype, monkeypatch):
+    """With a budget, |x - base| is sorted once and every k-th smallest is a 0-dim view of it (exact, ties and all);
+    a tensor past the budget gets a Rank instead; the bytes are given back when a tensor goes or the budget is reset."""
+    monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())  # as on a GPU
+    g = torch.Generator().manual_seed(7)
+    pairs = []
+    for _ in range(2):
+        base = torch.randn(300, 200, generator=g, dtype=torch.float64).to(dtype)
+        pairs.append(((base.double() + 0.01 * torch.randn(300, 200, generator=g, dtype=torch.float64)).to(dtype), base))
+    n, itemsize = 300 * 200, (8 if dtype == torch.float64 else 4)
+    sparsify.keep_orders(n * itemsize)  # room for one
+    try:
+        for i, (x, base) in enumerate(pairs):
+            flat = abs_delta(x, base).reshape(-1)
+            for k in (1, 2, n // 3, n // 2 + 1, n - 1, n):
+                got = AbsDelta.of(x, base).kth_smallest(k)
+                if i == 0:
+                    assert isinstance(got, torch.Tensor) and got.shape == () and got.dtype == flat.dtype
+                else:
+                    assert isinstance(got, Rank)
+                    got = got.select(x, base)
+                assert got.item() == torch.kthvalue(flat, k).values.item(), (i, k)
+        assert sparsify.kept_order_bytes() == n * itemsize
+        del x, base, pairs[0], flat
+        gc.collect()
+        assert sparsify.kept_order_bytes() == 0  # gone with the first pair
+    finally:
+        sparsify.keep_orders(0)

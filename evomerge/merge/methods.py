@@ -9,8 +9,8 @@ per-tensor statistics (norms, dot products, L1 sums) feed their scalar math thro
 CPU only. On a GPU the element-wise tails run as fused kernels (`fused.py`): `@fusible` functions, and the
 task-arithmetic family's `_task_sum_fused`. A method's last step, `@fusible(tail=True)`, returns the method's result
 untouched (no reshape or cast after it): inside the live materializer's `fused.batched()` such calls are deferred and
-run many tensors at a time, so a method may return a `fused.Deferred` there. Off the host the selections run inside
-those tails too (`sparsify.Rank`, `ByRank`).
+run many tensors at a time, so a method may return a `fused.Deferred` there. Off the host a selection is a lookup in
+an order kept across candidates, or runs inside those tails (`sparsify.AbsDelta`, `Rank`).
 
 `int8_mask` is accepted for mergekit compatibility and does nothing: in mergekit it only picks the dtype of the sign
 mask to save memory, and our masks are 0/1 in the work dtype.
@@ -28,8 +28,8 @@ from evomerge.merge.fused import fusible, fusing
 from evomerge.merge.host import math_for, on_host, scalar
 from evomerge.merge.registry import PerModel, merge_method
 from evomerge.merge.rng import draws_at, key_words, uniforms
-from evomerge.merge.sparsify import (SPARSIFIERS, AbsDelta, ByRank, Rank, abs_delta, kept_with, kth_largest,
-                                      sparsify_, top_digit_counts, work_dtype)
+from evomerge.merge.sparsify import (SPARSIFIERS, AbsDelta, ByRank, Rank, abs_delta, keep_order, kept_with,
+                                      kth_largest, kth_smallest_kept, sparsify_, top_digit_counts, work_dtype)
 
 Tensor = torch.Tensor
 # meaningful ranges of the family's parameters (DELLA also needs density +/- epsilon inside (0, 1))
@@ -393,25 +393,27 @@ def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0, int8_m
     var = threshold = None
     if select_topk < 1:
         if not on_host(base):  # selected in _sce_sum, from what is kept across candidates
-            nonzero, top = _variance_stats(base, tensors)
+            kept = _variance_order(base, tensors)
+            nonzero = kept["nonzero"]
         else:
             var = _variance_across_models(base, tensors)
             nonzero = int(torch.count_nonzero(var))  # a device sync: the count sizes the selection
         k = int(nonzero * select_topk)
         if k <= 0:  # nothing selected: every task vector is erased
             return base.clone()
-        threshold = kth_largest(var, k) if var is not None else Rank(float(base.numel() - k + 1), top)  # k-th largest
+        threshold = kth_largest(var, k) if var is not None else kth_smallest_kept(kept, base.numel() - k + 1)
     return _sce_sum(base, tensors, var, threshold)
 
 
-def _variance_stats(base: Tensor, tensors: list[Tensor]) -> tuple[int, Tensor]:
-    """How many variances across models are nonzero, and radix select's first pass over them: the same for every
+def _variance_order(base: Tensor, tensors: list[Tensor]) -> dict:
+    """How many variances across models are nonzero, and their order (`sparsify.keep_order`): the same for every
     candidate, so computed once (and the device synced once) while the sources live."""
+    variance = lambda: _variance_across_models(base, tensors)  # noqa: E731
     kept = kept_with(base, *tensors)
-    if "variance" not in kept:
-        var = _variance_across_models(base, tensors)
-        kept["variance"] = int(torch.count_nonzero(var)), top_digit_counts(var)
-    return kept["variance"]
+    if "nonzero" not in kept:
+        kept["nonzero"] = int(torch.count_nonzero(variance()))
+    nbytes = base.numel() * work_dtype(base, *tensors).itemsize
+    return keep_order(kept, variance, nbytes, top=lambda: top_digit_counts(variance()))
 
 
 @fusible
@@ -427,13 +429,14 @@ def _variance_across_models(base: Tensor, tensors: list[Tensor]) -> Tensor:
 
 @fusible(tail=True)
 def _sce_sum(base: Tensor, tensors: list[Tensor], var: Tensor | None, threshold: Tensor | None) -> Tensor:
-    """SCE's Calculate and Erase steps and the average, after erasing the entries with var < threshold (if given; a
-    Rank is selected here, from the variances recomputed)."""
+    """SCE's Calculate and Erase steps and the average, after erasing the entries with var < threshold (if given;
+    without var, the variances are recomputed here, and a Rank is selected from them)."""
     work = work_dtype(base, *tensors)
     b = base.to(work)
     tau = [x.to(work) - b for x in tensors]
-    if isinstance(threshold, Rank):
+    if var is None and threshold is not None:  # a threshold from kept variances: recomputed here, never written
         var = _variance_across_models(base, tensors)
+    if isinstance(threshold, Rank):
         threshold = threshold.select(var)
     if threshold is not None:
         selected = torch.ge(var, threshold, out=torch.empty_like(var))  # 0/1 (torch.where is slow on CPU)

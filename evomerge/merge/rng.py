@@ -106,6 +106,10 @@ def memoize_draws(max_bytes: int) -> None:
     _memo = _Memo(max_bytes) if max_bytes > 0 else None
 
 
+def kept_draw_bytes() -> int:
+    return _memo.nbytes if _memo is not None else 0
+
+
 def _draws_torch(keys: list[MaskKey], n: int, device: torch.device | str) -> torch.Tensor:
     """[len(keys), n] draws by the int32 hash (any device)."""
     words = key_words(tuple(keys), str(device))

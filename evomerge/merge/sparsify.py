@@ -7,9 +7,10 @@ thresholds come from selection (`kth_smallest`), never from sorting the whole te
 always kept, so the result is the same on every device. Masks are 0/1 in the delta's dtype (`_mask`). Random masks
 compare the delta's uniform draws `u` (from `evomerge.merge.rng`, never the torch global RNG) with the keep probability.
 
-Off the host (a GPU) the fused path hands the rules an `AbsDelta` instead of |delta|: their thresholds become `Rank`s
-and DELLA's probabilities `ByRank`, which the fused sum resolves in its own compiled call, and what does not change
-between candidates (radix select's first pass, DELLA's ranks) is kept while the source tensors live.
+Off the host (a GPU) the fused path hands the rules an `AbsDelta` instead of |delta|, and what does not change between
+candidates is kept while the source tensors live: |delta| sorted, so that a threshold is a lookup, and DELLA's ranks
+within rows (`ByRank`), up to `keep_orders`' budget; past it a threshold is a `Rank`, which the fused sum resolves by
+radix select in its own compiled call, and only radix select's first pass is kept.
 """
 
 from __future__ import annotations
@@ -94,9 +95,9 @@ def top_digit_counts(x: torch.Tensor, base: torch.Tensor | None = None) -> torch
 
 
 class Rank(NamedTuple):
-    """The k-th smallest of what a fused sum computes anyway (|x - base| of a model's tensor, SCE's variances), left to
-    it to select: inside its compiled call, so on a GPU the selections of many tensors run in one call with their sums
-    (`fused.batched`)."""
+    """The k-th smallest of what a fused sum computes anyway (|x - base| of a model's tensor, SCE's variances) whose
+    order is not kept, left to it to select: inside its compiled call, so on a GPU the selections of many tensors run
+    in one call with their sums (`fused.batched`)."""
 
     k: float  # an integer, as a float: a kernel argument, not a constant compiled in
     top: torch.Tensor  # the counts of the keys' top digit (radix select's first pass)
@@ -107,13 +108,10 @@ class Rank(NamedTuple):
 
 
 class AbsDelta:
-    """|x - base| of a model's tensor as the rules see it off the host, where they only rank it: never materialized for
-    a selection (its k-th smallest is a `Rank` that radix select resolves in the fused sum, recomputing |x - base| in
-    its pass). What does not depend on the candidate is kept while x and base live (sources are read-only): the counts
-    of the top digit, radix select's first pass, and DELLA's ranks within rows up to `keep_ranks`' budget. A search
-    ranks the same resident tensors for every candidate: one pass over them each for a threshold, no sort for DELLA."""
-
-    rank_bytes, max_rank_bytes = 0, 0
+    """|x - base| of a model's tensor as the rules see it off the host, where they only rank it: never materialized per
+    candidate. A search ranks the same resident tensors for every candidate, so its order is kept while x and base live
+    (sources are read-only): `kth_smallest` is a lookup in |x - base| sorted, or a `Rank` past `keep_orders`' budget,
+    and DELLA's `row_ranks` are sorted once."""
 
     def __init__(self, x: torch.Tensor, base: torch.Tensor):
         self.x, self.base = x, base
@@ -128,23 +126,58 @@ class AbsDelta:
     def numel(self) -> int:
         return self.x.numel()
 
-    def kth_smallest(self, k: int) -> Rank:
-        kept = kept_with(self.x, self.base)
-        if "top" not in kept:
-            kept["top"] = top_digit_counts(self.x, self.base)
-        return Rank(float(k), kept["top"])
+    def kth_smallest(self, k: int) -> torch.Tensor | Rank:
+        kept = keep_order(kept_with(self.x, self.base), lambda: abs_delta(self.x, self.base),
+                          self.numel() * self.dtype.itemsize, top=lambda: top_digit_counts(self.x, self.base))
+        return kth_smallest_kept(kept, k)
 
     def row_ranks(self) -> torch.Tensor:
         kept = kept_with(self.x, self.base)
-        if "ranks" in kept:
-            return kept["ranks"]
-        ranks = row_ranks(abs_delta(self.x, self.base))
-        if AbsDelta.rank_bytes + ranks.nbytes <= AbsDelta.max_rank_bytes:
-            kept["ranks"] = ranks
-            AbsDelta.rank_bytes += ranks.nbytes
-        return ranks
+        if "ranks" not in kept:
+            ranks = row_ranks(abs_delta(self.x, self.base))
+            if not _orders.keep(kept, "ranks", ranks):
+                return ranks
+        return kept["ranks"]
 
 
+def keep_order(kept: dict, values: Callable[[], torch.Tensor], nbytes: int,
+               top: Callable[[], torch.Tensor]) -> dict:
+    """What the selections of `values` (computed from read-only sources, `nbytes` long) need, kept in `kept` once:
+    the values sorted if the budget allows (any k-th smallest is then a lookup), else the counts of their top digit
+    (radix select's first pass; every selection then costs one more pass)."""
+    if "sorted" not in kept and "top" not in kept:
+        if _orders.fits(nbytes):
+            _orders.keep(kept, "sorted", values().reshape(-1).sort().values)
+        else:
+            kept["top"] = top()
+    return kept
+
+
+def kth_smallest_kept(kept: dict, k: int) -> torch.Tensor | Rank:
+    """The k-th smallest of what `keep_order` kept: a 0-dim view of the sorted values (no kernel), or a `Rank`."""
+    return kept["sorted"][k - 1] if "sorted" in kept else Rank(float(k), kept["top"])
+
+
+@dataclass
+class _Budget:
+    """Bytes of kept orders, first come first kept: see `keep_orders`."""
+
+    max_bytes: int = 0
+    used: int = 0
+
+    def fits(self, nbytes: int) -> bool:
+        return self.used + nbytes <= self.max_bytes
+
+    def keep(self, kept: dict, name: str, value: torch.Tensor) -> bool:
+        """Keep `value` as kept[name] if it fits."""
+        if self.fits(value.nbytes):
+            kept[name], self.used = value, self.used + value.nbytes
+            return True
+        return False
+
+
+_orders = _Budget()
+ORDERS = ("sorted", "ranks")  # what counts against the budget
 _kept: dict[tuple, dict] = {}  # the tensors' identities -> {"refs": weakrefs to their roots, what is kept}
 
 
@@ -158,20 +191,27 @@ def kept_with(*tensors: torch.Tensor) -> dict:
     if kept is None or any(ref() is not root for ref, root in zip(kept["refs"], roots)):
 
         def forget(_ref):  # a tensor is gone: so is what was kept of it
-            gone = _kept.pop(key, None)
-            if gone is not None and "ranks" in gone:
-                AbsDelta.rank_bytes -= gone["ranks"].nbytes
+            gone = _kept.pop(key, None) or {}
+            _orders.used -= sum(gone[name].nbytes for name in ORDERS if name in gone)
 
         kept = _kept[key] = {"refs": [weakref.ref(root, forget) for root in roots]}
     return kept
 
 
-def keep_ranks(max_bytes: int) -> None:
-    """Keep up to `max_bytes` of DELLA's ranks off the host (2 bytes per element and model where rows have at most
-    2**15 entries, else 4), as a search worker does: its candidates rank the same tensors. Frees those kept so far."""
-    AbsDelta.max_rank_bytes, AbsDelta.rank_bytes = max_bytes, 0
+def keep_orders(max_bytes: int) -> None:
+    """Keep up to `max_bytes` of orders off the host, as a search worker does (its candidates rank the same tensors):
+    |x - base| sorted for the thresholds of TIES and breadcrumbs (4 bytes per element and model; SCE's variances: per
+    element), DELLA's ranks within rows (2 bytes per element and model where rows have at most 2**15 entries, else 4).
+    Frees those kept so far."""
+    global _orders
+    _orders = _Budget(max_bytes)
     for kept in _kept.values():
-        kept.pop("ranks", None)
+        for name in ORDERS:
+            kept.pop(name, None)
+
+
+def kept_order_bytes() -> int:
+    return _orders.used
 
 
 @fusible

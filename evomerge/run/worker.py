@@ -18,7 +18,7 @@ import torch
 
 from evomerge.merge.materialize import LiveMaterializer, ResidentSources
 from evomerge.merge.rng import memoize_draws
-from evomerge.merge.sparsify import keep_ranks
+from evomerge.merge.sparsify import keep_orders
 from evomerge.models.io import ModelDir, live_param, load_live_model
 from evomerge.recipe import MERGED, Recipe, recipe_from_dict
 from evomerge.run.path_model import build_path_model, decoder_layers
@@ -31,8 +31,8 @@ CPU_DRAW_MEMO_BYTES = 2 << 30
 def draw_memo_bytes(device: str) -> int:
     """A worker's budget for kept draws: 2 GiB on CPU; on a GPU half the memory free once the models are resident (a
     1.24B model with two experts needs 10 GB of draws; the evaluation keeps the other half). Only unfused DARE/DELLA
-    keep draws: fused kernels (merge/fused.py, the default on a GPU) hash them where they are used, and fused DELLA
-    keeps its ranks within rows instead (2 bytes per element and model, `sparsify.keep_ranks`) under the same budget."""
+    keep draws: fused kernels (merge/fused.py, the default on a GPU) hash them where they are used, and keep the
+    orders of |delta| instead (TIES/breadcrumbs/SCE thresholds, DELLA's ranks: `sparsify.keep_orders`), same budget."""
     if torch.device(device).type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 2
     return CPU_DRAW_MEMO_BYTES
@@ -68,7 +68,7 @@ class TrialRunner:
         self.materializer = LiveMaterializer(self.merged, self.sources)
         budget = draw_memo_bytes(device)
         memoize_draws(budget)
-        keep_ranks(budget)  # fused DELLA keeps ranks instead of draws: one or the other fills it
+        keep_orders(budget)  # fused kernels keep orders instead of draws: one or the other fills it
         self.evaluator = make_evaluator()
 
     def model_for(self, recipe: Recipe) -> torch.nn.Module:
