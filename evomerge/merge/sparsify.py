@@ -186,7 +186,8 @@ def kept_with(*tensors: torch.Tensor) -> dict:
     long as they all live. A view (an embedding's common rows) is a new tensor every candidate: it is known by the
     tensor it views, its offset, shape and strides."""
     roots = [t if t._base is None else t._base for t in tensors]
-    key = tuple((id(root), t.storage_offset(), t.shape, t.stride()) for root, t in zip(roots, tensors))
+    key = tuple(id(t) if root is t else (id(root), t.storage_offset(), t.shape, t.stride())
+                for root, t in zip(roots, tensors))
     kept = _kept.get(key)
     if kept is None or any(ref() is not root for ref, root in zip(kept["refs"], roots)):
 
