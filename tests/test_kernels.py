@@ -6,6 +6,7 @@ import gc
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from evomerge.merge import fused, host, methods, sparsify
 from evomerge.merge.methods import _variance_across_models
@@ -119,6 +120,31 @@ def test_kept_work_is_found_again_for_a_new_view_of_the_same_rows():
     assert len(sparsify._kept) == entries  # each was kept with x: gone with it
 
 
+class EagerOps(TorchDispatchMode):
+    """The ops that run eagerly (each a kernel launch on a GPU), views and allocations left out; compiled calls run
+    with it suspended (`outside_compiled_calls`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not (func.is_view or name in ("empty", "empty_strided", "detach", "alias")):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def outside_compiled_calls(monkeypatch):
+        compiled = fused._Compiled.__call__
+
+        def suspended(*args):
+            with _disable_current_modes():
+                return compiled(*args)
+
+        monkeypatch.setattr(fused._Compiled, "__call__", suspended)
+
+
 # two candidates of each method whose selections run inside the fused sums off the host
 OFF_HOST_CANDIDATES = {
     "ties": [{"weight": [0.7, 0.5, 1.2], "density": [0.3, 0.6, 0.9]},
@@ -141,7 +167,7 @@ def test_selections_off_the_host_give_the_host_merge(name, device, budget, monke
     selected inside the fused sums; DELLA's probabilities from kept ranks; two tensors' sums in one batched call)
     against the host path (numpy select and sort on the materialized magnitudes or variances, eager sums), on tensors
     past the kthvalue cut-over. What does not depend on the candidate (the sorts, else radix select's first pass, SCE's
-    count: a device sync) runs for the first only."""
+    count: a device sync) runs for the first only, and a later candidate runs no op eagerly per tensor."""
     g = torch.Generator().manual_seed(5)
     inputs = []
     for _ in range(2):
@@ -162,13 +188,17 @@ def test_selections_off_the_host_give_the_host_merge(name, device, budget, monke
         original = getattr(owner, function)
         monkeypatch.setattr(owner, function, lambda *a, f=original, name=function: kept_work.append(name) or f(*a))
     sparsify.keep_orders(budget)
+    sparsify._rank_probabilities.cache_clear()  # the host path above made DELLA's tables on the CPU
+    EagerOps.outside_compiled_calls(monkeypatch)
     try:
         for candidate, params in enumerate(OFF_HOST_CANDIDATES[name]):
-            with fused.batched():
+            with EagerOps() as eager, fused.batched():
                 outs = [method.fn(base, xs, **params, **key) for base, xs in on_device]
                 assert all(isinstance(out, fused.Deferred) for out in outs)
             if candidate == 0:
                 work_of_first = len(kept_work)
+            elif budget or name != "della":  # on a GPU no kernel launch per tensor beside the batches: DELLA makes
+                assert eager.ops == (["arange", "div", "mul", "add"] * 3 if name == "della" else [])  # a table a model
             assert len(kept_work) == work_of_first
             for out, value in zip(outs, expected[candidate]):  # float32 sums in another order; a flipped mask: ~1e-2
                 torch.testing.assert_close(fused.resolved(out).cpu(), value, rtol=1e-5, atol=1e-5)
@@ -207,5 +237,30 @@ def test_kept_orders_make_thresholds_lookups_within_the_budget(dtype, monkeypatc
         del x, base, pairs[0], flat
         gc.collect()
         assert sparsify.kept_order_bytes() == 0  # gone with the first pair
+    finally:
+        sparsify.keep_orders(0)
+
+
+def test_a_sort_the_device_has_no_room_for_closes_the_budget(monkeypatch):
+    """Out of memory while sorting (values, indices and scratch: ~4x the bytes kept) is no error: that selection and
+    every later one use radix select instead, and the results stay exact."""
+    monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())  # as on a GPU
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(300, 200, generator=g)
+    xs = [base + 0.01 * torch.randn(300, 200, generator=g) for _ in range(2)]
+    sorts = []
+
+    def no_room(*args):
+        sorts.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory (as a test)")
+
+    monkeypatch.setattr(torch.Tensor, "sort", no_room)
+    sparsify.keep_orders(2**30)
+    try:
+        for x in xs:
+            rank = AbsDelta(x, base).kth_smallest(1000)
+            assert isinstance(rank, Rank)
+            assert rank.select(x, base).item() == torch.kthvalue((x - base).abs().reshape(-1), 1000).values.item()
+        assert len(sorts) == 1 and sparsify.kept_order_bytes() == 0
     finally:
         sparsify.keep_orders(0)

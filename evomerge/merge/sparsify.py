@@ -144,12 +144,16 @@ def keep_order(kept: dict, values: Callable[[], torch.Tensor], nbytes: int,
                top: Callable[[], torch.Tensor]) -> dict:
     """What the selections of `values` (computed from read-only sources, `nbytes` long) need, kept in `kept` once:
     the values sorted if the budget allows (any k-th smallest is then a lookup), else the counts of their top digit
-    (radix select's first pass; every selection then costs one more pass)."""
+    (radix select's first pass; every selection then costs one more pass). A sort needs about 4x its values' bytes
+    while it runs: when the device has not got them, the budget closes and radix select takes over."""
     if "sorted" not in kept and "top" not in kept:
         if _orders.fits(nbytes):
-            _orders.keep(kept, "sorted", values().reshape(-1).sort().values)
-        else:
-            kept["top"] = top()
+            try:
+                _orders.keep(kept, "sorted", values().reshape(-1).sort().values)
+                return kept
+            except torch.OutOfMemoryError:
+                _orders.max_bytes = _orders.used
+        kept["top"] = top()
     return kept
 
 
@@ -316,14 +320,20 @@ def della_magprune(mag: torch.Tensor, density: float, *, epsilon: float) -> Keep
     if not (0 < density - epsilon and density + epsilon < 1):
         raise ValueError(f"DELLA needs density +/- epsilon in (0, 1); got density {density}, epsilon {epsilon}")
     n = mag.shape[1] if mag.ndim >= 2 else mag.numel()  # row length
-    rank = torch.arange(n, dtype=mag.dtype, device=mag.device)
-    rank_norm = rank / (n - 1) if n > 1 else torch.full_like(rank, 0.5)
-    prob = density - epsilon + rank_norm * (2 * epsilon)  # [n]: the keep probability of each rank, once per tensor
+    prob = _rank_probabilities(n, density, epsilon, mag.dtype, mag.device)
     if isinstance(mag, AbsDelta):
         return Keep(p=ByRank(prob, mag.row_ranks()))
     rows = mag if mag.ndim >= 2 else mag.reshape(1, -1)
     keep_prob = torch.empty_like(rows).scatter_(1, row_order(rows), prob.expand_as(rows))  # at each entry's rank
     return Keep(p=keep_prob.reshape(mag.shape))
+
+
+@functools.lru_cache(maxsize=256)  # many tensors of a candidate share n and parameters: not 4 kernels each
+def _rank_probabilities(n: int, density: float, epsilon: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """[n]: DELLA's keep probability of each rank in a row of n (read-only: shared)."""
+    rank = torch.arange(n, dtype=dtype, device=device)
+    rank_norm = rank / (n - 1) if n > 1 else torch.full_like(rank, 0.5)
+    return density - epsilon + rank_norm * (2 * epsilon)
 
 
 def row_ranks(mag: torch.Tensor) -> torch.Tensor:
