@@ -252,7 +252,7 @@ def test_a_sort_the_device_has_no_room_for_closes_the_budget(monkeypatch):
 
     def no_room(*args):
         sorts.append(1)
-        raise torch.OutOfMemoryError("CUDA out of memory (as a test)")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (as a test)")
 
     monkeypatch.setattr(torch.Tensor, "sort", no_room)
     sparsify.keep_orders(2**30)

@@ -151,7 +151,7 @@ def keep_order(kept: dict, values: Callable[[], torch.Tensor], nbytes: int,
             try:
                 _orders.keep(kept, "sorted", values().reshape(-1).sort().values)
                 return kept
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 _orders.max_bytes = _orders.used
         kept["top"] = top()
     return kept
