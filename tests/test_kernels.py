@@ -197,8 +197,8 @@ def test_selections_off_the_host_give_the_host_merge(name, device, budget, monke
                 assert all(isinstance(out, fused.Deferred) for out in outs)
             if candidate == 0:
                 work_of_first = len(kept_work)
-            elif budget or name != "della":  # on a GPU no kernel launch per tensor beside the batches: DELLA makes
-                assert eager.ops == (["arange", "div", "mul", "add"] * 3 if name == "della" else [])  # a table a model
+            elif budget or name != "della":  # no kernel launch per tensor beside the batches (DELLA: a table a model)
+                assert eager.ops == (["arange", "div", "mul", "add"] * 3 if name == "della" else [])
             assert len(kept_work) == work_of_first
             for out, value in zip(outs, expected[candidate]):  # float32 sums in another order; a flipped mask: ~1e-2
                 torch.testing.assert_close(fused.resolved(out).cpu(), value, rtol=1e-5, atol=1e-5)
@@ -213,7 +213,7 @@ def test_selections_off_the_host_give_the_host_merge(name, device, budget, monke
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
 def test_kept_orders_make_thresholds_lookups_within_the_budget(dtype, monkeypatch):
     """With a budget, |x - base| is sorted once and every k-th smallest is a 0-dim view of it (exact, ties and all);
-    a tensor past the budget gets a Rank instead; the bytes are given back when a tensor goes or the budget is reset."""
+    a tensor past the budget gets a Rank instead; the bytes are given back when a tensor goes."""
     monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())  # as on a GPU
     g = torch.Generator().manual_seed(7)
     pairs = []
