@@ -3,9 +3,10 @@
 Semantics of mergekit 0.1.5 `sparsify.py`: density >= 1 returns the delta unchanged (no rescale), density <= 0 zeros
 it; otherwise a mask is chosen and, with `rescale`, the kept entries are scaled to keep the delta's L1 norm. Each
 sparsifier is a rule that returns the bounds of what survives (`Keep`: magnitude thresholds, a keep probability);
-thresholds come from selection (`kth_smallest`), never from sorting the whole tensor, and exact ties at a threshold are
-always kept, so the result is the same on every device. Masks are 0/1 in the delta's dtype (`_mask`). Random masks
-compare the delta's uniform draws `u` (from `evomerge.merge.rng`, never the torch global RNG) with the keep probability.
+thresholds come from selection (`kth_smallest`), never from sorting the whole tensor per candidate, and exact ties at a
+threshold are always kept, so the result is the same on every device. Masks are 0/1 in the delta's dtype (`_mask`).
+Random masks compare the delta's uniform draws `u` (from `evomerge.merge.rng`, never the torch global RNG) with the keep
+probability.
 
 Off the host (a GPU) the fused path hands the rules an `AbsDelta` instead of |delta|, and what does not change between
 candidates is kept while the source tensors live: |delta| sorted, so that a threshold is a lookup, and DELLA's ranks
@@ -133,11 +134,11 @@ class AbsDelta:
 
     def row_ranks(self) -> torch.Tensor:
         kept = kept_with(self.x, self.base)
-        if "ranks" not in kept:
-            ranks = row_ranks(abs_delta(self.x, self.base))
-            if not _orders.keep(kept, "ranks", ranks):
-                return ranks
-        return kept["ranks"]
+        if "ranks" in kept:
+            return kept["ranks"]
+        ranks = row_ranks(abs_delta(self.x, self.base))
+        _orders.keep(kept, "ranks", ranks)
+        return ranks
 
 
 def keep_order(kept: dict, values: Callable[[], torch.Tensor], nbytes: int,
@@ -172,12 +173,10 @@ class _Budget:
     def fits(self, nbytes: int) -> bool:
         return self.used + nbytes <= self.max_bytes
 
-    def keep(self, kept: dict, name: str, value: torch.Tensor) -> bool:
+    def keep(self, kept: dict, name: str, value: torch.Tensor) -> None:
         """Keep `value` as kept[name] if it fits."""
         if self.fits(value.nbytes):
             kept[name], self.used = value, self.used + value.nbytes
-            return True
-        return False
 
 
 _orders = _Budget()
