@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # Issue 5's GPU figures, on a CUDA machine (H100/H200):
-#   bash scripts/bench_gpu.sh            -> benchmarks/results/<gpu>-llama-3.2-1b-<date>.{json,md}, -unfused, trial-...
-# Steps (STEPS picks some, in this order; each a few minutes, so on a machine with a 10-minute limit per command run
-# them in separate calls):
-#   tests    the merge methods on the GPU against the float64 references, fused kernels included (gpu-tests.txt)
+#   bash scripts/bench_gpu.sh            -> benchmarks/results/<gpu>-llama-3.2-1b-<date>.{json,md}, trial-..., ...
+# Steps (STEPS picks some, in this order):
 #   bench    per-candidate merge time vs the bandwidth floor for every method, fused kernels on (the default on a GPU),
-#            with mergekit's run_merge / mergekit-yaml when the bench extra is installed
-#   unfused  the same without the fused kernels (merge/fused.py), for comparison
-#   batch1   the same with fused kernels but one compiled call per tensor (no batching of the fused tails), for comparison
+#            then mergekit's run_merge and mergekit-yaml for linear and ties when the bench extra is installed; the
+#            files are rewritten after every method, so a run cut short keeps what it measured
 #   trial    one search trial end to end (merge + loglikelihood of 32768 tokens) on the same shape
+#   tests    the merge methods on the GPU against the float64 references, fused kernels included (gpu-tests.txt,
+#            written as the tests run)
+#   unfused  the bench without the fused kernels (merge/fused.py), for comparison
+#   batch1   the bench with fused kernels but one compiled call per tensor (no batching of the fused tails)
 # On a machine without network, carry the wheels of scripts/gpu_wheels.sh as .whl/ (installed here into a temp dir).
 # SHAPE, DEVICE, METHODS (comma-separated, to split a step across calls) and RESULTS (the output dir) override the
-# defaults; on the lent GPU machine, whose files come back only
-# from $OUT: `RESULTS=$OUT STEPS="tests bench" bash scripts/bench_gpu.sh`, then `RESULTS=$OUT STEPS="unfused trial" ...`
+# defaults. On the lent GPU machine (15 minutes of device time, 10 per command; files come back only from $OUT), two
+# calls: `RESULTS=$OUT STEPS="bench trial" bash scripts/bench_gpu.sh`, then `RESULTS=$OUT STEPS="tests unfused" ...`
 # (SHAPE=tiny DEVICE=cpu RESULTS=/tmp/x is a quick dry run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}" SHAPE="${SHAPE:-llama-3.2-1b}" DEVICE="${DEVICE:-cuda}" RESULTS="${RESULTS:-benchmarks/results}"
-STEPS="${STEPS:-tests bench unfused trial}"
+STEPS="${STEPS:-bench trial tests unfused}"
 if compgen -G ".whl/*.whl" >/dev/null; then
   site="$(mktemp -d)"
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
@@ -34,7 +35,7 @@ for step in $STEPS; do
         2>&1 | tee "$RESULTS/gpu-tests.txt" | tail -3 || true ;;
     bench)
       mergekit=()
-      "$PYTHON" -c "import mergekit" 2>/dev/null && mergekit=(--mergekit --mergekit-methods linear,slerp,ties,dare_ties --mergekit-repeats 1)
+      "$PYTHON" -c "import mergekit" 2>/dev/null && mergekit=(--mergekit --mergekit-methods linear,ties --cli-methods linear,ties --mergekit-repeats 1)
       "${bench[@]}" "${mergekit[@]}" ;;
     unfused) "${bench[@]}" --fuse off ;;
     batch1) "${bench[@]}" --max-batch 1 ;;

@@ -371,35 +371,36 @@ def main(argv: list[str] | None = None) -> dict:
         args.memo_draws = draw_memo_bytes(args.device) / 2**30
     params = sum(t.numel() for (m, _), t in sources.tensors.items() if m == "base")
     bandwidth = copy_bandwidth(args.device, dtype, 2**30 if args.device.startswith("cuda") else 2**28)  # past caches
-    rows = []
-    for method in methods:
-        rows.append(bench_method(method, target, sources, experts, args.device, bandwidth, args.warmup, args.repeats,
-                                 int(args.memo_draws * 2**30)))
-        r = rows[-1]
-        print(f"{method}: {r['seconds'] * 1e3:.2f} ms ({r['ratio_to_floor']:.1f}x floor)", flush=True)
-    mergekit = {}
-    if args.mergekit:
-        mergekit = bench_mergekit((args.mergekit_methods or args.methods).split(","), sources, config, experts, dtype_name,
-                                  args.device, args.mergekit_repeats, args.cli_methods.split(","))
     date = datetime.date.today().isoformat()
     result = {"shape": args.shape, "dims": SHAPES[args.shape], "device": device_name(args.device), "dtype": dtype_name,
               "experts": len(experts), "params": params, "date": date, "torch": torch.__version__,
               "fuse": args.fuse, "max_batch": args.max_batch, "as_device": args.as_device,
               "command": command_line(args),
-              "bandwidth_bytes_per_s": bandwidth, "rows": rows, "mergekit": mergekit}
+              "bandwidth_bytes_per_s": bandwidth, "rows": [], "mergekit": {}}
     variant = "".join([
         "" if args.memo_draws else "-nomemo", {"auto": "", "on": "-fused", "off": "-unfused"}[args.fuse],
         "" if args.max_batch == default_batch else f"-batch{args.max_batch}", "-asdevice" if args.as_device else ""])
-    write_results(Path(args.out) / f"{result['device']}-{args.shape}-{date}{variant}", result, markdown(result))
+    stem = Path(args.out) / f"{result['device']}-{args.shape}-{date}{variant}"
+    for method in methods:
+        result["rows"].append(r := bench_method(method, target, sources, experts, args.device, bandwidth, args.warmup,
+                                                args.repeats, int(args.memo_draws * 2**30)))
+        print(f"{method}: {r['seconds'] * 1e3:.2f} ms ({r['ratio_to_floor']:.1f}x floor)", flush=True)
+        write_results(stem, result, markdown(result), show=False)  # so far: a run cut short keeps what it measured
+    if args.mergekit:
+        result["mergekit"] = bench_mergekit((args.mergekit_methods or args.methods).split(","), sources, config, experts,
+                                            dtype_name, args.device, args.mergekit_repeats, args.cli_methods.split(","))
+    write_results(stem, result, markdown(result))
     return result
 
 
-def write_results(stem: Path, result: dict, table: str) -> None:
-    """STEM.json and STEM.md (the table, also printed)."""
+def write_results(stem: Path, result: dict, table: str, show: bool = True) -> None:
+    """STEM.json and STEM.md (the table, printed if `show`), each replaced whole."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
-    Path(f"{stem}.md").write_text(table)
-    print(table)
+    for path, text in ((f"{stem}.json", json.dumps(result, indent=2)), (f"{stem}.md", table)):
+        Path(f"{path}.tmp").write_text(text)
+        Path(f"{path}.tmp").replace(path)
+    if show:
+        print(table)
 
 
 if __name__ == "__main__":

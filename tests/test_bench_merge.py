@@ -37,3 +37,22 @@ def test_host_cost_run_has_the_1b_layout_on_device_paths(tmp_path, one_thread, l
     assert json.loads(path.read_text()) == result
     assert result["as_device"] and result["max_batch"] == 1 and result["rows"][0]["tensors"] == 16 * 9 + 2
     assert "max batch 1" in path.with_suffix(".md").read_text()
+
+
+def test_a_run_cut_short_keeps_the_methods_it_measured(tmp_path, one_thread, load_script, monkeypatch):
+    """The files are rewritten after every method (a GPU command past its time limit still returns its rows)."""
+    bench = load_script("bench_merge")
+    measure = bench.bench_method
+
+    def until_slerp(method, *args):
+        if method == "slerp":
+            raise KeyboardInterrupt  # as a command killed at its limit
+        return measure(method, *args)
+
+    monkeypatch.setattr(bench, "bench_method", until_slerp)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--shape", "tiny", "--methods", "linear,ties,slerp", "--warmup", "0", "--repeats", "1",
+                    "--fuse", "off", "--out", str(tmp_path), *one_thread])
+    [path] = tmp_path.glob("cpu1t-*-tiny-*-unfused.json")
+    assert [row["method"] for row in json.loads(path.read_text())["rows"]] == ["linear", "ties"]
+    assert "| ties |" in path.with_suffix(".md").read_text() and not list(tmp_path.glob("*.tmp"))

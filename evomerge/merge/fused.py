@@ -187,17 +187,21 @@ def _structure(args: tuple, kwargs: dict) -> tuple:
     pattern of equal sizes, which dynamo's guards specialize on), list and tuple lengths, and the values of non-floats.
     Arguments are tensors, numbers, flags or lists and tuples of them."""
 
-    def structure(v):  # runs for every argument of every deferred call: exact types first (2x faster)
+    def structure(v):  # runs for every argument of every deferred call: exact types first (~1.5x faster)
         kind = type(v)
+        if kind is torch.Tensor:
+            return v.shape, v.dtype
         if kind is float:
             return float
-        if kind is list or kind is tuple or isinstance(v, tuple):  # NamedTuples (sparsify.Rank) too
+        if kind is list or kind is tuple:
             return kind, tuple([structure(x) for x in v])
         if isinstance(v, torch.Tensor):
             return v.shape, v.dtype
+        if isinstance(v, tuple):  # NamedTuples (sparsify.Rank)
+            return kind, tuple([structure(x) for x in v])
         return v
 
-    return structure((args, tuple(kwargs.items())))
+    return tuple([structure(a) for a in args]), tuple([(k, structure(v)) for k, v in kwargs.items()])
 
 
 def resolved(value):

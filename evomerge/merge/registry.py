@@ -14,6 +14,7 @@ A method is a pure function over tensors:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 from dataclasses import dataclass
@@ -57,11 +58,11 @@ class MethodSpec:
                 return p
         raise KeyError(name)
 
-    @property
+    @functools.cached_property  # planning asks for every tensor
     def per_model_params(self) -> tuple[ParamSpec, ...]:
         return tuple(p for p in self.params if p.per_model)
 
-    @property
+    @functools.cached_property
     def global_params(self) -> tuple[ParamSpec, ...]:
         return tuple(p for p in self.params if not p.per_model)
 
