@@ -210,6 +210,35 @@ def test_selections_off_the_host_give_the_host_merge(name, device, budget, monke
     assert sparsify.kept_order_bytes() == 0  # keep_orders(0) frees them
 
 
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties", "della"])
+def test_kept_orders_on_the_host_give_its_merge_without_selecting_again(name, monkeypatch):
+    """On the host's eager path (CPU tensors below the fusion cut-over) a search's worker keeps orders too: the rules
+    rank |x - base| in its kept order, bit for bit the merge that selects (numpy) in |delta| every candidate, and no
+    selection or sort runs after the first candidate."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(300, 200, generator=g)
+    xs = [base + 0.02 * torch.randint(-3, 4, (300, 200), generator=g) for _ in range(3)]  # ties at the thresholds
+    method = get_method(name)
+    key = {"key": [MaskKey(0, "w", f"m{i}") for i in range(3)]} if method.randomized else {}
+    selections = []
+    partition, sort_rows = sparsify.np.partition, sparsify._row_order_numpy
+    monkeypatch.setattr(sparsify.np, "partition", lambda *a, **k: selections.append("partition") or partition(*a, **k))
+    monkeypatch.setattr(sparsify, "_row_order_numpy", lambda *a: selections.append("sort") or sort_rows(*a))
+    expected = [method.fn(base, xs, **params, **key) for params in OFF_HOST_CANDIDATES[name]]  # no budget
+    assert len(selections) >= 2 * 3  # every candidate selects (or sorts rows) for every model
+    selections.clear()
+    sparsify.keep_orders(2**30)
+    try:
+        for candidate, params in enumerate(OFF_HOST_CANDIDATES[name]):
+            assert torch.equal(method.fn(base, xs, **params, **key), expected[candidate])
+            if candidate == 0:
+                first = list(selections)
+        assert selections == first == (["sort"] * 3 if name == "della" else [])  # DELLA's ranks: once per model
+        assert sparsify.kept_order_bytes() > 0
+    finally:
+        sparsify.keep_orders(0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
 def test_kept_orders_make_thresholds_lookups_within_the_budget(dtype, monkeypatch):
     """With a budget, |x - base| is sorted once and every k-th smallest is a 0-dim view of it (exact, ties and all);

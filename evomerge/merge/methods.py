@@ -128,7 +128,8 @@ def generalized_task_arithmetic(
     for i, delta in enumerate(deltas):  # weights as Python scalars: no host-to-device copy, no sync
         if member.sparsifier:
             own = {name: values[i] for name, values in extra.items()} | ({"u": draws[i]} if randomized else {})
-            sparsify_(delta, member.sparsifier, density[i], rescale=rescale, scale=weight[i], **own)
+            sparsify_(delta, member.sparsifier, density[i], rescale=rescale, scale=weight[i],
+                      source=(tensors[i], base), **own)
         else:
             delta.mul_(weight[i])
     if member.consensus:

@@ -11,7 +11,8 @@ probability.
 Off the host (a GPU) the fused path hands the rules an `AbsDelta` instead of |delta|, and what does not change between
 candidates is kept while the source tensors live: |delta| sorted, so that a threshold is a lookup, and DELLA's ranks
 within rows (`ByRank`), up to `keep_orders`' budget; past it a threshold is a `Rank`, which the fused sum resolves by
-radix select in its own compiled call, and only radix select's first pass is kept.
+radix select in its own compiled call, and only radix select's first pass is kept. On the host the rules get an
+`AbsDelta` while a search's worker keeps orders (`sparsify_`'s `source`); past the budget they select in |delta|.
 """
 
 from __future__ import annotations
@@ -109,10 +110,11 @@ class Rank(NamedTuple):
 
 
 class AbsDelta:
-    """|x - base| of a model's tensor as the rules see it off the host, where they only rank it: never materialized per
-    candidate. A search ranks the same resident tensors for every candidate, so its order is kept while x and base live
-    (sources are read-only): `kth_smallest` is a lookup in |x - base| sorted, or a `Rank` past `keep_orders`' budget,
-    and DELLA's `row_ranks` are sorted once."""
+    """|x - base| of a model's tensor as the rules see it off the host (and on it while orders are kept), where they
+    only rank it: never materialized per candidate. A search ranks the same resident tensors for every candidate, so
+    its order is kept while x and base live (sources are read-only): `kth_smallest` is a lookup in |x - base| sorted,
+    past `keep_orders`' budget a `Rank` (on the host: a selection in |x - base|), and DELLA's `row_ranks` are sorted
+    once."""
 
     def __init__(self, x: torch.Tensor, base: torch.Tensor):
         self.x, self.base = x, base
@@ -120,16 +122,19 @@ class AbsDelta:
 
     @staticmethod
     def of(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor | AbsDelta:
-        """An AbsDelta off the host (small tensors too: their selections then need no call of their own either),
-        else |x - base| itself."""
-        return abs_delta(x, base) if on_host(x) else AbsDelta(x, base)
+        """An AbsDelta off the host (small tensors too: their selections then need no call of their own either) and
+        on it while orders are kept (a search's worker), else |x - base| itself."""
+        return AbsDelta(x, base) if not on_host(x) or keeping_orders() else abs_delta(x, base)
 
     def numel(self) -> int:
         return self.x.numel()
 
     def kth_smallest(self, k: int) -> torch.Tensor | Rank:
+        host = on_host(self.x)  # where a Rank costs more than selecting in |x - base| itself
         kept = keep_order(kept_with(self.x, self.base), lambda: abs_delta(self.x, self.base),
-                          self.numel() * self.dtype.itemsize, top=lambda: top_digit_counts(self.x, self.base))
+                          self.numel() * self.dtype.itemsize, top=None if host else lambda: top_digit_counts(self.x, self.base))
+        if host and "sorted" not in kept:  # past the budget
+            return kth_smallest(abs_delta(self.x, self.base), k)
         return kth_smallest_kept(kept, k)
 
     def row_ranks(self) -> torch.Tensor:
@@ -142,20 +147,27 @@ class AbsDelta:
 
 
 def keep_order(kept: dict, values: Callable[[], torch.Tensor], nbytes: int,
-               top: Callable[[], torch.Tensor]) -> dict:
+               top: Callable[[], torch.Tensor] | None) -> dict:
     """What the selections of `values` (computed from read-only sources, `nbytes` long) need, kept in `kept` once:
     the values sorted if the budget allows (any k-th smallest is then a lookup), else the counts of their top digit
-    (radix select's first pass; every selection then costs one more pass). A sort needs about 4x its values' bytes
-    while it runs: when the device has not got them, the budget closes and radix select takes over."""
+    (radix select's first pass; every selection then costs one more pass; nothing without `top`). A sort needs about
+    4x its values' bytes while it runs: when the device has not got them, the budget closes and radix select takes
+    over."""
     if "sorted" not in kept and "top" not in kept:
         if _orders.fits(nbytes):
             try:
-                _orders.keep(kept, "sorted", values().reshape(-1).sort().values)
+                _orders.keep(kept, "sorted", _sorted(values().reshape(-1)))
                 return kept
             except torch.cuda.OutOfMemoryError:
                 _orders.max_bytes = _orders.used
-        kept["top"] = top()
+        if top is not None:
+            kept["top"] = top()
     return kept
+
+
+def _sorted(values: torch.Tensor) -> torch.Tensor:
+    """values sorted ascending (NaN last); on CPU by numpy (its SIMD sort is much faster than torch.sort there)."""
+    return torch.from_numpy(np.sort(values.numpy())) if on_host(values) else values.sort().values
 
 
 def kth_smallest_kept(kept: dict, k: int) -> torch.Tensor | Rank:
@@ -203,7 +215,7 @@ def kept_with(*tensors: torch.Tensor) -> dict:
 
 
 def keep_orders(max_bytes: int) -> None:
-    """Keep up to `max_bytes` of orders off the host, as a search worker does (its candidates rank the same tensors):
+    """Keep up to `max_bytes` of orders, as a search worker does (its candidates rank the same tensors):
     |x - base| sorted for the thresholds of TIES and breadcrumbs (4 bytes per element and model; SCE's variances: per
     element), DELLA's ranks within rows (2 bytes per element and model where rows have at most 2**15 entries, else 4).
     Frees those kept so far."""
@@ -216,6 +228,10 @@ def keep_orders(max_bytes: int) -> None:
 
 def kept_order_bytes() -> int:
     return _orders.used
+
+
+def keeping_orders() -> bool:
+    return _orders.max_bytes > 0
 
 
 @fusible
@@ -253,7 +269,8 @@ class Keep:
 
     def mask(self, mag: torch.Tensor | None, u: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         """0/1 mask in the dtype of `like` (mag = |delta|, u = the delta's uniform draws)."""
-        conditions = [(torch.ge, mag, self.lo), (torch.le, mag, self.hi), (torch.lt, u, self.p)]
+        p = self.p.values().reshape(like.shape) if isinstance(self.p, ByRank) else self.p
+        conditions = [(torch.ge, mag, self.lo), (torch.le, mag, self.hi), (torch.lt, u, p)]
         masks = [_mask(compare, x, bound, like) for compare, x, bound in conditions if bound is not None]
         return functools.reduce(torch.Tensor.mul_, masks)
 
@@ -363,11 +380,12 @@ class Sparsifier:
     ranks: bool = False  # ... only to rank it (kth_smallest, row_ranks): an AbsDelta will do
 
     def mask(self, delta: torch.Tensor, density: float, u: torch.Tensor | None = None,
-             mag: torch.Tensor | None = None, **extra) -> torch.Tensor:
-        """0/1 mask of the entries of `delta` that survive, in delta's dtype (`mag`: |delta|, if the caller has it)."""
+             mag: torch.Tensor | None = None, ranked: AbsDelta | None = None, **extra) -> torch.Tensor:
+        """0/1 mask of the entries of `delta` that survive, in delta's dtype (`mag`: |delta|, if the caller has it;
+        `ranked`: the same |delta| as an AbsDelta, whose order may be kept, for a rule that only ranks it)."""
         if mag is None and self.magnitudes:
             mag = delta.abs()
-        keep = self.rule(mag, density, **extra)
+        keep = self.rule(ranked if self.ranks and ranked is not None else mag, density, **extra)
         return torch.zeros_like(delta) if keep is None else keep.mask(mag, u, delta)
 
 
@@ -391,15 +409,20 @@ def rescale_l1_(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7, *, s
 
 
 def sparsify_(delta: torch.Tensor, method: str, density: float, *, rescale: bool, scale: float = 1.0,
-              **extra) -> torch.Tensor:
+              source: tuple[torch.Tensor, torch.Tensor] | None = None, **extra) -> torch.Tensor:
     """Apply SPARSIFIERS[method] to one delta and multiply it by `scale` (a model's weight; with `rescale` in the
-    same pass), in place; `extra` holds the sparsifier's own parameters (gamma, epsilon, u)."""
+    same pass), in place; `extra` holds the sparsifier's own parameters (gamma, epsilon, u). `source`: the resident
+    (x, base) that delta = x - base came from; while orders are kept (a search's worker), a rule that only ranks
+    |delta| ranks their kept order instead of selecting in |delta| every candidate."""
     if density <= 0:
         return delta.zero_()
     if density < 1 and delta.numel():
         sparsifier = SPARSIFIERS[method]
         mag = delta.abs() if sparsifier.magnitudes or rescale else None  # once, for the rule and the rescale
-        mask = sparsifier.mask(delta, density, mag=mag, **extra)
+        ranked = AbsDelta(*source) if source and keeping_orders() else None
+        if ranked is not None and (ranked.dtype != delta.dtype or ranked.shape != delta.shape):
+            ranked = None  # |x - base| in another precision (mixed dtypes) or of other rows: not delta's order
+        mask = sparsifier.mask(delta, density, mag=mag, ranked=ranked, **extra)
         if rescale:
             return rescale_l1_(delta, mask, scale=scale, mag=mag)
         delta.mul_(mask)

@@ -31,8 +31,9 @@ CPU_DRAW_MEMO_BYTES = 2 << 30
 def draw_memo_bytes(device: str) -> int:
     """A worker's budget for kept draws: 2 GiB on CPU; on a GPU half the memory free once the models are resident (a
     1.24B model with two experts needs 10 GB of draws; the evaluation keeps the other half). Only unfused DARE/DELLA
-    keep draws: fused kernels (merge/fused.py, the default on a GPU) hash them where they are used, and keep the
-    orders of |delta| instead (TIES/breadcrumbs/SCE thresholds, DELLA's ranks: `sparsify.keep_orders`), same budget."""
+    keep draws: fused kernels (merge/fused.py, the default on a GPU) hash them where they are used. The orders of
+    |delta| (TIES/breadcrumbs/SCE thresholds, DELLA's ranks: `sparsify.keep_orders`) have a budget of the same size;
+    on a GPU they fill it instead of draws, on CPU unfused DELLA keeps both (6 bytes per element and expert)."""
     if torch.device(device).type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 2
     return CPU_DRAW_MEMO_BYTES
@@ -68,7 +69,7 @@ class TrialRunner:
         self.materializer = LiveMaterializer(self.merged, self.sources)
         budget = draw_memo_bytes(device)
         memoize_draws(budget)
-        keep_orders(budget)  # fused kernels keep orders instead of draws: one or the other fills it
+        keep_orders(budget)
         self.evaluator = make_evaluator()
 
     def model_for(self, recipe: Recipe) -> torch.nn.Module:
