@@ -35,7 +35,8 @@ for step in $STEPS; do
         2>&1 | tee "$RESULTS/gpu-tests.txt" | tail -3 || true ;;
     bench)
       mergekit=()
-      "$PYTHON" -c "import mergekit" 2>/dev/null && mergekit=(--mergekit --mergekit-methods linear,ties --cli-methods linear,ties --mergekit-repeats 1)
+      "$PYTHON" -c "import mergekit" 2>/dev/null &&
+        mergekit=(--mergekit --mergekit-methods linear,ties --cli-methods linear,ties --mergekit-repeats 1)
       "${bench[@]}" "${mergekit[@]}" ;;
     unfused) "${bench[@]}" --fuse off ;;
     batch1) "${bench[@]}" --max-batch 1 ;;

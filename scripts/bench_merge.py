@@ -387,8 +387,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{method}: {r['seconds'] * 1e3:.2f} ms ({r['ratio_to_floor']:.1f}x floor)", flush=True)
         write_results(stem, result, markdown(result), show=False)  # so far: a run cut short keeps what it measured
     if args.mergekit:
-        result["mergekit"] = bench_mergekit((args.mergekit_methods or args.methods).split(","), sources, config, experts,
-                                            dtype_name, args.device, args.mergekit_repeats, args.cli_methods.split(","))
+        result["mergekit"] = bench_mergekit((args.mergekit_methods or args.methods).split(","), sources, config,
+                                            experts, dtype_name, args.device, args.mergekit_repeats,
+                                            args.cli_methods.split(","))
     write_results(stem, result, markdown(result))
     return result
 

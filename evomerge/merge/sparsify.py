@@ -131,8 +131,9 @@ class AbsDelta:
 
     def kth_smallest(self, k: int) -> torch.Tensor | Rank:
         host = on_host(self.x)  # where a Rank costs more than selecting in |x - base| itself
+        top = None if host else lambda: top_digit_counts(self.x, self.base)
         kept = keep_order(kept_with(self.x, self.base), lambda: abs_delta(self.x, self.base),
-                          self.numel() * self.dtype.itemsize, top=None if host else lambda: top_digit_counts(self.x, self.base))
+                          self.numel() * self.dtype.itemsize, top=top)
         if host and "sorted" not in kept:  # past the budget
             return kth_smallest(abs_delta(self.x, self.base), k)
         return kth_smallest_kept(kept, k)
