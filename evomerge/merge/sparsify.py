@@ -386,7 +386,7 @@ class Sparsifier:
         `ranked`: the same |delta| as an AbsDelta, whose order may be kept, for a rule that only ranks it)."""
         if mag is None and self.magnitudes:
             mag = delta.abs()
-        keep = self.rule(ranked if self.ranks and ranked is not None else mag, density, **extra)
+        keep = self.rule(mag if ranked is None else ranked, density, **extra)
         return torch.zeros_like(delta) if keep is None else keep.mask(mag, u, delta)
 
 
@@ -420,7 +420,7 @@ def sparsify_(delta: torch.Tensor, method: str, density: float, *, rescale: bool
     if density < 1 and delta.numel():
         sparsifier = SPARSIFIERS[method]
         mag = delta.abs() if sparsifier.magnitudes or rescale else None  # once, for the rule and the rescale
-        ranked = AbsDelta(*source) if source and keeping_orders() else None
+        ranked = AbsDelta(*source) if source and sparsifier.ranks and keeping_orders() else None
         if ranked is not None and (ranked.dtype != delta.dtype or ranked.shape != delta.shape):
             ranked = None  # |x - base| in another precision (mixed dtypes) or of other rows: not delta's order
         mask = sparsifier.mask(delta, density, mag=mag, ranked=ranked, **extra)
