@@ -149,7 +149,7 @@ def search(experiment, run_dir, ray_address, seed):
     config = _on_ray(load_experiment(experiment), ray_address)
     if seed is not None:
         config = config.model_copy(update={"seed": seed})
-    _print_summary(run_dir, run_search(config, run_dir, _evaluator_factory(config, experiment)))
+    _print_summary(run_dir, run_search(config, run_dir, _evaluator_factory(config, experiment), source=experiment))
 
 
 def _on_ray(config, ray_address: str | None):

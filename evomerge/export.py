@@ -44,6 +44,8 @@ def export_text(recipe: Recipe, fmt: str) -> tuple[str, list[str]]:
         return to_evomerge_yaml(recipe), []
     dirs = {m: ModelDir.open(m) for m in recipe.referenced_models()}
     folded, warnings = fold_for_mergekit(recipe, dirs)
+    warnings += [f"{m}: config.json has no `architectures`, which mergekit needs to read the model (save_pretrained "
+                 "writes it, e.g. [\"LlamaForCausalLM\"])" for m, d in dirs.items() if not d.config.get("architectures")]
     if any(m.method in ("dare_ties", "dare_linear", "della", "della_linear") for m in [recipe.merge] if m):
         warnings.append("mergekit draws DARE/DELLA masks from torch's global RNG: its merge matches evomerge's in "
                         "distribution, not element by element")

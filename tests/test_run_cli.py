@@ -1,5 +1,9 @@
 """`evomerge export` and `evomerge report` on a finished run; the exported YAML merges to the winner."""
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -7,7 +11,8 @@ from safetensors.torch import load_file
 
 from evomerge.cli import main
 from evomerge.merge.materialize import merge_to_dir
-from evomerge.recipe import load_recipe
+from evomerge.export import export_text
+from evomerge.recipe import load_recipe, save_recipe
 from evomerge.run.config import experiment_from_dict
 from evomerge.run.loop import search
 from test_search_loop import evaluator_factory, experiment, models  # noqa: F401  (module fixture)
@@ -55,6 +60,43 @@ def test_mergekit_runs_the_exported_winner(ps_run, tmp_path):
     theirs, ours = load_dir(tmp_path / "mergekit"), tensors(tmp_path / "ours")
     for name in ours:
         torch.testing.assert_close(theirs[name], ours[name], atol=2e-5, rtol=1e-5)
+
+
+def test_mergekit_merges_a_recipe_over_the_committed_toy_zoo(tmp_path):
+    pytest.importorskip("mergekit")
+    from mergekit_harness import load_dir, run_mergekit
+
+    zoo = Path(__file__).resolve().parents[1] / "zoo"
+    (tmp_path / "ties.yaml").write_text(f"""merge_method: ties
+base_model: {zoo / "base"}
+models:
+  - {{model: {zoo / "expert_cipher"}, parameters: {{weight: [0.4, 0.9], density: 0.6}}}}
+  - {{model: {zoo / "expert_reverse"}, parameters: {{weight: 0.7, density: 0.3}}}}
+dtype: float32
+""")
+    run_mergekit(tmp_path / "ties.yaml", tmp_path / "mergekit")  # needs the zoo configs' `architectures`
+    merge_to_dir(load_recipe(tmp_path / "ties.yaml"), tmp_path / "ours", progress=False)
+    theirs, ours = load_dir(tmp_path / "mergekit"), tensors(tmp_path / "ours")
+    for name in ours:
+        torch.testing.assert_close(theirs[name], ours[name], atol=2e-5, rtol=1e-5)
+
+
+def test_export_warns_of_a_source_whose_config_lacks_architectures(ps_run, tmp_path):
+    recipe = load_recipe(ps_run / "best" / "recipe.yaml")
+    expert = recipe.merge.models[0].model
+    bare = tmp_path / "bare"
+    shutil.copytree(expert, bare)
+    config = json.loads((bare / "config.json").read_text())
+    del config["architectures"]
+    (bare / "config.json").write_text(json.dumps(config))
+    models = [m.model_copy(update={"model": str(bare)}) if m.model == expert else m for m in recipe.merge.models]
+    save_recipe(recipe.model_copy(update={"merge": recipe.merge.model_copy(update={"models": models})}),
+                tmp_path / "recipe.yaml")
+    text, warnings = export_text(load_recipe(tmp_path / "recipe.yaml"), "mergekit")
+    assert text.startswith("merge_method: ties")
+    assert [w for w in warnings if "architectures" in w] == [
+        f"{bare}: config.json has no `architectures`, which mergekit needs to read the model (save_pretrained writes "
+        'it, e.g. ["LlamaForCausalLM"])']
 
 
 def test_report_writes_plots_and_summary(ps_run):

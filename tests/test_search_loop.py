@@ -52,8 +52,8 @@ class DistanceEvaluator:
                                                       for w, d in zip(weights, dirs)) for n in b.tensor_names}
         self.delay, self.fail_calls, self.die_once, self.calls = delay, fail_calls, die_once, 0
 
-    def evaluate(self, model, split: str) -> Evaluation:
-        self.calls += 1
+    def evaluate(self, model, split: str, limit: int | None = None) -> Evaluation:
+        self.calls += limit is None  # trials only, not the worker's preflight (limit=1)
         if self.calls in self.fail_calls:
             raise RuntimeError("boom")
         if self.die_once and self.calls == 2 and not os.path.exists(self.die_once):  # the worker process dies, once
@@ -227,7 +227,7 @@ class LogitsEvaluator:
         with torch.no_grad():
             self.target = AutoModelForCausalLM.from_pretrained(target)(self.tokens).logits
 
-    def evaluate(self, model, split: str) -> Evaluation:
+    def evaluate(self, model, split: str, limit: int | None = None) -> Evaluation:
         import torch
 
         with torch.no_grad():
@@ -249,8 +249,9 @@ def test_a_data_flow_search_runs_layer_paths(models, tmp_path):
 class CountingLogitsEvaluator(LogitsEvaluator):
     calls: list = []
 
-    def evaluate(self, model, split: str) -> Evaluation:
-        self.calls.append(split)
+    def evaluate(self, model, split: str, limit: int | None = None) -> Evaluation:
+        if limit is None:  # trials only, not the worker's preflight
+            self.calls.append(split)
         return super().evaluate(model, split)
 
 
@@ -345,6 +346,20 @@ def test_a_candidate_that_raises_is_recorded_failed_and_the_run_goes_on(models, 
     assert "candidate 1 (search) failed: RuntimeError: boom" in (tmp_path / "run" / "logs" / "search.log").read_text()
 
 
+def test_a_run_whose_trials_keep_failing_stops_and_resume_goes_on_after_the_fix(models, tmp_path):
+    failing = evaluator_factory(models, fail_calls=tuple(range(3, 100)))  # from the third trial on: a cause outside
+    overrides = {"budget.trials": 12, "budget.max_consecutive_failures": 4, "workers.num": 1}
+    with pytest.raises(EvomergeError, match=r"stopped after 4 failed trials in a row; the last, candidate 5: "
+                                            r"RuntimeError: boom\. Fix the cause and continue with `evomerge resume "):
+        run(models, tmp_path / "run", evaluator=failing, **overrides)
+    trials = sorted(Ledger(tmp_path / "run" / "ledger.sqlite").trials("search"), key=lambda t: t.candidate)
+    assert [t.status for t in trials] == ["ok", "ok", "failed", "failed", "failed", "failed"]
+
+    summary = resume(tmp_path / "run", evaluator_factory(models), progress=False)  # fixed: the budget is spent
+    assert summary.trials == 12 and summary.failed == 4
+    assert len(Ledger(tmp_path / "run" / "ledger.sqlite").trials("search")) == 12
+
+
 def test_experiment_errors_name_the_file_and_key(models, tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(experiment(models, workers={"num": 2, "gpus": 1})))
@@ -363,10 +378,13 @@ def test_experiment_errors_name_the_file_and_key(models, tmp_path):
     path.write_text(yaml.safe_dump(experiment(models, space={"include": "space.yaml", "bounds": {"weight": [1, 0]}})))
     with pytest.raises(EvomergeError, match=r"exp.yaml: space.bounds.weight: low 1.0 must be below high 0.0"):
         load_experiment(path)
-    # a space error found when the search builds the space names the key in the run's config.yaml
-    with pytest.raises(EvomergeError, match=r"run/config.yaml: space.search: method task_arithmetic has no parameter "
+    # a space error found when the search builds the space names the experiment's key, before any run dir is made
+    exp = experiment_from_dict(experiment(models, space={**experiment(models)["space"], "search": ["wieght"],
+                                                         "bounds": {}}))
+    with pytest.raises(EvomergeError, match=r"exp.yaml: space.search: method task_arithmetic has no parameter "
                                             r"'wieght'; did you mean 'weight'\?"):
-        run(models, tmp_path / "run", space={**experiment(models)["space"], "search": ["wieght"], "bounds": {}})
+        search(exp, tmp_path / "run", evaluator_factory(models), progress=False, source=str(path))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow  # ~20-30 s on 2 busy cores: Ray and two worker processes start, and one is restarted
@@ -397,7 +415,7 @@ def test_a_ray_worker_runs_torch_on_its_reserved_cores(models):
                           partial(evaluator_factory(models), None, None))
         for cpus in (1, 3):
             runner = _RayRunner(spec, "ray-0", cpus)  # the actor class, built in process
-            assert torch.get_num_threads() == cpus and runner.ready() == "ray-0"
+            assert torch.get_num_threads() == cpus and runner.ready() is None  # None: ready for trials
     finally:
         torch.set_num_threads(threads)
 
@@ -410,7 +428,7 @@ class TwoTargetEvaluator:
         self.a = DistanceEvaluator(base, experts)
         self.b = DistanceEvaluator(base, experts, weights=OTHER_WEIGHTS)
 
-    def evaluate(self, model, split: str) -> Evaluation:
+    def evaluate(self, model, split: str, limit: int | None = None) -> Evaluation:
         a, b = (ev.evaluate(model, split).fitness for ev in (self.a, self.b))
         return Evaluation((a + b) / 2, {"near_a": {"value": a, "higher_is_better": True}, "near_b": {"value": b}})
 

@@ -14,7 +14,7 @@ from evomerge.errors import EvomergeError
 from evomerge.zoo import skills
 from evomerge.zoo.build import SIZES, build_zoo, delta_ratio, expert_mixture
 from evomerge.zoo.skills import CHOICES, SKILLS, SPLIT_SIZES, eval_inputs, eval_records, held_out, write_eval_data
-from evomerge.zoo.tokenizer import BOS, encode
+from evomerge.zoo.tokenizer import BOS, EOS, encode
 from evomerge.zoo.train import Sampler
 
 EVALS_DATA = Path(__file__).resolve().parents[1] / "evals" / "toy" / "data"
@@ -95,8 +95,18 @@ def test_tiny_zoo_dirs_load_with_their_tokenizer(tiny_zoo):
         assert tok.decode(tok("sub x=1\n")["input_ids"], skip_special_tokens=True) == "sub x=1\n"
         model = AutoModelForCausalLM.from_pretrained(tiny_zoo / name)
         assert model.config.model_type == "llama"
+        # a complete Hugging Face config, as save_pretrained writes it (mergekit reads `architectures`)
+        assert json.loads((tiny_zoo / name / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+        assert json.loads((tiny_zoo / name / "generation_config.json").read_text())["eos_token_id"] == EOS
         ratio = manifest["models"][name]["delta_ratio"]
         assert ratio is None if name == "base" else 0.005 < ratio < 0.3  # fine-tunes: a few % of the base's norm
+
+
+def test_the_committed_zoo_has_complete_configs():
+    zoo = Path(__file__).resolve().parents[1] / "zoo"
+    for name in MODELS:
+        assert json.loads((zoo / name / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"], name
+        assert (zoo / name / "generation_config.json").is_file(), name
 
 
 def test_build_is_deterministic_by_seed(tmp_path):

@@ -51,19 +51,19 @@ class HarnessEvaluator:
         self.weights = self._leaf_weights(weights)
         self._lm = None
 
-    def evaluate(self, model, tokenizer=None) -> EvalResult:
-        """Score the model's current weights (with `tokenizer`, default the evaluator's). Errors inside lm-eval or
-        the model become a failed EvalResult."""
+    def evaluate(self, model, tokenizer=None, *, limit: int | None = None) -> EvalResult:
+        """Score the model's current weights (with `tokenizer`, default the evaluator's; on the first `limit` documents
+        of each task, default the evaluator's limit). Errors inside lm-eval or the model become a failed EvalResult."""
         start = time.perf_counter()
         try:
-            raw = self._run(model, tokenizer or self.tokenizer)
+            raw = self._run(model, tokenizer or self.tokenizer, limit or self.limit)
             scores = {name: self._score(name, raw) for name in self.tasks}
         except Exception as err:  # noqa: BLE001 - a failed candidate is a value (style item 7)
             log.warning("evaluation failed: %s: %s", type(err).__name__, err)
             return EvalResult.failed(f"{type(err).__name__}: {err}", seconds=time.perf_counter() - start)
         return replace(weighted_fitness(scores, self.weights), seconds=time.perf_counter() - start)
 
-    def _run(self, model, tokenizer) -> dict:
+    def _run(self, model, tokenizer, limit: int | None) -> dict:
         import torch
         from lm_eval import evaluator
 
@@ -71,7 +71,7 @@ class HarnessEvaluator:
         _check_finite(model)
         # lm-eval draws tqdm bars on stderr: keep them off the console, in the log at debug level.
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()) as noise:
-            raw = evaluator.evaluate(lm, self.task_dict, limit=self.limit, bootstrap_iters=1000, log_samples=False)
+            raw = evaluator.evaluate(lm, self.task_dict, limit=limit, bootstrap_iters=1000, log_samples=False)
         log.debug("lm-eval: %s", noise.getvalue()[-2000:])
         return raw
 

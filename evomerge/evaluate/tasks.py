@@ -41,7 +41,7 @@ def task_manager(task_dirs: Sequence[str | os.PathLike] = (), include_defaults: 
     paths = [evals_dir(), *map(Path, task_dirs)]
     for path in paths[1:]:
         if not path.is_dir():
-            raise EvomergeError("task dir does not exist", source=str(path))
+            raise EvomergeError(f"task dir does not exist: {path}", key="task_dirs")
     return TaskManager(include_defaults=include_defaults, include_path=[str(p) for p in paths if p.is_dir()])
 
 

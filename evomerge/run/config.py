@@ -40,6 +40,9 @@ class OptimizerConfig(_Schema):
 
 class BudgetConfig(_Schema):
     trials: int = Field(ge=1)  # search-split evaluations, exactly (a CMA-ES generation past the budget is cut)
+    # Stop the run (exit 2, resumable) when this many trials fail in a row: a cause outside the candidates (a package,
+    # a data file, a service) fails them all alike. 0: never stop.
+    max_consecutive_failures: int = Field(10, ge=0)
 
 
 class EvaluationConfig(_Schema):

@@ -40,8 +40,9 @@ class SplitEvaluator:
                                                     task_dirs=c.task_dirs, network=c.network)
         return self.by_split[split]
 
-    def evaluate(self, model, split: str) -> Evaluation:
-        result = self._for(split).evaluate(model)
+    def evaluate(self, model, split: str, limit: int | None = None) -> Evaluation:
+        """`limit`: score only the first `limit` documents of each task (the worker's preflight: 1)."""
+        result = self._for(split).evaluate(model, limit=limit)
         return Evaluation(result.fitness, {t: s.to_dict() for t, s in result.scores.items()}, result.status, result.error)
 
 
@@ -56,13 +57,21 @@ def objective_values(scores: dict[str, Any], names: list[str]) -> list[float]:
     return [float(scores[t]["value"]) * (1 if scores[t].get("higher_is_better", True) else -1) for t in names]
 
 
-def check_tasks(evaluation: EvaluationConfig, source: str) -> None:
-    """Load the tasks once before a run starts: a wrong name or a missing data file would fail every trial alike."""
+def check_tasks(evaluation: EvaluationConfig, source: str, *, held_out: tuple[str, ...] = ("validation", "test")) -> None:
+    """Load the tasks once before a run starts, as a worker will: a wrong name, a missing data file, a split a task
+    lacks or a weight naming no task would fail every trial alike. `held_out`: the splits scored after the budget."""
     from evomerge.errors import EvomergeError
-    from evomerge.evaluate.tasks import load_tasks
+    from evomerge.evaluate.harness import HarnessEvaluator
 
+    c = evaluation
     try:
-        load_tasks(evaluation.tasks, evaluation.task_dirs, network=evaluation.network)
+        harness = HarnessEvaluator(c.tasks, None, split=c.split, limit=c.limit, weights=c.weights,
+                                   task_dirs=c.task_dirs, network=c.network)
+        for name, task in harness.tasks.items():
+            available = list(task.dataset.keys()) if hasattr(task.dataset, "keys") else []
+            for split in held_out:
+                if split not in available:
+                    raise EvomergeError(f"task {name} has no split {split!r}, which the search scores after its budget "
+                                        f"(available: {', '.join(available) or 'none'})", key="tasks")
     except EvomergeError as err:  # a task YAML at fault keeps its own name; otherwise the experiment's key
         raise EvomergeError(err.message, source=err.source or source, key=f"evaluation.{err.key or 'tasks'}") from None
-

@@ -42,6 +42,7 @@ import yaml
 from evomerge.errors import EvomergeError
 from evomerge.optim import Optimizer, load_optimizer, make_optimizer, non_dominated, save_optimizer
 from evomerge.recipe import recipe_from_dict, save_recipe, to_evomerge_yaml, write_text_atomic
+from evomerge.run.checks import CheckedSpace, check_space, check_workers
 from evomerge.run.config import EvaluationConfig, Experiment
 from evomerge.run.evaluation import objective_values
 from evomerge.run.ledger import Ledger, Trial
@@ -63,10 +64,12 @@ class Summary:
 
 
 def search(experiment: Experiment, run_dir, make_evaluator: EvaluatorFactory, *, pool: Pool | None = None,
-           progress: bool = True) -> Summary:
-    """Run (or, for a run dir holding the same config, continue) the search of `experiment` in `run_dir`."""
+           progress: bool = True, source: str = "<experiment>") -> Summary:
+    """Run (or, for a run dir holding the same config, continue) the search of `experiment` in `run_dir`. `source`: the
+    experiment file, named by the errors of the checks that run before the run dir is made."""
+    checked = _check(experiment, source, pool)
     with RunDir(run_dir) as rd:
-        return _run(rd, rd.freeze(experiment), make_evaluator, pool, progress)
+        return _run(rd, rd.freeze(experiment), checked, make_evaluator, pool, progress)
 
 
 def resume(run_dir, make_evaluator: EvaluatorFactory, *, experiment: Experiment | None = None, pool: Pool | None = None,
@@ -74,22 +77,21 @@ def resume(run_dir, make_evaluator: EvaluatorFactory, *, experiment: Experiment 
     """Continue the run in `run_dir` from its files alone (`experiment`, if given, must match the frozen config)."""
     with RunDir(run_dir) as rd:
         frozen = rd.frozen()  # refuses a dir that holds no run
-        return _run(rd, frozen if experiment is None else rd.freeze(experiment), make_evaluator, pool, progress)
+        experiment = frozen if experiment is None else rd.freeze(experiment)
+        return _run(rd, experiment, _check(experiment, str(rd.config), pool), make_evaluator, pool, progress)
 
 
-def _run(rd: RunDir, experiment: Experiment, make_evaluator: EvaluatorFactory, pool: Pool | None,
-         progress: bool) -> Summary:
-    from evomerge.models.io import ModelDir
-    from evomerge.spaces import build_space, load_space_config, space_models
+def _check(experiment: Experiment, source: str, pool: Pool | None) -> CheckedSpace:
+    """The up-front checks (run.checks); the workers' device and address only when this search starts its pool."""
+    checked = check_space(experiment, source)
+    if pool is None:
+        check_workers(experiment.workers, source)
+    return checked
 
-    source = str(rd.config)
-    space_config = load_space_config(experiment.space, source=source, key="space")
-    models = space_models(space_config, source=source, key="space")
-    num_layers = {}
-    for model in models:
-        with ModelDir.open(model, source=source) as md:
-            num_layers[model] = md.num_layers
-    space = build_space(space_config, num_layers=num_layers, source=source, key="space")
+
+def _run(rd: RunDir, experiment: Experiment, checked: CheckedSpace, make_evaluator: EvaluatorFactory,
+         pool: Pool | None, progress: bool) -> Summary:
+    space_config, models, space = checked.config, checked.models, checked.space
     ledger = Ledger(rd.ledger)
     owned = pool is None
     try:
@@ -97,7 +99,8 @@ def _run(rd: RunDir, experiment: Experiment, make_evaluator: EvaluatorFactory, p
         if owned:
             base = _live_base(space_config, models)
             spec = RunnerSpec(tuple(models), base, partial(make_evaluator, experiment.evaluation, base),
-                              experiment.workers.device, experiment.workers.dtype)
+                              experiment.workers.device, experiment.workers.dtype,
+                              preflight_split=experiment.evaluation.split)
             pool = make_pool(spec, experiment.workers)
         loop = _Loop(experiment, rd, space, optimizer, ledger, pool, progress)
         loop.run()
@@ -156,6 +159,7 @@ class _Loop:
             self.recorded.setdefault(trial.candidate, trial)
             if trial.ok:
                 self.by_recipe.setdefault(trial.recipe_hash, trial)
+        self.failed_in_a_row = 0  # trials run by this process (see budget.max_consecutive_failures)
         self.results: dict[int, float | None] = {}  # arrived, not yet told
         self.in_flight: dict[int, tuple[str, str]] = {}  # candidate -> its recipe (evomerge YAML, identity)
         self.bar = None
@@ -220,6 +224,16 @@ class _Loop:
         if trial.ok:
             self.by_recipe.setdefault(trial.recipe_hash, trial)
         self._update_bar()
+        self._stop_if_failing(trial)
+
+    def _stop_if_failing(self, trial: Trial) -> None:
+        """Stop the run, resumable, after `budget.max_consecutive_failures` failed trials in a row."""
+        self.failed_in_a_row = 0 if trial.ok else self.failed_in_a_row + 1
+        limit = self.experiment.budget.max_consecutive_failures
+        if limit and self.failed_in_a_row >= limit:
+            raise EvomergeError(f"stopped after {limit} failed trials in a row; the last, candidate {trial.candidate}: "
+                                f"{trial.error}. Fix the cause and continue with `evomerge resume {self.rd.path}`",
+                                source=str(self.rd.path))
 
     def _record_repeat(self, cid: int, genome, twin: Trial) -> None:
         """A candidate whose recipe was scored before: scoring is deterministic, so its row is the twin's (worker

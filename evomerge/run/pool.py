@@ -14,7 +14,7 @@ import os
 import sys
 from abc import ABC, abstractmethod
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from evomerge.errors import EvomergeError
@@ -36,10 +36,14 @@ class RunnerSpec:
     make_evaluator: Callable[[], Any]
     device: str = "cpu"
     dtype: str | None = None
+    preflight_split: str | None = None  # score the base on one document per task of this split first (None: don't)
 
     def build(self, name: str) -> TrialRunner:
-        return TrialRunner(list(self.models), self.base, self.make_evaluator, device=self.device, dtype=self.dtype,
-                           name=name)
+        runner = TrialRunner(list(self.models), self.base, self.make_evaluator, device=self.device, dtype=self.dtype,
+                             name=name)
+        if self.preflight_split:
+            runner.preflight(self.preflight_split)
+        return runner
 
 
 class Pool(ABC):
@@ -107,13 +111,18 @@ class RayPool(Pool):
                                     "If it uses token authentication, set RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN, if "
                                     "the token is not in ~/.ray/auth_token)", key="workers.ray_address") from None
         gpu = spec.device.startswith("cuda")
+        if gpu and ray.cluster_resources().get("GPU", 0) < 1:  # an actor asking for a GPU would wait for one forever
+            self.close()
+            raise EvomergeError(f"{spec.device} asked for, but the Ray cluster has no GPU", key="workers.device")
         self._actor_class = ray.remote(_RayRunner).options(num_cpus=cpus, num_gpus=1 if gpu else 0)
         self.actors = [self._start(i) for i in range(num)]
-        try:  # a worker that cannot load its models fails the search now, not every trial later
-            ray.get([a.ready.remote() for a in self.actors])
+        try:  # a worker that cannot load its models or pass its preflight fails the search now, not every trial later
+            errors = [e for e in ray.get([a.ready.remote() for a in self.actors]) if e]
         except ray.exceptions.RayError as err:
+            errors = [f"a Ray worker failed to start: {str(err).strip().splitlines()[-1]}"]
+        if errors:
             self.close()
-            raise EvomergeError(f"a Ray worker failed to start: {str(err).strip().splitlines()[-1]}", key="workers") from None
+            raise EvomergeError(errors[0])
         self.free = deque(range(num))
         self.in_flight: dict[Any, tuple[int, Task, int]] = {}  # object ref -> (actor index, task, attempt)
         self.replaced = 0
@@ -121,7 +130,7 @@ class RayPool(Pool):
     def _start(self, index: int):
         spec = self.spec
         if spec.device.startswith("cuda"):  # Ray shows the actor its own GPU as cuda:0
-            spec = RunnerSpec(spec.models, spec.base, spec.make_evaluator, "cuda", spec.dtype)
+            spec = replace(spec, device="cuda")
         return self._actor_class.remote(spec, f"ray-{index}", self.cpus)
 
     @property
@@ -168,10 +177,15 @@ class _RayRunner:
         import torch
 
         torch.set_num_threads(cpus)  # its reserved cores: more threads than cores would make OpenMP threads wait
-        self.runner = spec.build(name)
+        self.runner, self.error = None, None
+        try:
+            self.runner = spec.build(name)
+        except EvomergeError as err:  # e.g. the preflight: reported by ready() as the line that stops the search
+            self.error = str(err)
 
-    def ready(self) -> str:
-        return self.runner.name
+    def ready(self) -> str | None:
+        """None when the worker can take trials, else the one-line reason it cannot."""
+        return self.error
 
     def run(self, candidate: int, recipe: str, split: str) -> TrialResult:
         return self.runner.run(candidate, recipe, split)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from evomerge.errors import EvomergeError
 from evomerge.merge.materialize import LiveMaterializer, ResidentSources
 from evomerge.merge.rng import memoize_draws
 from evomerge.merge.sparsify import keep_orders
@@ -81,6 +82,18 @@ class TrialRunner:
         layers = {m: decoder_layers(model) for m, model in models.items()}
         return build_path_model(models[recipe.layers[0].source], layers, [(s.source, s.layer, s.scale) for s in recipe.layers],
                                 last=models[recipe.layers[-1].source])
+
+    def preflight(self, split: str) -> None:
+        """Score the live base once, on one document per task, before the first trial: an error here (a missing
+        package, an unreadable task, a model the evaluator cannot run) would fail every trial alike."""
+        try:
+            evaluation = self.evaluator.evaluate(self.merged, split=split, limit=1)
+            error = None if evaluation.status == "ok" else evaluation.error
+        except Exception as err:  # noqa: BLE001 - reported as the one line that stops the search
+            error = f"{type(err).__name__}: {err}"
+        if error:
+            raise EvomergeError(f"scoring the base model on one document per task failed before the first trial "
+                                f"({self.name}): {error}", key="evaluation")
 
     def run(self, candidate: int, recipe_yaml: str, split: str = "search") -> TrialResult:
         import yaml

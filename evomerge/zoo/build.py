@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
 from evomerge.errors import EvomergeError, did_you_mean
 from evomerge.zoo.skills import DISTRACTOR, EXPERT_SKILLS
@@ -133,9 +132,7 @@ def _build(out: Path, seed: int, size: str, spec: ZooSpec | None, log: Callable[
 def _record(manifest: dict, name: str, model, out: Path, base_state, seconds: float, *, skill, log) -> None:
     path = out / name
     path.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(path)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors",
-              metadata={"format": "pt"})
+    model.save_pretrained(path)  # config.json with `architectures` (mergekit needs it), generation_config.json, weights
     save_tokenizer(path)
     scores = {s: quick_accuracy(model, s) for s in PRETRAIN_SKILLS}
     entry = {"path": name, "skill": skill, "train_seconds": round(seconds, 1),

@@ -1,0 +1,108 @@
+"""Up-front checks: everything a search needs is checked before its run dir is made or its config frozen.
+
+Each problem is one EvomergeError that names the experiment file and the key at fault (the CLI prints it and exits 2),
+so a corrected experiment starts cleanly instead of meeting a half-made run dir. What is checked here: every model dir
+(exists, readable, one architecture and tensor shapes across sources, layer counts the space can use), the space
+itself (layer groups, bounds, fixed values), the device asked for, and that a Ray address answers. The tasks (names,
+splits, weights) are the evaluator's to check (`run.evaluation.check_tasks`): a search may bring its own evaluator.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from evomerge.errors import EvomergeError
+from evomerge.recipe import MERGED, LayerSlot, Recipe
+from evomerge.run.config import Experiment, WorkersConfig
+
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class CheckedSpace:
+    """What the checks read, for the search to reuse: the typed space config, its models and layer counts, the space."""
+    config: object  # spaces.SpaceConfig
+    models: list[str]
+    num_layers: dict[str, int]
+    space: object  # spaces.SearchSpace
+
+
+def check_space(experiment: Experiment, source: str) -> CheckedSpace:
+    """Open every model the space names and build the space from their real layer counts and tensors."""
+    from evomerge.merge.plan import plan_recipe
+    from evomerge.models.io import ModelDir
+    from evomerge.spaces import build_space, load_space_config, space_models
+    from evomerge.spaces.load import keys_under
+
+    config = load_space_config(experiment.space, source=source, key="space")
+    models = space_models(config, source=source, key="space")
+    dirs = {}
+    try:
+        for model in models:
+            try:
+                dirs[model] = ModelDir.open(model)
+            except EvomergeError as err:
+                raise EvomergeError(f"{model}: {err}", source=source, key=_model_key(config, model)) from None
+        num_layers = {model: d.num_layers for model, d in dirs.items()}
+        space = build_space(config, num_layers=num_layers, source=source, key="space")
+        with keys_under("space", source):
+            plan_recipe(space.decode(space.x0), dirs, source)  # architectures, tensor shapes, parameters of a candidate
+            sources = [m for m in getattr(config, "models", []) if m != MERGED]
+            if getattr(config, "kind", "ps") == "dfs" and len(sources) > 1:  # a layer path may take any source's layers
+                plan_recipe(Recipe(layers=[LayerSlot(source=m, layer=0) for m in sources]), dirs, source)
+    finally:
+        for d in dirs.values():
+            d.close()
+    return CheckedSpace(config, models, num_layers, space)
+
+
+def _model_key(config, model: str) -> str:
+    if getattr(config, "base_model", None) == model:
+        return "space.base_model"
+    return "space.models" if model in getattr(config, "models", []) else "space.merge"
+
+
+def check_workers(workers: WorkersConfig, source: str) -> None:
+    """The device exists here (a local pool, or the local Ray cluster a search starts), and a Ray address answers."""
+    if workers.backend == "ray" and workers.ray_address:
+        check_ray_address(workers.ray_address, source)  # the cluster's devices are checked once it is joined (pool)
+    else:
+        check_device(workers.device, source)
+
+
+def check_device(device: str, source: str, key: str = "workers.device") -> None:
+    import torch
+
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EvomergeError(f"not a device: {device!r} (examples: cpu, cuda, cuda:1)", source=source, key=key) from None
+    if kind.type == "cpu":
+        return
+    backend = getattr(torch, kind.type, None)
+    if kind.type == "mps":
+        backend = torch.backends.mps
+    if backend is None or not backend.is_available():
+        build = f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if kind.type == "cuda" else "")
+        raise EvomergeError(f"device {device!r} is not available on this machine ({build}); use cpu, or run where "
+                            f"{kind.type} is", source=source, key=key)
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if kind.index is not None and kind.index >= count:
+        raise EvomergeError(f"device {device!r} does not exist: this machine has {count} {kind.type} device(s)",
+                            source=source, key=key)
+
+
+def check_ray_address(address: str, source: str, key: str = "workers.ray_address") -> None:
+    """A TCP connection to the cluster's address, at most a few seconds (Ray itself retries for minutes)."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise EvomergeError(f"not a Ray address: {address!r} (HOST:PORT, e.g. 127.0.0.1:6379)", source=source, key=key)
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise EvomergeError(f"nothing answers at {address} ({reason}); is the cluster running (`ray status`)?",
+                            source=source, key=key) from None

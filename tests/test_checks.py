@@ -1,0 +1,180 @@
+"""`evomerge search` checks everything a search needs before it makes a run dir: each problem is one line naming the
+experiment file and the key, exit code 2, and nothing written; a worker's preflight stops a search whose every trial
+would fail, and a run that starts failing stops after `budget.max_consecutive_failures` trials in a row."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from evomerge.cli import main
+from evomerge.run.ledger import Ledger
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import build_tiny  # noqa: E402
+
+TOY = Path(__file__).resolve().parents[1] / "evals" / "toy"
+
+
+def experiment(zoo: Path, **sections) -> dict:
+    doc = {"name": "checks", "seed": 0,
+           "space": {"kind": "ps", "method": "ties", "base_model": str(zoo / "base"),
+                     "models": [str(zoo / "expert_cipher"), str(zoo / "expert_reverse")],
+                     "search": ["weight", "density"], "layer_groups": 1,
+                     "bounds": {"weight": [0.0, 1.0], "density": [0.2, 1.0]}},
+           "optimizer": {"name": "random"}, "budget": {"trials": 2},
+           "evaluation": {"tasks": ["toy_cipher_gen", "toy_reverse_gen"], "limit": 2}, "validation": {"top_k": 1}}
+    for section, value in sections.items():
+        doc[section] = {**doc.get(section, {}), **value} if isinstance(value, dict) else value
+    return doc
+
+
+def search(tmp_path: Path, doc: dict, *extra):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return CliRunner().invoke(main, ["search", str(path), "--run-dir", str(tmp_path / "run"), *extra])
+
+
+def assert_refused(result, tmp_path: Path, key: str, message: str) -> None:
+    """Exit 2, one line `error: <experiment file>: <key>: <message...>`, and no run dir."""
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'exp.yaml'}: {key}: "), result.output
+    assert message in lines[0], lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory):
+    """Models the tiny zoo's experts cannot merge with: another layer count, another hidden size."""
+    root = tmp_path_factory.mktemp("odd")
+    return {"three_layers": build_tiny("llama", root / "three_layers", num_layers=3, hidden=32),
+            "wider": build_tiny("llama", root / "wider", num_layers=2, hidden=48)}
+
+
+def test_a_missing_model_dir(tiny_zoo, tmp_path):
+    doc = experiment(tiny_zoo, space={"models": [str(tiny_zoo / "expert_cipher"), str(tmp_path / "nope")]})
+    assert_refused(search(tmp_path, doc), tmp_path, "space.models", "no such model directory")
+
+
+def test_more_layer_groups_than_layers(tiny_zoo, tmp_path):
+    assert_refused(search(tmp_path, experiment(tiny_zoo, space={"layer_groups": 3})), tmp_path, "space.layer_groups",
+                   "3 groups for 2 layers")
+
+
+def test_density_bounds_outside_the_unit_interval(tiny_zoo, tmp_path):
+    doc = experiment(tiny_zoo, space={"bounds": {"weight": [0.0, 1.0], "density": [0.1, 1.5]}})
+    assert_refused(search(tmp_path, doc), tmp_path, "space.bounds.density", "1.5")
+
+
+def test_models_of_different_layer_counts(tiny_zoo, odd_models, tmp_path):
+    doc = experiment(tiny_zoo, space={"models": [str(tiny_zoo / "expert_cipher"), str(odd_models["three_layers"])]})
+    assert_refused(search(tmp_path, doc), tmp_path, "space.models", "one layer count")
+
+
+def test_tensor_shapes_that_differ(tiny_zoo, odd_models, tmp_path):
+    doc = experiment(tiny_zoo, space={"models": [str(tiny_zoo / "expert_cipher"), str(odd_models["wider"])]})
+    assert_refused(search(tmp_path, doc), tmp_path, "space.models", "has shape")
+
+
+def test_a_layer_path_over_models_that_differ(tiny_zoo, odd_models, tmp_path):
+    doc = experiment(tiny_zoo, space={"kind": "dfs", "models": [str(tiny_zoo / "expert_cipher"), str(odd_models["wider"])],
+                                      "repeats": 1})
+    for key in ("method", "base_model", "search", "layer_groups", "bounds"):
+        del doc["space"][key]
+    assert_refused(search(tmp_path, doc), tmp_path, "space.models", "has shape")
+
+
+def test_weights_of_a_task_not_evaluated(tiny_zoo, tmp_path):
+    doc = experiment(tiny_zoo, evaluation={"weights": {"toy_digits_gen": 2.0}})
+    assert_refused(search(tmp_path, doc), tmp_path, "evaluation.weights", "'toy_digits_gen'")
+
+
+def test_a_search_split_the_tasks_lack(tiny_zoo, tmp_path):
+    doc = experiment(tiny_zoo, evaluation={"split": "train"})
+    assert_refused(search(tmp_path, doc), tmp_path, "evaluation.split", "has no split 'train'")
+
+
+def test_a_held_out_split_a_task_lacks(tiny_zoo, tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "two_splits.py").write_text(textwrap.dedent("""
+        import datasets
+
+        def load(**_):
+            rows = [{"prompt": "sub abc= ", "answer": "x"}]
+            return {"search": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows)}
+    """))
+    (tasks / "mine.yaml").write_text((TOY / "_toy_gen_template").read_text().replace("toy_data.load", "two_splits.load")
+                                     + "task: mine\n")
+    doc = experiment(tiny_zoo, evaluation={"tasks": ["mine"], "task_dirs": [str(tasks)]})
+    assert_refused(search(tmp_path, doc), tmp_path, "evaluation.tasks", "task mine has no split 'validation'")
+
+
+def test_a_missing_task_dir(tiny_zoo, tmp_path):
+    doc = experiment(tiny_zoo, evaluation={"task_dirs": [str(tmp_path / "nope")]})
+    assert_refused(search(tmp_path, doc), tmp_path, "evaluation.task_dirs", "task dir does not exist")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_a_device_this_machine_lacks(tiny_zoo, tmp_path):
+    assert_refused(search(tmp_path, experiment(tiny_zoo, workers={"device": "cuda"})), tmp_path, "workers.device",
+                   "'cuda' is not available")
+    assert_refused(search(tmp_path, experiment(tiny_zoo, workers={"device": "gpu"})), tmp_path, "workers.device",
+                   "not a device: 'gpu'")
+
+
+def test_a_ray_address_nothing_answers(tiny_zoo, tmp_path):
+    import socket
+
+    with socket.socket() as unused:  # a port that was free a moment ago: nothing listens there
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    result = search(tmp_path, experiment(tiny_zoo), "--ray-address", f"127.0.0.1:{port}")
+    assert_refused(result, tmp_path, "workers.ray_address", f"nothing answers at 127.0.0.1:{port}")
+
+
+def failing_metric_task_dir(root: Path, broken: str) -> Path:
+    """A user task over the toy cipher data whose metric imports a module (`broken` names one that does not exist:
+    the package is missing); data loading, as in the up-front checks, is fine."""
+    tasks = root / "metric_tasks"
+    tasks.mkdir()
+    (tasks / "toy_data.py").write_text((TOY / "toy_data.py").read_text())
+    (tasks / "data").mkdir()
+    for split in ("search", "validation", "test"):
+        (tasks / "data" / f"cipher_{split}.jsonl").write_text((TOY / "data" / f"cipher_{split}.jsonl").read_text())
+    (tasks / "scoring.py").write_text(textwrap.dedent(f"""
+        import importlib
+
+        def process_results(doc, results):
+            importlib.import_module({broken!r})  # e.g. a judge's client package
+            return {{"exact_match": float(results[0].strip() == doc["answer"])}}
+    """))
+    (tasks / "judged.yaml").write_text((TOY / "_toy_gen_template").read_text()
+                                       + "task: judged\ndataset_kwargs:\n  skill: cipher\n"
+                                       + "process_results: !function scoring.process_results\n")
+    return tasks
+
+
+def test_the_preflight_stops_a_search_whose_every_trial_would_fail_and_resume_goes_on_after_the_fix(tiny_zoo, tmp_path):
+    tasks = failing_metric_task_dir(tmp_path, broken="a_package_that_is_not_installed")
+    doc = experiment(tiny_zoo, evaluation={"tasks": ["judged"], "task_dirs": [str(tasks)]})
+    result = search(tmp_path, doc)
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: evaluation: scoring the base model on one document per task failed before the "
+                           "first trial") and "No module named 'a_package_that_is_not_installed'" in line, line
+    run_dir = tmp_path / "run"
+    assert (run_dir / "config.yaml").exists() and Ledger(run_dir / "ledger.sqlite").trials("search") == []
+
+    (tasks / "scoring.py").write_text((tasks / "scoring.py").read_text().replace("a_package_that_is_not_installed",
+                                                                                 "json"))  # the package is installed
+    result = CliRunner().invoke(main, ["resume", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    trials = Ledger(run_dir / "ledger.sqlite").trials("search")
+    assert len(trials) == 2 and all(t.ok for t in trials)
