@@ -280,17 +280,32 @@ import sys
 sys.path.insert(0, {tests!r})
 from test_search_loop import evaluator_factory, experiment
 from evomerge.run.config import experiment_from_dict
-from evomerge.run.loop import search
-models = {models!r}
-search(experiment_from_dict(experiment(models)), {run_dir!r}, evaluator_factory(models, delay=0.15), progress=False)
+from evomerge.run.loop import resume, search
+models, run_dir, overrides = {models!r}, {run_dir!r}, {overrides!r}
+if {resume!r}:
+    resume(run_dir, evaluator_factory(models), progress=False)
+else:
+    search(experiment_from_dict(experiment(models, **overrides)), run_dir, evaluator_factory(models, delay=0.15),
+           progress=False)
 """
+# The optimum (weight 0.7 for the first expert) on the box's bound, and a wide step: many samples leave the box
+WIDE = {"optimizer": {"name": "cmaes", "options": {"sigma0": 0.5, "popsize": 6}}, "space.bounds": {"weight": [0.0, 0.7]}}
+
+
+def _script(models, run_dir, resume: bool, hash_seed: int, **popen):
+    """RESUMABLE in a fresh interpreter whose str/bytes hashes are salted with `hash_seed`."""
+    script = RESUMABLE.format(tests=str(Path(__file__).parent), models=models, run_dir=str(run_dir), overrides=WIDE,
+                              resume=resume)
+    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed), "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, env=env, **popen)
 
 
 def test_resume_after_sigkill_mid_generation_equals_an_uninterrupted_run(models, tmp_path):
-    reference = run(models, tmp_path / "reference")
+    reference = run(models, tmp_path / "reference", **WIDE)
+    weights = np.array([g for _, g in genomes(tmp_path / "reference")])
+    assert np.sum(np.minimum(weights, 0.7 - weights) < 0.035) >= 3  # where cma's bound transform is not the identity
     killed = tmp_path / "killed"
-    script = RESUMABLE.format(tests=str(Path(__file__).parent), models=models, run_dir=str(killed))
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    proc = _script(models, killed, resume=False, hash_seed=1)
     deadline = time.time() + 60
     while _rows(killed / "ledger.sqlite") < 9:  # popsize 6: candidate 8 is in the second generation
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -304,11 +319,12 @@ def test_resume_after_sigkill_mid_generation_equals_an_uninterrupted_run(models,
     (corrupt / "optimizer.pkl").write_bytes(b"\x80\x05not a pickle")
 
     for run_dir in (killed, corrupt):
-        summary = resume(run_dir, evaluator_factory(models), progress=False)
+        proc = _script(models, run_dir, resume=True, hash_seed=2)
+        assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
         assert genomes(run_dir) == genomes(tmp_path / "reference")
-        assert summary == reference
         assert json.loads((run_dir / "best" / "scores.json").read_text()) == \
             json.loads((tmp_path / "reference" / "best" / "scores.json").read_text())
+    assert resume(killed, evaluator_factory(models), progress=False) == reference  # finished: only re-read
     assert "rebuilding the optimizer and replaying the ledger" in (corrupt / "logs" / "search.log").read_text()
     assert not (killed / "logs" / "search.log").exists()  # resumed from optimizer.pkl
 
