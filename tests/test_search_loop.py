@@ -313,10 +313,15 @@ def test_resume_after_sigkill_mid_generation_equals_an_uninterrupted_run(models,
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    no_wal = tmp_path / "no_wal"  # copied before any reader's close folds the WAL into ledger.sqlite
+    shutil.copytree(killed, no_wal, ignore=shutil.ignore_patterns("*-wal", "*-shm"))
     assert 9 <= _rows(killed / "ledger.sqlite") < 12  # killed in the second generation
     corrupt = tmp_path / "corrupt"
     shutil.copytree(killed, corrupt)
     (corrupt / "optimizer.pkl").write_bytes(b"\x80\x05not a pickle")
+    with pytest.raises(EvomergeError, match=r"no_wal/ledger.sqlite: the ledger lacks \d+ trial\(s\) that optimizer.pkl "
+                                            r"has seen \(candidates 0, 1, 2, 3, 4, 5.*\): .* copied without ledger.sqlite-wal"):
+        resume(no_wal, evaluator_factory(models), progress=False)
 
     for run_dir in (killed, corrupt):
         proc = _script(models, run_dir, resume=True, hash_seed=2)
@@ -335,6 +340,21 @@ def _rows(path: Path) -> int:
             return db.execute("SELECT count(*) FROM trials").fetchone()[0]
     except sqlite3.OperationalError:  # not created yet
         return 0
+
+
+def test_a_damaged_ledger_stops_resume_with_one_line(models, tmp_path):
+    run(models, tmp_path / "run", **{"budget.trials": 12})
+    size = (tmp_path / "run" / "ledger.sqlite").stat().st_size
+    damage = {"emptied": b"", "garbage": b"this is not a database" * 500,
+              "truncated": (tmp_path / "run" / "ledger.sqlite").read_bytes()[:size // 2]}
+    for name, content in damage.items():
+        shutil.copytree(tmp_path / "run", tmp_path / name)
+        (tmp_path / name / "ledger.sqlite").write_bytes(content)
+        expected = (r"the ledger lacks 12 trial\(s\) that optimizer.pkl has seen \(candidates 0, 1, 2, 3, 4, 5, 6, 7, \.\.\.\)"
+                    if name == "emptied" else r"unreadable ledger \(.*\); restore ledger.sqlite together with")
+        with pytest.raises(EvomergeError, match=rf"^{tmp_path / name}/ledger.sqlite: {expected}"):
+            resume(tmp_path / name, evaluator_factory(models), progress=False)
+    assert _rows(tmp_path / "run" / "ledger.sqlite") == 12 + 2 + 1  # search, validation, test
 
 
 def test_run_dir_in_use_and_config_mismatch_are_refused(models, tmp_path):

@@ -94,6 +94,7 @@ def _run(rd: RunDir, experiment: Experiment, make_evaluator: EvaluatorFactory, p
     owned = pool is None
     try:
         optimizer = _optimizer(experiment, rd, space, ledger)
+        _check_ledger(optimizer, ledger, rd, experiment.evaluation.split)
         if owned:
             base = _live_base(space_config, models)
             spec = RunnerSpec(tuple(models), base, partial(make_evaluator, experiment.evaluation, base),
@@ -134,6 +135,17 @@ def _optimizer(experiment: Experiment, rd: RunDir, space, ledger: Ledger) -> Opt
             raise
         raise EvomergeError(f"optimizer.pkl is unreadable and a fresh optimizer cannot replay the ledger ({err}); move "
                             "the optimizer's storage (optuna.sqlite3) aside and resume again", source=str(rd.path)) from None
+
+
+def _check_ledger(optimizer: Optimizer, ledger: Ledger, rd: RunDir, split: str) -> None:
+    """The ledger is the source of truth: every result the optimizer checkpoint was told must have its row there."""
+    recorded = {t.candidate for t in ledger.trials(split)}
+    lost = sorted(r.id for r in optimizer.results if r.id not in recorded)
+    if lost:
+        shown = ", ".join(map(str, lost[:8])) + (", ..." if len(lost) > 8 else "")
+        raise EvomergeError(f"the ledger lacks {len(lost)} trial(s) that optimizer.pkl has seen (candidates {shown}): "
+                            "it was emptied, replaced, or copied without ledger.sqlite-wal; restore both files from "
+                            "the original run dir, or start a new run dir", source=str(rd.ledger))
 
 
 def _log(rd: RunDir, message: str, echo: bool = False) -> None:
