@@ -130,9 +130,16 @@ def _evaluator_factory(experiment, source: str):
 
 
 def _print_summary(run_dir, summary) -> None:
+    """The winner; exit code 1 when a validation or test score failed (the run is not done until resume scores it)."""
     fitness = ", ".join(f"{split} {value:.4f}" for split, value in summary.fitness.items() if value is not None)
     click.echo(f"winner: trial {summary.candidate} ({fitness}); {summary.trials} trials, {summary.failed} failed")
     click.echo(f"best recipe: {run_dir}/best/recipe.yaml   report: evomerge report {run_dir}")
+    for failure in summary.held_out_failures:
+        click.echo(f"error: {failure}", err=True)
+    if summary.held_out_failures:
+        click.echo(f"error: {len(summary.held_out_failures)} held-out score(s) failed (logs/search.log); fix the cause "
+                   f"and run `evomerge resume {run_dir}` to score them", err=True)
+        sys.exit(1)
 
 
 @main.command()

@@ -1,5 +1,7 @@
 """`evomerge export` and `evomerge report` on a finished run; the exported YAML merges to the winner."""
 
+import re
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -97,6 +99,24 @@ def test_resume_of_a_finished_run_reprints_its_winner(ps_run, models, tmp_path, 
     assert f"winner: trial {winner} (" in result.output and "8 trials, 0 failed" in result.output
     result = run("resume", tmp_path, "--ray-address", "127.0.0.1:1")
     assert result.exit_code == 2 and "not a run directory (no config.yaml)" in result.output
+
+
+def test_a_failed_held_out_score_is_an_error_until_resume_scores_it(models, tmp_path, monkeypatch):  # noqa: F811
+    import yaml
+
+    import evomerge.cli
+
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(experiment(models, **{"budget.trials": 4, "workers.num": 1,
+                                                                            "validation.top_k": 0})))
+    broken = evaluator_factory(models, fail_splits=("test",))
+    monkeypatch.setattr(evomerge.cli, "_evaluator_factory", lambda config, source: broken)
+    result = run("search", tmp_path / "exp.yaml", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 1 and "test of trial" in result.output and "FileNotFoundError: no test data" in result.output
+    assert f"run `evomerge resume {tmp_path / 'run'}` to score them" in result.output
+    monkeypatch.setattr(evomerge.cli, "_evaluator_factory", lambda config, source: evaluator_factory(models))
+    result = run("resume", tmp_path / "run")
+    assert result.exit_code == 0 and "error" not in result.output
+    assert re.search(r"winner: trial \d+ \(search -[\d.]+, test -[\d.]+\); 4 trials, 0 failed", result.output)
 
 
 def test_search_seed_option_replaces_the_experiments_seed(models, tmp_path, monkeypatch):  # noqa: F811

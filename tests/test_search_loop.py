@@ -43,7 +43,8 @@ class DistanceEvaluator:
     """-||theta - target||^2 over the live model's parameters; optionally slow, or raising on chosen calls."""
 
     def __init__(self, base: str, experts: list[str], delay: float = 0.0, fail_calls: tuple[int, ...] = (),
-                 die_once: str | None = None, weights: tuple[float, ...] = TARGET_WEIGHTS):
+                 die_once: str | None = None, weights: tuple[float, ...] = TARGET_WEIGHTS,
+                 fail_splits: tuple[str, ...] = ()):
         from evomerge.models.io import ModelDir
 
         with ModelDir.open(base) as b:
@@ -51,11 +52,14 @@ class DistanceEvaluator:
             self.target = {n: b.get(n).double() + sum(w * (d.get(n).double() - b.get(n).double())
                                                       for w, d in zip(weights, dirs)) for n in b.tensor_names}
         self.delay, self.fail_calls, self.die_once, self.calls = delay, fail_calls, die_once, 0
+        self.fail_splits = fail_splits
 
     def evaluate(self, model, split: str) -> Evaluation:
         self.calls += 1
         if self.calls in self.fail_calls:
             raise RuntimeError("boom")
+        if split in self.fail_splits:
+            raise FileNotFoundError(f"no {split} data")
         if self.die_once and self.calls == 2 and not os.path.exists(self.die_once):  # the worker process dies, once
             Path(self.die_once).touch()
             os._exit(1)
@@ -379,6 +383,30 @@ def test_a_candidate_that_raises_is_recorded_failed_and_the_run_goes_on(models, 
     assert trials[1].fitness is None and trials[1].error == "RuntimeError: boom"
     assert summary.failed == 1 and summary.trials == 6 and summary.candidate != 1
     assert "candidate 1 (search) failed: RuntimeError: boom" in (tmp_path / "run" / "logs" / "search.log").read_text()
+
+
+def test_held_out_failures_are_reported_and_retried_by_resume(models, tmp_path):
+    overrides = {"budget.trials": 6, "workers.num": 1}
+    reference = run(models, tmp_path / "reference", **overrides)
+    broken = run(models, tmp_path / "run", evaluator=evaluator_factory(models, fail_splits=("validation", "test")),
+                 **overrides)
+    assert broken.fitness["validation"] is None and broken.fitness["test"] is None
+    assert len(broken.held_out_failures) == 3  # two elites on validation, the winner on test
+    assert broken.held_out_failures[0].startswith("validation of trial ")
+    assert broken.held_out_failures[-1] == f"test of trial {broken.candidate}: FileNotFoundError: no test data"
+    scores = json.loads((tmp_path / "run" / "best" / "scores.json").read_text())
+    assert scores["held_out_failures"] == list(broken.held_out_failures)
+    fixed = resume(tmp_path / "run", evaluator_factory(models), progress=False)  # the data is back: tried again
+    assert fixed == reference and fixed.held_out_failures == ()
+    ledger = Ledger(tmp_path / "run" / "ledger.sqlite")
+    assert [t.ok for t in ledger.trials("validation")] == [False, False, True, True]
+    assert [t.ok for t in ledger.trials("test")] == [False, True]
+
+
+def test_the_search_split_is_never_a_held_out_one(models, tmp_path):
+    for split in ("validation", "test"):
+        with pytest.raises(EvomergeError, match=rf"evaluation.split: the search cannot score on '{split}'"):
+            experiment_from_dict(experiment(models, **{"evaluation.split": split}), source="exp.yaml")
 
 
 def test_experiment_errors_name_the_file_and_key(models, tmp_path):

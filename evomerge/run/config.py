@@ -42,6 +42,9 @@ class BudgetConfig(_Schema):
     trials: int = Field(ge=1)  # search-split evaluations, exactly (a CMA-ES generation past the budget is cut)
 
 
+HELD_OUT = ("validation", "test")  # the splits the search never sees (see run.loop)
+
+
 class EvaluationConfig(_Schema):
     tasks: list[str] = Field(default_factory=list)
     split: str = "search"
@@ -52,6 +55,14 @@ class EvaluationConfig(_Schema):
     objectives: list[str] | None = Field(None, min_length=1)
     task_dirs: list[str] = Field(default_factory=list)  # user lm-eval task dirs, besides evomerge's evals/
     network: bool = False  # allow lm-eval's built-in tasks (their data is downloaded: needs network)
+
+    @field_validator("split")
+    @classmethod
+    def _not_held_out(cls, split):
+        if split in HELD_OUT:
+            raise ValueError(f"the search cannot score on {split!r}: validation picks the winner and test scores it "
+                             "once, so neither may guide the search (use search, or another split of your tasks)")
+        return split
 
     @field_validator("objectives")
     @classmethod
