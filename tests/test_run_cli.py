@@ -69,6 +69,35 @@ def test_report_writes_plots_and_summary(ps_run):
     assert "Trials: 8" in summary and "Median time per trial" in summary
 
 
+def test_export_into_a_missing_dir_is_one_line(ps_run, tmp_path):
+    result = run("export", ps_run, "-o", tmp_path / "missing" / "best.yaml")
+    assert result.exit_code == 2
+    assert result.output == f"error: {tmp_path / 'missing' / 'best.yaml'}: cannot write (no such directory: " \
+                            f"{tmp_path / 'missing'})\n"
+    assert not (tmp_path / "missing").exists()
+
+
+def test_resume_of_a_run_dir_it_cannot_write_is_one_line(ps_run, models, tmp_path, monkeypatch):  # noqa: F811
+    import os
+    import shutil
+
+    import evomerge.cli
+
+    monkeypatch.setattr(evomerge.cli, "_evaluator_factory", lambda config, source: evaluator_factory(models))
+    copy = tmp_path / "copy"
+    shutil.copytree(ps_run, copy)
+    if os.geteuid() == 0:  # root writes anywhere: make the lock itself unopenable instead
+        (copy / "lock").unlink(missing_ok=True)
+        (copy / "lock").mkdir()
+    else:
+        copy.chmod(0o555)
+    result = run("resume", copy)
+    copy.chmod(0o755)
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert result.output.startswith(f"error: {copy}: cannot write in the run dir (")
+    assert "copy it (with ledger.sqlite-wal) to a writable place" in result.output
+
+
 def test_export_and_report_refuse_a_dir_without_a_run(tmp_path):
     for verb in ("export", "report"):
         result = run(verb, tmp_path)
