@@ -361,6 +361,32 @@ def test_a_damaged_ledger_stops_resume_with_one_line(models, tmp_path):
     assert _rows(tmp_path / "run" / "ledger.sqlite") == 12 + 2 + 1  # search, validation, test
 
 
+def test_relative_paths_are_relative_to_the_experiment_file_and_frozen_absolute(models, tmp_path, monkeypatch):
+    """Models (in the experiment and in an included space file), includes and task dirs; then a run started in one
+    working directory resumes from another."""
+    exp_dir, elsewhere = tmp_path / "exp", tmp_path / "elsewhere"
+    (exp_dir / "spaces").mkdir(parents=True), (exp_dir / "tasks").mkdir(), elsewhere.mkdir()
+    space = {**experiment(models)["space"], "models": [os.path.relpath(m, exp_dir / "spaces") for m in models["experts"]]}
+    (exp_dir / "spaces" / "s.yaml").write_text(yaml.safe_dump(space))
+    doc = experiment(models, **{"workers.num": 3, "budget.trials": 14, "evaluation.task_dirs": ["tasks"]})
+    doc["space"] = {"include": "spaces/s.yaml", "base_model": os.path.relpath(models["base"], exp_dir)}
+    (exp_dir / "e.yaml").write_text(yaml.safe_dump(doc))
+    monkeypatch.chdir(elsewhere)  # neither the experiment's dir, nor the space file's, nor the models'
+    loaded = load_experiment(Path("..") / "exp" / "e.yaml")
+    assert loaded.space["base_model"] == models["base"] and loaded.space["models"] == models["experts"]
+    assert loaded.evaluation.task_dirs == [str(exp_dir / "tasks")]
+    reference = run(models, tmp_path / "reference", **{"workers.num": 3, "budget.trials": 14})
+    with pytest.raises(Interrupted):
+        search(loaded, tmp_path / "run", evaluator_factory(models), progress=False,
+               pool=interrupting_pool(5)(RunnerSpec((models["base"], *models["experts"]), models["base"],
+                                                    partial(evaluator_factory(models), loaded.evaluation, models["base"])), 3))
+    frozen = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert frozen["space"]["base_model"] == models["base"] and frozen["evaluation"]["task_dirs"] == [str(exp_dir / "tasks")]
+    monkeypatch.chdir(exp_dir / "spaces")
+    assert resume(Path("../../run"), evaluator_factory(models), progress=False) == reference
+    assert genomes(tmp_path / "run") == genomes(tmp_path / "reference")
+
+
 def test_run_dir_in_use_and_config_mismatch_are_refused(models, tmp_path):
     with RunDir(tmp_path / "run"):
         with pytest.raises(EvomergeError, match="run dir in use"):
