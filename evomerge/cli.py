@@ -18,9 +18,12 @@ def parse_size(text: str) -> int:
     number = text.rstrip("KMGBkmgb")
     unit = text[len(number):].upper()
     try:
-        return int(float(number) * SIZE_UNITS[unit])
+        size = int(float(number) * SIZE_UNITS[unit])
     except (ValueError, KeyError):
         raise EvomergeError(f"not a size: {text!r} (examples: 500MB, 5GB)", key="--out-shard-size") from None
+    if size <= 0:
+        raise EvomergeError(f"must be positive, got {text!r} (examples: 500MB, 5GB)", key="--out-shard-size")
+    return size
 
 
 def user_errors(fn):
@@ -102,6 +105,21 @@ def _load_target(target: str):
     return load_model_dir(target)
 
 
+def _check_target(target: str) -> None:
+    """What `_load_target` will need, checked before any target is scored: a recipe plans over its models' headers."""
+    from evomerge.evaluate.table import check_model_dir
+
+    if Path(target).is_file():
+        from evomerge.merge.materialize import open_model_dirs
+        from evomerge.merge.plan import plan_recipe
+        from evomerge.recipe import load_recipe
+
+        recipe = load_recipe(target)
+        plan_recipe(recipe, open_model_dirs(recipe, target), target)
+    else:
+        check_model_dir(target)
+
+
 @main.command("eval")
 @click.argument("targets", nargs=-1, required=True)
 @click.option("--tasks", required=True, help="comma-separated lm-eval tasks or groups (evomerge's: toy, toy_gen, ...)")
@@ -117,7 +135,8 @@ def evaluate(targets, tasks, split, limit, task_dirs, network, output_json, outp
     from evomerge.evaluate.table import evaluate_targets
 
     evaluate_targets(list(targets), tasks.split(","), split=split, limit=limit, task_dirs=task_dirs, network=network,
-                     load=_load_target, output_json=output_json, output_markdown=output_md, echo=click.echo)
+                     load=_load_target, check=_check_target, output_json=output_json, output_markdown=output_md,
+                     echo=click.echo)
 
 
 def _evaluator_factory(experiment, source: str):
@@ -130,9 +149,16 @@ def _evaluator_factory(experiment, source: str):
 
 
 def _print_summary(run_dir, summary) -> None:
+    """The winner; exit code 1 when a validation or test score failed (the run is not done until resume scores it)."""
     fitness = ", ".join(f"{split} {value:.4f}" for split, value in summary.fitness.items() if value is not None)
     click.echo(f"winner: trial {summary.candidate} ({fitness}); {summary.trials} trials, {summary.failed} failed")
     click.echo(f"best recipe: {run_dir}/best/recipe.yaml   report: evomerge report {run_dir}")
+    for failure in summary.held_out_failures:
+        click.echo(f"error: {failure}", err=True)
+    if summary.held_out_failures:
+        click.echo(f"error: {len(summary.held_out_failures)} held-out score(s) failed (logs/search.log); fix the cause "
+                   f"and run `evomerge resume {run_dir}` to score them", err=True)
+        sys.exit(1)
 
 
 @main.command()

@@ -374,11 +374,17 @@ def to_mergekit_yaml(recipe: Recipe) -> str:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file in the same directory and rename, so readers never see half a file."""
+    """Write via a temp file in the same directory and rename, so readers never see half a file. An OS error (a
+    missing or read-only directory, a full disk) is a one-line EvomergeError naming `path`; no temp file is left."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        where = "no such directory" if isinstance(err, FileNotFoundError) else err.strerror
+        raise EvomergeError(f"cannot write ({where}: {path.parent})", source=str(path)) from None
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike, fmt: Literal["evomerge", "mergekit"] = "evomerge") -> None:

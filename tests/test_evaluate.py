@@ -172,6 +172,19 @@ def test_missing_data_file(tmp_path, tokenizer):
         HarnessEvaluator(["mine"], tokenizer, task_dirs=[str(d)])
 
 
+def test_a_missing_json_data_file_names_the_task_file_not_its_group(tmp_path, tokenizer, monkeypatch):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    (d / "mine.yaml").write_text("task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files: {test: data/mine.jsonl}\n"
+                                 "output_type: generate_until\ndoc_to_text: prompt\ndoc_to_target: answer\n"
+                                 "metric_list: [{metric: exact_match}]\n")
+    (d / "group.yaml").write_text("group: mine_group\ntask: [mine]\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EvomergeError, match=rf"^{d / 'mine.yaml'}: tasks: data file missing: .*{tmp_path / 'data'}"
+                                            r"/mine.jsonl.* \(relative data_files are read from the working directory\)"):
+        HarnessEvaluator(["mine_group"], tokenizer, task_dirs=[str(d)])
+
+
 def test_empty_and_unknown_split(tmp_path, tokenizer):
     d = _task_dir(tmp_path, "few", rows={"search": 0, "validation": 3, "test": 3})
     with pytest.raises(EvomergeError, match="task mine: split 'search' is empty"):

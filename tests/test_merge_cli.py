@@ -132,3 +132,22 @@ def test_non_empty_out_is_refused_unless_force(models, tmp_path):
 def test_nan_weights_merge_with_allow_nonfinite(models, tmp_path):
     recipe = write(tmp_path / "r.yaml", ties(models, base_model=corrupt(models, tmp_path)))
     assert run("merge", recipe, tmp_path / "out", "--allow-nonfinite").exit_code == 0
+
+
+@pytest.mark.parametrize("size", ["0", "-1MB", "0KB"])
+def test_out_shard_size_must_be_positive(models, tmp_path, size):
+    result = run("merge", write(tmp_path / "r.yaml", ties(models)), tmp_path / "out", "--out-shard-size", size)
+    assert result.exit_code == 2 and result.output == f"error: --out-shard-size: must be positive, got '{size}' " \
+                                                      "(examples: 500MB, 5GB)\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_checks_every_target_before_scoring_any(models, tmp_path):
+    bad = write(tmp_path / "bad.yaml", ties(models, base_model=str(tmp_path / "nope")))
+    result = run("eval", models[0], bad, "--tasks", "toy_digits", "--output-json", tmp_path / "scores.json")
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: {bad}: ") and "nope" in result.output
+    assert len(result.output.splitlines()) == 1 and not (tmp_path / "scores.json").exists()  # models[0] not scored
+    result = run("eval", models[0], tmp_path / "no_model", "--tasks", "toy_digits")
+    assert result.exit_code == 2 and result.output == f"error: {tmp_path / 'no_model'}: not a model directory " \
+                                                      "(no config.json)\n"

@@ -1,6 +1,7 @@
 """`evomerge export` and `evomerge report` on a finished run; the exported YAML merges to the winner."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -109,6 +110,35 @@ def test_report_writes_plots_and_summary(ps_run):
     assert "Trials: 8" in summary and "Median time per trial" in summary
 
 
+def test_export_into_a_missing_dir_is_one_line(ps_run, tmp_path):
+    result = run("export", ps_run, "-o", tmp_path / "missing" / "best.yaml")
+    assert result.exit_code == 2
+    assert result.output == f"error: {tmp_path / 'missing' / 'best.yaml'}: cannot write (no such directory: " \
+                            f"{tmp_path / 'missing'})\n"
+    assert not (tmp_path / "missing").exists()
+
+
+def test_resume_of_a_run_dir_it_cannot_write_is_one_line(ps_run, models, tmp_path, monkeypatch):  # noqa: F811
+    import os
+    import shutil
+
+    import evomerge.cli
+
+    monkeypatch.setattr(evomerge.cli, "_evaluator_factory", lambda config, source: evaluator_factory(models))
+    copy = tmp_path / "copy"
+    shutil.copytree(ps_run, copy)
+    if os.geteuid() == 0:  # root writes anywhere: make the lock itself unopenable instead
+        (copy / "lock").unlink(missing_ok=True)
+        (copy / "lock").mkdir()
+    else:
+        copy.chmod(0o555)
+    result = run("resume", copy)
+    copy.chmod(0o755)
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert result.output.startswith(f"error: {copy}: cannot write in the run dir (")
+    assert "copy it (with ledger.sqlite-wal) to a writable place" in result.output
+
+
 def test_export_and_report_refuse_a_dir_without_a_run(tmp_path):
     for verb in ("export", "report"):
         result = run(verb, tmp_path)
@@ -139,6 +169,24 @@ def test_resume_of_a_finished_run_reprints_its_winner(ps_run, models, tmp_path, 
     assert f"winner: trial {winner} (" in result.output and "8 trials, 0 failed" in result.output
     result = run("resume", tmp_path, "--ray-address", "127.0.0.1:1")
     assert result.exit_code == 2 and "not a run directory (no config.yaml)" in result.output
+
+
+def test_a_failed_held_out_score_is_an_error_until_resume_scores_it(models, tmp_path, monkeypatch):  # noqa: F811
+    import yaml
+
+    import evomerge.cli
+
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(experiment(models, **{"budget.trials": 4, "workers.num": 1,
+                                                                            "validation.top_k": 0})))
+    broken = evaluator_factory(models, fail_splits=("test",))
+    monkeypatch.setattr(evomerge.cli, "_evaluator_factory", lambda config, source: broken)
+    result = run("search", tmp_path / "exp.yaml", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 1 and "test of trial" in result.output and "FileNotFoundError: no test data" in result.output
+    assert f"run `evomerge resume {tmp_path / 'run'}` to score them" in result.output
+    monkeypatch.setattr(evomerge.cli, "_evaluator_factory", lambda config, source: evaluator_factory(models))
+    result = run("resume", tmp_path / "run")
+    assert result.exit_code == 0 and "error" not in result.output
+    assert re.search(r"winner: trial \d+ \(search -[\d.]+, test -[\d.]+\); 4 trials, 0 failed", result.output)
 
 
 def test_search_seed_option_replaces_the_experiments_seed(models, tmp_path, monkeypatch):  # noqa: F811

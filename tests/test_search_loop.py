@@ -43,7 +43,8 @@ class DistanceEvaluator:
     """-||theta - target||^2 over the live model's parameters; optionally slow, or raising on chosen calls."""
 
     def __init__(self, base: str, experts: list[str], delay: float = 0.0, fail_calls: tuple[int, ...] = (),
-                 die_once: str | None = None, weights: tuple[float, ...] = TARGET_WEIGHTS):
+                 die_once: str | None = None, weights: tuple[float, ...] = TARGET_WEIGHTS,
+                 fail_splits: tuple[str, ...] = ()):
         from evomerge.models.io import ModelDir
 
         with ModelDir.open(base) as b:
@@ -51,11 +52,14 @@ class DistanceEvaluator:
             self.target = {n: b.get(n).double() + sum(w * (d.get(n).double() - b.get(n).double())
                                                       for w, d in zip(weights, dirs)) for n in b.tensor_names}
         self.delay, self.fail_calls, self.die_once, self.calls = delay, fail_calls, die_once, 0
+        self.fail_splits = fail_splits
 
     def evaluate(self, model, split: str, limit: int | None = None) -> Evaluation:
         self.calls += limit is None  # trials only, not the worker's preflight (limit=1)
         if self.calls in self.fail_calls:
             raise RuntimeError("boom")
+        if split in self.fail_splits:
+            raise FileNotFoundError(f"no {split} data")
         if self.die_once and self.calls == 2 and not os.path.exists(self.die_once):  # the worker process dies, once
             Path(self.die_once).touch()
             os._exit(1)
@@ -281,17 +285,32 @@ import sys
 sys.path.insert(0, {tests!r})
 from test_search_loop import evaluator_factory, experiment
 from evomerge.run.config import experiment_from_dict
-from evomerge.run.loop import search
-models = {models!r}
-search(experiment_from_dict(experiment(models)), {run_dir!r}, evaluator_factory(models, delay=0.15), progress=False)
+from evomerge.run.loop import resume, search
+models, run_dir, overrides = {models!r}, {run_dir!r}, {overrides!r}
+if {resume!r}:
+    resume(run_dir, evaluator_factory(models), progress=False)
+else:
+    search(experiment_from_dict(experiment(models, **overrides)), run_dir, evaluator_factory(models, delay=0.15),
+           progress=False)
 """
+# The optimum (weight 0.7 for the first expert) on the box's bound, and a wide step: many samples leave the box
+WIDE = {"optimizer": {"name": "cmaes", "options": {"sigma0": 0.5, "popsize": 6}}, "space.bounds": {"weight": [0.0, 0.7]}}
+
+
+def _script(models, run_dir, resume: bool, hash_seed: int, **popen):
+    """RESUMABLE in a fresh interpreter whose str/bytes hashes are salted with `hash_seed`."""
+    script = RESUMABLE.format(tests=str(Path(__file__).parent), models=models, run_dir=str(run_dir), overrides=WIDE,
+                              resume=resume)
+    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed), "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, env=env, **popen)
 
 
 def test_resume_after_sigkill_mid_generation_equals_an_uninterrupted_run(models, tmp_path):
-    reference = run(models, tmp_path / "reference")
+    reference = run(models, tmp_path / "reference", **WIDE)
+    weights = np.array([g for _, g in genomes(tmp_path / "reference")])
+    assert np.sum(np.minimum(weights, 0.7 - weights) < 0.035) >= 3  # where cma's bound transform is not the identity
     killed = tmp_path / "killed"
-    script = RESUMABLE.format(tests=str(Path(__file__).parent), models=models, run_dir=str(killed))
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    proc = _script(models, killed, resume=False, hash_seed=1)
     deadline = time.time() + 60
     while _rows(killed / "ledger.sqlite") < 9:  # popsize 6: candidate 8 is in the second generation
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -299,17 +318,23 @@ def test_resume_after_sigkill_mid_generation_equals_an_uninterrupted_run(models,
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    no_wal = tmp_path / "no_wal"  # copied before any reader's close folds the WAL into ledger.sqlite
+    shutil.copytree(killed, no_wal, ignore=shutil.ignore_patterns("*-wal", "*-shm"))
     assert 9 <= _rows(killed / "ledger.sqlite") < 12  # killed in the second generation
     corrupt = tmp_path / "corrupt"
     shutil.copytree(killed, corrupt)
     (corrupt / "optimizer.pkl").write_bytes(b"\x80\x05not a pickle")
+    with pytest.raises(EvomergeError, match=r"no_wal/ledger.sqlite: the ledger lacks \d+ trial\(s\) that optimizer.pkl "
+                                            r"has seen \(candidates 0, 1, 2, 3, 4, 5.*\): .* copied without ledger.sqlite-wal"):
+        resume(no_wal, evaluator_factory(models), progress=False)
 
     for run_dir in (killed, corrupt):
-        summary = resume(run_dir, evaluator_factory(models), progress=False)
+        proc = _script(models, run_dir, resume=True, hash_seed=2)
+        assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
         assert genomes(run_dir) == genomes(tmp_path / "reference")
-        assert summary == reference
         assert json.loads((run_dir / "best" / "scores.json").read_text()) == \
             json.loads((tmp_path / "reference" / "best" / "scores.json").read_text())
+    assert resume(killed, evaluator_factory(models), progress=False) == reference  # finished: only re-read
     assert "rebuilding the optimizer and replaying the ledger" in (corrupt / "logs" / "search.log").read_text()
     assert not (killed / "logs" / "search.log").exists()  # resumed from optimizer.pkl
 
@@ -320,6 +345,47 @@ def _rows(path: Path) -> int:
             return db.execute("SELECT count(*) FROM trials").fetchone()[0]
     except sqlite3.OperationalError:  # not created yet
         return 0
+
+
+def test_a_damaged_ledger_stops_resume_with_one_line(models, tmp_path):
+    run(models, tmp_path / "run", **{"budget.trials": 12})
+    size = (tmp_path / "run" / "ledger.sqlite").stat().st_size
+    damage = {"emptied": b"", "garbage": b"this is not a database" * 500,
+              "truncated": (tmp_path / "run" / "ledger.sqlite").read_bytes()[:size // 2]}
+    for name, content in damage.items():
+        shutil.copytree(tmp_path / "run", tmp_path / name)
+        (tmp_path / name / "ledger.sqlite").write_bytes(content)
+        expected = (r"the ledger lacks 12 trial\(s\) that optimizer.pkl has seen \(candidates 0, 1, 2, 3, 4, 5, 6, 7, \.\.\.\)"
+                    if name == "emptied" else r"unreadable ledger \(.*\); restore ledger.sqlite together with")
+        with pytest.raises(EvomergeError, match=rf"^{tmp_path / name}/ledger.sqlite: {expected}"):
+            resume(tmp_path / name, evaluator_factory(models), progress=False)
+    assert _rows(tmp_path / "run" / "ledger.sqlite") == 12 + 2 + 1  # search, validation, test
+
+
+def test_relative_paths_are_relative_to_the_experiment_file_and_frozen_absolute(models, tmp_path, monkeypatch):
+    """Models (in the experiment and in an included space file), includes and task dirs; then a run started in one
+    working directory resumes from another."""
+    exp_dir, elsewhere = tmp_path / "exp", tmp_path / "elsewhere"
+    (exp_dir / "spaces").mkdir(parents=True), (exp_dir / "tasks").mkdir(), elsewhere.mkdir()
+    space = {**experiment(models)["space"], "models": [os.path.relpath(m, exp_dir / "spaces") for m in models["experts"]]}
+    (exp_dir / "spaces" / "s.yaml").write_text(yaml.safe_dump(space))
+    doc = experiment(models, **{"workers.num": 3, "budget.trials": 14, "evaluation.task_dirs": ["tasks"]})
+    doc["space"] = {"include": "spaces/s.yaml", "base_model": os.path.relpath(models["base"], exp_dir)}
+    (exp_dir / "e.yaml").write_text(yaml.safe_dump(doc))
+    monkeypatch.chdir(elsewhere)  # neither the experiment's dir, nor the space file's, nor the models'
+    loaded = load_experiment(Path("..") / "exp" / "e.yaml")
+    assert loaded.space["base_model"] == models["base"] and loaded.space["models"] == models["experts"]
+    assert loaded.evaluation.task_dirs == [str(exp_dir / "tasks")]
+    reference = run(models, tmp_path / "reference", **{"workers.num": 3, "budget.trials": 14})
+    with pytest.raises(Interrupted):
+        search(loaded, tmp_path / "run", evaluator_factory(models), progress=False,
+               pool=interrupting_pool(5)(RunnerSpec((models["base"], *models["experts"]), models["base"],
+                                                    partial(evaluator_factory(models), loaded.evaluation, models["base"])), 3))
+    frozen = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert frozen["space"]["base_model"] == models["base"] and frozen["evaluation"]["task_dirs"] == [str(exp_dir / "tasks")]
+    monkeypatch.chdir(exp_dir / "spaces")
+    assert resume(Path("../../run"), evaluator_factory(models), progress=False) == reference
+    assert genomes(tmp_path / "run") == genomes(tmp_path / "reference")
 
 
 def test_run_dir_in_use_and_config_mismatch_are_refused(models, tmp_path):
@@ -358,6 +424,30 @@ def test_a_run_whose_trials_keep_failing_stops_and_resume_goes_on_after_the_fix(
     summary = resume(tmp_path / "run", evaluator_factory(models), progress=False)  # fixed: the budget is spent
     assert summary.trials == 12 and summary.failed == 4
     assert len(Ledger(tmp_path / "run" / "ledger.sqlite").trials("search")) == 12
+
+
+def test_held_out_failures_are_reported_and_retried_by_resume(models, tmp_path):
+    overrides = {"budget.trials": 6, "workers.num": 1}
+    reference = run(models, tmp_path / "reference", **overrides)
+    broken = run(models, tmp_path / "run", evaluator=evaluator_factory(models, fail_splits=("validation", "test")),
+                 **overrides)
+    assert broken.fitness["validation"] is None and broken.fitness["test"] is None
+    assert len(broken.held_out_failures) == 3  # two elites on validation, the winner on test
+    assert broken.held_out_failures[0].startswith("validation of trial ")
+    assert broken.held_out_failures[-1] == f"test of trial {broken.candidate}: FileNotFoundError: no test data"
+    scores = json.loads((tmp_path / "run" / "best" / "scores.json").read_text())
+    assert scores["held_out_failures"] == list(broken.held_out_failures)
+    fixed = resume(tmp_path / "run", evaluator_factory(models), progress=False)  # the data is back: tried again
+    assert fixed == reference and fixed.held_out_failures == ()
+    ledger = Ledger(tmp_path / "run" / "ledger.sqlite")
+    assert [t.ok for t in ledger.trials("validation")] == [False, False, True, True]
+    assert [t.ok for t in ledger.trials("test")] == [False, True]
+
+
+def test_the_search_split_is_never_a_held_out_one(models, tmp_path):
+    for split in ("validation", "test"):
+        with pytest.raises(EvomergeError, match=rf"evaluation.split: the search cannot score on '{split}'"):
+            experiment_from_dict(experiment(models, **{"evaluation.split": split}), source="exp.yaml")
 
 
 def test_experiment_errors_name_the_file_and_key(models, tmp_path):

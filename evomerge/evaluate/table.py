@@ -24,22 +24,31 @@ def load_model_dir(path: str | os.PathLike, *, device: str = "cpu", dtype=None):
     EvomergeError."""
     from transformers import AutoTokenizer
 
+    check_model_dir(path)
+    return load_causal_lm(path, dtype).to(device).eval(), AutoTokenizer.from_pretrained(str(path))
+
+
+def check_model_dir(path: str | os.PathLike) -> None:
+    """What `load_model_dir` needs of a dir: a config.json and a tokenizer."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise EvomergeError("not a model directory (no config.json)", source=str(path))
     if not any((path / f).is_file() for f in VOCAB_FILES):
         raise EvomergeError(f"model has no tokenizer (none of {', '.join(VOCAB_FILES)}); copy the base model's "
                             f"tokenizer files in, or set tokenizer_source in the recipe", source=str(path))
-    return load_causal_lm(path, dtype).to(device).eval(), AutoTokenizer.from_pretrained(str(path))
 
 
 def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str | None = "test",
                      limit: int | None = None, task_dirs: Sequence[str] = (), network: bool = False,
                      load: Callable[[str], tuple[object, object]] | None = None,
+                     check: Callable[[str], None] | None = None,
                      output_json: str | os.PathLike | None = None, output_markdown: str | os.PathLike | None = None,
                      echo: Callable[[str], None] | None = print) -> dict:
-    """Evaluate every target on `tasks`; returns (and optionally writes) {split, tasks, chance, results}."""
+    """Evaluate every target on `tasks`; returns (and optionally writes) {split, tasks, chance, results}.
+    `check(target)`, for every target before any is scored, raises on one that cannot be loaded."""
     load = load or load_model_dir
+    for target in targets:
+        (check or check_model_dir)(target)
     evaluator, results = None, []
     for target in targets:
         model, tokenizer = load(target)

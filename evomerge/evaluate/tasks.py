@@ -66,7 +66,8 @@ def load_tasks(names: Sequence[str], task_dirs: Sequence[str | os.PathLike] = ()
         return manager.load(list(names))
     except FileNotFoundError as err:
         missing = err.filename or str(err)
-        raise EvomergeError(f"data file missing: {missing}", source=_task_file(manager, names), key="tasks") from None
+        raise EvomergeError(f"data file missing: {missing} (relative data_files are read from the working directory)",
+                            source=_failing_task_file(manager, names), key="tasks") from None
     except Exception as err:  # a malformed YAML, a dataset that cannot be fetched: name the task, keep one line
         raise EvomergeError(f"cannot load task(s) {', '.join(names)}: {type(err).__name__}: {_first_line(err)}",
                             source=_task_file(manager, names), key="tasks") from None
@@ -86,6 +87,31 @@ def select_split(task, split: str | None) -> int:
         raise EvomergeError(f"task {name}: split {task.config.test_split or task.config.validation_split!r} is empty",
                             key="split")
     return n
+
+
+def _failing_task_file(manager, names: Sequence[str]) -> str | None:
+    """The YAML of the first leaf task under `names` whose data cannot be found (a group's file names none)."""
+    for leaf in _leaves(manager, names):
+        try:
+            manager.load([leaf])
+        except FileNotFoundError:
+            return _task_file(manager, [leaf])
+        except Exception:  # noqa: BLE001 - another task's problem; keep looking for the missing file
+            continue
+    return _task_file(manager, names)
+
+
+def _leaves(manager, names: Sequence[str]) -> list[str]:
+    """The task names under `names`, groups expanded through their YAML's `task:` list."""
+    out = []
+    for name in names:
+        cfg = getattr(manager.task_index.get(name), "cfg", None) or {}
+        members = cfg.get("task") if "group" in cfg else None
+        if isinstance(members, list):
+            out += _leaves(manager, [m for m in members if isinstance(m, str)])
+        else:
+            out.append(name)
+    return out
 
 
 def _task_file(manager, names: Sequence[str]) -> str | None:

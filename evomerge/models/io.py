@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import struct
 import uuid
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 
 from evomerge.errors import EvomergeError
 from evomerge.models.architectures import Architecture, architecture_for
+from evomerge.paths import HUB_ID
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -29,7 +29,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 _HUB_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.jinja", "tokenizer.model"]
-_HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -47,7 +46,7 @@ def _read_header(file: Path) -> dict[str, dict]:
 def _resolve(ref: str) -> Path:
     """A local directory, or a hub snapshot when `ref` is not a local path but looks like a repo id."""
     path = Path(ref).expanduser()
-    if path.exists() or not _HUB_ID.fullmatch(str(ref)):
+    if path.exists() or not HUB_ID.fullmatch(str(ref)):
         return path
     from huggingface_hub import snapshot_download
 

@@ -2,6 +2,11 @@
 
 `ask` gives a whole generation, then [] until every member is told (results in any order); the generation goes to cma
 once complete. cma minimizes, so it is told -fitness; a failed member is told a loss worse than the worst seen yet.
+
+Resume: cma keeps each sample's genotype (before its bound repair) in `sent_solutions`, a dict keyed by
+`hash(x.tobytes())`; bytes hashes are salted per process, so an unpickled strategy finds none of them and would rebuild
+the genotypes from the repaired genomes. This class keeps the generation's genotypes itself and gives them back to cma
+before telling it, so a run resumed in another process goes on exactly as the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class CMAES(Optimizer):
             options["popsize"] = popsize
         self.es = cma.CMAEvolutionStrategy(self.x0, sigma0, options)
         self._generation: list[np.ndarray] = []  # as cma returned them, to give back unchanged
+        self._genotypes: list[np.ndarray] = []  # cma's genotypes of those (before the bound repair)
         self._first_id = 0
         self._losses: dict[int, float | None] = {}  # index in the generation -> loss (None: failed)
         self._worst_loss: float | None = None
@@ -47,6 +53,7 @@ class CMAES(Optimizer):
         if self._generation:
             return []  # the current generation is still out
         self._generation = self.es.ask()
+        self._genotypes = [self.es.sent_solutions[x]["geno"].copy() for x in self._generation]
         self._first_id = first_id
         return self._generation
 
@@ -59,8 +66,15 @@ class CMAES(Optimizer):
             return
         penalty = (self._worst_loss if self._worst_loss is not None else 0.0) + 1.0  # ranks below every success
         losses = [penalty if self._losses[i] is None else self._losses[i] for i in range(len(self._generation))]
+        self._remind_genotypes()
         self.es.tell(self._generation, losses)
-        self._generation, self._losses = [], {}
+        self._generation, self._genotypes, self._losses = [], [], {}
+
+    def _remind_genotypes(self) -> None:
+        """Re-file the generation's genotypes under this process's hashes (a no-op in the process that asked)."""
+        for x, geno in zip(self._generation, self._genotypes):
+            if x not in self.es.sent_solutions:
+                self.es.sent_solutions.insert(x, geno=geno.copy(), iteration=self.es.countiter)
 
     @property
     def generation(self) -> int:

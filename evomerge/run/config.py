@@ -13,7 +13,8 @@ Several objectives (a multi-objective optimizer: nsga2, tpe, random): `optimizer
 `evaluation: {tasks: [skill_a, skill_b], objectives: [skill_a, skill_b]}` (names as the evaluator's per-task scores).
 
 Defaults live here. `load_experiment` resolves the space (includes, relative paths) so the frozen copy written into the
-run directory stands alone.
+run directory stands alone: every relative path (models, `include`, a `merge` recipe file, `evaluation.task_dirs`) is
+relative to the experiment file (or to the space file that writes it) and frozen absolute.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.errors import EvomergeError, did_you_mean
+from evomerge.paths import absolute
 from evomerge.recipe import format_validation_error
 
 
@@ -45,6 +47,9 @@ class BudgetConfig(_Schema):
     max_consecutive_failures: int = Field(10, ge=0)
 
 
+HELD_OUT = ("validation", "test")  # the splits the search never sees (see run.loop)
+
+
 class EvaluationConfig(_Schema):
     tasks: list[str] = Field(default_factory=list)
     split: str = "search"
@@ -55,6 +60,14 @@ class EvaluationConfig(_Schema):
     objectives: list[str] | None = Field(None, min_length=1)
     task_dirs: list[str] = Field(default_factory=list)  # user lm-eval task dirs, besides evomerge's evals/
     network: bool = False  # allow lm-eval's built-in tasks (their data is downloaded: needs network)
+
+    @field_validator("split")
+    @classmethod
+    def _not_held_out(cls, split):
+        if split in HELD_OUT:
+            raise ValueError(f"the search cannot score on {split!r}: validation picks the winner and test scores it "
+                             "once, so neither may guide the search (use search, or another split of your tasks)")
+        return split
 
     @field_validator("objectives")
     @classmethod
@@ -111,7 +124,9 @@ def experiment_from_dict(doc: Any, *, source: str = "<experiment>", base_dir: st
     space = load_space_config(experiment.space, source=source, base_dir=base_dir, key="space")
     _check_optimizer(experiment.optimizer, source)
     _check_objectives(experiment, source)
-    return experiment.model_copy(update={"space": space.model_dump(mode="json")})
+    task_dirs = [absolute(d, base_dir) for d in experiment.evaluation.task_dirs]  # relative to the file, as models
+    return experiment.model_copy(update={"space": space.model_dump(mode="json"),
+                                         "evaluation": experiment.evaluation.model_copy(update={"task_dirs": task_dirs})})
 
 
 def _check_optimizer(config: OptimizerConfig, source: str) -> None:

@@ -2,6 +2,10 @@
 
 A row is written (and committed) as soon as a result comes back, before the optimizer is told, so a crash at any point
 loses no evaluated trial: resume re-tells the optimizer from here. Re-scoring on other splits appends rows too.
+
+SQLite in WAL mode: committed rows live in `ledger.sqlite-wal` until SQLite folds them into `ledger.sqlite` (at the
+latest when the search closes the ledger), so a copy of a run dir must take both files. Opening checks the whole file
+(`PRAGMA quick_check`): an unreadable ledger is a one-line error, never a silently shorter one.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from evomerge.errors import EvomergeError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS trials (
@@ -62,8 +68,16 @@ class Ledger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.db = sqlite3.connect(self.path, isolation_level=None)  # autocommit: each insert is durable on return
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+            problem = self.db.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as err:  # garbage bytes, a file cut short
+            problem = str(err)
+        if problem != "ok":
+            self.db.close()
+            raise EvomergeError(f"unreadable ledger ({problem}); restore ledger.sqlite together with ledger.sqlite-wal "
+                                "from a copy of the run dir, or start a new run dir", source=str(self.path))
 
     def append(self, trial: Trial) -> int:
         cur = self.db.execute(

@@ -21,7 +21,9 @@ Objectives. The optimizer maximizes the fitness (the weighted mean of the task s
 `evaluation.objectives`, the vector of those tasks' scores (a multi-objective optimizer, e.g. NSGA-II); failed: None.
 
 After the budget: the top-k trials by search fitness are re-scored on `validation`, the winner (best on validation) is
-scored once on `test`, and best/recipe.yaml + best/scores.json are written. Rows already in the ledger are never rerun.
+scored once on `test`, and best/recipe.yaml + best/scores.json are written. Rows already in the ledger are never rerun,
+except failed validation/test rows: those are tried again on resume. A held-out score that failed is listed in the
+summary (`held_out_failures`); an elite without a validation score cannot win.
 With several objectives the elites are the Pareto front of the search trials (best fitness first, at most top-k), and
 scores.json lists that front too.
 """
@@ -61,6 +63,7 @@ class Summary:
     fitness: dict[str, float | None]  # split -> the winner's fitness
     trials: int
     failed: int
+    held_out_failures: tuple[str, ...] = ()  # "validation of trial 3: <error>": retried by resume
 
 
 def search(experiment: Experiment, run_dir, make_evaluator: EvaluatorFactory, *, pool: Pool | None = None,
@@ -96,6 +99,7 @@ def _run(rd: RunDir, experiment: Experiment, checked: CheckedSpace, make_evaluat
     owned = pool is None
     try:
         optimizer = _optimizer(experiment, rd, space, ledger)
+        _check_ledger(optimizer, ledger, rd, experiment.evaluation.split)
         if owned:
             base = _live_base(space_config, models)
             spec = RunnerSpec(tuple(models), base, partial(make_evaluator, experiment.evaluation, base),
@@ -137,6 +141,17 @@ def _optimizer(experiment: Experiment, rd: RunDir, space, ledger: Ledger) -> Opt
             raise
         raise EvomergeError(f"optimizer.pkl is unreadable and a fresh optimizer cannot replay the ledger ({err}); move "
                             "the optimizer's storage (optuna.sqlite3) aside and resume again", source=str(rd.path)) from None
+
+
+def _check_ledger(optimizer: Optimizer, ledger: Ledger, rd: RunDir, split: str) -> None:
+    """The ledger is the source of truth: every result the optimizer checkpoint was told must have its row there."""
+    recorded = {t.candidate for t in ledger.trials(split)}
+    lost = sorted(r.id for r in optimizer.results if r.id not in recorded)
+    if lost:
+        shown = ", ".join(map(str, lost[:8])) + (", ..." if len(lost) > 8 else "")
+        raise EvomergeError(f"the ledger lacks {len(lost)} trial(s) that optimizer.pkl has seen (candidates {shown}): "
+                            "it was emptied, replaced, or copied without ledger.sqlite-wal; restore both files from "
+                            "the original run dir, or start a new run dir", source=str(rd.ledger))
 
 
 def _log(rd: RunDir, message: str, echo: bool = False) -> None:
@@ -325,9 +340,7 @@ class _Loop:
 
     def _score(self, trials: list[Trial], split: str) -> dict[int, Trial]:
         """Each trial's row on `split`: from the ledger, else evaluated now (on as many workers as are idle)."""
-        scored = {}
-        for t in self.ledger.trials(split):
-            scored.setdefault(t.candidate, t)
+        scored = {t.candidate: t for t in self.ledger.trials(split) if t.ok}  # a failed row is tried again
         todo = [t for t in trials if t.candidate not in scored]
         by_id = {t.candidate: t for t in todo}
         pending = 0
@@ -353,13 +366,16 @@ class _Loop:
 
         mergekit_yaml, warnings = export_text(recipe, "mergekit")
         write_text_atomic(self.rd.best / "recipe.mergekit.yaml", "".join(f"# warning: {w}\n" for w in warnings) + mergekit_yaml)
-        summary = Summary(winner.candidate, winner.recipe_hash, fitness, len(searched), sum(not t.ok for t in searched))
+        held_out = [validation[t.candidate] for t in elites if validation] + [test]
+        failures = tuple(f"{t.split} of trial {t.candidate}: {t.error}" for t in held_out if not t.ok)
+        summary = Summary(winner.candidate, winner.recipe_hash, fitness, len(searched), sum(not t.ok for t in searched),
+                          failures)
         scores = {"candidate": winner.candidate, "recipe_hash": winner.recipe_hash, "fitness": fitness,
                   "scores": {self.split: winner.scores, "validation": validation[winner.candidate].scores if validation
                              else None, "test": test.scores},
                   "elites": [{"candidate": t.candidate, self.split: t.fitness,
                               "validation": validation[t.candidate].fitness if validation else None} for t in elites],
-                  "trials": summary.trials, "failed": summary.failed}
+                  "trials": summary.trials, "failed": summary.failed, "held_out_failures": list(failures)}
         if front is not None:
             scores["pareto_front"] = [{"candidate": t.candidate, "objectives": dict(zip(self.objectives, t.objectives))}
                                       for t in front]

@@ -44,8 +44,13 @@ class RunDir:
 
     def lock(self) -> None:
         """Take the run dir for this process, or refuse: two searches writing one ledger would interleave their trials."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path / "lock", "a+")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / "lock", "a+")
+        except OSError as err:
+            raise EvomergeError(f"cannot write in the run dir ({err.strerror}); a search writes its ledger and "
+                                "checkpoints there: make it writable, or copy it (with ledger.sqlite-wal) to a "
+                                "writable place and resume that copy", source=str(self.path)) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -2,7 +2,7 @@
 
 Composition: a mapping (a space file, or the `space:` block of an experiment file) may say `include: other.yaml`; the
 included file's top-level keys are read first and this mapping's keys replace them whole (no deeper merge). Relative paths
-(`include`, a `merge` recipe file) are relative to the file that writes them.
+(`include`, a `merge` recipe file, models) are relative to the file that writes them, and made absolute (evomerge.paths).
 
 Error keys: for a space inside another file (the `space:` block of an experiment), `key="space"` makes every error name
 its key as written there (`space.bounds.weight`), so the user finds it in that file.
@@ -20,6 +20,7 @@ import yaml
 from pydantic import ValidationError
 
 from evomerge.errors import EvomergeError, did_you_mean
+from evomerge.paths import absolute, model_ref
 from evomerge.recipe import MERGED, format_validation_error
 from evomerge.spaces.base import SearchSpace
 from evomerge.spaces.dfs import DataFlowSpace, DFSConfig, merge_stage
@@ -44,14 +45,30 @@ def _read(path: Path, source: str, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def _compose(doc: Mapping, base_dir: Path, source: str, seen: tuple[Path, ...] = ()) -> dict:
-    doc = dict(doc)
+    doc = _absolute_models(doc, base_dir)
     for key in ("include", "merge"):
         if isinstance(doc.get(key), str):
-            doc[key] = str(base_dir / doc[key])  # an absolute path stays as it is
+            doc[key] = absolute(doc[key], base_dir)
     if "include" in doc:
         included = doc.pop("include")
         doc = {**_read(Path(included), source, seen), **doc}
     return doc
+
+
+def _absolute_models(doc: Mapping, base_dir: Path) -> dict:
+    """The model references of a space or inline recipe document (`base_model`, `models`, `pin`, mergekit's `model`
+    and `slices`, an inline `merge`) resolved against `base_dir`; `merged` and tokenizer choices stay."""
+    out = dict(doc)
+    for key, value in doc.items():
+        if key in ("base_model", "model", "pin", "tokenizer_source") and isinstance(value, str) \
+                and value not in (MERGED, "base", "union"):
+            out[key] = model_ref(value, base_dir)
+        elif key in ("models", "slices", "sources") and isinstance(value, list):
+            out[key] = [_absolute_models(v, base_dir) if isinstance(v, Mapping) else
+                        model_ref(v, base_dir) if isinstance(v, str) and v != MERGED else v for v in value]
+        elif key == "merge" and isinstance(value, Mapping):
+            out[key] = _absolute_models(value, base_dir)
+    return out
 
 
 def load_space_config(spec: str | os.PathLike | Mapping, *, source: str | None = None,
