@@ -188,16 +188,18 @@ class _Loop:
     def run(self) -> None:
         self._fill()
         save_optimizer(self.opt, self.rd.optimizer)
-        while True:
-            self._dispatch()
-            if self._advance():
-                continue
-            if not self.in_flight:
-                break
-            for result in self.pool.wait():
-                self._record(result)
-        if self.bar is not None:
-            self.bar.close()
+        try:
+            while True:
+                self._dispatch()
+                if self._advance():
+                    continue
+                if not self.in_flight:
+                    break
+                for result in self.pool.wait():
+                    self._record(result)
+        finally:  # before any error's line, so that line comes last
+            if self.bar is not None:
+                self.bar.close()
         missing = [i for i in range(min(self.budget, self.opt.n_asked)) if i in self.opt.pending]
         if missing:  # the scheduler's invariant; a failure here is a bug, not bad input
             raise RuntimeError(f"search ended with candidates never told: {missing}")
