@@ -135,7 +135,7 @@ def test_cmaes_search_finds_the_optimum_and_writes_the_run_dir(models, tmp_path)
     assert optimizer.n_told == 36 and optimizer.best.fitness[0] == pytest.approx(best.fitness)
     frozen = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert frozen["workers"] == {"backend": "local", "num": 2, "tell_order": "candidate", "device": "cpu", "cpus": 1,
-                                 "dtype": None, "ray_address": None}
+                                 "dtype": "float32", "ray_address": None}  # the sources' dtype, stated
     assert frozen["space"]["kind"] == "ps" and frozen["space"]["layer_groups"] == 1  # resolved defaults frozen
 
 
@@ -248,6 +248,42 @@ def test_a_data_flow_search_runs_layer_paths(models, tmp_path):
     recipe = load_recipe(tmp_path / "run" / "best" / "recipe.yaml")
     assert recipe.layers and {s.source for s in recipe.layers} <= {models["base"], models["experts"][0]}
     assert summary.fitness["test"] == pytest.approx(max(t.fitness for t in trials), rel=1e-6)
+
+
+def _in_bfloat16(model: str, out: Path) -> str:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, out)
+    tensors = {n: t.to(torch.bfloat16) for n, t in load_file(out / "model.safetensors").items()}
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16", "dtype": "bfloat16"}))
+    return str(out)
+
+
+def test_sources_of_two_dtypes_meet_in_one_stated_in_the_run_config(models, tmp_path):
+    from safetensors.torch import load_file
+
+    from evomerge.merge.materialize import merge_to_dir
+
+    half = _in_bfloat16(models["experts"][0], tmp_path / "half")
+    spaces = {"dfs": {"kind": "dfs", "models": [models["base"], half], "repeats": 1, "scale": "slot"},
+              "ps": {**experiment(models)["space"], "models": [half, models["experts"][1]]}}
+    for kind, space in spaces.items():
+        run(models, tmp_path / kind, evaluator=lambda evaluation, base: LogitsEvaluator(models["experts"][0]),
+            space=space, optimizer={"name": "random"}, **{"budget.trials": 6, "validation.top_k": 1})
+        trials = Ledger(tmp_path / kind / "ledger.sqlite").trials("search")
+        assert len(trials) == 6 and all(t.ok for t in trials), [t.error for t in trials]
+        assert yaml.safe_load((tmp_path / kind / "config.yaml").read_text())["workers"]["dtype"] == "float32"
+        merge_to_dir(load_recipe(tmp_path / kind / "best" / "recipe.yaml"), tmp_path / f"{kind}_out", progress=False)
+        [dtype] = {t.dtype for t in load_file(tmp_path / f"{kind}_out" / "model.safetensors").values()}  # one dtype
+        assert json.loads((tmp_path / f"{kind}_out" / "config.json").read_text())["torch_dtype"] == \
+            str(dtype).removeprefix("torch.")
+    path = tmp_path / "path.yaml"
+    path.write_text(yaml.safe_dump({"layers": [{"source": models["base"], "layer": 0}, {"source": half, "layer": 1}]}))
+    merge_to_dir(load_recipe(path), tmp_path / "path_out", progress=False)
+    assert {t.dtype for t in load_file(tmp_path / "path_out" / "model.safetensors").values()} == {torch.float32}
+    assert json.loads((tmp_path / "path_out" / "config.json").read_text())["torch_dtype"] == "float32"
 
 
 class CountingLogitsEvaluator(LogitsEvaluator):

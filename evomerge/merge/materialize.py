@@ -19,7 +19,7 @@ from evomerge.merge.plan import Layout, Plan, TensorTask, plan_recipe
 import evomerge.merge.methods  # noqa: F401  (registers the built-in methods)
 from evomerge.merge.registry import METHODS
 from evomerge.merge.rng import MaskKey
-from evomerge.models.io import ModelDir, ModelWriter, check_finite, live_param
+from evomerge.models.io import ModelDir, ModelWriter, check_finite, common_dtype, live_param
 from evomerge.recipe import Recipe, to_evomerge_yaml
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -101,6 +101,7 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EvomergeError(f"device {device!r} asked for, but torch sees no CUDA device", key="--device")
     dirs = open_model_dirs(recipe, source)
+    out_dtype = out_dtype or common_dtype(dirs.values())  # one dtype out, also from sources of several
     plan = plan_recipe(recipe, dirs, source)
     if not allow_nonfinite:
         for name, d in dirs.items():

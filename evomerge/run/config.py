@@ -82,7 +82,7 @@ class WorkersConfig(_Schema):
     tell_order: Literal["candidate", "arrival"] = "candidate"
     device: str = "cpu"
     cpus: int = Field(1, ge=1)  # CPU cores a Ray worker reserves; torch runs that many threads in it
-    dtype: str | None = None  # compute dtype of the live models; None keeps the sources'
+    dtype: str | None = None  # compute dtype of the live models; None: the sources' (float32 if they differ), frozen
     ray_address: str | None = None  # join a running cluster; None starts a local one
 
 
