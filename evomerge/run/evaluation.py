@@ -3,6 +3,7 @@ the objectives of a multi-objective search, read from an evaluation's per-task s
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,15 @@ class SplitEvaluator:
             self.by_split[split] = HarnessEvaluator(c.tasks, self.tokenizer, split=split,
                                                     limit=c.limit if split == c.split else None, weights=c.weights,
                                                     task_dirs=c.task_dirs, network=c.network)
+            if split == c.split:
+                self._warn_round_trip(self.by_split[split])
         return self.by_split[split]
+
+    def _warn_round_trip(self, evaluator) -> None:
+        from evomerge.evaluate.round_trip import round_trip_problems
+
+        for problem in round_trip_problems(self.tokenizer, evaluator.tasks):
+            print(f"warning: {self.tokenizer_source}: {problem}", file=sys.stderr)
 
     def evaluate(self, model, split: str) -> Evaluation:
         result = self._for(split).evaluate(model)
