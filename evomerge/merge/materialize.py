@@ -118,7 +118,8 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
                 rows = tensor.shape[0] if rows is None else min(rows, tensor.shape[0])
             writer.add(task.out_name, tensor.to(out_dtype or tensor.dtype).cpu())
         template = dirs[plan.config_from]
-        config = template.arch.set_num_layers(dict(template.config), plan.num_layers, source_layers=plan.source_layers)
+        config = template.arch.set_num_layers(dict(template.config), plan.num_layers,
+                                              source_layers=plan.source_layers or recipe.source_layers())
         if rows is not None and config.get("vocab_size", rows) != rows:
             config["vocab_size"] = rows
         if out_dtype is not None:
