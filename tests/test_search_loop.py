@@ -360,7 +360,8 @@ def test_resume_after_sigkill_mid_generation_equals_an_uninterrupted_run(models,
     shutil.copytree(killed, corrupt)
     (corrupt / "optimizer.pkl").write_bytes(b"\x80\x05not a pickle")
     with pytest.raises(EvomergeError, match=r"no_wal/ledger.sqlite: the ledger lacks \d+ trial\(s\) that optimizer.pkl "
-                                            r"has seen \(candidates 0, 1, 2, 3, 4, 5.*\): .* copied without ledger.sqlite-wal"):
+                                            r"has seen \(candidates 0, 1, 2, 3, 4, 5.*\): .* copied without "
+                                            r"ledger.sqlite-wal"):
         resume(no_wal, evaluator_factory(models), progress=False)
 
     for run_dir in (killed, corrupt):
@@ -390,8 +391,8 @@ def test_a_damaged_ledger_stops_resume_with_one_line(models, tmp_path):
     for name, content in damage.items():
         shutil.copytree(tmp_path / "run", tmp_path / name)
         (tmp_path / name / "ledger.sqlite").write_bytes(content)
-        expected = (r"the ledger lacks 12 trial\(s\) that optimizer.pkl has seen \(candidates 0, 1, 2, 3, 4, 5, 6, 7, \.\.\.\)"
-                    if name == "emptied" else r"unreadable ledger \(.*\); restore ledger.sqlite together with")
+        expected = (r"the ledger lacks 12 trial\(s\) that optimizer.pkl has seen \(candidates 0, 1, 2, 3, 4, 5, 6, 7, "
+                    r"\.\.\.\)" if name == "emptied" else r"unreadable ledger \(.*\); restore ledger.sqlite together with")
         with pytest.raises(EvomergeError, match=rf"^{tmp_path / name}/ledger.sqlite: {expected}"):
             resume(tmp_path / name, evaluator_factory(models), progress=False)
     assert _rows(tmp_path / "run" / "ledger.sqlite") == 12 + 2 + 1  # search, validation, test
@@ -412,12 +413,13 @@ def test_relative_paths_are_relative_to_the_experiment_file_and_frozen_absolute(
     assert loaded.space["base_model"] == models["base"] and loaded.space["models"] == models["experts"]
     assert loaded.evaluation.task_dirs == [str(exp_dir / "tasks")]
     reference = run(models, tmp_path / "reference", **{"workers.num": 3, "budget.trials": 14})
+    make = partial(evaluator_factory(models), loaded.evaluation, models["base"])
     with pytest.raises(Interrupted):
         search(loaded, tmp_path / "run", evaluator_factory(models), progress=False,
-               pool=interrupting_pool(5)(RunnerSpec((models["base"], *models["experts"]), models["base"],
-                                                    partial(evaluator_factory(models), loaded.evaluation, models["base"])), 3))
+               pool=interrupting_pool(5)(RunnerSpec((models["base"], *models["experts"]), models["base"], make), 3))
     frozen = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert frozen["space"]["base_model"] == models["base"] and frozen["evaluation"]["task_dirs"] == [str(exp_dir / "tasks")]
+    assert frozen["space"]["base_model"] == models["base"]
+    assert frozen["evaluation"]["task_dirs"] == [str(exp_dir / "tasks")]
     monkeypatch.chdir(exp_dir / "spaces")
     assert resume(Path("../../run"), evaluator_factory(models), progress=False) == reference
     assert genomes(tmp_path / "run") == genomes(tmp_path / "reference")

@@ -122,8 +122,8 @@ def experiment_from_dict(doc: Any, *, source: str = "<experiment>", base_dir: st
     _check_optimizer(experiment.optimizer, source)
     _check_objectives(experiment, source)
     task_dirs = [absolute(d, base_dir) for d in experiment.evaluation.task_dirs]  # relative to the file, as models
-    return experiment.model_copy(update={"space": space.model_dump(mode="json"),
-                                         "evaluation": experiment.evaluation.model_copy(update={"task_dirs": task_dirs})})
+    evaluation = experiment.evaluation.model_copy(update={"task_dirs": task_dirs})
+    return experiment.model_copy(update={"space": space.model_dump(mode="json"), "evaluation": evaluation})
 
 
 def _check_optimizer(config: OptimizerConfig, source: str) -> None:
