@@ -49,4 +49,16 @@ def export_text(recipe: Recipe, fmt: str) -> tuple[str, list[str]]:
     if any(m.method in ("dare_ties", "dare_linear", "della", "della_linear") for m in [recipe.merge] if m):
         warnings.append("mergekit draws DARE/DELLA masks from torch's global RNG: its merge matches evomerge's in "
                         "distribution, not element by element")
-    return to_mergekit_yaml(folded), warnings
+    return to_mergekit_yaml(folded), warnings + _layer_types_warnings(recipe, dirs)
+
+
+def _layer_types_warnings(recipe: Recipe, dirs: dict[str, ModelDir]) -> list[str]:
+    """mergekit 0.1.5 copies the config's per-layer `layer_types` unchanged: wrong for a layer path, and transformers
+    refuses it when the path's length differs (num_hidden_layers must equal the number of layer_types)."""
+    layers = recipe.source_layers()
+    if layers is None:
+        return []
+    return [f"{name}'s config has layer_types, which mergekit does not update for a layer path ({len(types)} entries "
+            f"kept for {len(layers)} layers): its output may not load or may differ; `evomerge merge` writes them cut "
+            "to the path" for name, d in dirs.items()
+            if isinstance(types := d.config.get("layer_types"), list) and layers != list(range(len(types)))]

@@ -122,6 +122,15 @@ class Recipe(_Frozen):
         names += [s.source for s in self.layers or [] if s.source != MERGED]
         return list(dict.fromkeys(names))
 
+    def source_layers(self) -> list[int] | None:
+        """The original index of each output layer (per-layer config lists follow it): a layer path's slots, else the
+        merge stage's slices (their first source's layer_range); None without either."""
+        if self.layers:
+            return [slot.layer for slot in self.layers]
+        if self.merge and self.merge.slices:
+            return [i for out in self.merge.slices for i in range(*out.sources[0].layer_range)]
+        return None
+
     def with_provenance(self, **fields) -> "Recipe":
         return self.model_copy(update={"provenance": {**self.provenance, **fields}})
 

@@ -208,3 +208,29 @@ def test_model_without_tokenizer(tiny_zoo, tmp_path):
         load_model_dir(bare)
     with pytest.raises(EvomergeError, match="not a model directory"):
         load_model_dir(tmp_path)
+
+
+def test_a_tokenizer_that_drops_spaces_is_warned_about_when_the_search_evaluator_is_built(tiny_zoo, tmp_path, capsys):
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    from evomerge.evaluate.round_trip import round_trip_problems
+    from evomerge.run.config import EvaluationConfig
+    from evomerge.run.evaluation import SplitEvaluator
+
+    spaceless = tmp_path / "spaceless"
+    shutil.copytree(tiny_zoo / "base", spaceless)
+    tok = AutoTokenizer.from_pretrained(spaceless)
+    tok.backend_tokenizer.normalizer = normalizers.Replace(" ", "")
+    tok.save_pretrained(spaceless)
+    config = EvaluationConfig(tasks=["toy_digits", "toy_cipher"], limit=2)
+    for model, expected in ((tiny_zoo / "base", []), (spaceless, ["toy_cipher", "toy_digits"])):
+        evaluator = SplitEvaluator(config, str(model))
+        assert evaluator.evaluate(_model(tiny_zoo, "base"), "search").status == "ok"
+        assert evaluator.evaluate(_model(tiny_zoo, "base"), "validation").status == "ok"  # checked once, on search
+        lines = capsys.readouterr().err.splitlines()
+        warned = sorted(line.split("task ")[1].split(":")[0] for line in lines if line.startswith("warning: "))
+        assert warned == expected, lines
+    [problem, _] = round_trip_problems(tok, evaluator.by_split["search"].tasks)
+    assert problem == ("task toy_digits: the tokenizer does not give its prompts back ('inc 173=' -> 'inc173='); scores "
+                       "will mean little: check the model's tokenizer files and tokenizer_class")

@@ -151,3 +151,25 @@ def test_eval_checks_every_target_before_scoring_any(models, tmp_path):
     result = run("eval", models[0], tmp_path / "no_model", "--tasks", "toy_digits")
     assert result.exit_code == 2 and result.output == f"error: {tmp_path / 'no_model'}: not a model directory " \
                                                       "(no config.json)\n"
+
+
+def test_a_layer_path_over_a_model_with_layer_types(tmp_path):
+    """mergekit keeps layer_types as they were (export warns); `evomerge merge` of the export cuts them to the path."""
+    from evomerge.export import export_text
+    from evomerge.recipe import load_recipe
+
+    model = str(build_tiny("gemma2", tmp_path / "gemma2", num_layers=3))
+    types = json.loads((tmp_path / "gemma2" / "config.json").read_text())["layer_types"]
+    path = write(tmp_path / "path.yaml", {"layers": [{"source": model, "layer": i} for i in (0, 1, 1, 2)]})
+    text, warnings = export_text(load_recipe(path), "mergekit")
+    assert warnings == [f"{model}'s config has layer_types, which mergekit does not update for a layer path (3 entries "
+                        "kept for 4 layers): its output may not load or may differ; `evomerge merge` writes them cut "
+                        "to the path"]
+    assert "slices:" in text
+    result = run("merge", write(tmp_path / "exported.yaml", text), tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4 and config["layer_types"] == [types[0], types[1], types[1], types[2]]
+    source = json.loads((tmp_path / "gemma2" / "config.json").read_text())
+    assert {k: v for k, v in config.items() if k not in ("num_hidden_layers", "layer_types", "torch_dtype", "dtype")} \
+        == {k: v for k, v in source.items() if k not in ("num_hidden_layers", "layer_types", "torch_dtype", "dtype")}

@@ -135,7 +135,7 @@ def test_cmaes_search_finds_the_optimum_and_writes_the_run_dir(models, tmp_path)
     assert optimizer.n_told == 36 and optimizer.best.fitness[0] == pytest.approx(best.fitness)
     frozen = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert frozen["workers"] == {"backend": "local", "num": 2, "tell_order": "candidate", "device": "cpu", "cpus": 1,
-                                 "dtype": None, "ray_address": None}
+                                 "dtype": "float32", "ray_address": None}  # the sources' dtype, stated
     assert frozen["space"]["kind"] == "ps" and frozen["space"]["layer_groups"] == 1  # resolved defaults frozen
 
 
@@ -250,6 +250,42 @@ def test_a_data_flow_search_runs_layer_paths(models, tmp_path):
     assert summary.fitness["test"] == pytest.approx(max(t.fitness for t in trials), rel=1e-6)
 
 
+def _in_bfloat16(model: str, out: Path) -> str:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, out)
+    tensors = {n: t.to(torch.bfloat16) for n, t in load_file(out / "model.safetensors").items()}
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16", "dtype": "bfloat16"}))
+    return str(out)
+
+
+def test_sources_of_two_dtypes_meet_in_one_stated_in_the_run_config(models, tmp_path):
+    from safetensors.torch import load_file
+
+    from evomerge.merge.materialize import merge_to_dir
+
+    half = _in_bfloat16(models["experts"][0], tmp_path / "half")
+    spaces = {"dfs": {"kind": "dfs", "models": [models["base"], half], "repeats": 1, "scale": "slot"},
+              "ps": {**experiment(models)["space"], "models": [half, models["experts"][1]]}}
+    for kind, space in spaces.items():
+        run(models, tmp_path / kind, evaluator=lambda evaluation, base: LogitsEvaluator(models["experts"][0]),
+            space=space, optimizer={"name": "random"}, **{"budget.trials": 6, "validation.top_k": 1})
+        trials = Ledger(tmp_path / kind / "ledger.sqlite").trials("search")
+        assert len(trials) == 6 and all(t.ok for t in trials), [t.error for t in trials]
+        assert yaml.safe_load((tmp_path / kind / "config.yaml").read_text())["workers"]["dtype"] == "float32"
+        merge_to_dir(load_recipe(tmp_path / kind / "best" / "recipe.yaml"), tmp_path / f"{kind}_out", progress=False)
+        [dtype] = {t.dtype for t in load_file(tmp_path / f"{kind}_out" / "model.safetensors").values()}  # one dtype
+        assert json.loads((tmp_path / f"{kind}_out" / "config.json").read_text())["torch_dtype"] == \
+            str(dtype).removeprefix("torch.")
+    path = tmp_path / "path.yaml"
+    path.write_text(yaml.safe_dump({"layers": [{"source": models["base"], "layer": 0}, {"source": half, "layer": 1}]}))
+    merge_to_dir(load_recipe(path), tmp_path / "path_out", progress=False)
+    assert {t.dtype for t in load_file(tmp_path / "path_out" / "model.safetensors").values()} == {torch.float32}
+    assert json.loads((tmp_path / "path_out" / "config.json").read_text())["torch_dtype"] == "float32"
+
+
 class CountingLogitsEvaluator(LogitsEvaluator):
     calls: list = []
 
@@ -325,7 +361,8 @@ def test_resume_after_sigkill_mid_generation_equals_an_uninterrupted_run(models,
     shutil.copytree(killed, corrupt)
     (corrupt / "optimizer.pkl").write_bytes(b"\x80\x05not a pickle")
     with pytest.raises(EvomergeError, match=r"no_wal/ledger.sqlite: the ledger lacks \d+ trial\(s\) that optimizer.pkl "
-                                            r"has seen \(candidates 0, 1, 2, 3, 4, 5.*\): .* copied without ledger.sqlite-wal"):
+                                            r"has seen \(candidates 0, 1, 2, 3, 4, 5.*\): .* copied without "
+                                            r"ledger.sqlite-wal"):
         resume(no_wal, evaluator_factory(models), progress=False)
 
     for run_dir in (killed, corrupt):
@@ -355,8 +392,8 @@ def test_a_damaged_ledger_stops_resume_with_one_line(models, tmp_path):
     for name, content in damage.items():
         shutil.copytree(tmp_path / "run", tmp_path / name)
         (tmp_path / name / "ledger.sqlite").write_bytes(content)
-        expected = (r"the ledger lacks 12 trial\(s\) that optimizer.pkl has seen \(candidates 0, 1, 2, 3, 4, 5, 6, 7, \.\.\.\)"
-                    if name == "emptied" else r"unreadable ledger \(.*\); restore ledger.sqlite together with")
+        expected = (r"the ledger lacks 12 trial\(s\) that optimizer.pkl has seen \(candidates 0, 1, 2, 3, 4, 5, 6, 7, "
+                    r"\.\.\.\)" if name == "emptied" else r"unreadable ledger \(.*\); restore ledger.sqlite together with")
         with pytest.raises(EvomergeError, match=rf"^{tmp_path / name}/ledger.sqlite: {expected}"):
             resume(tmp_path / name, evaluator_factory(models), progress=False)
     assert _rows(tmp_path / "run" / "ledger.sqlite") == 12 + 2 + 1  # search, validation, test
@@ -377,12 +414,13 @@ def test_relative_paths_are_relative_to_the_experiment_file_and_frozen_absolute(
     assert loaded.space["base_model"] == models["base"] and loaded.space["models"] == models["experts"]
     assert loaded.evaluation.task_dirs == [str(exp_dir / "tasks")]
     reference = run(models, tmp_path / "reference", **{"workers.num": 3, "budget.trials": 14})
+    make = partial(evaluator_factory(models), loaded.evaluation, models["base"])
     with pytest.raises(Interrupted):
         search(loaded, tmp_path / "run", evaluator_factory(models), progress=False,
-               pool=interrupting_pool(5)(RunnerSpec((models["base"], *models["experts"]), models["base"],
-                                                    partial(evaluator_factory(models), loaded.evaluation, models["base"])), 3))
+               pool=interrupting_pool(5)(RunnerSpec((models["base"], *models["experts"]), models["base"], make), 3))
     frozen = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert frozen["space"]["base_model"] == models["base"] and frozen["evaluation"]["task_dirs"] == [str(exp_dir / "tasks")]
+    assert frozen["space"]["base_model"] == models["base"]
+    assert frozen["evaluation"]["task_dirs"] == [str(exp_dir / "tasks")]
     monkeypatch.chdir(exp_dir / "spaces")
     assert resume(Path("../../run"), evaluator_factory(models), progress=False) == reference
     assert genomes(tmp_path / "run") == genomes(tmp_path / "reference")

@@ -19,7 +19,7 @@ from evomerge.merge.plan import Layout, Plan, TensorTask, plan_recipe
 import evomerge.merge.methods  # noqa: F401  (registers the built-in methods)
 from evomerge.merge.registry import METHODS
 from evomerge.merge.rng import MaskKey
-from evomerge.models.io import ModelDir, ModelWriter, check_finite, live_param
+from evomerge.models.io import ModelDir, ModelWriter, check_finite, common_dtype, live_param
 from evomerge.recipe import Recipe, to_evomerge_yaml
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -101,6 +101,7 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EvomergeError(f"device {device!r} asked for, but torch sees no CUDA device", key="--device")
     dirs = open_model_dirs(recipe, source)
+    out_dtype = out_dtype or common_dtype(dirs.values())  # one dtype out, also from sources of several
     plan = plan_recipe(recipe, dirs, source)
     if not allow_nonfinite:
         for name, d in dirs.items():
@@ -117,7 +118,8 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
                 rows = tensor.shape[0] if rows is None else min(rows, tensor.shape[0])
             writer.add(task.out_name, tensor.to(out_dtype or tensor.dtype).cpu())
         template = dirs[plan.config_from]
-        config = template.arch.set_num_layers(dict(template.config), plan.num_layers, source_layers=plan.source_layers)
+        config = template.arch.set_num_layers(dict(template.config), plan.num_layers,
+                                              source_layers=plan.source_layers or recipe.source_layers())
         if rows is not None and config.get("vocab_size", rows) != rows:
             config["vocab_size"] = rows
         if out_dtype is not None:

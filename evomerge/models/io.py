@@ -163,6 +163,15 @@ class ModelDir:
         return f"ModelDir({str(self.path)!r}, {self.arch.name}, {self.num_layers} layers)"
 
 
+def common_dtype(dirs) -> torch.dtype | None:
+    """The floating dtype every tensor of `dirs` (ModelDirs) has; float32 when they differ (float64 if one is float64),
+    so that no value is rounded; None when no tensor is floating."""
+    found = {d.dtype(n) for d in dirs for n in d.tensor_names if d.dtype(n).is_floating_point}
+    if len(found) <= 1:
+        return next(iter(found), None)
+    return torch.float64 if torch.float64 in found else torch.float32
+
+
 def check_finite(model_dir: ModelDir | str | os.PathLike) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an infinity, read one tensor at a time."""
     md = model_dir if isinstance(model_dir, ModelDir) else ModelDir.open(model_dir)

@@ -85,7 +85,7 @@ class WorkersConfig(_Schema):
     tell_order: Literal["candidate", "arrival"] = "candidate"
     device: str = "cpu"
     cpus: int = Field(1, ge=1)  # CPU cores a Ray worker reserves; torch runs that many threads in it
-    dtype: str | None = None  # compute dtype of the live models; None keeps the sources'
+    dtype: str | None = None  # compute dtype of the live models; None: the sources' (float32 if they differ), frozen
     ray_address: str | None = None  # join a running cluster; None starts a local one
 
 
@@ -125,8 +125,8 @@ def experiment_from_dict(doc: Any, *, source: str = "<experiment>", base_dir: st
     _check_optimizer(experiment.optimizer, source)
     _check_objectives(experiment, source)
     task_dirs = [absolute(d, base_dir) for d in experiment.evaluation.task_dirs]  # relative to the file, as models
-    return experiment.model_copy(update={"space": space.model_dump(mode="json"),
-                                         "evaluation": experiment.evaluation.model_copy(update={"task_dirs": task_dirs})})
+    evaluation = experiment.evaluation.model_copy(update={"task_dirs": task_dirs})
+    return experiment.model_copy(update={"space": space.model_dump(mode="json"), "evaluation": evaluation})
 
 
 def _check_optimizer(config: OptimizerConfig, source: str) -> None:

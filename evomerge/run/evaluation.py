@@ -3,10 +3,11 @@ the objectives of a multi-objective search, read from an evaluation's per-task s
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from evomerge.run.config import EvaluationConfig
+from evomerge.run.config import HELD_OUT, EvaluationConfig
 
 
 @dataclass
@@ -38,7 +39,15 @@ class SplitEvaluator:
             self.by_split[split] = HarnessEvaluator(c.tasks, self.tokenizer, split=split,
                                                     limit=c.limit if split == c.split else None, weights=c.weights,
                                                     task_dirs=c.task_dirs, network=c.network)
+            if split == c.split:
+                self._warn_round_trip(self.by_split[split])
         return self.by_split[split]
+
+    def _warn_round_trip(self, evaluator) -> None:
+        from evomerge.evaluate.round_trip import round_trip_problems
+
+        for problem in round_trip_problems(self.tokenizer, evaluator.tasks):
+            print(f"warning: {self.tokenizer_source}: {problem}", file=sys.stderr)
 
     def evaluate(self, model, split: str, limit: int | None = None) -> Evaluation:
         """`limit`: score only the first `limit` documents of each task (the worker's preflight: 1)."""
@@ -57,9 +66,10 @@ def objective_values(scores: dict[str, Any], names: list[str]) -> list[float]:
     return [float(scores[t]["value"]) * (1 if scores[t].get("higher_is_better", True) else -1) for t in names]
 
 
-def check_tasks(evaluation: EvaluationConfig, source: str, *, held_out: tuple[str, ...] = ("validation", "test")) -> None:
+def check_tasks(evaluation: EvaluationConfig, source: str) -> None:
     """Load the tasks once before a run starts, as a worker will: a wrong name, a missing data file, a split a task
-    lacks or a weight naming no task would fail every trial alike. `held_out`: the splits scored after the budget."""
+    lacks (the search split, or a held-out one scored after the budget) or a weight naming no task would fail every
+    trial alike."""
     from evomerge.errors import EvomergeError
     from evomerge.evaluate.harness import HarnessEvaluator
 
@@ -69,7 +79,7 @@ def check_tasks(evaluation: EvaluationConfig, source: str, *, held_out: tuple[st
                                    task_dirs=c.task_dirs, network=c.network)
         for name, task in harness.tasks.items():
             available = list(task.dataset.keys()) if hasattr(task.dataset, "keys") else []
-            for split in held_out:
+            for split in HELD_OUT:
                 if split not in available:
                     raise EvomergeError(f"task {name} has no split {split!r}, which the search scores after its budget "
                                         f"(available: {', '.join(available) or 'none'})", key="tasks")

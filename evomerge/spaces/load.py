@@ -2,7 +2,7 @@
 
 Composition: a mapping (a space file, or the `space:` block of an experiment file) may say `include: other.yaml`; the
 included file's top-level keys are read first and this mapping's keys replace them whole (no deeper merge). Relative paths
-(`include`, a `merge` recipe file, models) are relative to the file that writes them, and made absolute (evomerge.paths).
+(`include`, a `merge` recipe file, models) are relative to the file that writes them, made absolute (evomerge.paths).
 
 Error keys: for a space inside another file (the `space:` block of an experiment), `key="space"` makes every error name
 its key as written there (`space.bounds.weight`), so the user finds it in that file.
