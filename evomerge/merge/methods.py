@@ -5,7 +5,7 @@ None, `tensors` the other models' tensors in recipe order, per-model parameters 
 Arithmetic runs in float32 (float64 when an input is float64) and the result has the dtype of `base` (of `tensors[0]`
 when there is no base). The same code runs on every device. Statistics of a whole tensor (a norm, a dot product, an
 energy) feed their scalar math as float64 0-dim tensors on the device, so nothing waits for the device except SCE's
-count of nonzero variances; nothing touches the global RNG. Sums over models are Python's `sum`, in recipe order.
+count of nonzero variances; nothing touches the global RNG. Sums over models add in recipe order (`ordered_sum`).
 
 `int8_mask` is accepted for mergekit compatibility and does nothing: in mergekit it only picks the dtype of the sign
 mask to save memory.
@@ -20,7 +20,7 @@ import torch
 
 from evomerge.merge.registry import PerModel, merge_method
 from evomerge.merge.rng import uniforms
-from evomerge.merge.sparsify import SPARSIFIERS, keep_mask, kth_largest, rescale_factor, work_dtype
+from evomerge.merge.sparsify import SPARSIFIERS, indicator, keep_mask, kth_largest, rescale_factor, work_dtype
 
 Tensor = torch.Tensor
 # meaningful ranges of the family's parameters (DELLA also needs density +/- epsilon inside (0, 1))
@@ -37,11 +37,17 @@ def _each(value, n: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
+def ordered_sum(xs: list[Tensor]) -> Tensor:
+    """x_1 + x_2 + ... + x_n, in this order (x_1 itself when n == 1)."""
+    return sum(xs[1:], xs[0])
+
+
 def sign_agreement(deltas: list[Tensor]) -> list[Tensor]:
     """TIES sign election: per delta, 1 where it has the sign of the sum over models (+ on a zero sum), else 0, in the
     deltas' dtype. sign(0) matches nothing, so a zero delta never counts towards the divisor."""
-    majority = torch.where(sum(deltas) >= 0, 1.0, -1.0)
-    return [(d * majority > 0).to(d.dtype) for d in deltas]
+    dtype = deltas[0].dtype
+    majority = indicator(torch.ge, ordered_sum(deltas), 0, dtype).mul_(2).sub_(1)  # +-1
+    return [indicator(torch.gt, d * majority, 0, dtype) for d in deltas]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -98,12 +104,12 @@ def generalized_task_arithmetic(
             deltas.append(delta.mul_(mask).mul_(r * weight[i]))
     if member.consensus:
         agree = sign_agreement(deltas)
-        mixed = sum(d * m for d, m in zip(deltas, agree))
+        mixed = ordered_sum([d * m for d, m in zip(deltas, agree)])
         if normalize:
-            divisor = sum(m * w for m, w in zip(agree, weight))
-            mixed /= torch.where(divisor == 0, 1.0, divisor)
+            divisor = ordered_sum([m * w for m, w in zip(agree, weight)])
+            mixed /= divisor + (divisor == 0)  # 0 -> 1
     else:
-        mixed = sum(deltas)
+        mixed = ordered_sum(deltas)
         if normalize:
             mixed /= _guarded(sum(weight))
     return (b + lambda_ * mixed).to(base.dtype)
@@ -272,7 +278,7 @@ def model_stock(base: Tensor, tensors: list[Tensor], *, filter_wise: bool = Fals
     denominator = 1 + (k - 1) * cos
     singular = denominator.abs() < 1e-6
     t = torch.where(singular, 0.0, k * cos / torch.where(singular, 1.0, denominator))
-    return sum(offsets).mul_(t / k).add_(w0).to(base.dtype)  # w0 + t (mean_i(w_i) - w0)
+    return ordered_sum(offsets).mul_(t / k).add_(w0).to(base.dtype)  # w0 + t (mean_i(w_i) - w0)
 
 
 @merge_method("sce", base="required", min_models=0, ranges={"select_topk": (0.0, 1.0)},
@@ -290,19 +296,19 @@ def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0, int8_m
     b = base.to(work)
     tau = [x.to(work) - b for x in tensors]
     if select_topk < 1:
-        mean = sum(tau) / len(tau)
-        var = sum((t - mean).square() for t in tau) / len(tau)  # population variance across models
+        mean = ordered_sum(tau) / len(tau)
+        var = ordered_sum([(t - mean).square() for t in tau]) / len(tau)  # population variance across models
         k = int(int(torch.count_nonzero(var)) * select_topk)  # a device sync: the count sizes the selection
         if k <= 0:  # nothing selected: every task vector is erased
             return base.clone()
-        selected = (var >= kth_largest(var, k)).to(work)
+        selected = indicator(torch.ge, var, kth_largest(var, k), work)
         tau = [t.mul_(selected) for t in tau]
     energy = [t.square().mean().double() for t in tau]
     total = sum(energy)
     energy = [torch.where(total.abs() < 1e-6, 1.0 / len(tau), e / total.clamp(min=1e-6)) for e in energy]
     weights = [m * e for m, e in zip(sign_agreement(tau), energy)]  # energy where the sign agrees
-    mixed = sum(t * w for t, w in zip(tau, weights))
-    return (b + mixed / sum(weights).clamp_min(1e-6)).to(base.dtype)
+    mixed = ordered_sum([t * w for t, w in zip(tau, weights)])
+    return (b + mixed / ordered_sum(weights).clamp_min(1e-6)).to(base.dtype)
 
 
 @merge_method("passthrough", base="none", max_models=1)

@@ -23,6 +23,12 @@ def work_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def indicator(compare: Callable, a: Tensor, b: Tensor | float, dtype: torch.dtype) -> Tensor:
+    """compare(a, b) (torch.ge, torch.lt, ...) as 0/1 of `dtype`, the shape of a: on CPU a bool result costs several
+    times as much to write, to convert and to multiply by."""
+    return compare(a, b, out=torch.empty(a.shape, dtype=dtype, device=a.device))
+
+
 def kth_smallest(values: Tensor, k: int) -> Tensor:
     """The k-th smallest (1-based) of `values` (float32/64) over the whole tensor, a 0-dim tensor, by selection: numpy's
     introselect on CPU (much faster there than torch.kthvalue), torch.kthvalue elsewhere. NaN counts as largest."""
@@ -43,7 +49,7 @@ def magnitude(delta: Tensor, density: float) -> Tensor:
     when there are exact ties at the threshold (mergekit's argsort keeps an arbitrary k of them).
     """
     mag = delta.abs()
-    return mag >= kth_largest(mag, max(1, int(density * mag.numel())))
+    return indicator(torch.ge, mag, kth_largest(mag, max(1, int(density * mag.numel()))), delta.dtype)
 
 
 def magnitude_outliers(delta: Tensor, density: float, *, gamma: float) -> Tensor:
@@ -56,15 +62,16 @@ def magnitude_outliers(delta: Tensor, density: float, *, gamma: float) -> Tensor
     n = delta.numel()
     keep, top = int(density * n), max(0, int(gamma * n))
     if keep <= 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
+        return torch.zeros_like(delta)
     skip = max(0, n - keep - top)  # the smallest entries dropped
     mag = delta.abs()
-    return (mag >= kth_smallest(mag, skip + 1)) & (mag <= kth_smallest(mag, skip + keep))
+    low, high = kth_smallest(mag, skip + 1), kth_smallest(mag, skip + keep)
+    return indicator(torch.ge, mag, low, delta.dtype).mul_(indicator(torch.le, mag, high, delta.dtype))
 
 
 def bernoulli(delta: Tensor, density: float, *, u: Tensor) -> Tensor:
     """DARE: keep each entry independently with probability `density` (by its U[0, 1) draw u)."""
-    return u < density
+    return indicator(torch.lt, u, density, delta.dtype)
 
 
 def della_magprune(delta: Tensor, density: float, *, epsilon: float, u: Tensor) -> Tensor:
@@ -78,19 +85,31 @@ def della_magprune(delta: Tensor, density: float, *, epsilon: float, u: Tensor) 
     n = rows.shape[1]
     rank = row_ranks(rows).to(rows.dtype)
     rank_norm = rank / (n - 1) if n > 1 else torch.full_like(rank, 0.5)
-    return u < (density - epsilon + rank_norm * (2 * epsilon)).reshape(delta.shape)
+    return indicator(torch.lt, u, (density - epsilon + rank_norm * (2 * epsilon)).reshape(delta.shape), delta.dtype)
 
 
 def row_ranks(mag: Tensor) -> Tensor:
-    """Each entry's rank (from 0) by `mag` along dim 1, ties by position: the inverse of mag.argsort(dim=1, stable)."""
-    order = mag.argsort(dim=1, stable=True)
-    arange = torch.arange(mag.shape[1], device=mag.device).reshape(1, -1, *[1] * (mag.ndim - 2))
-    return torch.empty_like(order).scatter_(1, order, arange.expand_as(order))
+    """Each entry's rank (from 0) by `mag` >= 0 among the entries along dim 1, ties by position (the inverse of
+    mag.argsort(dim=1, stable=True))."""
+    rows = mag.movedim(1, -1).contiguous()  # [..., n]: each row last
+    n = rows.shape[-1]
+    position = torch.arange(n, device=mag.device)
+    if rows.dtype == torch.float32:  # int64 keys (bits of mag, position): distinct, ordered as (mag, position)
+        keys = (rows.view(torch.int32).to(torch.int64) << 32) | position
+        order = _sorted_rows(keys).bitwise_and_(0xFFFFFFFF)
+    else:
+        order = rows.argsort(dim=-1, stable=True)
+    return torch.empty_like(order).scatter_(-1, order, position.expand_as(order)).movedim(-1, 1)
+
+
+def _sorted_rows(keys: Tensor) -> Tensor:
+    """keys sorted along the last dim: by numpy on CPU (its SIMD sort is ~10x torch.sort there)."""
+    return torch.from_numpy(np.sort(keys.numpy(), axis=-1)) if keys.device.type == "cpu" else keys.sort(dim=-1).values
 
 
 @dataclass(frozen=True)
 class Sparsifier:
-    mask: Callable[..., Tensor]  # (delta, density, **extra) -> bool mask of what survives
+    mask: Callable[..., Tensor]  # (delta, density, **extra) -> 0/1 mask of what survives, in delta's dtype
     extra: dict[str, float] = field(default_factory=dict)  # per-model parameters it adds, with mergekit's defaults
     randomized: bool = False  # takes the delta's uniform draws `u`
 
@@ -110,7 +129,7 @@ def keep_mask(delta: Tensor, method: str, density: float, **extra) -> Tensor | N
         return None
     if density <= 0:
         return torch.zeros_like(delta)
-    return SPARSIFIERS[method].mask(delta, density, **extra).to(delta.dtype)
+    return SPARSIFIERS[method].mask(delta, density, **extra)
 
 
 def rescale_factor(delta: Tensor, mask: Tensor, eps: float = 1e-7) -> Tensor:
