@@ -38,8 +38,11 @@ def _each(value, n: int) -> list:
 
 
 def ordered_sum(xs: list[Tensor]) -> Tensor:
-    """x_1 + x_2 + ... + x_n, in this order (x_1 itself when n == 1)."""
-    return sum(xs[1:], xs[0])
+    """x_1 + x_2 + ... + x_n, in this order, into one new tensor (x_1 itself when n == 1)."""
+    out = xs[0] + xs[1] if len(xs) > 1 else xs[0]
+    for x in xs[2:]:
+        out += x
+    return out
 
 
 def sign_agreement(deltas: list[Tensor]) -> list[Tensor]:
@@ -104,15 +107,15 @@ def generalized_task_arithmetic(
             deltas.append(delta.mul_(mask).mul_(r * weight[i]))
     if member.consensus:
         agree = sign_agreement(deltas)
-        mixed = ordered_sum([d * m for d, m in zip(deltas, agree)])
+        mixed = ordered_sum([d.mul_(m) for d, m in zip(deltas, agree)])
         if normalize:
-            divisor = ordered_sum([m * w for m, w in zip(agree, weight)])
+            divisor = ordered_sum([m.mul_(w) for m, w in zip(agree, weight)])
             mixed /= divisor + (divisor == 0)  # 0 -> 1
     else:
         mixed = ordered_sum(deltas)
         if normalize:
             mixed /= _guarded(sum(weight))
-    return (b + lambda_ * mixed).to(base.dtype)
+    return mixed.mul_(lambda_).add_(b).to(base.dtype)  # base + lambda * mixed
 
 
 def _register_family_member(name: str, member: TaskArithmetic) -> None:
