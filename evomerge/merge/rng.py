@@ -36,18 +36,23 @@ def _int32(word: int) -> torch.Tensor:
     return torch.tensor(word - 2**32 if word >= 2**31 else word, dtype=torch.int32)
 
 
+_SHIFTS = {s: (_int32(s), _int32((1 << (32 - s)) - 1)) for s in (8, 15, 16)}  # shift, mask of the bits it keeps
+_FACTORS = (_int32(0x7FEB352D), _int32(0x846CA68B))
+
+
 def _shr(x: torch.Tensor, s: int, out: torch.Tensor) -> torch.Tensor:
     """Logical right shift of int32 bits into `out` (torch's >> on int32 is arithmetic)."""
-    return torch.bitwise_right_shift(x, s, out=out).bitwise_and_(_int32((1 << (32 - s)) - 1))
+    shift, mask = _SHIFTS[s]
+    return torch.bitwise_right_shift(x, shift, out=out).bitwise_and_(mask)
 
 
 def _mix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
     """lowbias32 (C. Wellons, hash-prospector), a bijection of 32-bit integers with strong avalanche, on int32 bits in
     place (`tmp`: scratch of x's shape; every op writes into memory it has, which is most of the cost on CPU):
     x ^= x >> 16;  x *= 0x7FEB352D;  x ^= x >> 15;  x *= 0x846CA68B;  x ^= x >> 16."""
-    for shift, factor in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+    for shift, factor in zip((16, 15), _FACTORS):
         x ^= _shr(x, shift, tmp)
-        x.mul_(_int32(factor))
+        x.mul_(factor)
     x ^= _shr(x, 16, tmp)
     return x
 
@@ -59,7 +64,7 @@ def uniforms(keys: list[MaskKey], shape: torch.Size | tuple[int, ...], device: t
     n = torch.Size(shape).numel()
     k0, k1 = torch.tensor([key.words() for key in keys], dtype=torch.int64).to(torch.int32).to(device).T[:, :, None]
     index = torch.arange(n, dtype=torch.int32 if n <= 2**31 else torch.int64, device=device)
-    h = index.to(torch.int32) ^ k0  # [keys, n]
+    h = index.to(torch.int32).repeat(len(keys), 1).bitwise_xor_(k0)  # [keys, n]
     tmp = torch.empty_like(h)
     _mix32_(h, tmp)
     if n > 2**32:  # entries past 2**32 get distinct draws too
