@@ -2,8 +2,8 @@
 
     git worktree add /tmp/old860 860ac2d
     python scripts/bench_compare.py --old /tmp/old860 --shape tiny --threads 1
-    python scripts/bench_compare.py --old /tmp/old860 --shape medium --threads 1 --methods ties,dare_ties --repeats 2 --rounds 1
-    python scripts/bench_compare.py --old /tmp/old860 --trial --threads 1      # whole toy trials (bench_trial.py of each tree)
+    python scripts/bench_compare.py --old /tmp/old860 --shape medium --methods ties,dare_ties --repeats 1 --rounds 1
+    python scripts/bench_compare.py --old /tmp/old860 --trial      # whole toy trials (each tree's bench_trial.py)
 
 Each side runs in a subprocess of its own with its tree first on the path (this file is that worker too, `--side`),
 in rounds that alternate which side goes first, so both see the same load on a shared machine. A side times every

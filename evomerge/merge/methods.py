@@ -3,9 +3,10 @@
 Every method is `fn(base, tensors, *, <parameters>) -> Tensor` (see `registry.py`): `base` is the base model's tensor or
 None, `tensors` the other models' tensors in recipe order, per-model parameters are lists aligned with `tensors`.
 Arithmetic runs in float32 (float64 when an input is float64) and the result has the dtype of `base` (of `tensors[0]`
-when there is no base). The same code runs on every device. Statistics of a whole tensor (a norm, a dot product, an
-energy) feed their scalar math as float64 0-dim tensors on the device, so nothing waits for the device except SCE's
-count of nonzero variances; nothing touches the global RNG. Sums over models add in recipe order (`ordered_sum`).
+when there is no base). The same code runs on every device. Statistics of a whole tensor (a norm, a dot product) feed
+slerp's and model_stock's scalar math as float64 0-dim tensors (one formula with their per-vector forms); SCE's
+energies and the L1 rescale factors are read as Python floats (a device sync each); nothing touches the global RNG.
+Sums over models add in recipe order (`ordered_sum`).
 
 `int8_mask` is accepted for mergekit compatibility and does nothing: in mergekit it only picks the dtype of the sign
 mask to save memory.
@@ -306,9 +307,9 @@ def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0, int8_m
             return base.clone()
         selected = indicator(torch.ge, var, kth_largest(var, k), work)
         tau = [t.mul_(selected) for t in tau]
-    energy = [t.square().mean().double() for t in tau]
+    energy = [t.square().mean().item() for t in tau]  # Python floats (a device sync per tensor)
     total = sum(energy)
-    energy = [torch.where(total.abs() < 1e-6, 1.0 / len(tau), e / total.clamp(min=1e-6)) for e in energy]
+    energy = [1.0 / len(tau) if abs(total) < 1e-6 else e / max(total, 1e-6) for e in energy]
     weights = [m * e for m, e in zip(sign_agreement(tau), energy)]  # energy where the sign agrees
     mixed = ordered_sum([t * w for t, w in zip(tau, weights)])
     return (b + mixed / ordered_sum(weights).clamp_min(1e-6)).to(base.dtype)

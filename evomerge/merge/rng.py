@@ -57,7 +57,8 @@ def _mix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def uniforms(keys: list[MaskKey], shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+def uniforms(keys: list[MaskKey], shape: torch.Size | tuple[int, ...],
+             device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 [len(keys), *shape]: row i holds independent U[0, 1) entries (multiples of 2**-24) determined by keys[i]
     alone, u_j = mix(mix(j ^ k0) ^ k1) >> 8 for entry j (past 2**32 entries mix(... ^ (j >> 32)) in between). All
     keys are drawn in one pass: the models of a tensor share each op."""

@@ -132,11 +132,12 @@ def keep_mask(delta: Tensor, method: str, density: float, **extra) -> Tensor | N
     return SPARSIFIERS[method].mask(delta, density, **extra)
 
 
-def rescale_factor(delta: Tensor, mask: Tensor, eps: float = 1e-7) -> Tensor:
-    """|delta|_1 / |mask * delta|_1, a float64 0-dim tensor (mergekit `rescaled_masked_tensor`); 1 if a norm is < eps."""
+def rescale_factor(delta: Tensor, mask: Tensor, eps: float = 1e-7) -> float:
+    """|delta|_1 / |mask * delta|_1 (mergekit `rescaled_masked_tensor`); 1 if a norm is < eps. Read as Python floats (a
+    device sync per tensor and model: on small tensors 0-dim tensor ops cost more than the tensor's own ops)."""
     mag = delta.abs().reshape(-1)
-    before, after = mag.sum().double(), torch.dot(mag, mask.reshape(-1)).double()  # mask: 0/1
-    return torch.where((before >= eps) & (after >= eps), before / after.clamp(min=eps), 1.0)
+    before, after = mag.sum().item(), torch.dot(mag, mask.reshape(-1)).item()  # mask: 0/1
+    return before / max(after, eps) if before >= eps and after >= eps else 1.0
 
 
 def sparsify(delta: Tensor, method: str, density: float, *, rescale: bool, **extra) -> Tensor:
