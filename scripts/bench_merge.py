@@ -2,9 +2,6 @@
 
     python scripts/bench_merge.py --shape tiny --threads 1 --repeats 7 --mergekit          # CPU: the toy zoo's shape
     python scripts/bench_merge.py --shape medium --threads 1 --warmup 1 --repeats 3        # CPU: hidden 1024, 4 layers
-    # the host's cost per candidate of the 1.24B shape's 146 tensors, on GPU code paths (batched fused tails or not):
-    python scripts/bench_merge.py --shape micro-1b --threads 1 --as-device --fuse on --methods linear,ties
-    python scripts/bench_merge.py --shape micro-1b --threads 1 --as-device --fuse on --methods linear,ties --max-batch 1
     # the GPU run of issue 5 (H100/H200; about 5 min, most of it mergekit):
     python scripts/bench_merge.py --shape llama-3.2-1b --device cuda --mergekit --mergekit-methods linear,slerp,ties,dare_ties --mergekit-repeats 1
 
@@ -12,16 +9,10 @@ A synthetic Llama-shaped state (random base, experts = base + small noise) is re
 written into a live LlamaForCausalLM by the real planner and materializer (LiveMaterializer over ResidentSources), with
 its per-tensor cache cleared so that every tensor is recomputed (the plan's layout and the live-parameter lookups stay
 cached, as in a worker: only the parameter values change between candidates). One run measures the device copy
-bandwidth, then per method: the first candidate's time (compilation included), the median time per candidate, the
-bytes it must move (inputs read + output written, once each), the floor (bytes / bandwidth), the ratio to it, the
-planner's and the method kernels' share, and the peak extra memory.
-With --mergekit (the bench extra) the same recipes also go through mergekit's in-process run_merge and the
-`mergekit-yaml` CLI on an on-disk copy of the models. Writes benchmarks/results/<device>-<shape>-<date>.{json,md}.
-DARE/DELLA draws (unfused) or the orders of |delta| (fused off the host: sorted for the thresholds, DELLA's ranks) stay
-resident across candidates up to the worker's budget (run.worker.draw_memo_bytes), as in a search, each method from an
-empty budget (column kept MiB); --memo-draws 0 recomputes them for every candidate (file name -nomemo).
-The methods' element-wise math runs as fused kernels on a GPU and for large CPU tensors (merge/fused.py; compiled
-during warm-up); --fuse on/off forces them on or off (-fused, -unfused).
+bandwidth, then per method: the median time per candidate, the bytes it must move (inputs read + output written, once
+each), the floor (bytes / bandwidth), the ratio to it, the planner's and the method functions' share, and the peak
+extra memory. With --mergekit (the bench extra) the same recipes also go through mergekit's in-process run_merge and
+the `mergekit-yaml` CLI on an on-disk copy of the models. Writes benchmarks/results/<device>-<shape>-<date>.{json,md}.
 """
 
 from __future__ import annotations
@@ -40,22 +31,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from evomerge.merge import fused, host, sparsify
-from evomerge.merge.fused import fuse
 from evomerge.merge.materialize import LiveMaterializer, ResidentSources, compute
 from evomerge.merge.plan import plan_recipe
-from evomerge.merge.rng import kept_draw_bytes, memoize_draws
 from evomerge.models.architectures import architecture_for
 from evomerge.models.io import ModelDir, ModelWriter
 from evomerge.recipe import recipe_from_dict
-from evomerge.run.worker import draw_memo_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # Llama dimensions: hidden, layers, intermediate, attention heads, kv heads, vocab, tied embeddings
     "tiny": dict(hidden=128, layers=4, intermediate=512, heads=4, kv_heads=2, vocab=100, tied=False),
     "medium": dict(hidden=1024, layers=4, intermediate=4096, heads=16, kv_heads=4, vocab=32000, tied=False),
-    # the tensors of llama-3.2-1b (16 layers, 146 tensors) at toy size: with --as-device, the host's cost per candidate
-    "micro-1b": dict(hidden=16, layers=16, intermediate=32, heads=2, kv_heads=1, vocab=64, tied=True),
     "llama-3.2-1b": dict(hidden=2048, layers=16, intermediate=8192, heads=32, kv_heads=8, vocab=128256, tied=True),
     "llama-3-8b": dict(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256, tied=False),
 }
@@ -206,9 +191,7 @@ def check_memory(config, device: str, dtype: torch.dtype, experts: int) -> None:
 
 
 def bench_method(method: str, target, sources: ResidentSources, experts: list[str], device: str, bandwidth: float,
-                 warmup: int, repeats: int, memo_bytes: int) -> dict:
-    memoize_draws(memo_bytes)  # as a worker that starts a search with this method
-    sparsify.keep_orders(memo_bytes)
+                 warmup: int, repeats: int) -> dict:
     recipe = recipe_from_dict([{"merge_method": method, **recipe_doc(method, experts)}])
     materializer = LiveMaterializer(target, sources)
 
@@ -222,22 +205,18 @@ def bench_method(method: str, target, sources: ResidentSources, experts: list[st
         refs = ([task.base] if task.base else []) + list(task.inputs)
         out = sources.get(*refs[0])
         nbytes += sum(sources.get(*r).nbytes for r in refs) + out.nbytes
-    start = time.perf_counter()
-    candidate()  # the first candidate compiles the fused kernels and batches
-    sync(device)
-    t_first = time.perf_counter() - start
     t = median_time(candidate, device, warmup, repeats)
     t_plan = median_time(lambda: plan_recipe(recipe, sources.dirs, layouts=materializer.layouts), "cpu", 1, repeats)
+
     def kernels():  # the method functions alone: no planning, no writing into the target
         for task in plan.tasks:
             compute(task, sources)
 
     t_kernels = median_time(kernels, device, warmup, repeats)
     floor = nbytes / bandwidth
-    return {"method": method, "seconds": t, "first_seconds": t_first, "plan_seconds": t_plan,
+    return {"method": method, "seconds": t, "plan_seconds": t_plan,
             "kernel_seconds": t_kernels, "bytes": nbytes, "floor_seconds": floor, "ratio_to_floor": t / floor,
-            "tensors": len(plan.tasks), "peak_extra_bytes": peak_extra_memory(candidate, device),
-            "kept_bytes": sparsify.kept_order_bytes() + kept_draw_bytes()}
+            "tensors": len(plan.tasks), "peak_extra_bytes": peak_extra_memory(candidate, device)}
 
 
 def bench_mergekit(methods: list[str], sources: ResidentSources, config, experts: list[str], dtype_name: str,
@@ -293,19 +272,16 @@ def device_name(device: str) -> str:
 def markdown(result: dict) -> str:
     ms = lambda s: f"{s * 1e3:.2f}" if s is not None else "-"  # noqa: E731
     mib = lambda b: f"{b / 2**20:.1f}" if b is not None else "-"  # noqa: E731
-    lines = [f"# bench_merge: {result['shape']} on {result['device']} ({result['dtype']}, base + {result['experts']} experts, "
-             f"fuse {result.get('fuse', 'off')}, max batch {result.get('max_batch', 1)})",
+    lines = [f"# bench_merge: {result['shape']} on {result['device']} ({result['dtype']}, base + {result['experts']} experts)",
              "", f"`{result['command']}`  ", f"{result['params'] / 1e6:.1f}M params per model; copy bandwidth "
              f"{result['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s (read + write); torch {result['torch']}; {result['date']}", "",
-             "| method | ms / candidate | first s | plan ms | kernels ms | MB moved | floor ms | x floor "
-             "| peak extra MiB | kept MiB |"
+             "| method | ms / candidate | plan ms | kernels ms | MB moved | floor ms | x floor | peak extra MiB |"
              + (" mergekit run_merge ms | speed-up | mergekit-yaml s | speed-up |" if result["mergekit"] else ""),
-             "|---" * (10 + 4 * bool(result["mergekit"])) + "|"]
+             "|---" * (8 + 4 * bool(result["mergekit"])) + "|"]
     for r in result["rows"]:
-        first = f"{r['first_seconds']:.1f}" if "first_seconds" in r else "-"
-        line = (f"| {r['method']} | {ms(r['seconds'])} | {first} | {ms(r['plan_seconds'])} | "
+        line = (f"| {r['method']} | {ms(r['seconds'])} | {ms(r['plan_seconds'])} | "
                 f"{ms(r['kernel_seconds'])} | {r['bytes'] / 1e6:.1f} | {ms(r['floor_seconds'])} | "
-                f"{r['ratio_to_floor']:.1f} | {mib(r['peak_extra_bytes'])} | {mib(r.get('kept_bytes'))} |")
+                f"{r['ratio_to_floor']:.1f} | {mib(r['peak_extra_bytes'])} |")
         mk = result["mergekit"].get(r["method"]) if result["mergekit"] else None
         if mk:
             cli = mk.get("cli_seconds")
@@ -337,18 +313,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mergekit-methods", help="methods timed with run_merge (default: --methods)")
     parser.add_argument("--mergekit-repeats", type=int, default=3)
     parser.add_argument("--cli-methods", default="linear,slerp,ties,dare_ties", help="methods timed with mergekit-yaml")
-    parser.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
-                        help="fused kernels (merge/fused.py): auto = on a GPU and for CPU tensors of 2**20 entries or "
-                             "more; on/off add -fused/-unfused to the file name")
-    parser.add_argument("--max-batch", type=int, default=fused.MAX_BATCH,
-                        help="fused tails per compiled call on a GPU (merge/fused.py); 1: one call per tensor, adds "
-                             "-batch1 to the file name")
-    parser.add_argument("--as-device", action="store_true",
-                        help="CPU tensors take the code paths of a GPU (merge/host.py): with --shape micro-1b, the "
-                             "host's cost per candidate that a GPU run pays on top of its kernels; adds -asdevice")
-    parser.add_argument("--memo-draws", type=float, metavar="GIB",
-                        help="keep up to GIB of DARE/DELLA draws (fused: orders of |delta|) across candidates "
-                             "(default: a search worker's budget); 0 adds -nomemo to the file name")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); use 1 on a shared CPU")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
@@ -361,29 +325,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = llama_config(SHAPES[args.shape])
     check_memory(config, args.device, dtype, len(experts))
-    fuse({"auto": None, "on": True, "off": False}[args.fuse])
-    if args.as_device:
-        host.HOST_DEVICE_TYPES = ()
-    default_batch, fused.MAX_BATCH = fused.MAX_BATCH, args.max_batch
     sources = synthetic_sources(config, ["base", *experts], args.device, dtype)
     target = live_model(config, args.device, dtype)
-    if args.memo_draws is None:  # as a worker: its budget once the models are resident
-        args.memo_draws = draw_memo_bytes(args.device) / 2**30
     params = sum(t.numel() for (m, _), t in sources.tensors.items() if m == "base")
     bandwidth = copy_bandwidth(args.device, dtype, 2**30 if args.device.startswith("cuda") else 2**28)  # past caches
     date = datetime.date.today().isoformat()
     result = {"shape": args.shape, "dims": SHAPES[args.shape], "device": device_name(args.device), "dtype": dtype_name,
               "experts": len(experts), "params": params, "date": date, "torch": torch.__version__,
-              "fuse": args.fuse, "max_batch": args.max_batch, "as_device": args.as_device,
               "command": command_line(args),
               "bandwidth_bytes_per_s": bandwidth, "rows": [], "mergekit": {}}
-    variant = "".join([
-        "" if args.memo_draws else "-nomemo", {"auto": "", "on": "-fused", "off": "-unfused"}[args.fuse],
-        "" if args.max_batch == default_batch else f"-batch{args.max_batch}", "-asdevice" if args.as_device else ""])
-    stem = Path(args.out) / f"{result['device']}-{args.shape}-{date}{variant}"
+    stem = Path(args.out) / f"{result['device']}-{args.shape}-{date}"
     for method in methods:
         result["rows"].append(r := bench_method(method, target, sources, experts, args.device, bandwidth, args.warmup,
-                                                args.repeats, int(args.memo_draws * 2**30)))
+                                                args.repeats))
         print(f"{method}: {r['seconds'] * 1e3:.2f} ms ({r['ratio_to_floor']:.1f}x floor)", flush=True)
         write_results(stem, result, markdown(result), show=False)  # so far: a run cut short keeps what it measured
     if args.mergekit:

@@ -6,14 +6,14 @@
     python scripts/bench_trial.py --shape llama-3.2-1b --device cuda --dtype bfloat16
 
 A trial is what a search pays per candidate, as evomerge.run does it: the driver decodes a genome of a PS space (default:
-TIES over base + 2 experts, weight and density per model and per layer) into recipe YAML; the worker parses it and writes
-it into the resident live model with LiveMaterializer, as TrialRunner does (planning included), then scores the model
+TIES over base + 2 experts, weight and density per model and per layer) into a Recipe (and its YAML, for the ledger); the
+worker writes it into the resident live model with LiveMaterializer, as TrialRunner does (planning included), then scores the model
 with a loglikelihood evaluation of a fixed token budget: --tokens random token ids (seeded) in sequences of --seq-len,
 the summed log-probability of every next token, as lm-eval's loglikelihood scores a continuation (log-softmax in float32,
 --batch-size sequences per forward pass, which bounds the logits' memory). Consecutive trials are CMA-ES-like samples
 around the middle of the bounds (sigma --sigma in the unit cube), so every gene changes and no tensor is skipped by the
 materializer's cache. The device is synchronized at each phase boundary. Reported: warm-up trials, then the trial with the
-median total of --repeats; overhead = total - merge - eval (genome decode, YAML dump and parse, the fitness check).
+median total of --repeats; overhead = total - merge - eval (genome decode, the ledger's YAML dump, the fitness check).
 
 Memory for the GPU run (1.24B shape, bf16, 1,235,814,400 params = 2.47 GB per model): base + 2 experts + the live model
 9.9 GB; logits of one batch (8 x 512 x 128256, bf16 + float32 copy + float32 log-softmax) 5.3 GB; merge working space,
@@ -100,13 +100,13 @@ def candidates(space: ParameterSpace, n: int, sigma: float, seed: int) -> list[n
 
 def run_trial(genome: np.ndarray, space: ParameterSpace, materializer: LiveMaterializer, tokens: torch.Tensor,
               batch_size: int, device: str) -> dict:
-    """One candidate: decode (driver), parse + materialize (worker, as TrialRunner.run), evaluate, check the fitness."""
+    """One candidate: decode and dump for the ledger (driver), materialize (worker, as TrialRunner.run), evaluate, check
+    the fitness."""
     sync(device)
     start = time.perf_counter()
-    recipe_yaml = to_evomerge_yaml(space.decode(genome))
+    recipe = space.decode(genome)
+    recipe_yaml = to_evomerge_yaml(recipe)
     t_decode = time.perf_counter()
-    recipe = recipe_from_dict([yaml.safe_load(recipe_yaml)])
-    t_parse = time.perf_counter()
     applied = materializer.apply(recipe)
     sync(device)
     t_merge = time.perf_counter()
@@ -116,9 +116,9 @@ def run_trial(genome: np.ndarray, space: ParameterSpace, materializer: LiveMater
     if not math.isfinite(fitness):
         raise SystemExit(f"non-finite fitness {fitness}: the synthetic model is broken")
     end = time.perf_counter()
-    merge, evaluation, total = t_merge - t_parse, t_eval - t_merge, end - start
+    merge, evaluation, total = t_merge - t_decode, t_eval - t_merge, end - start
     return {"merge_seconds": merge, "eval_seconds": evaluation, "overhead_seconds": total - merge - evaluation,
-            "total_seconds": total, "decode_seconds": t_decode - start, "parse_seconds": t_parse - t_decode,
+            "total_seconds": total, "decode_seconds": t_decode - start,
             "tensors": applied["tensors"], "recomputed": applied["computed"], "fitness": fitness, "recipe": recipe_yaml}
 
 
@@ -150,9 +150,8 @@ def markdown(result: dict) -> str:
                      f"{ms(t['total_seconds'])} | {100 * t['merge_seconds'] / t['total_seconds']:.1f} | "
                      f"{result['eval_tokens'] / t['eval_seconds']:.0f} |")
     lines += ["", f"Median trial (by total); merge includes planning ({ms(result['plan_seconds'])} ms alone). "
-              f"Overhead: genome decode + YAML dump {ms(result['median']['decode_seconds'])} ms, "
-              f"YAML parse {ms(result['median']['parse_seconds'])} ms, the rest "
-              f"{ms(result['median']['overhead_seconds'] - result['median']['decode_seconds'] - result['median']['parse_seconds'])} ms."]
+              f"Overhead: genome decode + YAML dump {ms(result['median']['decode_seconds'])} ms, the rest "
+              f"{ms(result['median']['overhead_seconds'] - result['median']['decode_seconds'])} ms."]
     return "\n".join(lines) + "\n"
 
 

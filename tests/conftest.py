@@ -41,17 +41,9 @@ def load_script():
 
 @pytest.fixture
 def one_thread():
-    """A benchmark script's `--threads 1` (a shared CPU); afterwards the process state it sets for itself (torch's
-    threads, the fusion switch and batch size, the host's device types, the draw and rank memos) is restored for the
-    other tests."""
+    """A benchmark script's `--threads 1` (a shared CPU); torch's thread count is restored afterwards."""
     import torch
 
-    from evomerge.merge import fused, host, rng, sparsify
-
-    threads, max_batch, host_types = torch.get_num_threads(), fused.MAX_BATCH, host.HOST_DEVICE_TYPES
+    threads = torch.get_num_threads()
     yield ["--threads", "1"]
     torch.set_num_threads(threads)
-    fused.fuse(None)
-    fused.MAX_BATCH, host.HOST_DEVICE_TYPES = max_batch, host_types
-    rng.memoize_draws(0)
-    sparsify.keep_orders(0)

@@ -36,8 +36,10 @@ def outlier_mask(d, density, gamma):
 
 
 def della_mask(d, density, epsilon, u):
-    rows = d.reshape(1, -1) if d.ndim < 2 else d
-    u = u.reshape(rows.shape)
+    """Ranks within the rows along dim 1 (mergekit's argsort(dim=1)); a 1-D tensor is one row."""
+    x = d.reshape(1, -1) if d.ndim < 2 else d
+    moved = x.movedim(1, -1).shape  # the rows along dim 1, each last
+    rows, u = x.movedim(1, -1).reshape(-1, x.shape[1]), u.reshape(x.shape).movedim(1, -1).reshape(-1, x.shape[1])
     mask = torch.zeros_like(rows)
     for r in range(rows.shape[0]):
         row = rows[r].abs().tolist()
@@ -45,7 +47,7 @@ def della_mask(d, density, epsilon, u):
         for rank, j in enumerate(sorted(range(n), key=lambda j: row[j])):
             p = density - epsilon + 2 * epsilon * (rank / (n - 1) if n > 1 else 0.5)
             mask[r, j] = float(u[r, j] < p)
-    return mask.reshape(d.shape)
+    return mask.reshape(moved).movedim(-1, 1).reshape(d.shape)
 
 
 def sparsify(d, method, density, rescale, gamma=None, epsilon=None, u=None):

@@ -9,10 +9,9 @@ import pytest
 
 def test_bench_merge_table_is_consistent(tmp_path, one_thread, load_script):
     load_script("bench_merge").main(["--shape", "tiny", "--methods", "linear,dare_ties,slerp", "--warmup", "1",
-                                     "--repeats", "2", "--fuse", "off", "--out", str(tmp_path), *one_thread])
-    [path] = tmp_path.glob("cpu1t-*-tiny-*-unfused.json")
+                                     "--repeats", "2", "--out", str(tmp_path), *one_thread])
+    [path] = tmp_path.glob("cpu1t-*-tiny-*.json")
     result = json.loads(path.read_text())
-    assert result["fuse"] == "off" and "fuse off" in path.with_suffix(".md").read_text()
     rows = {row["method"]: row for row in result["rows"]}
     assert list(rows) == ["linear", "dare_ties", "slerp"]
     model_bytes = result["params"] * 4  # float32
@@ -23,20 +22,6 @@ def test_bench_merge_table_is_consistent(tmp_path, one_thread, load_script):
         assert row["tensors"] > 0 and 0 < row["plan_seconds"] < row["seconds"]
         assert row["floor_seconds"] == pytest.approx(row["bytes"] / result["bandwidth_bytes_per_s"], rel=1e-12)
         assert row["ratio_to_floor"] == pytest.approx(row["seconds"] / row["floor_seconds"], rel=1e-12)
-
-
-def test_host_cost_run_has_the_1b_layout_on_device_paths(tmp_path, one_thread, load_script):
-    """--shape micro-1b --as-device: the 146 tensors of Llama-3.2-1B at toy size, through the GPU code paths."""
-    from evomerge.merge import host
-
-    result = load_script("bench_merge").main(["--shape", "micro-1b", "--methods", "linear", "--warmup", "1",
-                                              "--repeats", "2", "--fuse", "off", "--max-batch", "1", "--as-device",
-                                              "--out", str(tmp_path), *one_thread])
-    assert host.HOST_DEVICE_TYPES == ()  # restored by one_thread afterwards
-    [path] = tmp_path.glob("cpu1t-*-micro-1b-*-unfused-batch1-asdevice.json")
-    assert json.loads(path.read_text()) == result
-    assert result["as_device"] and result["max_batch"] == 1 and result["rows"][0]["tensors"] == 16 * 9 + 2
-    assert "max batch 1" in path.with_suffix(".md").read_text()
 
 
 def test_a_run_cut_short_keeps_the_methods_it_measured(tmp_path, one_thread, load_script, monkeypatch):
@@ -52,7 +37,7 @@ def test_a_run_cut_short_keeps_the_methods_it_measured(tmp_path, one_thread, loa
     monkeypatch.setattr(bench, "bench_method", until_slerp)
     with pytest.raises(KeyboardInterrupt):
         bench.main(["--shape", "tiny", "--methods", "linear,ties,slerp", "--warmup", "0", "--repeats", "1",
-                    "--fuse", "off", "--out", str(tmp_path), *one_thread])
-    [path] = tmp_path.glob("cpu1t-*-tiny-*-unfused.json")
+                    "--out", str(tmp_path), *one_thread])
+    [path] = tmp_path.glob("cpu1t-*-tiny-*.json")
     assert [row["method"] for row in json.loads(path.read_text())["rows"]] == ["linear", "ties"]
     assert "| ties |" in path.with_suffix(".md").read_text() and not list(tmp_path.glob("*.tmp"))

@@ -147,23 +147,3 @@ def test_results_become_the_parameters_and_never_alias_a_source(zoo, tmp_path, m
     assert model.lm_head.weight is model.get_input_embeddings().weight
     expected = (dirs[str(base)].get("model.embed_tokens.weight") + dirs[str(expert)].get("model.embed_tokens.weight")) / 2
     torch.testing.assert_close(model.lm_head.weight.data, expected)
-
-
-def test_batched_fused_materialization_is_the_eager_merge(zoo, monkeypatch):
-    """As on a GPU: fused tails batched across tensors (merge/fused.py), over candidates that change all or some tensors
-    (the per-method values of batched tails: tests/test_fused.py)."""
-    from evomerge.merge import fused, host
-
-    live = materializer(zoo)
-    monkeypatch.setattr(host, "HOST_DEVICE_TYPES", ())
-    monkeypatch.setattr(fused, "MAX_BATCH", 4)
-    monkeypatch.setattr(fused, "_forced", True)
-    for weights in ([0.3, 0.5, 0.7], [0.3, 0.9, 0.7], [0.8, 0.2, 0.1]):
-        stats = live.apply(recipe(zoo, "task_arithmetic", weights))
-        assert 0 < stats["computed"] <= stats["tensors"]
-        eager = materializer(zoo)
-        monkeypatch.setattr(fused, "_forced", False)
-        eager.apply(recipe(zoo, "task_arithmetic", weights))
-        monkeypatch.setattr(fused, "_forced", True)
-        for name, value in eager.model.state_dict().items():
-            torch.testing.assert_close(live.model.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)

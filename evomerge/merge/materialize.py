@@ -14,8 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.fused import batched, resolved
-from evomerge.merge.plan import Layout, Plan, TensorTask, plan_recipe
+from evomerge.merge.plan import Layout, Plan, TensorTask, plan_recipe, validate_stage
 import evomerge.merge.methods  # noqa: F401  (registers the built-in methods)
 from evomerge.merge.registry import METHODS
 from evomerge.merge.rng import MaskKey
@@ -81,7 +80,7 @@ def compute(task: TensorTask, sources: Sources) -> torch.Tensor:
     kwargs = task.kwargs
     if spec.randomized:
         kwargs["key"] = [MaskKey(task.seed, task.out_name, model) for model, _ in task.inputs]
-    out = spec.fn(base, tensors, **kwargs)  # a fused tail's Deferred inside `batched()` (scale is 1 there: no paths)
+    out = spec.fn(base, tensors, **kwargs)
     return out * task.scale if task.scale != 1.0 else out
 
 
@@ -100,6 +99,8 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
     out_dtype = parse_dtype(dtype or (stage.out_dtype if stage else None), source=source, key="out_dtype") or compute_dtype
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EvomergeError(f"device {device!r} asked for, but torch sees no CUDA device", key="--device")
+    if stage:
+        validate_stage(stage, source)
     dirs = open_model_dirs(recipe, source)
     out_dtype = out_dtype or common_dtype(dirs.values())  # one dtype out, also from sources of several
     plan = plan_recipe(recipe, dirs, source)
@@ -134,12 +135,10 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
 class LiveMaterializer:
     """Writes recipes into one live model in place, from resident sources; recomputes only tensors whose task changed.
 
-    Per candidate only the parameters are resolved: the plan's layout (which inputs make each output) is cached per
-    recipe structure, and the live parameter of each output name is looked up once. The fused tails of a window of tasks
-    run in compiled batches (`fused.batched`): on a GPU one call per tensor would cost more host time than the kernel.
+    Recipes come validated (a search space's decode). What it keeps across candidates is its own: the plan's layout
+    per recipe structure (so per candidate only the parameters are resolved), the live parameter of each output name,
+    and the task each output tensor holds now.
     """
-
-    WINDOW_BYTES = 2**30  # output bytes per window: what the batches may hold on top of the live model
 
     def __init__(self, model: torch.nn.Module, sources: ResidentSources):
         self.model, self.sources = model, sources
@@ -168,26 +167,9 @@ class LiveMaterializer:
             raise EvomergeError("layer paths are materialized by evomerge.run's path model, not in place", key="layers")
         plan = plan_recipe(recipe, self.sources.dirs, source, self.layouts)
         changed = [task for task in plan.tasks if self.applied.get(task.out_name) != task]
-        for window in self.windows(changed):
-            with batched():  # fused tails run in batches (merge/fused.py) when the window has been planned
-                values = [compute(task, self.sources) for task in window]
-            for task, value in zip(window, map(resolved, values)):
-                self.write(task, value)
+        for task in changed:
+            self.write(task, compute(task, self.sources))
         return {"tensors": len(plan.tasks), "computed": len(changed)}
-
-    def windows(self, tasks: list[TensorTask]):
-        """The tasks in runs of about WINDOW_BYTES of output: a window's results wait for its batches, so the memory
-        they hold on top of the model is bounded."""
-        window, nbytes = [], 0
-        for task in tasks:
-            window.append(task)
-            target = self.target(task.out_name)
-            nbytes += target.numel() * target.element_size()
-            if nbytes >= self.WINDOW_BYTES:
-                yield window
-                window, nbytes = [], 0
-        if window:
-            yield window
 
     def write(self, task: TensorTask, value: torch.Tensor) -> None:
         target = self.target(task.out_name)

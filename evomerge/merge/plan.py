@@ -3,7 +3,8 @@
 Planning follows mergekit's order: tensors before the layers (embeddings) from the first slice, the layers slice by slice
 (t = i / (n - 1) inside a slice, for gradient lists), then the tensors after the layers from the last slice, both with t = 0.
 A `models:` stage is one slice over all layers. Everything the user can get wrong is checked here, before any tensor is
-read, and reported as one EvomergeError naming the recipe file and the key.
+read, and reported as one EvomergeError naming the recipe file and the key: the stage's method and parameters once, by
+`validate_stage`, the rest (models, layers, shapes) while planning.
 """
 
 from __future__ import annotations
@@ -215,12 +216,13 @@ def stage_layout(stage: MergeStage, dirs: dict[str, ModelDir], source: str) -> L
 
 def plan_stage(stage: MergeStage, dirs: dict[str, ModelDir], source: str, layouts: dict[tuple, Layout] | None = None
                ) -> tuple[list[TensorTask], list[list[TensorTask]]]:
-    """(non-layer tasks, per-output-layer task lists) for a parameter-space stage.
+    """(non-layer tasks, per-output-layer task lists) for a parameter-space stage, validated before (`validate_stage`:
+    a search space validates its stages once, `merge_to_dir` the recipe it reads).
 
     `layouts` memoizes `stage_layout` by `structure(stage)` for a caller that plans many recipes over the same `dirs`
     (a search worker): then only the parameters are resolved per recipe.
     """
-    spec = validate_stage(stage, source)
+    spec = get_method(stage.method, source=source, key="merge.method")
     key = structure(stage)
     layout = layouts.get(key) if layouts is not None else None
     if layout is None:

@@ -247,8 +247,8 @@ class _Loop:
             if recipe.identity in self.by_recipe:  # these weights were scored already (genomes can decode alike)
                 self._record_repeat(cid, candidate.genome, self.by_recipe[recipe.identity])
                 continue
-            self.in_flight[cid] = (to_evomerge_yaml(recipe), recipe.identity)
-            self.pool.submit(Task(cid, self.in_flight[cid][0], self.split))
+            self.in_flight[cid] = (to_evomerge_yaml(recipe), recipe.identity)  # for the ledger
+            self.pool.submit(Task(cid, recipe, self.split))
 
     def _record(self, result) -> None:
         cid = result.candidate
@@ -366,7 +366,7 @@ class _Loop:
         while todo or pending:
             while todo and self.pool.idle:
                 t = todo.pop(0)
-                self.pool.submit(Task(t.candidate, t.recipe, split))
+                self.pool.submit(Task(t.candidate, recipe_from_dict([yaml.safe_load(t.recipe)]), split))
                 pending += 1
             for result in self.pool.wait():
                 pending -= 1

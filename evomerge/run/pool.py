@@ -1,6 +1,6 @@
 """Worker pools: where trials run. The loop submits tasks while a worker is idle and waits for results.
 
-    pool.submit(Task(candidate, recipe_yaml, split))     # only while pool.idle > 0
+    pool.submit(Task(candidate, recipe, split))          # only while pool.idle > 0
     results = pool.wait()                                  # >= 1 TrialResult, in completion order
 
 `LocalPool` runs trials in this process on one TrialRunner, one at a time. `RayPool` runs one TrialRunner per Ray actor
@@ -18,13 +18,14 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from evomerge.errors import EvomergeError
+from evomerge.recipe import Recipe
 from evomerge.run.worker import TrialResult, TrialRunner
 
 
 @dataclass(frozen=True)
 class Task:
     candidate: int
-    recipe: str  # evomerge YAML
+    recipe: Recipe  # a value: it pickles for Ray
     split: str
 
 
@@ -187,7 +188,7 @@ class _RayRunner:
         """None when the worker can take trials, else the one-line reason it cannot."""
         return self.error
 
-    def run(self, candidate: int, recipe: str, split: str) -> TrialResult:
+    def run(self, candidate: int, recipe: Recipe, split: str) -> TrialResult:
         return self.runner.run(candidate, recipe, split)
 
 

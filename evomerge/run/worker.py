@@ -18,27 +18,9 @@ import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.materialize import LiveMaterializer, ResidentSources
-from evomerge.merge.rng import memoize_draws
-from evomerge.merge.sparsify import keep_orders
 from evomerge.models.io import ModelDir, live_param, load_live_model
-from evomerge.recipe import MERGED, Recipe, recipe_from_dict
+from evomerge.recipe import MERGED, Recipe
 from evomerge.run.path_model import build_path_model, decoder_layers
-
-# DARE/DELLA masks are keyed by (seed, tensor, model), not by candidate: a worker draws the same uniforms for every
-# candidate, so it keeps them (4 bytes per element and model; past its budget, draws are recomputed).
-CPU_DRAW_MEMO_BYTES = 2 << 30
-
-
-def draw_memo_bytes(device: str) -> int:
-    """A worker's budget for kept draws: 2 GiB on CPU; on a GPU half the memory free once the models are resident (a
-    1.24B model with two experts needs 10 GB of draws; the evaluation keeps the other half). Only unfused DARE/DELLA
-    keep draws: fused kernels (merge/fused.py, the default on a GPU) hash them where they are used. The orders of
-    |delta| (TIES/breadcrumbs/SCE thresholds, DELLA's ranks: `sparsify.keep_orders`) have a budget of the same size;
-    on a GPU they fill it instead of draws, on CPU unfused DELLA keeps both (6 bytes per element and expert)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 2
-    return CPU_DRAW_MEMO_BYTES
-
 
 @dataclass
 class TrialResult:
@@ -68,9 +50,6 @@ class TrialRunner:
             (m, n): live_param(self.live[m], n, self.dirs[m].arch).data for m in models for n in self.dirs[m].tensor_names})
         self.merged = load_live_model(self.dirs[base], device, torch_dtype).eval()
         self.materializer = LiveMaterializer(self.merged, self.sources)
-        budget = draw_memo_bytes(device)
-        memoize_draws(budget)
-        keep_orders(budget)
         self.evaluator = make_evaluator()
 
     def model_for(self, recipe: Recipe) -> torch.nn.Module:
@@ -95,13 +74,10 @@ class TrialRunner:
             raise EvomergeError(f"scoring the base model on one document per task failed before the first trial "
                                 f"({self.name}): {error}", key="evaluation")
 
-    def run(self, candidate: int, recipe_yaml: str, split: str = "search") -> TrialResult:
-        import yaml
-
+    def run(self, candidate: int, recipe: Recipe, split: str = "search") -> TrialResult:
         start = time.perf_counter()
         result = TrialResult(candidate, split, "failed", None, worker=self.name)
         try:
-            recipe = recipe_from_dict([yaml.safe_load(recipe_yaml)])
             model = self.model_for(recipe)
             result.t_merge = time.perf_counter() - start
             evaluation = self.evaluator.evaluate(model, split=split)
