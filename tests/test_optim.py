@@ -10,7 +10,8 @@ from evomerge.optim import OPTIMIZERS, load_optimizer, make_optimizer, save_opti
 
 DIM = 4
 CENTRE = np.array([0.2, 0.7, 0.4, 0.9])
-SMALL = {"cmaes": {"popsize": 6}, "optuna_cmaes": {"popsize": 6}, "nsga2": {"population_size": 6}, "tpe": {}, "random": {}}
+SMALL = {"cmaes": {"popsize": 6}, "optuna_cmaes": {"popsize": 6}, "nsga2": {"population_size": 6}, "tpe": {}, "random": {},
+         "niches": {"archive_size": 6}}
 
 
 def quadratic(genome):

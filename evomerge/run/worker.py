@@ -48,6 +48,8 @@ class TrialResult:
     scores: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     worker: str = ""
+    docs: bytes | None = None  # per-document scores, packed (evaluate.docs)
+    estimated: bool = False  # racing stopped it early
     t_merge: float = 0.0
     t_eval: float = 0.0
     t_total: float = 0.0
@@ -82,7 +84,8 @@ class TrialRunner:
         return build_path_model(models[recipe.layers[0].source], layers, [(s.source, s.layer, s.scale) for s in recipe.layers],
                                 last=models[recipe.layers[-1].source])
 
-    def run(self, candidate: int, recipe_yaml: str, split: str = "search") -> TrialResult:
+    def run(self, candidate: int, recipe_yaml: str, split: str = "search", threshold: float | None = None) -> TrialResult:
+        """Score one recipe; with a racing `threshold`, the evaluator may stop it early (evaluate.racing)."""
         import yaml
 
         start = time.perf_counter()
@@ -91,9 +94,11 @@ class TrialRunner:
             recipe = recipe_from_dict([yaml.safe_load(recipe_yaml)])
             model = self.model_for(recipe)
             result.t_merge = time.perf_counter() - start
-            evaluation = self.evaluator.evaluate(model, split=split)
+            race = {} if threshold is None else {"threshold": threshold}  # evaluators without racing take no threshold
+            evaluation = self.evaluator.evaluate(model, split=split, **race)
             result.t_eval = time.perf_counter() - start - result.t_merge
             result.scores = evaluation.scores
+            result.docs, result.estimated = evaluation.docs, evaluation.estimated
             fitness = evaluation.fitness
             if evaluation.status == "ok" and fitness is not None and math.isfinite(fitness):
                 result.status, result.fitness = "ok", float(fitness)
