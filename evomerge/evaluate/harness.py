@@ -24,7 +24,7 @@ import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluate import racing
-from evomerge.evaluate.result import EvalResult, TaskScore, aggregate, weighted_fitness
+from evomerge.evaluate.result import EvalResult, TaskScore, weighted_fitness
 from evomerge.evaluate.tasks import load_tasks, select_split
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,7 @@ class HarnessEvaluator:
         start = time.perf_counter()
         try:
             docs, stopped = racing.race(lambda ranges: self._score_documents(model, tokenizer or self.tokenizer, ranges),
-                                 self.sizes, threshold, lambda values: aggregate(values, self.weights, self.aggregate),
-                                 first=first, delta=delta)
+                                        self.sizes, threshold, self.weights, self.aggregate, first=first, delta=delta)
         except Exception as err:  # noqa: BLE001
             return self._failed(err, start)
         scores = {name: self._mean_score(name, values) for name, values in docs.items()}

@@ -45,7 +45,7 @@ class BudgetConfig(_Schema):
 class RacingConfig(_Schema):
     """Score a search candidate on the first `first` of the documents, then twice that, ...; stop once its fitness
     is below the validation.top_k-th best fully scored one with probability >= 1 - delta (evaluate.racing)."""
-    first: float = Field(0.25, gt=0, lt=1)
+    first: float = Field(0.1, gt=0, lt=1)
     delta: float = Field(0.05, gt=0, lt=1)
 
 
