@@ -2,6 +2,7 @@
 
     python scripts/compare_search.py                         # 3 optimizers x 2 aggregates x racing off/on x 3 seeds
     python scripts/compare_search.py --seeds 0 --optimizers niches cmaes --aggregates geometric --racing off
+    python scripts/compare_search.py --configs niches-mean-off cmaes-mean-on       # chosen configurations only
 
 Every search is `experiments/toy_niches.yaml` (DARE-TIES weight + density per model and per layer, 128 trials, 50
 documents per task on the search split) with the optimizer, `evaluation.aggregate` and `evaluation.racing` replaced:
@@ -87,6 +88,8 @@ def main(argv=None) -> None:
     parser.add_argument("--optimizers", nargs="+", default=["niches", "cmaes", "random"])
     parser.add_argument("--aggregates", nargs="+", default=["mean", "geometric"])
     parser.add_argument("--racing", nargs="+", default=["off", "on"])
+    parser.add_argument("--configs", nargs="+", default=None,
+                        help="optimizer-aggregate-racing triples (e.g. niches-geometric-on) instead of the full grid")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--trials", type=int, default=128)
     parser.add_argument("--runs", default=str(ROOT / "runs" / "compare"))
@@ -97,16 +100,16 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(1)
     base = yaml.safe_load(Path(args.experiment).read_text())
+    grid = [(o, a, r) for o in args.optimizers for a in args.aggregates for r in args.racing]
+    configs = [tuple(c.split("-")) for c in args.configs] if args.configs else grid
     rows = []
     for seed in args.seeds:  # seed-major: after the first pass every configuration has a row
-        for optimizer in args.optimizers:
-            for aggregate in args.aggregates:
-                for racing in args.racing:
-                    exp = experiment(base, optimizer, aggregate, racing, seed, args.trials)
-                    rows.append(run_one(exp, Path(args.runs) / f"{exp.name}-s{seed}"))
-                    print(json.dumps({k: rows[-1][k] for k in ("config", "seed", "test_mean", "documents", "wall_s")}),
-                          file=sys.stderr, flush=True)
-                    Path(args.out + ".json").write_text(json.dumps(rows, indent=1) + "\n")
+        for optimizer, aggregate, racing in configs:
+            exp = experiment(base, optimizer, aggregate, racing, seed, args.trials)
+            rows.append(run_one(exp, Path(args.runs) / f"{exp.name}-s{seed}"))
+            print(json.dumps({k: rows[-1][k] for k in ("config", "seed", "test_mean", "documents", "wall_s")}),
+                  file=sys.stderr, flush=True)
+            Path(args.out + ".json").write_text(json.dumps(rows, indent=1) + "\n")
     text = table(rows)
     Path(args.out + ".md").write_text(f"Test split (n = 200 per task), {args.trials} trials per search, search split 50 "
                                       f"documents per task.\n\n{text}")
