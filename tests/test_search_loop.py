@@ -593,3 +593,13 @@ def test_a_racing_run_interrupted_anywhere_and_resumed_equals_an_uninterrupted_r
                                             key=lambda t: t.candidate)] == \
             [t.estimated for t in sorted(Ledger(tmp_path / "reference" / "ledger.sqlite").trials("search"),
                                          key=lambda t: t.candidate)]
+
+
+def test_aggregate_and_racing_errors_name_the_key(models, tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(experiment(models, evaluation={"aggregate": "median"})))
+    with pytest.raises(EvomergeError, match=r"exp.yaml: evaluation.aggregate: Input should be 'mean', 'min' or 'geometric'"):
+        load_experiment(path)
+    path.write_text(yaml.safe_dump(experiment(models, evaluation={"racing": {"first": 1.5}})))
+    with pytest.raises(EvomergeError, match=r"exp.yaml: evaluation.racing.first: Input should be less than 1"):
+        load_experiment(path)
