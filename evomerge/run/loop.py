@@ -135,7 +135,8 @@ def _optimizer(experiment: Experiment, rd: RunDir, space, ledger: Ledger) -> Opt
         _log(rd, "no optimizer.pkl; rebuilding the optimizer and replaying the ledger", echo=True)
     try:
         return make_optimizer(experiment.optimizer.name, *space.bounds, seed=experiment.seed, x0=space.x0,
-                              anchors=space.anchors, n_objectives=len(experiment.evaluation.objectives or [None]), run_dir=rd.path,
+                              anchors=space.anchors, n_objectives=len(experiment.evaluation.objectives or [None]),
+                              run_dir=rd.path,
                               options=experiment.optimizer.options, source=str(rd.config))
     except EvomergeError as err:
         if not rd.optimizer.exists():
