@@ -107,3 +107,27 @@ def test_racing_keeps_the_candidates_that_reach_the_top_at_the_stated_rate():
         _, s = race(_scorer(truth, []), {"a": 60}, 0.6, {"a": 1.0}, "min", first=0.25, delta=0.05)
         stopped += s
     assert stopped <= 0.05 * 400
+
+
+def test_a_ledger_from_before_per_document_scores_gains_their_columns(tmp_path):
+    import sqlite3
+
+    from evomerge.run.ledger import Ledger, Trial
+
+    old = sqlite3.connect(tmp_path / "ledger.sqlite")
+    old.executescript("""CREATE TABLE trials (id INTEGER PRIMARY KEY AUTOINCREMENT, candidate INTEGER NOT NULL,
+        split TEXT NOT NULL, genome TEXT NOT NULL, recipe_hash TEXT NOT NULL, recipe TEXT NOT NULL, scores TEXT NOT NULL,
+        fitness REAL, objectives TEXT, status TEXT NOT NULL, error TEXT, worker TEXT, t_merge REAL, t_eval REAL,
+        t_total REAL, created REAL NOT NULL);
+        INSERT INTO trials (candidate, split, genome, recipe_hash, recipe, scores, fitness, status, created)
+        VALUES (0, 'search', '[0.5]', 'h0', 'r', '{}', 0.25, 'ok', 0);""")
+    old.commit()
+    old.close()
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    blob = pack({"t": np.array([1.0, 0.0, 1.0])}, {"t": 3})
+    ledger.append(Trial(candidate=1, split="search", genome=[0.1], recipe_hash="h1", recipe="r", fitness=0.5, docs=blob,
+                        n_docs=3, estimated=True))
+    first, second = ledger.trials("search")
+    assert (first.docs, first.n_docs, first.estimated, first.fitness) == (None, 0, False, 0.25)
+    assert (second.docs, second.n_docs, second.estimated) == (blob, 3, True)
+    ledger.close()
