@@ -68,8 +68,9 @@ def table(rows: list[dict]) -> str:
     for row in rows:
         by_config.setdefault(row["config"], []).append(row)
     lines = ["| optimizer | aggregate | racing | test mean per seed [95% CI] | mean | skills (cipher / reverse / digits) "
-             "per seed | every skill >= 0.4 | documents scored per run |",
-             "|---|---|---|---|---|---|---|---|"]
+             "per seed | every skill >= 0.4 | documents scored per run (share) | wall s per run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    full = max(r["documents"]["per_trial"] * r["trials"] for r in rows)  # a search that scores every document
     for name, runs in by_config.items():
         runs = sorted(runs, key=lambda r: r["seed"])
         optimizer, aggregate, racing = name.split("-")
@@ -77,8 +78,10 @@ def table(rows: list[dict]) -> str:
         skills = "; ".join(" / ".join(f"{s['value']:.2f}" for s in r["test"].values()) for r in runs)
         kept = sum(min(s["value"] for s in r["test"].values()) >= SKILL for r in runs)
         docs = sum(r["documents"]["search"] for r in runs) / len(runs)
+        wall = sum(r["wall_s"] for r in runs) / len(runs)
         lines.append(f"| {optimizer} | {aggregate} | {racing.removeprefix('racing_')} | {means} | "
-                     f"{sum(r['test_mean'] for r in runs) / len(runs):.3f} | {skills} | {kept}/{len(runs)} | {docs:,.0f} |")
+                     f"{sum(r['test_mean'] for r in runs) / len(runs):.3f} | {skills} | {kept}/{len(runs)} | "
+                     f"{docs:,.0f} ({docs / full:.0%}) | {wall:.0f} |")
     return "\n".join(lines) + "\n"
 
 
