@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -50,17 +49,20 @@ def run_one(exp, run_dir: Path) -> dict:
     from evomerge.run.evaluation import SplitEvaluator, check_tasks
     from evomerge.run.loop import search
 
+    from evomerge.run.ledger import Ledger
+
     check_tasks(exp.evaluation, "compare_search")
-    start = time.perf_counter()
     summary = search(exp, run_dir, SplitEvaluator, progress=False)
-    wall = time.perf_counter() - start
+    ledger = Ledger(run_dir / "ledger.sqlite")
+    seconds = sum(t.t_total for t in ledger.trials(exp.evaluation.split))  # merge + scoring, without start-up
+    ledger.close()
     scores = json.loads((run_dir / "best" / "scores.json").read_text())
     test = scores["scores"]["test"]
     values = [s["value"] for s in test.values()]
     return {"config": exp.name, "seed": exp.seed, "winner": summary.candidate, "fitness": summary.fitness,
             "test": {t: {"value": s["value"], "n": s["n"], "ci95": s["ci95"]} for t, s in test.items()},
             "test_mean": sum(values) / len(values), "test_mean_ci95": list(mean_ci95(values, [s["n"] for s in test.values()])),
-            "documents": scores["documents"], "trials": summary.trials, "wall_s": round(wall, 1)}
+            "documents": scores["documents"], "trials": summary.trials, "trial_s": round(seconds, 1)}
 
 
 def table(rows: list[dict]) -> str:
@@ -68,7 +70,7 @@ def table(rows: list[dict]) -> str:
     for row in rows:
         by_config.setdefault(row["config"], []).append(row)
     lines = ["| optimizer | aggregate | racing | test mean per seed [95% CI] | mean | skills (cipher / reverse / digits) "
-             "per seed | every skill >= 0.4 | documents scored per run (share) | wall s per run |",
+             "per seed | every skill >= 0.4 | documents scored per run (share) | trial s per run |",
              "|---|---|---|---|---|---|---|---|---|"]
     full = max(r["documents"]["per_trial"] * r["trials"] for r in rows)  # a search that scores every document
     for name, runs in by_config.items():
@@ -78,10 +80,10 @@ def table(rows: list[dict]) -> str:
         skills = "; ".join(" / ".join(f"{s['value']:.2f}" for s in r["test"].values()) for r in runs)
         kept = sum(min(s["value"] for s in r["test"].values()) >= SKILL for r in runs)
         docs = sum(r["documents"]["search"] for r in runs) / len(runs)
-        wall = sum(r["wall_s"] for r in runs) / len(runs)
+        seconds = sum(r["trial_s"] for r in runs) / len(runs)
         lines.append(f"| {optimizer} | {aggregate} | {racing.removeprefix('racing_')} | {means} | "
                      f"{sum(r['test_mean'] for r in runs) / len(runs):.3f} | {skills} | {kept}/{len(runs)} | "
-                     f"{docs:,.0f} ({docs / full:.0%}) | {wall:.0f} |")
+                     f"{docs:,.0f} ({docs / full:.0%}) | {seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -110,7 +112,7 @@ def main(argv=None) -> None:
         for optimizer, aggregate, racing in configs:
             exp = experiment(base, optimizer, aggregate, racing, seed, args.trials)
             rows.append(run_one(exp, Path(args.runs) / f"{exp.name}-s{seed}"))
-            print(json.dumps({k: rows[-1][k] for k in ("config", "seed", "test_mean", "documents", "wall_s")}),
+            print(json.dumps({k: rows[-1][k] for k in ("config", "seed", "test_mean", "documents", "trial_s")}),
                   file=sys.stderr, flush=True)
             Path(args.out + ".json").write_text(json.dumps(rows, indent=1) + "\n")
     text = table(rows)
