@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from evomerge.errors import EvomergeError  # noqa: E402
+from evomerge.evaluate.docs import unpack  # noqa: E402
 from evomerge.recipe import MERGED, Recipe, load_recipe, resolve  # noqa: E402
 from evomerge.run.ledger import Ledger  # noqa: E402
 
@@ -107,6 +108,21 @@ def _scores_table(scores: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def solved_documents(rows, shown: int = 40) -> list[str]:
+    """Which documents the winner solves (score 1) on each split it was scored on: a count and the unsolved indices."""
+    if not rows:
+        return []
+    lines = ["### Documents the winner solves", "", "| split | task | solved | documents not solved (index in the split) |",
+             "|---|---|---|---|"]
+    for trial in rows:
+        docs, _ = unpack(trial.docs)
+        for task, values in docs.items():
+            missed = np.flatnonzero(values < 1).tolist()
+            text = ", ".join(map(str, missed[:shown])) + (f", ... ({len(missed) - shown} more)" if len(missed) > shown else "")
+            lines.append(f"| {trial.split} | {task} | {int((values >= 1).sum())}/{len(values)} | {text or 'none'} |")
+    return lines + [""]
+
+
 def plot_pareto(trials, front: list[dict], winner: int, path: Path) -> None:
     """Several objectives: every trial as a line across the objectives (parallel coordinates), the Pareto front coloured."""
     names = list(front[0]["objectives"])
@@ -143,6 +159,7 @@ def write_report(run_dir: str | Path) -> Path:
     out.mkdir(exist_ok=True)
     ledger = Ledger(run_dir / "ledger.sqlite")
     trials = ledger.trials("search")
+    tested = ledger.trials("test")
     ledger.close()
     plot_fitness(trials, out / "fitness.png")
     lines = [f"# Run {run_dir.name}", "", f"Trials: {len(trials)} ({sum(not t.ok for t in trials)} failed).", ""]
@@ -154,6 +171,10 @@ def write_report(run_dir: str | Path) -> Path:
     ok = [x for x in trials if x.ok]
     if ok:
         lines += [f"Best search fitness: {max(x.fitness for x in ok):.4f}.", ""]
+    scored = sum(x.n_docs for x in trials)
+    if scored:
+        lines += [f"Documents scored (search split): {scored:,} in all, {scored / len(trials):.1f} per trial; "
+                  f"{sum(x.estimated for x in trials)} trials stopped early by racing (fitness estimated).", ""]
     best = run_dir / "best" / "recipe.yaml"
     if best.exists():
         recipe = load_recipe(best)
@@ -170,6 +191,8 @@ def write_report(run_dir: str | Path) -> Path:
     if scores_file.exists():
         scores = json.loads(scores_file.read_text())
         lines += ["## Winner", ""] + _scores_table(scores.get("scores", {})) + [""]
+        rows = [t for t in trials + tested if t.candidate == scores["candidate"] and t.docs is not None]
+        lines += solved_documents(list({t.split: t for t in rows}.values()))
         if scores.get("pareto_front"):
             plot_pareto(trials, scores["pareto_front"], scores["candidate"], out / "pareto.png")
             lines += _pareto_table(scores["pareto_front"], scores["candidate"]) + ["![pareto](pareto.png)", ""]

@@ -73,6 +73,26 @@ def test_lm_eval_scores_equal_an_independent_computation(tiny_zoo, digits_evalua
     assert result.fitness == pytest.approx((acc.value + exact.value) / 2)
 
 
+def test_per_document_scores_and_racing_on_lm_eval(tiny_zoo, digits_evaluator):
+    """Each document's score (lm-eval's samples) averages to the task score; racing in stages scores the same documents
+    the same way, and an unreachable threshold stops the candidate after the first slice."""
+    import numpy as np
+
+    model = _model(tiny_zoo, "expert_digits")
+    result = digits_evaluator.evaluate(model)
+    for task, score in result.scores.items():
+        assert len(result.docs[task]) == score.n == 100 and result.docs[task].mean() == pytest.approx(score.value)
+    assert set(result.docs["toy_digits_gen"]) <= {0.0, 1.0} and result.sizes == {"toy_digits": 100, "toy_digits_gen": 100}
+    staged = digits_evaluator.race(model, -1.0, first=0.25, delta=0.05)  # never stops: stages of 25, 25, 50 documents
+    assert not staged.estimated and staged.fitness == pytest.approx(result.fitness)
+    for task in result.docs:
+        np.testing.assert_array_equal(staged.docs[task], result.docs[task])
+    stopped = digits_evaluator.race(model, 2.0, first=0.25, delta=0.05)
+    assert stopped.estimated and {t: len(v) for t, v in stopped.docs.items()} == {"toy_digits": 25, "toy_digits_gen": 25}
+    assert stopped.fitness == pytest.approx(np.mean([result.docs[t][:25].mean() for t in result.docs]))
+    assert stopped.scores["toy_digits"].n == 25
+
+
 def test_in_place_weight_changes_are_re_evaluated(tiny_zoo, digits_evaluator):
     model = _model(tiny_zoo, "base")
     before = digits_evaluator.evaluate(model).metrics()

@@ -14,7 +14,8 @@ from evomerge.optim import OPTIMIZERS, load_optimizer, make_optimizer, save_opti
 
 DIM = 4
 CENTRE = np.array([0.2, 0.7, 0.4, 0.9])
-SMALL = {"cmaes": {"popsize": 6}, "optuna_cmaes": {"popsize": 6}, "nsga2": {"population_size": 6}, "tpe": {}, "random": {}}
+SMALL = {"cmaes": {"popsize": 6}, "optuna_cmaes": {"popsize": 6}, "nsga2": {"population_size": 6}, "tpe": {}, "random": {},
+         "niches": {"archive_size": 6}}
 
 
 def quadratic(genome):
@@ -234,3 +235,59 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "other.pkl").write_bytes(pickle.dumps({"not": "an optimizer"}))
     with pytest.raises(EvomergeError, match="not an optimizer checkpoint"):
         load_optimizer(tmp_path / "other.pkl")
+
+
+# -- natural niches --------------------------------------------------------------------------------------------------
+
+
+def test_shared_fitness_known_values():
+    from evomerge.optim.niches import shared_fitness
+
+    scores = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    shares, fit = shared_fitness(scores, alpha=1.0)  # doc 0 solved by two members, doc 1 by one, doc 2 by none
+    np.testing.assert_allclose(shares, [[0.5, 1.0, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(fit, [1.5, 0.5, 0.0])
+    np.testing.assert_allclose(shared_fitness(scores, alpha=0.0)[1], [2.0, 1.0, 0.0])  # alpha 0: the plain sum
+    np.testing.assert_allclose(shared_fitness(scores, alpha=0.5)[1], [1 / np.sqrt(2) + 1, 1 / np.sqrt(2), 0.0])
+
+
+def _niches_after(rows, alpha):
+    opt = make_optimizer("niches", np.zeros(2), np.ones(2), options={"archive_size": 3, "alpha": alpha})
+    for row in rows:
+        c = opt.ask()[0]
+        opt.tell(c.id, float(np.mean(row)), docs=row)
+    return sorted(map(tuple, opt.scores))
+
+
+def test_a_specialist_survives_competition_for_documents():
+    generalist, specialist, newcomer = [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1], [1, 1, 1, 1, 1, 0]
+    rows = [generalist, specialist, generalist, newcomer]  # archive of 3 full; the newcomer (mean 5/6) competes
+    # alpha 1: fitness = generalists 4/3 each, specialist 1/2 + 1, newcomer 4/3 + 1/2 -> a generalist leaves
+    assert _niches_after(rows, 1.0) == sorted([tuple(generalist), tuple(specialist), tuple(newcomer)])
+    # alpha 0 (plain sum): generalists 4, specialist 2, newcomer 5 -> the specialist leaves
+    assert _niches_after(rows, 0.0) == sorted([tuple(generalist), tuple(generalist), tuple(newcomer)])
+
+
+def test_niches_asks_its_anchors_first_then_crosses_at_a_split_point():
+    anchors = [np.full(DIM, 0.5), np.zeros(DIM), np.ones(DIM)]
+    opt = make_optimizer("niches", np.zeros(DIM), np.ones(DIM), anchors=anchors, options={"mutation": 0.0})
+    for want in anchors:
+        c = opt.ask()[0]
+        np.testing.assert_array_equal(c.genome, want)
+        opt.tell(c.id, quadratic(c.genome))
+    for _ in range(5):  # gene k of a child of 0 and 1 is v_k: w before the split point, 1 - w from it on
+        child = opt._cross(np.zeros(DIM), np.ones(DIM))
+        split = int(np.argmax(~np.isclose(child, child[0]))) or DIM
+        assert np.allclose(child[:split], child[0]) and np.allclose(child[split:], 1 - child[0])
+    c = opt.ask()[0]  # a child of two members: inside the box they span (no mutation)
+    assert np.all((c.genome >= 0) & (c.genome <= 1))
+
+
+def test_niches_needs_document_scores_for_all_results_or_none():
+    opt = make_optimizer("niches", np.zeros(2), np.ones(2))
+    c = opt.ask()[0]
+    opt.tell(c.id, 0.5, docs=[1.0, 0.0])
+    with pytest.raises(ValueError, match="per-document scores for every result, or for none"):
+        opt.tell(opt.ask()[0].id, 0.5)
+    with pytest.raises(ValueError, match="3 document scores; the archive's members have 2"):
+        opt.tell(opt.ask()[0].id, 0.5, docs=[1.0, 0.0, 1.0])

@@ -333,21 +333,25 @@ else:
 WIDE = {"optimizer": {"name": "cmaes", "options": {"sigma0": 0.5, "popsize": 6}}, "space.bounds": {"weight": [0.0, 0.7]}}
 
 
-def _script(models, run_dir, resume: bool, hash_seed: int, **popen):
+def _script(models, run_dir, resume: bool, hash_seed: int, overrides: dict = WIDE, **popen):
     """RESUMABLE in a fresh interpreter whose str/bytes hashes are salted with `hash_seed`."""
-    script = RESUMABLE.format(tests=str(Path(__file__).parent), models=models, run_dir=str(run_dir), overrides=WIDE,
+    script = RESUMABLE.format(tests=str(Path(__file__).parent), models=models, run_dir=str(run_dir), overrides=overrides,
                               resume=resume)
     env = {**os.environ, "PYTHONHASHSEED": str(hash_seed), "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, env=env, **popen)
 
 
-def test_resume_after_sigkill_mid_generation_equals_an_uninterrupted_run(models, tmp_path):
-    reference = run(models, tmp_path / "reference", **WIDE)
-    weights = np.array([g for _, g in genomes(tmp_path / "reference")])
-    assert np.sum(np.minimum(weights, 0.7 - weights) < 0.035) >= 3  # where cma's bound transform is not the identity
+@pytest.mark.parametrize("optimizer", ["cmaes", "niches"])
+def test_resume_after_sigkill_mid_generation_equals_an_uninterrupted_run(models, tmp_path, optimizer):
+    niches = {"optimizer": {"name": "niches", "options": {"archive_size": 4}}, "space.bounds": WIDE["space.bounds"]}
+    overrides = WIDE if optimizer == "cmaes" else niches
+    reference = run(models, tmp_path / "reference", **overrides)
+    if optimizer == "cmaes":
+        weights = np.array([g for _, g in genomes(tmp_path / "reference")])
+        assert np.sum(np.minimum(weights, 0.7 - weights) < 0.035) >= 3  # where cma's bound transform is not the identity
     killed = tmp_path / "killed"
-    proc = _script(models, killed, resume=False, hash_seed=1)
-    deadline = time.time() + 60
+    proc = _script(models, killed, resume=False, hash_seed=1, overrides=overrides)
+    deadline = time.time() + 300  # start-up on a loaded machine
     while _rows(killed / "ledger.sqlite") < 9:  # popsize 6: candidate 8 is in the second generation
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.time() < deadline
@@ -366,7 +370,7 @@ def test_resume_after_sigkill_mid_generation_equals_an_uninterrupted_run(models,
         resume(no_wal, evaluator_factory(models), progress=False)
 
     for run_dir in (killed, corrupt):
-        proc = _script(models, run_dir, resume=True, hash_seed=2)
+        proc = _script(models, run_dir, resume=True, hash_seed=2, overrides=overrides)
         assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
         assert genomes(run_dir) == genomes(tmp_path / "reference")
         assert json.loads((run_dir / "best" / "scores.json").read_text()) == \
@@ -631,3 +635,118 @@ def test_optuna_run_interrupted_anywhere_and_resumed_equals_an_uninterrupted_run
         assert resume(run_dir, make, progress=False) == reference
         assert genomes(run_dir) == genomes(tmp_path / "reference")
         assert json.loads((run_dir / "best" / "scores.json").read_text()) == expected
+
+
+# -- per-document scores, natural niches, racing ---------------------------------------------------------------------
+
+DOCS = 40  # documents per task
+
+
+class DocumentsEvaluator:
+    """Two tasks of DOCS documents each; document j of a task is solved when the model's distance to that task's target
+    (DistanceEvaluator) is below the document's cutoff (shuffled cutoffs, so no slice is easier than another). With a
+    threshold, it races (evaluate.racing), as the lm-eval evaluator does; `calls` counts documents scored."""
+
+    def __init__(self, base: str, experts: list[str]):
+        self.targets = {"near_a": DistanceEvaluator(base, experts), "near_b": DistanceEvaluator(base, experts,
+                                                                                                weights=OTHER_WEIGHTS)}
+        far = -self.targets["near_a"].evaluate(_base_model(base), "search").fitness
+        rng = np.random.default_rng(0)
+        self.cutoffs = {t: rng.permutation(np.linspace(0.02, 1.2, DOCS)) * far for t in self.targets}
+        self.scored = 0
+
+    def evaluate(self, model, split: str, threshold: float | None = None) -> Evaluation:
+        from evomerge.evaluate.docs import pack
+        from evomerge.evaluate.racing import race
+
+        distance = {t: -ev.evaluate(model, split).fitness for t, ev in self.targets.items()}
+
+        def score(indices):
+            self.scored += sum(map(len, indices.values()))
+            return {t: (distance[t] < self.cutoffs[t][i]).astype(float) for t, i in indices.items()}
+
+        docs, stopped = race(score, {t: DOCS for t in self.targets}, threshold, {t: 1.0 for t in self.targets}, "mean",
+                             first=0.25, delta=0.05)
+        values = {t: float(v.mean()) for t, v in docs.items()}
+        return Evaluation(sum(values.values()) / 2, {t: {"value": v} for t, v in values.items()},
+                          docs=pack(docs, {t: DOCS for t in docs}), estimated=stopped)
+
+
+def _base_model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def documents(models: dict):
+    return lambda evaluation, base: DocumentsEvaluator(models["base"], models["experts"])
+
+
+RACING = {"evaluation.racing": {"first": 0.25, "delta": 0.05}, "optimizer": {"name": "random"}, "budget.trials": 16}
+
+
+def test_per_document_scores_reach_the_ledger_the_optimizer_and_the_report(models, tmp_path):
+    from evomerge.evaluate.docs import unpack
+    from evomerge.report import write_report
+
+    summary = run(models, tmp_path / "run", evaluator=documents(models),
+                  **{"optimizer": {"name": "niches", "options": {"archive_size": 4}}, "budget.trials": 10})
+    trials = sorted(Ledger(tmp_path / "run" / "ledger.sqlite").trials("search"), key=lambda t: t.candidate)
+    for t in trials:
+        docs, sizes = unpack(t.docs)
+        assert sizes == {"near_a": DOCS, "near_b": DOCS} and t.n_docs == 2 * DOCS and not t.estimated
+        assert {k: float(v.mean()) for k, v in docs.items()} == {k: s["value"] for k, s in t.scores.items()}
+    optimizer = load_optimizer(tmp_path / "run" / "optimizer.pkl")
+    assert [len(row) for row in optimizer.scores] == [2 * DOCS] * 4  # the archive competes on the 80 documents
+    assert summary.documents == 10 * 2 * DOCS
+    text = (write_report(tmp_path / "run") / "summary.md").read_text()
+    winner = next(t for t in trials if t.candidate == summary.candidate)
+    solved = int(unpack(winner.docs)[0]["near_a"].sum())
+    assert f"| search | near_a | {solved}/{DOCS} |" in text and "Documents scored (search split): 800 in all" in text
+
+
+def test_racing_stops_candidates_below_the_top_k_and_keeps_elites_fully_scored(models, tmp_path):
+    summary = run(models, tmp_path / "race", evaluator=documents(models), **RACING)
+    full = run(models, tmp_path / "full", evaluator=documents(models), **{**RACING, "evaluation.racing": None})
+    raced = {t.candidate: t for t in Ledger(tmp_path / "race" / "ledger.sqlite").trials("search")}
+    scored = {t.candidate: t for t in Ledger(tmp_path / "full" / "ledger.sqlite").trials("search")}
+    stopped = [c for c, t in raced.items() if t.estimated]
+    assert stopped and all(raced[c].n_docs < 2 * DOCS for c in stopped)
+    for c, t in raced.items():
+        if not t.estimated:  # scored in full: the same as without racing
+            assert t.fitness == scored[c].fitness and t.n_docs == 2 * DOCS
+    threshold_at = {}  # candidate k's threshold: the top_k (2)-th best fully scored fitness among 0 .. k - W (W = 2)
+    for c in stopped:
+        basis = sorted((raced[b].fitness for b in range(c - 1) if not raced[b].estimated), reverse=True)
+        threshold_at[c] = basis[1]
+        assert scored[c].fitness < threshold_at[c]  # this toy's stopped candidates were all truly below it
+    validated = [t.candidate for t in Ledger(tmp_path / "race" / "ledger.sqlite").trials("validation")]
+    assert not set(validated) & set(stopped) and summary.candidate == full.candidate
+    scores = json.loads((tmp_path / "race" / "best" / "scores.json").read_text())
+    assert scores["documents"] == {"search": sum(t.n_docs for t in raced.values()), "per_trial": summary.documents / 16,
+                                   "estimated": len(stopped)}
+    assert summary.documents < full.documents == 16 * 2 * DOCS
+
+
+def test_a_racing_run_interrupted_anywhere_and_resumed_equals_an_uninterrupted_run(models, tmp_path):
+    reference = run(models, tmp_path / "reference", evaluator=documents(models), **RACING)
+    for after in (3, 8, 13):
+        run_dir = tmp_path / f"after{after}"
+        with pytest.raises(Interrupted):
+            run(models, run_dir, evaluator=documents(models), pool_class=interrupting_pool(after), **RACING)
+        assert resume(run_dir, documents(models), progress=False) == reference
+        assert genomes(run_dir) == genomes(tmp_path / "reference")
+        assert [t.estimated for t in sorted(Ledger(run_dir / "ledger.sqlite").trials("search"),
+                                            key=lambda t: t.candidate)] == \
+            [t.estimated for t in sorted(Ledger(tmp_path / "reference" / "ledger.sqlite").trials("search"),
+                                         key=lambda t: t.candidate)]
+
+
+def test_aggregate_and_racing_errors_name_the_key(models, tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(experiment(models, evaluation={"aggregate": "median"})))
+    with pytest.raises(EvomergeError, match=r"exp.yaml: evaluation.aggregate: Input should be 'mean', 'min' or 'geometric'"):
+        load_experiment(path)
+    path.write_text(yaml.safe_dump(experiment(models, evaluation={"racing": {"first": 1.5}})))
+    with pytest.raises(EvomergeError, match=r"exp.yaml: evaluation.racing.first: Input should be less than 1"):
+        load_experiment(path)

@@ -115,6 +115,19 @@ def test_ps_attn_mlp_split_emits_filters():
     assert evaluate_setting(density, "model.embed_tokens.weight", 0.0) == pytest.approx(g0[2], abs=1e-6)  # t = 0
 
 
+def test_ps_anchors_are_the_default_merge_and_each_model_alone():
+    space = ps(layer_groups=2, bounds={"weight": [0.0, 1.5], "density": [0.1, 1.0]})
+    first, *alone = space.anchors
+    np.testing.assert_array_equal(first, space.x0)
+    assert len(alone) == 2
+    for k, genome in enumerate(alone):
+        models = space.decode(genome).merge.models
+        assert [m.parameters for m in models] == [{"weight": [float(i == k)] * 6, "density": [1.0] * 6} for i in range(2)]
+    assert len(ps(bounds={"weight": [0.2, 1.0]}).anchors) == 1  # weight 0 not reachable: x0 only
+    assert len(ps(bounds={"weight": [0.0, 1.0], "density": [0.1, 0.9]}).anchors) == 1  # density 1 not reachable
+    assert len(ps(method="slerp", models=["a"], bounds={}).anchors) == 1  # no weight
+
+
 def test_decode_is_pure_and_checks_the_genome():
     space = ps()
     genome = np.random.default_rng(1).random(space.dim)
@@ -196,6 +209,14 @@ def test_dfs_start_pin_and_never_empty():
     assert pinned.dim == 18 and pinned.pinned == {6, 19}  # c.0 in rep 0, c.3 in rep 1 have no gene
     assert [(s.source, s.layer) for s in pinned.decode(np.zeros(18)).layers] == [("c", 0), ("c", 3)]
     assert [(s.source, s.layer) for s in pinned.decode(pinned.x0).layers] == [("c", i) for i in range(4)]
+
+
+def test_dfs_anchors_are_each_model_as_it_is():
+    space = dfs(scale="slot", scale_bounds=[0.5, 2.0])
+    paths = [[(s.source, s.layer, s.scale) for s in space.decode(g).layers] for g in space.anchors]
+    assert paths == [[("a", i, 1.0) for i in range(6)], [("c", i, 1.0) for i in range(4)]]
+    np.testing.assert_array_equal(space.anchors[0], space.x0)
+    assert len(dfs(pin="c").anchors) == 1
 
 
 def test_psdfs_uses_the_merge_stage(tmp_path):

@@ -3,7 +3,8 @@
     ev = HarnessEvaluator(["toy"], tokenizer, split="search")      # once per worker: task index, datasets, split
     for recipe in candidates:
         materializer.apply(recipe)                                   # weights change in place
-        result = ev.evaluate(model)                                  # EvalResult: scores, fitness, status
+        result = ev.evaluate(model)                                  # EvalResult: scores, fitness, status, docs
+        raced = ev.race(model, threshold, first=0.25, delta=0.05)    # in stages, stopped below the threshold
 
 lm-eval's HFLM wraps the model object itself (no copy), so every call scores the current weights; HFLM keeps no
 logits across calls (tests/test_evaluate.py checks this). lm-eval's logs go to the `lm_eval` logger, not the console.
@@ -19,7 +20,10 @@ import time
 from dataclasses import replace
 from typing import Mapping, Sequence
 
+import numpy as np
+
 from evomerge.errors import EvomergeError
+from evomerge.evaluate import racing
 from evomerge.evaluate.result import EvalResult, TaskScore, weighted_fitness
 from evomerge.evaluate.tasks import load_tasks, select_split
 
@@ -29,18 +33,20 @@ PROPORTIONS = {"acc", "acc_norm", "exact_match"}  # metrics whose per-document v
 
 
 class HarnessEvaluator:
-    """Scores a live causal LM on lm-eval tasks; fitness = weighted mean of each task's primary metric.
+    """Scores a live causal LM on lm-eval tasks; fitness = aggregate (mean, min, geometric: result.aggregate) of each
+    task's primary metric. Every result carries each document's score too (lm-eval's per-sample output).
 
     tasks: task, group or tag names from evals/, `task_dirs`, or (network=True) lm-eval's built-in tasks.
     split: "search" | "validation" | "test" (any split the tasks' data has); None = each task's own test split.
     limit: score only the first `limit` documents of each task.
     weights: {task or group: weight}; a group's weight is shared equally by its tasks, tasks left out weigh 0.
         None: every task weighs 1.
+    aggregate: "mean" (weighted), "min" or "geometric" (result.aggregate).
     """
 
     def __init__(self, tasks: Sequence[str], tokenizer, *, split: str | None = "search", limit: int | None = None,
                  weights: Mapping[str, float] | None = None, task_dirs: Sequence[str] = (), network: bool = False,
-                 batch_size: int = 64):
+                 batch_size: int = 64, aggregate: str = "mean"):
         if limit is not None and limit < 1:
             raise EvomergeError(f"limit must be >= 1, got {limit}", key="limit")
         self.limit, self.tokenizer, self.batch_size = limit, tokenizer, batch_size
@@ -49,6 +55,7 @@ class HarnessEvaluator:
         self.sizes = {name: min(select_split(task, split), limit or math.inf) for name, task in self.tasks.items()}
         self.chance = {name: chance_level(task, limit) for name, task in self.tasks.items()}  # of the split chosen above
         self.weights = self._leaf_weights(weights)
+        self.aggregate = aggregate
         self._lm = None
 
     def evaluate(self, model, tokenizer=None, *, limit: int | None = None) -> EvalResult:
@@ -58,12 +65,31 @@ class HarnessEvaluator:
         try:
             raw = self._run(model, tokenizer or self.tokenizer, limit or self.limit)
             scores = {name: self._score(name, raw) for name in self.tasks}
+            docs = {name: self._per_document(name, raw) for name in self.tasks}
         except Exception as err:  # noqa: BLE001 - a failed candidate is a value (style item 7)
-            log.warning("evaluation failed: %s: %s", type(err).__name__, err)
-            return EvalResult.failed(f"{type(err).__name__}: {err}", seconds=time.perf_counter() - start)
-        return replace(weighted_fitness(scores, self.weights), seconds=time.perf_counter() - start)
+            return self._failed(err, start)
+        return replace(weighted_fitness(scores, self.weights, self.aggregate), docs=docs, sizes=dict(self.sizes),
+                       seconds=time.perf_counter() - start)
 
-    def _run(self, model, tokenizer, limit: int | None) -> dict:
+    def race(self, model, threshold: float | None, *, first: float, delta: float, tokenizer=None) -> EvalResult:
+        """Score in stages (evaluate.racing), stopping once the fitness cannot reach `threshold` (with probability
+        >= 1 - delta). Task scores are the means of the documents scored: for metrics that are means (exact match, acc)."""
+        start = time.perf_counter()
+        try:
+            docs, stopped = racing.race(lambda ranges: self._score_documents(model, tokenizer or self.tokenizer, ranges),
+                                        self.sizes, threshold, self.weights, self.aggregate, first=first, delta=delta)
+        except Exception as err:  # noqa: BLE001
+            return self._failed(err, start)
+        scores = {name: self._mean_score(name, values) for name, values in docs.items()}
+        return replace(weighted_fitness(scores, self.weights, self.aggregate), docs=docs, sizes=dict(self.sizes),
+                       estimated=stopped, seconds=time.perf_counter() - start)
+
+    def _failed(self, err: Exception, start: float) -> EvalResult:
+        log.warning("evaluation failed: %s: %s", type(err).__name__, err)
+        return EvalResult.failed(f"{type(err).__name__}: {err}", seconds=time.perf_counter() - start)
+
+    def _run(self, model, tokenizer, limit: int | None = None, samples: dict[str, list[int]] | None = None) -> dict:
+        """lm-eval's results and per-sample output for the first `limit` documents of each task, or for `samples`."""
         import torch
         from lm_eval import evaluator
 
@@ -71,9 +97,15 @@ class HarnessEvaluator:
         _check_finite(model)
         # lm-eval draws tqdm bars on stderr: keep them off the console, in the log at debug level.
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()) as noise:
-            raw = evaluator.evaluate(lm, self.task_dict, limit=limit, bootstrap_iters=1000, log_samples=False)
+            raw = evaluator.evaluate(lm, self.task_dict, limit=None if samples else limit, samples=samples,
+                                     bootstrap_iters=0 if samples else 1000, log_samples=True)
         log.debug("lm-eval: %s", noise.getvalue()[-2000:])
         return raw
+
+    def _score_documents(self, model, tokenizer, ranges: dict[str, list[int]]) -> dict[str, np.ndarray]:
+        """{task: scores of the documents at these indices} (each list non-empty: lm-eval reads [] as every document)."""
+        raw = self._run(model, tokenizer, samples=ranges)
+        return {name: self._per_document(name, raw) for name in self.tasks}
 
     def _lm_for(self, model, tokenizer):
         """One HFLM per (model, tokenizer) object pair (cheap: it wraps the objects). A new pair gets a new wrapper."""
@@ -87,13 +119,28 @@ class HarnessEvaluator:
         return self._lm
 
     def _score(self, name: str, raw: dict) -> TaskScore:
-        task, values = self.tasks[name], raw["results"][name]
-        metric = primary_metric(task, values)
-        key = next(k for k in values if k.split(",")[0] == metric and "_stderr" not in k)
+        values = raw["results"][name]
+        metric, key = _metric_key(self.tasks[name], values)
         stderr = values.get(key.replace(",", "_stderr,", 1))
         return TaskScore(task=name, metric=metric, value=float(values[key]), n=int(raw["n-samples"][name]["effective"]),
                          stderr=float(stderr) if isinstance(stderr, (int, float)) else None, chance=self.chance[name],
                          higher_is_better=bool(raw["higher_is_better"][name].get(metric, True)),
+                         proportion=metric in PROPORTIONS)
+
+    def _per_document(self, name: str, raw: dict) -> np.ndarray:
+        """The primary metric of each document scored, in document order (lm-eval's samples, under the metric's filter)."""
+        metric, key = _metric_key(self.tasks[name], raw["results"][name])
+        kept = key.split(",")[1] if "," in key else None
+        samples = sorted((s for s in raw["samples"][name] if kept is None or s["filter"] == kept), key=lambda s: s["doc_id"])
+        return np.array([float(s[metric]) for s in samples], dtype=np.float64)
+
+    def _mean_score(self, name: str, values: np.ndarray) -> TaskScore:
+        task = self.tasks[name]
+        metric = primary_metric(task)
+        n = len(values)
+        return TaskScore(task=name, metric=metric, value=float(values.mean()), n=n,
+                         stderr=float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else None, chance=self.chance[name],
+                         higher_is_better=bool(task.higher_is_better().get(metric, True)),
                          proportion=metric in PROPORTIONS)
 
     def _leaf_weights(self, weights: Mapping[str, float] | None) -> dict[str, float]:
@@ -125,6 +172,12 @@ def _check_finite(model) -> None:
 
     if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
         raise FloatingPointError("model has non-finite weights (NaN/inf)")
+
+
+def _metric_key(task, values: Mapping[str, object]) -> tuple[str, str]:
+    """(primary metric, its key in lm-eval's results, "metric,filter")."""
+    metric = primary_metric(task, values)
+    return metric, next(k for k in values if k.split(",")[0] == metric and "_stderr" not in k)
 
 
 def primary_metric(task, values: Mapping[str, object] | None = None) -> str:

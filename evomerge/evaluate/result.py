@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+import numpy as np
+
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
@@ -65,6 +67,9 @@ class EvalResult:
     status: Literal["ok", "failed"] = "ok"
     error: str | None = None
     seconds: float = 0.0
+    docs: dict[str, np.ndarray] = field(default_factory=dict)  # {task: score per document scored} (evaluate.docs)
+    sizes: dict[str, int] = field(default_factory=dict)  # {task: documents on the split}, scored or not
+    estimated: bool = False  # racing stopped it early: scores and fitness are those of the documents scored
 
     @property
     def ok(self) -> bool:
@@ -83,13 +88,34 @@ class EvalResult:
                 "scores": {task: s.to_dict() for task, s in self.scores.items()}}
 
 
-def weighted_fitness(scores: dict[str, TaskScore], weights: dict[str, float]) -> EvalResult:
-    """Fitness = sum_t w_t * score_t / sum_t w_t over the weighted tasks; NaN anywhere -> a failed result."""
+AGGREGATES = ("mean", "min", "geometric")
+GEOMETRIC_EPS = 0.01  # geometric: exp(sum_t w_t ln(s_t + eps) / sum_t w_t) - eps, so one zero score does not zero it all
+
+
+def aggregate(values: dict[str, float], weights: dict[str, float], how: str = "mean") -> float:
+    """The fitness of per-task scores: the weighted mean; the smallest score of a task with weight > 0 ("min": the
+    weakest skill); or the weighted geometric mean of s_t + GEOMETRIC_EPS, less the epsilon (a skill at 0 costs the
+    most, so every skill counts). All three are 1 when every score is 1, and increase with each score."""
+    if how not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {how!r}")
+    total = sum(weights.values())
+    if total <= 0:
+        return math.nan
+    if how == "min":
+        return min(values[t] for t, w in weights.items() if w > 0)
+    if how == "geometric":
+        return math.exp(sum(w * math.log(max(values[t], 0.0) + GEOMETRIC_EPS) for t, w in weights.items()) / total) \
+            - GEOMETRIC_EPS
+    return sum(w * values[t] for t, w in weights.items()) / total
+
+
+def weighted_fitness(scores: dict[str, TaskScore], weights: dict[str, float], how: str = "mean") -> EvalResult:
+    """Fitness = aggregate(scores, weights, how) over the weighted tasks; NaN anywhere -> a failed result."""
     missing = sorted(set(weights) - set(scores))
     if missing:
         return EvalResult.failed(f"no score for weighted task(s) {', '.join(missing)}", scores)
-    total = sum(weights.values())
-    fitness = sum(w * scores[t].value for t, w in weights.items()) / total if total > 0 else math.nan
+    values = {t: scores[t].value for t in weights}
+    fitness = aggregate(values, weights, how) if all(math.isfinite(v) for v in values.values()) else math.nan
     if not math.isfinite(fitness):
         bad = [t for t in weights if not math.isfinite(scores[t].value)]
         return EvalResult.failed(f"non-finite score on {', '.join(bad) or 'fitness'}", scores)

@@ -2,6 +2,7 @@
 
     candidates = opt.ask()                 # a batch the optimizer is ready to propose ([] = tell me results first)
     opt.tell(candidate.id, fitness)        # any order; float, one float per objective, or None for a failure
+    opt.tell(candidate.id, fitness, docs)  # with each document's score (a flat vector): natural niches compete on them
 
 Fitness is maximized. A result whose fitness is None or not finite (NaN, inf) is failed: recorded, never best, and each
 optimizer decides what its backend is told. Candidates asked and not yet told are `pending`; they survive pickling, so a
@@ -35,6 +36,7 @@ class Result:
     id: int
     genome: np.ndarray
     fitness: tuple[float, ...] | None  # one value per objective; None when failed
+    docs: np.ndarray | None = None  # per-document scores, when the evaluator gives them
 
     @property
     def ok(self) -> bool:
@@ -45,7 +47,7 @@ class Optimizer(ABC):
     name: ClassVar[str]
     multi_objective: ClassVar[bool] = False
 
-    def __init__(self, lower, upper, *, seed: int = 0, n_objectives: int = 1, x0=None,
+    def __init__(self, lower, upper, *, seed: int = 0, n_objectives: int = 1, x0=None, anchors=(),
                  run_dir: str | os.PathLike | None = None):
         self.lower, self.upper = (np.array(b, dtype=np.float64) for b in (lower, upper))
         if self.lower.ndim != 1 or self.lower.shape != self.upper.shape or not np.all(self.lower < self.upper):
@@ -55,6 +57,8 @@ class Optimizer(ABC):
         self.seed, self.n_objectives = seed, n_objectives
         self.x0 = (self.lower + self.upper) / 2 if x0 is None else np.clip(np.asarray(x0, dtype=np.float64), self.lower,
                                                                             self.upper)
+        # genomes worth trying first (the space's source experts and default merge, x0 first); used by natural niches
+        self.anchors = [np.clip(np.asarray(a, dtype=np.float64), self.lower, self.upper) for a in anchors] or [self.x0]
         self.run_dir = None if run_dir is None else str(run_dir)
         self.pending: dict[int, Candidate] = {}
         self.results: list[Result] = []
@@ -72,12 +76,14 @@ class Optimizer(ABC):
         self.n_asked += len(batch)
         return batch
 
-    def tell(self, candidate_id: int, fitness: Fitness) -> Result:
+    def tell(self, candidate_id: int, fitness: Fitness, docs=None) -> Result:
+        """Record a result, then `_tell` it (which finds it, with its docs, as self.results[-1])."""
         if candidate_id not in self.pending:
             raise KeyError(f"candidate {candidate_id} is not pending (never asked, or told already)")
         values = self._values(fitness)
         candidate = self.pending.pop(candidate_id)
-        result = Result(candidate.id, candidate.genome, values)
+        docs = None if values is None or docs is None else np.asarray(docs, dtype=np.float64)
+        result = Result(candidate.id, candidate.genome, values, docs)
         self.results.append(result)
         self._tell(candidate, values)
         return result

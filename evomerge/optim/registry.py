@@ -12,11 +12,13 @@ from pydantic import ConfigDict, ValidationError, create_model
 from evomerge.errors import EvomergeError, did_you_mean
 from evomerge.optim.base import Optimizer
 from evomerge.optim.cma_es import CMAES
+from evomerge.optim.niches import NaturalNiches
 from evomerge.optim.optuna_samplers import NSGA2, TPE, OptunaCMAES
 from evomerge.optim.random_search import RandomSearch
 
-OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in (CMAES, TPE, OptunaCMAES, NSGA2, RandomSearch)}
-COMMON = ("seed", "n_objectives", "x0", "run_dir")  # given by the run, not by the optimizer's config
+OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in (CMAES, TPE, OptunaCMAES, NSGA2, RandomSearch,
+                                                                     NaturalNiches)}
+COMMON = ("seed", "n_objectives", "x0", "anchors", "run_dir")  # given by the run, not by the optimizer's config
 
 
 def options_schema(cls: type[Optimizer]):
@@ -32,7 +34,7 @@ def options_schema(cls: type[Optimizer]):
     return create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra="forbid"), **fields)
 
 
-def make_optimizer(name: str, lower, upper, *, seed: int = 0, n_objectives: int = 1, x0=None,
+def make_optimizer(name: str, lower, upper, *, seed: int = 0, n_objectives: int = 1, x0=None, anchors=(),
                    run_dir: str | os.PathLike | None = None, options: Mapping | None = None,
                    source: str | None = None) -> Optimizer:
     """`options` come from the user's config (checked, errors name `optimizer.<key>`); the rest from the run."""
@@ -47,4 +49,5 @@ def make_optimizer(name: str, lower, upper, *, seed: int = 0, n_objectives: int 
         msg = "unknown option" if first["type"] == "extra_forbidden" else first["msg"]
         raise EvomergeError(f"{msg} (options of {name}: {', '.join(options_schema(cls).model_fields) or 'none'})",
                             source=source, key=f"optimizer.{loc}") from None
-    return cls(lower, upper, seed=seed, n_objectives=n_objectives, x0=x0, run_dir=run_dir, **dict(checked))
+    return cls(lower, upper, seed=seed, n_objectives=n_objectives, x0=x0, anchors=anchors, run_dir=run_dir,
+               **dict(checked))

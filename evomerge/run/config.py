@@ -50,11 +50,22 @@ class BudgetConfig(_Schema):
 HELD_OUT = ("validation", "test")  # the splits the search never sees (see run.loop)
 
 
+class RacingConfig(_Schema):
+    """Score a search candidate on the first `first` of the documents, then twice that, ...; stop once its fitness
+    is below the validation.top_k-th best fully scored one with probability >= 1 - delta (evaluate.racing)."""
+    first: float = Field(0.1, gt=0, lt=1)
+    delta: float = Field(0.05, gt=0, lt=1)
+
+
 class EvaluationConfig(_Schema):
     tasks: list[str] = Field(default_factory=list)
     split: str = "search"
     limit: int | None = Field(None, ge=1)  # samples per task on the search split
-    weights: dict[str, float] | None = None  # fitness = weighted mean over tasks; None: plain mean
+    weights: dict[str, float] | None = None  # task weights; None: every task weighs 1
+    # fitness from the task scores: weighted mean; min (the weakest task with weight > 0); geometric (weighted geometric
+    # mean of score + 0.01, less 0.01: evaluate.result.aggregate) -- min and geometric ask for every skill
+    aggregate: Literal["mean", "min", "geometric"] = "mean"
+    racing: RacingConfig | None = None  # None: every search candidate is scored on every document
     # Multi-objective search: each name is a task whose score (per-task scores, as the evaluator names them) is one
     # maximized objective. None: one objective, the fitness. Elites and winner still rank by fitness (see run.loop).
     objectives: list[str] | None = Field(None, min_length=1)

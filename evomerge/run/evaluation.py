@@ -16,10 +16,13 @@ class Evaluation:
     scores: dict[str, Any] = field(default_factory=dict)  # {task: TaskScore.to_dict()}: JSON for the ledger
     status: str = "ok"
     error: str | None = None
+    docs: bytes | None = None  # per-document scores, packed (evaluate.docs)
+    estimated: bool = False  # racing stopped it: fitness from the documents scored
 
 
 class SplitEvaluator:
-    """`evaluate(model, split)`; the sample limit applies to the search split only (validation/test are scored whole).
+    """`evaluate(model, split, threshold=None)`; the sample limit applies to the search split only (validation/test are
+    scored whole), and so does racing, when configured: with a threshold, a search candidate is scored in stages.
     The search loop's `make_evaluator(evaluation, base)`: a worker scores with the tokenizer of its live base model."""
 
     def __init__(self, evaluation: EvaluationConfig, tokenizer_source: str):
@@ -38,7 +41,7 @@ class SplitEvaluator:
             c = self.config
             self.by_split[split] = HarnessEvaluator(c.tasks, self.tokenizer, split=split,
                                                     limit=c.limit if split == c.split else None, weights=c.weights,
-                                                    task_dirs=c.task_dirs, network=c.network)
+                                                    task_dirs=c.task_dirs, network=c.network, aggregate=c.aggregate)
             if split == c.split:
                 self._warn_round_trip(self.by_split[split])
         return self.by_split[split]
@@ -49,10 +52,18 @@ class SplitEvaluator:
         for problem in round_trip_problems(self.tokenizer, evaluator.tasks):
             print(f"warning: {self.tokenizer_source}: {problem}", file=sys.stderr)
 
-    def evaluate(self, model, split: str, limit: int | None = None) -> Evaluation:
-        """`limit`: score only the first `limit` documents of each task (the worker's preflight: 1)."""
-        result = self._for(split).evaluate(model, limit=limit)
-        return Evaluation(result.fitness, {t: s.to_dict() for t, s in result.scores.items()}, result.status, result.error)
+    def evaluate(self, model, split: str, limit: int | None = None, threshold: float | None = None) -> Evaluation:
+        """`limit`: score only the first `limit` documents of each task (the worker's preflight: 1); `threshold`: race
+        a search candidate against it (evaluation.racing)."""
+        from evomerge.evaluate.docs import pack
+
+        racing = self.config.racing
+        if threshold is not None and racing is not None and split == self.config.split:
+            result = self._for(split).race(model, threshold, first=racing.first, delta=racing.delta)
+        else:
+            result = self._for(split).evaluate(model, limit=limit)
+        return Evaluation(result.fitness, {t: s.to_dict() for t, s in result.scores.items()}, result.status, result.error,
+                          docs=pack(result.docs, result.sizes) if result.docs else None, estimated=result.estimated)
 
 
 def objective_values(scores: dict[str, Any], names: list[str]) -> list[float]:
@@ -76,7 +87,7 @@ def check_tasks(evaluation: EvaluationConfig, source: str) -> None:
     c = evaluation
     try:
         harness = HarnessEvaluator(c.tasks, None, split=c.split, limit=c.limit, weights=c.weights,
-                                   task_dirs=c.task_dirs, network=c.network)
+                                   task_dirs=c.task_dirs, network=c.network, aggregate=c.aggregate)
         for name, task in harness.tasks.items():
             available = list(task.dataset.keys()) if hasattr(task.dataset, "keys") else []
             for split in HELD_OUT:
@@ -85,3 +96,17 @@ def check_tasks(evaluation: EvaluationConfig, source: str) -> None:
                                         f"(available: {', '.join(available) or 'none'})", key="tasks")
     except EvomergeError as err:  # a task YAML at fault keeps its own name; otherwise the experiment's key
         raise EvomergeError(err.message, source=err.source or source, key=f"evaluation.{err.key or 'tasks'}") from None
+    if evaluation.racing is not None:
+        _check_racing(harness.tasks, source)
+
+
+def _check_racing(tasks: dict, source: str) -> None:
+    """Racing bounds means of per-document scores in [0, 1]: every task's primary metric must be a proportion."""
+    from evomerge.errors import EvomergeError
+    from evomerge.evaluate.harness import PROPORTIONS, primary_metric
+
+    for name, task in tasks.items():
+        metric = primary_metric(task) if task.config.metric_list else "no stated metric"
+        if metric not in PROPORTIONS:
+            raise EvomergeError(f"racing needs metrics that are proportions ({', '.join(sorted(PROPORTIONS))}); task "
+                                f"{name} scores {metric}", source=source, key="evaluation.racing")

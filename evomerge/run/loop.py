@@ -17,8 +17,14 @@ Resume loads optimizer.pkl, tells it the ledger's results for the candidates it 
 goes on. A ledger row is reused whenever the optimizer proposes its candidate again, so an unreadable optimizer.pkl is
 replaced by a fresh optimizer that replays the whole ledger to the same state.
 
-Objectives. The optimizer maximizes the fitness (the weighted mean of the task scores), or, with
+Objectives. The optimizer maximizes the fitness (the aggregate of the task scores: `evaluation.aggregate`), or, with
 `evaluation.objectives`, the vector of those tasks' scores (a multi-objective optimizer, e.g. NSGA-II); failed: None.
+It is told each document's score too (evaluate.docs.completed), which natural niches compete on.
+
+Racing (`evaluation.racing`). Candidate k is scored against a threshold, the top_k-th best fitness (distinct recipes)
+among the fully scored candidates 0 .. k - W; it is dispatched once those are in the ledger, so the threshold, and with
+it the run, depends on the config and seed alone, and a resume recomputes it from the ledger. Fewer than top_k fully
+scored: no threshold, scored in full. A stopped candidate's row is marked `estimated`; elites are fully scored ones.
 
 After the budget: the top-k trials by search fitness are re-scored on `validation`, the winner (best on validation) is
 scored once on `test`, and best/recipe.yaml + best/scores.json are written. Rows already in the ledger are never rerun,
@@ -42,6 +48,7 @@ import numpy as np
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.evaluate.docs import completed, count
 from evomerge.optim import Optimizer, load_optimizer, make_optimizer, non_dominated, save_optimizer
 from evomerge.recipe import recipe_from_dict, save_recipe, to_evomerge_yaml, write_text_atomic
 from evomerge.run.checks import CheckedSpace, check_space, check_workers
@@ -64,6 +71,7 @@ class Summary:
     trials: int
     failed: int
     held_out_failures: tuple[str, ...] = ()  # "validation of trial 3: <error>": retried by resume
+    documents: int = 0  # documents scored on the search split, over all trials (repeats cost none)
 
 
 def search(experiment: Experiment, run_dir, make_evaluator: EvaluatorFactory, *, pool: Pool | None = None,
@@ -151,7 +159,8 @@ def _optimizer(experiment: Experiment, rd: RunDir, space, ledger: Ledger) -> Opt
         _log(rd, "no optimizer.pkl; rebuilding the optimizer and replaying the ledger", echo=True)
     try:
         return make_optimizer(experiment.optimizer.name, *space.bounds, seed=experiment.seed, x0=space.x0,
-                              n_objectives=len(experiment.evaluation.objectives or [None]), run_dir=rd.path,
+                              anchors=space.anchors, n_objectives=len(experiment.evaluation.objectives or [None]),
+                              run_dir=rd.path,
                               options=experiment.optimizer.options, source=str(rd.config))
     except EvomergeError as err:
         if not rd.optimizer.exists():
@@ -192,7 +201,7 @@ class _Loop:
             if trial.ok:
                 self.by_recipe.setdefault(trial.recipe_hash, trial)
         self.failed_in_a_row = 0  # trials run by this process (see budget.max_consecutive_failures)
-        self.results: dict[int, float | None] = {}  # arrived, not yet told
+        self.results: dict[int, tuple] = {}  # arrived, not yet told: (fitness, per-document scores)
         self.in_flight: dict[int, tuple[str, str]] = {}  # candidate -> its recipe (evomerge YAML, identity)
         self.bar = None
         if progress:
@@ -241,14 +250,31 @@ class _Loop:
                                         "dir", source=str(self.rd.ledger))
                 self.results[cid] = self._told(trial)
                 continue
-            if not self.pool.idle:
+            if not self.pool.idle or not self._race_ready(cid):
                 continue  # later candidates may still be in the ledger
             recipe = self.space.decode(candidate.genome)
             if recipe.identity in self.by_recipe:  # these weights were scored already (genomes can decode alike)
                 self._record_repeat(cid, candidate.genome, self.by_recipe[recipe.identity])
                 continue
             self.in_flight[cid] = (to_evomerge_yaml(recipe), recipe.identity)  # for the ledger
-            self.pool.submit(Task(cid, recipe, self.split))
+            self.pool.submit(Task(cid, recipe, self.split, self._race_threshold(cid)))
+
+    # -- racing -------------------------------------------------------------------------------------------------------
+    def _race_basis(self, cid: int) -> range:
+        """The candidates whose results set candidate cid's threshold: 0 .. cid - W (fixed by cid alone)."""
+        return range(max(0, cid - self.width + 1))
+
+    def _race_ready(self, cid: int) -> bool:
+        return self.experiment.evaluation.racing is None or all(c in self.recorded for c in self._race_basis(cid))
+
+    def _race_threshold(self, cid: int) -> float | None:
+        """The top_k-th best fitness of distinct recipes fully scored in the basis; None (score in full) without racing
+        or with fewer of them."""
+        if self.experiment.evaluation.racing is None:
+            return None
+        full = {t.recipe_hash: t.fitness for c in self._race_basis(cid) if (t := self.recorded[c]).ok and not t.estimated}
+        k = max(1, self.experiment.validation.top_k)
+        return sorted(full.values(), reverse=True)[k - 1] if len(full) >= k else None
 
     def _record(self, result) -> None:
         cid = result.candidate
@@ -273,23 +299,24 @@ class _Loop:
         """A candidate whose recipe was scored before: scoring is deterministic, so its row is the twin's (worker
         "repeat of N"), written without running it."""
         trial = replace(twin, candidate=cid, genome=[float(g) for g in genome], worker=f"repeat of {twin.candidate}",
-                        t_merge=0.0, t_eval=0.0, t_total=0.0, id=None)
+                        t_merge=0.0, t_eval=0.0, t_total=0.0, n_docs=0, id=None)
         self.ledger.append(trial)
         self.recorded[cid] = trial
         self.results[cid] = self._told(trial)
         self._update_bar()
 
-    def _told(self, trial: Trial):
-        """What the optimizer learns of a trial: its fitness, or its objectives vector; None when it failed."""
+    def _told(self, trial: Trial) -> tuple:
+        """What the optimizer learns of a trial: (its fitness, or its objectives vector; None when it failed) and its
+        per-document scores (estimates where racing stopped it)."""
         if not trial.ok:
-            return None
-        return trial.objectives if self.objectives else trial.fitness
+            return None, None
+        return trial.objectives if self.objectives else trial.fitness, completed(trial.docs)
 
     def _advance(self) -> bool:
         """Tell the buffered results that are next (in candidate or arrival order), asking after each tell; checkpoint."""
         told = False
         while (cid := self._next_to_tell()) is not None:
-            self.opt.tell(cid, self.results.pop(cid))
+            self.opt.tell(cid, *self.results.pop(cid))
             self._fill()
             told = True
         if told:
@@ -307,7 +334,8 @@ class _Loop:
         trial = Trial(candidate=result.candidate, split=result.split, genome=[float(g) for g in genome],
                       recipe_hash=recipe_hash, recipe=recipe_yaml, scores=result.scores, fitness=result.fitness,
                       status=result.status, error=result.error, worker=result.worker,
-                      t_merge=result.t_merge, t_eval=result.t_eval, t_total=result.t_total)
+                      t_merge=result.t_merge, t_eval=result.t_eval, t_total=result.t_total,
+                      docs=result.docs, n_docs=count(result.docs), estimated=result.estimated)
         if self.objectives and trial.ok:
             try:
                 trial.objectives = objective_values(result.scores, self.objectives)
@@ -337,7 +365,7 @@ class _Loop:
         searched = [t for cid, t in sorted(self.recorded.items()) if cid < self.budget]
         front = self._pareto_front(searched) if self.objectives else None
         candidates = searched if front is None else front
-        ranked = sorted((t for t in candidates if t.ok), key=lambda t: (-t.fitness, t.candidate))
+        ranked = sorted((t for t in candidates if t.ok and not t.estimated), key=lambda t: (-t.fitness, t.candidate))
         ranked = _first_of_each_recipe(ranked)  # validate distinct recipes, not one recipe top_k times
         if not ranked:
             raise EvomergeError(f"all {len(searched)} trials failed; the errors are in the ledger and logs/search.log",
@@ -388,13 +416,15 @@ class _Loop:
         held_out = [validation[t.candidate] for t in elites if validation] + [test]
         failures = tuple(f"{t.split} of trial {t.candidate}: {t.error}" for t in held_out if not t.ok)
         summary = Summary(winner.candidate, winner.recipe_hash, fitness, len(searched), sum(not t.ok for t in searched),
-                          failures)
+                          failures, sum(t.n_docs for t in searched))
         scores = {"candidate": winner.candidate, "recipe_hash": winner.recipe_hash, "fitness": fitness,
                   "scores": {self.split: winner.scores, "validation": validation[winner.candidate].scores if validation
                              else None, "test": test.scores},
                   "elites": [{"candidate": t.candidate, self.split: t.fitness,
                               "validation": validation[t.candidate].fitness if validation else None} for t in elites],
-                  "trials": summary.trials, "failed": summary.failed, "held_out_failures": list(failures)}
+                  "trials": summary.trials, "failed": summary.failed, "held_out_failures": list(failures),
+                  "documents": {"search": summary.documents, "per_trial": summary.documents / max(1, summary.trials),
+                                "estimated": sum(t.estimated for t in searched)}}
         if front is not None:
             scores["pareto_front"] = [{"candidate": t.candidate, "objectives": dict(zip(self.objectives, t.objectives))}
                                       for t in front]

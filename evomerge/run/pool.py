@@ -1,6 +1,6 @@
 """Worker pools: where trials run. The loop submits tasks while a worker is idle and waits for results.
 
-    pool.submit(Task(candidate, recipe, split))          # only while pool.idle > 0
+    pool.submit(Task(candidate, recipe, split))          # only while pool.idle > 0 (threshold: racing, see loop)
     results = pool.wait()                                  # >= 1 TrialResult, in completion order
 
 `LocalPool` runs trials in this process on one TrialRunner, one at a time. `RayPool` runs one TrialRunner per Ray actor
@@ -27,6 +27,7 @@ class Task:
     candidate: int
     recipe: Recipe  # a value: it pickles for Ray
     split: str
+    threshold: float | None = None  # racing: stop scoring once the candidate cannot reach it (None: score in full)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class LocalPool(Pool):
 
     def wait(self) -> list[TrialResult]:
         task = self.next_task()
-        return [self.runner.run(task.candidate, task.recipe, task.split)]
+        return [self.runner.run(task.candidate, task.recipe, task.split, task.threshold)]
 
 
 class RayPool(Pool):
@@ -140,7 +141,7 @@ class RayPool(Pool):
 
     def submit(self, task: Task, attempt: int = 0, index: int | None = None) -> None:
         index = self.free.popleft() if index is None else index
-        ref = self.actors[index].run.remote(task.candidate, task.recipe, task.split)
+        ref = self.actors[index].run.remote(task.candidate, task.recipe, task.split, task.threshold)
         self.in_flight[ref] = (index, task, attempt)
 
     def wait(self) -> list[TrialResult]:
@@ -188,8 +189,8 @@ class _RayRunner:
         """None when the worker can take trials, else the one-line reason it cannot."""
         return self.error
 
-    def run(self, candidate: int, recipe: Recipe, split: str) -> TrialResult:
-        return self.runner.run(candidate, recipe, split)
+    def run(self, candidate: int, recipe: Recipe, split: str, threshold: float | None = None) -> TrialResult:
+        return self.runner.run(candidate, recipe, split, threshold)
 
 
 def make_pool(spec: RunnerSpec, workers) -> Pool:

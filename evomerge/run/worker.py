@@ -31,6 +31,8 @@ class TrialResult:
     scores: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     worker: str = ""
+    docs: bytes | None = None  # per-document scores, packed (evaluate.docs)
+    estimated: bool = False  # racing stopped it early
     t_merge: float = 0.0
     t_eval: float = 0.0
     t_total: float = 0.0
@@ -74,15 +76,19 @@ class TrialRunner:
             raise EvomergeError(f"scoring the base model on one document per task failed before the first trial "
                                 f"({self.name}): {error}", key="evaluation")
 
-    def run(self, candidate: int, recipe: Recipe, split: str = "search") -> TrialResult:
+
+    def run(self, candidate: int, recipe: Recipe, split: str = "search", threshold: float | None = None) -> TrialResult:
+        """Score one recipe; with a racing `threshold`, the evaluator may stop it early (evaluate.racing)."""
         start = time.perf_counter()
         result = TrialResult(candidate, split, "failed", None, worker=self.name)
         try:
             model = self.model_for(recipe)
             result.t_merge = time.perf_counter() - start
-            evaluation = self.evaluator.evaluate(model, split=split)
+            race = {} if threshold is None else {"threshold": threshold}  # evaluators without racing take no threshold
+            evaluation = self.evaluator.evaluate(model, split=split, **race)
             result.t_eval = time.perf_counter() - start - result.t_merge
             result.scores = evaluation.scores
+            result.docs, result.estimated = evaluation.docs, evaluation.estimated
             fitness = evaluation.fitness
             if evaluation.status == "ok" and fitness is not None and math.isfinite(fitness):
                 result.status, result.fitness = "ok", float(fitness)

@@ -62,6 +62,16 @@ class SearchSpace(ABC):
         low, high = (np.array([getattr(g, side) for g in self.genes]) for side in ("low", "high"))
         return low + np.clip(u, 0.0, 1.0) * (high - low)
 
+    def unit(self, raw) -> np.ndarray:
+        """The inverse of `raw`: raw gene values -> the unit genome."""
+        low, high = (np.array([getattr(g, side) for g in self.genes]) for side in ("low", "high"))
+        return (np.asarray(raw, dtype=np.float64) - low) / (high - low)
+
+    @property
+    def anchors(self) -> list[np.ndarray]:
+        """Genomes worth trying first: x0, then (where a space can express them) each source model as it is."""
+        return [self.x0]
+
     def decode(self, genome) -> Recipe:
         return self._decode(self.raw(genome))
 

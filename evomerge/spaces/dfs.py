@@ -110,6 +110,19 @@ class DataFlowSpace(SearchSpace):
         elif self.config.scale == "slot":
             yield from (Gene(f"scale[r{rep}.{models[m]}.{layer}]", low, high, start) for rep, m, layer in self.slots)
 
+    @property
+    def anchors(self) -> list[np.ndarray]:
+        """Each model as it is (its layers in the first repetition, scales at 1 or nearest); with `pin`, x0 only."""
+        if self.config.pin is not None:
+            return [self.x0]
+        out = []
+        for m in range(len(self.config.models)):
+            raw = self.raw(self.x0)
+            raw[:len(self.free)] = [INCLUDE_START if rep == 0 and mm == m else -INCLUDE_START
+                                    for rep, mm, _ in (self.slots[t] for t in self.free)]
+            out.append(self.unit(raw))
+        return out
+
     def _decode(self, raw: np.ndarray) -> Recipe:
         indicator, scales = raw[:len(self.free)], raw[len(self.free):]
         included = np.zeros(len(self.slots), dtype=bool)

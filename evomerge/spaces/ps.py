@@ -99,6 +99,30 @@ class ParameterSpace(SearchSpace):
                         name = p.name + (f"[{model}]" if model else "") + (f".g{g}" if self.groups > 1 else "")
                         yield Gene(name + (f".{suffix}" if suffix else ""), low, high, start)
 
+    @property
+    def anchors(self) -> list[np.ndarray]:
+        """x0 (the default merge), then each model alone -- weight 1 for it and 0 for the others, density 1 (every delta
+        kept) -- when weight is searched per model with 0 and 1 inside its bounds, and density (if searched) reaches 1.
+        The other genes stay at x0. For TIES, DARE, task arithmetic and linear this is the expert itself."""
+        per_model = {p.name: _bounds(p, self.config, self.source) for p in self.searched if p.per_model}
+        weight, density = per_model.get("weight"), per_model.get("density", (0.0, 1.0))
+        if weight is None or not (weight[0] <= 0.0 <= 1.0 <= weight[1]) or density[1] < 1.0:
+            return [self.x0]
+        return [self.x0] + [self.unit(self._alone(k)) for k in range(len(self.config.models))]
+
+    def _alone(self, k: int) -> np.ndarray:
+        raw, offset = self.raw(self.x0), 0
+        for p in self.searched:
+            n = len(self.config.models) if p.per_model else 1
+            block = raw[offset:offset + n * self.groups * len(self.parts)].reshape(n, -1)  # a view: writes reach raw
+            offset += block.size
+            if p.per_model and p.name == "weight":
+                block[:] = 0.0
+                block[k] = 1.0
+            elif p.per_model and p.name == "density":
+                block[:] = 1.0
+        return raw
+
     def _decode(self, raw: np.ndarray) -> Recipe:
         cfg = self.config
         per_model: dict[str, Params] = {m: {} for m in cfg.models}
