@@ -645,7 +645,7 @@ DOCS = 40  # documents per task
 class DocumentsEvaluator:
     """Two tasks of DOCS documents each; document j of a task is solved when the model's distance to that task's target
     (DistanceEvaluator) is below the document's cutoff (shuffled cutoffs, so no slice is easier than another). With a
-    threshold, it races (evaluate.racing), as the lm-eval evaluator does; `calls` counts documents scored."""
+    threshold, it races (evaluate.racing), as the lm-eval evaluator does."""
 
     def __init__(self, base: str, experts: list[str]):
         self.targets = {"near_a": DistanceEvaluator(base, experts), "near_b": DistanceEvaluator(base, experts,
@@ -653,16 +653,14 @@ class DocumentsEvaluator:
         far = -self.targets["near_a"].evaluate(_base_model(base), "search").fitness
         rng = np.random.default_rng(0)
         self.cutoffs = {t: rng.permutation(np.linspace(0.02, 1.2, DOCS)) * far for t in self.targets}
-        self.scored = 0
 
-    def evaluate(self, model, split: str, threshold: float | None = None) -> Evaluation:
+    def evaluate(self, model, split: str, limit: int | None = None, threshold: float | None = None) -> Evaluation:
         from evomerge.evaluate.docs import pack
         from evomerge.evaluate.racing import race
 
         distance = {t: -ev.evaluate(model, split).fitness for t, ev in self.targets.items()}
 
         def score(indices):
-            self.scored += sum(map(len, indices.values()))
             return {t: (distance[t] < self.cutoffs[t][i]).astype(float) for t, i in indices.items()}
 
         docs, stopped = race(score, {t: DOCS for t in self.targets}, threshold, {t: 1.0 for t in self.targets}, "mean",
