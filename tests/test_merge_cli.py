@@ -173,3 +173,14 @@ def test_a_layer_path_over_a_model_with_layer_types(tmp_path):
     source = json.loads((tmp_path / "gemma2" / "config.json").read_text())
     assert {k: v for k, v in config.items() if k not in ("num_hidden_layers", "layer_types", "torch_dtype", "dtype")} \
         == {k: v for k, v in source.items() if k not in ("num_hidden_layers", "layer_types", "torch_dtype", "dtype")}
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_random_masks_do_not_depend_on_where_the_models_are_stored(models, tmp_path, method):
+    moved = tmp_path / "elsewhere" / "deeper"
+    copies = [shutil.copytree(m, moved / f"copy{i}") for i, m in enumerate(models)]
+    for name, paths in (("here", models), ("moved", [str(p) for p in copies])):
+        doc = ties(paths, merge_method=method, parameters={"epsilon": 0.1} if method == "della" else {})
+        assert run("merge", write(tmp_path / f"{name}.yaml", doc), tmp_path / name).exit_code == 0
+    here, moved_out = load_file(tmp_path / "here" / "model.safetensors"), load_file(tmp_path / "moved" / "model.safetensors")
+    assert here.keys() == moved_out.keys() and all(torch.equal(here[k], moved_out[k]) for k in here)

@@ -79,7 +79,9 @@ def compute(task: TensorTask, sources: Sources) -> torch.Tensor:
         base = base[:rows] if base is not None else None
     kwargs = task.kwargs
     if spec.randomized:
-        kwargs["key"] = [MaskKey(task.seed, task.out_name, model) for model, _ in task.inputs]
+        # keyed by the model's position among the merged models, not by its path: the same recipe gives the same masks
+        # wherever its models are stored (a search freezes them as absolute paths)
+        kwargs["key"] = [MaskKey(task.seed, task.out_name, str(i)) for i in range(len(task.inputs))]
     out = spec.fn(base, tensors, **kwargs)
     return out * task.scale if task.scale != 1.0 else out
 

@@ -9,7 +9,7 @@ A method is a pure function over tensors:
 - Keyword parameters annotated `PerModel` take one value per entry of `tensors` (a list); the rest are scalars shared by all.
 - A parameter with no default is required. A trailing `_` is dropped from the public name (`lambda_` is `lambda`).
 - A keyword `key` marks a randomized method (DARE, DELLA): the materializer passes a list of `MaskKey` aligned with
-  `tensors`, `MaskKey(seed, tensor name, model name)` for each model (see `evomerge.merge.rng`).
+  `tensors`, `MaskKey(seed, tensor name, model position)` for each model (see `evomerge.merge.rng`).
 """
 
 from __future__ import annotations

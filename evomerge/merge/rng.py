@@ -18,7 +18,8 @@ _M32 = 0xFFFFFFFF
 
 @dataclass(frozen=True)
 class MaskKey:
-    """Names one random stream: the recipe's seed, the tensor, and the model whose delta is masked."""
+    """Names one random stream: the recipe's seed, the tensor, and the model whose delta is masked (the materializer
+    names it by its position among the merged models, so that where the model is stored does not matter)."""
 
     seed: int
     tensor: str
