@@ -21,17 +21,18 @@ RAY_CONNECT_TIMEOUT_S = 5.0
 
 @dataclass(frozen=True)
 class CheckedSpace:
-    """What the checks read, for the search to reuse: the typed space config, its models and layer counts, the space."""
+    """What the checks read, for the search to reuse: the typed space config, its models, the space, and the floating
+    dtype the sources share (`models.io.common_dtype`: float32 for sources of several dtypes; None: no float tensor)."""
     config: object  # spaces.SpaceConfig
     models: list[str]
-    num_layers: dict[str, int]
     space: object  # spaces.SearchSpace
+    dtype: object  # torch.dtype | None
 
 
 def check_space(experiment: Experiment, source: str) -> CheckedSpace:
     """Open every model the space names and build the space from their real layer counts and tensors."""
     from evomerge.merge.plan import plan_recipe
-    from evomerge.models.io import ModelDir
+    from evomerge.models.io import ModelDir, common_dtype
     from evomerge.spaces import build_space, load_space_config, space_models
     from evomerge.spaces.load import keys_under
 
@@ -51,10 +52,11 @@ def check_space(experiment: Experiment, source: str) -> CheckedSpace:
             sources = [m for m in getattr(config, "models", []) if m != MERGED]
             if getattr(config, "kind", "ps") == "dfs" and len(sources) > 1:  # a layer path may take any source's layers
                 plan_recipe(Recipe(layers=[LayerSlot(source=m, layer=0) for m in sources]), dirs, source)
+        dtype = common_dtype(dirs.values())
     finally:
         for d in dirs.values():
             d.close()
-    return CheckedSpace(config, models, num_layers, space)
+    return CheckedSpace(config, models, space, dtype)
 
 
 def _model_key(config, model: str) -> str:

@@ -80,7 +80,7 @@ def search(experiment: Experiment, run_dir, make_evaluator: EvaluatorFactory, *,
     experiment file, named by the errors of the checks that run before the run dir is made."""
     checked = _check(experiment, source, pool)
     with RunDir(run_dir) as rd:
-        return _run(rd, rd.freeze(_with_compute_dtype(experiment)), checked, make_evaluator, pool, progress)
+        return _run(rd, rd.freeze(_with_compute_dtype(experiment, checked)), checked, make_evaluator, pool, progress)
 
 
 def resume(run_dir, make_evaluator: EvaluatorFactory, *, experiment: Experiment | None = None, pool: Pool | None = None,
@@ -88,24 +88,17 @@ def resume(run_dir, make_evaluator: EvaluatorFactory, *, experiment: Experiment 
     """Continue the run in `run_dir` from its files alone (`experiment`, if given, must match the frozen config)."""
     with RunDir(run_dir) as rd:
         frozen = rd.frozen()  # refuses a dir that holds no run
-        experiment = frozen if experiment is None else rd.freeze(_with_compute_dtype(experiment))
-        return _run(rd, experiment, _check(experiment, str(rd.config), pool), make_evaluator, pool, progress)
+        checked = _check(frozen if experiment is None else experiment, str(rd.config), pool)
+        experiment = frozen if experiment is None else rd.freeze(_with_compute_dtype(experiment, checked))
+        return _run(rd, experiment, checked, make_evaluator, pool, progress)
 
 
-def _with_compute_dtype(experiment: Experiment) -> Experiment:
+def _with_compute_dtype(experiment: Experiment, checked: CheckedSpace) -> Experiment:
     """`workers.dtype` stated: when not given, the sources' common dtype (float32 for sources of several dtypes), so
     that layers of every source meet in one dtype in a worker's live models."""
-    from evomerge.models.io import ModelDir, common_dtype
-    from evomerge.spaces import load_space_config, space_models
-
-    if experiment.workers.dtype is not None:
+    if experiment.workers.dtype is not None or checked.dtype is None:
         return experiment
-    config = load_space_config(experiment.space, key="space")
-    dirs = [ModelDir.open(m) for m in space_models(config, key="space")]
-    dtype = common_dtype(dirs)
-    if dtype is None:
-        return experiment
-    workers = experiment.workers.model_copy(update={"dtype": str(dtype).removeprefix("torch.")})
+    workers = experiment.workers.model_copy(update={"dtype": str(checked.dtype).removeprefix("torch.")})
     return experiment.model_copy(update={"workers": workers})
 
 
