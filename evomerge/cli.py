@@ -83,6 +83,9 @@ def zoo():
 @user_errors
 def zoo_build(out, seed, size):
     """Train the zoo into OUT (ordinary Hugging Face model dirs and a zoo.json manifest); deterministic by seed."""
+    from evomerge.zoo.numerics import pin_before_torch_import
+
+    pin_before_torch_import()  # the same bits on every x86-64 CPU (numerics.py); torch is not imported before this
     from evomerge.zoo.build import build_zoo
 
     build_zoo(out, seed=seed, size=size)

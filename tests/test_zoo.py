@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from evomerge.errors import EvomergeError
 from evomerge.zoo import skills
@@ -110,8 +114,6 @@ def test_the_committed_zoo_has_complete_configs():
 
 
 def test_build_is_deterministic_by_seed(tmp_path):
-    from safetensors.torch import load_file
-
     tiny = SIZES["tiny"]
     quick = replace(tiny, base=replace(tiny.base, steps=6), expert=replace(tiny.expert, steps=3),
                     multitask=replace(tiny.multitask, steps=3))
@@ -135,3 +137,21 @@ def test_unknown_size_and_foreign_directory(tmp_path):
     with pytest.raises(EvomergeError, match="not a zoo"):
         build_zoo(tmp_path / "other", size="tiny", log=None)
 
+
+
+
+def test_zoo_build_pins_its_numerics_whatever_the_environment_says(tmp_path):
+    """`evomerge zoo build` sets numerics.PINNED before torch starts, so the weights do not depend on which code path
+    the CPU (or the caller's environment) would pick: a build told to use other paths gives the same bits."""
+    repo = Path(__file__).resolve().parents[1]
+    other_paths = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+    for name, extra in [("plain", {}), ("told_otherwise", other_paths)]:
+        env = {**os.environ, **extra, "PYTHONPATH": str(repo)}
+        result = subprocess.run([sys.executable, "-m", "evomerge.cli", "zoo", "build", str(tmp_path / name),
+                                 "--size", "tiny"], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert json.loads((tmp_path / name / "zoo.json").read_text())["numerics"] == "pinned"
+    for model in MODELS:
+        a = load_file(tmp_path / "plain" / model / "model.safetensors")
+        b = load_file(tmp_path / "told_otherwise" / model / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), model

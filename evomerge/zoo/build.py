@@ -7,7 +7,8 @@
     zoo.json         skills, ||expert - base|| / ||base|| per model, quick accuracies, settings, timings
 
 Every directory is an ordinary Hugging Face model dir with the tokenizer. The build is a pure function of (seed, size):
-same seed, bit-identical weights (on the same torch version and thread count).
+same seed, bit-identical weights for the same torch version, with one thread and the floating-point code path of
+numerics.py (which `evomerge zoo build` pins).
 
 Why this recipe (measured on the default size; merges of the three skill experts, validation split):
 - Experts fine-tuned from a base that had never seen the skill formats needed large deltas. Pretraining the base on the
@@ -30,6 +31,7 @@ from typing import Callable
 import torch
 
 from evomerge.errors import EvomergeError, did_you_mean
+from evomerge.zoo.numerics import unpinned
 from evomerge.zoo.skills import DISTRACTOR, EXPERT_SKILLS
 from evomerge.zoo.tokenizer import save_tokenizer
 from evomerge.zoo.train import ModelSize, TrainSettings, new_model, quick_accuracy, train
@@ -83,6 +85,14 @@ def delta_ratio(model, base_state: dict[str, torch.Tensor]) -> float:
     return math.sqrt(float(num) / float(den))
 
 
+def fine_tunes(spec: ZooSpec, seed: int) -> list[tuple[str, str | None, list, TrainSettings]]:
+    """(name, skill, mixture, settings with its seed) of every model trained from the base, in build order."""
+    jobs = [(f"expert_{s}", s, expert_mixture(s, spec.replay), spec.expert) for s in PRETRAIN_SKILLS]
+    jobs.append(("multitask", None, multitask_mixture(spec.replay), spec.multitask))
+    return [(name, skill, mixture, replace(settings, seed=seed * 1000 + i))
+            for i, (name, skill, mixture, settings) in enumerate(jobs, start=1)]
+
+
 def build_zoo(out_dir: str | Path, *, seed: int = 0, size: str = "default", threads: int = 1,
               spec: ZooSpec | None = None, log: Callable[[str], None] | None = print) -> dict:
     """Train and write the zoo into `out_dir`; returns the manifest (also written as zoo.json).
@@ -104,8 +114,13 @@ def _build(out: Path, seed: int, size: str, spec: ZooSpec | None, log: Callable[
     spec = spec or SIZES[size]
     if out.exists() and any(out.iterdir()) and not (out / "zoo.json").exists():
         raise EvomergeError("directory exists and is not a zoo; choose an empty or new directory", source=str(out))
+    off_path = unpinned()
+    if off_path:
+        log(f"[zoo] warning: numerics not pinned ({', '.join(off_path)}): the weights are reproducible on this kind of "
+            "CPU only (`evomerge zoo build` pins them)")
     start = time.perf_counter()
     manifest = {"seed": seed, "size": size, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "numerics": "pinned" if not off_path else f"this CPU ({', '.join(off_path)})",
                 "skills": {f"expert_{s}": s for s in EXPERT_SKILLS}, "distractor": f"expert_{DISTRACTOR}",
                 "settings": asdict(spec), "models": {}, "timings": {}}
 
@@ -115,12 +130,10 @@ def _build(out: Path, seed: int, size: str, spec: ZooSpec | None, log: Callable[
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     _record(manifest, "base", model, out, base_state, seconds, skill=None, log=log)
 
-    jobs = [(f"expert_{s}", s, expert_mixture(s, spec.replay), spec.expert) for s in PRETRAIN_SKILLS]
-    jobs.append(("multitask", None, multitask_mixture(spec.replay), spec.multitask))
-    for i, (name, skill, mixture, settings) in enumerate(jobs, start=1):
+    for name, skill, mixture, settings in fine_tunes(spec, seed):
         log(f"[zoo] {name}: {settings.steps} steps")
         model.load_state_dict(base_state)
-        seconds = train(model, mixture, replace(settings, seed=seed * 1000 + i), log=_indent(log))
+        seconds = train(model, mixture, settings, log=_indent(log))
         _record(manifest, name, model, out, base_state, seconds, skill=skill, log=log)
 
     manifest["timings"]["total_seconds"] = round(time.perf_counter() - start, 1)
