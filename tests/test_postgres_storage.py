@@ -138,3 +138,15 @@ def test_tpe_on_postgres_killed_mid_run_and_resumed_equals_an_uninterrupted_run(
             states=(optuna.trial.TrialState.COMPLETE,))
         assert [[t.params[f"x{i}"] for i in range(len(t.params))] for t in trials] == \
             [genome for _, genome, _, _ in trajectory(run_dir)]
+
+
+def test_a_storage_without_its_driver_or_server_is_one_line():
+    from evomerge.errors import EvomergeError
+    from evomerge.optim import make_optimizer
+
+    nobody = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/postgres"  # nothing listens there
+    with pytest.raises(EvomergeError, match=r"^optimizer.options.storage: cannot open the study's database "
+                                            r"postgresql\+psycopg://.* \(connection failed: .*\)$"):
+        make_optimizer("tpe", [0.0], [1.0], options={"storage": nobody})
+    with pytest.raises(EvomergeError, match=r"^optimizer.options.storage: no database driver for postgresql\+nosuch://"):
+        make_optimizer("tpe", [0.0], [1.0], options={"storage": "postgresql+nosuch://postgres@127.0.0.1/db"})

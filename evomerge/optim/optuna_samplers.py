@@ -60,7 +60,7 @@ class OptunaOptimizer(Optimizer):
     def _storage(self, attempts: int = 5) -> optuna.storages.BaseStorage:
         if not self.storage:
             return self._memory
-        from sqlalchemy.exc import IntegrityError, ProgrammingError
+        from sqlalchemy.exc import IntegrityError, NoSuchModuleError, OperationalError, ProgrammingError
 
         for attempt in range(attempts):
             try:
@@ -69,6 +69,14 @@ class OptunaOptimizer(Optimizer):
                 if attempt == attempts - 1:
                     raise
                 time.sleep(0.2 * (attempt + 1))
+            except (ImportError, NoSuchModuleError) as err:
+                raise EvomergeError(f"no database driver for {self.storage} ({str(err).splitlines()[0]}); for "
+                                    "PostgreSQL: pip install 'psycopg[binary]' and postgresql+psycopg://...",
+                                    key="optimizer.options.storage") from None
+            except OperationalError as err:
+                reason = str(err.orig).strip().splitlines()[0] if err.orig else type(err).__name__
+                raise EvomergeError(f"cannot open the study's database {self.storage} ({reason})",
+                                    key="optimizer.options.storage") from None
 
     def __getstate__(self):
         return {**self.__dict__, "_study": None if self.storage else self._study}
