@@ -159,7 +159,7 @@ class RayPool(Pool):
 
     def wait(self) -> list[TrialResult]:
         results: list[TrialResult] = []
-        waiting_since = time.monotonic()  # for a replacement: while no worker runs a trial or is free
+        idle_since = None  # since when no worker has run a trial: only replacements left to wait for
         while not results and (self.in_flight or self.retry):
             while self.retry and self.free:
                 self.submit(*self.retry.popleft())
@@ -167,7 +167,8 @@ class RayPool(Pool):
                 raise EvomergeError(f"no Ray worker left to run candidate {self.retry[0][0].candidate}: every worker "
                                     "died and none could be started again; `evomerge resume RUN_DIR` once the cluster "
                                     "has room", key="workers")
-            timeout = None if self.in_flight else max(0.0, waiting_since + self.placement_timeout_s - time.monotonic())
+            idle_since = None if self.in_flight else idle_since or time.monotonic()
+            timeout = None if idle_since is None else max(0.0, idle_since + self.placement_timeout_s - time.monotonic())
             done, _ = self.ray.wait([*self.in_flight, *self.starting], num_returns=1, timeout=timeout)
             if not done:  # only replacements left, and none placed in time: the cluster lost the room for them
                 raise EvomergeError(f"no Ray worker left: {len(self.starting)} replacement(s) for workers that died "
