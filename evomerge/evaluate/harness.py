@@ -8,6 +8,11 @@
 
 lm-eval's HFLM wraps the model object itself (no copy), so every call scores the current weights; HFLM keeps no
 logits across calls (tests/test_evaluate.py checks this). lm-eval's logs go to the `lm_eval` logger, not the console.
+
+Batch size: a number, or "auto" (lm-eval's probe, run once on the first model scored). An out-of-memory error
+(torch.OutOfMemoryError) inside an evaluation halves it and scores the same model again from the start, so its scores
+are those of a run at the smaller batch; the evaluator keeps the smaller batch for every later model. Only an
+out-of-memory error at batch 1 is a failed result. Each halving is a line in the result's `notes`.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import logging
 import math
 import time
 from dataclasses import replace
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -42,11 +47,12 @@ class HarnessEvaluator:
     weights: {task or group: weight}; a group's weight is shared equally by its tasks, tasks left out weigh 0.
         None: every task weighs 1.
     aggregate: "mean" (weighted), "min" or "geometric" (result.aggregate).
+    batch_size: documents per forward pass (lm-eval's HFLM), or "auto"; halved on out of memory (see above).
     """
 
     def __init__(self, tasks: Sequence[str], tokenizer, *, split: str | None = "search", limit: int | None = None,
                  weights: Mapping[str, float] | None = None, task_dirs: Sequence[str] = (), network: bool = False,
-                 batch_size: int = 64, aggregate: str = "mean"):
+                 batch_size: int | str = 64, aggregate: str = "mean"):
         if limit is not None and limit < 1:
             raise EvomergeError(f"limit must be >= 1, got {limit}", key="limit")
         self.limit, self.tokenizer, self.batch_size = limit, tokenizer, batch_size
@@ -61,32 +67,67 @@ class HarnessEvaluator:
     def evaluate(self, model, tokenizer=None, *, limit: int | None = None) -> EvalResult:
         """Score the model's current weights (with `tokenizer`, default the evaluator's; on the first `limit` documents
         of each task, default the evaluator's limit). Errors inside lm-eval or the model become a failed EvalResult."""
-        start = time.perf_counter()
-        try:
+
+        def score() -> EvalResult:
             raw = self._run(model, tokenizer or self.tokenizer, limit or self.limit)
             scores = {name: self._score(name, raw) for name in self.tasks}
             docs = {name: self._per_document(name, raw) for name in self.tasks}
-        except Exception as err:  # noqa: BLE001 - a failed candidate is a value (style item 7)
-            return self._failed(err, start)
-        return replace(weighted_fitness(scores, self.weights, self.aggregate), docs=docs, sizes=dict(self.sizes),
-                       seconds=time.perf_counter() - start)
+            return replace(weighted_fitness(scores, self.weights, self.aggregate), docs=docs, sizes=dict(self.sizes))
+
+        return self._at_a_batch_that_fits(score)
 
     def race(self, model, threshold: float | None, *, first: float, delta: float, tokenizer=None) -> EvalResult:
         """Score in stages (evaluate.racing), stopping once the fitness cannot reach `threshold` (with probability
         >= 1 - delta). Task scores are the means of the documents scored: for metrics that are means (exact match, acc)."""
-        start = time.perf_counter()
-        try:
+
+        def score() -> EvalResult:
             docs, stopped = racing.race(lambda ranges: self._score_documents(model, tokenizer or self.tokenizer, ranges),
                                         self.sizes, threshold, self.weights, self.aggregate, first=first, delta=delta)
-        except Exception as err:  # noqa: BLE001
-            return self._failed(err, start)
-        scores = {name: self._mean_score(name, values) for name, values in docs.items()}
-        return replace(weighted_fitness(scores, self.weights, self.aggregate), docs=docs, sizes=dict(self.sizes),
-                       estimated=stopped, seconds=time.perf_counter() - start)
+            scores = {name: self._mean_score(name, values) for name, values in docs.items()}
+            return replace(weighted_fitness(scores, self.weights, self.aggregate), docs=docs, sizes=dict(self.sizes),
+                           estimated=stopped)
 
-    def _failed(self, err: Exception, start: float) -> EvalResult:
-        log.warning("evaluation failed: %s: %s", type(err).__name__, err)
-        return EvalResult.failed(f"{type(err).__name__}: {err}", seconds=time.perf_counter() - start)
+        return self._at_a_batch_that_fits(score)
+
+    def _at_a_batch_that_fits(self, score: Callable[[], EvalResult]) -> EvalResult:
+        """score(), timed. Out of memory halves the batch and runs all of score() again (racing: every stage), so the
+        result is that of one run at the smaller batch; any other error, or out of memory at batch 1, is a failed
+        result (style item 7)."""
+        import torch
+
+        start, notes = time.perf_counter(), []
+        while True:
+            try:
+                result = score()
+            except torch.OutOfMemoryError as err:
+                if self._halve_batch(err, notes):
+                    continue  # leaving the except clause drops the error, and the tensors its traceback holds
+                return self._failed(err, start, notes)
+            except Exception as err:  # noqa: BLE001 - a failed candidate is a value
+                return self._failed(err, start, notes)
+            return replace(result, seconds=time.perf_counter() - start, notes=tuple(notes))
+
+    def _halve_batch(self, err: Exception, notes: list[str]) -> bool:
+        """After an out-of-memory error: halve the batch for this and every later evaluation; False at batch 1."""
+        import torch
+
+        if not isinstance(self.batch_size, int) or self.batch_size == 1:  # "auto": the probe itself ran out
+            return False
+        smaller = self.batch_size // 2
+        notes.append(f"out of memory at evaluation batch {self.batch_size} ({str(err).strip().splitlines()[0][:200]}); "
+                     f"scored again at batch {smaller}")
+        log.warning("%s", notes[-1])
+        self.batch_size, self._lm = smaller, None  # the next _lm_for wraps the model at the new batch size
+        torch.cuda.empty_cache()  # what the failed batch held goes back to the device (a no-op without CUDA)
+        return True
+
+    def _failed(self, err: Exception, start: float, notes: list[str] = ()) -> EvalResult:
+        import torch
+
+        at = f" (at evaluation batch {self.batch_size})" if isinstance(err, torch.OutOfMemoryError) else ""
+        log.warning("evaluation failed%s: %s: %s", at, type(err).__name__, err)
+        return replace(EvalResult.failed(f"{type(err).__name__}{at}: {err}", seconds=time.perf_counter() - start),
+                       notes=tuple(notes))
 
     def _run(self, model, tokenizer, limit: int | None = None, samples: dict[str, list[int]] | None = None) -> dict:
         """lm-eval's results and per-sample output for the first `limit` documents of each task, or for `samples`."""
@@ -112,9 +153,15 @@ class HarnessEvaluator:
         if self._lm is None or self._lm.model is not model or self._lm.tokenizer is not tokenizer:
             from lm_eval.models.huggingface import HFLM
 
-            with contextlib.redirect_stderr(io.StringIO()):
-                self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size,
-                                max_length=getattr(model.config, "max_position_embeddings", None))
+            max_length = getattr(model.config, "max_position_embeddings", None)
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, max_length=max_length)
+                if self.batch_size == "auto":
+                    # lm-eval probes before every run of requests: once here, then a fixed batch (halved on OOM)
+                    self.batch_size = self._lm._detect_batch_size()
+                    log.info("evaluation batch size (auto): %d", self.batch_size)
+                    self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size,
+                                    max_length=max_length)
             model.eval()
         return self._lm
 

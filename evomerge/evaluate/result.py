@@ -70,6 +70,7 @@ class EvalResult:
     docs: dict[str, np.ndarray] = field(default_factory=dict)  # {task: score per document scored} (evaluate.docs)
     sizes: dict[str, int] = field(default_factory=dict)  # {task: documents on the split}, scored or not
     estimated: bool = False  # racing stopped it early: scores and fitness are those of the documents scored
+    notes: tuple[str, ...] = ()  # what the evaluator had to do to score it (e.g. a smaller batch after out of memory)
 
     @property
     def ok(self) -> bool:

@@ -5,11 +5,14 @@ URL (e.g. PostgreSQL, for a study shared between machines); in memory when there
 the seeded sampler (its RNG state) and which trial each pending candidate is. Pickling it drops the connection; the
 unpickled optimizer reconnects to the same storage on first use, and marks FAIL any trial still RUNNING there that it
 does not know (asked after its last checkpoint), so samplers ignore it. A tell repeated after a crash is skipped.
+Searches that start at once on a fresh database race to create optuna's tables there; the one whose CREATE fails
+connects again, to the tables the other made.
 Gene i is the float parameter `x{i}` over [lower_i, upper_i].
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -38,7 +41,7 @@ class OptunaOptimizer(Optimizer):
     def _start(self, sampler: optuna.samplers.BaseSampler) -> None:
         self.sampler = sampler
         try:
-            self._study = optuna.create_study(storage=self.storage or self._memory, study_name=self.study_name,
+            self._study = optuna.create_study(storage=self._storage(), study_name=self.study_name,
                                               sampler=sampler, directions=["maximize"] * self.n_objectives)
         except optuna.exceptions.DuplicatedStudyError:
             raise EvomergeError(f"study {self.study_name!r} already exists in {self.storage}; resume from the optimizer "
@@ -47,13 +50,33 @@ class OptunaOptimizer(Optimizer):
     @property
     def study(self) -> optuna.Study:
         if self._study is None:  # unpickled: reconnect, and fail the trials asked after the checkpoint
-            self._study = optuna.load_study(study_name=self.study_name, storage=self.storage or self._memory,
-                                            sampler=self.sampler)
+            self._study = optuna.load_study(study_name=self.study_name, storage=self._storage(), sampler=self.sampler)
             known = set(self._trial_of.values())
             for trial in self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if trial.number not in known:
                     self._study.tell(trial.number, state=TrialState.FAIL)
         return self._study
+
+    def _storage(self, attempts: int = 5) -> optuna.storages.BaseStorage:
+        if not self.storage:
+            return self._memory
+        from sqlalchemy.exc import IntegrityError, NoSuchModuleError, OperationalError, ProgrammingError
+
+        for attempt in range(attempts):
+            try:
+                return optuna.storages.RDBStorage(self.storage)
+            except (IntegrityError, ProgrammingError):  # another search created the same table first (see above)
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+            except (ImportError, NoSuchModuleError) as err:
+                raise EvomergeError(f"no database driver for {self.storage} ({str(err).splitlines()[0]}); for "
+                                    "PostgreSQL: pip install 'psycopg[binary]' and postgresql+psycopg://...",
+                                    key="optimizer.options.storage") from None
+            except OperationalError as err:
+                reason = str(err.orig).strip().splitlines()[0] if err.orig else type(err).__name__
+                raise EvomergeError(f"cannot open the study's database {self.storage} ({reason})",
+                                    key="optimizer.options.storage") from None
 
     def __getstate__(self):
         return {**self.__dict__, "_study": None if self.storage else self._study}

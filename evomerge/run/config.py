@@ -71,6 +71,9 @@ class EvaluationConfig(_Schema):
     objectives: list[str] | None = Field(None, min_length=1)
     task_dirs: list[str] = Field(default_factory=list)  # user lm-eval task dirs, besides evomerge's evals/
     network: bool = False  # allow lm-eval's built-in tasks (their data is downloaded: needs network)
+    # Documents per forward pass; auto: the largest lm-eval's probe fits (at most 64), found once per worker. Out of
+    # memory inside an evaluation halves it and scores the candidate again (evaluate.harness).
+    batch_size: int | Literal["auto"] = 64
 
     @field_validator("split")
     @classmethod
@@ -79,6 +82,13 @@ class EvaluationConfig(_Schema):
             raise ValueError(f"the search cannot score on {split!r}: validation picks the winner and test scores it "
                              "once, so neither may guide the search (use search, or another split of your tasks)")
         return split
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value):
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be a whole number >= 1 or auto, got {value!r}")
 
     @field_validator("objectives")
     @classmethod

@@ -18,6 +18,7 @@ class Evaluation:
     error: str | None = None
     docs: bytes | None = None  # per-document scores, packed (evaluate.docs)
     estimated: bool = False  # racing stopped it: fitness from the documents scored
+    notes: tuple[str, ...] = ()  # e.g. scored again at a smaller batch after out of memory (logged by the loop)
 
 
 class SplitEvaluator:
@@ -41,7 +42,8 @@ class SplitEvaluator:
             c = self.config
             self.by_split[split] = HarnessEvaluator(c.tasks, self.tokenizer, split=split,
                                                     limit=c.limit if split == c.split else None, weights=c.weights,
-                                                    task_dirs=c.task_dirs, network=c.network, aggregate=c.aggregate)
+                                                    task_dirs=c.task_dirs, network=c.network, aggregate=c.aggregate,
+                                                    batch_size=c.batch_size)
             if split == c.split:
                 self._warn_round_trip(self.by_split[split])
         return self.by_split[split]
@@ -63,7 +65,8 @@ class SplitEvaluator:
         else:
             result = self._for(split).evaluate(model, limit=limit)
         return Evaluation(result.fitness, {t: s.to_dict() for t, s in result.scores.items()}, result.status, result.error,
-                          docs=pack(result.docs, result.sizes) if result.docs else None, estimated=result.estimated)
+                          docs=pack(result.docs, result.sizes) if result.docs else None, estimated=result.estimated,
+                          notes=result.notes)
 
 
 def objective_values(scores: dict[str, Any], names: list[str]) -> list[float]:

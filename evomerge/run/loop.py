@@ -338,6 +338,8 @@ class _Loop:
             if not all(math.isfinite(v) for v in trial.objectives):
                 trial.error = f"non-finite objective(s) {trial.objectives}"
                 trial.fitness, trial.objectives = None, None
+        for note in result.notes:  # e.g. out of memory: scored again at a smaller batch
+            _log(self.rd, f"candidate {result.candidate} ({result.split}, {result.worker}): {note}", echo=True)
         if not trial.ok:
             trial.status = "failed"
             _log(self.rd, f"candidate {result.candidate} ({result.split}) failed: {trial.error}")

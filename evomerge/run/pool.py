@@ -4,14 +4,18 @@
     results = pool.wait()                                  # >= 1 TrialResult, in completion order
 
 `LocalPool` runs trials in this process on one TrialRunner, one at a time. `RayPool` runs one TrialRunner per Ray actor
-(one per GPU, or per CPU slot); an actor that dies is replaced and its trial retried, at most `retries` times, then the
-trial is recorded failed. Ray is imported only here, and only when a RayPool is made.
+(one per GPU, or per CPU slot); an actor that dies (its process, or its whole node) is replaced and its trial retried
+on the first worker free, at most `retries` times, then the trial is recorded failed. A replacement joins once Ray
+places it (it may never: its node is gone and the others are full); the run goes on with the workers left, and stops
+(resumable) only when none is left and none could be placed and loaded within `placement_timeout_s` (the same bound
+holds for the first workers). Ray is imported only here, and only when a RayPool is made.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, replace
@@ -97,10 +101,12 @@ class LocalPool(Pool):
 
 
 class RayPool(Pool):
-    def __init__(self, spec: RunnerSpec, num: int, *, ray_address: str | None = None, retries: int = 2, cpus: int = 1):
+    def __init__(self, spec: RunnerSpec, num: int, *, ray_address: str | None = None, retries: int = 2, cpus: int = 1,
+                 placement_timeout_s: float = 1800.0):
         import ray
 
         self.ray, self.spec, self.size, self.retries, self.cpus = ray, spec, num, retries, cpus
+        self.placement_timeout_s = placement_timeout_s
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             # A local cluster's workers import what this process can (e.g. an evaluator defined next to the caller).
@@ -119,7 +125,12 @@ class RayPool(Pool):
         self._actor_class = ray.remote(_RayRunner).options(num_cpus=cpus, num_gpus=1 if gpu else 0)
         self.actors = [self._start(i) for i in range(num)]
         try:  # a worker that cannot load its models or pass its preflight fails the search now, not every trial later
-            errors = [e for e in ray.get([a.ready.remote() for a in self.actors]) if e]
+            errors = [e for e in ray.get([a.ready.remote() for a in self.actors], timeout=placement_timeout_s) if e]
+        except ray.exceptions.GetTimeoutError:  # e.g. more workers than the cluster has room for: never placed
+            room = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+            each = f"{cpus} CPU(s){' and 1 GPU' if gpu else ''}"
+            errors = [f"{num} worker(s) of {each} each were not all placed and loaded within {placement_timeout_s:g} s; "
+                      f"the cluster has {room} (`ray status`)"]
         except ray.exceptions.RayError as err:
             errors = [f"a Ray worker failed to start: {str(err).strip().splitlines()[-1]}"]
         if errors:
@@ -127,6 +138,8 @@ class RayPool(Pool):
             raise EvomergeError(errors[0])
         self.free = deque(range(num))
         self.in_flight: dict[Any, tuple[int, Task, int]] = {}  # object ref -> (actor index, task, attempt)
+        self.retry: deque[tuple[Task, int]] = deque()  # tasks whose worker died: (task, attempts so far), run first
+        self.starting: dict[Any, int] = {}  # ready() ref of a replacement not placed or loaded yet -> actor index
         self.replaced = 0
 
     def _start(self, index: int):
@@ -137,32 +150,71 @@ class RayPool(Pool):
 
     @property
     def idle(self) -> int:
-        return len(self.free)
+        return max(0, len(self.free) - len(self.retry))  # free workers take the retried tasks first
 
-    def submit(self, task: Task, attempt: int = 0, index: int | None = None) -> None:
-        index = self.free.popleft() if index is None else index
+    def submit(self, task: Task, attempt: int = 0) -> None:
+        index = self.free.popleft()
         ref = self.actors[index].run.remote(task.candidate, task.recipe, task.split, task.threshold)
         self.in_flight[ref] = (index, task, attempt)
 
     def wait(self) -> list[TrialResult]:
-        results = []
-        while not results and self.in_flight:
-            done, _ = self.ray.wait(list(self.in_flight), num_returns=1)
+        results: list[TrialResult] = []
+        idle_since = None  # since when no worker has run a trial: only replacements left to wait for
+        while not results and (self.in_flight or self.retry):
+            while self.retry and self.free:
+                self.submit(*self.retry.popleft())
+            if not self.in_flight and not self.starting:
+                raise EvomergeError(f"no Ray worker left to run candidate {self.retry[0][0].candidate}: every worker "
+                                    "died and none could be started again; `evomerge resume RUN_DIR` once the cluster "
+                                    "has room", key="workers")
+            idle_since = None if self.in_flight else idle_since or time.monotonic()
+            timeout = None if idle_since is None else max(0.0, idle_since + self.placement_timeout_s - time.monotonic())
+            done, _ = self.ray.wait([*self.in_flight, *self.starting], num_returns=1, timeout=timeout)
+            if not done:  # only replacements left, and none placed in time: the cluster lost the room for them
+                raise EvomergeError(f"no Ray worker left: {len(self.starting)} replacement(s) for workers that died "
+                                    f"could not be placed within {self.placement_timeout_s:g} s (`ray status` shows "
+                                    "the cluster's room); `evomerge resume RUN_DIR` once it has room", key="workers")
             for ref in done:
-                index, task, attempt = self.in_flight.pop(ref)
-                try:
-                    results.append(self.ray.get(ref))
-                except self.ray.exceptions.RayActorError as err:
-                    self.ray.kill(self.actors[index], no_restart=True)
-                    self.actors[index] = self._start(index)
-                    self.replaced += 1
-                    if attempt < self.retries:
-                        self.submit(task, attempt + 1, index)
-                        continue
-                    results.append(TrialResult(task.candidate, task.split, "failed", None, worker=f"ray-{index}",
-                                               error=f"worker died {attempt + 1} times: {type(err).__name__}"))
-                self.free.append(index)
+                if ref in self.starting:
+                    self._joined(ref)
+                else:
+                    results.extend(self._finished(ref))
         return results
+
+    def _finished(self, ref) -> list[TrialResult]:
+        """The result of a trial; [] when its worker died and the trial waits for another worker."""
+        index, task, attempt = self.in_flight.pop(ref)
+        try:
+            result = self.ray.get(ref)
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.ObjectLostError) as err:  # the process or node
+            self._replace(index)
+            if attempt < self.retries:
+                self.retry.append((task, attempt + 1))
+                return []
+            return [TrialResult(task.candidate, task.split, "failed", None, worker=f"ray-{index}",
+                                error=f"worker died {attempt + 1} times: {type(err).__name__}")]
+        self.free.append(index)
+        return [result]
+
+    def _replace(self, index: int) -> None:
+        """A new actor in a dead one's place; it takes trials once Ray has placed it and it has loaded its models."""
+        self.ray.kill(self.actors[index], no_restart=True)
+        self.actors[index] = self._start(index)
+        self.starting[self.actors[index].ready.remote()] = index
+        self.replaced += 1
+
+    def _joined(self, ref) -> None:
+        index = self.starting.pop(ref)
+        try:
+            error = self.ray.get(ref)
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.ObjectLostError) as err:
+            error = f"{type(err).__name__}"
+        if error:  # e.g. placed on a node without the models: its slot stays empty, the run goes on without it
+            print(f"warning: ray-{index} could not be started again ({error}); going on with the other workers",
+                  file=sys.stderr)
+            self.ray.kill(self.actors[index], no_restart=True)
+            return
+        self.free.append(index)
 
     def close(self) -> None:
         for actor in getattr(self, "actors", []):

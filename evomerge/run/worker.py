@@ -33,6 +33,7 @@ class TrialResult:
     worker: str = ""
     docs: bytes | None = None  # per-document scores, packed (evaluate.docs)
     estimated: bool = False  # racing stopped it early
+    notes: tuple[str, ...] = ()  # the evaluator's (e.g. a smaller batch after out of memory): logged by the loop
     t_merge: float = 0.0
     t_eval: float = 0.0
     t_total: float = 0.0
@@ -89,6 +90,7 @@ class TrialRunner:
             result.t_eval = time.perf_counter() - start - result.t_merge
             result.scores = evaluation.scores
             result.docs, result.estimated = evaluation.docs, evaluation.estimated
+            result.notes = tuple(getattr(evaluation, "notes", ()))  # evaluators of tests may have none
             fitness = evaluation.fitness
             if evaluation.status == "ok" and fitness is not None and math.isfinite(fitness):
                 result.status, result.fitness = "ok", float(fitness)
