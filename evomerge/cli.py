@@ -10,20 +10,14 @@ import click
 
 from evomerge.errors import EvomergeError
 
-SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30}
-
-
 def parse_size(text: str) -> int:
     """'5GB', '500M', '1024' -> bytes."""
-    number = text.rstrip("KMGBkmgb")
-    unit = text[len(number):].upper()
+    from evomerge.sizes import parse_size as parse
+
     try:
-        size = int(float(number) * SIZE_UNITS[unit])
-    except (ValueError, KeyError):
-        raise EvomergeError(f"not a size: {text!r} (examples: 500MB, 5GB)", key="--out-shard-size") from None
-    if size <= 0:
-        raise EvomergeError(f"must be positive, got {text!r} (examples: 500MB, 5GB)", key="--out-shard-size")
-    return size
+        return parse(text)
+    except ValueError as err:
+        raise EvomergeError(str(err), key="--out-shard-size") from None
 
 
 def user_errors(fn):
