@@ -172,6 +172,34 @@ def search(experiment, run_dir, ray_address, seed):
     _print_summary(run_dir, run_search(config, run_dir, _evaluator_factory(config, experiment), source=experiment))
 
 
+@main.command("plan")
+@click.argument("experiment", type=click.Path(dir_okay=False))
+@click.option("--device-memory", default=None,
+              help="plan for devices of this memory (e.g. 80GB, sets workers.device_memory); the device is then not "
+                   "looked for on this machine")
+@user_errors
+def plan(experiment, device_memory):
+    """Check EXPERIMENT as `search` does (no run dir, no trial) and print its memory plan for each workers.sources."""
+    from evomerge.run.config import load_experiment
+    from evomerge.run.loop import memory_plan
+    from evomerge.run.memory import choose_sources, describe
+    from evomerge.sizes import parse_size
+
+    config = load_experiment(experiment)
+    if device_memory is not None:
+        try:
+            size = parse_size(device_memory)
+        except ValueError as err:
+            raise EvomergeError(str(err), key="--device-memory") from None
+        config = config.model_copy(update={"workers": config.workers.model_copy(update={"device_memory": size})})
+    _evaluator_factory(config, experiment)  # the tasks, as search checks them
+    memory, capacity = memory_plan(config, source=experiment, device_here=device_memory is None)
+    click.echo(f"{config.name} ({experiment}): the checks of `evomerge search` passed; memory plan from the models' "
+               "headers:")
+    click.echo(describe(memory, config.workers, capacity))
+    choose_sources(config.workers.sources, memory, capacity, source=experiment)  # device that does not fit: exit 2
+
+
 def _on_ray(config, ray_address: str | None):
     """The experiment with its workers on the Ray cluster at `ray_address` (None: as configured)."""
     if not ray_address:

@@ -22,6 +22,10 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-def gib(size: int | float) -> str:
-    """Bytes as GiB, one decimal: 14483456000 -> '13.5 GiB'."""
-    return f"{size / 2**30:.1f} GiB"
+def format_size(size: int | float) -> str:
+    """Bytes in the largest binary unit that keeps three digits or fewer, one decimal: 14483456000 -> '13.5 GiB',
+    1048576000 -> '1.0 GiB'."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(size) >= scale * 1000 / 1024:
+            return f"{size / scale:.1f} {unit}"
+    return f"{int(size)} B"

@@ -51,7 +51,7 @@ from evomerge.errors import EvomergeError
 from evomerge.evaluate.docs import completed, count
 from evomerge.optim import Optimizer, load_optimizer, make_optimizer, non_dominated, save_optimizer
 from evomerge.recipe import recipe_from_dict, save_recipe, to_evomerge_yaml, write_text_atomic
-from evomerge.run.checks import CheckedSpace, check_space, check_workers
+from evomerge.run.checks import CheckedSpace, check_ray_address, check_space, check_workers
 from evomerge.run.config import EvaluationConfig, Experiment
 from evomerge.run.evaluation import objective_values
 from evomerge.run.ledger import Ledger, Trial
@@ -111,6 +111,19 @@ def _check(experiment: Experiment, source: str, pool: Pool | None) -> CheckedSpa
         check_workers(experiment.workers, source)
         choose_sources(experiment.workers.sources, checked.memory, device_capacity(experiment.workers), source=source)
     return checked
+
+
+def memory_plan(experiment: Experiment, *, source: str, device_here: bool = True):
+    """`evomerge plan`: the up-front checks of a search (no run dir, no trial), then (the memory plan, the device
+    memory per worker it is held against). `device_here=False` plans for `workers.device_memory` without looking for
+    the device on this machine (a Ray address is still checked)."""
+    checked = check_space(experiment, source)
+    workers = experiment.workers
+    if device_here:
+        check_workers(workers, source)
+    elif workers.backend == "ray" and workers.ray_address:
+        check_ray_address(workers.ray_address, source)
+    return checked.memory, device_capacity(workers)
 
 
 def _run(rd: RunDir, experiment: Experiment, checked: CheckedSpace, make_evaluator: EvaluatorFactory,

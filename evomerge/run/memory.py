@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 
 from evomerge.errors import EvomergeError
-from evomerge.sizes import gib
+from evomerge.sizes import format_size
 
 MODES = ("device", "host", "disk")
 EVAL_BATCH = 64  # the evaluator's batch (evaluate.harness.HarnessEvaluator's batch_size)
@@ -48,8 +48,8 @@ class Reserve:
         return self.kv_cache + max(self.layer, self.head) + self.hidden
 
     def formula(self) -> str:
-        return (f"KV cache {gib(self.kv_cache)} + activations max(MLP {gib(self.layer)}, logits {gib(self.head)}) + "
-                f"hidden states {gib(self.hidden)}, for {EVAL_BATCH} sequences x {EVAL_TOKENS} tokens "
+        return (f"KV cache {format_size(self.kv_cache)} + activations max(MLP {format_size(self.layer)}, logits {format_size(self.head)}) + "
+                f"hidden states {format_size(self.hidden)}, for {EVAL_BATCH} sequences x {EVAL_TOKENS} tokens "
                 f"({self.shape})")
 
 
@@ -68,6 +68,7 @@ class MemoryPlan:
     moved_disk: int  # the same as stored (converted on the device)
     reserve: Reserve
     device_type: str  # cpu, cuda, ...
+    dtype: str  # the compute dtype ("stored": each tensor's own)
 
     def device(self, mode: str) -> dict[str, int]:
         """One worker's device memory by component."""
@@ -99,8 +100,8 @@ def plan_memory(dirs: dict, *, merge_models: list[str], path_models: list[str], 
     def nbytes(model: str, name: str, stored: bool = False) -> int:
         d = dirs[model]
         numel = 1
-        for size in d.shape(name):
-            numel *= size
+        for dim in d.shape(name):
+            numel *= dim
         own = d.dtype(name)
         return numel * (own if stored or dtype is None or not own.is_floating_point else dtype).itemsize
 
@@ -130,6 +131,7 @@ def plan_memory(dirs: dict, *, merge_models: list[str], path_models: list[str], 
         moved_disk=sum(nbytes(*ref, stored=True) for ref in moved),
         reserve=evaluation_reserve(dirs[base], dtype),
         device_type=device_type,
+        dtype=str(dtype).removeprefix("torch.") if dtype is not None else "stored",
     )
 
 
@@ -185,8 +187,8 @@ def choose_sources(requested: str, plan: MemoryPlan, capacity: int | None, *, so
     fits = capacity is not None and plan.device_total("device") <= capacity
     if requested == "device" and capacity is not None and not fits:
         raise EvomergeError(f"device needs {_breakdown(plan, 'device')} per worker, more than the "
-                            f"{gib(capacity)} of its {plan.device_type} device; use host or disk "
-                            f"({gib(plan.device_total('host'))} per worker), or auto", source=source, key="workers.sources")
+                            f"{format_size(capacity)} of its {plan.device_type} device; use host or disk "
+                            f"({format_size(plan.device_total('host'))} per worker), or auto", source=source, key="workers.sources")
     if requested != "auto":
         return requested
     return "device" if fits and plan.device_type != "cpu" else "host"
@@ -194,25 +196,28 @@ def choose_sources(requested: str, plan: MemoryPlan, capacity: int | None, *, so
 
 def _breakdown(plan: MemoryPlan, mode: str) -> str:
     parts = plan.device(mode)
-    return f"{gib(sum(parts.values()))} (" + " + ".join(f"{name} {gib(v)}" for name, v in parts.items()) + ")"
+    return f"{format_size(sum(parts.values()))} (" + " + ".join(f"{name} {format_size(v)}" for name, v in parts.items()) + ")"
 
 
 def describe(plan: MemoryPlan, workers, capacity: int | None) -> str:
-    """The plan as `evomerge plan` prints it: the components, then a table with one row per sources mode."""
-    where = f"{workers.num} {workers.backend} worker(s) on {workers.device}"
-    cap = gib(capacity) if capacity is not None else "unknown (set workers.device_memory)"
-    lines = [f"workers: {where}; device memory per worker: {cap}",
-             f"sources: {gib(plan.stored)} as stored, {gib(plan.sources)} in the compute dtype; layer-path sources "
-             f"{gib(plan.path_sources)}; live model {gib(plan.live)}; largest tensor task's inputs {gib(plan.merge)}",
-             f"evaluation reserve {gib(plan.reserve.total)} = {plan.reserve.formula()}",
+    """The plan as `evomerge plan` prints it: the inputs, then a Markdown table with one row per sources mode."""
+    cap = format_size(capacity) if capacity is not None else "unknown (each worker measures its own; or set workers.device_memory)"
+    lines = [f"workers: {workers.num} {workers.backend} worker(s) on {workers.device}, device memory per worker {cap}",
+             f"sources off the device (host, disk): {format_size(plan.stored)} as stored, {format_size(plan.sources)} in the compute "
+             f"dtype ({plan.dtype}); layer-path sources {format_size(plan.path_sources)}; live model {format_size(plan.live)}; the "
+             f"largest tensor task's inputs {format_size(plan.merge)}",
+             f"evaluation reserve {format_size(plan.reserve.total)} = {plan.reserve.formula()}",
              "",
-             f"| sources | device per worker | fits | host per node ({workers.num} workers) | moved per candidate |",
-             "|---|---|---|---|---|"]
+             f"| sources | on the device: sources | live model | evaluation reserve | merge | total per worker | fits | "
+             f"host memory per node ({workers.num} workers) | moved per candidate |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for mode in MODES:
-        fits = "?" if capacity is None else ("yes" if plan.device_total(mode) <= capacity else "no")
-        lines.append(f"| {mode} | {_breakdown(plan, mode)} | {fits} | {gib(plan.host(mode, workers.num))} | "
-                     f"{gib(plan.moved(mode))} |")
+        parts = plan.device(mode)
+        total = plan.device_total(mode)
+        fits = "?" if capacity is None else ("yes" if total <= capacity else "no")
+        lines.append(f"| {mode} | " + " | ".join(format_size(v) for v in parts.values()) + f" | {format_size(total)} | {fits} | "
+                     f"{format_size(plan.host(mode, workers.num))} | {format_size(plan.moved(mode))} |")
     lines.append("")
     choice = choose_sources("auto", plan, capacity)
-    lines.append(f"workers.sources: {workers.sources}" + (f" -> {choice}" if workers.sources == "auto" else ""))
+    lines.append(f"workers.sources: {workers.sources}" + (f" -> {choice} here" if workers.sources == "auto" else ""))
     return "\n".join(lines)
