@@ -129,3 +129,20 @@ def test_a_worker_runs_layer_paths_from_layers_on_its_device_in_every_mode(zoo, 
         assert torch.equal(path(ids).logits, expected(ids).logits)
     merged = runner.model_for(recipe(zoo, "ties", [0.3, 0.5, 0.7]))
     assert_same(weights(merged), weights(reference.model_for(recipe(zoo, "ties", [0.3, 0.5, 0.7]))))
+
+
+@pytest.mark.slow  # ~2 min on 2 busy cores: two Ray workers start for each of two modes
+def test_two_ray_workers_on_a_node_hold_one_copy_of_disk_and_host_sources(tmp_path):
+    """PSS (proportional set size: a page mapped by k processes counts 1/k in each) of the source files' mappings,
+    summed over two Ray workers that each merged two candidates reading every tensor: one copy of the sources, not
+    two. (host and disk hold nothing else of the sources: see test_host_holds_the_mapping_itself...)"""
+    pytest.importorskip("ray")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # importable by the workers too
+    import bench_sources
+
+    models = bench_sources.build_models(tmp_path, "small", experts=3)  # 4 x 11 MB
+    one_copy = sum(Path(m, "model.safetensors").stat().st_size for m in models)
+    for mode in ("disk", "host"):
+        row = bench_sources.measure(models, mode, workers=2, candidates=2)
+        assert row["workers"] == 2
+        assert 0.9 * one_copy <= row["files pss"] <= 1.2 * one_copy, (mode, row["files pss"] / one_copy)

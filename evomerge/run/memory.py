@@ -18,7 +18,9 @@ model's config.json, in the compute dtype (`workers.dtype`, else the sources' ow
 
 Host memory per node, all `workers` on one node: `disk` maps the files (one copy in the page cache, shared); `host` the
 same for tensors stored in the compute dtype and a private converted copy per worker for the others; `device` holds
-nothing in host memory after loading. On a CPU worker the device is host memory: its device total counts per worker.
+nothing in host memory after loading. On a CPU worker the device is host memory: its device total counts per worker
+(an upper bound for `device`: transformers' from_pretrained maps tensors stored in the compute dtype instead of copying
+them, so there the workers of a node share those too; benchmarks/README.md).
 """
 
 from __future__ import annotations
