@@ -131,6 +131,16 @@ def test_a_worker_runs_layer_paths_from_layers_on_its_device_in_every_mode(zoo, 
     assert_same(weights(merged), weights(reference.model_for(recipe(zoo, "ties", [0.3, 0.5, 0.7]))))
 
 
+@pytest.mark.parametrize("mode", ["host", "disk"])
+def test_without_layer_paths_host_and_disk_load_no_source_model_on_the_device(zoo, mode):
+    base, a, b = zoo
+    runner = TrialRunner([base, a, b], base, lambda: None, dtype="float32", sources=mode)
+    assert runner.live == {}
+    reference = TrialRunner([base, a, b], base, lambda: None, dtype="float32", sources="device")
+    r = recipe(zoo, "dare_ties", [0.3, 0.5, 0.7])
+    assert_same(weights(runner.model_for(r)), weights(reference.model_for(r)))
+
+
 @pytest.mark.slow  # ~2 min on 2 busy cores: two Ray workers start for each of two modes
 def test_two_ray_workers_on_a_node_hold_one_copy_of_disk_and_host_sources(tmp_path):
     """PSS (proportional set size: a page mapped by k processes counts 1/k in each) of the source files' mappings,

@@ -29,7 +29,7 @@ import os
 from dataclasses import dataclass
 
 from evomerge.errors import EvomergeError
-from evomerge.sizes import format_size
+from evomerge.sizes import format_size as fmt
 
 MODES = ("device", "host", "disk")
 EVAL_BATCH = 64  # the evaluator's batch (evaluate.harness.HarnessEvaluator's batch_size)
@@ -50,9 +50,8 @@ class Reserve:
         return self.kv_cache + max(self.layer, self.head) + self.hidden
 
     def formula(self) -> str:
-        return (f"KV cache {format_size(self.kv_cache)} + activations max(MLP {format_size(self.layer)}, logits {format_size(self.head)}) + "
-                f"hidden states {format_size(self.hidden)}, for {EVAL_BATCH} sequences x {EVAL_TOKENS} tokens "
-                f"({self.shape})")
+        return (f"KV cache {fmt(self.kv_cache)} + activations max(MLP {fmt(self.layer)}, logits {fmt(self.head)}) + "
+                f"hidden states {fmt(self.hidden)}, for {EVAL_BATCH} sequences x {EVAL_TOKENS} tokens ({self.shape})")
 
 
 @dataclass(frozen=True)
@@ -184,13 +183,13 @@ def measured_capacity(device: str) -> int | None:
 
 def choose_sources(requested: str, plan: MemoryPlan, capacity: int | None, *, source: str | None = None) -> str:
     """The sources mode a worker uses: `auto` is device when the plan fits `capacity`, else host (on CPU, host: the
-    device is host memory, so host merges alike with one copy per node). `device` that does not fit is an error with
-    the numbers. Unknown capacity: auto is host."""
+    device is host memory, so host merges alike with one copy per node; unknown capacity: host). `device` that does
+    not fit is an error with the numbers."""
     fits = capacity is not None and plan.device_total("device") <= capacity
     if requested == "device" and capacity is not None and not fits:
-        raise EvomergeError(f"device needs {_breakdown(plan, 'device')} per worker, more than the "
-                            f"{format_size(capacity)} of its {plan.device_type} device; use host or disk "
-                            f"({format_size(plan.device_total('host'))} per worker), or auto", source=source, key="workers.sources")
+        raise EvomergeError(f"device needs {_breakdown(plan, 'device')} per worker, more than the {fmt(capacity)} of its "
+                            f"{plan.device_type} device; use host or disk ({fmt(plan.device_total('host'))} per worker), "
+                            "or auto", source=source, key="workers.sources")
     if requested != "auto":
         return requested
     return "device" if fits and plan.device_type != "cpu" else "host"
@@ -198,28 +197,29 @@ def choose_sources(requested: str, plan: MemoryPlan, capacity: int | None, *, so
 
 def _breakdown(plan: MemoryPlan, mode: str) -> str:
     parts = plan.device(mode)
-    return f"{format_size(sum(parts.values()))} (" + " + ".join(f"{name} {format_size(v)}" for name, v in parts.items()) + ")"
+    return f"{fmt(sum(parts.values()))} (" + " + ".join(f"{name} {fmt(v)}" for name, v in parts.items()) + ")"
 
 
 def describe(plan: MemoryPlan, workers, capacity: int | None) -> str:
     """The plan as `evomerge plan` prints it: the inputs, then a Markdown table with one row per sources mode."""
-    cap = format_size(capacity) if capacity is not None else "unknown (each worker measures its own; or set workers.device_memory)"
-    lines = [f"workers: {workers.num} {workers.backend} worker(s) on {workers.device}, device memory per worker {cap}",
-             f"sources off the device (host, disk): {format_size(plan.stored)} as stored, {format_size(plan.sources)} in the compute "
-             f"dtype ({plan.dtype}); layer-path sources {format_size(plan.path_sources)}; live model {format_size(plan.live)}; the "
-             f"largest tensor task's inputs {format_size(plan.merge)}",
-             f"evaluation reserve {format_size(plan.reserve.total)} = {plan.reserve.formula()}",
+    n = workers.num
+    lines = [f"workers: {n} {workers.backend} worker(s) on {workers.device}, device memory per worker "
+             + (fmt(capacity) if capacity is not None else "unknown here (each worker measures its own)"),
+             f"sources off the device (host, disk): {fmt(plan.stored)} as stored, {fmt(plan.sources)} in the compute "
+             f"dtype ({plan.dtype}); layer-path sources {fmt(plan.path_sources)}; live model {fmt(plan.live)}; the "
+             f"largest tensor task's inputs {fmt(plan.merge)}",
+             f"evaluation reserve {fmt(plan.reserve.total)} = {plan.reserve.formula()}",
              "",
              f"| sources | on the device: sources | live model | evaluation reserve | merge | total per worker | fits | "
-             f"host memory per node ({workers.num} workers) | moved per candidate |",
+             f"host memory per node ({n} workers) | moved per candidate |",
              "|---|---|---|---|---|---|---|---|---|"]
     for mode in MODES:
-        parts = plan.device(mode)
         total = plan.device_total(mode)
         fits = "?" if capacity is None else ("yes" if total <= capacity else "no")
-        lines.append(f"| {mode} | " + " | ".join(format_size(v) for v in parts.values()) + f" | {format_size(total)} | {fits} | "
-                     f"{format_size(plan.host(mode, workers.num))} | {format_size(plan.moved(mode))} |")
-    lines.append("")
-    choice = choose_sources("auto", plan, capacity)
-    lines.append(f"workers.sources: {workers.sources}" + (f" -> {choice} here" if workers.sources == "auto" else ""))
-    return "\n".join(lines)
+        lines.append(f"| {mode} | " + " | ".join(fmt(v) for v in plan.device(mode).values())
+                     + f" | {fmt(total)} | {fits} | {fmt(plan.host(mode, n))} | {fmt(plan.moved(mode))} |")
+    auto = ""
+    if workers.sources == "auto":
+        auto = (f" -> {choose_sources('auto', plan, capacity)} here" if capacity is not None
+                else " (each worker picks by its device's memory)")
+    return "\n".join(lines + ["", f"workers.sources: {workers.sources}{auto}"])

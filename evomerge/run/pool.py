@@ -35,7 +35,7 @@ class Task:
 class RunnerSpec:
     """What each worker loads: the source models, the base of its live merged model, and an evaluator factory; where
     the sources live (`sources`: device, host, disk, or auto with a `memory` plan: run.memory.choose_sources, on the
-    worker's own device when `device_memory` is None) and which models a layer path runs (None: every model)."""
+    worker's own device when `device_memory` is None) and which models a layer path may run (device: every model)."""
     models: tuple[str, ...]
     base: str
     make_evaluator: Callable[[], Any]
@@ -43,7 +43,7 @@ class RunnerSpec:
     dtype: str | None = None
     preflight_split: str | None = None  # score the base on one document per task of this split first (None: don't)
     sources: str = "device"
-    path_models: tuple[str, ...] | None = None
+    path_models: tuple[str, ...] = ()
     memory: MemoryPlan | None = None
     device_memory: int | None = None
 
@@ -55,8 +55,7 @@ class RunnerSpec:
         elif sources not in MODES:
             raise ValueError(f"sources {sources!r} needs a memory plan (one of {', '.join(MODES)} does not)")
         runner = TrialRunner(list(self.models), self.base, self.make_evaluator, device=self.device, dtype=self.dtype,
-                             sources=sources, path_models=None if self.path_models is None else list(self.path_models),
-                             name=name)
+                             sources=sources, path_models=list(self.path_models), name=name)
         if self.preflight_split:
             runner.preflight(self.preflight_split)
         return runner

@@ -46,16 +46,16 @@ class TrialResult:
 
 class TrialRunner:
     def __init__(self, models: list[str], base: str, make_evaluator: Callable[[], Any], *, device: str = "cpu",
-                 dtype: str | None = None, sources: str = "device", path_models: list[str] | None = None,
+                 dtype: str | None = None, sources: str = "device", path_models: list[str] = (),
                  name: str = "local"):
         """`sources`: device, host or disk (see the module doc); `path_models`: the models whose layers a layer path
-        may run (None: every model)."""
+        may run (with device: every model)."""
         from evomerge.merge.materialize import parse_dtype
 
         torch_dtype = parse_dtype(dtype)
         self.name, self.device, self.sources_mode = name, device, sources
         self.dirs = {m: ModelDir.open(m) for m in models}
-        on_device = models if sources == "device" or path_models is None else [m for m in models if m in path_models]
+        on_device = models if sources == "device" else [m for m in models if m in path_models]
         self.live = {m: load_live_model(self.dirs[m], device, torch_dtype).eval() for m in on_device}
         # The live source models' own parameters are read from where they are: no second copy.
         resident = {(m, n): live_param(self.live[m], n, self.dirs[m].arch).data
@@ -75,6 +75,10 @@ class TrialRunner:
         if not recipe.layers:
             return self.merged
         models = {**self.live, MERGED: self.merged}
+        missing = sorted({s.source for s in recipe.layers} - set(models))
+        if missing:  # a caller's mistake, not the candidate's: the search passes every model a layer path may run
+            raise ValueError(f"layer path over {missing[0]}, which this worker ({self.sources_mode}) has not on its "
+                             "device: name it in path_models")
         layers = {m: decoder_layers(model) for m, model in models.items()}
         return build_path_model(models[recipe.layers[0].source], layers, [(s.source, s.layer, s.scale) for s in recipe.layers],
                                 last=models[recipe.layers[-1].source])
