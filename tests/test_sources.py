@@ -109,8 +109,8 @@ def test_host_holds_the_mapping_itself_when_no_conversion_is_needed(zoo):
     base = zoo[0]
     dirs = {base: ModelDir.open(base)}
     stored = dirs[base].dtype(dirs[base].tensor_names[0])
+    mapped = MappedSources(dirs, "cpu", None)  # the file's mapping (ModelDir opens each file once)
     host = HostSources(dirs, "cpu", torch.float32)
-    mapped = MappedSources(dirs, "cpu", None)
     for name in dirs[base].tensor_names:
         same_memory = host.get(base, name).data_ptr() == mapped.tensors[(base, name)].data_ptr()
         assert same_memory == (stored == torch.float32), name

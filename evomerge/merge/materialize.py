@@ -78,8 +78,10 @@ class MappedSources:
         """`resident`: tensors already on the device (the layers a layer path runs), read from there, not mapped."""
         self.dirs, self.device, self.dtype = dirs, device, dtype
         self.resident = resident or {}
-        self.tensors = {(m, n): d.get(n) for m, d in dirs.items() for n in d.tensor_names}  # views: nothing read yet
-        self.tensors.update(self.resident)
+        self.tensors = {}
+        for m, d in dirs.items():
+            for n in d.tensor_names:
+                self.tensors[(m, n)] = self.resident.get((m, n)) if (m, n) in self.resident else d.get(n)  # a view
 
     def get(self, model: str, name: str) -> torch.Tensor:
         return self.tensors[(model, name)].to(device=self.device, dtype=self.dtype)
@@ -101,6 +103,8 @@ class HostSources(MappedSources):
                 self.tensors[key] = view.to(dtype)
             else:
                 _read_through(view)
+        for d in dirs.values():  # the views kept hold their mappings; a file whose every tensor was converted is unmapped
+            d.close()
 
     def get(self, model: str, name: str) -> torch.Tensor:
         return self.tensors[(model, name)].to(self.device)
