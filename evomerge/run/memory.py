@@ -113,7 +113,7 @@ def plan_memory(dirs: dict, *, merge_models: list[str], path_models: list[str], 
         own = dirs[model].dtype(name)
         return dtype is not None and own.is_floating_point and own != dtype
 
-    refs = [[ref for ref in ((t.base,) if t.base else ()) + t.inputs] for t in tasks]
+    refs = [((t.base,) if t.base else ()) + t.inputs for t in tasks]  # what each task reads
     opened = list(dict.fromkeys(merge_models + path_models))
     # a merge source whose layers a layer path runs is on the device anyway: host and disk read it from there
     off_device = [m for m in merge_models if m not in path_models]
