@@ -10,20 +10,14 @@ import click
 
 from evomerge.errors import EvomergeError
 
-SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30}
-
-
 def parse_size(text: str) -> int:
     """'5GB', '500M', '1024' -> bytes."""
-    number = text.rstrip("KMGBkmgb")
-    unit = text[len(number):].upper()
+    from evomerge.sizes import parse_size as parse
+
     try:
-        size = int(float(number) * SIZE_UNITS[unit])
-    except (ValueError, KeyError):
-        raise EvomergeError(f"not a size: {text!r} (examples: 500MB, 5GB)", key="--out-shard-size") from None
-    if size <= 0:
-        raise EvomergeError(f"must be positive, got {text!r} (examples: 500MB, 5GB)", key="--out-shard-size")
-    return size
+        return parse(text)
+    except ValueError as err:
+        raise EvomergeError(str(err), key="--out-shard-size") from None
 
 
 def user_errors(fn):
@@ -179,6 +173,34 @@ def search(experiment, run_dir, ray_address, seed):
     if seed is not None:
         config = config.model_copy(update={"seed": seed})
     _print_summary(run_dir, run_search(config, run_dir, _evaluator_factory(config, experiment), source=experiment))
+
+
+@main.command("plan")
+@click.argument("experiment", type=click.Path(dir_okay=False))
+@click.option("--device-memory", default=None,
+              help="plan for devices of this memory (e.g. 80GB, sets workers.device_memory); the device is then not "
+                   "looked for on this machine")
+@user_errors
+def plan(experiment, device_memory):
+    """Check EXPERIMENT as `search` does (no run dir, no trial) and print its memory plan for each workers.sources."""
+    from evomerge.run.config import load_experiment
+    from evomerge.run.loop import memory_plan
+    from evomerge.run.memory import choose_sources, describe
+    from evomerge.sizes import parse_size
+
+    config = load_experiment(experiment)
+    if device_memory is not None:
+        try:
+            size = parse_size(device_memory)
+        except ValueError as err:
+            raise EvomergeError(str(err), key="--device-memory") from None
+        config = config.model_copy(update={"workers": config.workers.model_copy(update={"device_memory": size})})
+    _evaluator_factory(config, experiment)  # the tasks, as search checks them
+    memory, capacity = memory_plan(config, source=experiment, device_here=device_memory is None)
+    click.echo(f"{config.name} ({experiment}): the checks of `evomerge search` passed; memory plan from the models' "
+               "headers:")
+    click.echo(describe(memory, config.workers, capacity))
+    choose_sources(config.workers.sources, memory, capacity, source=experiment)  # device that does not fit: exit 2
 
 
 def _on_ray(config, ray_address: str | None):

@@ -1,8 +1,11 @@
 """Execute a Plan: tensor by tensor into a new HF model dir (streaming, bounded memory), or in place into a live model.
 
 Memory when writing a dir: one output tensor and its inputs at a time (sources are read lazily from safetensors), plus the
-writer's current shard. A search worker instead keeps the sources resident on its device and re-materializes the same
-live model for every candidate, recomputing only the tensors whose task changed since the last candidate.
+writer's current shard. A search worker instead re-materializes the same live model for every candidate, recomputing
+only the tensors whose task changed since the last candidate, from one of three stores of source tensors (its
+`workers.sources`): ResidentSources (every tensor on its device), HostSources (in host memory, each input copied to the
+device as the merge reaches it) or MappedSources (the memory-mapped files, read per tensor). The last two hold views of
+the files' mappings, so the workers of a node share one copy of the sources through the page cache.
 """
 
 from __future__ import annotations
@@ -62,6 +65,55 @@ class ResidentSources:
 
     def get(self, model: str, name: str) -> torch.Tensor:
         return self.tensors[(model, name)]
+
+
+class MappedSources:
+    """Every source tensor as a view of its memory-mapped safetensors file (safetensors maps each file once, copy on
+    write): no data is read until a merge reads it, the page cache holds it, and the workers of a node share that one
+    copy (the kernel may evict pages and read them again). `get` gives the tensor on the merge device in the compute
+    dtype: on a CPU worker whose compute dtype is the stored one, the mapped view itself."""
+
+    def __init__(self, dirs: dict[str, ModelDir], device: str, dtype: torch.dtype | None,
+                 resident: dict[tuple[str, str], torch.Tensor] | None = None):
+        """`resident`: tensors already on the device (the layers a layer path runs), read from there, not mapped."""
+        self.dirs, self.device, self.dtype = dirs, device, dtype
+        self.resident = resident or {}
+        self.tensors = {}
+        for m, d in dirs.items():
+            for n in d.tensor_names:
+                self.tensors[(m, n)] = self.resident.get((m, n)) if (m, n) in self.resident else d.get(n)  # a view
+
+    def get(self, model: str, name: str) -> torch.Tensor:
+        return self.tensors[(model, name)].to(device=self.device, dtype=self.dtype)
+
+
+class HostSources(MappedSources):
+    """Every source tensor in host memory, copied to the merge device as the merge reaches it. Built on the files'
+    mappings: a tensor stored in the compute dtype stays a view of its mapping (one copy per node) and is read through
+    once now, so no candidate waits on the disk; one stored in another dtype is converted once, into this worker's own
+    memory."""
+
+    def __init__(self, dirs: dict[str, ModelDir], device: str, dtype: torch.dtype | None,
+                 resident: dict[tuple[str, str], torch.Tensor] | None = None):
+        super().__init__(dirs, device, dtype, resident)
+        for key, view in self.tensors.items():
+            if key in self.resident:
+                continue
+            if dtype is not None and view.dtype != dtype:
+                self.tensors[key] = view.to(dtype)
+            else:
+                _read_through(view)
+        for d in dirs.values():  # the views kept hold their mappings; a file whose every tensor was converted is unmapped
+            d.close()
+
+    def get(self, model: str, name: str) -> torch.Tensor:
+        return self.tensors[(model, name)].to(self.device)
+
+
+def _read_through(view: torch.Tensor) -> None:
+    """Reads one byte of every page of a mapped tensor (contiguous, as safetensors lays them out) into memory."""
+    if view.numel():
+        view.reshape(-1).view(torch.uint8)[::4096].sum()
 
 
 def open_model_dirs(recipe: Recipe, source: str = "<recipe>") -> dict[str, ModelDir]:
@@ -135,14 +187,14 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
 
 
 class LiveMaterializer:
-    """Writes recipes into one live model in place, from resident sources; recomputes only tensors whose task changed.
+    """Writes recipes into one live model in place, from a worker's sources; recomputes only tensors whose task changed.
 
     Recipes come validated (a search space's decode). What it keeps across candidates is its own: the plan's layout
     per recipe structure (so per candidate only the parameters are resolved), the live parameter of each output name,
     and the task each output tensor holds now.
     """
 
-    def __init__(self, model: torch.nn.Module, sources: ResidentSources):
+    def __init__(self, model: torch.nn.Module, sources: ResidentSources | MappedSources):
         self.model, self.sources = model, sources
         self.applied: dict[str, TensorTask] = {}
         self.layouts: dict[tuple, Layout] = {}  # plan_recipe's cache, keyed by plan.structure(stage)

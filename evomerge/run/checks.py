@@ -21,23 +21,31 @@ RAY_CONNECT_TIMEOUT_S = 5.0
 
 @dataclass(frozen=True)
 class CheckedSpace:
-    """What the checks read, for the search to reuse: the typed space config, its models, the space, and the floating
-    dtype the sources share (`models.io.common_dtype`: float32 for sources of several dtypes; None: no float tensor)."""
+    """What the checks read, for the search to reuse: the typed space config, its models, the space, the floating
+    dtype the sources share (`models.io.common_dtype`: float32 for sources of several dtypes; None: no float tensor),
+    the model a worker's live merged model starts from, the models whose layers a layer path may run, and the memory
+    plan (run.memory) from the headers."""
     config: object  # spaces.SpaceConfig
     models: list[str]
     space: object  # spaces.SearchSpace
     dtype: object  # torch.dtype | None
+    base: str = ""
+    path_models: tuple[str, ...] = ()
+    memory: object = None  # run.memory.MemoryPlan
 
 
 def check_space(experiment: Experiment, source: str) -> CheckedSpace:
     """Open every model the space names and build the space from their real layer counts and tensors."""
+    from evomerge.merge.materialize import parse_dtype
     from evomerge.merge.plan import plan_recipe
     from evomerge.models.io import ModelDir, common_dtype
+    from evomerge.run.memory import plan_memory
     from evomerge.spaces import build_space, load_space_config, space_models
     from evomerge.spaces.load import keys_under
 
     config = load_space_config(experiment.space, source=source, key="space")
     models = space_models(config, source=source, key="space")
+    compute_dtype = parse_dtype(experiment.workers.dtype, source=source, key="workers.dtype")
     dirs = {}
     try:
         for model in models:
@@ -47,16 +55,37 @@ def check_space(experiment: Experiment, source: str) -> CheckedSpace:
                 raise EvomergeError(f"{model}: {err}", source=source, key=_model_key(config, model)) from None
         num_layers = {model: d.num_layers for model, d in dirs.items()}
         space = build_space(config, num_layers=num_layers, source=source, key="space")
+        candidate = space.decode(space.x0)
+        path_models = [m for m in getattr(config, "models", []) if m != MERGED] if config.kind == "dfs" else []
         with keys_under("space", source):
-            plan_recipe(space.decode(space.x0), dirs, source)  # architectures, tensor shapes, parameters of a candidate
-            sources = [m for m in getattr(config, "models", []) if m != MERGED]
-            if getattr(config, "kind", "ps") == "dfs" and len(sources) > 1:  # a layer path may take any source's layers
-                plan_recipe(Recipe(layers=[LayerSlot(source=m, layer=0) for m in sources]), dirs, source)
+            plan_recipe(candidate, dirs, source)  # architectures, tensor shapes, parameters of a candidate
+            if len(path_models) > 1:  # a layer path may take any source's layers
+                plan_recipe(Recipe(layers=[LayerSlot(source=m, layer=0) for m in path_models]), dirs, source)
+            merge = plan_recipe(candidate.model_copy(update={"layers": None}), dirs, source) if candidate.merge else None
         dtype = common_dtype(dirs.values())
+        base = _live_base(candidate, models)
+        memory = plan_memory(dirs, merge_models=candidate.merge.referenced_models() if merge else [],
+                             path_models=path_models, base=base, tasks=merge.tasks if merge else [],
+                             dtype=compute_dtype or dtype, device_type=_device_type(experiment.workers.device))
     finally:
         for d in dirs.values():
             d.close()
-    return CheckedSpace(config, models, space, dtype)
+    return CheckedSpace(config, models, space, dtype, base, tuple(path_models), memory)
+
+
+def _live_base(candidate: Recipe, models: list[str]) -> str:
+    """The model a worker's live merged model starts from: the merge stage's base, else the first model."""
+    stage = candidate.merge
+    return (stage.base_model if stage is not None and stage.base_model else None) or models[0]
+
+
+def _device_type(device: str) -> str:
+    import torch
+
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError):
+        return device  # check_device names the bad value
 
 
 def _model_key(config, model: str) -> str:

@@ -108,6 +108,20 @@ class WorkersConfig(_Schema):
     cpus: int = Field(1, ge=1)  # CPU cores a Ray worker reserves; torch runs that many threads in it
     dtype: str | None = None  # compute dtype of the live models; None: the sources' (float32 if they differ), frozen
     ray_address: str | None = None  # join a running cluster; None starts a local one
+    # Where a worker keeps the merge's source tensors (run.memory): device (resident on it), host (in host memory, each
+    # tensor's inputs copied to the device as the merge reaches it), disk (the memory-mapped files, read per tensor: the
+    # workers of a node share one copy through the page cache), auto (device when it fits, else host; on CPU host).
+    sources: Literal["device", "host", "disk", "auto"] = "auto"
+    # The memory of one worker's device the plan assumes, e.g. 40GB (K, M, G = powers of 2); None: measured (CUDA: the
+    # device's total memory; CPU: this machine's RAM shared equally by the workers).
+    device_memory: int | None = None
+
+    @field_validator("device_memory", mode="before")
+    @classmethod
+    def _size(cls, value):
+        from evomerge.sizes import parse_size
+
+        return None if value is None else parse_size(value)
 
 
 class ValidationConfig(_Schema):
@@ -129,7 +143,8 @@ class Experiment(_Schema):
 
 
 # Settings of where the search runs, not of what it finds: a resume may change them.
-RUNTIME_KEYS = ("workers.backend", "workers.device", "workers.cpus", "workers.ray_address")
+RUNTIME_KEYS = ("workers.backend", "workers.device", "workers.cpus", "workers.ray_address", "workers.sources",
+                "workers.device_memory")
 
 
 def experiment_from_dict(doc: Any, *, source: str = "<experiment>", base_dir: str | os.PathLike = ".") -> Experiment:

@@ -51,10 +51,11 @@ from evomerge.errors import EvomergeError
 from evomerge.evaluate.docs import completed, count
 from evomerge.optim import Optimizer, load_optimizer, make_optimizer, non_dominated, save_optimizer
 from evomerge.recipe import recipe_from_dict, save_recipe, to_evomerge_yaml, write_text_atomic
-from evomerge.run.checks import CheckedSpace, check_space, check_workers
+from evomerge.run.checks import CheckedSpace, check_ray_address, check_space, check_workers
 from evomerge.run.config import EvaluationConfig, Experiment
 from evomerge.run.evaluation import objective_values
 from evomerge.run.ledger import Ledger, Trial
+from evomerge.run.memory import choose_sources, device_capacity
 from evomerge.run.pool import Pool, RunnerSpec, Task, make_pool
 from evomerge.run.rundir import RunDir
 
@@ -103,27 +104,43 @@ def _with_compute_dtype(experiment: Experiment, checked: CheckedSpace) -> Experi
 
 
 def _check(experiment: Experiment, source: str, pool: Pool | None) -> CheckedSpace:
-    """The up-front checks (run.checks); the workers' device and address only when this search starts its pool."""
+    """The up-front checks (run.checks); the workers' device, address and memory only when this search starts its
+    pool (`workers.sources: device` that does not fit its device stops here, before any model is loaded)."""
     checked = check_space(experiment, source)
     if pool is None:
         check_workers(experiment.workers, source)
+        choose_sources(experiment.workers.sources, checked.memory, device_capacity(experiment.workers), source=source)
     return checked
+
+
+def memory_plan(experiment: Experiment, *, source: str, device_here: bool = True):
+    """`evomerge plan`: the up-front checks of a search (no run dir, no trial), then (the memory plan, the device
+    memory per worker it is held against). `device_here=False` plans for `workers.device_memory` without looking for
+    the device on this machine (a Ray address is still checked)."""
+    checked = check_space(experiment, source)
+    workers = experiment.workers
+    if device_here:
+        check_workers(workers, source)
+    elif workers.backend == "ray" and workers.ray_address:
+        check_ray_address(workers.ray_address, source)
+    return checked.memory, device_capacity(workers)
 
 
 def _run(rd: RunDir, experiment: Experiment, checked: CheckedSpace, make_evaluator: EvaluatorFactory,
          pool: Pool | None, progress: bool) -> Summary:
-    space_config, models, space = checked.config, checked.models, checked.space
+    models, space = checked.models, checked.space
     ledger = Ledger(rd.ledger)
     owned = pool is None
     try:
         optimizer = _optimizer(experiment, rd, space, ledger)
         _check_ledger(optimizer, ledger, rd, experiment.evaluation.split)
         if owned:
-            base = _live_base(space_config, models)
-            spec = RunnerSpec(tuple(models), base, partial(make_evaluator, experiment.evaluation, base),
-                              experiment.workers.device, experiment.workers.dtype,
-                              preflight_split=experiment.evaluation.split)
-            pool = make_pool(spec, experiment.workers)
+            workers, base = experiment.workers, checked.base
+            spec = RunnerSpec(tuple(models), base, partial(make_evaluator, experiment.evaluation, base), workers.device,
+                              workers.dtype, preflight_split=experiment.evaluation.split, sources=workers.sources,
+                              path_models=checked.path_models, memory=checked.memory,
+                              device_memory=device_capacity(workers))
+            pool = make_pool(spec, workers)
         loop = _Loop(experiment, rd, space, optimizer, ledger, pool, progress)
         loop.run()
         return loop.finish()
@@ -131,15 +148,6 @@ def _run(rd: RunDir, experiment: Experiment, checked: CheckedSpace, make_evaluat
         if owned and pool is not None:
             pool.close()
         ledger.close()
-
-
-def _live_base(space_config, models: list[str]) -> str:
-    """The model a worker's live merged model starts from: the merge stage's base, else the first model."""
-    from evomerge.spaces import PSConfig
-    from evomerge.spaces.dfs import merge_stage
-
-    stage = space_config if isinstance(space_config, PSConfig) else merge_stage(space_config, "<space>")
-    return (stage.base_model if stage is not None and stage.base_model else None) or models[0]
 
 
 def _optimizer(experiment: Experiment, rd: RunDir, space, ledger: Ledger) -> Optimizer:

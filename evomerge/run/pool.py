@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from evomerge.errors import EvomergeError
 from evomerge.recipe import Recipe
+from evomerge.run.memory import MODES, MemoryPlan, choose_sources, measured_capacity
 from evomerge.run.worker import TrialResult, TrialRunner
 
 
@@ -36,17 +37,29 @@ class Task:
 
 @dataclass(frozen=True)
 class RunnerSpec:
-    """What each worker loads: the source models, the base of its live merged model, and an evaluator factory."""
+    """What each worker loads: the source models, the base of its live merged model, and an evaluator factory; where
+    the sources live (`sources`: device, host, disk, or auto with a `memory` plan: run.memory.choose_sources, on the
+    worker's own device when `device_memory` is None) and which models a layer path may run (device: every model)."""
     models: tuple[str, ...]
     base: str
     make_evaluator: Callable[[], Any]
     device: str = "cpu"
     dtype: str | None = None
     preflight_split: str | None = None  # score the base on one document per task of this split first (None: don't)
+    sources: str = "device"
+    path_models: tuple[str, ...] = ()
+    memory: MemoryPlan | None = None
+    device_memory: int | None = None
 
     def build(self, name: str) -> TrialRunner:
+        sources = self.sources
+        if self.memory is not None:
+            capacity = self.device_memory or measured_capacity(self.device)
+            sources = choose_sources(self.sources, self.memory, capacity, source=name)
+        elif sources not in MODES:
+            raise ValueError(f"sources {sources!r} needs a memory plan (one of {', '.join(MODES)} does not)")
         runner = TrialRunner(list(self.models), self.base, self.make_evaluator, device=self.device, dtype=self.dtype,
-                             name=name)
+                             sources=sources, path_models=list(self.path_models), name=name)
         if self.preflight_split:
             runner.preflight(self.preflight_split)
         return runner

@@ -1,8 +1,14 @@
-"""A search worker: source models resident on its device, one live merged model, one evaluator; scores one recipe at a time.
+"""A search worker: the source models (where `sources` says), one live merged model, one evaluator; scores one recipe at
+a time.
 
 `TrialRunner` is plain Python (used in process, and in tests); `RayWorker` wraps it as a Ray actor, one per GPU or CPU slot.
 A parameter-space stage is written in place into the live merged model (only tensors whose task changed are recomputed);
 a layer path is a path model over the resident layers (see path_model), built without copying weights.
+
+Sources (`workers.sources`, resolved by run.memory.choose_sources): `device` loads every source model live on the device
+(its parameters are the merge's store, and a layer path's layers); `host` and `disk` load on the device only the models
+a layer path runs (`path_models`) and read the merge's other inputs from host memory or the mapped files
+(merge.materialize.HostSources, MappedSources).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.materialize import LiveMaterializer, ResidentSources
+from evomerge.merge.materialize import HostSources, LiveMaterializer, MappedSources, ResidentSources
 from evomerge.models.io import ModelDir, live_param, load_live_model
 from evomerge.recipe import MERGED, Recipe
 from evomerge.run.path_model import build_path_model, decoder_layers
@@ -41,16 +47,25 @@ class TrialResult:
 
 class TrialRunner:
     def __init__(self, models: list[str], base: str, make_evaluator: Callable[[], Any], *, device: str = "cpu",
-                 dtype: str | None = None, name: str = "local"):
+                 dtype: str | None = None, sources: str = "device", path_models: list[str] = (),
+                 name: str = "local"):
+        """`sources`: device, host or disk (see the module doc); `path_models`: the models whose layers a layer path
+        may run (with device: every model)."""
         from evomerge.merge.materialize import parse_dtype
 
         torch_dtype = parse_dtype(dtype)
-        self.name, self.device = name, device
+        self.name, self.device, self.sources_mode = name, device, sources
         self.dirs = {m: ModelDir.open(m) for m in models}
-        self.live = {m: load_live_model(self.dirs[m], device, torch_dtype).eval() for m in models}
-        # The resident store is the live source models' own parameters: no second copy.
-        self.sources = ResidentSources.from_tensors(self.dirs, {
-            (m, n): live_param(self.live[m], n, self.dirs[m].arch).data for m in models for n in self.dirs[m].tensor_names})
+        on_device = models if sources == "device" else [m for m in models if m in path_models]
+        self.live = {m: load_live_model(self.dirs[m], device, torch_dtype).eval() for m in on_device}
+        # The live source models' own parameters are read from where they are: no second copy.
+        resident = {(m, n): live_param(self.live[m], n, self.dirs[m].arch).data
+                    for m in self.live for n in self.dirs[m].tensor_names}
+        if sources == "device":
+            self.sources = ResidentSources.from_tensors(self.dirs, resident)
+        else:
+            store = {"host": HostSources, "disk": MappedSources}[sources]
+            self.sources = store(self.dirs, device, torch_dtype, resident)
         self.merged = load_live_model(self.dirs[base], device, torch_dtype).eval()
         self.materializer = LiveMaterializer(self.merged, self.sources)
         self.evaluator = make_evaluator()
@@ -61,6 +76,10 @@ class TrialRunner:
         if not recipe.layers:
             return self.merged
         models = {**self.live, MERGED: self.merged}
+        missing = sorted({s.source for s in recipe.layers} - set(models))
+        if missing:  # a caller's mistake, not the candidate's: the search passes every model a layer path may run
+            raise ValueError(f"layer path over {missing[0]}, which this worker ({self.sources_mode}) has not on its "
+                             "device: name it in path_models")
         layers = {m: decoder_layers(model) for m, model in models.items()}
         return build_path_model(models[recipe.layers[0].source], layers, [(s.source, s.layer, s.scale) for s in recipe.layers],
                                 last=models[recipe.layers[-1].source])
