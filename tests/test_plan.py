@@ -106,6 +106,19 @@ def test_the_paper_plan_fits_host_in_40_gb_and_not_device_in_80(mistral_dirs, tm
     assert "85.2 GiB" in comment and "32.3 GiB" in comment and "16.8 GiB" in comment  # the config says what plan says
 
 
+def test_the_reserve_is_for_the_configured_evaluation_batch(mistral_dirs, tmp_path):
+    from evomerge.run.config import load_experiment
+    from evomerge.run.loop import memory_plan
+
+    exp = paper_experiment(tmp_path, mistral_dirs, device_memory="80GB")
+    doc = yaml.safe_load(exp.read_text())
+    for batch, share in [(16, 4), ("auto", 1)]:  # every term is linear in the tokens; auto plans for the default 64
+        doc["evaluation"]["batch_size"] = batch
+        exp.write_text(yaml.safe_dump(doc))
+        plan, _ = memory_plan(load_experiment(exp), source=str(exp), device_here=False)
+        assert plan.reserve.total * share == mistral_arithmetic()["reserve"], batch
+
+
 def test_plan_refuses_device_that_does_not_fit_after_printing_the_plan(mistral_dirs, tmp_path):
     exp = paper_experiment(tmp_path, mistral_dirs, sources="device")
     result = CliRunner().invoke(main, ["plan", str(exp), "--device-memory", "80GB"])

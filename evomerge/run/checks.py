@@ -66,11 +66,20 @@ def check_space(experiment: Experiment, source: str) -> CheckedSpace:
         base = _live_base(candidate, models)
         memory = plan_memory(dirs, merge_models=candidate.merge.referenced_models() if merge else [],
                              path_models=path_models, base=base, tasks=merge.tasks if merge else [],
-                             dtype=compute_dtype or dtype, device_type=_device_type(experiment.workers.device))
+                             dtype=compute_dtype or dtype, device_type=_device_type(experiment.workers.device),
+                             batch=_planned_batch(experiment.evaluation.batch_size))
     finally:
         for d in dirs.values():
             d.close()
     return CheckedSpace(config, models, space, dtype, base, tuple(path_models), memory)
+
+
+def _planned_batch(batch_size: int | str) -> int:
+    """The evaluation batch the memory plan reserves for: the configured one; `auto` finds the largest that fits, and
+    the plan assumes the default."""
+    from evomerge.run.memory import EVAL_BATCH
+
+    return batch_size if isinstance(batch_size, int) else EVAL_BATCH
 
 
 def _live_base(candidate: Recipe, models: list[str]) -> str:

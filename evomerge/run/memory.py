@@ -6,7 +6,8 @@ model's config.json, in the compute dtype (`workers.dtype`, else the sources' ow
 - sources: every tensor of every source model the merge reads; as stored (`stored`) and in the compute dtype.
 - path sources: the models whose layers a layer path runs (DFS). Whole on the device in every mode.
 - live model: the one merged model a worker writes each candidate into (the base's tensors).
-- evaluation reserve (per worker), for a batch of B sequences of T tokens (EVAL_BATCH, EVAL_TOKENS), e bytes per value:
+- evaluation reserve (per worker), for a batch of B sequences (`evaluation.batch_size`; EVAL_BATCH when `auto`) of T
+  tokens (EVAL_TOKENS), e bytes per value:
       KV cache      B T x 2 (K, V) x layers x kv_heads x head_dim x e
     + activations   max(B T x intermediate x 3 e  (one MLP: gate, up, their product),
                         B T x vocab x 2 e         (the logits and their log-softmax, as lm-eval's loglikelihood scores))
@@ -32,7 +33,7 @@ from evomerge.errors import EvomergeError
 from evomerge.sizes import format_size as fmt
 
 MODES = ("device", "host", "disk")
-EVAL_BATCH = 64  # the evaluator's batch (evaluate.harness.HarnessEvaluator's batch_size)
+EVAL_BATCH = 64  # the batch planned for when `evaluation.batch_size` is auto (its default when a number)
 EVAL_TOKENS = 1024  # prompt + generated tokens per sequence (lm-eval stops generating at 256 new tokens by default)
 
 
@@ -44,6 +45,7 @@ class Reserve:
     head: int  # the logits and their log-softmax
     hidden: int
     shape: str  # "32 layers x 8 kv heads x 128 head_dim, hidden 4096, intermediate 14336, vocab 32000, 2 bytes"
+    batch: int = EVAL_BATCH  # sequences per evaluation batch
 
     @property
     def total(self) -> int:
@@ -51,7 +53,7 @@ class Reserve:
 
     def formula(self) -> str:
         return (f"KV cache {fmt(self.kv_cache)} + activations max(MLP {fmt(self.layer)}, logits {fmt(self.head)}) + "
-                f"hidden states {fmt(self.hidden)}, for {EVAL_BATCH} sequences x {EVAL_TOKENS} tokens ({self.shape})")
+                f"hidden states {fmt(self.hidden)}, for {self.batch} sequences x {EVAL_TOKENS} tokens ({self.shape})")
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ class MemoryPlan:
 
 
 def plan_memory(dirs: dict, *, merge_models: list[str], path_models: list[str], base: str, tasks: list, dtype,
-                device_type: str) -> MemoryPlan:
+                device_type: str, batch: int = EVAL_BATCH) -> MemoryPlan:
     """The plan over open ModelDirs (headers only): `tasks` are a candidate's merge tasks (merge.plan.TensorTask),
     `dtype` the compute dtype (None: each tensor's own), `base` the live merged model's source."""
 
@@ -130,13 +132,13 @@ def plan_memory(dirs: dict, *, merge_models: list[str], path_models: list[str], 
         merge=max((sum(nbytes(*ref) for ref in r) for r in refs), default=0),
         moved_host=sum(nbytes(*ref) for ref in moved),
         moved_disk=sum(nbytes(*ref, stored=True) for ref in moved),
-        reserve=evaluation_reserve(dirs[base], dtype),
+        reserve=evaluation_reserve(dirs[base], dtype, batch),
         device_type=device_type,
         dtype=str(dtype).removeprefix("torch.") if dtype is not None else "stored",
     )
 
 
-def evaluation_reserve(model_dir, dtype) -> Reserve:
+def evaluation_reserve(model_dir, dtype, batch: int = EVAL_BATCH) -> Reserve:
     """The reserve's terms (module doc) from the model's config.json, as transformers reads it."""
     from transformers import AutoConfig
 
@@ -148,11 +150,11 @@ def evaluation_reserve(model_dir, dtype) -> Reserve:
     intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
     vocab = config.vocab_size
     e = (dtype or model_dir.dtype(model_dir.tensor_names[0])).itemsize
-    tokens = EVAL_BATCH * EVAL_TOKENS
+    tokens = batch * EVAL_TOKENS
     return Reserve(kv_cache=tokens * 2 * layers * kv_heads * head_dim * e, layer=tokens * intermediate * 3 * e,
                    head=tokens * vocab * 2 * e, hidden=tokens * hidden * 2 * e,
                    shape=f"{layers} layers x {kv_heads} kv heads x {head_dim} head_dim, hidden {hidden}, "
-                         f"intermediate {intermediate}, vocab {vocab}, {e} bytes")
+                         f"intermediate {intermediate}, vocab {vocab}, {e} bytes", batch=batch)
 
 
 def device_capacity(workers) -> int | None:
