@@ -3,9 +3,9 @@
 Every method is `fn(base, tensors, *, <parameters>) -> Tensor` (see `registry.py`): `base` is the base model's tensor or
 None, `tensors` the other models' tensors in recipe order, per-model parameters are lists aligned with `tensors`.
 Arithmetic runs in float32 (float64 when an input is float64) and the result has the dtype of `base` (of `tensors[0]`
-when there is no base). The same code runs on every device. Statistics of a whole tensor (a norm, a dot product) feed
-slerp's and model_stock's scalar math as float64 0-dim tensors (one formula with their per-vector forms); SCE's
-energies and the L1 rescale factors are read as Python floats (a device sync each); nothing touches the global RNG.
+when there is no base). The same code runs on every device. Statistics of a whole tensor (a norm, a dot product, SCE's
+energies) are read as Python floats for the scalar math (a device sync each: on small tensors 0-dim tensor ops cost
+more than the tensor's own); nothing touches the global RNG.
 Sums over models add in recipe order (`ordered_sum`).
 
 `int8_mask` is accepted for mergekit compatibility and does nothing: in mergekit it only picks the dtype of the sign
@@ -15,6 +15,7 @@ mask to save memory.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -183,17 +184,26 @@ def _weighted_sum(xs: list[Tensor], coefs: list[float]) -> Tensor:
     return mixed.to(xs[0].dtype)
 
 
-def _slerp_coefficients(t: float, cos: Tensor, linear: Tensor) -> tuple[Tensor, Tensor]:
+def _slerp_coefficients(t: float, cos, linear):
     """(c_a, c_b) of slerp(a, b) = c_a a + c_b b:  sin((1-t) theta) / sin(theta) and sin(t theta) / sin(theta),
-    theta = acos(cos); (1 - t, t) where `linear`."""
+    theta = acos(cos); (1 - t, t) where `linear`. On Python floats (a whole tensor's statistics: 0-dim tensor ops would
+    cost more than small tensors' own), or on tensors of per-vector values."""
+    if isinstance(cos, float):
+        theta = math.acos(cos)
+        return (1 - t, t) if linear else (math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta))
     theta = torch.acos(torch.where(linear, 0.0, cos))  # acos(0) keeps the unused branch finite
     return (torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / torch.sin(theta)),
             torch.where(linear, t, torch.sin(t * theta) / torch.sin(theta)))
 
 
-def _norms_and_dot(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """|a|, |b| and <a, b> of 1-D a and b, as float64 0-dim tensors."""
-    return a.norm().double(), b.norm().double(), torch.dot(a, b).double()
+def _clamp(x: float, min: float = -math.inf, max: float = math.inf) -> float:  # noqa: A002 (torch.clamp's names)
+    """torch.clamp for a Python float (NaN stays NaN)."""
+    return x if math.isnan(x) else float(min) if x < min else float(max) if x > max else x
+
+
+def _norms_and_dot(a: Tensor, b: Tensor) -> tuple[float, float, float]:
+    """|a|, |b| and <a, b> of 1-D a and b, as Python floats (one device sync)."""
+    return tuple(torch.stack([a.norm(), b.norm(), torch.dot(a, b)]).tolist())
 
 
 @merge_method("slerp", base="required", min_models=1, max_models=1, ranges={"t": (0.0, 1.0)},
@@ -207,8 +217,8 @@ def slerp(base: Tensor, tensors: list[Tensor], *, t: float) -> Tensor:
     work = work_dtype(base, tensors[0])
     a, b = base.to(work).reshape(-1), tensors[0].to(work).reshape(-1)
     na, nb, dot = _norms_and_dot(a, b)
-    cos = (dot / (torch.where(na > 1e-8, na, 1.0) * torch.where(nb > 1e-8, nb, 1.0))).clamp(-1, 1)
-    coef_a, coef_b = _slerp_coefficients(t, cos, linear=cos.abs() > 0.9995)
+    cos = _clamp(dot / ((na if na > 1e-8 else 1.0) * (nb if nb > 1e-8 else 1.0)), min=-1, max=1)
+    coef_a, coef_b = _slerp_coefficients(t, cos, linear=abs(cos) > 0.9995)
     return (a * coef_a).add_(b * coef_b).reshape(base.shape).to(base.dtype)
 
 
@@ -219,12 +229,12 @@ def _nuslerp(t: float, a: Tensor, b: Tensor, *, row_wise: bool, flatten: bool) -
         a, b = a.reshape(-1), b.reshape(-1)
     elif row_wise and a.ndim > 1:
         a, b = a.transpose(0, -1), b.transpose(0, -1)
-    if a.ndim == 1:  # one vector
+    if a.ndim == 1:  # one vector: Python floats
         na, nb, dot = _norms_and_dot(a, b)
+        cos = _clamp(dot / (_clamp(na, min=1e-7) * _clamp(nb, min=1e-7)), min=-1, max=1)
     else:  # [..., 1]: one value per vector
         na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
-        dot = torch.linalg.vecdot(a, b).unsqueeze(-1)
-    cos = (dot / (na.clamp(min=1e-7) * nb.clamp(min=1e-7))).clamp(-1, 1)
+        cos = (torch.linalg.vecdot(a, b).unsqueeze(-1) / (na.clamp(min=1e-7) * nb.clamp(min=1e-7))).clamp(-1, 1)
     coef_a, coef_b = _slerp_coefficients(t, cos, linear=1 - cos * cos <= 1e-16)
     out = (a * coef_a).add_(b * coef_b)
     if row_wise and not flatten and a.ndim > 1:
@@ -272,16 +282,19 @@ def model_stock(base: Tensor, tensors: list[Tensor], *, filter_wise: bool = Fals
     w0 = base.to(work)
     offsets = [x.to(work) - w0 for x in tensors]
     if filter_wise and base.ndim > 1:  # [..., 1]: one value per vector
-        inner = lambda x, y: torch.linalg.vecdot(x, y).unsqueeze(-1)  # noqa: E731
-    else:  # the whole tensor: float64 0-dim
-        inner = lambda x, y: torch.dot(x.reshape(-1), y.reshape(-1)).double()  # noqa: E731
+        inner, clamp = (lambda x, y: torch.linalg.vecdot(x, y).unsqueeze(-1)), torch.clamp
+    else:  # the whole tensor: Python floats
+        inner, clamp = (lambda x, y: torch.dot(x.reshape(-1), y.reshape(-1)).item()), _clamp
     k = len(offsets)
     norms = [inner(o, o) ** 0.5 for o in offsets]
-    cos = sum((inner(offsets[i], offsets[j]) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+    cos = sum(clamp(inner(offsets[i], offsets[j]) / clamp(norms[i] * norms[j], min=1e-6), min=-1, max=1)
               for i in range(k) for j in range(i + 1, k)) / (k * (k - 1) / 2)
     denominator = 1 + (k - 1) * cos
-    singular = denominator.abs() < 1e-6
-    t = torch.where(singular, 0.0, k * cos / torch.where(singular, 1.0, denominator))
+    if isinstance(cos, float):
+        t = 0.0 if abs(denominator) < 1e-6 else k * cos / denominator
+    else:
+        singular = denominator.abs() < 1e-6
+        t = torch.where(singular, 0.0, k * cos / torch.where(singular, 1.0, denominator))
     return ordered_sum(offsets).mul_(t / k).add_(w0).to(base.dtype)  # w0 + t (mean_i(w_i) - w0)
 
 
