@@ -3,13 +3,10 @@
 Every method is `fn(base, tensors, *, <parameters>) -> Tensor` (see `registry.py`): `base` is the base model's tensor or
 None, `tensors` the other models' tensors in recipe order, per-model parameters are lists aligned with `tensors`.
 Arithmetic runs in float32 (float64 when an input is float64) and the result has the dtype of `base` (of `tensors[0]`
-when there is no base). The same code runs on every device. Statistics of a whole tensor (a norm, a dot product, SCE's
-energies) are read as Python floats for the scalar math (a device sync each: on small tensors 0-dim tensor ops cost
-more than the tensor's own); nothing touches the global RNG.
-Sums over models add in recipe order (`ordered_sum`).
-
-`int8_mask` is accepted for mergekit compatibility and does nothing: in mergekit it only picks the dtype of the sign
-mask to save memory.
+when there is no base). The same code runs on every device; nothing touches the global RNG. A whole tensor's statistics
+(norms, dot products, SCE's energies) are read as Python floats (a device sync each: on small tensors 0-dim tensor ops
+cost more than the tensor's own). Sums over models add in recipe order (`ordered_sum`). `int8_mask` is accepted for
+mergekit compatibility and does nothing (in mergekit it picks the sign mask's dtype).
 """
 
 from __future__ import annotations
@@ -17,12 +14,14 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from evomerge.merge.registry import PerModel, merge_method
-from evomerge.merge.rng import uniforms
-from evomerge.merge.sparsify import SPARSIFIERS, indicator, keep_mask, kth_largest, rescale_factor, work_dtype
+from evomerge.merge.rng import draws, key_words
+from evomerge.merge.sparsify import (SPARSIFIERS, apply_rule, indicator, keep_rule, kth_largest, rescale_factor,
+                                      work_dtype)
 
 Tensor = torch.Tensor
 # meaningful ranges of the family's parameters (DELLA also needs density +/- epsilon inside (0, 1))
@@ -82,26 +81,40 @@ TASK_ARITHMETIC_FAMILY = {
 
 def generalized_task_arithmetic(
     base: Tensor, tensors: list[Tensor], *, member: TaskArithmetic, weight: list[float], density: list[float],
-    normalize: bool, rescale: bool, lambda_: float, int8_mask: bool = False, key: list | None = None, **extra: list,
+    normalize: bool, rescale: bool, lambda_: float, int8_mask: bool = False, key: list | None = None,
+    mix: Callable | None = None, **extra: list,
 ) -> Tensor:
     """base + lambda * sum_i w_i r_i m_i (k_i * delta_i) / D,   delta_i = theta_i - base
 
     (task arithmetic, TIES, DARE, breadcrumbs, DELLA). k_i is the sparsifier's 0/1 mask of delta_i (`extra` holds its
     per-model gamma/epsilon, `key` its per-model MaskKey), r_i its L1 rescale factor with `rescale`; m_i the TIES sign
     agreement of the weighted deltas (all ones without consensus); D = sum_i w_i m_i if normalize, else 1. Guards as
-    mergekit: with consensus D == 0 -> 1, without |D| < 1e-8 -> 1.
+    mergekit: with consensus D == 0 -> 1, without |D| < 1e-8 -> 1. Here the masks' rules (thresholds, ranks); the
+    element-wise rest in `task_arithmetic_mix` (or `mix`, its compiled form).
     """
     if not tensors:
         return base.clone()
     work = work_dtype(base, *tensors)
     b = base.to(work)
-    sparsifier = SPARSIFIERS.get(member.sparsifier)
-    draws = uniforms(key, b.shape, b.device) if sparsifier and sparsifier.randomized else None  # [n, *shape]
+    rules = [True] * len(tensors)  # all kept
+    if member.sparsifier:
+        reads_delta = SPARSIFIERS[member.sparsifier].reads_delta
+        rules = [keep_rule(x.to(work) - b if reads_delta else None, member.sparsifier, density[i],
+                           **{name: values[i] for name, values in extra.items()}) for i, x in enumerate(tensors)]
+    words = key_words(key, b.device) if key is not None and member.sparsifier else None
+    return (mix or task_arithmetic_mix)(b, tensors, weight, rules, words, _guarded(sum(weight)), lambda_,
+                                        member=member, normalize=normalize, rescale=rescale).to(base.dtype)
+
+
+def task_arithmetic_mix(b: Tensor, tensors: list[Tensor], weight: list, rules: list, words: Tensor | None, total,
+                        lambda_, *, member: TaskArithmetic, normalize: bool, rescale: bool) -> Tensor:
+    """generalized_task_arithmetic's element-wise part, in b's dtype (`total`: the guarded weight sum). No Python branch
+    on a number: compiled, the numbers are 0-dim tensors."""
+    u = draws(words, b.shape) if words is not None else None  # [n, *shape]
     deltas = []
     for i, x in enumerate(tensors):
-        delta = x.to(work) - b
-        own = {name: values[i] for name, values in extra.items()} | ({"u": draws[i]} if draws is not None else {})
-        mask = keep_mask(delta, member.sparsifier, density[i], **own) if sparsifier else None
+        delta = x.to(b.dtype) - b
+        mask = apply_rule(delta, member.sparsifier, rules[i], **({"u": u[i]} if u is not None else {}))
         if mask is None:
             deltas.append(delta.mul_(weight[i]))
         else:
@@ -116,8 +129,8 @@ def generalized_task_arithmetic(
     else:
         mixed = ordered_sum(deltas)
         if normalize:
-            mixed /= _guarded(sum(weight))
-    return mixed.mul_(lambda_).add_(b).to(base.dtype)  # base + lambda * mixed
+            mixed /= total
+    return mixed.mul_(lambda_).add_(b)  # base + lambda * mixed
 
 
 def _register_family_member(name: str, member: TaskArithmetic) -> None:
@@ -142,12 +155,12 @@ def _register_family_member(name: str, member: TaskArithmetic) -> None:
     allowed, required = {p.name for p in params}, {p.name for p in params if p.name not in defaults}
     per_model = [p.name for p in params if p.annotation is PerModel]
 
-    def merge(base, tensors, **kwargs):
+    def merge(base, tensors, *, mix=None, **kwargs):  # mix: the compiled element-wise part (compiled.py)
         if not required <= kwargs.keys() <= allowed:
             signature.bind(base, tensors, **kwargs)  # raises the TypeError
         args = {**defaults, **kwargs}
         args.update({name: _each(args[name], len(tensors)) for name in per_model})
-        return generalized_task_arithmetic(base, tensors, member=member, **args)
+        return generalized_task_arithmetic(base, tensors, member=member, mix=mix, **args)
 
     merge.__signature__ = signature
     merge.__annotations__ = {p.name: p.annotation for p in params}
@@ -186,8 +199,7 @@ def _weighted_sum(xs: list[Tensor], coefs: list[float]) -> Tensor:
 
 def _slerp_coefficients(t: float, cos, linear):
     """(c_a, c_b) of slerp(a, b) = c_a a + c_b b:  sin((1-t) theta) / sin(theta) and sin(t theta) / sin(theta),
-    theta = acos(cos); (1 - t, t) where `linear`. On Python floats (a whole tensor's statistics: 0-dim tensor ops would
-    cost more than small tensors' own), or on tensors of per-vector values."""
+    theta = acos(cos); (1 - t, t) where `linear`. Of Python floats (a whole tensor) or tensors (per vector)."""
     if isinstance(cos, float):
         theta = math.acos(cos)
         return (1 - t, t) if linear else (math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta))
@@ -196,8 +208,7 @@ def _slerp_coefficients(t: float, cos, linear):
             torch.where(linear, t, torch.sin(t * theta) / torch.sin(theta)))
 
 
-def _clamp(x: float, min: float = -math.inf, max: float = math.inf) -> float:  # noqa: A002 (torch.clamp's names)
-    """torch.clamp for a Python float (NaN stays NaN)."""
+def _clamp(x: float, min: float = -math.inf, max: float = math.inf) -> float:  # noqa: A002 (torch.clamp for a float)
     return x if math.isnan(x) else float(min) if x < min else float(max) if x > max else x
 
 
@@ -290,10 +301,10 @@ def model_stock(base: Tensor, tensors: list[Tensor], *, filter_wise: bool = Fals
     cos = sum(clamp(inner(offsets[i], offsets[j]) / clamp(norms[i] * norms[j], min=1e-6), min=-1, max=1)
               for i in range(k) for j in range(i + 1, k)) / (k * (k - 1) / 2)
     denominator = 1 + (k - 1) * cos
+    singular = abs(denominator) < 1e-6
     if isinstance(cos, float):
-        t = 0.0 if abs(denominator) < 1e-6 else k * cos / denominator
+        t = 0.0 if singular else k * cos / denominator
     else:
-        singular = denominator.abs() < 1e-6
         t = torch.where(singular, 0.0, k * cos / torch.where(singular, 1.0, denominator))
     return ordered_sum(offsets).mul_(t / k).add_(w0).to(base.dtype)  # w0 + t (mean_i(w_i) - w0)
 
