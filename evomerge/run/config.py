@@ -98,6 +98,7 @@ class WorkersConfig(_Schema):
     cpus: int = Field(1, ge=1)  # CPU cores a Ray worker reserves; torch runs that many threads in it
     dtype: str | None = None  # compute dtype of the live models; None: the sources' (float32 if they differ), frozen
     ray_address: str | None = None  # join a running cluster; None starts a local one
+    compile: bool = False  # the merge's element-wise math under torch.compile (evomerge/merge/compiled.py)
 
 
 class ValidationConfig(_Schema):

@@ -122,7 +122,7 @@ def _run(rd: RunDir, experiment: Experiment, checked: CheckedSpace, make_evaluat
             base = _live_base(space_config, models)
             spec = RunnerSpec(tuple(models), base, partial(make_evaluator, experiment.evaluation, base),
                               experiment.workers.device, experiment.workers.dtype,
-                              preflight_split=experiment.evaluation.split)
+                              compile=experiment.workers.compile, preflight_split=experiment.evaluation.split)
             pool = make_pool(spec, experiment.workers)
         loop = _Loop(experiment, rd, space, optimizer, ledger, pool, progress)
         loop.run()

@@ -38,11 +38,12 @@ class RunnerSpec:
     make_evaluator: Callable[[], Any]
     device: str = "cpu"
     dtype: str | None = None
+    compile: bool = False  # workers.compile
     preflight_split: str | None = None  # score the base on one document per task of this split first (None: don't)
 
     def build(self, name: str) -> TrialRunner:
         runner = TrialRunner(list(self.models), self.base, self.make_evaluator, device=self.device, dtype=self.dtype,
-                             name=name)
+                             name=name, compile=self.compile)
         if self.preflight_split:
             runner.preflight(self.preflight_split)
         return runner

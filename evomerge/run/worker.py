@@ -40,7 +40,7 @@ class TrialResult:
 
 class TrialRunner:
     def __init__(self, models: list[str], base: str, make_evaluator: Callable[[], Any], *, device: str = "cpu",
-                 dtype: str | None = None, name: str = "local"):
+                 dtype: str | None = None, name: str = "local", compile: bool = False):
         from evomerge.merge.materialize import parse_dtype
 
         torch_dtype = parse_dtype(dtype)
@@ -51,7 +51,7 @@ class TrialRunner:
         self.sources = ResidentSources.from_tensors(self.dirs, {
             (m, n): live_param(self.live[m], n, self.dirs[m].arch).data for m in models for n in self.dirs[m].tensor_names})
         self.merged = load_live_model(self.dirs[base], device, torch_dtype).eval()
-        self.materializer = LiveMaterializer(self.merged, self.sources)
+        self.materializer = LiveMaterializer(self.merged, self.sources, compile=compile)
         self.evaluator = make_evaluator()
 
     def model_for(self, recipe: Recipe) -> torch.nn.Module:
