@@ -329,7 +329,7 @@ def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0, int8_m
         k = int(int(torch.count_nonzero(var)) * select_topk)  # a device sync: the count sizes the selection
         if k <= 0:  # nothing selected: every task vector is erased
             return base.clone()
-        selected = indicator(torch.ge, var, kth_largest(var, k), work)
+        selected = indicator(torch.ge, var, kth_largest(var.clone(), k), work)
         tau = [t.mul_(selected) for t in tau]
     energy = [t.square().mean().item() for t in tau]  # Python floats (a device sync per tensor)
     total = sum(energy)
