@@ -22,7 +22,7 @@ from evomerge.merge.sparsify import apply_rule, keep_rule, rescale_factor
 
 
 def keep_mask(d, method, density, *, u=None, **extra):  # 0/1 masks; None: all kept
-    return apply_rule(d, method, keep_rule(d, method, density, **extra), **({} if u is None else {"u": u}))
+    return apply_rule(d, method, keep_rule(d.clone(), method, density, **extra), **({} if u is None else {"u": u}))
 
 
 def sparsify(d, method, density, *, rescale, **extra):

@@ -50,7 +50,7 @@ def magnitude(delta: Tensor, density: float) -> dict:
     Every |delta| >= the k-th largest |delta| is kept: entries tied with it are all kept, so more than k survive only
     when there are exact ties at the threshold (mergekit's argsort keeps an arbitrary k of them).
     """
-    mag = delta.abs()
+    mag = delta.abs_()
     return {"low": kth_largest(mag, max(1, int(density * mag.numel())))}
 
 
@@ -67,7 +67,7 @@ def magnitude_outliers(delta: Tensor, density: float, *, gamma: float) -> dict |
     if keep <= 0:
         return False
     skip = max(0, n - keep - top)  # the smallest entries dropped
-    mag = delta.abs()
+    mag = delta.abs_()
     return {"low": kth_smallest(mag, skip + 1), "high": kth_smallest(mag, skip + keep)}
 
 
@@ -89,7 +89,7 @@ def della_magprune(delta: Tensor, density: float, *, epsilon: float) -> dict:
     """
     if not (0 < density - epsilon and density + epsilon < 1):
         raise ValueError(f"DELLA needs density +/- epsilon in (0, 1); got density {density}, epsilon {epsilon}")
-    rows = delta.abs() if delta.ndim >= 2 else delta.abs().reshape(1, -1)
+    rows = delta.abs_() if delta.ndim >= 2 else delta.abs_().reshape(1, -1)
     n = rows.shape[1]
     rank = row_ranks(rows).to(rows.dtype)
     rank_norm = rank / (n - 1) if n > 1 else torch.full_like(rank, 0.5)
@@ -122,7 +122,8 @@ def _sorted_rows(keys: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Sparsifier:
-    rule: Callable[..., dict | bool]  # (delta, density, **extra) -> mask's arguments: what needs the whole tensor
+    rule: Callable[..., dict | bool]  # (delta, density, **extra) -> mask's arguments: what needs the whole tensor;
+    # it may overwrite delta (a temporary of its caller's: a large tensor's copy costs as much as a pass)
     mask: Callable[..., Tensor]  # (delta, **rule, u=draws) -> 0/1 in delta's dtype, element-wise (compiled.py fuses it)
     extra: dict[str, float] = field(default_factory=dict)  # per-model parameters it adds, with mergekit's defaults
     randomized: bool = False  # the mask takes the delta's uniform draws `u`
