@@ -71,8 +71,9 @@ def side(args: argparse.Namespace) -> dict:
     rows = {}
     for method in args.methods.split(","):
         as_worker()
-        row = bench_merge.bench_method(method, target, sources, experts, "cpu", bandwidth, args.warmup, args.repeats)
-        rows[method] = {k: row[k] for k in ("seconds", "ratio_to_floor", "floor_seconds")}
+        row = bench_merge.bench_method(method, target, sources, experts, "cpu", bandwidth, args.warmup, args.repeats,
+                                       args.compile)
+        rows[method] = {k: row[k] for k in ("seconds", "ratio_to_floor", "floor_seconds", "first_seconds")}
         if not args.no_dump:
             torch.save({n: p.detach().clone() for n, p in target.state_dict().items()}, dump / f"synthetic-{method}.pt")
     if not args.no_dump:
@@ -84,7 +85,7 @@ def side(args: argparse.Namespace) -> dict:
                 doc = bench_merge.recipe_doc(method, others)
                 doc = json.loads(json.dumps(doc).replace('"base"', json.dumps(base)))
                 live = LiveMaterializer(load_live_model(dirs[base], "cpu", torch.float32),
-                                        ResidentSources(dirs, "cpu", torch.float32))
+                                        ResidentSources(dirs, "cpu", torch.float32), **({"compile": True} if args.compile else {}))
                 live.apply(recipe_from_dict([{"merge_method": method, "dtype": "float32", **doc}]))
                 torch.save(dict(live.model.state_dict()), dump / f"{label}-{method}.pt")
     return {"evomerge": evomerge.__file__, "rows": rows}
@@ -113,13 +114,13 @@ def markdown(result: dict) -> str:
     lines = [f"# bench_compare: {result['shape']}, {result['threads']} thread(s), {result['date']}", "",
              f"`{result['command']}`  ", f"old: {result['old']}; new: this tree; medians of {result['rounds']} "
              f"rounds of {result['repeats']} candidates", "",
-             "| method | old ms | new ms | new / old | old x floor | new x floor | equal (synthetic / zoo / test) |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | old ms | new ms | new / old | old x floor | new x floor | new first candidate s | equal "
+             "(synthetic / zoo / test) |", "|---|---|---|---|---|---|---|---|"]
     for method, r in result["methods"].items():
         same = " / ".join("yes" if d == 0 else f"max diff {d:.2g}" if d is not None else "-"
                           for d in (r["diff"].get(k) for k in ("synthetic", "zoo", "test")))
         lines.append(f"| {method} | {r['old_ms']:.2f} | {r['new_ms']:.2f} | {r['new_ms'] / r['old_ms']:.2f} | "
-                     f"{r['old_floor']:.1f} | {r['new_floor']:.1f} | {same} |")
+                     f"{r['old_floor']:.1f} | {r['new_floor']:.1f} | {r['new_first_s']:.1f} | {same} |")
     return "\n".join(lines) + "\n"
 
 
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--trial", action="store_true", help="whole trials (each tree's bench_trial.py)")
     parser.add_argument("--no-dump", action="store_true", help="times only")
+    parser.add_argument("--compile", action="store_true", help="this tree's side with the compile switch on")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--side", help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--dump", help=argparse.SUPPRESS)
@@ -192,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
                     if args.no_dump or i > 0:
                         flags.append("--no-dump")
+                    if args.compile and name == "new":
+                        flags.append("--compile")
                     times[name].append(run_side(Path(args.old) if name == "old" else ROOT, flags)["rows"])
             diffs = {} if args.no_dump else compare_dumps(tmp / "old", tmp / "new")
         rows = {}
@@ -199,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
             med = {k: {f: statistics.median(r[method][f] for r in v) for f in ("seconds", "ratio_to_floor")}
                    for k, v in times.items()}
             rows[method] = {"old_ms": 1e3 * med["old"]["seconds"], "new_ms": 1e3 * med["new"]["seconds"],
+                            "new_first_s": times["new"][0][method]["first_seconds"],  # the first round's: compiling
                             "old_floor": med["old"]["ratio_to_floor"], "new_floor": med["new"]["ratio_to_floor"],
                             "diff": {k: diffs[f"{k}-{method}"] for k in ("synthetic", "zoo", "test")
                                      if f"{k}-{method}" in diffs}}

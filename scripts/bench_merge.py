@@ -191,9 +191,9 @@ def check_memory(config, device: str, dtype: torch.dtype, experts: int) -> None:
 
 
 def bench_method(method: str, target, sources: ResidentSources, experts: list[str], device: str, bandwidth: float,
-                 warmup: int, repeats: int) -> dict:
+                 warmup: int, repeats: int, compile: bool = False) -> dict:
     recipe = recipe_from_dict([{"merge_method": method, **recipe_doc(method, experts)}])
-    materializer = LiveMaterializer(target, sources)
+    materializer = LiveMaterializer(target, sources, **({"compile": True} if compile else {}))  # older trees: no switch
 
     def candidate():
         materializer.applied.clear()  # a new candidate: every tensor is recomputed
@@ -205,16 +205,17 @@ def bench_method(method: str, target, sources: ResidentSources, experts: list[st
         refs = ([task.base] if task.base else []) + list(task.inputs)
         out = sources.get(*refs[0])
         nbytes += sum(sources.get(*r).nbytes for r in refs) + out.nbytes
+    t_first = median_time(candidate, device, 0, 1)  # with compile: the compilation
     t = median_time(candidate, device, warmup, repeats)
     t_plan = median_time(lambda: plan_recipe(recipe, sources.dirs, layouts=materializer.layouts), "cpu", 1, repeats)
 
     def kernels():  # the method functions alone: no planning, no writing into the target
         for task in plan.tasks:
-            compute(task, sources)
+            compute(task, sources, *([materializer.compiled] if compile else []))
 
     t_kernels = median_time(kernels, device, warmup, repeats)
     floor = nbytes / bandwidth
-    return {"method": method, "seconds": t, "plan_seconds": t_plan,
+    return {"method": method, "seconds": t, "first_seconds": t_first, "plan_seconds": t_plan,
             "kernel_seconds": t_kernels, "bytes": nbytes, "floor_seconds": floor, "ratio_to_floor": t / floor,
             "tensors": len(plan.tasks), "peak_extra_bytes": peak_extra_memory(candidate, device)}
 
@@ -275,11 +276,11 @@ def markdown(result: dict) -> str:
     lines = [f"# bench_merge: {result['shape']} on {result['device']} ({result['dtype']}, base + {result['experts']} experts)",
              "", f"`{result['command']}`  ", f"{result['params'] / 1e6:.1f}M params per model; copy bandwidth "
              f"{result['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s (read + write); torch {result['torch']}; {result['date']}", "",
-             "| method | ms / candidate | plan ms | kernels ms | MB moved | floor ms | x floor | peak extra MiB |"
+             "| method | ms / candidate | first candidate s | plan ms | kernels ms | MB moved | floor ms | x floor | peak extra MiB |"
              + (" mergekit run_merge ms | speed-up | mergekit-yaml s | speed-up |" if result["mergekit"] else ""),
-             "|---" * (8 + 4 * bool(result["mergekit"])) + "|"]
+             "|---" * (9 + 4 * bool(result["mergekit"])) + "|"]
     for r in result["rows"]:
-        line = (f"| {r['method']} | {ms(r['seconds'])} | {ms(r['plan_seconds'])} | "
+        line = (f"| {r['method']} | {ms(r['seconds'])} | {r['first_seconds']:.1f} | {ms(r['plan_seconds'])} | "
                 f"{ms(r['kernel_seconds'])} | {r['bytes'] / 1e6:.1f} | {ms(r['floor_seconds'])} | "
                 f"{r['ratio_to_floor']:.1f} | {mib(r['peak_extra_bytes'])} |")
         mk = result["mergekit"].get(r["method"]) if result["mergekit"] else None
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mergekit-repeats", type=int, default=3)
     parser.add_argument("--cli-methods", default="linear,slerp,ties,dare_ties", help="methods timed with mergekit-yaml")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); use 1 on a shared CPU")
+    parser.add_argument("--compile", action="store_true", help="the materializer's compile switch (merge/compiled.py)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
     stem = Path(args.out) / f"{result['device']}-{args.shape}-{date}"
     for method in methods:
         result["rows"].append(r := bench_method(method, target, sources, experts, args.device, bandwidth, args.warmup,
-                                                args.repeats))
+                                                args.repeats, args.compile))
         print(f"{method}: {r['seconds'] * 1e3:.2f} ms ({r['ratio_to_floor']:.1f}x floor)", flush=True)
         write_results(stem, result, markdown(result), show=False)  # so far: a run cut short keeps what it measured
     if args.mergekit:

@@ -127,7 +127,7 @@ def test_results_become_the_parameters_and_never_alias_a_source(zoo, tmp_path, m
     assert all(p.untyped_storage().data_ptr() != storages[n] for n, p in m.model.named_parameters())  # adopted
     assert not any(p.untyped_storage().data_ptr() in m.source_storages for p in m.model.parameters())
 
-    monkeypatch.setattr(materialize, "compute", lambda task, sources: sources.get(*task.inputs[0]))
+    monkeypatch.setattr(materialize, "compute", lambda task, sources, *_: sources.get(*task.inputs[0]))
     m.applied.clear()
     m.apply(recipe(zoo, "ties", [0.2, 0.5, 0.8]))
     a = m.sources.dirs[zoo[1]]

@@ -18,7 +18,16 @@ import reference_methods as ref
 from evomerge.merge.methods import TASK_ARITHMETIC_FAMILY, generalized_task_arithmetic, sign_agreement
 from evomerge.merge.registry import all_methods, get_method
 from evomerge.merge.rng import MaskKey, _mix32_, uniform, uniforms
-from evomerge.merge.sparsify import keep_mask, sparsify
+from evomerge.merge.sparsify import apply_rule, keep_rule, rescale_factor
+
+
+def keep_mask(d, method, density, *, u=None, **extra):  # 0/1 masks; None: all kept
+    return apply_rule(d, method, keep_rule(d.clone(), method, density, **extra), **({} if u is None else {"u": u}))
+
+
+def sparsify(d, method, density, *, rescale, **extra):
+    mask = keep_mask(d, method, density, **extra)
+    return d.clone() if mask is None else d * mask * (rescale_factor(d, mask) if rescale else 1.0)
 
 
 def magnitude(d, density):  # 0/1 masks

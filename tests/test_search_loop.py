@@ -136,7 +136,7 @@ def test_cmaes_search_finds_the_optimum_and_writes_the_run_dir(models, tmp_path)
     frozen = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert frozen["workers"] == {"backend": "local", "num": 2, "tell_order": "candidate", "device": "cpu", "cpus": 1,
                                  "dtype": "float32", "ray_address": None, "sources": "auto",
-                                 "device_memory": None}  # the sources' dtype, stated
+                                 "device_memory": None, "compile": False}  # the sources' dtype, stated
     assert frozen["space"]["kind"] == "ps" and frozen["space"]["layer_groups"] == 1  # resolved defaults frozen
 
 

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evomerge.errors import EvomergeError
+from evomerge.merge.compiled import CompiledMethods
 from evomerge.merge.plan import Layout, Plan, TensorTask, plan_recipe, validate_stage
 import evomerge.merge.methods  # noqa: F401  (registers the built-in methods)
 from evomerge.merge.registry import METHODS
@@ -120,8 +121,8 @@ def open_model_dirs(recipe: Recipe, source: str = "<recipe>") -> dict[str, Model
     return {m: ModelDir.open(m, source=source) for m in recipe.referenced_models()}
 
 
-def compute(task: TensorTask, sources: Sources) -> torch.Tensor:
-    """The output tensor of one task, in the dtype of its inputs."""
+def compute(task: TensorTask, sources: Sources, compiled: CompiledMethods | None = None) -> torch.Tensor:
+    """The output tensor of one task, in the dtype of its inputs (with `compiled`, partly by compiled code)."""
     spec = METHODS[task.method]
     base = sources.get(*task.base) if task.base else None
     tensors = [sources.get(*ref) for ref in task.inputs]
@@ -134,7 +135,7 @@ def compute(task: TensorTask, sources: Sources) -> torch.Tensor:
         # keyed by the model's position among the merged models, not by its path: the same recipe gives the same masks
         # wherever its models are stored (a search freezes them as absolute paths)
         kwargs["key"] = [MaskKey(task.seed, task.out_name, str(i)) for i in range(len(task.inputs))]
-    out = spec.fn(base, tensors, **kwargs)
+    out = (compiled.fn(task.method) if compiled else spec.fn)(base, tensors, **kwargs)
     return out * task.scale if task.scale != 1.0 else out
 
 
@@ -146,8 +147,9 @@ def model_card(recipe: Recipe, plan: Plan) -> str:
 
 def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<recipe>", device: str = "cpu",
                  dtype: str | None = None, out_shard_bytes: int = 5 * 2**30, force: bool = False,
-                 allow_nonfinite: bool = False, progress: bool = True) -> Plan:
-    """Materialize `recipe` into a Hugging Face model dir; nothing is left at `out_dir` on failure."""
+                 allow_nonfinite: bool = False, progress: bool = True, compile: bool = False) -> Plan:
+    """Materialize `recipe` into a Hugging Face model dir; nothing is left at `out_dir` on failure. `compile`: the
+    element-wise math under torch.compile (merge/compiled.py)."""
     stage = recipe.merge
     compute_dtype = parse_dtype(dtype or (stage.dtype if stage else None), source=source)
     out_dtype = parse_dtype(dtype or (stage.out_dtype if stage else None), source=source, key="out_dtype") or compute_dtype
@@ -165,10 +167,10 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
                 raise EvomergeError(f"{name} has NaN/inf weights in {bad[0]} (and {len(bad) - 1} more); "
                                     f"pass --allow-nonfinite to merge anyway", source=source, key="models")
     sources = LazySources(dirs, device, compute_dtype)
-    rows = None
+    rows, compiled = None, CompiledMethods() if compile else None
     with ModelWriter(out_dir, max_shard_bytes=out_shard_bytes, force=force) as writer:
         for task in tqdm(plan.tasks, desc="merging", unit="tensor", disable=not progress):
-            tensor = compute(task, sources)
+            tensor = compute(task, sources, compiled)
             if task.vocab:
                 rows = tensor.shape[0] if rows is None else min(rows, tensor.shape[0])
             writer.add(task.out_name, tensor.to(out_dtype or tensor.dtype).cpu())
@@ -191,11 +193,12 @@ class LiveMaterializer:
 
     Recipes come validated (a search space's decode). What it keeps across candidates is its own: the plan's layout
     per recipe structure (so per candidate only the parameters are resolved), the live parameter of each output name,
-    and the task each output tensor holds now.
+    and the task each output tensor holds now; with `compile`, the compiled functions (merge/compiled.py).
     """
 
-    def __init__(self, model: torch.nn.Module, sources: ResidentSources | MappedSources):
+    def __init__(self, model: torch.nn.Module, sources: ResidentSources | MappedSources, *, compile: bool = False):
         self.model, self.sources = model, sources
+        self.compiled = CompiledMethods() if compile else None
         self.applied: dict[str, TensorTask] = {}
         self.layouts: dict[tuple, Layout] = {}  # plan_recipe's cache, keyed by plan.structure(stage)
         self.targets: dict[str, torch.Tensor] = {}  # output name -> live parameter
@@ -222,7 +225,7 @@ class LiveMaterializer:
         plan = plan_recipe(recipe, self.sources.dirs, source, self.layouts)
         changed = [task for task in plan.tasks if self.applied.get(task.out_name) != task]
         for task in changed:
-            self.write(task, compute(task, self.sources))
+            self.write(task, compute(task, self.sources, self.compiled))
         return {"tensors": len(plan.tasks), "computed": len(changed)}
 
     def write(self, task: TensorTask, value: torch.Tensor) -> None:

@@ -3,25 +3,25 @@
 Every method is `fn(base, tensors, *, <parameters>) -> Tensor` (see `registry.py`): `base` is the base model's tensor or
 None, `tensors` the other models' tensors in recipe order, per-model parameters are lists aligned with `tensors`.
 Arithmetic runs in float32 (float64 when an input is float64) and the result has the dtype of `base` (of `tensors[0]`
-when there is no base). The same code runs on every device. Statistics of a whole tensor (a norm, a dot product) feed
-slerp's and model_stock's scalar math as float64 0-dim tensors (one formula with their per-vector forms); SCE's
-energies and the L1 rescale factors are read as Python floats (a device sync each); nothing touches the global RNG.
-Sums over models add in recipe order (`ordered_sum`).
-
-`int8_mask` is accepted for mergekit compatibility and does nothing: in mergekit it only picks the dtype of the sign
-mask to save memory.
+when there is no base). The same code runs on every device; nothing touches the global RNG. A whole tensor's statistics
+(norms, dot products, SCE's energies) are read as Python floats (a device sync each: on small tensors 0-dim tensor ops
+cost more than the tensor's own). Sums over models add in recipe order (`ordered_sum`). `int8_mask` is accepted for
+mergekit compatibility and does nothing (in mergekit it picks the sign mask's dtype).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from evomerge.merge.registry import PerModel, merge_method
-from evomerge.merge.rng import uniforms
-from evomerge.merge.sparsify import SPARSIFIERS, indicator, keep_mask, kth_largest, rescale_factor, work_dtype
+from evomerge.merge.rng import draws, key_words
+from evomerge.merge.sparsify import (SPARSIFIERS, apply_rule, indicator, keep_rule, kth_largest, rescale_factor,
+                                      work_dtype)
 
 Tensor = torch.Tensor
 # meaningful ranges of the family's parameters (DELLA also needs density +/- epsilon inside (0, 1))
@@ -81,26 +81,40 @@ TASK_ARITHMETIC_FAMILY = {
 
 def generalized_task_arithmetic(
     base: Tensor, tensors: list[Tensor], *, member: TaskArithmetic, weight: list[float], density: list[float],
-    normalize: bool, rescale: bool, lambda_: float, int8_mask: bool = False, key: list | None = None, **extra: list,
+    normalize: bool, rescale: bool, lambda_: float, int8_mask: bool = False, key: list | None = None,
+    mix: Callable | None = None, **extra: list,
 ) -> Tensor:
     """base + lambda * sum_i w_i r_i m_i (k_i * delta_i) / D,   delta_i = theta_i - base
 
     (task arithmetic, TIES, DARE, breadcrumbs, DELLA). k_i is the sparsifier's 0/1 mask of delta_i (`extra` holds its
     per-model gamma/epsilon, `key` its per-model MaskKey), r_i its L1 rescale factor with `rescale`; m_i the TIES sign
     agreement of the weighted deltas (all ones without consensus); D = sum_i w_i m_i if normalize, else 1. Guards as
-    mergekit: with consensus D == 0 -> 1, without |D| < 1e-8 -> 1.
+    mergekit: with consensus D == 0 -> 1, without |D| < 1e-8 -> 1. Here the masks' rules (thresholds, ranks); the
+    element-wise rest in `task_arithmetic_mix` (or `mix`, its compiled form).
     """
     if not tensors:
         return base.clone()
     work = work_dtype(base, *tensors)
     b = base.to(work)
-    sparsifier = SPARSIFIERS.get(member.sparsifier)
-    draws = uniforms(key, b.shape, b.device) if sparsifier and sparsifier.randomized else None  # [n, *shape]
+    rules = [True] * len(tensors)  # all kept
+    if member.sparsifier:
+        reads_delta = SPARSIFIERS[member.sparsifier].reads_delta
+        rules = [keep_rule(x.to(work) - b if reads_delta else None, member.sparsifier, density[i],
+                           **{name: values[i] for name, values in extra.items()}) for i, x in enumerate(tensors)]
+    words = key_words(key, b.device) if key is not None and member.sparsifier else None
+    return (mix or task_arithmetic_mix)(b, tensors, weight, rules, words, _guarded(sum(weight)), lambda_,
+                                        member=member, normalize=normalize, rescale=rescale).to(base.dtype)
+
+
+def task_arithmetic_mix(b: Tensor, tensors: list[Tensor], weight: list, rules: list, words: Tensor | None, total,
+                        lambda_, *, member: TaskArithmetic, normalize: bool, rescale: bool) -> Tensor:
+    """generalized_task_arithmetic's element-wise part, in b's dtype (`total`: the guarded weight sum). No Python branch
+    on a number: compiled, the numbers are 0-dim tensors."""
+    u = draws(words, b.shape) if words is not None else None  # [n, *shape]
     deltas = []
     for i, x in enumerate(tensors):
-        delta = x.to(work) - b
-        own = {name: values[i] for name, values in extra.items()} | ({"u": draws[i]} if draws is not None else {})
-        mask = keep_mask(delta, member.sparsifier, density[i], **own) if sparsifier else None
+        delta = x.to(b.dtype) - b
+        mask = apply_rule(delta, member.sparsifier, rules[i], **({"u": u[i]} if u is not None else {}))
         if mask is None:
             deltas.append(delta.mul_(weight[i]))
         else:
@@ -115,8 +129,8 @@ def generalized_task_arithmetic(
     else:
         mixed = ordered_sum(deltas)
         if normalize:
-            mixed /= _guarded(sum(weight))
-    return mixed.mul_(lambda_).add_(b).to(base.dtype)  # base + lambda * mixed
+            mixed /= total
+    return mixed.mul_(lambda_).add_(b)  # base + lambda * mixed
 
 
 def _register_family_member(name: str, member: TaskArithmetic) -> None:
@@ -141,12 +155,12 @@ def _register_family_member(name: str, member: TaskArithmetic) -> None:
     allowed, required = {p.name for p in params}, {p.name for p in params if p.name not in defaults}
     per_model = [p.name for p in params if p.annotation is PerModel]
 
-    def merge(base, tensors, **kwargs):
+    def merge(base, tensors, *, mix=None, **kwargs):  # mix: the compiled element-wise part (compiled.py)
         if not required <= kwargs.keys() <= allowed:
             signature.bind(base, tensors, **kwargs)  # raises the TypeError
         args = {**defaults, **kwargs}
         args.update({name: _each(args[name], len(tensors)) for name in per_model})
-        return generalized_task_arithmetic(base, tensors, member=member, **args)
+        return generalized_task_arithmetic(base, tensors, member=member, mix=mix, **args)
 
     merge.__signature__ = signature
     merge.__annotations__ = {p.name: p.annotation for p in params}
@@ -183,17 +197,24 @@ def _weighted_sum(xs: list[Tensor], coefs: list[float]) -> Tensor:
     return mixed.to(xs[0].dtype)
 
 
-def _slerp_coefficients(t: float, cos: Tensor, linear: Tensor) -> tuple[Tensor, Tensor]:
+def _slerp_coefficients(t: float, cos, linear):
     """(c_a, c_b) of slerp(a, b) = c_a a + c_b b:  sin((1-t) theta) / sin(theta) and sin(t theta) / sin(theta),
-    theta = acos(cos); (1 - t, t) where `linear`."""
+    theta = acos(cos); (1 - t, t) where `linear`. Of Python floats (a whole tensor) or tensors (per vector)."""
+    if isinstance(cos, float):
+        theta = math.acos(cos)
+        return (1 - t, t) if linear else (math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta))
     theta = torch.acos(torch.where(linear, 0.0, cos))  # acos(0) keeps the unused branch finite
     return (torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / torch.sin(theta)),
             torch.where(linear, t, torch.sin(t * theta) / torch.sin(theta)))
 
 
-def _norms_and_dot(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """|a|, |b| and <a, b> of 1-D a and b, as float64 0-dim tensors."""
-    return a.norm().double(), b.norm().double(), torch.dot(a, b).double()
+def _clamp(x: float, min: float = -math.inf, max: float = math.inf) -> float:  # noqa: A002 (torch.clamp for a float)
+    return x if math.isnan(x) else float(min) if x < min else float(max) if x > max else x
+
+
+def _norms_and_dot(a: Tensor, b: Tensor) -> tuple[float, float, float]:
+    """|a|, |b| and <a, b> of 1-D a and b, as Python floats (one device sync)."""
+    return tuple(torch.stack([a.norm(), b.norm(), torch.dot(a, b)]).tolist())
 
 
 @merge_method("slerp", base="required", min_models=1, max_models=1, ranges={"t": (0.0, 1.0)},
@@ -207,8 +228,8 @@ def slerp(base: Tensor, tensors: list[Tensor], *, t: float) -> Tensor:
     work = work_dtype(base, tensors[0])
     a, b = base.to(work).reshape(-1), tensors[0].to(work).reshape(-1)
     na, nb, dot = _norms_and_dot(a, b)
-    cos = (dot / (torch.where(na > 1e-8, na, 1.0) * torch.where(nb > 1e-8, nb, 1.0))).clamp(-1, 1)
-    coef_a, coef_b = _slerp_coefficients(t, cos, linear=cos.abs() > 0.9995)
+    cos = _clamp(dot / ((na if na > 1e-8 else 1.0) * (nb if nb > 1e-8 else 1.0)), min=-1, max=1)
+    coef_a, coef_b = _slerp_coefficients(t, cos, linear=abs(cos) > 0.9995)
     return (a * coef_a).add_(b * coef_b).reshape(base.shape).to(base.dtype)
 
 
@@ -219,12 +240,12 @@ def _nuslerp(t: float, a: Tensor, b: Tensor, *, row_wise: bool, flatten: bool) -
         a, b = a.reshape(-1), b.reshape(-1)
     elif row_wise and a.ndim > 1:
         a, b = a.transpose(0, -1), b.transpose(0, -1)
-    if a.ndim == 1:  # one vector
+    if a.ndim == 1:  # one vector: Python floats
         na, nb, dot = _norms_and_dot(a, b)
+        cos = _clamp(dot / (_clamp(na, min=1e-7) * _clamp(nb, min=1e-7)), min=-1, max=1)
     else:  # [..., 1]: one value per vector
         na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
-        dot = torch.linalg.vecdot(a, b).unsqueeze(-1)
-    cos = (dot / (na.clamp(min=1e-7) * nb.clamp(min=1e-7))).clamp(-1, 1)
+        cos = (torch.linalg.vecdot(a, b).unsqueeze(-1) / (na.clamp(min=1e-7) * nb.clamp(min=1e-7))).clamp(-1, 1)
     coef_a, coef_b = _slerp_coefficients(t, cos, linear=1 - cos * cos <= 1e-16)
     out = (a * coef_a).add_(b * coef_b)
     if row_wise and not flatten and a.ndim > 1:
@@ -272,16 +293,19 @@ def model_stock(base: Tensor, tensors: list[Tensor], *, filter_wise: bool = Fals
     w0 = base.to(work)
     offsets = [x.to(work) - w0 for x in tensors]
     if filter_wise and base.ndim > 1:  # [..., 1]: one value per vector
-        inner = lambda x, y: torch.linalg.vecdot(x, y).unsqueeze(-1)  # noqa: E731
-    else:  # the whole tensor: float64 0-dim
-        inner = lambda x, y: torch.dot(x.reshape(-1), y.reshape(-1)).double()  # noqa: E731
+        inner, clamp = (lambda x, y: torch.linalg.vecdot(x, y).unsqueeze(-1)), torch.clamp
+    else:  # the whole tensor: Python floats
+        inner, clamp = (lambda x, y: torch.dot(x.reshape(-1), y.reshape(-1)).item()), _clamp
     k = len(offsets)
     norms = [inner(o, o) ** 0.5 for o in offsets]
-    cos = sum((inner(offsets[i], offsets[j]) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+    cos = sum(clamp(inner(offsets[i], offsets[j]) / clamp(norms[i] * norms[j], min=1e-6), min=-1, max=1)
               for i in range(k) for j in range(i + 1, k)) / (k * (k - 1) / 2)
     denominator = 1 + (k - 1) * cos
-    singular = denominator.abs() < 1e-6
-    t = torch.where(singular, 0.0, k * cos / torch.where(singular, 1.0, denominator))
+    singular = abs(denominator) < 1e-6
+    if isinstance(cos, float):
+        t = 0.0 if singular else k * cos / denominator
+    else:
+        t = torch.where(singular, 0.0, k * cos / torch.where(singular, 1.0, denominator))
     return ordered_sum(offsets).mul_(t / k).add_(w0).to(base.dtype)  # w0 + t (mean_i(w_i) - w0)
 
 
@@ -305,7 +329,7 @@ def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0, int8_m
         k = int(int(torch.count_nonzero(var)) * select_topk)  # a device sync: the count sizes the selection
         if k <= 0:  # nothing selected: every task vector is erased
             return base.clone()
-        selected = indicator(torch.ge, var, kth_largest(var, k), work)
+        selected = indicator(torch.ge, var, kth_largest(var.clone(), k), work)
         tau = [t.mul_(selected) for t in tau]
     energy = [t.square().mean().item() for t in tau]  # Python floats (a device sync per tensor)
     total = sum(energy)

@@ -32,19 +32,12 @@ class MaskKey:
         return digest & _M32, digest >> 32
 
 
-def _int32(word: int) -> torch.Tensor:
-    """The uint32 `word` as a 0-dim int32 tensor (its two's-complement bits): an op with it runs the int32 kernel."""
-    return torch.tensor(word - 2**32 if word >= 2**31 else word, dtype=torch.int32)
-
-
-_SHIFTS = {s: (_int32(s), _int32((1 << (32 - s)) - 1)) for s in (8, 15, 16)}  # shift, mask of the bits it keeps
-_FACTORS = (_int32(0x7FEB352D), _int32(0x846CA68B))
+_FACTORS = (0x7FEB352D, 0x846CA68B - 2**32)  # uint32 factors as int32 values (their two's-complement bits)
 
 
 def _shr(x: torch.Tensor, s: int, out: torch.Tensor) -> torch.Tensor:
-    """Logical right shift of int32 bits into `out` (torch's >> on int32 is arithmetic)."""
-    shift, mask = _SHIFTS[s]
-    return torch.bitwise_right_shift(x, shift, out=out).bitwise_and_(mask)
+    """Logical right shift of int32 bits into `out` (torch's >> on int32 is arithmetic: the sign bits are masked off)."""
+    return torch.bitwise_right_shift(x, s, out=out).bitwise_and_((1 << (32 - s)) - 1)
 
 
 def _mix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
@@ -58,21 +51,29 @@ def _mix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def uniforms(keys: list[MaskKey], shape: torch.Size | tuple[int, ...],
-             device: torch.device | str = "cpu") -> torch.Tensor:
-    """float32 [len(keys), *shape]: row i holds independent U[0, 1) entries (multiples of 2**-24) determined by keys[i]
-    alone, u_j = mix(mix(j ^ k0) ^ k1) >> 8 for entry j (past 2**32 entries mix(... ^ (j >> 32)) in between). All
-    keys are drawn in one pass: the models of a tensor share each op."""
+def key_words(keys: list[MaskKey], device: torch.device | str = "cpu") -> torch.Tensor:
+    """int32 [len(keys), 2]: each key's two words, as their two's-complement bits."""
+    return torch.tensor([key.words() for key in keys], dtype=torch.int64).to(torch.int32).to(device)
+
+
+def uniforms(keys: list[MaskKey], shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 [len(keys), *shape]: row i holds independent U[0, 1) entries (multiples of 2**-24) of keys[i] alone."""
+    return draws(key_words(keys, device), shape)
+
+
+def draws(words: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """float32 [len(words), *shape]: u_j = mix(mix(j ^ k0) ^ k1) >> 8 for entry j of row (k0, k1) (past 2**32 entries
+    mix(... ^ (j >> 32)) in between). All rows are drawn in one pass: the models of a tensor share each op."""
     n = torch.Size(shape).numel()
-    k0, k1 = torch.tensor([key.words() for key in keys], dtype=torch.int64).to(torch.int32).to(device).T[:, :, None]
-    index = torch.arange(n, dtype=torch.int32 if n <= 2**31 else torch.int64, device=device)
-    h = index.to(torch.int32).repeat(len(keys), 1).bitwise_xor_(k0)  # [keys, n]
+    k0, k1 = words.T[:, :, None]
+    index = torch.arange(n, dtype=torch.int32 if n <= 2**31 else torch.int64, device=words.device)
+    h = torch.bitwise_xor(index.to(torch.int32), k0)  # [keys, n]
     tmp = torch.empty_like(h)
     _mix32_(h, tmp)
     if n > 2**32:  # entries past 2**32 get distinct draws too
         _mix32_(h.bitwise_xor_((index >> 32).to(torch.int32)), tmp)
     _mix32_(h.bitwise_xor_(k1), tmp)
-    return _shr(h, 8, tmp).to(torch.float32).mul_(2.0**-24).reshape(len(keys), *shape)
+    return _shr(h, 8, tmp).to(torch.float32).mul_(2.0**-24).reshape(len(words), *shape)
 
 
 def uniform(key: MaskKey, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:

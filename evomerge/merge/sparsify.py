@@ -31,10 +31,12 @@ def indicator(compare: Callable, a: Tensor, b: Tensor | float, dtype: torch.dtyp
 
 def kth_smallest(values: Tensor, k: int) -> Tensor:
     """The k-th smallest (1-based) of `values` (float32/64) over the whole tensor, a 0-dim tensor, by selection: numpy's
-    introselect on CPU (much faster there than torch.kthvalue), torch.kthvalue elsewhere. NaN counts as largest."""
+    introselect on CPU (much faster there than torch.kthvalue), torch.kthvalue elsewhere. NaN counts as largest.
+    `values` may be reordered: the selection runs in place (copying a large tensor costs a third of the selection)."""
     flat = values.reshape(-1)
     if flat.device.type == "cpu":
-        return torch.as_tensor(np.partition(flat.numpy(), k - 1)[k - 1])
+        flat.numpy().partition(k - 1)
+        return flat[k - 1].clone()
     return torch.kthvalue(flat, k).values
 
 
@@ -42,18 +44,19 @@ def kth_largest(values: Tensor, k: int) -> Tensor:
     return kth_smallest(values, values.numel() - k + 1)
 
 
-def magnitude(delta: Tensor, density: float) -> Tensor:
-    """TIES: keep the k = max(1, int(density * numel)) largest |delta| over the whole tensor.
+def magnitude(delta: Tensor, density: float) -> dict:
+    """TIES: keep the k = max(1, int(density * numel)) largest |delta| over the whole tensor: |delta| >= low.
 
     Every |delta| >= the k-th largest |delta| is kept: entries tied with it are all kept, so more than k survive only
     when there are exact ties at the threshold (mergekit's argsort keeps an arbitrary k of them).
     """
-    mag = delta.abs()
-    return indicator(torch.ge, mag, kth_largest(mag, max(1, int(density * mag.numel()))), delta.dtype)
+    mag = delta.abs_()
+    return {"low": kth_largest(mag, max(1, int(density * mag.numel())))}
 
 
-def magnitude_outliers(delta: Tensor, density: float, *, gamma: float) -> Tensor:
-    """Model Breadcrumbs: drop the int(gamma * numel) largest |delta| (outliers), keep the next int(density * numel).
+def magnitude_outliers(delta: Tensor, density: float, *, gamma: float) -> dict | bool:
+    """Model Breadcrumbs: drop the int(gamma * numel) largest |delta| (outliers), keep the next int(density * numel):
+    low <= |delta| <= high.
 
     Fewer outliers are dropped when both do not fit (mergekit 0.1.5). In ascending order of |delta| the kept entries
     are ranks skip+1 .. skip+keep; both ends are thresholds and ties at either end are kept. With no outlier to drop
@@ -62,30 +65,40 @@ def magnitude_outliers(delta: Tensor, density: float, *, gamma: float) -> Tensor
     n = delta.numel()
     keep, top = int(density * n), max(0, int(gamma * n))
     if keep <= 0:
-        return torch.zeros_like(delta)
+        return False
     skip = max(0, n - keep - top)  # the smallest entries dropped
-    mag = delta.abs()
-    low, high = kth_smallest(mag, skip + 1), kth_smallest(mag, skip + keep)
-    return indicator(torch.ge, mag, low, delta.dtype).mul_(indicator(torch.le, mag, high, delta.dtype))
+    mag = delta.abs_()
+    return {"low": kth_smallest(mag, skip + 1), "high": kth_smallest(mag, skip + keep)}
 
 
-def bernoulli(delta: Tensor, density: float, *, u: Tensor) -> Tensor:
-    """DARE: keep each entry independently with probability `density` (by its U[0, 1) draw u)."""
-    return indicator(torch.lt, u, density, delta.dtype)
+def within(delta: Tensor, *, low: Tensor, high: Tensor | None = None) -> Tensor:
+    """low <= |delta| (<= high)."""
+    mask = indicator(torch.ge, delta.abs(), low, delta.dtype)
+    return mask if high is None else mask.mul_(indicator(torch.le, delta.abs(), high, delta.dtype))
 
 
-def della_magprune(delta: Tensor, density: float, *, epsilon: float, u: Tensor) -> Tensor:
-    """DELLA MagPrune: keep with probability density - epsilon + 2 epsilon rank / (n - 1), rank (from 0) by |delta|
-    among the n entries of its row along dim 1 (as mergekit's argsort(dim=1); a 1-D tensor is one row). Ties rank by
-    position (a stable sort). A row of one entry gets the middle probability `density` (mergekit divides 0 by 0).
+def bernoulli(delta: None, density: float) -> dict:
+    """DARE: keep each entry independently with probability `density` (by its U[0, 1) draw u): u < density."""
+    return {"p": density}
+
+
+def della_magprune(delta: Tensor, density: float, *, epsilon: float) -> dict:
+    """DELLA MagPrune: keep with probability p = density - epsilon + 2 epsilon rank / (n - 1): u < p, rank (from 0) by
+    |delta| among the n entries of its row along dim 1 (as mergekit's argsort(dim=1); a 1-D tensor is one row). Ties
+    rank by position (a stable sort). A row of one entry gets the middle probability `density` (mergekit divides 0 by 0).
     """
     if not (0 < density - epsilon and density + epsilon < 1):
         raise ValueError(f"DELLA needs density +/- epsilon in (0, 1); got density {density}, epsilon {epsilon}")
-    rows = delta.abs() if delta.ndim >= 2 else delta.abs().reshape(1, -1)
+    rows = delta.abs_() if delta.ndim >= 2 else delta.abs_().reshape(1, -1)
     n = rows.shape[1]
     rank = row_ranks(rows).to(rows.dtype)
     rank_norm = rank / (n - 1) if n > 1 else torch.full_like(rank, 0.5)
-    return indicator(torch.lt, u, (density - epsilon + rank_norm * (2 * epsilon)).reshape(delta.shape), delta.dtype)
+    return {"p": density - epsilon + rank_norm.reshape(delta.shape) * (2 * epsilon)}
+
+
+def drawn(delta: Tensor, *, p: Tensor | float, u: Tensor) -> Tensor:
+    """u < p."""
+    return indicator(torch.lt, u, p, delta.dtype)
 
 
 def row_ranks(mag: Tensor) -> Tensor:
@@ -109,40 +122,40 @@ def _sorted_rows(keys: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Sparsifier:
-    mask: Callable[..., Tensor]  # (delta, density, **extra) -> 0/1 mask of what survives, in delta's dtype
+    rule: Callable[..., dict | bool]  # (delta, density, **extra) -> mask's arguments: what needs the whole tensor;
+    # it may overwrite delta (a temporary of its caller's: a large tensor's copy costs as much as a pass)
+    mask: Callable[..., Tensor]  # (delta, **rule, u=draws) -> 0/1 in delta's dtype, element-wise (compiled.py fuses it)
     extra: dict[str, float] = field(default_factory=dict)  # per-model parameters it adds, with mergekit's defaults
-    randomized: bool = False  # takes the delta's uniform draws `u`
+    randomized: bool = False  # the mask takes the delta's uniform draws `u`
+    reads_delta: bool = True  # False: `rule` gets None for delta (DARE's reads nothing of it)
 
 
 SPARSIFIERS: dict[str, Sparsifier] = {
-    "magnitude": Sparsifier(magnitude),
-    "random": Sparsifier(bernoulli, randomized=True),
-    "magnitude_outliers": Sparsifier(magnitude_outliers, {"gamma": 0.01}),
-    "della_magprune": Sparsifier(della_magprune, {"epsilon": 0.15}, randomized=True),
+    "magnitude": Sparsifier(magnitude, within),
+    "random": Sparsifier(bernoulli, drawn, randomized=True, reads_delta=False),
+    "magnitude_outliers": Sparsifier(magnitude_outliers, within, {"gamma": 0.01}),
+    "della_magprune": Sparsifier(della_magprune, drawn, {"epsilon": 0.15}, randomized=True),
 }
 
 
-def keep_mask(delta: Tensor, method: str, density: float, **extra) -> Tensor | None:
-    """0/1 mask (in delta's dtype) of the entries of `delta` that SPARSIFIERS[method] keeps; None (all) at density >= 1.
-    `extra` holds the sparsifier's own parameters (gamma, epsilon, u)."""
-    if density >= 1 or delta.numel() == 0:
-        return None
+def keep_rule(delta: Tensor | None, method: str, density: float, **extra) -> dict | bool:
+    """How SPARSIFIERS[method] masks `delta` (None for DARE): True keeps it all (density >= 1), False nothing (density
+    <= 0), else the arguments of its mask. `extra`: its own parameters (gamma, epsilon)."""
+    if density >= 1 or (delta is not None and delta.numel() == 0):
+        return True
     if density <= 0:
-        return torch.zeros_like(delta)
-    return SPARSIFIERS[method].mask(delta, density, **extra)
+        return False
+    return SPARSIFIERS[method].rule(delta, density, **extra)
 
 
-def rescale_factor(delta: Tensor, mask: Tensor, eps: float = 1e-7) -> float:
-    """|delta|_1 / |mask * delta|_1 (mergekit `rescaled_masked_tensor`); 1 if a norm is < eps. Read as Python floats (a
-    device sync per tensor and model: on small tensors 0-dim tensor ops cost more than the tensor's own ops)."""
+def apply_rule(delta: Tensor, method: str, rule: dict | bool, **draws) -> Tensor | None:
+    """The 0/1 mask (in delta's dtype) of `keep_rule`'s answer; None where all is kept."""
+    return None if rule is True else torch.zeros_like(delta) if rule is False else SPARSIFIERS[method].mask(delta, **rule, **draws)
+
+
+def rescale_factor(delta: Tensor, mask: Tensor, eps: float = 1e-7) -> Tensor:
+    """|delta|_1 / |mask * delta|_1 (mergekit `rescaled_masked_tensor`), a float64 0-dim tensor; 1 if a norm is < eps."""
     mag = delta.abs().reshape(-1)
-    before, after = mag.sum().item(), torch.dot(mag, mask.reshape(-1)).item()  # mask: 0/1
-    return before / max(after, eps) if before >= eps and after >= eps else 1.0
+    before, after = mag.sum().double(), torch.dot(mag, mask.reshape(-1)).double()  # mask: 0/1
+    return torch.where((before >= eps) & (after >= eps), before / after, 1.0)
 
-
-def sparsify(delta: Tensor, method: str, density: float, *, rescale: bool, **extra) -> Tensor:
-    """delta with SPARSIFIERS[method] applied (a new tensor), scaled back to its L1 norm with `rescale`."""
-    mask = keep_mask(delta, method, density, **extra)
-    if mask is None:
-        return delta.clone()
-    return delta * mask * (rescale_factor(delta, mask) if rescale else 1.0)

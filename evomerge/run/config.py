@@ -122,6 +122,7 @@ class WorkersConfig(_Schema):
         from evomerge.sizes import parse_size
 
         return None if value is None else parse_size(value)
+    compile: bool = False  # the merge's element-wise math under torch.compile (evomerge/merge/compiled.py)
 
 
 class ValidationConfig(_Schema):

@@ -139,7 +139,7 @@ def _run(rd: RunDir, experiment: Experiment, checked: CheckedSpace, make_evaluat
             spec = RunnerSpec(tuple(models), base, partial(make_evaluator, experiment.evaluation, base), workers.device,
                               workers.dtype, preflight_split=experiment.evaluation.split, sources=workers.sources,
                               path_models=checked.path_models, memory=checked.memory,
-                              device_memory=device_capacity(workers))
+                              device_memory=device_capacity(workers), compile=workers.compile)
             pool = make_pool(spec, workers)
         loop = _Loop(experiment, rd, space, optimizer, ledger, pool, progress)
         loop.run()

@@ -45,6 +45,7 @@ class RunnerSpec:
     make_evaluator: Callable[[], Any]
     device: str = "cpu"
     dtype: str | None = None
+    compile: bool = False  # workers.compile
     preflight_split: str | None = None  # score the base on one document per task of this split first (None: don't)
     sources: str = "device"
     path_models: tuple[str, ...] = ()
@@ -59,7 +60,7 @@ class RunnerSpec:
         elif sources not in MODES:
             raise ValueError(f"sources {sources!r} needs a memory plan (one of {', '.join(MODES)} does not)")
         runner = TrialRunner(list(self.models), self.base, self.make_evaluator, device=self.device, dtype=self.dtype,
-                             sources=sources, path_models=list(self.path_models), name=name)
+                             sources=sources, path_models=list(self.path_models), name=name, compile=self.compile)
         if self.preflight_split:
             runner.preflight(self.preflight_split)
         return runner

@@ -48,9 +48,9 @@ class TrialResult:
 class TrialRunner:
     def __init__(self, models: list[str], base: str, make_evaluator: Callable[[], Any], *, device: str = "cpu",
                  dtype: str | None = None, sources: str = "device", path_models: list[str] = (),
-                 name: str = "local"):
+                 name: str = "local", compile: bool = False):
         """`sources`: device, host or disk (see the module doc); `path_models`: the models whose layers a layer path
-        may run (with device: every model)."""
+        may run (with device: every model); `compile`: the merge's element-wise math under torch.compile."""
         from evomerge.merge.materialize import parse_dtype
 
         torch_dtype = parse_dtype(dtype)
@@ -67,7 +67,7 @@ class TrialRunner:
             store = {"host": HostSources, "disk": MappedSources}[sources]
             self.sources = store(self.dirs, device, torch_dtype, resident)
         self.merged = load_live_model(self.dirs[base], device, torch_dtype).eval()
-        self.materializer = LiveMaterializer(self.merged, self.sources)
+        self.materializer = LiveMaterializer(self.merged, self.sources, compile=compile)
         self.evaluator = make_evaluator()
 
     def model_for(self, recipe: Recipe) -> torch.nn.Module:
