@@ -93,9 +93,10 @@ def test_mapped_sources_are_never_written(zoo, monkeypatch):
     def in_a_larger_temporary(t: torch.Tensor) -> torch.Tensor:  # not adoptable: written in place
         return torch.cat([t.reshape(-1), t.reshape(-1)])[: t.numel()].view(t.shape)
 
-    monkeypatch.setattr(materialize, "compute", lambda task, sources: sources.get(a, task.out_name))
+    monkeypatch.setattr(materialize, "compute", lambda task, sources, *_: sources.get(a, task.out_name))
     live.apply(recipe(zoo, "ties", [0.3, 0.5, 0.7]))  # every output: a's own mapped tensor
-    monkeypatch.setattr(materialize, "compute", lambda task, sources: in_a_larger_temporary(sources.get(b, task.out_name)))
+    monkeypatch.setattr(materialize, "compute",
+                        lambda task, sources, *_: in_a_larger_temporary(sources.get(b, task.out_name)))
     live.applied.clear()
     live.apply(recipe(zoo, "ties", [0.3, 0.5, 0.7]))  # every output: b's values, written into the live parameters
     for name, value in before.items():
