@@ -45,7 +45,11 @@ def side(args: argparse.Namespace) -> dict:
 
     import bench_merge
     import evomerge
-    from evomerge.merge.materialize import LiveMaterializer, ResidentSources
+    from evomerge.merge.materialize import LiveMaterializer
+    try:
+        from evomerge.models.sources import ResidentSources
+    except ImportError:  # 860ac2d
+        from evomerge.merge.materialize import ResidentSources
     from evomerge.models.io import ModelDir, load_live_model
     from evomerge.recipe import recipe_from_dict
 

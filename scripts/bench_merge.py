@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from evomerge.merge.materialize import LiveMaterializer, ResidentSources, compute
+from evomerge.merge.materialize import LiveMaterializer, compute
 from evomerge.merge.plan import plan_recipe
 from evomerge.models.architectures import architecture_for
 from evomerge.models.io import ModelDir, ModelWriter
+from evomerge.models.sources import ResidentSources
 from evomerge.recipe import recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,10 +7,11 @@ import torch
 from torch._dynamo.utils import counters
 
 from evomerge.merge.compiled import CompiledMethods
-from evomerge.merge.materialize import LiveMaterializer, ResidentSources
+from evomerge.merge.materialize import LiveMaterializer
 from evomerge.merge.registry import get_method
 from evomerge.merge.rng import MaskKey
 from evomerge.models.io import ModelDir, load_live_model
+from evomerge.models.sources import ResidentSources
 from evomerge.recipe import recipe_from_dict
 from tiny_models import build_tiny, make_variants
 

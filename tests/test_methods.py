@@ -16,9 +16,18 @@ import torch
 
 import reference_methods as ref
 from evomerge.merge.methods import TASK_ARITHMETIC_FAMILY, generalized_task_arithmetic, sign_agreement
-from evomerge.merge.registry import all_methods, get_method
-from evomerge.merge.rng import MaskKey, _mix32_, uniform, uniforms
+from evomerge.merge.registry import METHODS, get_method
+from evomerge.merge.rng import MaskKey, _mix32_, draws, key_words
 from evomerge.merge.sparsify import apply_rule, keep_rule, rescale_factor
+
+
+def uniforms(keys: list[MaskKey], shape, device="cpu") -> torch.Tensor:
+    """[len(keys), *shape]: row i holds the U[0, 1) draws of keys[i]."""
+    return draws(key_words(keys, device), shape)
+
+
+def uniform(key: MaskKey, shape, device="cpu") -> torch.Tensor:
+    return uniforms([key], shape, device)[0]
 
 
 def keep_mask(d, method, density, *, u=None, **extra):  # 0/1 masks; None: all kept
@@ -152,8 +161,8 @@ def _variant_id(v):
 
 
 def test_every_registered_method_has_cases():
-    assert set(TYPICAL) == set(all_methods())
-    assert {name for name, _ in VARIANTS} == set(all_methods())
+    assert set(TYPICAL) == set(METHODS)
+    assert {name for name, _ in VARIANTS} == set(METHODS)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -244,7 +253,7 @@ def test_parameter_schema_matches_mergekit():
     from mergekit.merge_methods.base import MISSING, ParameterScope
 
     base_policy = {"required": "required", "optional": "optional", "none": ("ignored", "forbidden")}
-    for name, spec in all_methods().items():
+    for name, spec in METHODS.items():
         theirs = mk_registry.get(name).spec
         assert theirs.contract.base.value in base_policy[spec.base], name
         assert {p.name for p in spec.params} == {p.name for p in theirs.parameters}, name
@@ -271,7 +280,7 @@ def test_task_arithmetic_family_defaults():
         assert spec.param("weight").required and spec.base == "required"
     assert get_method("breadcrumbs").param("gamma").default == 0.01
     assert get_method("della").param("epsilon").default == 0.15
-    randomized = [n for n, s in all_methods().items() if s.randomized]
+    randomized = [n for n, s in METHODS.items() if s.randomized]
     assert randomized == ["dare_ties", "dare_linear", "della", "della_linear"]
 
 

@@ -2,16 +2,12 @@
 
 Memory when writing a dir: one output tensor and its inputs at a time (sources are read lazily from safetensors), plus the
 writer's current shard. A search worker instead re-materializes the same live model for every candidate, recomputing
-only the tensors whose task changed since the last candidate, from one of three stores of source tensors (its
-`workers.sources`): ResidentSources (every tensor on its device), HostSources (in host memory, each input copied to the
-device as the merge reaches it) or MappedSources (the memory-mapped files, read per tensor). The last two hold views of
-the files' mappings, so the workers of a node share one copy of the sources through the page cache.
+only the tensors whose task changed since the last candidate, from its store of source tensors (models/sources.py).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -19,102 +15,11 @@ from tqdm.auto import tqdm
 from evomerge.errors import EvomergeError
 from evomerge.merge.compiled import CompiledMethods
 from evomerge.merge.plan import Layout, Plan, TensorTask, plan_recipe, validate_stage
-import evomerge.merge.methods  # noqa: F401  (registers the built-in methods)
-from evomerge.merge.registry import METHODS
+from evomerge.merge.registry import get_method
 from evomerge.merge.rng import MaskKey
-from evomerge.models.io import ModelDir, ModelWriter, check_finite, common_dtype, live_param
+from evomerge.models.io import ModelDir, ModelWriter, check_finite, common_dtype, live_param, parse_dtype
+from evomerge.models.sources import LazySources, MappedSources, ResidentSources, Sources
 from evomerge.recipe import Recipe, to_evomerge_yaml
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def parse_dtype(name: str | None, *, source: str | None = None, key: str = "dtype") -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise EvomergeError(f"unknown dtype {name!r} (one of {', '.join(DTYPES)})", source=source, key=key)
-    return DTYPES[name]
-
-
-class Sources(Protocol):
-    def get(self, model: str, name: str) -> torch.Tensor: ...
-
-
-class LazySources:
-    """Reads each input tensor from disk when asked, on the merge device, in the compute dtype."""
-
-    def __init__(self, dirs: dict[str, ModelDir], device: str, dtype: torch.dtype | None):
-        self.dirs, self.device, self.dtype = dirs, device, dtype
-
-    def get(self, model: str, name: str) -> torch.Tensor:
-        return self.dirs[model].get(name, device=self.device, dtype=self.dtype)
-
-
-class ResidentSources:
-    """Every tensor of every source model, loaded once onto the device (a search worker's store)."""
-
-    def __init__(self, dirs: dict[str, ModelDir], device: str, dtype: torch.dtype | None):
-        self.dirs = dirs
-        self.tensors = {(m, n): d.get(n, device=device, dtype=dtype) for m, d in dirs.items() for n in d.tensor_names}
-
-    @classmethod
-    def from_tensors(cls, dirs: dict[str, ModelDir], tensors: dict[tuple[str, str], torch.Tensor]) -> "ResidentSources":
-        """A store over tensors already resident (e.g. the parameters of live source models)."""
-        store = cls.__new__(cls)
-        store.dirs, store.tensors = dirs, tensors
-        return store
-
-    def get(self, model: str, name: str) -> torch.Tensor:
-        return self.tensors[(model, name)]
-
-
-class MappedSources:
-    """Every source tensor as a view of its memory-mapped safetensors file (safetensors maps each file once, copy on
-    write): no data is read until a merge reads it, the page cache holds it, and the workers of a node share that one
-    copy (the kernel may evict pages and read them again). `get` gives the tensor on the merge device in the compute
-    dtype: on a CPU worker whose compute dtype is the stored one, the mapped view itself."""
-
-    def __init__(self, dirs: dict[str, ModelDir], device: str, dtype: torch.dtype | None,
-                 resident: dict[tuple[str, str], torch.Tensor] | None = None):
-        """`resident`: tensors already on the device (the layers a layer path runs), read from there, not mapped."""
-        self.dirs, self.device, self.dtype = dirs, device, dtype
-        self.resident = resident or {}
-        self.tensors = {}
-        for m, d in dirs.items():
-            for n in d.tensor_names:
-                self.tensors[(m, n)] = self.resident.get((m, n)) if (m, n) in self.resident else d.get(n)  # a view
-
-    def get(self, model: str, name: str) -> torch.Tensor:
-        return self.tensors[(model, name)].to(device=self.device, dtype=self.dtype)
-
-
-class HostSources(MappedSources):
-    """Every source tensor in host memory, copied to the merge device as the merge reaches it. Built on the files'
-    mappings: a tensor stored in the compute dtype stays a view of its mapping (one copy per node) and is read through
-    once now, so no candidate waits on the disk; one stored in another dtype is converted once, into this worker's own
-    memory."""
-
-    def __init__(self, dirs: dict[str, ModelDir], device: str, dtype: torch.dtype | None,
-                 resident: dict[tuple[str, str], torch.Tensor] | None = None):
-        super().__init__(dirs, device, dtype, resident)
-        for key, view in self.tensors.items():
-            if key in self.resident:
-                continue
-            if dtype is not None and view.dtype != dtype:
-                self.tensors[key] = view.to(dtype)
-            else:
-                _read_through(view)
-        for d in dirs.values():  # the views kept hold their mappings; a file whose every tensor was converted is unmapped
-            d.close()
-
-    def get(self, model: str, name: str) -> torch.Tensor:
-        return self.tensors[(model, name)].to(self.device)
-
-
-def _read_through(view: torch.Tensor) -> None:
-    """Reads one byte of every page of a mapped tensor (contiguous, as safetensors lays them out) into memory."""
-    if view.numel():
-        view.reshape(-1).view(torch.uint8)[::4096].sum()
 
 
 def open_model_dirs(recipe: Recipe, source: str = "<recipe>") -> dict[str, ModelDir]:
@@ -123,7 +28,7 @@ def open_model_dirs(recipe: Recipe, source: str = "<recipe>") -> dict[str, Model
 
 def compute(task: TensorTask, sources: Sources, compiled: CompiledMethods | None = None) -> torch.Tensor:
     """The output tensor of one task, in the dtype of its inputs (with `compiled`, partly by compiled code)."""
-    spec = METHODS[task.method]
+    spec = get_method(task.method)
     base = sources.get(*task.base) if task.base else None
     tensors = [sources.get(*ref) for ref in task.inputs]
     if task.vocab:  # embeddings of different vocab sizes: the common block of rows
@@ -228,6 +133,7 @@ class LiveMaterializer:
             self.write(task, compute(task, self.sources, self.compiled))
         return {"tensors": len(plan.tasks), "computed": len(changed)}
 
+    @torch.no_grad()
     def write(self, task: TensorTask, value: torch.Tensor) -> None:
         target = self.target(task.out_name)
         if self.adoptable(value, target):

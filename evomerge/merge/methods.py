@@ -152,12 +152,10 @@ def _register_family_member(name: str, member: TaskArithmetic) -> None:
     positional = [inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in ("base", "tensors")]
     signature = inspect.Signature(positional + params)
     defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-    allowed, required = {p.name for p in params}, {p.name for p in params if p.name not in defaults}
     per_model = [p.name for p in params if p.annotation is PerModel]
 
     def merge(base, tensors, *, mix=None, **kwargs):  # mix: the compiled element-wise part (compiled.py)
-        if not required <= kwargs.keys() <= allowed:
-            signature.bind(base, tensors, **kwargs)  # raises the TypeError
+        signature.bind(base, tensors, **kwargs)  # a TypeError for a missing or unknown parameter
         args = {**defaults, **kwargs}
         args.update({name: _each(args[name], len(tensors)) for name in per_model})
         return generalized_task_arithmetic(base, tensors, member=member, mix=mix, **args)

@@ -223,12 +223,9 @@ def plan_stage(stage: MergeStage, dirs: dict[str, ModelDir], source: str, layout
     (a search worker): then only the parameters are resolved per recipe.
     """
     spec = get_method(stage.method, source=source, key="merge.method")
-    key = structure(stage)
-    layout = layouts.get(key) if layouts is not None else None
-    if layout is None:
-        layout = stage_layout(stage, dirs, source)
-        if layouts is not None:
-            layouts[key] = layout
+    layouts, key = {} if layouts is None else layouts, structure(stage)
+    if key not in layouts:
+        layouts[key] = stage_layout(stage, dirs, source)
     slices = _slices(stage, dirs[stage.base_model or stage.referenced_models()[0]].num_layers)
 
     def task(slot: _Slot) -> TensorTask:
@@ -236,7 +233,7 @@ def plan_stage(stage: MergeStage, dirs: dict[str, ModelDir], source: str, layout
         inputs = [(out.sources[j], name) for j, name in slot.inputs]
         return _resolve_task(spec, stage, out, slot.out_name, inputs, slot.t, source, slot.vocab)
 
-    head, layers = layout
+    head, layers = layouts[key]
     return [task(s) for s in head], [[task(s) for s in layer] for layer in layers]
 
 
@@ -258,10 +255,8 @@ def plan_recipe(recipe: Recipe, dirs: dict[str, ModelDir], source: str = "<recip
                 layouts: dict[tuple, Layout] | None = None) -> Plan:
     """The tasks of `recipe` over `dirs`; `layouts` caches the merge stage's layout (see `plan_stage`)."""
     warnings: list[str] = []
-    head: list[TensorTask] = []
-    merged_layers: list[list[TensorTask]] = []
+    head, merged_layers = plan_stage(recipe.merge, dirs, source, layouts) if recipe.merge else ([], [])
     if recipe.merge:
-        head, merged_layers = plan_stage(recipe.merge, dirs, source, layouts)
         config_from = recipe.merge.base_model or recipe.merge.referenced_models()[0]
     if not recipe.layers:
         return Plan(head + [t for layer in merged_layers for t in layer], len(merged_layers), config_from,

@@ -53,10 +53,7 @@ class MethodSpec:
     reference: str = ""
 
     def param(self, name: str) -> ParamSpec:
-        for p in self.params:
-            if p.name == name:
-                return p
-        raise KeyError(name)
+        return next(p for p in self.params if p.name == name)
 
     @functools.cached_property  # planning asks for every tensor
     def per_model_params(self) -> tuple[ParamSpec, ...]:
@@ -114,8 +111,3 @@ def get_method(name: str, *, source: str | None = None, key: str = "merge_method
         raise EvomergeError(f"unknown merge method {name!r}; {did_you_mean(name, METHODS)}", source=source, key=key)
     return METHODS[name]
 
-
-def all_methods() -> dict[str, MethodSpec]:
-    import evomerge.merge.methods  # noqa: F401
-
-    return dict(METHODS)

@@ -56,11 +56,6 @@ def key_words(keys: list[MaskKey], device: torch.device | str = "cpu") -> torch.
     return torch.tensor([key.words() for key in keys], dtype=torch.int64).to(torch.int32).to(device)
 
 
-def uniforms(keys: list[MaskKey], shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
-    """float32 [len(keys), *shape]: row i holds independent U[0, 1) entries (multiples of 2**-24) of keys[i] alone."""
-    return draws(key_words(keys, device), shape)
-
-
 def draws(words: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """float32 [len(words), *shape]: u_j = mix(mix(j ^ k0) ^ k1) >> 8 for entry j of row (k0, k1) (past 2**32 entries
     mix(... ^ (j >> 32)) in between). All rows are drawn in one pass: the models of a tensor share each op."""
@@ -75,7 +70,3 @@ def draws(words: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Ten
     _mix32_(h.bitwise_xor_(k1), tmp)
     return _shr(h, 8, tmp).to(torch.float32).mul_(2.0**-24).reshape(len(words), *shape)
 
-
-def uniform(key: MaskKey, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
-    """float32 tensor of `shape` with independent U[0, 1) entries determined by `key` alone (a row of `uniforms`)."""
-    return uniforms([key], shape, device)[0]

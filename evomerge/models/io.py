@@ -34,6 +34,18 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_dtype(name: str | None, *, source: str | None = None, key: str = "dtype") -> torch.dtype | None:
+    """A compute dtype named in a recipe or experiment (None: the models' own)."""
+    if name is None:
+        return None
+    if name not in COMPUTE_DTYPES:
+        raise EvomergeError(f"unknown dtype {name!r} (one of {', '.join(COMPUTE_DTYPES)})", source=source, key=key)
+    return COMPUTE_DTYPES[name]
+
+
 def _read_header(file: Path) -> dict[str, dict]:
     """A safetensors header: {name: {dtype, shape, data_offsets}}, in the order the data lies in the file."""
     with open(file, "rb") as f:

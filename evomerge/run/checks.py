@@ -36,7 +36,7 @@ class CheckedSpace:
 
 def check_space(experiment: Experiment, source: str) -> CheckedSpace:
     """Open every model the space names and build the space from their real layer counts and tensors."""
-    from evomerge.merge.materialize import parse_dtype
+    from evomerge.models.io import parse_dtype
     from evomerge.merge.plan import plan_recipe
     from evomerge.models.io import ModelDir, common_dtype
     from evomerge.run.memory import plan_memory

@@ -8,7 +8,7 @@ a layer path is a path model over the resident layers (see path_model), built wi
 Sources (`workers.sources`, resolved by run.memory.choose_sources): `device` loads every source model live on the device
 (its parameters are the merge's store, and a layer path's layers); `host` and `disk` load on the device only the models
 a layer path runs (`path_models`) and read the merge's other inputs from host memory or the mapped files
-(merge.materialize.HostSources, MappedSources).
+(models.sources.HostSources, MappedSources).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import Any, Callable
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.materialize import HostSources, LiveMaterializer, MappedSources, ResidentSources
+from evomerge.merge.materialize import LiveMaterializer
 from evomerge.models.io import ModelDir, live_param, load_live_model
+from evomerge.models.sources import HostSources, MappedSources, ResidentSources
 from evomerge.recipe import MERGED, Recipe
 from evomerge.run.path_model import build_path_model, decoder_layers
 
@@ -51,7 +52,7 @@ class TrialRunner:
                  name: str = "local", compile: bool = False):
         """`sources`: device, host or disk (see the module doc); `path_models`: the models whose layers a layer path
         may run (with device: every model); `compile`: the merge's element-wise math under torch.compile."""
-        from evomerge.merge.materialize import parse_dtype
+        from evomerge.models.io import parse_dtype
 
         torch_dtype = parse_dtype(dtype)
         self.name, self.device, self.sources_mode = name, device, sources
