@@ -72,7 +72,7 @@ def zoo():
 
 @zoo.command("build")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True, help="1: the committed zoo")
 @click.option("--size", type=click.Choice(["tiny", "default"]), default="default", show_default=True)
 @user_errors
 def zoo_build(out, seed, size):

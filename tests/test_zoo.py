@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from evomerge.errors import EvomergeError
 from evomerge.zoo import skills
-from evomerge.zoo.build import SIZES, build_zoo, delta_ratio, expert_mixture
+from evomerge.zoo.build import SEED, SIZES, build_zoo, delta_ratio, expert_mixture
 from evomerge.zoo.skills import CHOICES, SKILLS, SPLIT_SIZES, eval_inputs, eval_records, held_out, write_eval_data
 from evomerge.zoo.tokenizer import BOS, EOS, encode
 from evomerge.zoo.train import Sampler
@@ -111,6 +111,14 @@ def test_the_committed_zoo_has_complete_configs():
     for name in MODELS:
         assert json.loads((zoo / name / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"], name
         assert (zoo / name / "generation_config.json").is_file(), name
+
+
+def test_zoo_build_defaults_to_the_committed_zoos_seed_and_numerics():
+    from evomerge.cli import zoo_build
+
+    manifest = json.loads((Path(__file__).resolve().parents[1] / "zoo" / "zoo.json").read_text())
+    default = next(p.default for p in zoo_build.params if p.name == "seed")
+    assert default == SEED == manifest["seed"] and manifest["size"] == "default" and manifest["numerics"] == "pinned"
 
 
 def test_build_is_deterministic_by_seed(tmp_path):

@@ -16,7 +16,9 @@ Why this recipe (measured on the default size; merges of the three skill experts
 - SGD (momentum 0.9) for the fine-tunes: Adam at lr 1e-4 moved about as far, but nudges every weight by ~lr per step.
 - Replay of the pretraining mixture in the expert batches decides how much the experts interfere: with none, task
   arithmetic kept 0.75 multiple-choice / 0.03 exact match and a per-layer search found little better (0.77 / 0.05);
-  with 30%, the default merges keep part of every skill (exact match 0.15-0.40) and a search finds much more.
+  with 30%, the default merges kept part of every skill (exact match 0.15-0.40) and a search found much more. How
+  much the experts interfere varies with the seed: under the pinned numerics seed 1's task arithmetic keeps 0.09 /
+  0.18 / 0.00 (test), seed 3's 0.26 / 0.66 / 0.04 (validation).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from evomerge.zoo.tokenizer import save_tokenizer
 from evomerge.zoo.train import ModelSize, TrainSettings, new_model, quick_accuracy, train
 
 PRETRAIN_SKILLS = (*EXPERT_SKILLS, DISTRACTOR)
+# the committed zoo's seed: the first seed whose every model learns its skills (quick validation >= 0.97) under the
+# pinned numerics; seed 0's multi-task reference learns no cipher in its 600 steps (exact match 0.00, upper-case 0.73)
+SEED = 1
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ def fine_tunes(spec: ZooSpec, seed: int) -> list[tuple[str, str | None, list, Tr
             for i, (name, skill, mixture, settings) in enumerate(jobs, start=1)]
 
 
-def build_zoo(out_dir: str | Path, *, seed: int = 0, size: str = "default", threads: int = 1,
+def build_zoo(out_dir: str | Path, *, seed: int = SEED, size: str = "default", threads: int = 1,
               spec: ZooSpec | None = None, log: Callable[[str], None] | None = print) -> dict:
     """Train and write the zoo into `out_dir`; returns the manifest (also written as zoo.json).
 
