@@ -36,9 +36,8 @@ class CheckedSpace:
 
 def check_space(experiment: Experiment, source: str) -> CheckedSpace:
     """Open every model the space names and build the space from their real layer counts and tensors."""
-    from evomerge.models.io import parse_dtype
     from evomerge.merge.plan import plan_recipe
-    from evomerge.models.io import ModelDir, common_dtype
+    from evomerge.models.io import ModelDir, common_dtype, parse_dtype
     from evomerge.run.memory import plan_memory
     from evomerge.spaces import build_space, load_space_config, space_models
     from evomerge.spaces.load import keys_under
@@ -58,10 +57,13 @@ def check_space(experiment: Experiment, source: str) -> CheckedSpace:
         candidate = space.decode(space.x0)
         path_models = [m for m in getattr(config, "models", []) if m != MERGED] if config.kind == "dfs" else []
         with keys_under("space", source):
-            plan_recipe(candidate, dirs, source)  # architectures, tensor shapes, parameters of a candidate
+            full = plan_recipe(candidate, dirs, source)  # architectures, tensor shapes, parameters of a candidate
             if len(path_models) > 1:  # a layer path may take any source's layers
                 plan_recipe(Recipe(layers=[LayerSlot(source=m, layer=0) for m in path_models]), dirs, source)
-            merge = plan_recipe(candidate.model_copy(update={"layers": None}), dirs, source) if candidate.merge else None
+            merge = None
+            if candidate.merge:  # the merge stage alone (a PS candidate is nothing else)
+                merge = full if not candidate.layers else plan_recipe(candidate.model_copy(update={"layers": None}),
+                                                                      dirs, source)
         dtype = common_dtype(dirs.values())
         base = _live_base(candidate, models)
         memory = plan_memory(dirs, merge_models=candidate.merge.referenced_models() if merge else [],

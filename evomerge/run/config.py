@@ -115,6 +115,7 @@ class WorkersConfig(_Schema):
     # The memory of one worker's device the plan assumes, e.g. 40GB (K, M, G = powers of 2); None: measured (CUDA: the
     # device's total memory; CPU: this machine's RAM shared equally by the workers).
     device_memory: int | None = None
+    compile: bool = False  # the merge's element-wise math under torch.compile (evomerge/merge/compiled.py)
 
     @field_validator("device_memory", mode="before")
     @classmethod
@@ -122,7 +123,6 @@ class WorkersConfig(_Schema):
         from evomerge.sizes import parse_size
 
         return None if value is None else parse_size(value)
-    compile: bool = False  # the merge's element-wise math under torch.compile (evomerge/merge/compiled.py)
 
 
 class ValidationConfig(_Schema):

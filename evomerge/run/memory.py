@@ -26,6 +26,7 @@ them, so there the workers of a node share those too; benchmarks/README.md).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -101,12 +102,8 @@ def plan_memory(dirs: dict, *, merge_models: list[str], path_models: list[str], 
     `dtype` the compute dtype (None: each tensor's own), `base` the live merged model's source."""
 
     def nbytes(model: str, name: str, stored: bool = False) -> int:
-        d = dirs[model]
-        numel = 1
-        for dim in d.shape(name):
-            numel *= dim
-        own = d.dtype(name)
-        return numel * (own if stored or dtype is None or not own.is_floating_point else dtype).itemsize
+        own = dirs[model].dtype(name)
+        return math.prod(dirs[model].shape(name)) * (own if stored or dtype is None or not own.is_floating_point else dtype).itemsize
 
     def model_bytes(model: str, stored: bool = False) -> int:
         return sum(nbytes(model, n, stored) for n in dirs[model].tensor_names)
