@@ -7,7 +7,8 @@ Builds a synthetic Llama (random weights, stored in float32 or `--stored-dtype`,
 three experts (base + noise) in a temp dir. Then, one mode after the other, starts two Ray workers on this node
 (RayPool, one CPU and one torch thread each), has each merge `--candidates` candidates (`--method`: task_arithmetic,
 whose little math leaves reading the inputs the larger part, or TIES) that change every tensor (new weights per model),
-and reads the workers' /proc/<pid>/smaps once both are done:
+and reads the workers' /proc/<pid>/smaps once both are done, before and after each worker's malloc_trim(0) (a CPU
+worker keeps the heap its merges freed, run.worker.keep_freed_host_memory; the difference is the heap kept):
 
 - sources PSS: the proportional set size of the sources, summed over the workers: the Pss of the mappings of the
   source files (disk and host map them; so does transformers' from_pretrained, which device loads with, when the
@@ -22,6 +23,7 @@ and reads the workers' /proc/<pid>/smaps once both are done:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -127,12 +129,19 @@ def measure(models: list[str], mode: str, *, workers: int = 2, candidates: int =
             raise RuntimeError(f"{mode}: {failed[0]}")
         pids = {int(r.scores["pid"]["value"]) for r in results}
         files = {str(Path(m, "model.safetensors").resolve()) for m in models}
+        kept = sum(smaps(pid, files)["anonymous"] for pid in pids)
+        # the heap a CPU worker keeps for reuse (run.worker.keep_freed_host_memory) goes back to the kernel before
+        # the memory is read: what is left is what the workers hold
+        import ray
+
+        ray.get([actor.__ray_call__.remote(lambda _: ctypes.CDLL(None).malloc_trim(0)) for actor in pool.actors])
         memory = [smaps(pid, files) for pid in pids]
     finally:
         pool.close()
     return {"mode": mode, "workers": len(pids), "start s": started,
             "merge s": statistics.median(r.t_merge for r in results),
-            **{f"{kind} pss": sum(m[kind] for m in memory) for kind in ("files", "anonymous", "total")}}
+            **{f"{kind} pss": sum(m[kind] for m in memory) for kind in ("files", "anonymous", "total")},
+            "kept heap": kept - sum(m["anonymous"] for m in memory)}
 
 
 def table(rows: list[dict], one_copy: int) -> list[dict]:
@@ -152,11 +161,13 @@ def markdown(rows: list[dict], one_copy: int, header: str) -> str:
     mb = 2**20
     lines = [header, "", f"one copy of the sources: {one_copy / mb:.0f} MiB", "",
              "| sources | sources PSS MiB | x one copy | merge s / candidate | x device | file-mapped PSS MiB | "
-             "anonymous PSS MiB | total PSS MiB | start s |", "|---|---|---|---|---|---|---|---|---|"]
+             "anonymous PSS MiB | total PSS MiB | heap kept for reuse MiB | start s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['sources pss'] / mb:.0f} | {r['x one copy']:.2f} | {r['merge s']:.3f} | "
                      f"{r.get('x device', float('nan')):.2f} | {r['files pss'] / mb:.0f} | "
-                     f"{r['anonymous pss'] / mb:.0f} | {r['total pss'] / mb:.0f} | {r['start s']:.1f} |")
+                     f"{r['anonymous pss'] / mb:.0f} | {r['total pss'] / mb:.0f} | {r['kept heap'] / mb:.0f} | "
+                     f"{r['start s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

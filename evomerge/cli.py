@@ -85,8 +85,8 @@ def zoo_build(out, seed, size):
     build_zoo(out, seed=seed, size=size)
 
 
-def _load_target(target: str):
-    """A model dir, or a recipe (merged into a temp dir first)."""
+def _load_target(target: str, device: str = "cpu", dtype=None):
+    """A model dir, or a recipe (merged into a temp dir first), on `device` in `dtype` (None: as stored)."""
 
     from evomerge.evaluate.table import load_model_dir
 
@@ -98,8 +98,8 @@ def _load_target(target: str):
 
         with tempfile.TemporaryDirectory() as tmp:
             merge_to_dir(load_recipe(target), Path(tmp) / "merged", source=target, progress=False)
-            return load_model_dir(Path(tmp) / "merged")
-    return load_model_dir(target)
+            return load_model_dir(Path(tmp) / "merged", device=device, dtype=dtype)
+    return load_model_dir(target, device=device, dtype=dtype)
 
 
 def _check_target(target: str) -> None:
@@ -126,14 +126,36 @@ def _check_target(target: str) -> None:
 @click.option("--network", is_flag=True, help="allow lm-eval's built-in tasks (downloads their data)")
 @click.option("--output-json", type=click.Path(dir_okay=False), default=None)
 @click.option("--output-md", type=click.Path(dir_okay=False), default=None, help="also write the table as Markdown")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--dtype", default=None, help="load the models in this dtype (float32, bfloat16, ...; default: as stored)")
+@click.option("--batch-size", default="64", show_default=True,
+              help="documents per forward pass, or auto (lm-eval's probe); halved when the device runs out of memory")
 @user_errors
-def evaluate(targets, tasks, split, limit, task_dirs, network, output_json, output_md):
+def evaluate(targets, tasks, split, limit, task_dirs, network, output_json, output_md, device, dtype, batch_size):
     """Score model dirs or recipes (TARGETS) on lm-eval tasks: per-task scores, 95% CIs, chance levels."""
     from evomerge.evaluate.table import evaluate_targets
+    from evomerge.models.io import parse_dtype
 
+    if device.startswith("cuda") and not _cuda_available():
+        raise EvomergeError(f"device {device!r} asked for, but torch sees no CUDA device", key="--device")
+    dtype = parse_dtype(dtype, key="--dtype")
+    load = functools.partial(_load_target, device=device, dtype=dtype)
     evaluate_targets(list(targets), tasks.split(","), split=split, limit=limit, task_dirs=task_dirs, network=network,
-                     load=_load_target, check=_check_target, output_json=output_json, output_markdown=output_md,
-                     echo=click.echo)
+                     batch_size=_batch_size(batch_size), load=load, check=_check_target, output_json=output_json,
+                     output_markdown=output_md, echo=click.echo)
+
+
+def _batch_size(text: str) -> int | str:
+    """--batch-size: 'auto' or a whole number >= 1."""
+    if text == "auto" or (text.isdigit() and int(text) >= 1):
+        return text if text == "auto" else int(text)
+    raise EvomergeError(f"must be a whole number >= 1 or auto, got {text!r}", key="--batch-size")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _evaluator_factory(experiment, source: str):

@@ -30,11 +30,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO_EXPERTS = ["expert_cipher", "expert_reverse", "expert_digits"]
+# Both sides get the malloc thresholds this tree's CPU worker sets (run.worker.keep_freed_host_memory), as the
+# environment variables glibc reads at start: the comparison is of the merge code, under one allocator behaviour.
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
 def run_side(tree: Path, args: list[str]) -> dict:
     """This script as a worker over `tree`'s evomerge; its JSON answer."""
-    env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{ROOT / 'scripts'}{os.pathsep}{ROOT / 'tests'}"}
+    env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{ROOT / 'scripts'}{os.pathsep}{ROOT / 'tests'}",
+           **KEEP_FREED_MEMORY}
     out = subprocess.run([sys.executable, __file__, *args], env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.splitlines()[-1])
 
@@ -46,10 +50,7 @@ def side(args: argparse.Namespace) -> dict:
     import bench_merge
     import evomerge
     from evomerge.merge.materialize import LiveMaterializer
-    try:
-        from evomerge.models.sources import ResidentSources
-    except ImportError:  # 860ac2d
-        from evomerge.merge.materialize import ResidentSources
+    from bench_merge import ResidentSources  # noqa: I001 - from where that tree keeps it
     from evomerge.models.io import ModelDir, load_live_model
     from evomerge.recipe import recipe_from_dict
 
@@ -137,7 +138,7 @@ def compare_trials(args: argparse.Namespace) -> dict:
             with tempfile.TemporaryDirectory() as out:
                 subprocess.run([sys.executable, str(tree / "scripts" / "bench_trial.py"), "--shape", args.shape,
                                 "--threads", str(args.threads), "--out-dir", out], check=True, capture_output=True,
-                               env={**os.environ, "PYTHONPATH": str(tree)})
+                               env={**os.environ, "PYTHONPATH": str(tree), **KEEP_FREED_MEMORY})
                 [path] = Path(out).glob("trial-*.json")
                 median = json.loads(path.read_text())["median"]
             totals[name].append(median["total_seconds"])

@@ -35,7 +35,10 @@ from evomerge.merge.materialize import LiveMaterializer, compute
 from evomerge.merge.plan import plan_recipe
 from evomerge.models.architectures import architecture_for
 from evomerge.models.io import ModelDir, ModelWriter
-from evomerge.models.sources import ResidentSources
+try:
+    from evomerge.models.sources import ResidentSources
+except ImportError:  # a tree before the stores had their module (860ac2d, for scripts/bench_compare.py)
+    from evomerge.merge.materialize import ResidentSources
 from evomerge.recipe import recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,6 +324,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.device.startswith("cuda"):  # as a CPU search worker does
+        from evomerge.run.worker import keep_freed_host_memory
+
+        keep_freed_host_memory()
     args.dtype = dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     dtype = DTYPES[dtype_name]
     methods = args.methods.split(",")

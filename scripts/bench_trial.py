@@ -46,6 +46,7 @@ from evomerge.merge.materialize import LiveMaterializer  # noqa: E402
 from evomerge.merge.plan import plan_recipe  # noqa: E402
 from evomerge.merge.registry import get_method  # noqa: E402
 from evomerge.recipe import recipe_from_dict, to_evomerge_yaml  # noqa: E402
+from evomerge.run.worker import keep_freed_host_memory  # noqa: E402
 from evomerge.spaces.ps import ParameterSpace, PSConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.device.startswith("cuda"):  # as a CPU search worker does (run.worker)
+        keep_freed_host_memory()
     dtype = DTYPES[args.dtype]
     experts = [f"expert{i + 1}" for i in range(args.experts)]
     config = llama_config(SHAPES[args.shape])

@@ -28,18 +28,22 @@ RACING = {"first": 0.1, "delta": 0.05}
 SKILL = 0.4  # a skill counts as kept at a test score >= this
 
 
-def config_name(optimizer: str, aggregate: str, racing: str) -> str:
-    return f"{optimizer}-{aggregate}-racing_{racing}"
+def config_name(optimizer: str, aggregate: str, racing: str, settings: dict = RACING) -> str:
+    other = racing == "on" and settings != RACING  # racing with other settings than the defaults: named by them
+    return f"{optimizer}-{aggregate}-racing_{racing}" + (f"_first{settings['first']:g}_delta{settings['delta']:g}"
+                                                         if other else "")
 
 
-def experiment(base: dict, optimizer: str, aggregate: str, racing: str, seed: int, trials: int):
+def experiment(base: dict, optimizer: str, aggregate: str, racing: str, seed: int, trials: int,
+               settings: dict = RACING):
     from evomerge.run.config import experiment_from_dict
 
     doc = json.loads(json.dumps(base))
-    doc["name"], doc["seed"], doc["budget"] = config_name(optimizer, aggregate, racing), seed, {"trials": trials}
+    doc["name"], doc["seed"] = config_name(optimizer, aggregate, racing, settings), seed
+    doc["budget"] = {"trials": trials}
     if optimizer != "niches":
         doc["optimizer"] = {"name": optimizer, "options": OPTIMIZER_OPTIONS[optimizer]}
-    doc["evaluation"] = {**doc["evaluation"], "aggregate": aggregate, "racing": RACING if racing == "on" else None}
+    doc["evaluation"] = {**doc["evaluation"], "aggregate": aggregate, "racing": settings if racing == "on" else None}
     return experiment_from_dict(doc, source="compare_search", base_dir=ROOT)
 
 
@@ -62,7 +66,8 @@ def run_one(exp, run_dir: Path) -> dict:
     return {"config": exp.name, "seed": exp.seed, "winner": summary.candidate, "fitness": summary.fitness,
             "test": {t: {"value": s["value"], "n": s["n"], "ci95": s["ci95"]} for t, s in test.items()},
             "test_mean": sum(values) / len(values), "test_mean_ci95": list(mean_ci95(values, [s["n"] for s in test.values()])),
-            "documents": scores["documents"], "trials": summary.trials, "trial_s": round(seconds, 1)}
+            "documents": scores["documents"], "trials": summary.trials, "trial_s": round(seconds, 1),
+            "documents_in_full": exp.evaluation.limit * len(test) * summary.trials}  # every search document, every trial
 
 
 def table(rows: list[dict]) -> str:
@@ -72,7 +77,6 @@ def table(rows: list[dict]) -> str:
     lines = ["| optimizer | aggregate | racing | test mean per seed [95% CI] | mean | skills (cipher / reverse / digits) "
              "per seed | every skill >= 0.4 | documents scored per run (share) | trial s per run |",
              "|---|---|---|---|---|---|---|---|---|"]
-    full = max(r["documents"]["per_trial"] * r["trials"] for r in rows)  # a search that scores every document
     for name, runs in by_config.items():
         runs = sorted(runs, key=lambda r: r["seed"])
         optimizer, aggregate, racing = name.split("-")
@@ -80,8 +84,11 @@ def table(rows: list[dict]) -> str:
         skills = "; ".join(" / ".join(f"{s['value']:.2f}" for s in r["test"].values()) for r in runs)
         kept = sum(min(s["value"] for s in r["test"].values()) >= SKILL for r in runs)
         docs = sum(r["documents"]["search"] for r in runs) / len(runs)
+        full = sum(r["documents_in_full"] for r in runs) / len(runs)
         seconds = sum(r["trial_s"] for r in runs) / len(runs)
-        lines.append(f"| {optimizer} | {aggregate} | {racing.removeprefix('racing_')} | {means} | "
+        racing = racing.removeprefix("racing_").replace("_first", " (first ").replace("_delta", ", delta ")
+        racing += ")" if "(" in racing else ""
+        lines.append(f"| {optimizer} | {aggregate} | {racing} | {means} | "
                      f"{sum(r['test_mean'] for r in runs) / len(runs):.3f} | {skills} | {kept}/{len(runs)} | "
                      f"{docs:,.0f} ({docs / full:.0%}) | {seconds:.0f} |")
     return "\n".join(lines) + "\n"
@@ -97,6 +104,8 @@ def main(argv=None) -> None:
                         help="optimizer-aggregate-racing triples (e.g. niches-geometric-on) instead of the full grid")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--trials", type=int, default=128)
+    parser.add_argument("--racing-first", type=float, default=RACING["first"], help="evaluation.racing.first")
+    parser.add_argument("--racing-delta", type=float, default=RACING["delta"], help="evaluation.racing.delta")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "compare"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"compare-search-{datetime.date.today()}"))
     args = parser.parse_args(argv)
@@ -110,7 +119,8 @@ def main(argv=None) -> None:
     rows = []
     for seed in args.seeds:  # seed-major: after the first pass every configuration has a row
         for optimizer, aggregate, racing in configs:
-            exp = experiment(base, optimizer, aggregate, racing, seed, args.trials)
+            settings = {"first": args.racing_first, "delta": args.racing_delta}
+            exp = experiment(base, optimizer, aggregate, racing, seed, args.trials, settings)
             rows.append(run_one(exp, Path(args.runs) / f"{exp.name}-s{seed}"))
             print(json.dumps({k: rows[-1][k] for k in ("config", "seed", "test_mean", "documents", "trial_s")}),
                   file=sys.stderr, flush=True)

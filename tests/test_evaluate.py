@@ -154,6 +154,34 @@ def test_table_and_json(tiny_zoo, tmp_path):
     assert format_table(report, markdown=True).startswith("| model | toy_digits | mean |")
 
 
+def test_eval_cli_batch_size_and_dtype(tiny_zoo, tmp_path):
+    """`evomerge eval --batch-size N --dtype D` scores what a one-document batch in float64 scores (the same documents
+    and per-document scores); a bad value is one line naming the option, exit 2, before any model is loaded."""
+    from click.testing import CliRunner
+
+    from evomerge.cli import main
+
+    def scores(*options):
+        out = tmp_path / f"scores{len(list(tmp_path.iterdir()))}.json"
+        result = CliRunner().invoke(main, ["eval", str(tiny_zoo / "expert_digits"), "--tasks", "toy_digits,toy_gen",
+                                           "--limit", "12", "--output-json", str(out), *options])
+        assert result.exit_code == 0, result.output
+        (saved,) = json.loads(out.read_text())["results"]
+        return {task: (s["value"], s["n"]) for task, s in saved["scores"].items()}
+
+    reference = scores("--batch-size", "1", "--dtype", "float64")
+    assert scores("--batch-size", "5") == reference and scores("--batch-size", "auto") == reference
+    assert reference["toy_digits"][0] > 0.5  # the digits expert on its own task: these are real scores
+    for option, value, message in [("--batch-size", "0", "--batch-size: must be a whole number >= 1 or auto, got '0'"),
+                                   ("--dtype", "int8", "--dtype: unknown dtype 'int8'"),
+                                   ("--device", "cuda", "--device: device 'cuda' asked for, but torch sees no CUDA")]:
+        if option == "--device" and torch.cuda.is_available():
+            continue
+        result = CliRunner().invoke(main, ["eval", str(tiny_zoo / "base"), "--tasks", "toy_digits", option, value])
+        assert result.exit_code == 2 and result.output.startswith(f"error: {message}"), result.output
+        assert len(result.output.splitlines()) == 1
+
+
 def test_table_rows_markdown_file_and_labels(tmp_path):
     score = lambda v: {"value": v, "n": 100, "proportion": True, "ci95": list(wilson_ci(v, 100))}  # noqa: E731
     report = {"split": "test", "tasks": ["t_a", "t_b"], "n": {"t_a": 100, "t_b": 100}, "chance": {"t_a": 0.25, "t_b": 0.0},

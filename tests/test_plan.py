@@ -106,6 +106,53 @@ def test_the_paper_plan_fits_host_in_40_gb_and_not_device_in_80(mistral_dirs, tm
     assert "85.2 GiB" in comment and "32.3 GiB" in comment and "16.8 GiB" in comment  # the config says what plan says
 
 
+def test_plan_reads_hub_models_headers_without_downloading_their_weights(mistral_dirs, tmp_path, monkeypatch):
+    """The paper config names hub repos: `plan` reads each one's config.json and safetensors headers (huggingface_hub's
+    get_safetensors_metadata: ranged reads) and plans exactly as over the same models on disk; nothing is downloaded
+    whole. The hub here is a stand-in serving the header-only dirs."""
+    import huggingface_hub
+    from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
+
+    doc = yaml.safe_load(PAPER.read_text())
+    repos = dict(zip([doc["space"]["base_model"], *doc["space"]["models"]], map(Path, mistral_dirs)))
+
+    def config_file(repo_id, filename, **_):
+        assert filename == "config.json", filename
+        return str(repos[repo_id] / filename)
+
+    def metadata(repo_id, **_):
+        blob = (repos[repo_id] / "model.safetensors").read_bytes()
+        header = json.loads(blob[8:8 + struct.unpack("<Q", blob[:8])[0]])
+        tensors = {name: TensorInfo(dtype=e["dtype"], shape=e["shape"], data_offsets=tuple(e["data_offsets"]))
+                   for name, e in header.items()}
+        return SafetensorsRepoMetadata(metadata=None, sharded=False, weight_map=dict.fromkeys(tensors, "model.safetensors"),
+                                       files_metadata={"model.safetensors": SafetensorsFileMetadata(None, tensors)})
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"downloaded {args or kwargs}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", config_file)
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", metadata)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    doc["evaluation"] = {"tasks": ["toy_digits_gen"], "split": "search"}
+    (tmp_path / "hub.yaml").write_text(yaml.safe_dump(doc))
+    on_hub = CliRunner().invoke(main, ["plan", str(tmp_path / "hub.yaml"), "--device-memory", "80GB"])
+    assert on_hub.exit_code == 0, on_hub.output
+    on_disk = CliRunner().invoke(main, ["plan", str(paper_experiment(tmp_path, mistral_dirs)), "--device-memory", "80GB"])
+    table = lambda output: [line for line in output.splitlines() if line.startswith("| ")]  # noqa: E731
+    assert table(on_hub.output) == table(on_disk.output) and " | 32.3 GiB | yes | " in on_hub.output
+
+    def unreachable(repo_id, **_):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", unreachable)
+    result = CliRunner().invoke(main, ["plan", str(tmp_path / "hub.yaml")])
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert result.output.startswith(f"error: {tmp_path / 'hub.yaml'}: space.base_model: mistralai/Mistral-7B-v0.1: "
+                                    "no such directory, and fetching it from the Hugging Face Hub failed (OSError: "
+                                    "We couldn't connect"), result.output
+
+
 def test_the_reserve_is_for_the_configured_evaluation_batch(mistral_dirs, tmp_path):
     from evomerge.run.config import load_experiment
     from evomerge.run.loop import memory_plan

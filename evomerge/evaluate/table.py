@@ -41,11 +41,12 @@ def check_model_dir(path: str | os.PathLike) -> None:
 def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str | None = "test",
                      limit: int | None = None, task_dirs: Sequence[str] = (), network: bool = False,
                      load: Callable[[str], tuple[object, object]] | None = None,
-                     check: Callable[[str], None] | None = None,
+                     check: Callable[[str], None] | None = None, batch_size: int | str = 64,
                      output_json: str | os.PathLike | None = None, output_markdown: str | os.PathLike | None = None,
                      echo: Callable[[str], None] | None = print) -> dict:
     """Evaluate every target on `tasks`; returns (and optionally writes) {split, tasks, chance, results}.
-    `check(target)`, for every target before any is scored, raises on one that cannot be loaded."""
+    `check(target)`, for every target before any is scored, raises on one that cannot be loaded. `batch_size`: documents
+    per forward pass, or "auto" (HarnessEvaluator: halved on out of memory, and kept so for the later targets)."""
     load = load or load_model_dir
     for target in targets:
         (check or check_model_dir)(target)
@@ -54,7 +55,7 @@ def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str
         model, tokenizer = load(target)
         if evaluator is None:
             evaluator = HarnessEvaluator(tasks, tokenizer, split=split, limit=limit, task_dirs=task_dirs,
-                                         network=network)
+                                         network=network, batch_size=batch_size)
         result = evaluator.evaluate(model, tokenizer=tokenizer)
         results.append({"target": str(target), **result.to_dict()})
         if echo:

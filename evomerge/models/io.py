@@ -57,17 +57,66 @@ def _read_header(file: Path) -> dict[str, dict]:
 
 def _resolve(ref: str) -> Path:
     """A local directory, or a hub snapshot when `ref` is not a local path but looks like a repo id."""
-    path = Path(ref).expanduser()
-    if path.exists() or not HUB_ID.fullmatch(str(ref)):
-        return path
+    if not _on_hub(ref):
+        return Path(ref).expanduser()
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=str(ref), allow_patterns=_HUB_PATTERNS))
+        return Path(snapshot_download(repo_id=ref, allow_patterns=_HUB_PATTERNS))
     except Exception as err:  # offline, unknown or gated repo, network: all mean "cannot get this model"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise EvomergeError(f"no such directory, and fetching it from the Hugging Face Hub failed "
-                            f"({type(err).__name__}: {reason})", source=str(ref)) from None
+        raise _hub_error(ref, err) from None
+
+
+def _on_hub(ref: str) -> bool:
+    return not Path(ref).expanduser().exists() and HUB_ID.fullmatch(ref) is not None
+
+
+def _hub_error(ref: str, err: Exception) -> EvomergeError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return EvomergeError(f"no such directory, and fetching it from the Hugging Face Hub failed "
+                         f"({type(err).__name__}: {reason})", source=ref)
+
+
+def _hub_headers(repo: str) -> tuple[Path, dict[str, str], dict[str, dict]]:
+    """(the local dir holding the repo's config.json, tensor name -> shard file, safetensors header entries in the
+    order their data lies) of a hub repo, fetched without its weights."""
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+    try:
+        path = Path(hf_hub_download(repo_id=repo, filename="config.json")).parent
+        metadata = get_safetensors_metadata(repo)
+    except Exception as err:  # offline, unknown or gated repo, no safetensors weights, network
+        raise _hub_error(repo, err) from None
+    shards, header = {}, {}
+    for shard, file_metadata in sorted(metadata.files_metadata.items()):
+        for name, info in sorted(file_metadata.tensors.items(), key=lambda item: item[1].data_offsets[0]):
+            shards[name] = shard
+            header[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": list(info.data_offsets)}
+    return path, shards, header
+
+
+def _failure(path: Path, source: str | None):
+    """The error for a problem with the model at `path`, named by `source` when a file names the model."""
+    def fail(message: str) -> EvomergeError:
+        return EvomergeError(f"{path}: {message}", source=source) if source else EvomergeError(message, source=str(path))
+    return fail
+
+
+def _read_config(path: Path, fail) -> tuple[dict, Architecture]:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise fail("no config.json in the model directory") from None
+    except (OSError, ValueError) as err:
+        raise fail(f"unreadable config.json ({err})") from None
+    if not isinstance(config, dict):
+        raise fail("config.json is not a JSON object")
+    arch = architecture_for(config, source=str(path / "config.json"))
+    try:
+        arch.num_layers(config)
+    except EvomergeError as err:
+        raise EvomergeError(str(err), source=str(path / "config.json")) from None
+    return config, arch
 
 
 class ModelDir:
@@ -80,28 +129,20 @@ class ModelDir:
         self.tensor_names: list[str] = list(header)
 
     @classmethod
-    def open(cls, ref: str | os.PathLike, *, source: str | None = None) -> "ModelDir":
-        """`source` is the file that names this model (a recipe, a config); errors then name both."""
+    def open(cls, ref: str | os.PathLike, *, source: str | None = None, headers_only: bool = False) -> "ModelDir":
+        """`source` is the file that names this model (a recipe, a config); errors then name both. `headers_only`: a
+        hub repo not on disk is opened from its config.json and safetensors headers (ranged reads; what planning
+        needs), without downloading its weights: `get` then has no data to read."""
+        if headers_only and _on_hub(str(ref)):
+            path, shards, header = _hub_headers(str(ref))
+            config, arch = _read_config(path, _failure(path, source))
+            files = {name: path / shards[name] for name in header}
+            return cls(path, config, arch, files, header)
         path = _resolve(str(ref))
-
-        def fail(message: str):
-            return EvomergeError(f"{path}: {message}", source=source) if source else EvomergeError(message, source=str(path))
-
+        fail = _failure(path, source)
         if not path.is_dir():
             raise fail("no such model directory")
-        try:
-            config = json.loads((path / "config.json").read_text())
-        except FileNotFoundError:
-            raise fail("no config.json in the model directory") from None
-        except (OSError, ValueError) as err:
-            raise fail(f"unreadable config.json ({err})") from None
-        if not isinstance(config, dict):
-            raise fail("config.json is not a JSON object")
-        arch = architecture_for(config, source=str(path / "config.json"))
-        try:
-            arch.num_layers(config)
-        except EvomergeError as err:
-            raise EvomergeError(str(err), source=str(path / "config.json")) from None
+        config, arch = _read_config(path, fail)
 
         if (path / INDEX).is_file():
             try:

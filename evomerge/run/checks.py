@@ -34,8 +34,9 @@ class CheckedSpace:
     memory: object = None  # run.memory.MemoryPlan
 
 
-def check_space(experiment: Experiment, source: str) -> CheckedSpace:
-    """Open every model the space names and build the space from their real layer counts and tensors."""
+def check_space(experiment: Experiment, source: str, *, headers_only: bool = False) -> CheckedSpace:
+    """Open every model the space names and build the space from their real layer counts and tensors. `headers_only`:
+    a hub model not on disk is read from its config and safetensors headers, not downloaded (`evomerge plan`)."""
     from evomerge.merge.plan import plan_recipe
     from evomerge.models.io import ModelDir, common_dtype, parse_dtype
     from evomerge.run.memory import plan_memory
@@ -49,9 +50,10 @@ def check_space(experiment: Experiment, source: str) -> CheckedSpace:
     try:
         for model in models:
             try:
-                dirs[model] = ModelDir.open(model)
+                dirs[model] = ModelDir.open(model, headers_only=headers_only)
             except EvomergeError as err:
-                raise EvomergeError(f"{model}: {err}", source=source, key=_model_key(config, model)) from None
+                detail = f"{model}: {err.message}" if err.source == model else str(err)  # the model named once
+                raise EvomergeError(detail, source=source, key=_model_key(config, model)) from None
         num_layers = {model: d.num_layers for model, d in dirs.items()}
         space = build_space(config, num_layers=num_layers, source=source, key="space")
         candidate = space.decode(space.x0)

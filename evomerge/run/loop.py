@@ -117,7 +117,7 @@ def memory_plan(experiment: Experiment, *, source: str, device_here: bool = True
     """`evomerge plan`: the up-front checks of a search (no run dir, no trial), then (the memory plan, the device
     memory per worker it is held against). `device_here=False` plans for `workers.device_memory` without looking for
     the device on this machine (a Ray address is still checked)."""
-    checked = check_space(experiment, source)
+    checked = check_space(experiment, source, headers_only=True)  # a hub model is not downloaded to be planned
     workers = experiment.workers
     if device_here:
         check_workers(workers, source)

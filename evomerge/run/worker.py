@@ -13,6 +13,8 @@ a layer path runs (`path_models`) and read the merge's other inputs from host me
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import math
 import os
 import time
@@ -28,6 +30,26 @@ from evomerge.models.io import ModelDir, live_param, load_live_model
 from evomerge.models.sources import HostSources, MappedSources, ResidentSources
 from evomerge.recipe import MERGED, Recipe
 from evomerge.run.path_model import build_path_model, decoder_layers
+
+log = logging.getLogger(__name__)
+
+
+def keep_freed_host_memory() -> bool:
+    """Ask glibc's malloc to reuse freed memory instead of handing it back to the kernel; False where the C library
+    has no mallopt (not glibc). A merge on CPU allocates and frees tensors of up to hundreds of MB per candidate, which
+    glibc serves above its mmap threshold (at most 32 MB) with fresh mappings: every page is then zeroed and faulted in
+    again, and on the 126M-param shape that kernel time was over half of a candidate's merge (benchmarks/README.md)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h; the values are C ints
+    kept = mallopt(m_mmap_threshold, 2**30) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
+    if not kept:
+        log.info("glibc refused the malloc thresholds: freed host memory goes back to the kernel")
+    return kept
+
 
 @dataclass
 class TrialResult:
@@ -54,6 +76,8 @@ class TrialRunner:
         may run (with device: every model); `compile`: the merge's element-wise math under torch.compile."""
         from evomerge.models.io import parse_dtype
 
+        if not device.startswith("cuda"):  # the merge runs in host memory (a CUDA device has its caching allocator)
+            keep_freed_host_memory()
         torch_dtype = parse_dtype(dtype)
         self.name, self.device, self.sources_mode = name, device, sources
         self.dirs = {m: ModelDir.open(m) for m in models}
