@@ -134,28 +134,24 @@ def _check_target(target: str) -> None:
 def evaluate(targets, tasks, split, limit, task_dirs, network, output_json, output_md, device, dtype, batch_size):
     """Score model dirs or recipes (TARGETS) on lm-eval tasks: per-task scores, 95% CIs, chance levels."""
     from evomerge.evaluate.table import evaluate_targets
-    from evomerge.models.io import parse_dtype
+    from evomerge.models.io import check_device, parse_dtype
 
-    if device.startswith("cuda") and not _cuda_available():
-        raise EvomergeError(f"device {device!r} asked for, but torch sees no CUDA device", key="--device")
+    check_device(device)
     dtype = parse_dtype(dtype, key="--dtype")
     load = functools.partial(_load_target, device=device, dtype=dtype)
     evaluate_targets(list(targets), tasks.split(","), split=split, limit=limit, task_dirs=task_dirs, network=network,
-                     batch_size=_batch_size(batch_size), load=load, check=_check_target, output_json=output_json,
-                     output_markdown=output_md, echo=click.echo)
+                     batch_size=_batch_size(batch_size), load=load, check=_check_target,
+                     output_json=output_json, output_markdown=output_md, echo=click.echo)
 
 
 def _batch_size(text: str) -> int | str:
-    """--batch-size: 'auto' or a whole number >= 1."""
-    if text == "auto" or (text.isdigit() and int(text) >= 1):
-        return text if text == "auto" else int(text)
-    raise EvomergeError(f"must be a whole number >= 1 or auto, got {text!r}", key="--batch-size")
+    """--batch-size, read as the experiment's `evaluation.batch_size`."""
+    from evomerge.run.config import batch_size
 
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    try:
+        return batch_size(text)
+    except ValueError as err:
+        raise EvomergeError(str(err), key="--batch-size") from None
 
 
 def _evaluator_factory(experiment, source: str):

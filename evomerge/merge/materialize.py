@@ -17,7 +17,8 @@ from evomerge.merge.compiled import CompiledMethods
 from evomerge.merge.plan import Layout, Plan, TensorTask, plan_recipe, validate_stage
 from evomerge.merge.registry import get_method
 from evomerge.merge.rng import MaskKey
-from evomerge.models.io import ModelDir, ModelWriter, check_finite, common_dtype, live_param, parse_dtype
+from evomerge.models.io import (ModelDir, ModelWriter, check_device, check_finite, common_dtype, live_param,
+                                parse_dtype)
 from evomerge.models.sources import LazySources, MappedSources, ResidentSources, Sources
 from evomerge.recipe import Recipe, to_evomerge_yaml
 
@@ -58,8 +59,7 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
     stage = recipe.merge
     compute_dtype = parse_dtype(dtype or (stage.dtype if stage else None), source=source)
     out_dtype = parse_dtype(dtype or (stage.out_dtype if stage else None), source=source, key="out_dtype") or compute_dtype
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvomergeError(f"device {device!r} asked for, but torch sees no CUDA device", key="--device")
+    check_device(device)
     if stage:
         validate_stage(stage, source)
     dirs = open_model_dirs(recipe, source)

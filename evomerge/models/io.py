@@ -46,6 +46,12 @@ def parse_dtype(name: str | None, *, source: str | None = None, key: str = "dtyp
     return COMPUTE_DTYPES[name]
 
 
+def check_device(device: str, *, key: str = "--device") -> None:
+    """A CUDA device asked for where torch sees none is a user error, not a traceback from deep in a merge."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvomergeError(f"device {device!r} asked for, but torch sees no CUDA device", key=key)
+
+
 def _read_header(file: Path) -> dict[str, dict]:
     """A safetensors header: {name: {dtype, shape, data_offsets}}, in the order the data lies in the file."""
     with open(file, "rb") as f:

@@ -31,6 +31,14 @@ from evomerge.paths import absolute
 from evomerge.recipe import format_validation_error
 
 
+def batch_size(value: Any) -> int | str:
+    """Documents per forward pass: 'auto' (lm-eval's probe) or a whole number >= 1 (also as text, from the CLI)."""
+    number = int(value) if isinstance(value, str) and value.isdigit() else value
+    if number == "auto" or (isinstance(number, int) and not isinstance(number, bool) and number >= 1):
+        return number
+    raise ValueError(f"must be a whole number >= 1 or auto, got {value!r}")
+
+
 class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -86,9 +94,7 @@ class EvaluationConfig(_Schema):
     @field_validator("batch_size", mode="before")
     @classmethod
     def _batch_size(cls, value):
-        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            return value
-        raise ValueError(f"must be a whole number >= 1 or auto, got {value!r}")
+        return batch_size(value)
 
     @field_validator("objectives")
     @classmethod
