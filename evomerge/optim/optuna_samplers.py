@@ -12,6 +12,7 @@ Gene i is the float parameter `x{i}` over [lower_i, upper_i].
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -116,10 +117,21 @@ class OptunaCMAES(OptunaOptimizer):
         self._start(optuna.samplers.CmaEsSampler(popsize=popsize, seed=self.seed, warn_independent_sampling=False))
 
 
+class _NSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II sampler, picklable: since optuna 5.1 its generation bookkeeping holds a threading.Lock, which
+    does not pickle; the checkpoint leaves it out and an unpickled sampler gets a new one."""
+
+    def __getstate__(self):
+        return {name: value for name, value in self.__dict__.items() if name != "_thread_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _thread_lock=threading.Lock())
+
+
 class NSGA2(OptunaOptimizer):
     name = "nsga2"
     multi_objective = True
 
     def __init__(self, lower, upper, *, population_size: Annotated[int, Field(ge=2)] = 50, **common):
         super().__init__(lower, upper, **common)
-        self._start(optuna.samplers.NSGAIISampler(population_size=population_size, seed=self.seed))
+        self._start(_NSGAIISampler(population_size=population_size, seed=self.seed))
