@@ -159,7 +159,7 @@ def test_the_reserve_is_for_the_configured_evaluation_batch(mistral_dirs, tmp_pa
 
     exp = paper_experiment(tmp_path, mistral_dirs, device_memory="80GB")
     doc = yaml.safe_load(exp.read_text())
-    for batch, share in [(16, 4), ("auto", 1)]:  # every term is linear in the tokens; auto plans for the default 64
+    for batch, share in [(16, 4), ("16", 4), ("auto", 1)]:  # linear in the tokens; "16" as the CLI reads it; auto: 64
         doc["evaluation"]["batch_size"] = batch
         exp.write_text(yaml.safe_dump(doc))
         plan, _ = memory_plan(load_experiment(exp), source=str(exp), device_here=False)
