@@ -96,6 +96,20 @@ def test_race_stops_a_hopeless_candidate_and_scores_a_good_one_in_full():
     assert log == [{"a": 100, "b": 100}]  # no threshold: one stage, every document
 
 
+def test_race_spends_delta_over_its_looks():
+    """Stages of 25, 50, 100 of 100 documents: two looks, each bound at delta / 2, so delta holds over the whole race."""
+    truth = {"a": np.array([1.0] * 10 + [0.0] * 15 + [1.0] * 75)}  # 0.4 over the first 25
+    margin = lambda d: math.sqrt(math.log(1 / d) / 2 * (1 - 24 / 100) / 25)  # noqa: E731
+    assert 0.4 + margin(0.05) < 0.625 < 0.4 + margin(0.025)  # stopped by a bound at delta, not at delta / 2
+    log = []
+    _, stopped = race(_scorer(truth, log), {"a": 100}, 0.625, {"a": 1.0}, "mean", first=0.25, delta=0.05)
+    assert not stopped and [d["a"] for d in log] == [25, 25, 50]
+    log.clear()
+    _, stopped = race(_scorer(truth, log), {"a": 100}, 0.4 + margin(0.025) + 1e-9, {"a": 1.0}, "mean", first=0.25,
+                      delta=0.05)
+    assert stopped and log == [{"a": 25}]
+
+
 def test_racing_keeps_the_candidates_that_reach_the_top_at_the_stated_rate():
     """Over many candidates whose full-set mean is above the threshold, racing stops at most delta of them."""
     rng = np.random.default_rng(2)

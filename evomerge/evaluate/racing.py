@@ -1,19 +1,21 @@
 """Racing: score a candidate on a first slice of the documents and go on only while it can still reach a threshold.
 
 Stages: the first `first` fraction of each task's documents, then twice that, and so on to all of them. After each stage
-but the last, the candidate's full-set fitness gets an upper confidence bound, and it stops when that bound is below
-the threshold. The bound is Serfling's (Hoeffding's inequality for sampling without replacement; scores in [0, 1], the
-scored documents taken as a random sample of the task's): task t's mean over its first n_t of N_t documents, p_t, is
-sub-Gaussian around the full-set mean with variance proxy rho_t / (4 n_t), rho_t = 1 - (n_t - 1) / N_t (0 once n_t = N_t).
+but the last (a look; L looks in all), the candidate's full-set fitness gets an upper confidence bound at delta / L,
+and it stops when that bound is below the threshold. The bound is Serfling's (Hoeffding's inequality for sampling
+without replacement; scores in [0, 1], the scored documents taken as a random sample of the task's): task t's mean over
+its first n_t of N_t documents, p_t, is sub-Gaussian around the full-set mean with variance proxy rho_t / (4 n_t),
+rho_t = 1 - (n_t - 1) / N_t (0 once n_t = N_t). With d the look's delta / L:
 
-  - mean (weights w_t summing to 1): fitness <= sum_t w_t p_t + sqrt(ln(1 / delta) sum_t w_t^2 rho_t / (2 n_t)), one
+  - mean (weights w_t summing to 1): fitness <= sum_t w_t p_t + sqrt(ln(1 / d) sum_t w_t^2 rho_t / (2 n_t)), one
     bound on the weighted sum (the tasks are sampled independently);
-  - min, geometric: each task's UCB_t = p_t + sqrt(ln(T / delta) rho_t / (2 n_t)) (a union bound over the T weighted
+  - min, geometric: each task's UCB_t = p_t + sqrt(ln(T / d) rho_t / (2 n_t)) (a union bound over the T weighted
     tasks), and fitness <= aggregate(UCB) (both increase with every task's score).
 
-Either way the full-set fitness lies below the bound with probability >= 1 - delta, so a candidate that would have
-reached the threshold is stopped with probability <= delta. A stopped candidate's fitness is that of the documents it
-was scored on (an estimate). The search loop sets the threshold: the k-th best fully scored fitness.
+Either way the full-set fitness lies below a look's bound with probability >= 1 - delta / L, so (a union bound over the
+L looks) a candidate that would have reached the threshold is stopped with probability <= delta. A stopped candidate's
+fitness is that of the documents it was scored on (an estimate). The search loop sets the threshold: the k-th best
+fully scored fitness.
 """
 
 from __future__ import annotations
@@ -66,9 +68,10 @@ def race(score: Scorer, sizes: Mapping[str, int], threshold: float | None, weigh
     if any(len(p) != n_stages for p in plans.values()):  # tasks too unequal to stage together: one stage
         plans, n_stages = {t: [n] for t, n in sizes.items()}, 1
     docs = {t: np.empty(0) for t in sizes}
+    per_look = delta / max(1, n_stages - 1)
     for j in range(n_stages):
         new = score({t: list(range(len(docs[t]), plans[t][j])) for t in sizes})
         docs = {t: np.concatenate([docs[t], np.asarray(new[t], dtype=np.float64)]) for t in sizes}
-        if j < n_stages - 1 and upper_bound(docs, sizes, weights, how, delta) < threshold:
+        if j < n_stages - 1 and upper_bound(docs, sizes, weights, how, per_look) < threshold:
             return docs, True
     return docs, False
