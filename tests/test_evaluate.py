@@ -174,8 +174,9 @@ def test_eval_cli_batch_size_and_dtype(tiny_zoo, tmp_path):
     assert reference["toy_digits"][0] > 0.5  # the digits expert on its own task: these are real scores
     for option, value, message in [("--batch-size", "0", "--batch-size: must be a whole number >= 1 or auto, got '0'"),
                                    ("--dtype", "int8", "--dtype: unknown dtype 'int8'"),
-                                   ("--device", "cuda", "--device: device 'cuda' asked for, but torch sees no CUDA")]:
-        if option == "--device" and torch.cuda.is_available():
+                                   ("--device", "gpu", "--device: not a device: 'gpu'"),
+                                   ("--device", "cuda", "--device: device 'cuda' is not available on this machine")]:
+        if value == "cuda" and torch.cuda.is_available():
             continue
         result = CliRunner().invoke(main, ["eval", str(tiny_zoo / "base"), "--tasks", "toy_digits", option, value])
         assert result.exit_code == 2 and result.output.startswith(f"error: {message}"), result.output

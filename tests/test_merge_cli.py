@@ -118,6 +118,16 @@ def test_bad_input_is_one_line_exit_2_and_no_out(models, tmp_path, case):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("device, expected", [("gpu", "error: --device: not a device: 'gpu'"),
+                                              ("cuda:7", "error: --device: device 'cuda:7' ")])
+def test_a_device_this_machine_lacks_is_one_line_and_no_out(models, tmp_path, device, expected):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    result = run("merge", write(tmp_path / "ok.yaml", ties(models)), tmp_path / "out", "--device", device)
+    assert result.exit_code == 2 and result.output.startswith(expected) and result.output.count("\n") == 1, result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_empty_out_is_refused_unless_force(models, tmp_path):
     recipe = write(tmp_path / "r.yaml", ties(models))
     (tmp_path / "out").mkdir()

@@ -46,10 +46,24 @@ def parse_dtype(name: str | None, *, source: str | None = None, key: str = "dtyp
     return COMPUTE_DTYPES[name]
 
 
-def check_device(device: str, *, key: str = "--device") -> None:
-    """A CUDA device asked for where torch sees none is a user error, not a traceback from deep in a merge."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvomergeError(f"device {device!r} asked for, but torch sees no CUDA device", key=key)
+def check_device(device: str, *, source: str | None = None, key: str = "--device") -> None:
+    """The device exists on this machine: a bad name, a backend torch lacks here, or an index past the device count
+    is a user error naming `key`, not a traceback from deep in a merge or an evaluation."""
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EvomergeError(f"not a device: {device!r} (examples: cpu, cuda, cuda:1)", source=source, key=key) from None
+    if kind.type == "cpu":
+        return
+    backend = torch.backends.mps if kind.type == "mps" else getattr(torch, kind.type, None)
+    if backend is None or not backend.is_available():
+        build = f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if kind.type == "cuda" else "")
+        raise EvomergeError(f"device {device!r} is not available on this machine ({build}); use cpu, or run where "
+                            f"{kind.type} is", source=source, key=key)
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if kind.index is not None and kind.index >= count:
+        raise EvomergeError(f"device {device!r} does not exist: this machine has {count} {kind.type} device(s)",
+                            source=source, key=key)
 
 
 def _read_header(file: Path) -> dict[str, dict]:

@@ -112,29 +112,9 @@ def check_workers(workers: WorkersConfig, source: str) -> None:
     if workers.backend == "ray" and workers.ray_address:
         check_ray_address(workers.ray_address, source)  # the cluster's devices are checked once it is joined (pool)
     else:
-        check_device(workers.device, source)
+        from evomerge.models.io import check_device
 
-
-def check_device(device: str, source: str, key: str = "workers.device") -> None:
-    import torch
-
-    try:
-        kind = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise EvomergeError(f"not a device: {device!r} (examples: cpu, cuda, cuda:1)", source=source, key=key) from None
-    if kind.type == "cpu":
-        return
-    backend = getattr(torch, kind.type, None)
-    if kind.type == "mps":
-        backend = torch.backends.mps
-    if backend is None or not backend.is_available():
-        build = f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if kind.type == "cuda" else "")
-        raise EvomergeError(f"device {device!r} is not available on this machine ({build}); use cpu, or run where "
-                            f"{kind.type} is", source=source, key=key)
-    count = backend.device_count() if hasattr(backend, "device_count") else 1
-    if kind.index is not None and kind.index >= count:
-        raise EvomergeError(f"device {device!r} does not exist: this machine has {count} {kind.type} device(s)",
-                            source=source, key=key)
+        check_device(workers.device, source=source, key="workers.device")
 
 
 def check_ray_address(address: str, source: str, key: str = "workers.ray_address") -> None:
