@@ -24,7 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIMIZER_OPTIONS = {"cmaes": {"sigma0": 0.25, "popsize": 16}, "random": {}}  # niches: the experiment file's
-RACING = {"first": 0.1, "delta": 0.2}
+RACING = {"first": 0.1, "delta": 0.05}
 SKILL = 0.4  # a skill counts as kept at a test score >= this
 
 

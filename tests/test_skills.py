@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 
 from evomerge.evaluate.docs import completed, count, pack, unpack
-from evomerge.evaluate.racing import race, stage_ends, upper_bound
+from evomerge.evaluate.racing import hypergeometric_pmf, mean_p_value, race, reachable, stage_ends
 from evomerge.evaluate.result import GEOMETRIC_EPS, TaskScore, aggregate, weighted_fitness
 
 
@@ -54,21 +55,87 @@ def test_stage_ends_double_from_the_first_slice():
     assert stage_ends(3, 0.25) == [1, 2, 3] and stage_ends(1, 0.25) == [1]
 
 
-def test_serfling_upper_bounds_known_values():
-    one = {"a": np.array([1.0] * 6 + [0.0] * 4)}  # mean 0.6 over 10 of 40 documents
-    want = 0.6 + math.sqrt((1 - 9 / 40) * math.log(1 / 0.05) / 20)
-    for how in ("mean", "min", "geometric"):  # one task: every aggregate is its score
-        assert upper_bound(one, {"a": 40}, {"a": 1.0}, how, 0.05) == pytest.approx(want)
-    assert upper_bound(one, {"a": 10}, {"a": 1.0}, "mean", 0.05) == pytest.approx(0.6)  # all scored: the mean itself
-    two = {"a": one["a"], "b": np.array([1.0, 0.0] * 10)}  # b: 0.5 over 20 of 20 (exact)
+def _pmf(size: int, solved: int, scored: int, x: int) -> float:
+    """P(x solved among `scored` documents drawn at random from `size` of which `solved` are), written plainly."""
+    return math.comb(solved, x) * math.comb(size - solved, scored - x) / math.comb(size, scored)
+
+
+def test_hypergeometric_pmf_is_the_counting_formula():
+    for size, scored in ((1, 1), (12, 4), (50, 5), (300, 40)):
+        want = np.array([[_pmf(size, k, scored, x) for x in range(scored + 1)] for k in range(size + 1)])
+        np.testing.assert_allclose(hypergeometric_pmf(size, scored), want, rtol=1e-12, atol=1e-300)
+
+
+def _p_value_by_enumeration(solved, scored, sizes, weights, threshold):
+    """The mean test's p-value from its definition: every K whose weighted mean reaches the threshold, and every outcome
+    of the scored documents whose weighted count (m_t = w_t / n_t, here in whole steps) is at most the observed one."""
+    tasks = list(sizes)
+    step = {t: round(weights[t] / scored[t] / min(weights[u] / scored[u] for u in tasks)) for t in tasks}
+    observed = sum(step[t] * solved[t] for t in tasks)
+    best = 0.0
+    for ks in itertools.product(*(range(sizes[t] + 1) for t in tasks)):
+        if sum(weights[t] * k / sizes[t] for t, k in zip(tasks, ks)) < threshold - 1e-12:
+            continue
+        p = sum(math.prod(_pmf(sizes[t], k, scored[t], x) for t, k, x in zip(tasks, ks, xs))
+                for xs in itertools.product(*(range(scored[t] + 1) for t in tasks))
+                if sum(step[t] * x for t, x in zip(tasks, xs)) <= observed)
+        best = max(best, p)
+    return best
+
+
+@pytest.mark.parametrize("weights, scored", [({"a": 0.5, "b": 0.5}, {"a": 4, "b": 4}),
+                                             ({"a": 0.75, "b": 0.25}, {"a": 3, "b": 5})])
+def test_mean_p_value_equals_its_definition(weights, scored):
+    sizes = {"a": 10, "b": 12}
+    for solved_a, solved_b, threshold in ((0, 1, 0.5), (2, 2, 0.7), (3, 4, 0.4), (1, 0, 0.9), (3, 5, 1.0)):
+        solved = {"a": min(solved_a, scored["a"]), "b": min(solved_b, scored["b"])}
+        want = _p_value_by_enumeration(solved, scored, sizes, weights, threshold)
+        assert mean_p_value(solved, scored, sizes, weights, threshold) == pytest.approx(want, rel=1e-9, abs=1e-15)
+    assert mean_p_value({"a": 4, "b": 4}, scored, sizes, weights, 1.01) == 0.0  # no outcome reaches it
+
+
+def test_the_mean_test_stops_a_candidate_that_reaches_the_threshold_at_most_at_its_level():
+    """For every population whose mean reaches the threshold, the chance (summed over every outcome of the scored
+    documents) that the test stops it is <= its level: the guarantee, checked exactly."""
+    sizes, scored, weights, level = {"a": 12, "b": 12}, {"a": 4, "b": 4}, {"a": 0.5, "b": 0.5}, 0.1
+    for threshold in (0.3, 0.5, 0.75):
+        stops = [(xa, xb) for xa in range(5) for xb in range(5)
+                 if mean_p_value({"a": xa, "b": xb}, scored, sizes, weights, threshold) <= level]
+        assert stops  # the test does stop somewhere
+        for ka in range(13):
+            for kb in range(13):
+                if (ka + kb) / 24 >= threshold:
+                    chance = sum(_pmf(12, ka, 4, xa) * _pmf(12, kb, 4, xb) for xa, xb in stops)
+                    assert chance <= level + 1e-12
+
+
+def test_mean_p_value_in_cells_is_conservative_and_close():
+    """Too many K combinations for the budget: the K of a and b go in cells of 16, each taken at its least K (and c's
+    completing their largest). That can only raise the p-value, and by no more than lowering the threshold by the
+    cells' width: 2 x (1/3) x 15/300 = 0.033."""
+    sizes, scored, weights = {"a": 300, "b": 300, "c": 300}, {"a": 20, "b": 20, "c": 20}, dict.fromkeys("abc", 1 / 3)
+    for solved in ({"a": 5, "b": 9, "c": 4}, {"a": 12, "b": 10, "c": 11}, {"a": 20, "b": 0, "c": 3}):
+        exact = [mean_p_value(solved, scored, sizes, weights, threshold, budget=2**30) for threshold in (0.6, 0.6 - 0.034)]
+        cells = mean_p_value(solved, scored, sizes, weights, 0.6, budget=2**14)  # 19 cells per task: 41 count values
+        assert exact[0] <= cells <= exact[1]
+
+
+def test_min_and_geometric_use_each_tasks_exact_upper_bound():
+    one = {"a": np.array([1.0] * 6 + [0.0] * 4)}  # 6 solved of the first 10 of 40 documents
+    tail = [sum(_pmf(40, k, 10, x) for x in range(7)) for k in range(41)]  # P(X <= 6) for K = 0 .. 40
+    ucb = max(k for k in range(41) if tail[k] > 0.05) / 40
+    for how in ("min", "geometric", "mean"):  # one task: every aggregate is its score, and the tests agree
+        assert reachable(one, {"a": 40}, {"a": 1.0}, how, ucb, 0.05)
+        assert not reachable(one, {"a": 40}, {"a": 1.0}, how, ucb + 1e-9, 0.05)
+    two = {"a": one["a"], "b": np.array([1.0, 0.0] * 10)}  # b: 0.5 over all of its 20 documents (exact)
     sizes, weights = {"a": 40, "b": 20}, {"a": 3.0, "b": 1.0}
-    mean = 0.75 * 0.6 + 0.25 * 0.5 + math.sqrt(math.log(20) / 2 * 0.75 ** 2 * (1 - 9 / 40) / 10)
-    assert upper_bound(two, sizes, weights, "mean", 0.05) == pytest.approx(mean)
-    ucb_a = 0.6 + math.sqrt(math.log(2 / 0.05) * (1 - 9 / 40) / 20)  # union bound over two tasks
-    assert upper_bound(two, sizes, weights, "min", 0.05) == pytest.approx(min(ucb_a, 0.5))
-    assert upper_bound(two, sizes, weights, "geometric", 0.05) == pytest.approx(
-        aggregate({"a": ucb_a, "b": 0.5}, weights, "geometric"))
-    assert upper_bound({"a": np.ones(5)}, {"a": 50}, {"a": 1.0}, "mean", 0.05) == 1.0
+    ucb_a = max(k for k in range(41) if tail[k] > 0.05 / 2) / 40  # a union bound over two tasks
+    assert reachable(two, sizes, weights, "min", 0.5, 0.05) and not reachable(two, sizes, weights, "min", 0.5 + 1e-9, 0.05)
+    geometric = aggregate({"a": ucb_a, "b": 0.5}, weights, "geometric")
+    assert reachable(two, sizes, weights, "geometric", geometric, 0.05)
+    assert not reachable(two, sizes, weights, "geometric", geometric + 1e-9, 0.05)
+    with pytest.raises(ValueError, match="0 or 1"):
+        reachable({"a": np.array([0.5, 1.0])}, {"a": 4}, {"a": 1.0}, "mean", 0.5, 0.05)
 
 
 def _scorer(truth: dict[str, np.ndarray], log: list):
@@ -97,16 +164,17 @@ def test_race_stops_a_hopeless_candidate_and_scores_a_good_one_in_full():
 
 
 def test_race_spends_delta_over_its_looks():
-    """Stages of 25, 50, 100 of 100 documents: two looks, each bound at delta / 2, so delta holds over the whole race."""
-    truth = {"a": np.array([1.0] * 10 + [0.0] * 15 + [1.0] * 75)}  # 0.4 over the first 25
-    margin = lambda d: math.sqrt(math.log(1 / d) / 2 * (1 - 24 / 100) / 25)  # noqa: E731
-    assert 0.4 + margin(0.05) < 0.625 < 0.4 + margin(0.025)  # stopped by a bound at delta, not at delta / 2
+    """Stages of 25, 50, 100 of 100 documents: two looks, each tested at delta / 2, so delta holds over the whole race."""
+    truth = {"a": np.array([1.0] * 10 + [0.0] * 15 + [1.0] * 75)}  # 10 solved of the first 25
+    p_value = [sum(_pmf(100, k, 25, x) for x in range(11)) for k in range(101)]  # P(X <= 10) for K solved of 100
+    k = next(k for k in range(101) if p_value[k] <= 0.05)  # the least K a test at delta rejects
+    assert p_value[k] > 0.025  # ... which a test at delta / 2 does not
     log = []
-    _, stopped = race(_scorer(truth, log), {"a": 100}, 0.625, {"a": 1.0}, "mean", first=0.25, delta=0.05)
+    _, stopped = race(_scorer(truth, log), {"a": 100}, k / 100, {"a": 1.0}, "mean", first=0.25, delta=0.05)
     assert not stopped and [d["a"] for d in log] == [25, 25, 50]
     log.clear()
-    _, stopped = race(_scorer(truth, log), {"a": 100}, 0.4 + margin(0.025) + 1e-9, {"a": 1.0}, "mean", first=0.25,
-                      delta=0.05)
+    k = next(k for k in range(101) if p_value[k] <= 0.025)
+    _, stopped = race(_scorer(truth, log), {"a": 100}, k / 100, {"a": 1.0}, "mean", first=0.25, delta=0.05)
     assert stopped and log == [{"a": 25}]
 
 

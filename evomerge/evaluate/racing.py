@@ -1,21 +1,25 @@
 """Racing: score a candidate on a first slice of the documents and go on only while it can still reach a threshold.
 
 Stages: the first `first` fraction of each task's documents, then twice that, and so on to all of them. After each stage
-but the last (a look; L looks in all), the candidate's full-set fitness gets an upper confidence bound at delta / L,
-and it stops when that bound is below the threshold. The bound is Serfling's (Hoeffding's inequality for sampling
-without replacement; scores in [0, 1], the scored documents taken as a random sample of the task's): task t's mean over
-its first n_t of N_t documents, p_t, is sub-Gaussian around the full-set mean with variance proxy rho_t / (4 n_t),
-rho_t = 1 - (n_t - 1) / N_t (0 once n_t = N_t). With d the look's delta / L:
+but the last (a look; L looks in all) the candidate stops if an exact test at level d = delta / L says its full-set
+fitness is below the threshold. Per-document scores are 0 or 1 (racing's metrics are proportions): task t has N_t
+documents, of which an unknown K_t are solved; its first n_t documents, taken as a random sample of them, show
+X_t ~ Hypergeometric(N_t, K_t, n_t) solved, independently across tasks. With weights w_t summing to 1:
 
-  - mean (weights w_t summing to 1): fitness <= sum_t w_t p_t + sqrt(ln(1 / d) sum_t w_t^2 rho_t / (2 n_t)), one
-    bound on the weighted sum (the tasks are sampled independently);
-  - min, geometric: each task's UCB_t = p_t + sqrt(ln(T / d) rho_t / (2 n_t)) (a union bound over the T weighted
-    tasks), and fitness <= aggregate(UCB) (both increase with every task's score).
+  - mean (fitness F = sum_t w_t K_t / N_t): the p-value of "F >= threshold" is the largest P_K(S <= s) over every
+    K = (K_1 .. K_T) with F >= threshold, where S = sum_t m_t X_t is the scored documents' weighted count (m_t: w_t / n_t
+    in small integer steps; 1 for every task when weights and slices are equal) and s its observed value. P_K(S <= s)
+    falls as any K_t grows, so the largest is among the least K that reach the threshold: K_1 .. K_{T-1} run over their
+    ranges (in cells when there are too many combinations, each cell taken at its least K) and K_T is the least that
+    completes them. The candidate stops when that p-value is <= d.
+  - min, geometric: task t's exact upper bound at d / T, UCB_t = the largest K_t / N_t with P(X_t <= x_t) > d / T (a union
+    bound over the T weighted tasks); the candidate stops when aggregate(UCB) < threshold (it grows with every score).
 
-Either way the full-set fitness lies below a look's bound with probability >= 1 - delta / L, so (a union bound over the
-L looks) a candidate that would have reached the threshold is stopped with probability <= delta. A stopped candidate's
-fitness is that of the documents it was scored on (an estimate). The search loop sets the threshold: the k-th best
-fully scored fitness.
+Either way a candidate whose full-set fitness reaches the threshold is stopped at a look with probability <= d, so (a
+union bound over the L looks) with probability <= delta over the race. An exact test, unlike Hoeffding's or Serfling's
+bound (which assume the widest spread scores in [0, 1] can have), is as tight as the scored documents allow. A stopped
+candidate's fitness is that of the documents it was scored on (an estimate). The search loop sets the threshold: the
+k-th best fully scored fitness.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import numpy as np
 from evomerge.evaluate.result import aggregate
 
 Scorer = Callable[[dict[str, list[int]]], dict[str, np.ndarray]]  # {task: document indices} -> {task: their scores}
+STEPS = 16  # the weighted count's resolution: m_t in 1 .. STEPS
+COMBINATIONS = 2**21  # mean_p_value's default budget
 
 
 def stage_ends(size: int, first: float) -> list[int]:
@@ -42,22 +48,76 @@ def stage_ends(size: int, first: float) -> list[int]:
     return ends + [size]
 
 
-def upper_bound(docs: Mapping[str, np.ndarray], sizes: Mapping[str, int], weights: Mapping[str, float], how: str,
-                delta: float) -> float:
-    """Serfling's (1 - delta) upper bound on the full-set fitness, from the documents scored so far (module doc)."""
+def hypergeometric_pmf(size: int, scored: int) -> np.ndarray:
+    """[K, x] = P(X = x) for K = 0 .. size solved among `size` documents, x = 0 .. scored solved among `scored` of
+    them drawn at random: C(K, x) C(size - K, scored - x) / C(size, scored), in logs (math.lgamma)."""
+    log_fact = np.array([math.lgamma(i + 1) for i in range(size + 1)])
+    k, x = np.arange(size + 1)[:, None], np.arange(scored + 1)[None, :]
+    possible = (x <= k) & (scored - x <= size - k)
+
+    def log_choose(a, b):
+        return log_fact[a] - log_fact[np.clip(b, 0, None)] - log_fact[np.clip(a - b, 0, None)]
+
+    log_pmf = log_choose(k, x) + log_choose(size - k, scored - x) - log_choose(np.array(size), np.array(scored))
+    return np.where(possible, np.exp(np.where(possible, log_pmf, 0.0)), 0.0)
+
+
+def reachable(docs: Mapping[str, np.ndarray], sizes: Mapping[str, int], weights: Mapping[str, float], how: str,
+              threshold: float, level: float) -> bool:
+    """False when the exact test at `level` says the full-set fitness is below `threshold` (module doc)."""
     total = sum(weights.values())
-    w = {t: v / total for t, v in weights.items() if v > 0}
-    means = {t: float(np.mean(docs[t])) for t in w}
-    spread = {t: _variance_proxy(len(docs[t]), sizes[t]) for t in w}  # 4 x the variance proxy of task t's mean
+    tasks = [t for t, v in weights.items() if v > 0]
+    w = {t: weights[t] / total for t in tasks}
+    solved = {t: int(np.sum(docs[t])) for t in tasks}
+    if any(not np.isin(docs[t], (0.0, 1.0)).all() for t in tasks):
+        raise ValueError("racing's exact test needs per-document scores of 0 or 1")
     if how == "mean":
-        return min(1.0, sum(w[t] * means[t] for t in w) + math.sqrt(math.log(1 / delta) / 2 * sum(
-            w[t] ** 2 * spread[t] for t in w)))
-    bounds = {t: min(1.0, means[t] + math.sqrt(math.log(len(w) / delta) / 2 * spread[t])) for t in w}
-    return aggregate(bounds, w, how)
+        return mean_p_value(solved, {t: len(docs[t]) for t in tasks}, sizes, w, threshold) > level
+    bounds = {}
+    for t in tasks:  # the largest K whose chance of showing at most the solved count seen is above level / T
+        tail = np.cumsum(hypergeometric_pmf(sizes[t], len(docs[t])), axis=1)[:, solved[t]]
+        bounds[t] = int(np.flatnonzero(tail > level / len(tasks)).max()) / sizes[t]
+    return aggregate(bounds, w, how) >= threshold
 
 
-def _variance_proxy(n: int, total: int) -> float:
-    return 0.0 if n >= total else (1 - (n - 1) / total) / n
+def mean_p_value(solved: Mapping[str, int], scored: Mapping[str, int], sizes: Mapping[str, int],
+                 weights: Mapping[str, float], threshold: float, budget: int = COMBINATIONS) -> float:
+    """The p-value of "the weighted mean of K_t / N_t is >= threshold" from the solved counts of the scored documents
+    (weights summing to 1): max over the least such K of P_K(sum_t m_t X_t <= observed) (module doc). `budget`: at most
+    this many (K combination, count value) pairs at once; past it the K of all tasks but the last go in cells."""
+    tasks = list(weights)
+    per_doc = {t: weights[t] / scored[t] for t in tasks}
+    steps = {t: max(1, round(STEPS * per_doc[t] / max(per_doc.values()))) for t in tasks}
+    common = math.gcd(*steps.values())
+    steps = {t: m // common for t, m in steps.items()}
+    observed = sum(steps[t] * solved[t] for t in tasks)
+    pmfs = {t: hypergeometric_pmf(sizes[t], scored[t]) for t in tasks}
+    *free, last = tasks
+    # The distribution of sum_{t in free} m_t X_t for every combination of their K, each K_t at the least of its cell,
+    # and the most F those combinations reach (each K_t at the top of its cell).
+    length = 1 + sum(steps[t] * scored[t] for t in free)
+    cells = max(1, int((budget / length) ** (1 / max(1, len(free)))))
+    count, reach = np.ones((1, 1)), np.zeros(1)
+    for t in free:
+        width = math.ceil((sizes[t] + 1) / cells)
+        least = np.arange(0, sizes[t] + 1, width)
+        most = np.minimum(least + width - 1, sizes[t])
+        mixed = np.zeros((len(count), len(least), count.shape[1] + steps[t] * scored[t]))
+        for x in range(scored[t] + 1):
+            at = steps[t] * x
+            mixed[:, :, at:at + count.shape[1]] += count[:, None, :] * pmfs[t][least, x][None, :, None]
+        count = mixed.reshape(-1, mixed.shape[2])
+        reach = (reach[:, None] + weights[t] * most[None, :] / sizes[t]).reshape(-1)
+    need = np.ceil((threshold - reach) * sizes[last] / weights[last] - 1e-9)  # the least K_last completing each
+    feasible = need <= sizes[last]
+    if not feasible.any():
+        return 0.0  # no outcome reaches the threshold
+    k_last = np.clip(need[feasible], 0, sizes[last]).astype(int)
+    tail = np.cumsum(pmfs[last], axis=1)  # [K, x] = P(X_last <= x)
+    value = np.arange(count.shape[1])  # the free tasks' weighted count
+    room = np.clip((observed - value) // steps[last], -1, scored[last])  # X_last may be at most this; -1: nothing
+    below = np.where(room >= 0, tail[k_last[:, None], np.maximum(room, 0)[None, :]], 0.0)
+    return float(np.max(np.sum(count[feasible] * below, axis=1)))
 
 
 def race(score: Scorer, sizes: Mapping[str, int], threshold: float | None, weights: Mapping[str, float], how: str, *,
@@ -72,6 +132,6 @@ def race(score: Scorer, sizes: Mapping[str, int], threshold: float | None, weigh
     for j in range(n_stages):
         new = score({t: list(range(len(docs[t]), plans[t][j])) for t in sizes})
         docs = {t: np.concatenate([docs[t], np.asarray(new[t], dtype=np.float64)]) for t in sizes}
-        if j < n_stages - 1 and upper_bound(docs, sizes, weights, how, per_look) < threshold:
+        if j < n_stages - 1 and not reachable(docs, sizes, weights, how, threshold, per_look):
             return docs, True
     return docs, False
