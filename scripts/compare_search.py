@@ -35,7 +35,7 @@ def config_name(optimizer: str, aggregate: str, racing: str, settings: dict = RA
 
 
 def experiment(base: dict, optimizer: str, aggregate: str, racing: str, seed: int, trials: int,
-               settings: dict = RACING):
+               settings: dict = RACING, limit: int | None = None):
     from evomerge.run.config import experiment_from_dict
 
     doc = json.loads(json.dumps(base))
@@ -44,6 +44,8 @@ def experiment(base: dict, optimizer: str, aggregate: str, racing: str, seed: in
     if optimizer != "niches":
         doc["optimizer"] = {"name": optimizer, "options": OPTIMIZER_OPTIONS[optimizer]}
     doc["evaluation"] = {**doc["evaluation"], "aggregate": aggregate, "racing": settings if racing == "on" else None}
+    if limit is not None:
+        doc["evaluation"]["limit"] = limit
     return experiment_from_dict(doc, source="compare_search", base_dir=ROOT)
 
 
@@ -104,6 +106,8 @@ def main(argv=None) -> None:
                         help="optimizer-aggregate-racing triples (e.g. niches-geometric-on) instead of the full grid")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--trials", type=int, default=128)
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluation.limit: search documents per task (the experiment file's 50 by default)")
     parser.add_argument("--racing-first", type=float, default=RACING["first"], help="evaluation.racing.first")
     parser.add_argument("--racing-delta", type=float, default=RACING["delta"], help="evaluation.racing.delta")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "compare"))
@@ -120,14 +124,15 @@ def main(argv=None) -> None:
     for seed in args.seeds:  # seed-major: after the first pass every configuration has a row
         for optimizer, aggregate, racing in configs:
             settings = {"first": args.racing_first, "delta": args.racing_delta}
-            exp = experiment(base, optimizer, aggregate, racing, seed, args.trials, settings)
+            exp = experiment(base, optimizer, aggregate, racing, seed, args.trials, settings, args.limit)
             rows.append(run_one(exp, Path(args.runs) / f"{exp.name}-s{seed}"))
             print(json.dumps({k: rows[-1][k] for k in ("config", "seed", "test_mean", "documents", "trial_s")}),
                   file=sys.stderr, flush=True)
             Path(args.out + ".json").write_text(json.dumps(rows, indent=1) + "\n")
     text = table(rows)
-    Path(args.out + ".md").write_text(f"Test split (n = 200 per task), {args.trials} trials per search, search split 50 "
-                                      f"documents per task.\n\n{text}")
+    limit = args.limit or base["evaluation"]["limit"]
+    Path(args.out + ".md").write_text(f"Test split (n = 200 per task), {args.trials} trials per search, search split "
+                                      f"{limit} documents per task.\n\n{text}")
     print(text)
 
 

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread_per_xdist_worker():
+    """Under pytest-xdist (scripts/test.sh runs 2 workers) each worker computes on one torch thread: two workers with
+    torch's default threads would put twice as many threads as cores to work, and OpenMP threads waiting on each other
+    are much slower than one thread."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+    yield
 
 
 @pytest.fixture(scope="session", autouse=True)
