@@ -109,14 +109,18 @@ def test_the_mean_test_stops_a_candidate_that_reaches_the_threshold_at_most_at_i
                     assert chance <= level + 1e-12
 
 
-def test_mean_p_value_in_cells_is_conservative_and_close():
-    """Too many K combinations for the budget: the K of a and b go in cells of 16, each taken at its least K (and c's
+@pytest.mark.parametrize("n, widening", [(20, 0.034), (40, 0.047)])
+def test_mean_p_value_in_cells_is_conservative_and_close(n, widening):
+    """Too many K combinations for the budget: the K of a and b go in cells, each taken at its least K (and c's
     completing their largest). That can only raise the p-value, and by no more than lowering the threshold by the
-    cells' width: 2 x (1/3) x 15/300 = 0.033."""
-    sizes, scored, weights = {"a": 300, "b": 300, "c": 300}, {"a": 20, "b": 20, "c": 20}, dict.fromkeys("abc", 1 / 3)
+    cells' width: 20 scored documents per task, 19 cells of 16 (41 count values): 2 x (1/3) x 15/300 = 0.033; 40 scored,
+    14 cells of 22 (81 values; b's count in 3 chunks of x): 2 x (1/3) x 21/300 = 0.047."""
+    sizes, scored, weights = {"a": 300, "b": 300, "c": 300}, dict.fromkeys("abc", n), dict.fromkeys("abc", 1 / 3)
     for solved in ({"a": 5, "b": 9, "c": 4}, {"a": 12, "b": 10, "c": 11}, {"a": 20, "b": 0, "c": 3}):
-        exact = [mean_p_value(solved, scored, sizes, weights, threshold, budget=2**30) for threshold in (0.6, 0.6 - 0.034)]
-        cells = mean_p_value(solved, scored, sizes, weights, 0.6, budget=2**14)  # 19 cells per task: 41 count values
+        solved = {t: k * n // 20 for t, k in solved.items()}
+        exact = [mean_p_value(solved, scored, sizes, weights, threshold, budget=2**30)
+                 for threshold in (0.6, 0.6 - widening)]
+        cells = mean_p_value(solved, scored, sizes, weights, 0.6, budget=2**14)
         assert exact[0] <= cells <= exact[1]
 
 

