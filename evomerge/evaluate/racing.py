@@ -68,9 +68,9 @@ def reachable(docs: Mapping[str, np.ndarray], sizes: Mapping[str, int], weights:
     total = sum(weights.values())
     tasks = [t for t, v in weights.items() if v > 0]
     w = {t: weights[t] / total for t in tasks}
-    solved = {t: int(np.sum(docs[t])) for t in tasks}
     if any(not np.isin(docs[t], (0.0, 1.0)).all() for t in tasks):
         raise ValueError("racing's exact test needs per-document scores of 0 or 1")
+    solved = {t: int(np.sum(docs[t])) for t in tasks}
     if how == "mean":
         return mean_p_value(solved, {t: len(docs[t]) for t in tasks}, sizes, w, threshold) > level
     bounds = {}
