@@ -75,7 +75,7 @@ def reachable(docs: Mapping[str, np.ndarray], sizes: Mapping[str, int], weights:
         return mean_p_value(solved, {t: len(docs[t]) for t in tasks}, sizes, w, threshold) > level
     bounds = {}
     for t in tasks:  # the largest K whose chance of showing at most the solved count seen is above level / T
-        tail = np.cumsum(hypergeometric_pmf(sizes[t], len(docs[t])), axis=1)[:, solved[t]]
+        tail = hypergeometric_pmf(sizes[t], len(docs[t]))[:, :solved[t] + 1].sum(axis=1)  # P(X_t <= x_t) per K
         bounds[t] = int(np.flatnonzero(tail > level / len(tasks)).max()) / sizes[t]
     return aggregate(bounds, w, how) >= threshold
 
