@@ -35,7 +35,8 @@ def config_name(optimizer: str, aggregate: str, racing: str, settings: dict = RA
 
 
 def experiment(base: dict, optimizer: str, aggregate: str, racing: str, seed: int, trials: int,
-               settings: dict = RACING, limit: int | None = None):
+               settings: dict = RACING, limit: int | None = None, base_dir: Path = ROOT / "experiments"):
+    """`base` (an experiment file's mapping, its relative paths relative to `base_dir`) with this row's settings."""
     from evomerge.run.config import experiment_from_dict
 
     doc = json.loads(json.dumps(base))
@@ -46,7 +47,7 @@ def experiment(base: dict, optimizer: str, aggregate: str, racing: str, seed: in
     doc["evaluation"] = {**doc["evaluation"], "aggregate": aggregate, "racing": settings if racing == "on" else None}
     if limit is not None:
         doc["evaluation"]["limit"] = limit
-    return experiment_from_dict(doc, source="compare_search", base_dir=ROOT)
+    return experiment_from_dict(doc, source="compare_search", base_dir=base_dir)
 
 
 def run_one(exp, run_dir: Path) -> dict:
@@ -124,7 +125,8 @@ def main(argv=None) -> None:
     for seed in args.seeds:  # seed-major: after the first pass every configuration has a row
         for optimizer, aggregate, racing in configs:
             settings = {"first": args.racing_first, "delta": args.racing_delta}
-            exp = experiment(base, optimizer, aggregate, racing, seed, args.trials, settings, args.limit)
+            exp = experiment(base, optimizer, aggregate, racing, seed, args.trials, settings, args.limit,
+                             Path(args.experiment).resolve().parent)
             rows.append(run_one(exp, Path(args.runs) / f"{exp.name}-s{seed}"))
             print(json.dumps({k: rows[-1][k] for k in ("config", "seed", "test_mean", "documents", "trial_s")}),
                   file=sys.stderr, flush=True)
