@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The main job: the toy-zoo demo end to end on CPU (~4 minutes on 2 cores).
+# The main job: the toy-zoo demo end to end on CPU (~7-11 minutes on 2 cores, the install included).
 #   1. install evomerge;  2. build the toy zoo (once; deterministic by seed; committed, so usually skipped);
 #   3. run the searches of experiments/ (PS with CMA-ES, the same space with random search, PS with DARE-TIES, the
-#      distraction test, DFS, PS+DFS, NSGA-II over the three skills) and report each;  4. score every model, default
+#      distraction test, DFS, PS+DFS, NSGA-II over the three skills, natural niches with racing) and report each;  4. score every model, default
 #      merge and search winner on the test split and print the results table (runs/results.md; other tasks in
 #      runs/results_extra.md).
 set -euo pipefail
@@ -12,7 +12,7 @@ export HF_DATASETS_CACHE="${HF_DATASETS_CACHE:-$PWD/runs/.hf_datasets}" HF_HUB_O
 mkdir -p runs
 [ -f zoo/zoo.json ] || evomerge zoo build zoo
 runs=()
-for experiment in toy_random toy_ps toy_ps_dare toy_distractor toy_dfs toy_psdfs toy_nsga2; do  # toy_psdfs builds on toy_ps
+for experiment in toy_random toy_ps toy_ps_dare toy_distractor toy_dfs toy_psdfs toy_nsga2 toy_niches; do  # toy_psdfs builds on toy_ps
   [ -f "experiments/$experiment.yaml" ] || continue
   [ -f "runs/$experiment/best/recipe.yaml" ] || evomerge search "experiments/$experiment.yaml" --run-dir "runs/$experiment"
   evomerge report "runs/$experiment" > /dev/null
