@@ -232,16 +232,21 @@ def _on_ray(config, ray_address: str | None):
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--ray-address", default=None, help="continue on a running Ray cluster (e.g. 127.0.0.1:6379)")
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="a new trial budget: more continues a finished search, fewer ends a running one sooner (not below "
+                   "the trials already scored); the run then equals one started with it")
 @user_errors
-def resume(run_dir, ray_address):
+def resume(run_dir, ray_address, trials):
     """Continue the search in RUN_DIR from its files alone (after Ctrl-C, kill -9, a reboot or a lost node)."""
     from evomerge.run.loop import resume as run_resume
     from evomerge.run.rundir import RunDir
 
     config = RunDir(run_dir).frozen()
     make_evaluator = _evaluator_factory(config, str(Path(run_dir) / "config.yaml"))
-    on_ray = _on_ray(config, ray_address) if ray_address else None  # else the frozen config as it is
-    _print_summary(run_dir, run_resume(run_dir, make_evaluator, experiment=on_ray))
+    changed = _on_ray(config, ray_address)
+    if trials is not None:
+        changed = changed.model_copy(update={"budget": changed.budget.model_copy(update={"trials": trials})})
+    _print_summary(run_dir, run_resume(run_dir, make_evaluator, experiment=None if changed is config else changed))
 
 
 @main.command()
@@ -257,7 +262,8 @@ def export(run_dir, fmt, output):
 
     best = Path(run_dir) / "best" / "recipe.yaml"
     if not best.exists():
-        raise EvomergeError("no winner yet (best/recipe.yaml is written when the search budget is spent)", source=run_dir)
+        raise EvomergeError("no winner yet (best/recipe.yaml is written when the search budget is spent; "
+                            f"`evomerge resume {run_dir} --trials N` ends a stopped search at N trials)", source=run_dir)
     text, warnings = export_text(load_recipe(best), fmt)
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)

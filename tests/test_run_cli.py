@@ -14,7 +14,7 @@ from evomerge.cli import main
 from evomerge.merge.materialize import merge_to_dir
 from evomerge.export import export_text
 from evomerge.recipe import load_recipe, save_recipe
-from evomerge.run.config import experiment_from_dict
+from evomerge.run.config import experiment_from_dict, load_experiment
 from evomerge.run.loop import search
 from test_search_loop import evaluator_factory, experiment, models  # noqa: F401  (module fixture)
 
@@ -170,6 +170,24 @@ def test_resume_of_a_finished_run_reprints_its_winner(ps_run, models, tmp_path, 
     result = run("resume", tmp_path, "--ray-address", "127.0.0.1:1")
     assert result.exit_code == 2 and "not a run directory (no config.yaml)" in result.output
 
+
+
+def test_resume_with_a_new_trial_budget(ps_run, models, tmp_path, monkeypatch):  # noqa: F811
+    import evomerge.cli
+
+    monkeypatch.setattr(evomerge.cli, "_evaluator_factory", lambda config, source: evaluator_factory(models))
+    shutil.copytree(ps_run, tmp_path / "run")
+    result = run("resume", tmp_path / "run", "--trials", 3)
+    assert result.exit_code == 2
+    assert result.output == (f"error: {tmp_path / 'run' / 'config.yaml'}: budget.trials: 3 is below the 8 candidates the "
+                             "ledger already holds; a budget of 8 or more keeps every scored trial\n")
+    shutil.rmtree(tmp_path / "run" / "best")
+    result = run("export", tmp_path / "run")
+    assert result.exit_code == 2 and f"`evomerge resume {tmp_path / 'run'} --trials N` ends a stopped search" in result.output
+    result = run("resume", tmp_path / "run", "--trials", 10)
+    assert result.exit_code == 0, result.output
+    assert "10 trials, 0 failed" in result.output
+    assert load_experiment(tmp_path / "run" / "config.yaml").budget.trials == 10
 
 def test_a_failed_held_out_score_is_an_error_until_resume_scores_it(models, tmp_path, monkeypatch):  # noqa: F811
     import yaml

@@ -221,6 +221,40 @@ def test_interrupted_anywhere_and_resumed_equals_an_uninterrupted_run(models, tm
         assert genomes(run_dir) == genomes(tmp_path / "reference")
 
 
+
+def _with_budget(models, trials: int, **overrides):
+    return experiment_from_dict(experiment(models, **{**overrides, "budget.trials": trials}))
+
+
+def test_a_new_trial_budget_on_resume_equals_a_run_started_with_it(models, tmp_path):
+    """More trials continue a finished search (popsize 6: 14 cuts a generation that 20 finishes); fewer end a stopped
+    one at once. Either run equals one started with that budget: same trials, same winner, same best/."""
+    overrides = {"workers.num": 3}
+    for trials in (14, 20, 26):
+        run(models, tmp_path / f"fresh{trials}", **overrides, **{"budget.trials": trials})
+    run(models, tmp_path / "grown", **overrides, **{"budget.trials": 14})
+    for trials in (20, 26):
+        summary = resume(tmp_path / "grown", evaluator_factory(models), experiment=_with_budget(models, trials, **overrides),
+                         progress=False)
+        assert summary == resume(tmp_path / f"fresh{trials}", evaluator_factory(models), progress=False)
+        assert genomes(tmp_path / "grown") == genomes(tmp_path / f"fresh{trials}")
+        assert load_experiment(tmp_path / "grown" / "config.yaml").budget.trials == trials  # frozen anew
+        assert ((tmp_path / "grown" / "best" / "scores.json").read_text()
+                == (tmp_path / f"fresh{trials}" / "best" / "scores.json").read_text())
+
+    with pytest.raises(Interrupted):  # a run of 26 stopped after 9 results; a budget of the candidates it holds ends it
+        run(models, tmp_path / "cut", pool_class=interrupting_pool(9), **overrides, **{"budget.trials": 26})
+    held = max(c for c, _ in genomes(tmp_path / "cut")) + 1
+    frozen = (tmp_path / "cut" / "config.yaml").read_text()
+    with pytest.raises(EvomergeError, match=rf"budget.trials: {held - 1} is below the {held} candidates the ledger "):
+        resume(tmp_path / "cut", evaluator_factory(models), experiment=_with_budget(models, held - 1, **overrides),
+               progress=False)
+    assert (tmp_path / "cut" / "config.yaml").read_text() == frozen  # refused: nothing changed
+    summary = resume(tmp_path / "cut", evaluator_factory(models), experiment=_with_budget(models, held, **overrides),
+                     progress=False)
+    assert summary == run(models, tmp_path / f"fresh{held}", **overrides, **{"budget.trials": held})
+    assert genomes(tmp_path / "cut") == genomes(tmp_path / f"fresh{held}")
+
 class LogitsEvaluator:
     """-mean squared distance of the model's logits on fixed tokens to those of a target model (a function of the path)."""
 

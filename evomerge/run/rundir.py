@@ -9,7 +9,9 @@
       lock             held (fcntl.flock) by the one process searching here; the OS drops it if that process dies
 
 Policy for a config that differs from the frozen one: refused, naming the differing keys; only where the run runs
-(config.RUNTIME_KEYS) may change on resume.
+(config.RUNTIME_KEYS) may change on resume, and the trial budget, which is then frozen anew: more trials continue the
+search, fewer (not below the candidates the ledger holds) end it sooner. Either way the run equals one started with
+that budget, since the optimizers do not read it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import yaml
 from evomerge.errors import EvomergeError
 from evomerge.recipe import write_text_atomic
 from evomerge.run.config import RUNTIME_KEYS, Experiment, differences, experiment_from_dict
+from evomerge.run.ledger import Ledger
 
 
 class RunDir:
@@ -87,9 +90,25 @@ class RunDir:
             write_text_atomic(self.config, experiment.to_yaml())
             return experiment
         frozen = self.frozen()
-        changed = differences(frozen, experiment, ignore=RUNTIME_KEYS)
+        changed = differences(frozen, experiment, ignore=RUNTIME_KEYS + ("budget.trials",))
         if changed:
             raise EvomergeError(f"this run dir belongs to a different config ({'; '.join(changed)}); use another run dir, "
                                 "or resume with the frozen config", source=str(self.config))
+        if experiment.budget.trials != frozen.budget.trials:
+            frozen = self._with_budget(frozen, experiment.budget.trials)
         return frozen.model_copy(update={"workers": frozen.workers.model_copy(update={
             key.split(".")[1]: getattr(experiment.workers, key.split(".")[1]) for key in RUNTIME_KEYS})})
+
+    def _with_budget(self, frozen: Experiment, trials: int) -> Experiment:
+        """The frozen config with a new trial budget, written; one below the candidates in the ledger is refused."""
+        ledger = Ledger(self.ledger)
+        try:
+            held = max((t.candidate + 1 for t in ledger.trials(frozen.evaluation.split)), default=0)
+        finally:
+            ledger.close()
+        if trials < held:
+            raise EvomergeError(f"budget.trials: {trials} is below the {held} candidates the ledger already holds; "
+                                f"a budget of {held} or more keeps every scored trial", source=str(self.config))
+        frozen = frozen.model_copy(update={"budget": frozen.budget.model_copy(update={"trials": trials})})
+        write_text_atomic(self.config, frozen.to_yaml())
+        return frozen
