@@ -163,6 +163,19 @@ def _evaluator_factory(experiment, source: str):
     return SplitEvaluator
 
 
+def _run_and_print(run_dir, start) -> None:
+    """Run `start()` (a search or a resume) and print its summary; Ctrl-C says how the run goes on."""
+    try:
+        summary = start()
+    except KeyboardInterrupt:
+        started = (Path(run_dir) / "config.yaml").exists()
+        click.echo("\ninterrupted" + (f": the trials scored are in the ledger; `evomerge resume {run_dir}` goes on, "
+                                      f"`evomerge resume {run_dir} --trials N` ends the search at N trials" if started
+                                      else ""), err=True)
+        sys.exit(130)
+    _print_summary(run_dir, summary)
+
+
 def _print_summary(run_dir, summary) -> None:
     """The winner; exit code 1 when a validation or test score failed (the run is not done until resume scores it)."""
     fitness = ", ".join(f"{split} {value:.4f}" for split, value in summary.fitness.items() if value is not None)
@@ -190,7 +203,8 @@ def search(experiment, run_dir, ray_address, seed):
     config = _on_ray(load_experiment(experiment), ray_address)
     if seed is not None:
         config = config.model_copy(update={"seed": seed})
-    _print_summary(run_dir, run_search(config, run_dir, _evaluator_factory(config, experiment), source=experiment))
+    make_evaluator = _evaluator_factory(config, experiment)
+    _run_and_print(run_dir, lambda: run_search(config, run_dir, make_evaluator, source=experiment))
 
 
 @main.command("plan")
@@ -233,10 +247,12 @@ def _on_ray(config, ray_address: str | None):
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--ray-address", default=None, help="continue on a running Ray cluster (e.g. 127.0.0.1:6379)")
 @click.option("--trials", type=click.IntRange(min=1), default=None,
-              help="a new trial budget: more continues a finished search, fewer ends a running one sooner (not below "
+              help="a new trial budget: more continues a finished search, fewer ends a stopped one sooner (not below "
                    "the trials already scored); the run then equals one started with it")
+@click.option("--hours", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="a new time budget: ask for no new candidate this many hours from now (budget.hours)")
 @user_errors
-def resume(run_dir, ray_address, trials):
+def resume(run_dir, ray_address, trials, hours):
     """Continue the search in RUN_DIR from its files alone (after Ctrl-C, kill -9, a reboot or a lost node)."""
     from evomerge.run.loop import resume as run_resume
     from evomerge.run.rundir import RunDir
@@ -244,9 +260,11 @@ def resume(run_dir, ray_address, trials):
     config = RunDir(run_dir).frozen()
     make_evaluator = _evaluator_factory(config, str(Path(run_dir) / "config.yaml"))
     changed = _on_ray(config, ray_address)
-    if trials is not None:
-        changed = changed.model_copy(update={"budget": changed.budget.model_copy(update={"trials": trials})})
-    _print_summary(run_dir, run_resume(run_dir, make_evaluator, experiment=None if changed is config else changed))
+    budget = {key: value for key, value in (("trials", trials), ("hours", hours)) if value is not None}
+    if budget:
+        changed = changed.model_copy(update={"budget": changed.budget.model_copy(update=budget)})
+    experiment = None if changed is config else changed  # None: the frozen config as it is
+    _run_and_print(run_dir, lambda: run_resume(run_dir, make_evaluator, experiment=experiment))
 
 
 @main.command()

@@ -188,6 +188,26 @@ def test_resume_with_a_new_trial_budget(ps_run, models, tmp_path, monkeypatch): 
     assert result.exit_code == 0, result.output
     assert "10 trials, 0 failed" in result.output
     assert load_experiment(tmp_path / "run" / "config.yaml").budget.trials == 10
+    result = run("resume", tmp_path / "run", "--trials", 30, "--hours", 1e-9)  # past after a trial or none
+    assert result.exit_code == 0, result.output
+    ran = load_experiment(tmp_path / "run" / "config.yaml").budget
+    assert ran.trials in (10, 11) and ran.hours == 1e-9
+    assert f"the run ends at {ran.trials} trials" in result.output and f"{ran.trials} trials, 0 failed" in result.output
+
+
+def test_ctrl_c_says_how_the_run_goes_on(ps_run, models, tmp_path, monkeypatch):  # noqa: F811
+    import evomerge.cli
+    import evomerge.run.loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evomerge.cli, "_evaluator_factory", lambda config, source: evaluator_factory(models))
+    monkeypatch.setattr(evomerge.run.loop, "resume", interrupted)
+    result = run("resume", ps_run)
+    assert result.exit_code == 130
+    assert result.output == (f"\ninterrupted: the trials scored are in the ledger; `evomerge resume {ps_run}` goes on, "
+                             f"`evomerge resume {ps_run} --trials N` ends the search at N trials\n")
 
 def test_a_failed_held_out_score_is_an_error_until_resume_scores_it(models, tmp_path, monkeypatch):  # noqa: F811
     import yaml

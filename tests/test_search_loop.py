@@ -255,6 +255,24 @@ def test_a_new_trial_budget_on_resume_equals_a_run_started_with_it(models, tmp_p
     assert summary == run(models, tmp_path / f"fresh{held}", **overrides, **{"budget.trials": held})
     assert genomes(tmp_path / "cut") == genomes(tmp_path / f"fresh{held}")
 
+
+def test_a_time_budget_ends_the_run_at_the_trials_it_ran_frozen_as_its_budget(models, tmp_path):
+    """budget.hours: no new candidate after the deadline; the trials run become budget.trials, so the run is the one a
+    search with that trial budget makes, and `resume` with more trials goes on from it."""
+    slow = evaluator_factory(models, delay=0.1)
+    overrides = {"workers.num": 2, "budget.hours": 0.6 / 3600}
+    summary = run(models, tmp_path / "timed", evaluator=slow, **overrides, **{"budget.trials": 60})
+    ran = summary.trials
+    assert 2 <= ran < 60 and [c for c, _ in genomes(tmp_path / "timed")] == list(range(ran))
+    assert load_experiment(tmp_path / "timed" / "config.yaml").budget.trials == ran
+    assert f"the run ends at {ran} trials" in (tmp_path / "timed" / "logs" / "search.log").read_text()
+    assert summary == run(models, tmp_path / "fresh", **{"workers.num": 2, "budget.trials": ran})
+    assert genomes(tmp_path / "timed") == genomes(tmp_path / "fresh")
+    more = _with_budget(models, ran + 7, **{"workers.num": 2})  # and no time budget
+    assert resume(tmp_path / "timed", evaluator_factory(models), experiment=more, progress=False) == \
+        run(models, tmp_path / "fresh_more", **{"workers.num": 2, "budget.trials": ran + 7})
+    assert genomes(tmp_path / "timed") == genomes(tmp_path / "fresh_more")
+
 class LogitsEvaluator:
     """-mean squared distance of the model's logits on fixed tokens to those of a target model (a function of the path)."""
 

@@ -50,6 +50,9 @@ class OptimizerConfig(_Schema):
 
 class BudgetConfig(_Schema):
     trials: int = Field(ge=1)  # search-split evaluations, exactly (a CMA-ES generation past the budget is cut)
+    # Wall-clock hours after which a search (or a resume) asks for no new candidate: the trials in flight finish, and
+    # budget.trials becomes the candidates run (frozen in the run dir, so the run is the one that budget makes).
+    hours: float | None = Field(None, gt=0)
     # Stop the run (exit 2, resumable) when this many trials fail in a row: a cause outside the candidates (a package,
     # a data file, a service) fails them all alike. 0: never stop.
     max_consecutive_failures: int = Field(10, ge=0)

@@ -4,9 +4,10 @@ Determinism. With W = workers.num, the optimizer is told results in candidate or
 a buffer), and right after each tell it is asked for new candidates while fewer than W are asked and not told. The
 sequence of asks and tells is then fixed by the config and seed alone: candidate k is asked after exactly the tells of
 candidates 0 .. k - W, however fast the workers are. A CMA-ES generation comes out whole (ask gives [] until it is told)
-and is dispatched whole. The budget is exact: candidates asked past it are never run. The price: a worker done early
-waits while an earlier candidate runs. `workers.tell_order: arrival` tells results as they come instead, so TPE and
-random search keep every worker busy; random search stays reproducible (its proposals ignore results), TPE does not.
+and is dispatched whole. The budget is exact: candidates asked past it are never run (`budget.hours` ends the run at
+the candidates run when the time is up, frozen as budget.trials: the config then remakes it). The price: a worker done
+early waits while an earlier candidate runs. `workers.tell_order: arrival` tells results as they come instead, so TPE
+and random search keep every worker busy; random search stays reproducible (its proposals ignore results), TPE does not.
 
 Repeats. Different genomes can decode to the same recipe (an excluded DFS slot's scale, a clipped gene, a GA's copy):
 a candidate whose recipe identity was scored already is not run; its ledger row is the earlier one's ("repeat of N").
@@ -215,8 +216,13 @@ class _Loop:
     def run(self) -> None:
         self._fill()
         save_optimizer(self.opt, self.rd.optimizer)
+        hours = self.experiment.budget.hours
+        deadline = time.monotonic() + 3600 * hours if hours else None
         try:
             while True:
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._end_at_deadline()
+                    deadline = None
                 self._dispatch()
                 if self._advance():
                     continue
@@ -230,6 +236,21 @@ class _Loop:
         missing = [i for i in range(min(self.budget, self.opt.n_asked)) if i in self.opt.pending]
         if missing:  # the scheduler's invariant; a failure here is a bug, not bad input
             raise RuntimeError(f"search ended with candidates never told: {missing}")
+
+    def _end_at_deadline(self) -> None:
+        """budget.hours have passed: the candidates run or running become budget.trials, frozen into config.yaml, so
+        that the run is the one a search with that budget makes; the trials in flight finish."""
+        ran = max(1, max([*self.recorded, *self.in_flight, *self.results], default=-1) + 1)
+        if ran >= self.budget:
+            return
+        self.experiment = self.rd.set_budget(ran, self.experiment.budget.hours).model_copy(
+            update={"workers": self.experiment.workers})  # this process's workers, as resumed
+        self.budget = ran
+        _log(self.rd, f"budget.hours ({self.experiment.budget.hours:g} h) passed: no new candidates, the run ends at "
+                      f"{ran} trials (budget.trials in config.yaml; `evomerge resume {self.rd.path} --trials N` goes on)",
+             echo=True)
+        if self.bar is not None:
+            self.bar.total = ran
 
     def _fill(self) -> None:
         """Ask while fewer than `width` candidates are out (called only right after a tell, or at the start)."""

@@ -9,7 +9,7 @@
       lock             held (fcntl.flock) by the one process searching here; the OS drops it if that process dies
 
 Policy for a config that differs from the frozen one: refused, naming the differing keys; only where the run runs
-(config.RUNTIME_KEYS) may change on resume, and the trial budget, which is then frozen anew: more trials continue the
+(config.RUNTIME_KEYS) may change on resume, and the budget, which is then frozen anew: more trials continue the
 search, fewer (not below the candidates the ledger holds) end it sooner. Either way the run equals one started with
 that budget, since the optimizers do not read it.
 """
@@ -90,17 +90,19 @@ class RunDir:
             write_text_atomic(self.config, experiment.to_yaml())
             return experiment
         frozen = self.frozen()
-        changed = differences(frozen, experiment, ignore=RUNTIME_KEYS + ("budget.trials",))
+        changed = differences(frozen, experiment, ignore=RUNTIME_KEYS + ("budget.trials", "budget.hours"))
         if changed:
             raise EvomergeError(f"this run dir belongs to a different config ({'; '.join(changed)}); use another run dir, "
                                 "or resume with the frozen config", source=str(self.config))
-        if experiment.budget.trials != frozen.budget.trials:
-            frozen = self._with_budget(frozen, experiment.budget.trials)
+        if experiment.budget != frozen.budget:
+            frozen = self.set_budget(experiment.budget.trials, experiment.budget.hours)
         return frozen.model_copy(update={"workers": frozen.workers.model_copy(update={
             key.split(".")[1]: getattr(experiment.workers, key.split(".")[1]) for key in RUNTIME_KEYS})})
 
-    def _with_budget(self, frozen: Experiment, trials: int) -> Experiment:
-        """The frozen config with a new trial budget, written; one below the candidates in the ledger is refused."""
+    def set_budget(self, trials: int, hours: float | None) -> Experiment:
+        """Freeze a new budget into config.yaml and return the frozen config; trials below the candidates in the
+        ledger are refused (every scored trial stays in the run)."""
+        frozen = self.frozen()
         ledger = Ledger(self.ledger)
         try:
             held = max((t.candidate + 1 for t in ledger.trials(frozen.evaluation.split)), default=0)
@@ -109,6 +111,6 @@ class RunDir:
         if trials < held:
             raise EvomergeError(f"budget.trials: {trials} is below the {held} candidates the ledger already holds; "
                                 f"a budget of {held} or more keeps every scored trial", source=str(self.config))
-        frozen = frozen.model_copy(update={"budget": frozen.budget.model_copy(update={"trials": trials})})
+        frozen = frozen.model_copy(update={"budget": frozen.budget.model_copy(update={"trials": trials, "hours": hours})})
         write_text_atomic(self.config, frozen.to_yaml())
         return frozen
