@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -74,7 +75,8 @@ def load_tasks(names: Sequence[str], task_dirs: Sequence[str | os.PathLike] = ()
 
 
 def select_split(task, split: str | None) -> int:
-    """Point `task` at `split` (None: the task's own test split) and return its number of documents."""
+    """Point `task` at `split` (None: the task's own test split), read its documents into memory once, and return how
+    many there are."""
     name = task.config.task
     if split is not None:
         available = list(task.dataset.keys()) if hasattr(task.dataset, "keys") else []
@@ -82,11 +84,25 @@ def select_split(task, split: str | None) -> int:
             raise EvomergeError(f"task {name} has no split {split!r} (available: {', '.join(available) or 'none'})",
                                 key="split")
         task.config.test_split = split
-    n = len(task.eval_docs)
-    if n == 0:
+    docs = list(task.eval_docs)
+    if not docs:
         raise EvomergeError(f"task {name}: split {task.config.test_split or task.config.validation_split!r} is empty",
                             key="split")
-    return n
+    # lm-eval's own doc_iterator reads and decodes the whole split again on every call that names documents by
+    # index (`samples`), twice per task: ~30 ms a call on the toy's tasks, more than scoring a racing stage
+    task.doc_iterator = partial(_doc_iterator, docs)
+    return len(docs)
+
+
+def _doc_iterator(docs: list, *, rank: int = 0, limit: int | None = None, world_size: int = 1,
+                  samples: list[int] | None = None):
+    """lm-eval's Task.doc_iterator over `docs` in memory: (index, document) pairs of the first `limit` documents, or
+    of the documents at `samples` (indexed from 0 in that order, as lm-eval maps them back), this rank's share."""
+    from lm_eval.utils import create_iterator
+
+    chosen = [docs[i] for i in samples] if samples else docs
+    return create_iterator(enumerate(chosen), rank=int(rank), limit=None if samples or not limit else int(limit),
+                           world_size=int(world_size))
 
 
 def _failing_task_file(manager, names: Sequence[str]) -> str | None:
