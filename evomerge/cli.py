@@ -194,13 +194,16 @@ def _print_summary(run_dir, summary) -> None:
 @click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="where the run's files go")
 @click.option("--ray-address", default=None, help="join a running Ray cluster (e.g. 127.0.0.1:6379)")
 @click.option("--seed", type=int, default=None, help="replace the experiment's seed (frozen into the run dir)")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="replace budget.trials")
+@click.option("--hours", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="replace budget.hours: ask for no new candidate after this many hours")
 @user_errors
-def search(experiment, run_dir, ray_address, seed):
+def search(experiment, run_dir, ray_address, seed, trials, hours):
     """Run the evolutionary search of EXPERIMENT (YAML) into RUN_DIR."""
     from evomerge.run.config import load_experiment
     from evomerge.run.loop import search as run_search
 
-    config = _on_ray(load_experiment(experiment), ray_address)
+    config = _with_budget(_on_ray(load_experiment(experiment), ray_address), trials, hours)
     if seed is not None:
         config = config.model_copy(update={"seed": seed})
     make_evaluator = _evaluator_factory(config, experiment)
@@ -235,6 +238,12 @@ def plan(experiment, device_memory):
     choose_sources(config.workers.sources, memory, capacity, source=experiment)  # device that does not fit: exit 2
 
 
+def _with_budget(config, trials: int | None, hours: float | None):
+    """The experiment with the budget given on the command line (None: as configured)."""
+    budget = {key: value for key, value in (("trials", trials), ("hours", hours)) if value is not None}
+    return config.model_copy(update={"budget": config.budget.model_copy(update=budget)}) if budget else config
+
+
 def _on_ray(config, ray_address: str | None):
     """The experiment with its workers on the Ray cluster at `ray_address` (None: as configured)."""
     if not ray_address:
@@ -259,10 +268,7 @@ def resume(run_dir, ray_address, trials, hours):
 
     config = RunDir(run_dir).frozen()
     make_evaluator = _evaluator_factory(config, str(Path(run_dir) / "config.yaml"))
-    changed = _on_ray(config, ray_address)
-    budget = {key: value for key, value in (("trials", trials), ("hours", hours)) if value is not None}
-    if budget:
-        changed = changed.model_copy(update={"budget": changed.budget.model_copy(update=budget)})
+    changed = _with_budget(_on_ray(config, ray_address), trials, hours)
     experiment = None if changed is config else changed  # None: the frozen config as it is
     _run_and_print(run_dir, lambda: run_resume(run_dir, make_evaluator, experiment=experiment))
 

@@ -243,6 +243,12 @@ def test_search_seed_option_replaces_the_experiments_seed(models, tmp_path, monk
     assert run("search", tmp_path / "seed0.yaml", "--run-dir", tmp_path / "zero").exit_code == 0
     assert yaml.safe_load((tmp_path / "flag" / "config.yaml").read_text())["seed"] == 5
     assert genomes(tmp_path / "flag") == genomes(tmp_path / "file") != genomes(tmp_path / "zero")
+    # --trials and --hours replace the budget likewise; searching the same run dir again with more goes on
+    result = run("search", tmp_path / "seed0.yaml", "--run-dir", tmp_path / "zero", "--trials", 7, "--hours", 5)
+    assert result.exit_code == 0 and "7 trials, 0 failed" in result.output
+    assert yaml.safe_load((tmp_path / "zero" / "config.yaml").read_text())["budget"] == {
+        "trials": 7, "hours": 5.0, "max_consecutive_failures": 10}
+    assert [c for c, _ in genomes(tmp_path / "zero")] == list(range(7))
 
 
 def test_search_refuses_an_unknown_task_before_it_starts(models, tmp_path):  # noqa: F811
