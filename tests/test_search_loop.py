@@ -273,6 +273,23 @@ def test_a_time_budget_ends_the_run_at_the_trials_it_ran_frozen_as_its_budget(mo
         run(models, tmp_path / "fresh_more", **{"workers.num": 2, "budget.trials": ran + 7})
     assert genomes(tmp_path / "timed") == genomes(tmp_path / "fresh_more")
 
+
+def test_a_local_search_runs_torch_on_workers_cpus_threads_and_gives_them_back(models, tmp_path):
+    seen = []
+
+    class ThreadsSeen(DistanceEvaluator):
+        def evaluate(self, model, split: str, limit: int | None = None) -> Evaluation:
+            seen.append(torch.get_num_threads())
+            return super().evaluate(model, split, limit)
+
+    before = torch.get_num_threads()
+    cpus = 3 if before != 3 else 2
+    make = lambda evaluation, base: ThreadsSeen(models["base"], models["experts"])  # noqa: E731
+    search(experiment_from_dict(experiment(models, **{"budget.trials": 4, "workers.num": 1, "workers.cpus": cpus})),
+           tmp_path / "run", make, progress=False)
+    assert seen[1:] == [cpus] * (len(seen) - 1) and len(seen) > 4  # the trials; seen[0]: the worker's preflight
+    assert torch.get_num_threads() == before
+
 class LogitsEvaluator:
     """-mean squared distance of the model's logits on fixed tokens to those of a target model (a function of the path)."""
 

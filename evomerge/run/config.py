@@ -115,7 +115,7 @@ class WorkersConfig(_Schema):
     # arrival: told as they come, so no worker waits on TPE or random search (TPE's run then depends on worker timing)
     tell_order: Literal["candidate", "arrival"] = "candidate"
     device: str = "cpu"
-    cpus: int = Field(1, ge=1)  # CPU cores a Ray worker reserves; torch runs that many threads in it
+    cpus: int = Field(1, ge=1)  # CPU cores a Ray worker reserves; torch runs that many threads in each worker
     dtype: str | None = None  # compute dtype of the live models; None: the sources' (float32 if they differ), frozen
     ray_address: str | None = None  # join a running cluster; None starts a local one
     # Where a worker keeps the merge's source tensors (run.memory): device (resident on it), host (in host memory, each
