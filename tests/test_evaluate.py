@@ -93,7 +93,6 @@ def test_per_document_scores_and_racing_on_lm_eval(tiny_zoo, digits_evaluator):
     assert stopped.scores["toy_digits"].n == 25
 
 
-
 def test_documents_kept_in_memory_are_the_ones_lm_eval_would_iterate(digits_evaluator):
     """select_split keeps a task's documents in memory; its doc_iterator yields what lm-eval's own yields."""
     for task in digits_evaluator.tasks.values():
@@ -101,6 +100,7 @@ def test_documents_kept_in_memory_are_the_ones_lm_eval_would_iterate(digits_eval
         for kwargs in ({}, {"limit": 7}, {"samples": list(range(25, 50))}, {"samples": [3, 9, 60]},
                        {"limit": 10, "rank": 1, "world_size": 3}, {"samples": list(range(30)), "rank": 2, "world_size": 4}):
             assert list(task.doc_iterator(**kwargs)) == list(lm_evals(task, **kwargs)), kwargs
+
 
 def test_in_place_weight_changes_are_re_evaluated(tiny_zoo, digits_evaluator):
     model = _model(tiny_zoo, "base")

@@ -171,7 +171,6 @@ def test_resume_of_a_finished_run_reprints_its_winner(ps_run, models, tmp_path, 
     assert result.exit_code == 2 and "not a run directory (no config.yaml)" in result.output
 
 
-
 def test_resume_with_a_new_trial_budget(ps_run, models, tmp_path, monkeypatch):  # noqa: F811
     import evomerge.cli
 
@@ -208,6 +207,7 @@ def test_ctrl_c_says_how_the_run_goes_on(ps_run, models, tmp_path, monkeypatch):
     assert result.exit_code == 130
     assert result.output == (f"\ninterrupted: the trials scored are in the ledger; `evomerge resume {ps_run}` goes on, "
                              f"`evomerge resume {ps_run} --trials N` ends the search at N trials\n")
+
 
 def test_a_failed_held_out_score_is_an_error_until_resume_scores_it(models, tmp_path, monkeypatch):  # noqa: F811
     import yaml

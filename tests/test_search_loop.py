@@ -221,7 +221,6 @@ def test_interrupted_anywhere_and_resumed_equals_an_uninterrupted_run(models, tm
         assert genomes(run_dir) == genomes(tmp_path / "reference")
 
 
-
 def _with_budget(models, trials: int, **overrides):
     return experiment_from_dict(experiment(models, **{**overrides, "budget.trials": trials}))
 
@@ -289,6 +288,7 @@ def test_a_local_search_runs_torch_on_workers_cpus_threads_and_gives_them_back(m
            tmp_path / "run", make, progress=False)
     assert seen[1:] == [cpus] * (len(seen) - 1) and len(seen) > 4  # the trials; seen[0]: the worker's preflight
     assert torch.get_num_threads() == before
+
 
 class LogitsEvaluator:
     """-mean squared distance of the model's logits on fixed tokens to those of a target model (a function of the path)."""
