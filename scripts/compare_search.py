@@ -34,8 +34,8 @@ def config_name(optimizer: str, aggregate: str, racing: str, settings: dict = RA
                                                          if other else "")
 
 
-def experiment(base: dict, optimizer: str, aggregate: str, racing: str, seed: int, trials: int,
-               settings: dict = RACING, limit: int | None = None, base_dir: Path = ROOT / "experiments"):
+def experiment(base: dict, base_dir: Path, optimizer: str, aggregate: str, racing: str, seed: int, trials: int,
+               settings: dict = RACING, limit: int | None = None):
     """`base` (an experiment file's mapping, its relative paths relative to `base_dir`) with this row's settings."""
     from evomerge.run.config import experiment_from_dict
 
@@ -118,15 +118,14 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(1)
-    base = yaml.safe_load(Path(args.experiment).read_text())
+    base, base_dir = yaml.safe_load(Path(args.experiment).read_text()), Path(args.experiment).resolve().parent
     grid = [(o, a, r) for o in args.optimizers for a in args.aggregates for r in args.racing]
     configs = [tuple(c.split("-")) for c in args.configs] if args.configs else grid
     rows = []
     for seed in args.seeds:  # seed-major: after the first pass every configuration has a row
         for optimizer, aggregate, racing in configs:
             settings = {"first": args.racing_first, "delta": args.racing_delta}
-            exp = experiment(base, optimizer, aggregate, racing, seed, args.trials, settings, args.limit,
-                             Path(args.experiment).resolve().parent)
+            exp = experiment(base, base_dir, optimizer, aggregate, racing, seed, args.trials, settings, args.limit)
             rows.append(run_one(exp, Path(args.runs) / f"{exp.name}-s{seed}"))
             print(json.dumps({k: rows[-1][k] for k in ("config", "seed", "test_mean", "documents", "trial_s")}),
                   file=sys.stderr, flush=True)
