@@ -159,7 +159,7 @@ def write_report(run_dir: str | Path) -> Path:
     out.mkdir(exist_ok=True)
     ledger = Ledger(run_dir / "ledger.sqlite")
     trials = ledger.trials("search")
-    tested = ledger.trials("test")
+    held_out = ledger.trials("validation") + ledger.trials("test")
     ledger.close()
     plot_fitness(trials, out / "fitness.png")
     lines = [f"# Run {run_dir.name}", "", f"Trials: {len(trials)} ({sum(not t.ok for t in trials)} failed).", ""]
@@ -191,7 +191,7 @@ def write_report(run_dir: str | Path) -> Path:
     if scores_file.exists():
         scores = json.loads(scores_file.read_text())
         lines += ["## Winner", ""] + _scores_table(scores.get("scores", {})) + [""]
-        rows = [t for t in trials + tested if t.candidate == scores["candidate"] and t.docs is not None]
+        rows = [t for t in trials + held_out if t.candidate == scores["candidate"] and t.docs is not None]
         lines += solved_documents(list({t.split: t for t in rows}.values()))
         if scores.get("pareto_front"):
             plot_pareto(trials, scores["pareto_front"], scores["candidate"], out / "pareto.png")

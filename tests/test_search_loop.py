@@ -768,9 +768,13 @@ def test_per_document_scores_reach_the_ledger_the_optimizer_and_the_report(model
     assert [len(row) for row in optimizer.scores] == [2 * DOCS] * 4  # the archive competes on the 80 documents
     assert summary.documents == 10 * 2 * DOCS
     text = (write_report(tmp_path / "run") / "summary.md").read_text()
-    winner = next(t for t in trials if t.candidate == summary.candidate)
-    solved = int(unpack(winner.docs)[0]["near_a"].sum())
-    assert f"| search | near_a | {solved}/{DOCS} |" in text and "Documents scored (search split): 800 in all" in text
+    ledger = Ledger(tmp_path / "run" / "ledger.sqlite")
+    for split in ("search", "validation", "test"):  # every split the winner was scored on, in this order
+        winner = next(t for t in ledger.trials(split) if t.candidate == summary.candidate)
+        docs, sizes = unpack(winner.docs)
+        assert f"| {split} | near_a | {int(docs['near_a'].sum())}/{sizes['near_a']} |" in text
+    assert text.index("| search | near_a") < text.index("| validation | near_a") < text.index("| test | near_a")
+    assert "Documents scored (search split): 800 in all" in text
 
 
 def test_racing_stops_candidates_below_the_top_k_and_keeps_elites_fully_scored(models, tmp_path):
