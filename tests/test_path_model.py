@@ -90,3 +90,32 @@ def test_exported_path_folds_scales_for_mergekit(models, tmp_path):
         assert set(other) == set(direct)
         for name in direct:
             torch.testing.assert_close(other[name], direct[name], atol=0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_a_head_tied_to_the_embeddings_is_the_written_models(family, tmp_path):
+    """Llama-3.2 and Gemma tie the head to the embeddings: the written model keeps one matrix, the first slot's source's
+    embeddings, so the scored path model must use it as its head too (not the last slot's). mergekit agrees."""
+    base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32, rms_norm_eps=1e-12, dtype=torch.float64,
+                      tie_word_embeddings=True)
+    (a,) = make_variants(base, tmp_path, n=1, scale=0.05)
+    names = {"base": str(base), "a": str(a)}
+    live = {n: load_live_model(p, dtype=torch.float64) for n, p in names.items()}
+    path = [("base", 0, 1.0), ("a", 1, 0.8), ("a", 2, 1.25)]
+    path_model = build_path_model(live["base"], {n: decoder_layers(m) for n, m in live.items()}, path, last=live["a"])
+    recipe = Recipe(layers=[LayerSlot(source=names[s], layer=i, scale=c) for s, i, c in path])
+    merge_to_dir(recipe, tmp_path / "out", progress=False)
+    written = load_file(tmp_path / "out/model.safetensors")
+    assert "lm_head.weight" not in written  # one matrix for both
+    tokens = torch.randint(4, 60, (2, 7))
+    with torch.no_grad():
+        expected = load_live_model(tmp_path / "out", dtype=torch.float64)(tokens).logits
+        torch.testing.assert_close(path_model(tokens).logits, expected, atol=1e-6, rtol=1e-5)
+    if importlib.util.find_spec("mergekit"):
+        from mergekit_harness import load_dir, run_mergekit
+
+        (tmp_path / "export.yaml").write_text(export_text(recipe, "mergekit")[0])
+        run_mergekit(tmp_path / "export.yaml", tmp_path / "mergekit")
+        theirs = load_dir(tmp_path / "mergekit")
+        for name in written:
+            torch.testing.assert_close(theirs[name], written[name], atol=0, rtol=1e-12)

@@ -50,12 +50,14 @@ def build_path_model(first: nn.Module, layers: dict[str, nn.ModuleList], path: l
                      last: nn.Module | None = None) -> nn.Module:
     """A model running `layers[source][layer]` for each (source, layer, scale) of `path`.
 
-    As in mergekit, embeddings come from `first` (the first slot's source) and the final norm and head from `last`.
+    As in mergekit, embeddings come from `first` (the first slot's source) and the final norm and head from `last`;
+    a head tied to the embeddings stays `first`'s, since the written model stores one matrix for both (its embeddings).
     """
     last = first if last is None else last
     model = copy.copy(first)
     model._modules = dict(first._modules)
-    model._modules["lm_head"] = last.lm_head
+    tied = first.get_output_embeddings().weight is first.get_input_embeddings().weight
+    model._modules["lm_head"] = first.lm_head if tied else last.lm_head
     decoder = copy.copy(_decoder(first))
     decoder._modules = dict(decoder._modules)
     decoder._modules["norm"] = _decoder(last).norm
