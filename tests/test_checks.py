@@ -90,6 +90,25 @@ def test_a_layer_path_over_models_that_differ(tiny_zoo, odd_models, tmp_path):
     assert_refused(search(tmp_path, doc), tmp_path, "space.models", "has shape")
 
 
+def dfs_experiment(tiny_zoo, models: list) -> dict:
+    doc = experiment(tiny_zoo, space={"kind": "dfs", "models": [str(m) for m in models], "repeats": 1, "scale": "slot"})
+    for key in ("method", "base_model", "search", "layer_groups", "bounds"):
+        del doc["space"][key]
+    return doc
+
+
+def test_a_layer_path_search_over_a_family_it_cannot_run(tiny_zoo, tmp_path):
+    gpt2 = build_tiny("gpt2", tmp_path / "gpt2", num_layers=2, hidden=32)
+    assert_refused(search(tmp_path, dfs_experiment(tiny_zoo, [gpt2])), tmp_path, "space.kind",
+                   "runs layer paths on llama, mistral, qwen2, gemma, gemma2, phi3 models, not gpt2")
+
+
+def test_hidden_state_scales_the_written_model_could_not_hold(tiny_zoo, tmp_path):
+    gemma2 = build_tiny("gemma2", tmp_path / "gemma2", num_layers=2, hidden=32)
+    assert_refused(search(tmp_path, dfs_experiment(tiny_zoo, [gemma2])), tmp_path, "space.scale",
+                   "hidden-state scales cannot be folded into gemma2 weights")
+
+
 def test_weights_of_a_task_not_evaluated(tiny_zoo, tmp_path):
     doc = experiment(tiny_zoo, evaluation={"weights": {"toy_digits_gen": 2.0}})
     assert_refused(search(tmp_path, doc), tmp_path, "evaluation.weights", "'toy_digits_gen'")

@@ -32,6 +32,9 @@ class Architecture:
     # multiplying them by c multiplies what the layer adds to the hidden state by c. Empty where no such weights exist
     # (Gemma-2 normalises each branch's output, with a (1 + w) norm weight).
     output_projections: str = ""
+    # a search runs its layer paths (data-flow space) on live models of this family (run/path_model.py: a decoder with
+    # `model.layers`); a written layer path needs no such thing
+    live_layer_paths: bool = False
     # config keys holding one entry per layer (e.g. sliding vs full attention); they follow the layers when the stack changes
     per_layer_keys: tuple[str, ...] = ("layer_types",)
     # (regex, replacement) from checkpoint names to the live transformers module, where transformers renames on load
@@ -111,6 +114,7 @@ def _llama_like(name: str, architecture: str, *, tied: bool = False, output_proj
         vocab=r"model\.embed_tokens\.weight|lm_head\.weight",
         tied_default=tied,
         output_projections=output_projections,
+        live_layer_paths=True,
     )
 
 

@@ -54,6 +54,8 @@ def check_space(experiment: Experiment, source: str, *, headers_only: bool = Fal
             except EvomergeError as err:
                 detail = f"{model}: {err.message}" if err.source == model else str(err)  # the model named once
                 raise EvomergeError(detail, source=source, key=_model_key(config, model)) from None
+        if config.kind == "dfs":
+            _check_layer_paths(config, dirs[models[0]].arch, source)
         num_layers = {model: d.num_layers for model, d in dirs.items()}
         space = build_space(config, num_layers=num_layers, source=source, key="space")
         candidate = space.decode(space.x0)
@@ -76,6 +78,20 @@ def check_space(experiment: Experiment, source: str, *, headers_only: bool = Fal
         for d in dirs.values():
             d.close()
     return CheckedSpace(config, models, space, dtype, base, tuple(path_models), memory)
+
+
+def _check_layer_paths(config, arch, source: str) -> None:
+    """A data-flow search runs its paths on live models of a family that has them, and searches hidden-state scales
+    only where the written model can hold them (folded into the output projections)."""
+    from evomerge.models.architectures import ARCHITECTURES
+
+    if not arch.live_layer_paths:
+        families = ", ".join(a.name for a in ARCHITECTURES if a.live_layer_paths)
+        raise EvomergeError(f"a data-flow search runs layer paths on {families} models, not {arch.name}",
+                            source=source, key="space.kind")
+    if config.scale != "none" and not arch.output_projections:
+        raise EvomergeError(f"hidden-state scales cannot be folded into {arch.name} weights (the winner would be written "
+                            f"without them); use scale: none", source=source, key="space.scale")
 
 
 def _planned_batch(batch_size: int | str) -> int:
