@@ -159,7 +159,7 @@ def _evaluator_factory(experiment, source: str):
     before it starts."""
     from evomerge.run.evaluation import SplitEvaluator, check_tasks
 
-    check_tasks(experiment.evaluation, source)
+    check_tasks(experiment.evaluation, source, experiment.optimizer.name)
     return SplitEvaluator
 
 

@@ -4,6 +4,7 @@ would fail, and a run that starts failing stops after `budget.max_consecutive_fa
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -197,3 +198,32 @@ def test_the_preflight_stops_a_search_whose_every_trial_would_fail_and_resume_go
     assert result.exit_code == 0, result.output
     trials = Ledger(run_dir / "ledger.sqlite").trials("search")
     assert len(trials) == 2 and all(t.ok for t in trials)
+
+
+@pytest.mark.parametrize("section, value, key, message", [
+    ("evaluation", {"aggregate": "geometric"}, "evaluation.aggregate",
+     "the geometric mean takes scores where higher is better; task texts_ppl scores word_perplexity, where lower is"),
+    ("optimizer", {"name": "niches"}, "optimizer.name",
+     "natural niches shares per-document scores where higher is better; task texts_ppl scores word_perplexity"),
+])
+def test_a_perplexity_task_where_the_fitness_cannot_take_it(tiny_zoo, tmp_path, section, value, key, message):
+    from test_evaluate import perplexity_task_dir
+
+    doc = experiment(tiny_zoo, evaluation={"tasks": ["texts_ppl"], "task_dirs": [str(perplexity_task_dir(tmp_path))]})
+    doc[section] = {**doc[section], **value}
+    assert_refused(search(tmp_path, doc), tmp_path, key, message)
+
+
+def test_a_search_on_a_perplexity_task_picks_the_lowest_perplexity(tiny_zoo, tmp_path):
+    from test_evaluate import perplexity_task_dir
+
+    doc = experiment(tiny_zoo, evaluation={"tasks": ["texts_ppl"], "task_dirs": [str(perplexity_task_dir(tmp_path))]},
+                     budget={"trials": 4})
+    result = search(tmp_path, doc)
+    assert result.exit_code == 0, result.output
+    trials = Ledger(tmp_path / "run" / "ledger.sqlite").trials("search")
+    assert len(trials) == 4 and all(t.ok for t in trials)
+    perplexities = {t.candidate: t.scores["texts_ppl"]["value"] for t in trials}
+    assert all(t.fitness == -perplexities[t.candidate] for t in trials)
+    best = json.loads((tmp_path / "run" / "best" / "scores.json").read_text())  # top_k 1: the best search fitness wins
+    assert perplexities[best["candidate"]] == min(perplexities.values()) < max(perplexities.values())

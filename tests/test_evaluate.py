@@ -58,6 +58,9 @@ def test_weighted_fitness_and_failures():
     failed = weighted_fitness(nan, {"a": 1.0, "b": 1.0})
     assert failed.status == "failed" and math.isnan(failed.fitness) and "non-finite score on b" in failed.error
     assert weighted_fitness(nan, {"a": 1.0}).ok  # an unweighted NaN is reported, not fatal
+    ppl = dict(scores, c=TaskScore(task="c", metric="word_perplexity", value=3.0, n=10, higher_is_better=False))
+    assert weighted_fitness(ppl, {"a": 1.0, "c": 1.0}).fitness == pytest.approx((0.5 - 3.0) / 2)  # lower is better
+    assert weighted_fitness(ppl, {"a": 1.0, "c": 1.0}, "min").fitness == -3.0
 
 
 def test_lm_eval_scores_equal_an_independent_computation(tiny_zoo, digits_evaluator):
@@ -292,3 +295,50 @@ def test_a_tokenizer_that_drops_spaces_is_warned_about_when_the_search_evaluator
     [problem, _] = round_trip_problems(tok, evaluator.by_split["search"].tasks)
     assert problem == ("task toy_digits: the tokenizer does not give its prompts back ('inc 173=' -> 'inc173='); scores "
                        "will mean little: check the model's tokenizer files and tokenizer_class")
+
+
+PPL_TEXTS = ["the cat sat on the mat", "a dog ran", "one two three four five", "zip zap"]
+
+
+def perplexity_task_dir(root: Path) -> Path:
+    """A user task dir: word perplexity (lm-eval's loglikelihood_rolling) of local texts, the same on every split."""
+    d = root / "ppl_tasks"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in PPL_TEXTS))
+    files = {split: str(d / "texts.jsonl") for split in ("search", "validation", "test")}
+    (d / "texts_ppl.yaml").write_text(json.dumps({
+        "task": "texts_ppl", "dataset_path": "json", "dataset_kwargs": {"data_files": files}, "test_split": "test",
+        "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+        "metric_list": [{"metric": "word_perplexity"}, {"metric": "bits_per_byte"}]}))
+    return d
+
+
+def test_a_perplexity_task_equals_an_independent_computation_and_lowers_the_fitness(tmp_path):
+    """Word perplexity exp(-sum_i ll_i / sum_i words_i), ll_i the log-likelihood of text i after the BOS token, computed
+    here by one forward pass per text; each document scores its own exp(-ll_i / words_i); the fitness is -perplexity."""
+    import re
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from tiny_models import build_tiny
+
+    path = build_tiny("llama", tmp_path / "model", hidden=32, dtype=torch.float64)
+    tokenizer, model = AutoTokenizer.from_pretrained(path), load_live_model(path, dtype=torch.float64)
+    evaluator = HarnessEvaluator(["texts_ppl"], tokenizer, task_dirs=[str(perplexity_task_dir(tmp_path))], split="search")
+    result = evaluator.evaluate(model)
+    ll, words = [], []
+    for text in PPL_TEXTS:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([[tokenizer.bos_token_id, *ids]])).logits[0, :-1], dim=-1)
+        ll.append(logp[torch.arange(len(ids)), torch.tensor(ids)].sum().item())
+        words.append(len(re.split(r"\s+", text)))
+    score = result.scores["texts_ppl"]
+    assert score.metric == "word_perplexity" and not score.higher_is_better and score.n == len(PPL_TEXTS)
+    assert score.value == pytest.approx(math.exp(-sum(ll) / sum(words)), rel=1e-9)
+    np.testing.assert_allclose(result.docs["texts_ppl"], np.exp(-np.array(ll) / np.array(words)), rtol=1e-9)
+    assert result.ok and result.fitness == -score.value
+    report = {"split": "search", "tasks": ["texts_ppl"], "n": evaluator.sizes, "chance": evaluator.chance,
+              "results": [{"target": "m", **result.to_dict()}]}
+    assert format_table(report).splitlines()[0].split() == ["model", "texts_ppl", "fitness"]

@@ -26,6 +26,10 @@ def test_documents_pack_to_bits_or_half_floats_and_back():
     # b: two documents never scored take its mean on the three scored, 7/12
     np.testing.assert_allclose(completed(blob)[1000:1005], [0.25, 0.5, 1.0, 7 / 12, 7 / 12], atol=1e-12)
     assert count(blob) == 1005 and count(None) == 0 and completed(None) is None
+    perplexities = np.array([3.5, 1.25e6, 70000.5])  # past float16's range (65504): kept as float32
+    back, _ = unpack(pack({"p": perplexities, "c": np.array([1.0, 0.0])}, {"p": 3, "c": 2}))
+    np.testing.assert_array_equal(back["p"], perplexities.astype(np.float32))
+    np.testing.assert_array_equal(back["c"], [1.0, 0.0])
 
 
 def test_a_thousand_trials_of_a_thousand_documents_take_a_few_hundred_kb():

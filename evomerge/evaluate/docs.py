@@ -1,7 +1,8 @@
 """Per-document scores: each task's score on each document it was scored on, packed compactly for the ledger.
 
     docs = {"toy_cipher_gen": array([1., 0., 1., ...]), ...}   # the first n documents of the split, in order
-    blob = pack(docs, sizes)      # bytes; 0/1 scores as a bitset (1 bit each), others as float16 (2 bytes each)
+    blob = pack(docs, sizes)      # bytes; 0/1 scores as a bitset (1 bit each), others as float16 (2 bytes each;
+                                  # float32 where a score is past float16's range, e.g. a document's perplexity)
     unpack(blob) -> (docs, sizes)
 
 A blob is one JSON header line `[[task, scored, total, kind], ...]`, a NUL byte, then each task's payload in header
@@ -16,16 +17,21 @@ from collections.abc import Mapping
 
 import numpy as np
 
-BITS, HALF = "bits", "f16"
+BITS = "bits"
+FLOATS = {"f16": "<f2", "f32": "<f4"}  # kind -> stored dtype
 
 
 def pack(docs: Mapping[str, np.ndarray], sizes: Mapping[str, int]) -> bytes:
     header, payload = [], []
     for task, values in docs.items():
         values = np.asarray(values, dtype=np.float64)
-        binary = bool(np.all((values == 0) | (values == 1)))
-        header.append([task, len(values), int(sizes[task]), BITS if binary else HALF])
-        payload.append(np.packbits(values.astype(bool)).tobytes() if binary else values.astype("<f2").tobytes())
+        if np.all((values == 0) | (values == 1)):
+            kind, data = BITS, np.packbits(values.astype(bool)).tobytes()
+        else:
+            kind = "f16" if np.all(np.abs(values) <= np.finfo(np.float16).max) else "f32"
+            data = values.astype(FLOATS[kind]).tobytes()
+        header.append([task, len(values), int(sizes[task]), kind])
+        payload.append(data)
     return json.dumps(header, separators=(",", ":")).encode() + b"\0" + b"".join(payload)
 
 
@@ -33,8 +39,9 @@ def unpack(blob: bytes) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     head, _, body = bytes(blob).partition(b"\0")
     docs, sizes, offset = {}, {}, 0
     for task, scored, total, kind in json.loads(head):
-        nbytes = (scored + 7) // 8 if kind == BITS else 2 * scored
-        chunk = np.frombuffer(body[offset:offset + nbytes], dtype=np.uint8 if kind == BITS else "<f2")
+        dtype = np.dtype(np.uint8 if kind == BITS else FLOATS[kind])
+        nbytes = (scored + 7) // 8 if kind == BITS else dtype.itemsize * scored
+        chunk = np.frombuffer(body[offset:offset + nbytes], dtype=dtype)
         docs[task] = (np.unpackbits(chunk)[:scored] if kind == BITS else chunk).astype(np.float64)
         sizes[task] = total
         offset += nbytes

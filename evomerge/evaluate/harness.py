@@ -175,11 +175,15 @@ class HarnessEvaluator:
                          proportion=metric in PROPORTIONS)
 
     def _per_document(self, name: str, raw: dict) -> np.ndarray:
-        """The primary metric of each document scored, in document order (lm-eval's samples, under the metric's filter)."""
+        """The primary metric of each document scored, in document order (lm-eval's samples, under the metric's filter).
+        A sample that is not a number (perplexities: a log-likelihood and a word or byte count) is scored by the task's
+        aggregation over that one document."""
         metric, key = _metric_key(self.tasks[name], raw["results"][name])
         kept = key.split(",")[1] if "," in key else None
         samples = sorted((s for s in raw["samples"][name] if kept is None or s["filter"] == kept), key=lambda s: s["doc_id"])
-        return np.array([float(s[metric]) for s in samples], dtype=np.float64)
+        one_document = self.tasks[name].aggregation()[metric]
+        return np.array([float(s[metric]) if np.isscalar(s[metric]) else one_document([s[metric]]) for s in samples],
+                        dtype=np.float64)
 
     def _mean_score(self, name: str, values: np.ndarray) -> TaskScore:
         task = self.tasks[name]
@@ -232,7 +236,9 @@ def primary_metric(task, values: Mapping[str, object] | None = None) -> str:
     metrics = task.config.metric_list or []
     if metrics:
         return metrics[0]["metric"]
-    return next(k.split(",")[0] for k in values or {} if k != "alias" and "_stderr" not in k)
+    if values is None:
+        return next(iter(task.higher_is_better()))
+    return next(k.split(",")[0] for k in values if k != "alias" and "_stderr" not in k)
 
 
 def chance_level(task, limit: int | None = None) -> float | None:

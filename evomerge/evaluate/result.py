@@ -111,11 +111,12 @@ def aggregate(values: dict[str, float], weights: dict[str, float], how: str = "m
 
 
 def weighted_fitness(scores: dict[str, TaskScore], weights: dict[str, float], how: str = "mean") -> EvalResult:
-    """Fitness = aggregate(scores, weights, how) over the weighted tasks; NaN anywhere -> a failed result."""
+    """Fitness = aggregate(scores, weights, how) over the weighted tasks, a score where lower is better (perplexity)
+    negated, so that the fitness always grows as the model gets better; NaN anywhere -> a failed result."""
     missing = sorted(set(weights) - set(scores))
     if missing:
         return EvalResult.failed(f"no score for weighted task(s) {', '.join(missing)}", scores)
-    values = {t: scores[t].value for t in weights}
+    values = {t: scores[t].value if scores[t].higher_is_better else -scores[t].value for t in weights}
     fitness = aggregate(values, weights, how) if all(math.isfinite(v) for v in values.values()) else math.nan
     if not math.isfinite(fitness):
         bad = [t for t in weights if not math.isfinite(scores[t].value)]

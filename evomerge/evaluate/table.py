@@ -72,10 +72,12 @@ def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str
 
 
 def format_table(report: dict, markdown: bool = False) -> str:
-    """Targets as rows, tasks as columns: 'score [95% CI]', then a chance row; fitness = mean of the tasks."""
+    """Targets as rows, tasks as columns: 'score [95% CI]', then a chance row; fitness = mean of the tasks (a score
+    where lower is better, such as a perplexity, negated: the column is then called fitness)."""
     tasks = report["tasks"]
     prefix = os.path.commonprefix(tasks) if len(tasks) > 1 else ""
-    header = ["model", *(t[len(prefix):] or t for t in tasks), "mean"]
+    negated = any(not s.get("higher_is_better", True) for r in report["results"] for s in r["scores"].values())
+    header = ["model", *(t[len(prefix):] or t for t in tasks), "fitness" if negated else "mean"]
     rows = []
     for r in report["results"]:
         if r["status"] != "ok":
@@ -85,12 +87,14 @@ def format_table(report: dict, markdown: bool = False) -> str:
         for t in tasks:
             s = r["scores"][t]
             lo, hi = s["ci95"]
-            cells.append(f"{s['value']:.2f} [{lo:.2f},{hi:.2f}]" if not math.isnan(lo) else f"{s['value']:.3f}")
-        rows.append([_short(r["target"]), *cells, f"{r['fitness']:.3f}{_mean_interval(r['scores'], tasks)}"])
+            cells.append(f"{s['value']:.2f} [{lo:.2f},{hi:.2f}]" if not math.isnan(lo) else f"{s['value']:.4g}")
+        rows.append([_short(r["target"]), *cells, f"{r['fitness']:.4g}" if negated
+                     else f"{r['fitness']:.3f}{_mean_interval(r['scores'], tasks)}"])
     chance = [report["chance"].get(t) for t in tasks]
     rows.append(["chance", *("-" if c is None else f"{c:.2f}" if c >= 0.01 else f"{c:.0e}" for c in chance),
                  "-" if None in chance else f"{sum(chance) / len(chance):.3f}"])
-    note = f"split={report['split']}, n={_sizes(report['n'])}, 95% Wilson intervals (mean: normal approximation)"
+    note = f"split={report['split']}, n={_sizes(report['n'])}, 95% Wilson intervals (mean: normal approximation)" \
+        + ("; fitness: the mean with lower-is-better scores negated" if negated else "")
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]

@@ -6,6 +6,8 @@ EvomergeError that names the task and the file or split.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from functools import partial
@@ -64,7 +66,10 @@ def load_tasks(names: Sequence[str], task_dirs: Sequence[str | os.PathLike] = ()
         raise EvomergeError(f"unknown task {unknown[0]!r}{hint}; {did_you_mean(unknown[0], manager.all_tasks)}",
                             key="tasks")
     try:
-        return manager.load(list(names))
+        with contextlib.redirect_stderr(io.StringIO()) as noise:  # datasets' progress bars, on a first load of its files
+            loaded = manager.load(list(names))
+        log.debug("loading tasks: %s", noise.getvalue()[-2000:])
+        return loaded
     except FileNotFoundError as err:
         missing = err.filename or str(err)
         raise EvomergeError(f"data file missing: {missing} (relative data_files are read from the working directory)",

@@ -80,10 +80,10 @@ def objective_values(scores: dict[str, Any], names: list[str]) -> list[float]:
     return [float(scores[t]["value"]) * (1 if scores[t].get("higher_is_better", True) else -1) for t in names]
 
 
-def check_tasks(evaluation: EvaluationConfig, source: str) -> None:
+def check_tasks(evaluation: EvaluationConfig, source: str, optimizer: str = "") -> None:
     """Load the tasks once before a run starts, as a worker will: a wrong name, a missing data file, a split a task
-    lacks (the search split, or a held-out one scored after the budget) or a weight naming no task would fail every
-    trial alike."""
+    lacks (the search split, or a held-out one scored after the budget), a weight naming no task, or a metric the
+    fitness (or racing, or the optimizer) cannot take would fail every trial alike."""
     from evomerge.errors import EvomergeError
     from evomerge.evaluate.harness import HarnessEvaluator
 
@@ -101,6 +101,25 @@ def check_tasks(evaluation: EvaluationConfig, source: str) -> None:
         raise EvomergeError(err.message, source=err.source or source, key=f"evaluation.{err.key or 'tasks'}") from None
     if evaluation.racing is not None:
         _check_racing(harness.tasks, source)
+    _check_directions(harness.tasks, evaluation.aggregate, optimizer, source)
+
+
+def _check_directions(tasks: dict, aggregate: str, optimizer: str, source: str) -> None:
+    """A score where lower is better (perplexity) enters the fitness negated: the mean and the minimum take that, the
+    geometric mean (of logarithms) and natural niches (which shares per-document scores >= 0) cannot."""
+    from evomerge.errors import EvomergeError
+    from evomerge.evaluate.harness import primary_metric
+
+    for name, task in tasks.items():
+        metric = primary_metric(task)
+        if task.higher_is_better().get(metric, True):
+            continue
+        if aggregate == "geometric":
+            raise EvomergeError(f"the geometric mean takes scores where higher is better; task {name} scores {metric}, "
+                                "where lower is; use mean or min", source=source, key="evaluation.aggregate")
+        if optimizer == "niches":
+            raise EvomergeError(f"natural niches shares per-document scores where higher is better; task {name} scores "
+                                f"{metric}, where lower is", source=source, key="optimizer.name")
 
 
 def _check_racing(tasks: dict, source: str) -> None:
