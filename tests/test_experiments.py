@@ -44,3 +44,36 @@ def test_objectives_name_tasks_the_evaluator_scores():
     for e in multi:
         leaves = load_tasks(e.evaluation.tasks, e.evaluation.task_dirs, network=e.evaluation.network)["tasks"]
         assert set(e.evaluation.objectives) <= set(leaves), e.name
+
+
+def test_the_paper_experiment_scores_mgsm_ja_on_three_disjoint_splits(monkeypatch):
+    """The paper config's own task (experiments/tasks/mgsm_ja_split.yaml) passes the checks of `evomerge search`: the
+    hub's MGSM-ja test split (stood in by a local dataset of its schema: the hub is not reachable here) is cut into
+    search / validation / test of 100 / 50 / 100 disjoint questions, the same cut on every load, with lm-eval's
+    mgsm_direct_ja prompt and target."""
+    import datasets
+
+    from evomerge.evaluate.harness import HarnessEvaluator
+    from evomerge.run.evaluation import check_tasks
+
+    hub = datasets.Dataset.from_list([{"question": f"りんごが{i}個あります。", "answer": None, "answer_number": i,
+                                       "equation_solution": None} for i in range(250)])
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: asked.append((args, kwargs)) or hub)
+    path = Path(__file__).parents[1] / "experiments" / "paper_mistral7b_ps.yaml"
+    experiment = load_experiment(path)
+    check_tasks(experiment.evaluation, str(path), experiment.optimizer.name)
+    assert asked[0] == (("juletxara/mgsm", "ja"), {"split": "test"})
+    c = experiment.evaluation
+    numbers = {}
+    for split in ("search", "validation", "test"):
+        evaluator = HarnessEvaluator(c.tasks, None, split=split, task_dirs=c.task_dirs)
+        task = evaluator.tasks["mgsm_ja_split"]
+        docs = list(task.eval_docs)
+        numbers[split] = [d["answer_number"] for d in docs]
+        assert task.doc_to_text(docs[0]) == f"問題： りんごが{docs[0]['answer_number']}個あります。\nAnswer:"
+        assert task.doc_to_target(docs[0]) == str(docs[0]["answer_number"])
+    assert {s: len(n) for s, n in numbers.items()} == {"search": 100, "validation": 50, "test": 100}
+    assert sorted(sum(numbers.values(), [])) == list(range(250))  # disjoint, and every question used
+    again = HarnessEvaluator(c.tasks, None, split="search", task_dirs=c.task_dirs).tasks["mgsm_ja_split"]
+    assert [d["answer_number"] for d in again.eval_docs] == numbers["search"]
