@@ -56,6 +56,8 @@ def check_space(experiment: Experiment, source: str, *, headers_only: bool = Fal
                 raise EvomergeError(detail, source=source, key=_model_key(config, model)) from None
         if config.kind == "dfs":
             _check_layer_paths(config, dirs[models[0]].arch, source)
+        if getattr(config, "split", None) == "attn_mlp":
+            _check_split(dirs[models[0]], source)
         num_layers = {model: d.num_layers for model, d in dirs.items()}
         space = build_space(config, num_layers=num_layers, source=source, key="space")
         candidate = space.decode(space.x0)
@@ -92,6 +94,19 @@ def _check_layer_paths(config, arch, source: str) -> None:
     if config.scale != "none" and not arch.output_projections:
         raise EvomergeError(f"hidden-state scales cannot be folded into {arch.name} weights (the winner would be written "
                             f"without them); use scale: none", source=source, key="space.scale")
+
+
+def _check_split(model_dir, source: str) -> None:
+    """`split: attn_mlp` gives tensors named `self_attn` and `mlp` their own genes (mergekit filters): a family that
+    names its attention otherwise would leave those genes unused and its attention with the rest's."""
+    from evomerge.spaces.ps import SPLIT_PARTS
+
+    arch, attention_filter = model_dir.arch, SPLIT_PARTS[0][1]
+    other = [n for n in model_dir.tensor_names if arch.block_of(n) == "attn" and attention_filter not in n]
+    if other:
+        raise EvomergeError(f"split: attn_mlp finds attention tensors by the name {attention_filter!r}; {arch.name} names "
+                            f"them otherwise ({other[0]}), so their genes would go unused", source=source,
+                            key="space.split")
 
 
 def _planned_batch(batch_size: int | str) -> int:
