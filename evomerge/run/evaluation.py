@@ -128,7 +128,7 @@ def _check_racing(tasks: dict, source: str) -> None:
     from evomerge.evaluate.harness import PROPORTIONS, primary_metric
 
     for name, task in tasks.items():
-        metric = primary_metric(task) if task.config.metric_list else "no stated metric"
+        metric = primary_metric(task)
         if metric not in PROPORTIONS:
             raise EvomergeError(f"racing needs metrics that are proportions ({', '.join(sorted(PROPORTIONS))}); task "
                                 f"{name} scores {metric}", source=source, key="evaluation.racing")
