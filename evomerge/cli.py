@@ -132,7 +132,7 @@ def _check_target(target: str) -> None:
               help="documents per forward pass, or auto (lm-eval's probe); halved when the device runs out of memory")
 @user_errors
 def evaluate(targets, tasks, split, limit, task_dirs, network, output_json, output_md, device, dtype, batch_size):
-    """Score model dirs or recipes (TARGETS) on lm-eval tasks: per-task scores, 95% CIs, chance levels."""
+    """Score model dirs, hub ids or recipes (TARGETS) on lm-eval tasks: per-task scores, 95% CIs, chance levels."""
     from evomerge.evaluate.table import evaluate_targets
     from evomerge.models.io import check_device, parse_dtype
 

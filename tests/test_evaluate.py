@@ -195,6 +195,28 @@ def test_eval_cli_batch_size_and_dtype(tiny_zoo, tmp_path):
         assert len(result.output.splitlines()) == 1
 
 
+def test_eval_cli_scores_a_hub_id_as_its_downloaded_snapshot(tiny_zoo, tmp_path, monkeypatch):
+    """`evomerge eval org/name` scores the hub model (as search and merge take hub ids); the hub here is a stand-in
+    that serves the zoo's digits expert, and the scores equal those of the dir itself."""
+    import huggingface_hub
+    from click.testing import CliRunner
+
+    from evomerge.cli import main
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **_: asked.append(repo_id) or str(tiny_zoo / "expert_digits"))
+    outputs = {}
+    for target in ("someone/expert-digits", str(tiny_zoo / "expert_digits")):
+        out = tmp_path / f"{len(outputs)}.json"
+        result = CliRunner().invoke(main, ["eval", target, "--tasks", "toy_digits", "--limit", "12",
+                                           "--output-json", str(out)])
+        assert result.exit_code == 0, result.output
+        (saved,) = json.loads(out.read_text())["results"]
+        outputs[target] = saved["scores"]["toy_digits"]["value"]
+    assert asked[0] == "someone/expert-digits" and len(set(outputs.values())) == 1 and outputs[target] > 0.5
+
+
 def test_table_rows_markdown_file_and_labels(tmp_path):
     score = lambda v: {"value": v, "n": 100, "proportion": True, "ci95": list(wilson_ci(v, 100))}  # noqa: E731
     report = {"split": "test", "tasks": ["t_a", "t_b"], "n": {"t_a": 100, "t_b": 100}, "chance": {"t_a": 0.25, "t_b": 0.0},

@@ -15,27 +15,28 @@ from typing import Callable, Sequence
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.harness import HarnessEvaluator
 from evomerge.evaluate.result import EvalResult, mean_ci95
-from evomerge.models.io import VOCAB_FILES, load_causal_lm
+from evomerge.models.io import VOCAB_FILES, load_causal_lm, resolve_model
 from evomerge.recipe import write_text_atomic
 
 
 def load_model_dir(path: str | os.PathLike, *, device: str = "cpu", dtype=None):
-    """(model, tokenizer) from a Hugging Face model dir of any architecture; a missing dir or tokenizer is a one-line
-    EvomergeError."""
+    """(model, tokenizer) from a Hugging Face model dir of any architecture, or a hub id (fetched); a missing dir or
+    tokenizer is a one-line EvomergeError."""
     from transformers import AutoTokenizer
 
-    check_model_dir(path)
+    path = check_model_dir(path)
     return load_causal_lm(path, dtype).to(device).eval(), AutoTokenizer.from_pretrained(str(path))
 
 
-def check_model_dir(path: str | os.PathLike) -> None:
-    """What `load_model_dir` needs of a dir: a config.json and a tokenizer."""
-    path = Path(path)
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """What `load_model_dir` needs of a dir: a config.json and a tokenizer. Returns the local dir (a hub id's snapshot)."""
+    path = resolve_model(str(path))
     if not (path / "config.json").is_file():
         raise EvomergeError("not a model directory (no config.json)", source=str(path))
     if not any((path / f).is_file() for f in VOCAB_FILES):
         raise EvomergeError(f"model has no tokenizer (none of {', '.join(VOCAB_FILES)}); copy the base model's "
                             f"tokenizer files in, or set tokenizer_source in the recipe", source=str(path))
+    return path
 
 
 def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str | None = "test",

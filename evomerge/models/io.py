@@ -75,7 +75,7 @@ def _read_header(file: Path) -> dict[str, dict]:
     return dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
 
 
-def _resolve(ref: str) -> Path:
+def resolve_model(ref: str) -> Path:
     """A local directory, or a hub snapshot when `ref` is not a local path but looks like a repo id."""
     if not _on_hub(ref):
         return Path(ref).expanduser()
@@ -158,7 +158,7 @@ class ModelDir:
             config, arch = _read_config(path, _failure(path, source))
             files = {name: path / shards[name] for name in header}
             return cls(path, config, arch, files, header)
-        path = _resolve(str(ref))
+        path = resolve_model(str(ref))
         fail = _failure(path, source)
         if not path.is_dir():
             raise fail("no such model directory")
