@@ -682,6 +682,11 @@ def test_objectives_need_a_multi_objective_optimizer_and_known_tasks(models, tmp
     path.write_text(yaml.safe_dump(experiment(models, **NSGA2, evaluation={"objectives": ["near_a", "near_a"]})))
     with pytest.raises(EvomergeError, match=r"exp.yaml: evaluation.objectives: a task is listed twice"):
         load_experiment(path)
+    path.write_text(yaml.safe_dump(experiment(models, **NSGA2, evaluation={"objectives": ["near_a", "near_b"],
+                                                                          "racing": {"first": 0.25}})))
+    with pytest.raises(EvomergeError, match=r"exp.yaml: evaluation.racing: racing stops a candidate whose fitness cannot "
+                                            r"reach the top k, but with objectives one below them may be on the Pareto"):
+        load_experiment(path)
     with pytest.raises(EvomergeError, match=r"run/config.yaml: evaluation.objectives: no score for task 'near_c'; did "
                                             r"you mean 'near_b'\? available: near_a, near_b; start a new run dir"):
         run(models, tmp_path / "run", evaluator=two_targets(models), **{**NSGA2, "evaluation.objectives": ["near_c"]})

@@ -201,6 +201,10 @@ def _check_objectives(experiment: Experiment, source: str) -> None:
         multi = sorted(n for n, cls in OPTIMIZERS.items() if cls.multi_objective)
         raise EvomergeError(f"optimizer {name} takes one objective; use one of {', '.join(multi)}, or drop objectives "
                             "(the search then maximizes the fitness)", source=source, key="evaluation.objectives")
+    if experiment.evaluation.objectives and experiment.evaluation.racing is not None:
+        raise EvomergeError("racing stops a candidate whose fitness cannot reach the top k, but with objectives one "
+                            "below them may be on the Pareto front; drop racing or objectives", source=source,
+                            key="evaluation.racing")
 
 
 def load_experiment(path: str | os.PathLike) -> Experiment:
