@@ -106,6 +106,20 @@ BAD = {
 }
 
 
+def test_della_with_density_zero_drops_that_models_delta(models, tmp_path):
+    """Density 0 drops a delta whatever epsilon (as density 1 keeps it): della over (a, b) with b at density 0 is della
+    over a alone (b is last, so a's mask key, its position, is the same)."""
+    base, a, b = models
+    entry = {"model": a, "parameters": {"weight": 0.7, "density": 0.5, "epsilon": 0.2}}
+    both = {"merge_method": "della", "base_model": base, "dtype": "float32",
+            "models": [entry, {"model": b, "parameters": {"weight": 0.9, "density": 0.0, "epsilon": 0.2}}]}
+    for name, doc in (("both", both), ("alone", {**both, "models": [entry]})):
+        result = run("merge", write(tmp_path / f"{name}.yaml", doc), tmp_path / name)
+        assert result.exit_code == 0, result.output
+    alone, dropped = load_file(tmp_path / "alone/model.safetensors"), load_file(tmp_path / "both/model.safetensors")
+    assert set(alone) == set(dropped) and all(torch.equal(alone[n], dropped[n]) for n in alone)
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_is_one_line_exit_2_and_no_out(models, tmp_path, case):
     make_doc, expected = BAD[case]

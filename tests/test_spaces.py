@@ -82,11 +82,24 @@ def test_ps_defaults_come_from_the_registry():
     assert [p.name for p in space.searched] == ["weight", "density"]  # ties' per-model numeric parameters
     assert [(g.low, g.high) for g in space.genes[2:]] == [(0.0, 1.0)] * 2  # density: the method's range
     np.testing.assert_array_equal(space.x0, [0.5, 0.5, 1.0, 1.0])  # weight: mid-bounds; density: the default 1.0
-    assert [p.name for p in ps(method="della").searched] == ["weight", "density", "epsilon"]
+    della = ps(method="della", bounds={"weight": [0.0, 1.0], "density": [0.3, 0.8], "epsilon": [0.0, 0.15]})
+    assert [p.name for p in della.searched] == ["weight", "density", "epsilon"]
     slerp = ps(method="slerp", models=["a"], bounds={})  # no per-model parameter: the global numeric ones
     assert [g.name for g in slerp.genes] == ["t"] and slerp.decode([0.3]).merge.parameters == {"t": 0.3}
     linear = ps(method="linear", base_model=None)
     assert [m.parameters for m in linear.decode([0.1, 0.9]).merge.models] == [{"weight": 0.1}, {"weight": 0.9}]
+
+
+def test_della_bounds_that_keep_every_candidate_valid():
+    """Within density [0.3, 0.8] and epsilon up to 0.15 every corner of the box decodes to a valid DELLA recipe (the
+    default epsilon 0.15 with density searched in [0.2, 0.8] too); density fixed at 1 keeps everything, any epsilon."""
+    space = ps(method="della", bounds={"weight": [0.0, 1.0], "density": [0.3, 0.8], "epsilon": [0.0, 0.15]})
+    for corner in np.array(np.meshgrid(*[[0.0, 1.0]] * 3)).reshape(3, -1).T:  # weight, density, epsilon: low or high
+        for entry in check_valid(space, np.repeat(corner, 2)).merge.models:
+            d, e = entry.parameters["density"], entry.parameters["epsilon"]
+            assert 0 < d - e and d + e < 1, (d, e)
+    ps(method="della", search=["weight", "density"], bounds={"weight": [0.0, 1.0], "density": [0.2, 0.8]})
+    ps(method="della", search=["weight", "epsilon"], bounds={"weight": [0.0, 1.0]}, fixed={"density": 1.0})
 
 
 def test_ps_layer_groups_give_exact_per_layer_values():
@@ -156,6 +169,10 @@ def test_decode_is_pure_and_checks_the_genome():
     ({"method": "slerp", "bounds": {}}, "method slerp takes exactly 1 models besides the base, got 2"),
     ({"models": ["a", "base"]}, "list only the models merged into base_model"),
     ({"kind": "pss"}, "s.yaml: kind: unknown space kind 'pss'; did you mean 'ps'"),
+    ({"method": "della"}, r"s.yaml: bounds: della keeps entries with probability density \+- epsilon inside \(0, 1\): "
+                          r"with density in \[0.0, 1.0\] epsilon must stay below 0, it reaches 0.5"),
+    ({"method": "della_linear", "bounds": {"weight": [0, 1], "density": [0.2, 0.9]}, "fixed": {"epsilon": 0.1}},
+     r"della_linear .* with density in \[0.2, 0.9\] epsilon must stay below 0.1, it reaches 0.1"),
 ])
 def test_ps_bad_input_names_file_and_key(fields, message):
     with pytest.raises(EvomergeError, match=message):

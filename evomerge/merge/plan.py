@@ -128,7 +128,7 @@ def _resolve_task(spec: MethodSpec, stage: MergeStage, out: OutputSlice, out_nam
         params[p.arg] = tuple(values)
     if spec.name.startswith("della"):
         for d, e in zip(params.get("density", ()), params.get("epsilon", ())):
-            if d < 1 and not (0 < d - e and d + e < 1):
+            if 0 < d < 1 and not (0 < d - e and d + e < 1):  # density 0 drops the delta, 1 keeps it (sparsify)
                 raise EvomergeError(f"della needs density +- epsilon inside (0, 1), got density={d}, epsilon={e} "
                                     f"at {out_name}", source=source, key="epsilon")
     return TensorTask(out_name, spec.name, base_ref, tuple((s.model, n) for s, n in others), tuple(sorted(params.items())),

@@ -88,6 +88,31 @@ class ParameterSpace(SearchSpace):
         self.searched = _searched_params(self.spec, config, source)
         self.genes = tuple(self._genes())
         validate_stage(self.decode(self.x0).merge, source)  # base policy, model count, fixed values: same for every genome
+        self._check_keep_probabilities()
+
+    def _range(self, name: str) -> tuple[float, float] | None:
+        """A parameter's values over the space: its bounds if searched, its fixed or default value if a number."""
+        if any(p.name == name for p in self.searched):
+            return _bounds(self.spec.param(name), self.config, self.source)
+        value = self.config.fixed.get(name, self.spec.param(name).default)
+        return (float(value), float(value)) if isinstance(value, (int, float)) else None
+
+    def _check_keep_probabilities(self):
+        """DELLA keeps an entry with probability density +- epsilon, which must stay inside (0, 1) for a density
+        between 0 and 1 (merge.sparsify.della_magprune): bounds that let a candidate leave it would fail its trials."""
+        from evomerge.merge.methods import TASK_ARITHMETIC_FAMILY
+
+        member = TASK_ARITHMETIC_FAMILY.get(self.config.method)
+        if member is None or member.sparsifier != "della_magprune":
+            return
+        density, epsilon = self._range("density"), self._range("epsilon")
+        if density is None or epsilon is None or density[1] <= 0 or density[0] >= 1 or epsilon[1] <= 0:
+            return  # nothing kept, everything kept, or no spread: no probability leaves (0, 1)
+        if epsilon[1] >= min(density[0], 1 - density[1]):
+            raise EvomergeError(f"{self.config.method} keeps entries with probability density +- epsilon inside (0, 1): "
+                                f"with density in [{density[0]}, {density[1]}] epsilon must stay below "
+                                f"{max(0.0, min(density[0], 1 - density[1])):g}, it reaches {epsilon[1]:g} (e.g. bounds: "
+                                "{density: [0.3, 0.8], epsilon: [0.0, 0.15]})", source=self.source, key="bounds")
 
     def _genes(self):
         for p in self.searched:
