@@ -102,25 +102,26 @@ def _scores_table(scores: dict) -> list[str]:
         for task, s in tasks.items():
             if isinstance(s, dict) and "value" in s:
                 ci = s.get("ci95") or [None, None]
-                ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if None not in ci else ""
+                ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if None not in ci and not np.isnan(ci).any() else ""
                 chance = s.get("chance")
                 lines.append(f"| {split} | {task} | {s['value']:.3f} | {ci_text} | {'' if chance is None else f'{chance:.3f}'} |")
     return lines if len(lines) > 2 else []
 
 
 def solved_documents(rows, shown: int = 40) -> list[str]:
-    """Which documents the winner solves (score 1) on each split it was scored on: a count and the unsolved indices."""
-    if not rows:
-        return []
+    """Which documents the winner solves (score 1) on each split it was scored on: a count and the unsolved indices
+    (tasks whose documents score 0 or 1; a perplexity's are not solved or not)."""
     lines = ["### Documents the winner solves", "", "| split | task | solved | documents not solved (index in the split) |",
              "|---|---|---|---|"]
     for trial in rows:
         docs, _ = unpack(trial.docs)
         for task, values in docs.items():
+            if not np.isin(values, (0.0, 1.0)).all():
+                continue
             missed = np.flatnonzero(values < 1).tolist()
             text = ", ".join(map(str, missed[:shown])) + (f", ... ({len(missed) - shown} more)" if len(missed) > shown else "")
             lines.append(f"| {trial.split} | {task} | {int((values >= 1).sum())}/{len(values)} | {text or 'none'} |")
-    return lines + [""]
+    return lines + [""] if len(lines) > 4 else []
 
 
 def plot_pareto(trials, front: list[dict], winner: int, path: Path) -> None:

@@ -237,3 +237,8 @@ def test_a_search_on_a_perplexity_task_picks_the_lowest_perplexity(tiny_zoo, tmp
     assert all(t.fitness == -perplexities[t.candidate] for t in trials)
     best = json.loads((tmp_path / "run" / "best" / "scores.json").read_text())  # top_k 1: the best search fitness wins
     assert perplexities[best["candidate"]] == min(perplexities.values()) < max(perplexities.values())
+    from evomerge.report import write_report
+
+    summary = (write_report(tmp_path / "run") / "summary.md").read_text()  # no "solved" table for perplexities
+    assert "Documents the winner solves" not in summary
+    assert f"| test | texts_ppl | {best['scores']['test']['texts_ppl']['value']:.3f} |  |  |" in summary  # no CI, chance
