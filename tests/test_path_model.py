@@ -111,6 +111,10 @@ def test_a_head_tied_to_the_embeddings_is_the_written_models(family, tmp_path):
     with torch.no_grad():
         expected = load_live_model(tmp_path / "out", dtype=torch.float64)(tokens).logits
         torch.testing.assert_close(path_model(tokens).logits, expected, atol=1e-6, rtol=1e-5)
+        path_model.tie_weights()  # as lm-eval's HFLM does to every model it wraps: it must change nothing
+        torch.testing.assert_close(path_model(tokens).logits, expected, atol=1e-6, rtol=1e-5)
+    for m in live.values():  # the live sources keep their own heads (the old path model lent it the last one's, which
+        assert m.lm_head.weight is m.get_input_embeddings().weight  # tie_weights then re-pointed at the first's)
     if importlib.util.find_spec("mergekit"):
         from mergekit_harness import load_dir, run_mergekit
 
