@@ -84,10 +84,7 @@ def test_tensor_shapes_that_differ(tiny_zoo, odd_models, tmp_path):
 
 
 def test_a_layer_path_over_models_that_differ(tiny_zoo, odd_models, tmp_path):
-    doc = experiment(tiny_zoo, space={"kind": "dfs", "models": [str(tiny_zoo / "expert_cipher"), str(odd_models["wider"])],
-                                      "repeats": 1})
-    for key in ("method", "base_model", "search", "layer_groups", "bounds"):
-        del doc["space"][key]
+    doc = dfs_experiment(tiny_zoo, [tiny_zoo / "expert_cipher", odd_models["wider"]])
     assert_refused(search(tmp_path, doc), tmp_path, "space.models", "has shape")
 
 

@@ -89,6 +89,11 @@ class EvalResult:
                 "scores": {task: s.to_dict() for task, s in self.scores.items()}}
 
 
+def oriented(value: float, higher_is_better: bool = True) -> float:
+    """A task score turned so that higher is better (a perplexity negated): what the fitness and the objectives take."""
+    return value if higher_is_better else -value
+
+
 AGGREGATES = ("mean", "min", "geometric")
 GEOMETRIC_EPS = 0.01  # geometric: exp(sum_t w_t ln(s_t + eps) / sum_t w_t) - eps, so one zero score does not zero it all
 
@@ -116,7 +121,7 @@ def weighted_fitness(scores: dict[str, TaskScore], weights: dict[str, float], ho
     missing = sorted(set(weights) - set(scores))
     if missing:
         return EvalResult.failed(f"no score for weighted task(s) {', '.join(missing)}", scores)
-    values = {t: scores[t].value if scores[t].higher_is_better else -scores[t].value for t in weights}
+    values = {t: oriented(scores[t].value, scores[t].higher_is_better) for t in weights}
     fitness = aggregate(values, weights, how) if all(math.isfinite(v) for v in values.values()) else math.nan
     if not math.isfinite(fitness):
         bad = [t for t in weights if not math.isfinite(scores[t].value)]

@@ -73,11 +73,12 @@ def objective_values(scores: dict[str, Any], names: list[str]) -> list[float]:
     """The objectives vector of one evaluation: task t's score (`value`, negated if lower is better), in `names` order.
     A name with no score is a config error (`evaluation.objectives`), not a failed candidate: every trial would fail."""
     from evomerge.errors import EvomergeError, did_you_mean
+    from evomerge.evaluate.result import oriented
 
     for name in names:
         if name not in scores:
             raise EvomergeError(f"no score for task {name!r}; {did_you_mean(name, scores)}", key="evaluation.objectives")
-    return [float(scores[t]["value"]) * (1 if scores[t].get("higher_is_better", True) else -1) for t in names]
+    return [oriented(float(scores[t]["value"]), scores[t].get("higher_is_better", True)) for t in names]
 
 
 def check_tasks(evaluation: EvaluationConfig, source: str, optimizer: str = "") -> None:
