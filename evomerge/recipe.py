@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import EvomergeError
 
@@ -69,6 +69,7 @@ class MergeStage(_Frozen):
     dtype: str | None = None  # compute dtype; None keeps the sources' dtype
     out_dtype: str | None = None
     tokenizer_source: str | None = None  # "base", a model, or None (the base, else the first model)
+    chat_template: str | None = None  # "auto" (the one most of the models have) or a Jinja template; None: the tokenizer's
     seed: int = 0  # keys the counter-based masks of DARE/DELLA
 
     @model_validator(mode="after")
@@ -76,6 +77,14 @@ class MergeStage(_Frozen):
         if (self.models is None) == (self.slices is None):
             raise ValueError("give exactly one of 'models' or 'slices'")
         return self
+
+    @field_validator("chat_template")
+    @classmethod
+    def _a_template(cls, value: str | None) -> str | None:
+        if value not in (None, "auto") and "{" not in value:  # mergekit also takes the names of templates it ships
+            raise ValueError(f"{value!r} is not a Jinja template; give 'auto' (the template most of the models have) "
+                             f"or the template itself")
+        return value
 
     def referenced_models(self) -> list[str]:
         names = [self.base_model] if self.base_model else []
@@ -110,7 +119,7 @@ class Recipe(_Frozen):
 
     def weights_dict(self) -> dict:
         """Everything that changes the weights, in canonical form."""
-        return self.model_dump(mode="json", exclude={"provenance"})
+        return self.model_dump(mode="json", exclude={"provenance": True, "merge": {"chat_template"}})
 
     @property
     def identity(self) -> str:
@@ -188,7 +197,8 @@ def iter_settings(params: Params):
 # ---------------------------------------------------------------------------------------------------------------------
 # YAML I/O: evomerge documents and mergekit documents (single or mergekit-multi)
 
-_MERGEKIT_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+_MERGEKIT_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
+                  "chat_template"}
 
 
 def format_validation_error(err: ValidationError, source: str, *, key: str | None = None,
@@ -316,7 +326,7 @@ def _stage_to_mergekit(stage: MergeStage) -> dict:
         doc["slices"] = [out.model_dump(mode="json", exclude_defaults=True) for out in stage.slices]
     if stage.parameters:
         doc["parameters"] = _params_to_yaml(stage.parameters)
-    for key in ("dtype", "out_dtype", "tokenizer_source"):
+    for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
         if getattr(stage, key):
             doc[key] = getattr(stage, key)
     return doc
@@ -352,7 +362,7 @@ def to_mergekit_docs(recipe: Recipe, stage_name: str = "evomerge-ps") -> list[di
         path_doc: dict[str, Any] = {"merge_method": "passthrough", "slices": _path_to_slices(recipe.layers, rename)}
         if recipe.merge:
             docs[0] = {"name": stage_name, **docs[0]}
-            for key in ("dtype", "out_dtype", "tokenizer_source"):
+            for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
                 if docs[0].get(key):
                     path_doc[key] = docs[0][key]
         docs.append(path_doc)

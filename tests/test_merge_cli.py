@@ -103,7 +103,25 @@ BAD = {
                                       "parameters": {"t": 0.5}}, "exactly 1"),
     "model_stock needs two plus base": (lambda m, p: {"merge_method": "model_stock", "base_model": m[0],
                                                       "models": [{"model": m[1]}]}, "at least 2"),
+    "chat template name": (lambda m, p: ties(m, chat_template="chatml"), "chat_template: 'chatml' is not a Jinja"),
+    "tokenizer union": (lambda m, p: ties(m, tokenizer_source="union"), "tokenizer_source: 'union' is not supported"),
+    "tokenizer of another model": (lambda m, p: ties(m, tokenizer_source=other_shape(p)),
+                                   "wide' is not one of the recipe's models"),
 }
+
+
+def test_tokenizer_source_names_a_recipe_model_however_its_path_is_spelled(models, tmp_path):
+    """`tokenizer_source: dir/../b` is model `b`: the output gets b's tokenizer files (it was a KeyError after merging
+    every tensor)."""
+    base, a, b = models
+    own = tmp_path / "own_tokenizer"
+    shutil.copytree(b, own)
+    config = json.loads((own / "tokenizer_config.json").read_text())
+    (own / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
+    doc = ties((base, a, str(own)), tokenizer_source=f"{tmp_path}/../{tmp_path.name}/own_tokenizer")
+    result = run("merge", write(tmp_path / "r.yaml", doc), tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["model_max_length"] == 77
 
 
 def test_della_with_density_zero_drops_that_models_delta(models, tmp_path):
@@ -118,6 +136,34 @@ def test_della_with_density_zero_drops_that_models_delta(models, tmp_path):
         assert result.exit_code == 0, result.output
     alone, dropped = load_file(tmp_path / "alone/model.safetensors"), load_file(tmp_path / "both/model.safetensors")
     assert set(alone) == set(dropped) and all(torch.equal(alone[n], dropped[n]) for n in alone)
+
+
+def with_chat_template(model, tmp_path, template):
+    """A copy of `model` whose tokenizer_config.json holds `template` (None: no template)."""
+    out = tmp_path / f"chat_{len(list(tmp_path.glob('chat_*')))}"
+    shutil.copytree(model, out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (out / "tokenizer_config.json").write_text(json.dumps({**config, **({"chat_template": template} if template else {})}))
+    return str(out)
+
+
+@pytest.mark.parametrize("choice", ["auto", "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"])
+def test_chat_template_auto_takes_the_most_common_one_and_a_template_is_written_as_given(models, tmp_path, choice):
+    from transformers import AutoTokenizer
+
+    base, a, b = models
+    common = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+    base, a, b = (with_chat_template(base, tmp_path, None), with_chat_template(a, tmp_path, common),
+                  with_chat_template(b, tmp_path, common + "\n"))  # the same once stripped, as mergekit compares them
+    result = run("merge", write(tmp_path / "r.yaml", ties((base, a, b), chat_template=choice)), tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    expected = common if choice == "auto" else choice
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.chat_template == expected
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == ("hi|yo|" if choice == "auto" else "<user>hi<assistant>yo")
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == expected  # older transformers
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

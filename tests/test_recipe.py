@@ -28,6 +28,7 @@ parameters: {normalize: true, int8_mask: true}
 dtype: bfloat16
 out_dtype: float32
 tokenizer_source: base
+chat_template: auto
 """
 
 
@@ -38,14 +39,17 @@ def parse(text, source="r.yaml"):
 def test_mergekit_yaml_round_trip_keeps_identity():
     r = parse(MERGEKIT_TIES)
     assert r.merge.method == "ties" and r.merge.dtype == "bfloat16" and r.merge.tokenizer_source == "base"
+    assert r.merge.chat_template == "auto"
     again = parse(to_mergekit_yaml(r))
     assert again == r and again.identity == r.identity
     assert parse(to_evomerge_yaml(r)) == r
 
 
-def test_identity_ignores_provenance_only():
+def test_identity_ignores_provenance_and_chat_template_only():
     r = parse(MERGEKIT_TIES)
     assert r.with_provenance(trial=3, fitness=0.5).identity == r.identity
+    template = r.model_copy(update={"merge": r.merge.model_copy(update={"chat_template": "{{ messages }}"})})
+    assert template.identity == r.identity  # the same weights
     changed = r.model_copy(update={"merge": r.merge.model_copy(update={"seed": 1})})
     assert changed.identity != r.identity
 

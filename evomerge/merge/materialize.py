@@ -18,7 +18,7 @@ from evomerge.merge.plan import Layout, Plan, TensorTask, plan_recipe, validate_
 from evomerge.merge.registry import get_method
 from evomerge.merge.rng import MaskKey
 from evomerge.models.io import (ModelDir, ModelWriter, check_device, check_finite, common_dtype, live_param,
-                                parse_dtype)
+                                parse_dtype, pick_chat_template)
 from evomerge.models.sources import LazySources, MappedSources, ResidentSources, Sources
 from evomerge.recipe import Recipe, to_evomerge_yaml
 
@@ -71,6 +71,7 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
             if bad:
                 raise EvomergeError(f"{name} has NaN/inf weights in {bad[0]} (and {len(bad) - 1} more); "
                                     f"pass --allow-nonfinite to merge anyway", source=source, key="models")
+    chat_template = pick_chat_template(stage.chat_template, dirs) if stage and stage.chat_template else None
     sources = LazySources(dirs, device, compute_dtype)
     rows, compiled = None, CompiledMethods() if compile else None
     with ModelWriter(out_dir, max_shard_bytes=out_shard_bytes, force=force) as writer:
@@ -89,6 +90,8 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
         writer.write_config(config)
         if plan.tokenizer_from:
             writer.copy_tokenizer(dirs[plan.tokenizer_from])
+        if chat_template:
+            writer.set_chat_template(chat_template)
         writer.write_text("README.md", model_card(recipe, plan))
     return plan
 

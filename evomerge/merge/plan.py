@@ -14,7 +14,7 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.registry import MethodSpec, get_method
-from evomerge.models.io import ModelDir
+from evomerge.models.io import ModelDir, tokenizer_model
 from evomerge.recipe import MERGED, LayerSlot, MergeStage, OutputSlice, Params, Recipe, SliceSource, evaluate_setting, iter_settings, resolve
 
 Ref = tuple[str, str]  # (model, tensor name in that model)
@@ -260,7 +260,7 @@ def plan_recipe(recipe: Recipe, dirs: dict[str, ModelDir], source: str = "<recip
         config_from = recipe.merge.base_model or recipe.merge.referenced_models()[0]
     if not recipe.layers:
         return Plan(head + [t for layer in merged_layers for t in layer], len(merged_layers), config_from,
-                    _tokenizer_source(recipe, config_from), warnings)
+                    tokenizer_model(recipe, config_from, dirs, source), warnings)
 
     # Layer path: slot k is layer `slot.layer` of its source, renamed to k. As in mergekit, the tensors before the layers
     # come from the first slot's source and those after from the last slot's (the merge stage's when that is `merged`).
@@ -304,14 +304,5 @@ def plan_recipe(recipe: Recipe, dirs: dict[str, ModelDir], source: str = "<recip
             if slot.weight_scale is not None:
                 scale *= float(evaluate_setting(slot.weight_scale, t.out_name, 0.0) or 1.0)
             tasks.append(replace(t, scale=t.scale * scale))
-    return Plan(tasks, len(recipe.layers), config_from, _tokenizer_source(recipe, config_from), warnings,
+    return Plan(tasks, len(recipe.layers), config_from, tokenizer_model(recipe, config_from, dirs, source), warnings,
                 [slot.layer for slot in recipe.layers])
-
-
-def _tokenizer_source(recipe: Recipe, config_from: str) -> str | None:
-    choice = recipe.merge.tokenizer_source if recipe.merge else None
-    if choice in (None, "base"):
-        return config_from
-    if choice == "union":
-        raise EvomergeError("tokenizer_source 'union' is not supported; name a model or 'base'", key="tokenizer_source")
-    return choice

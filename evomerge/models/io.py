@@ -12,6 +12,7 @@ import os
 import shutil
 import struct
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from evomerge.errors import EvomergeError
 from evomerge.models.architectures import Architecture, architecture_for
 from evomerge.paths import HUB_ID
+from evomerge.recipe import Recipe
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -315,6 +317,15 @@ class ModelWriter:
             shutil.copyfile(src / f, self._tmp / f)
         return copied
 
+    def set_chat_template(self, template: str) -> None:
+        """The template as chat_template.jinja (what transformers >= 4.47 reads first) and in tokenizer_config.json
+        (what older versions read)."""
+        self.write_text("chat_template.jinja", template)
+        config_file = self._tmp / "tokenizer_config.json"
+        if config_file.is_file():
+            config = json.loads(config_file.read_text())
+            config_file.write_text(json.dumps({**config, "chat_template": template}, indent=2, ensure_ascii=False) + "\n")
+
     def _finish(self) -> None:
         if self._pending:
             self._flush()
@@ -385,3 +396,37 @@ def live_param(model: torch.nn.Module, checkpoint_name: str, arch: Architecture 
                 except AttributeError:
                     pass
     raise EvomergeError(f"the live {type(model).__name__} has no parameter for checkpoint tensor {checkpoint_name!r}")
+
+
+def tokenizer_model(recipe: Recipe, default: str, dirs: dict[str, ModelDir], source: str) -> str:
+    """The model whose tokenizer a merge gets: `default` (the base), or the recipe's `tokenizer_source`, one of its
+    models however its path is spelled (`./m` is `m`). Checked while planning, as the tokenizer is copied last."""
+    choice = recipe.merge.tokenizer_source if recipe.merge else None
+    if choice in (None, "base"):
+        return default
+    same = [name for name, d in dirs.items() if name == choice or d.path.resolve() == Path(choice).expanduser().resolve()]
+    if not same:
+        why = "is not supported" if choice == "union" else "is not one of the recipe's models"
+        raise EvomergeError(f"{choice!r} {why}; name one of them or 'base'", source=source, key="tokenizer_source")
+    return same[0]
+
+
+def pick_chat_template(choice: str, dirs: dict[str, ModelDir]) -> str | None:
+    """A recipe's `chat_template`: the template itself, or with "auto" the one most of the models have (the first of
+    them on a tie; none when no model has one), as mergekit picks it."""
+    if choice != "auto":
+        return choice
+    templates = [t.strip() for t in map(chat_template_of, dirs.values()) if t]
+    return Counter(templates).most_common(1)[0][0] if templates else None
+
+
+def chat_template_of(model_dir: ModelDir) -> str | None:
+    """A model's chat template where transformers looks for it: chat_template.jinja, else tokenizer_config.json's
+    `chat_template` (a string, or named templates: the `default` one)."""
+    jinja, config_file = model_dir.path / "chat_template.jinja", model_dir.path / "tokenizer_config.json"
+    if jinja.is_file():
+        return jinja.read_text()
+    template = json.loads(config_file.read_text()).get("chat_template") if config_file.is_file() else None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template or None
