@@ -45,9 +45,17 @@ def test_wilson_interval_known_values():
 
 
 def test_mean_interval_known_values():
-    # two tasks at 0.5 and 1.0 over 100 documents each: se = sqrt(0.25 / 100 + 0) / 2 = 0.025
-    assert mean_ci95([0.5, 1.0], [100, 100]) == pytest.approx((0.75 - 1.959964 * 0.025, 0.75 + 1.959964 * 0.025))
-    assert mean_ci95([1.0, 1.0], [10, 10]) == (1.0, 1.0)
+    z = 1.959964
+    # 50/100 and 100/100: q = 51.92073 / 103.84146 = 0.5 and 101.92073 / 103.84146 = 0.98150; the mean is 0.75
+    half = z * math.sqrt(0.5 * 0.5 / 103.84146 + 0.98150 * 0.01850 / 103.84146) / 2
+    assert mean_ci95([0.5, 1.0], [100, 100]) == pytest.approx((0.75 - half, 0.75 + half), abs=1e-5)
+    # every document solved: an interval below 1, not [1, 1]; 200/200 -> q = 201.92073 / 203.84146 = 0.99058, half = z sqrt(3 v) / 3
+    half = z * math.sqrt(3 * 0.99058 * 0.00942 / 203.84146) / 3
+    assert mean_ci95([1.0, 1.0, 1.0], [200, 200, 200]) == pytest.approx((1 - half, 1.0), abs=1e-5)
+    # inside (0, 1) it is the plain normal interval to within a few percent of its width
+    lo, hi = mean_ci95([0.3, 0.6], [400, 400])
+    plain = z * math.sqrt(0.3 * 0.7 / 400 + 0.6 * 0.4 / 400) / 2
+    assert (hi - lo) / 2 == pytest.approx(plain, rel=0.02) and (lo + hi) / 2 == pytest.approx(0.45)
 
 
 def test_weighted_fitness_and_failures():
@@ -164,6 +172,7 @@ def test_table_and_json(tiny_zoo, tmp_path):
     assert expert > base + 0.3  # the digits expert knows the task
     assert rows["chance"][0] == "0.25"
     assert format_table(report, markdown=True).startswith("| model | toy_digits | mean |")
+    assert format_table(report).splitlines()[-1].endswith("95% Wilson intervals (mean: normal approximation, Agresti-Coull variances)")
 
 
 def test_eval_cli_batch_size_and_dtype(tiny_zoo, tmp_path):
@@ -363,4 +372,6 @@ def test_a_perplexity_task_equals_an_independent_computation_and_lowers_the_fitn
     assert result.ok and result.fitness == -score.value
     report = {"split": "search", "tasks": ["texts_ppl"], "n": evaluator.sizes, "chance": evaluator.chance,
               "results": [{"target": "m", **result.to_dict()}]}
-    assert format_table(report).splitlines()[0].split() == ["model", "texts_ppl", "fitness"]
+    table = format_table(report).splitlines()
+    assert table[0].split() == ["model", "texts_ppl", "fitness"]
+    assert "Wilson for scores of 0 or 1, +- 1.96 standard errors for others" in table[-1]  # not "Wilson intervals"

@@ -26,12 +26,15 @@ def wilson_ci(p: float, n: int, z: float = Z95) -> tuple[float, float]:
 
 
 def mean_ci95(values: list[float], sizes: list[int], z: float = Z95) -> tuple[float, float]:
-    """95% normal interval of the plain mean of k independent proportions: var = sum_i p_i (1 - p_i) / n_i / k^2."""
+    """95% normal interval of the plain mean of k independent proportions, mean +- z sqrt(sum_i v_i) / k, with each
+    task's variance taken at its Agresti-Coull estimate q_i = (p_i n_i + z^2/2) / (n_i + z^2): v_i = q_i (1 - q_i) /
+    (n_i + z^2). A task at 0 or 1 then keeps a width (p (1 - p) / n has none there: a model that solves every document
+    got [1.00, 1.00]); elsewhere v_i is within a few percent of p (1 - p) / n."""
     if not values or min(sizes) <= 0:
         return (math.nan, math.nan)
-    k = len(values)
-    mean = sum(values) / k
-    half = z * math.sqrt(sum(p * (1 - p) / n for p, n in zip(values, sizes))) / k
+    k, z2 = len(values), z * z
+    q = [(p * n + z2 / 2) / (n + z2) for p, n in zip(values, sizes)]
+    mean, half = sum(values) / k, z * math.sqrt(sum(qi * (1 - qi) / (n + z2) for qi, n in zip(q, sizes))) / k
     return (max(0.0, mean - half), min(1.0, mean + half))
 
 

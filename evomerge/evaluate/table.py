@@ -94,7 +94,10 @@ def format_table(report: dict, markdown: bool = False) -> str:
     chance = [report["chance"].get(t) for t in tasks]
     rows.append(["chance", *("-" if c is None else f"{c:.2f}" if c >= 0.01 else f"{c:.0e}" for c in chance),
                  "-" if None in chance else f"{sum(chance) / len(chance):.3f}"])
-    note = f"split={report['split']}, n={_sizes(report['n'])}, 95% Wilson intervals (mean: normal approximation)" \
+    proportions = all(s.get("proportion", True) for r in report["results"] for s in r["scores"].values())
+    intervals = "95% Wilson intervals (mean: normal approximation, Agresti-Coull variances)" if proportions else \
+        "95% intervals: Wilson for scores of 0 or 1, +- 1.96 standard errors for others"
+    note = f"split={report['split']}, n={_sizes(report['n'])}, {intervals}" \
         + ("; fitness: the mean with lower-is-better scores negated" if negated else "")
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -112,7 +115,7 @@ def _summary(result: EvalResult) -> str:
 
 
 def _mean_interval(scores: dict, tasks: list[str]) -> str:
-    """' [lo,hi]' around the mean of proportions (normal approximation); '' when a task is not a proportion."""
+    """' [lo,hi]' around the mean of proportions (`mean_ci95`); '' when a task is not a proportion."""
     if not all(scores[t].get("proportion") for t in tasks):
         return ""
     lo, hi = mean_ci95([scores[t]["value"] for t in tasks], [scores[t]["n"] for t in tasks])
