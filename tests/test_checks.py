@@ -143,6 +143,36 @@ def test_a_held_out_split_a_task_lacks(tiny_zoo, tmp_path):
     assert_refused(search(tmp_path, doc), tmp_path, "evaluation.tasks", "task mine has no split 'validation'")
 
 
+def few_shot_task_dir(root: Path, lines: str) -> Path:
+    """The toy cipher task with few-shot examples, `lines` saying where they come from."""
+    tasks = root / "fewshot_tasks"
+    tasks.mkdir()
+    (tasks / "toy_data.py").write_text((TOY / "toy_data.py").read_text())
+    (tasks / "data").mkdir()
+    for split in ("search", "validation", "test"):
+        (tasks / "data" / f"cipher_{split}.jsonl").write_text((TOY / "data" / f"cipher_{split}.jsonl").read_text())
+    (tasks / "shots.yaml").write_text((TOY / "_toy_gen_template").read_text() + "task: shots\ndataset_kwargs:\n"
+                                      "  skill: cipher\nnum_fewshot: 2\n" + lines)
+    return tasks
+
+
+@pytest.mark.parametrize("lines, split", [("fewshot_split: test\n", "test"),
+                                          ("validation_split: validation\n", "validation")])  # lm-eval's fallback
+def test_few_shot_examples_from_a_held_out_split(tiny_zoo, tmp_path, lines, split):
+    """Few-shot examples from validation or test would show every candidate documents that pick or score the winner."""
+    doc = experiment(tiny_zoo, evaluation={"tasks": ["shots"], "task_dirs": [str(few_shot_task_dir(tmp_path, lines))]})
+    assert_refused(search(tmp_path, doc), tmp_path, "evaluation.tasks",
+                   f"task shots draws its 2 few-shot examples from the '{split}' split")
+
+
+def test_few_shot_examples_from_the_search_split_are_fine(tiny_zoo, tmp_path):
+    from evomerge.run.config import EvaluationConfig
+    from evomerge.run.evaluation import check_tasks
+
+    tasks = few_shot_task_dir(tmp_path, "fewshot_split: search\nvalidation_split: validation\n")
+    check_tasks(EvaluationConfig(tasks=["shots"], task_dirs=[str(tasks)]), "exp.yaml")
+
+
 def test_a_missing_task_dir(tiny_zoo, tmp_path):
     doc = experiment(tiny_zoo, evaluation={"task_dirs": [str(tmp_path / "nope")]})
     assert_refused(search(tmp_path, doc), tmp_path, "evaluation.task_dirs", "task dir does not exist")

@@ -103,6 +103,25 @@ def check_tasks(evaluation: EvaluationConfig, source: str, optimizer: str = "") 
     if evaluation.racing is not None:
         _check_racing(harness.tasks, source)
     _check_directions(harness.tasks, evaluation.aggregate, optimizer, source)
+    _check_fewshot(harness.tasks, source)
+
+
+def _check_fewshot(tasks: dict, source: str) -> None:
+    """Few-shot examples are documents shown to every candidate: from a held-out split they would show the search the
+    documents that pick (validation) or score (test) its winner. Where lm-eval draws them: fewshot_split; else the
+    training split, else the validation split, else the split being scored."""
+    from evomerge.errors import EvomergeError
+
+    for name, task in tasks.items():
+        c, fewshot = task.config, task.config.fewshot_config  # lm-eval's FewshotConfig: fewshot_split, samples
+        split = getattr(fewshot, "split", None) or getattr(c, "fewshot_split", None)
+        if not c.num_fewshot or (split is None and getattr(fewshot, "samples", None) is not None):
+            continue
+        split = split or c.training_split or c.validation_split
+        if split in HELD_OUT:
+            raise EvomergeError(f"task {name} draws its {c.num_fewshot} few-shot examples from the {split!r} split, which "
+                                f"the search must not see; set its fewshot_split to the search split (or another one)",
+                                source=source, key="evaluation.tasks")
 
 
 def _check_directions(tasks: dict, aggregate: str, optimizer: str, source: str) -> None:
