@@ -96,6 +96,7 @@ BAD = {
     "density out of range": (lambda m, p: ties(m, parameters={"density": 1.5}), "parameters.density"),
     "della epsilon": (lambda m, p: ties(m, merge_method="della", parameters={"density": 0.5, "epsilon": 0.6}), "epsilon"),
     "missing model dir": (lambda m, p: ties(m, base_model=str(p / "nope")), "nope"),
+    "lora reference": (lambda m, p: ties(m, base_model=f"{m[0]}+{p / 'adapter'}"), "model+adapter references are not"),
     "architecture differs": (lambda m, p: ties(m, base_model=other_arch(p)), "architecture"),
     "shape differs": (lambda m, p: ties(m, base_model=other_shape(p)), "shape"),
     "nan weights": (lambda m, p: ties(m, base_model=corrupt(m, p)), "allow-nonfinite"),

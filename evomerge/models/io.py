@@ -163,7 +163,9 @@ class ModelDir:
         path = resolve_model(str(ref))
         fail = _failure(path, source)
         if not path.is_dir():
-            raise fail("no such model directory")
+            lora = " (mergekit's model+adapter references are not supported: merge the LoRA adapter into its model " \
+                "first)" if "+" in str(ref) else ""
+            raise fail(f"no such model directory{lora}")
         config, arch = _read_config(path, fail)
 
         if (path / INDEX).is_file():
