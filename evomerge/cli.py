@@ -130,8 +130,11 @@ def _check_target(target: str) -> None:
 @click.option("--dtype", default=None, help="load the models in this dtype (float32, bfloat16, ...; default: as stored)")
 @click.option("--batch-size", default="64", show_default=True,
               help="documents per forward pass, or auto (lm-eval's probe); halved when the device runs out of memory")
+@click.option("--apply-chat-template", is_flag=True, help="prompts through each model's chat template (lm-eval's)")
+@click.option("--system-instruction", default=None, help="a system message before every prompt")
 @user_errors
-def evaluate(targets, tasks, split, limit, task_dirs, network, output_json, output_md, device, dtype, batch_size):
+def evaluate(targets, tasks, split, limit, task_dirs, network, output_json, output_md, device, dtype, batch_size,
+             apply_chat_template, system_instruction):
     """Score model dirs, hub ids or recipes (TARGETS) on lm-eval tasks: per-task scores, 95% CIs, chance levels."""
     from evomerge.evaluate.table import evaluate_targets
     from evomerge.models.io import check_device, parse_dtype
@@ -141,6 +144,7 @@ def evaluate(targets, tasks, split, limit, task_dirs, network, output_json, outp
     load = functools.partial(_load_target, device=device, dtype=dtype)
     evaluate_targets(list(targets), tasks.split(","), split=split, limit=limit, task_dirs=task_dirs, network=network,
                      batch_size=_batch_size(batch_size), load=load, check=_check_target,
+                     apply_chat_template=apply_chat_template, system_instruction=system_instruction,
                      output_json=output_json, output_markdown=output_md, echo=click.echo)
 
 

@@ -173,6 +173,12 @@ def test_few_shot_examples_from_the_search_split_are_fine(tiny_zoo, tmp_path):
     check_tasks(EvaluationConfig(tasks=["shots"], task_dirs=[str(tasks)]), "exp.yaml")
 
 
+def test_a_chat_template_the_scoring_tokenizer_lacks(tiny_zoo, tmp_path):
+    doc = experiment(tiny_zoo, evaluation={"apply_chat_template": True})
+    assert_refused(search(tmp_path, doc), tmp_path, "evaluation.apply_chat_template",
+                   f"the tokenizer of {tiny_zoo / 'base'}, which the search scores with and its winners ship, has no chat")
+
+
 def test_a_missing_task_dir(tiny_zoo, tmp_path):
     doc = experiment(tiny_zoo, evaluation={"task_dirs": [str(tmp_path / "nope")]})
     assert_refused(search(tmp_path, doc), tmp_path, "evaluation.task_dirs", "task dir does not exist")

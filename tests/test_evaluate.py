@@ -8,6 +8,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,8 +88,6 @@ def test_lm_eval_scores_equal_an_independent_computation(tiny_zoo, digits_evalua
 def test_per_document_scores_and_racing_on_lm_eval(tiny_zoo, digits_evaluator):
     """Each document's score (lm-eval's samples) averages to the task score; racing in stages scores the same documents
     the same way, and an unreachable threshold stops the candidate after the first slice."""
-    import numpy as np
-
     model = _model(tiny_zoo, "expert_digits")
     result = digits_evaluator.evaluate(model)
     for task, score in result.scores.items():
@@ -202,6 +201,59 @@ def test_eval_cli_batch_size_and_dtype(tiny_zoo, tmp_path):
         result = CliRunner().invoke(main, ["eval", str(tiny_zoo / "base"), "--tasks", "toy_digits", option, value])
         assert result.exit_code == 2 and result.output.startswith(f"error: {message}"), result.output
         assert len(result.output.splitlines()) == 1
+
+
+IDENTITY = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[{{ m['content'] }}] {% endif %}" \
+    "{% if m['role'] != 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
+
+
+def with_chat_template(model_dir: Path, out: Path, template: str) -> Path:
+    shutil.copytree(model_dir, out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return out
+
+
+def test_apply_chat_template_scores_the_prompts_the_template_makes(tiny_zoo, tmp_path):
+    """A template that writes the prompt as it is (after <s>) scores every document as the plain prompt does; one that
+    prepends text, or a system message it renders, changes what is scored. Through `evomerge eval` too."""
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from evomerge.cli import main
+
+    model = load_live_model(tiny_zoo / "expert_digits")
+    tasks = ["toy_digits", "toy_digits_gen"]
+    plain = HarnessEvaluator(tasks, AutoTokenizer.from_pretrained(tiny_zoo / "expert_digits"), split="search").evaluate(model)
+    assert plain.scores["toy_digits"].value > 0.5  # real scores to change
+    for template, system, same in [(IDENTITY, None, True), ("{{ bos_token }}inc 000=111\n" + IDENTITY, None, False),
+                                   (IDENTITY, "upc abc=ABC", False)]:
+        tokenizer = AutoTokenizer.from_pretrained(tiny_zoo / "expert_digits")
+        tokenizer.chat_template = template
+        result = HarnessEvaluator(tasks, tokenizer, split="search", apply_chat_template=True,
+                                  system_instruction=system).evaluate(model)
+        assert result.ok, result.error
+        equal = [np.array_equal(result.docs[t], plain.docs[t]) for t in tasks]
+        assert all(equal) if same else not all(equal), (template, system)
+
+    def cli(target, *options):
+        out = tmp_path / f"scores{len(list(tmp_path.glob('scores*')))}.json"
+        result = CliRunner().invoke(main, ["eval", str(target), "--tasks", "toy_digits", "--split", "search",
+                                           "--output-json", str(out), *options])
+        assert result.exit_code == 0, result.output
+        return json.loads(out.read_text())["results"][0]["scores"]["toy_digits"]["value"]
+
+    templated = with_chat_template(tiny_zoo / "expert_digits", tmp_path / "templated", IDENTITY)
+    assert cli(templated, "--apply-chat-template") == cli(templated) == plain.scores["toy_digits"].value
+    assert cli(templated, "--apply-chat-template", "--system-instruction", "upc abc=ABC") != cli(templated)
+
+    # a search's evaluator takes both from evaluation: the scores of the system message above
+    from evomerge.run.config import EvaluationConfig
+    from evomerge.run.evaluation import SplitEvaluator
+
+    config = EvaluationConfig(tasks=tasks, apply_chat_template=True, system_instruction="upc abc=ABC")
+    searched = SplitEvaluator(config, str(templated)).evaluate(model, "search")
+    assert searched.fitness == result.fitness != plain.fitness
 
 
 def test_eval_cli_scores_a_hub_id_as_its_downloaded_snapshot(tiny_zoo, tmp_path, monkeypatch):

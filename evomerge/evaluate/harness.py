@@ -47,12 +47,15 @@ class HarnessEvaluator:
     weights: {task or group: weight}; a group's weight is shared equally by its tasks, tasks left out weigh 0.
         None: every task weighs 1.
     aggregate: "mean" (weighted), "min" or "geometric" (result.aggregate).
+    apply_chat_template, system_instruction: as lm-eval's (prompts through the tokenizer's chat template; a system
+        message first).
     batch_size: documents per forward pass (lm-eval's HFLM), or "auto"; halved on out of memory (see above).
     """
 
     def __init__(self, tasks: Sequence[str], tokenizer, *, split: str | None = "search", limit: int | None = None,
                  weights: Mapping[str, float] | None = None, task_dirs: Sequence[str] = (), network: bool = False,
-                 batch_size: int | str = 64, aggregate: str = "mean"):
+                 batch_size: int | str = 64, aggregate: str = "mean", apply_chat_template: bool = False,
+                 system_instruction: str | None = None):
         if limit is not None and limit < 1:
             raise EvomergeError(f"limit must be >= 1, got {limit}", key="limit")
         self.limit, self.tokenizer, self.batch_size = limit, tokenizer, batch_size
@@ -62,6 +65,7 @@ class HarnessEvaluator:
         self.chance = {name: chance_level(task, limit) for name, task in self.tasks.items()}  # of the split chosen above
         self.weights = self._leaf_weights(weights)
         self.aggregate = aggregate
+        self.chat = {"apply_chat_template": apply_chat_template, "system_instruction": system_instruction}
         self._lm = None
 
     def evaluate(self, model, tokenizer=None, *, limit: int | None = None) -> EvalResult:
@@ -139,7 +143,7 @@ class HarnessEvaluator:
         # lm-eval draws tqdm bars on stderr: keep them off the console, in the log at debug level.
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()) as noise:
             raw = evaluator.evaluate(lm, self.task_dict, limit=None if samples else limit, samples=samples,
-                                     bootstrap_iters=0 if samples else 1000, log_samples=True)
+                                     bootstrap_iters=0 if samples else 1000, log_samples=True, **self.chat)
         log.debug("lm-eval: %s", noise.getvalue()[-2000:])
         return raw
 

@@ -43,6 +43,7 @@ def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str
                      limit: int | None = None, task_dirs: Sequence[str] = (), network: bool = False,
                      load: Callable[[str], tuple[object, object]] | None = None,
                      check: Callable[[str], None] | None = None, batch_size: int | str = 64,
+                     apply_chat_template: bool = False, system_instruction: str | None = None,
                      output_json: str | os.PathLike | None = None, output_markdown: str | os.PathLike | None = None,
                      echo: Callable[[str], None] | None = print) -> dict:
     """Evaluate every target on `tasks`; returns (and optionally writes) {split, tasks, chance, results}.
@@ -56,7 +57,8 @@ def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str
         model, tokenizer = load(target)
         if evaluator is None:
             evaluator = HarnessEvaluator(tasks, tokenizer, split=split, limit=limit, task_dirs=task_dirs,
-                                         network=network, batch_size=batch_size)
+                                         network=network, batch_size=batch_size, apply_chat_template=apply_chat_template,
+                                         system_instruction=system_instruction)
         result = evaluator.evaluate(model, tokenizer=tokenizer)
         results.append({"target": str(target), **result.to_dict()})
         if echo:

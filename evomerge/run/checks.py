@@ -72,6 +72,8 @@ def check_space(experiment: Experiment, source: str, *, headers_only: bool = Fal
                                                                       dirs, source)
         dtype = common_dtype(dirs.values())
         base = _live_base(candidate, models)
+        if experiment.evaluation.apply_chat_template:
+            _check_chat_template(dirs[base], base, source)
         memory = plan_memory(dirs, merge_models=candidate.merge.referenced_models() if merge else [],
                              path_models=path_models, base=base, tasks=merge.tasks if merge else [],
                              dtype=compute_dtype or dtype, device_type=_device_type(experiment.workers.device),
@@ -115,6 +117,16 @@ def _planned_batch(batch_size: int | str) -> int:
     from evomerge.run.memory import EVAL_BATCH
 
     return batch_size if isinstance(batch_size, int) else EVAL_BATCH
+
+
+def _check_chat_template(model_dir, model: str, source: str) -> None:
+    """The search scores with the tokenizer of its live base model, which its winners ship: it needs a chat template."""
+    from evomerge.models.io import VOCAB_FILES, chat_template_of
+
+    if any((model_dir.path / f).is_file() for f in VOCAB_FILES) and chat_template_of(model_dir) is None:
+        raise EvomergeError(f"the tokenizer of {model}, which the search scores with and its winners ship, has no chat "
+                            f"template (add one to its tokenizer_config.json or chat_template.jinja)", source=source,
+                            key="evaluation.apply_chat_template")
 
 
 def _live_base(candidate: Recipe, models: list[str]) -> str:

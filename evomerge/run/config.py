@@ -86,6 +86,10 @@ class EvaluationConfig(_Schema):
     # Documents per forward pass; auto: the largest lm-eval's probe fits (at most 64), found once per worker. Out of
     # memory inside an evaluation halves it and scores the candidate again (evaluate.harness).
     batch_size: int | Literal["auto"] = 64
+    # Prompts through the chat template of the tokenizer the search scores with (the base's, which the winners ship),
+    # as lm-eval's apply_chat_template; system_instruction: a system message first (plain text without a template).
+    apply_chat_template: bool = False
+    system_instruction: str | None = None
 
     @field_validator("split")
     @classmethod

@@ -43,7 +43,8 @@ class SplitEvaluator:
             self.by_split[split] = HarnessEvaluator(c.tasks, self.tokenizer, split=split,
                                                     limit=c.limit if split == c.split else None, weights=c.weights,
                                                     task_dirs=c.task_dirs, network=c.network, aggregate=c.aggregate,
-                                                    batch_size=c.batch_size)
+                                                    batch_size=c.batch_size, apply_chat_template=c.apply_chat_template,
+                                                    system_instruction=c.system_instruction)
             if split == c.split:
                 self._warn_round_trip(self.by_split[split])
         return self.by_split[split]
