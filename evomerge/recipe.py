@@ -288,8 +288,13 @@ def recipe_from_dict(docs: list[dict], source: str = "<recipe>") -> Recipe:
     name = first.get("name")
     if not name:
         raise EvomergeError("the first document of a mergekit-multi recipe needs a 'name'", source=source, key="name")
-    stage = _merge_stage_from_mergekit(first, source)
-    path = _passthrough_path(_merge_stage_from_mergekit(second, source))
+    stage, path_stage = _merge_stage_from_mergekit(first, source), _merge_stage_from_mergekit(second, source)
+    for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):  # one value for the whole recipe
+        value = getattr(path_stage, key)
+        if value is not None and value != getattr(stage, key):
+            raise EvomergeError(f"{value!r} in the second document differs from the first's ({getattr(stage, key)!r}); "
+                                f"evomerge reads it from the first document: set it there", source=source, key=key)
+    path = _passthrough_path(path_stage)
     if path is None:
         raise EvomergeError("the second mergekit-multi document must be passthrough slices, one source each", source=source)
     path = [slot.model_copy(update={"source": MERGED}) if slot.source == name else slot for slot in path]

@@ -79,6 +79,17 @@ def test_layer_path_export_and_mergekit_multi_import():
     assert parse(to_mergekit_yaml(r)) == r
 
 
+@pytest.mark.parametrize("key, value", [("chat_template", "auto"), ("tokenizer_source", "a"), ("dtype", "float16")])
+def test_a_mergekit_multi_path_document_cannot_set_what_the_first_one_does_not(key, value):
+    """The second document's dtype, tokenizer or chat template would be dropped (the recipe keeps the first's)."""
+    first = {"name": "ps", "merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}}]}
+    second = {"merge_method": "passthrough", "slices": [{"sources": [{"model": "ps", "layer_range": [0, 2]}]}]}
+    assert recipe_from_dict([first, second], "m.yaml").layers  # without the key: a recipe
+    with pytest.raises(EvomergeError, match=f"{key}: {value!r} in the second document differs"):
+        recipe_from_dict([first, {**second, key: value}], "m.yaml")
+    assert recipe_from_dict([{**first, key: value}, {**second, key: value}], "m.yaml")  # the same in both: fine
+
+
 def test_hidden_scale_must_be_folded_before_mergekit_export():
     r = Recipe(layers=[LayerSlot(source="a", layer=0, scale=0.5)])
     with pytest.raises(ValueError, match="fold"):
