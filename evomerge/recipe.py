@@ -197,8 +197,8 @@ def iter_settings(params: Params):
 # ---------------------------------------------------------------------------------------------------------------------
 # YAML I/O: evomerge documents and mergekit documents (single or mergekit-multi)
 
-_MERGEKIT_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
-                  "chat_template"}
+_STAGE_OUTPUT_KEYS = ("dtype", "out_dtype", "tokenizer_source", "chat_template")  # one value for the whole recipe
+_MERGEKIT_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", *_STAGE_OUTPUT_KEYS}
 
 
 def format_validation_error(err: ValidationError, source: str, *, key: str | None = None,
@@ -289,7 +289,7 @@ def recipe_from_dict(docs: list[dict], source: str = "<recipe>") -> Recipe:
     if not name:
         raise EvomergeError("the first document of a mergekit-multi recipe needs a 'name'", source=source, key="name")
     stage, path_stage = _merge_stage_from_mergekit(first, source), _merge_stage_from_mergekit(second, source)
-    for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):  # one value for the whole recipe
+    for key in _STAGE_OUTPUT_KEYS:
         value = getattr(path_stage, key)
         if value is not None and value != getattr(stage, key):
             raise EvomergeError(f"{value!r} in the second document differs from the first's ({getattr(stage, key)!r}); "
@@ -331,7 +331,7 @@ def _stage_to_mergekit(stage: MergeStage) -> dict:
         doc["slices"] = [out.model_dump(mode="json", exclude_defaults=True) for out in stage.slices]
     if stage.parameters:
         doc["parameters"] = _params_to_yaml(stage.parameters)
-    for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
+    for key in _STAGE_OUTPUT_KEYS:
         if getattr(stage, key):
             doc[key] = getattr(stage, key)
     return doc
@@ -367,7 +367,7 @@ def to_mergekit_docs(recipe: Recipe, stage_name: str = "evomerge-ps") -> list[di
         path_doc: dict[str, Any] = {"merge_method": "passthrough", "slices": _path_to_slices(recipe.layers, rename)}
         if recipe.merge:
             docs[0] = {"name": stage_name, **docs[0]}
-            for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
+            for key in _STAGE_OUTPUT_KEYS:
                 if docs[0].get(key):
                     path_doc[key] = docs[0][key]
         docs.append(path_doc)

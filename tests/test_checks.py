@@ -143,14 +143,19 @@ def test_a_held_out_split_a_task_lacks(tiny_zoo, tmp_path):
     assert_refused(search(tmp_path, doc), tmp_path, "evaluation.tasks", "task mine has no split 'validation'")
 
 
-def few_shot_task_dir(root: Path, lines: str) -> Path:
-    """The toy cipher task with few-shot examples, `lines` saying where they come from."""
-    tasks = root / "fewshot_tasks"
+def cipher_task_dir(tasks: Path) -> Path:
+    """A new task dir holding the toy cipher data and its loader (toy_data.py), for a task YAML of the test's own."""
     tasks.mkdir()
     (tasks / "toy_data.py").write_text((TOY / "toy_data.py").read_text())
     (tasks / "data").mkdir()
     for split in ("search", "validation", "test"):
         (tasks / "data" / f"cipher_{split}.jsonl").write_text((TOY / "data" / f"cipher_{split}.jsonl").read_text())
+    return tasks
+
+
+def few_shot_task_dir(root: Path, lines: str) -> Path:
+    """The toy cipher task with few-shot examples, `lines` saying where they come from."""
+    tasks = cipher_task_dir(root / "fewshot_tasks")
     (tasks / "shots.yaml").write_text((TOY / "_toy_gen_template").read_text() + "task: shots\ndataset_kwargs:\n"
                                       "  skill: cipher\nnum_fewshot: 2\n" + lines)
     return tasks
@@ -205,12 +210,7 @@ def test_a_ray_address_nothing_answers(tiny_zoo, tmp_path):
 def failing_metric_task_dir(root: Path, broken: str) -> Path:
     """A user task over the toy cipher data whose metric imports a module (`broken` names one that does not exist:
     the package is missing); data loading, as in the up-front checks, is fine."""
-    tasks = root / "metric_tasks"
-    tasks.mkdir()
-    (tasks / "toy_data.py").write_text((TOY / "toy_data.py").read_text())
-    (tasks / "data").mkdir()
-    for split in ("search", "validation", "test"):
-        (tasks / "data" / f"cipher_{split}.jsonl").write_text((TOY / "data" / f"cipher_{split}.jsonl").read_text())
+    tasks = cipher_task_dir(root / "metric_tasks")
     (tasks / "scoring.py").write_text(textwrap.dedent(f"""
         import importlib
 

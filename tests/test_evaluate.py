@@ -207,13 +207,6 @@ IDENTITY = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}
     "{% if m['role'] != 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
 
 
-def with_chat_template(model_dir: Path, out: Path, template: str) -> Path:
-    shutil.copytree(model_dir, out)
-    config = json.loads((out / "tokenizer_config.json").read_text())
-    (out / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
-    return out
-
-
 def test_apply_chat_template_scores_the_prompts_the_template_makes(tiny_zoo, tmp_path):
     """A template that writes the prompt as it is (after <s>) scores every document as the plain prompt does; one that
     prepends text, or a system message it renders, changes what is scored. Through `evomerge eval` too."""
@@ -221,6 +214,7 @@ def test_apply_chat_template_scores_the_prompts_the_template_makes(tiny_zoo, tmp
     from transformers import AutoTokenizer
 
     from evomerge.cli import main
+    from tiny_models import with_chat_template
 
     model = load_live_model(tiny_zoo / "expert_digits")
     tasks = ["toy_digits", "toy_digits_gen"]

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from evomerge.cli import main
-from tiny_models import build_tiny, make_variants
+from tiny_models import build_tiny, make_variants, with_chat_template
 
 
 @pytest.fixture(scope="module")
@@ -139,24 +139,14 @@ def test_della_with_density_zero_drops_that_models_delta(models, tmp_path):
     assert set(alone) == set(dropped) and all(torch.equal(alone[n], dropped[n]) for n in alone)
 
 
-def with_chat_template(model, tmp_path, template):
-    """A copy of `model` whose tokenizer_config.json holds `template` (None: no template)."""
-    out = tmp_path / f"chat_{len(list(tmp_path.glob('chat_*')))}"
-    shutil.copytree(model, out)
-    config = json.loads((out / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (out / "tokenizer_config.json").write_text(json.dumps({**config, **({"chat_template": template} if template else {})}))
-    return str(out)
-
-
 @pytest.mark.parametrize("choice", ["auto", "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"])
 def test_chat_template_auto_takes_the_most_common_one_and_a_template_is_written_as_given(models, tmp_path, choice):
     from transformers import AutoTokenizer
 
     base, a, b = models
     common = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
-    base, a, b = (with_chat_template(base, tmp_path, None), with_chat_template(a, tmp_path, common),
-                  with_chat_template(b, tmp_path, common + "\n"))  # the same once stripped, as mergekit compares them
+    base, a, b = (str(with_chat_template(m, tmp_path / f"chat_{i}", t)) for i, (m, t) in  # b's: the same once stripped,
+                  enumerate([(base, None), (a, common), (b, common + "\n")]))  # as mergekit compares them
     result = run("merge", write(tmp_path / "r.yaml", ties((base, a, b), chat_template=choice)), tmp_path / "out")
     assert result.exit_code == 0, result.output
     expected = common if choice == "auto" else choice

@@ -8,6 +8,8 @@ A character-level tokenizer (ids: <pad>=0, <unk>=1, <s>=2, </s>=3, then characte
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -86,3 +88,12 @@ def make_variants(base: str | Path, root: str | Path, n: int = 2, *, seed: int =
                 out.copy_tokenizer(src)
             paths.append(Path(root) / f"ft{i}")
     return paths
+
+
+def with_chat_template(model_dir: str | Path, out: Path, template: str | None) -> Path:
+    """A copy of `model_dir` at `out` whose tokenizer_config.json holds `template` as its chat template (None: none)."""
+    shutil.copytree(model_dir, out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (out / "tokenizer_config.json").write_text(json.dumps({**config, **({"chat_template": template} if template else {})}))
+    return out
