@@ -2,7 +2,10 @@
 finds), and the wheel without extras in a brand-new venv runs an evaluation and a search with no failed trial (a
 runtime import that only a test extra provides, e.g. lm-eval's HFLM needing accelerate, fails here and nowhere else)."""
 
+import ast
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +46,30 @@ def test_wheel_ships_every_package_and_the_toy_tasks(wheel, tmp_path):
                            env={"PYTHONPATH": str(installed), "PATH": ""}, cwd=tmp_path, capture_output=True, text=True,
                            check=True)
     assert Path(found.stdout.strip()) == installed / "evomerge" / "evals"
+
+
+def _distribution(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_package_the_runtime_imports_is_declared():
+    """Each top-level import of evomerge/ and evals/ (not the standard library's) comes from a distribution that
+    pyproject.toml's dependencies name: none is left to whatever another package pulls in."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    declared = {_distribution(re.split(r"[\[<>=!~ ;]", d, maxsplit=1)[0])
+                for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    providers = importlib.metadata.packages_distributions()
+    undeclared = {}
+    for path in [*(ROOT / "evomerge").rglob("*.py"), *(ROOT / "evals").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                names = [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - {"evomerge"}:
+                if not {_distribution(d) for d in providers.get(top, [])} & declared:
+                    undeclared.setdefault(top, path.relative_to(ROOT).as_posix())
+    assert not undeclared, f"imported, not in pyproject's dependencies: {undeclared}"
 
 
 IMPORT_EVERY_MODULE = """
