@@ -95,6 +95,20 @@ def dfs_experiment(tiny_zoo, models: list) -> dict:
     return doc
 
 
+def test_a_layer_path_longer_than_any_model_could_be(tiny_zoo, tmp_path):
+    """A mistyped repeats (1e9) is refused before the space lays out its slots (it once took every GiB there was)."""
+    doc = dfs_experiment(tiny_zoo, [tiny_zoo / "expert_cipher", tiny_zoo / "expert_reverse"])
+    doc["space"]["repeats"] = 10**9
+    assert_refused(search(tmp_path, doc), tmp_path, "space.repeats",
+                   "1000000000 repeats of 4 layers make 4,000,000,000 slots; at most 65,536")
+
+
+@pytest.mark.parametrize("kind", [[], {"a": 1}, 3])
+def test_a_space_kind_that_is_not_a_name(tiny_zoo, tmp_path, kind):
+    assert_refused(search(tmp_path, experiment(tiny_zoo, space={"kind": kind})), tmp_path, "space.kind",
+                   f"unknown space kind {kind!r}; available: dfs, ps")
+
+
 def test_a_layer_path_search_over_a_family_it_cannot_run(tiny_zoo, tmp_path):
     gpt2 = build_tiny("gpt2", tmp_path / "gpt2", num_layers=2, hidden=32)
     assert_refused(search(tmp_path, dfs_experiment(tiny_zoo, [gpt2])), tmp_path, "space.kind",

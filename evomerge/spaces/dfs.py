@@ -24,6 +24,7 @@ from evomerge.errors import EvomergeError
 from evomerge.recipe import MERGED, LayerSlot, MergeStage, Recipe, load_recipe, recipe_from_dict
 from evomerge.spaces.base import Gene, Schema, SearchSpace, rounded
 
+MAX_SLOTS = 2**16  # a path's longest: each slot is a gene and may be a layer of the merged model
 INCLUDE_START = 0.5  # raw indicator of the start path's slots (the others start at -0.5): a quarter-range from the threshold
 
 
@@ -70,6 +71,10 @@ class DataFlowSpace(SearchSpace):
 
             validate_stage(self.merge, source)
         self.layer_counts = [self._layer_count(m, num_layers) for m in config.models]
+        if config.repeats * sum(self.layer_counts) > MAX_SLOTS:
+            raise EvomergeError(f"{config.repeats} repeats of {sum(self.layer_counts)} layers make "
+                                f"{config.repeats * sum(self.layer_counts):,} slots; at most {MAX_SLOTS:,}",
+                                source=source, key="repeats")
         first_layer = np.cumsum([0] + self.layer_counts)  # distinct-layer index of each model's layer 0
         # slots[t] = (repetition, model index, layer); layer_ids[t] indexes W
         self.slots = [(rep, m, layer) for rep in range(config.repeats) for m in range(len(config.models))

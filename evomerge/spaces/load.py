@@ -79,7 +79,7 @@ def load_space_config(spec: str | os.PathLike | Mapping, *, source: str | None =
     with keys_under(key, source):
         doc = _compose(spec, Path(base_dir), source) if isinstance(spec, Mapping) else _read(Path(spec), source)
         kind = doc.get("kind")
-        if kind not in KINDS:
+        if not isinstance(kind, str) or kind not in KINDS:
             raise EvomergeError(f"unknown space kind {kind!r}; {did_you_mean(str(kind), KINDS)}", source=source,
                                 key="kind")
     try:
