@@ -55,7 +55,7 @@ class SliceSource(_Frozen):
 
 
 class OutputSlice(_Frozen):
-    sources: list[SliceSource]
+    sources: list[SliceSource] = Field(min_length=1)
     base_model: str | None = None
     parameters: Params = Field(default_factory=dict)
 
@@ -64,7 +64,7 @@ class MergeStage(_Frozen):
     method: str
     base_model: str | None = None
     models: list[ModelEntry] | None = None
-    slices: list[OutputSlice] | None = None
+    slices: list[OutputSlice] | None = Field(None, min_length=1)
     parameters: Params = Field(default_factory=dict)
     dtype: str | None = None  # compute dtype; None keeps the sources' dtype
     out_dtype: str | None = None

@@ -116,6 +116,8 @@ def _resolve_task(spec: MethodSpec, stage: MergeStage, out: OutputSlice, out_nam
     params: dict[str, Any] = {}
     for p in spec.global_params:
         value = resolve(p.name, [out.parameters, stage.parameters], out_name, t)
+        if value is None and p.required:
+            raise EvomergeError(f"missing required parameter {p.name!r} (tensor {out_name})", source=source, key=p.name)
         params[p.arg] = p.default if value is None else value
     for p in spec.per_model_params:
         values = []
