@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -63,7 +64,7 @@ class OutputSlice(_Frozen):
 class MergeStage(_Frozen):
     method: str
     base_model: str | None = None
-    models: list[ModelEntry] | None = None
+    models: list[ModelEntry] | None = Field(None, min_length=1)
     slices: list[OutputSlice] | None = Field(None, min_length=1)
     parameters: Params = Field(default_factory=dict)
     dtype: str | None = None  # compute dtype; None keeps the sources' dtype
@@ -98,10 +99,18 @@ class MergeStage(_Frozen):
 class LayerSlot(_Frozen):
     source: str  # a model, or MERGED
     layer: int = Field(ge=0)
-    scale: float = 1.0  # multiplies the hidden state entering this layer (Sakana's DFS scaling)
+    scale: float = Field(1.0, gt=0, allow_inf_nan=False)  # multiplies the hidden state entering this layer (DFS)
     # mergekit passthrough's `scale`: multiplies this layer's weights, tensor by tensor (filters allowed). Imported
     # mergekit paths use it; exports fold hidden-state `scale` into it where that is exact (see evomerge.export).
     weight_scale: ParamValue | None = None
+
+    @field_validator("weight_scale")
+    @classmethod
+    def _numbers(cls, setting: ParamValue | None) -> ParamValue | None:
+        for _, value in iter_settings({"weight_scale": setting} if setting is not None else {}):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"expected a finite number, got {value!r}")
+        return setting
 
 
 class Recipe(_Frozen):

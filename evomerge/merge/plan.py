@@ -9,6 +9,7 @@ read, and reported as one EvomergeError naming the recipe file and the key: the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -61,8 +62,8 @@ def _check_params(spec: MethodSpec, params: Params, source: str, where: str, *, 
             if not isinstance(value, bool):
                 raise EvomergeError(f"expected true/false, got {value!r}", source=source, key=f"{where}.{name}")
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise EvomergeError(f"expected a number, got {value!r}", source=source, key=f"{where}.{name}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise EvomergeError(f"expected a finite number, got {value!r}", source=source, key=f"{where}.{name}")
         if (p.low is not None and value < p.low) or (p.high is not None and value > p.high):
             raise EvomergeError(f"{value} is outside [{p.low}, {p.high}]", source=source, key=f"{where}.{name}")
 
@@ -282,7 +283,7 @@ def plan_recipe(recipe: Recipe, dirs: dict[str, ModelDir], source: str = "<recip
     head = outside(recipe.layers[0], [n for n in names if arch.is_pre_layer(n)]) + \
         outside(recipe.layers[-1], [n for n in names if not arch.is_pre_layer(n)])
     factors = fold_hidden_scales(recipe.layers)
-    if any(s.scale <= 0 for s in recipe.layers) or (any(f != 1 for f in factors) and not arch.output_projections):
+    if any(f != 1 for f in factors) and not arch.output_projections:
         warnings.append(f"hidden-state scales cannot be folded exactly into {arch.name} weights; written unscaled")
         factors = [1.0] * len(factors)
     tasks = list(head)

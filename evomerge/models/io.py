@@ -77,8 +77,9 @@ def _read_header(file: Path) -> dict[str, dict]:
     return dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
 
 
-def resolve_model(ref: str) -> Path:
-    """A local directory, or a hub snapshot when `ref` is not a local path but looks like a repo id."""
+def resolve_model(ref: str, source: str | None = None) -> Path:
+    """A local directory, or a hub snapshot when `ref` is not a local path but looks like a repo id. `source`: the
+    file that names `ref` (errors name both)."""
     if not _on_hub(ref):
         return Path(ref).expanduser()
     from huggingface_hub import snapshot_download
@@ -86,20 +87,20 @@ def resolve_model(ref: str) -> Path:
     try:
         return Path(snapshot_download(repo_id=ref, allow_patterns=_HUB_PATTERNS))
     except Exception as err:  # offline, unknown or gated repo, network: all mean "cannot get this model"
-        raise _hub_error(ref, err) from None
+        raise _hub_error(ref, err, source) from None
 
 
 def _on_hub(ref: str) -> bool:
     return not Path(ref).expanduser().exists() and HUB_ID.fullmatch(ref) is not None
 
 
-def _hub_error(ref: str, err: Exception) -> EvomergeError:
+def _hub_error(ref: str, err: Exception, source: str | None) -> EvomergeError:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return EvomergeError(f"no such directory, and fetching it from the Hugging Face Hub failed "
-                         f"({type(err).__name__}: {reason})", source=ref)
+    return _failure(Path(ref), source)(f"no such directory, and fetching it from the Hugging Face Hub failed "
+                                       f"({type(err).__name__}: {reason})")
 
 
-def _hub_headers(repo: str) -> tuple[Path, dict[str, str], dict[str, dict]]:
+def _hub_headers(repo: str, source: str | None) -> tuple[Path, dict[str, str], dict[str, dict]]:
     """(the local dir holding the repo's config.json, tensor name -> shard file, safetensors header entries in the
     order their data lies) of a hub repo, fetched without its weights."""
     from huggingface_hub import get_safetensors_metadata, hf_hub_download
@@ -108,7 +109,7 @@ def _hub_headers(repo: str) -> tuple[Path, dict[str, str], dict[str, dict]]:
         path = Path(hf_hub_download(repo_id=repo, filename="config.json")).parent
         metadata = get_safetensors_metadata(repo)
     except Exception as err:  # offline, unknown or gated repo, no safetensors weights, network
-        raise _hub_error(repo, err) from None
+        raise _hub_error(repo, err, source) from None
     shards, header = {}, {}
     for shard, file_metadata in sorted(metadata.files_metadata.items()):
         for name, info in sorted(file_metadata.tensors.items(), key=lambda item: item[1].data_offsets[0]):
@@ -156,11 +157,11 @@ class ModelDir:
         hub repo not on disk is opened from its config.json and safetensors headers (ranged reads; what planning
         needs), without downloading its weights: `get` then has no data to read."""
         if headers_only and _on_hub(str(ref)):
-            path, shards, header = _hub_headers(str(ref))
+            path, shards, header = _hub_headers(str(ref), source)
             config, arch = _read_config(path, _failure(path, source))
             files = {name: path / shards[name] for name in header}
             return cls(path, config, arch, files, header)
-        path = resolve_model(str(ref))
+        path = resolve_model(str(ref), source)
         fail = _failure(path, source)
         if not path.is_dir():
             lora = " (mergekit's model+adapter references are not supported: merge the LoRA adapter into its model " \
