@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 from evomerge.errors import EvomergeError  # noqa: E402
 from evomerge.evaluate.docs import unpack  # noqa: E402
-from evomerge.recipe import MERGED, Recipe, load_recipe, resolve  # noqa: E402
+from evomerge.recipe import MERGED, Recipe, load_recipe, resolve, write_text_atomic  # noqa: E402
 from evomerge.run.ledger import Ledger  # noqa: E402
 
 # Tensor names that stand for a layer's attention and MLP when reading filtered parameters (Llama-style naming).
@@ -190,7 +190,12 @@ def write_report(run_dir: str | Path) -> Path:
             lines += ["![path](path.png)", ""]
     scores_file = run_dir / "best" / "scores.json"
     if scores_file.exists():
-        scores = json.loads(scores_file.read_text())
+        try:
+            scores = json.loads(scores_file.read_text())
+            scores["candidate"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise EvomergeError(f"unreadable winner's scores ({type(err).__name__}: {err}); `evomerge resume "
+                                f"{run_dir}` writes them again", source=str(scores_file)) from None
         lines += ["## Winner", ""] + _scores_table(scores.get("scores", {})) + [""]
         rows = [t for t in trials + held_out if t.candidate == scores["candidate"] and t.docs is not None]
         lines += solved_documents(list({t.split: t for t in rows}.values()))
@@ -198,5 +203,5 @@ def write_report(run_dir: str | Path) -> Path:
             plot_pareto(trials, scores["pareto_front"], scores["candidate"], out / "pareto.png")
             lines += _pareto_table(scores["pareto_front"], scores["candidate"]) + ["![pareto](pareto.png)", ""]
     lines += ["![fitness](fitness.png)", ""]
-    (out / "summary.md").write_text("\n".join(lines))
+    write_text_atomic(out / "summary.md", "\n".join(lines))
     return out

@@ -110,6 +110,15 @@ def test_report_writes_plots_and_summary(ps_run):
     assert "Trials: 8" in summary and "Median time per trial" in summary
 
 
+def test_report_of_a_damaged_winners_scores_is_one_line(ps_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(ps_run, copy)
+    (copy / "best" / "scores.json").write_text("{")
+    result = run("report", copy)
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert result.output.startswith(f"error: {copy / 'best' / 'scores.json'}: unreadable winner's scores (JSONDecodeError")
+
+
 def test_export_into_a_missing_dir_is_one_line(ps_run, tmp_path):
     result = run("export", ps_run, "-o", tmp_path / "missing" / "best.yaml")
     assert result.exit_code == 2
