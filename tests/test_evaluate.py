@@ -304,6 +304,17 @@ def _task_dir(tmp_path: Path, skill: str, rows: dict[str, int] | None) -> Path:
     return d
 
 
+def test_a_task_file_that_is_not_yaml_is_named(tmp_path, tokenizer):
+    """lm-eval skips a YAML it cannot parse without a word: the task it held is 'unknown'; the error names the file.
+    The toy loader's `!function` tags and includes in the same dir parse."""
+    d = _task_dir(tmp_path, "digits", rows={"search": 2, "validation": 2, "test": 2})
+    (d / "broken.yaml").write_text("task: broken\ndoc_to_text: [prompt\n")
+    with pytest.raises(EvomergeError, match=rf"^{d / 'broken.yaml'}: tasks: unknown task 'broken', and lm-eval skipped "
+                                            r"this file, which is not valid YAML \(.*, line 3\)$"):
+        HarnessEvaluator(["broken"], tokenizer, task_dirs=[str(d)])
+    HarnessEvaluator(["mine"], tokenizer, task_dirs=[str(d)], split="search")  # the other tasks still load
+
+
 def test_missing_data_file(tmp_path, tokenizer):
     d = _task_dir(tmp_path, "nothing", rows=None)
     with pytest.raises(EvomergeError, match=r"mine\.yaml.*data file missing: .*nothing_search\.jsonl"):

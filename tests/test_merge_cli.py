@@ -229,6 +229,13 @@ def test_eval_checks_every_target_before_scoring_any(models, tmp_path):
                                                       "(no config.json)\n"
 
 
+@pytest.mark.parametrize("option", ["--output-json", "--output-md"])
+def test_eval_checks_where_it_writes_before_scoring(models, tmp_path, option):
+    out = tmp_path / "missing" / "scores"
+    result = run("eval", models[0], "--tasks", "toy_digits", option, out)
+    assert result.exit_code == 2 and result.output == f"error: {out}: cannot write (no such directory: {out.parent})\n"
+
+
 def test_a_layer_path_over_a_model_with_layer_types(tmp_path):
     """mergekit keeps layer_types as they were (export warns); `evomerge merge` of the export cuts them to the path."""
     from evomerge.export import export_text

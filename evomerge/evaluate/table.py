@@ -50,6 +50,9 @@ def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str
     `check(target)`, for every target before any is scored, raises on one that cannot be loaded. `batch_size`: documents
     per forward pass, or "auto" (HarnessEvaluator: halved on out of memory, and kept so for the later targets)."""
     load = load or load_model_dir
+    for out in (output_json, output_markdown):  # before hours of scoring, not after
+        if out and not Path(out).parent.is_dir():
+            raise EvomergeError(f"cannot write (no such directory: {Path(out).parent})", source=str(out))
     for target in targets:
         (check or check_model_dir)(target)
     evaluator, results = None, []

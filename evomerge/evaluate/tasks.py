@@ -62,6 +62,9 @@ def load_tasks(names: Sequence[str], task_dirs: Sequence[str | os.PathLike] = ()
         manager = task_manager(task_dirs, include_defaults=True)
         unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
+        for path, reason in _unreadable_yamls(task_dirs):  # lm-eval skips them without a word
+            raise EvomergeError(f"unknown task {unknown[0]!r}, and lm-eval skipped this file, which is not valid YAML "
+                                f"({reason})", source=str(path), key="tasks")
         hint = "" if network else " (lm-eval's built-in tasks need network=True / --network)"
         raise EvomergeError(f"unknown task {unknown[0]!r}{hint}; {did_you_mean(unknown[0], manager.all_tasks)}",
                             key="tasks")
@@ -141,6 +144,23 @@ def _task_file(manager, names: Sequence[str]) -> str | None:
         if entry is not None and getattr(entry, "yaml_path", None):
             return str(entry.yaml_path)
     return None
+
+
+def _unreadable_yamls(task_dirs: Sequence[str | os.PathLike]):
+    """(path, first line of the error) of each YAML under `task_dirs` that does not parse (lm-eval's `!function` tags
+    and `include:` are not followed: only the syntax is checked)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    for path in sorted(p for d in task_dirs for p in Path(d).glob("**/*.yaml")):
+        try:
+            yaml.load(path.read_text(), Loader=Loader)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            mark = getattr(err, "problem_mark", None)
+            yield path, (getattr(err, "problem", None) or _first_line(err)) + (f", line {mark.line + 1}" if mark else "")
 
 
 def _first_line(err: Exception) -> str:
