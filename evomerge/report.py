@@ -192,16 +192,16 @@ def write_report(run_dir: str | Path) -> Path:
     if scores_file.exists():
         try:
             scores = json.loads(scores_file.read_text())
-            scores["candidate"]
+            winner = scores["candidate"]
         except (ValueError, KeyError, TypeError) as err:
             raise EvomergeError(f"unreadable winner's scores ({type(err).__name__}: {err}); `evomerge resume "
                                 f"{run_dir}` writes them again", source=str(scores_file)) from None
         lines += ["## Winner", ""] + _scores_table(scores.get("scores", {})) + [""]
-        rows = [t for t in trials + held_out if t.candidate == scores["candidate"] and t.docs is not None]
+        rows = [t for t in trials + held_out if t.candidate == winner and t.docs is not None]
         lines += solved_documents(list({t.split: t for t in rows}.values()))
         if scores.get("pareto_front"):
-            plot_pareto(trials, scores["pareto_front"], scores["candidate"], out / "pareto.png")
-            lines += _pareto_table(scores["pareto_front"], scores["candidate"]) + ["![pareto](pareto.png)", ""]
+            plot_pareto(trials, scores["pareto_front"], winner, out / "pareto.png")
+            lines += _pareto_table(scores["pareto_front"], winner) + ["![pareto](pareto.png)", ""]
     lines += ["![fitness](fitness.png)", ""]
     write_text_atomic(out / "summary.md", "\n".join(lines))
     return out

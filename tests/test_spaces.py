@@ -252,8 +252,9 @@ def test_psdfs_uses_the_merge_stage(tmp_path):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"scale_bounds": [1.5, 0.5]}, "scale_bounds: need 0 < low < high"),
-    ({"scale_bounds": [0.0, 1.0]}, "scale_bounds: need 0 < low < high"),
+    ({"scale_bounds": [1.5, 0.5]}, "scale_bounds: need 1e-06 <= low < high"),
+    ({"scale_bounds": [0.0, 1.0]}, "scale_bounds: need 1e-06 <= low < high"),
+    ({"scale_bounds": [1e-7, 1.0]}, "scale_bounds: need 1e-06 <= low < high"),  # would round to a scale of 0
     ({"pin": "b"}, "pin: 'b' is not one of the models"),
     ({"models": [MERGED, "a"]}, "merge: give a merge recipe exactly when 'merged' is one of the models"),
     ({"models": ["a", "x"]}, "s.yaml: models: no layer count for model 'x'"),

@@ -147,8 +147,8 @@ def _task_file(manager, names: Sequence[str]) -> str | None:
 
 
 def _unreadable_yamls(task_dirs: Sequence[str | os.PathLike]):
-    """(path, first line of the error) of each YAML under `task_dirs` that does not parse (lm-eval's `!function` tags
-    and `include:` are not followed: only the syntax is checked)."""
+    """(path, what is wrong and on which line) of each YAML under `task_dirs` that does not parse (lm-eval's
+    `!function` tags and `include:` are not followed: only the syntax is checked)."""
     import yaml
 
     class Loader(yaml.SafeLoader):

@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 
 from evomerge.errors import EvomergeError
 from evomerge.recipe import MERGED, LayerSlot, MergeStage, Recipe, load_recipe, recipe_from_dict
-from evomerge.spaces.base import Gene, Schema, SearchSpace, rounded
+from evomerge.spaces.base import DECIMALS, Gene, Schema, SearchSpace, rounded
 
 MAX_SLOTS = 2**16  # a path's longest: each slot is a gene and may be a layer of the merged model
 INCLUDE_START = 0.5  # raw indicator of the start path's slots (the others start at -0.5): a quarter-range from the threshold
@@ -40,9 +40,9 @@ class DFSConfig(Schema):
     @model_validator(mode="after")
     def _consistent(self):
         low, high = self.scale_bounds
-        if not (0 < low < high < np.inf):
-            raise ValueError(f"scale_bounds: need 0 < low < high, got [{low}, {high}] (a scale <= 0 cannot be folded into "
-                             "weights)")
+        if not (10**-DECIMALS <= low < high < np.inf):  # recipes hold scales rounded to DECIMALS: none may round to 0
+            raise ValueError(f"scale_bounds: need {10**-DECIMALS:g} <= low < high, got [{low}, {high}] (a scale <= 0 "
+                             "cannot be folded into weights)")
         if len(set(self.models)) != len(self.models):
             raise ValueError("models: a model is listed twice")
         if self.pin is not None and self.pin not in self.models:
