@@ -108,7 +108,7 @@ class LayerSlot(_Frozen):
     @classmethod
     def _numbers(cls, setting: ParamValue | None) -> ParamValue | None:
         for _, value in iter_settings({"weight_scale": setting} if setting is not None else {}):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not is_finite_number(value):
                 raise ValueError(f"expected a finite number, got {value!r}")
         return setting
 
@@ -187,6 +187,11 @@ def resolve(name: str, scopes: list[Params | None], tensor_name: str, t: float) 
             if value is not None:
                 return value
     return None
+
+
+def is_finite_number(value: Any) -> bool:
+    """An int or float, not a bool, neither NaN nor infinite: what a numeric merge parameter may be."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def iter_settings(params: Params):

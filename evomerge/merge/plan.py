@@ -9,14 +9,14 @@ read, and reported as one EvomergeError naming the recipe file and the key: the 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.registry import MethodSpec, get_method
 from evomerge.models.io import ModelDir, tokenizer_model
-from evomerge.recipe import MERGED, LayerSlot, MergeStage, OutputSlice, Params, Recipe, SliceSource, evaluate_setting, iter_settings, resolve
+from evomerge.recipe import (MERGED, LayerSlot, MergeStage, OutputSlice, Params, Recipe, SliceSource, evaluate_setting,
+                             is_finite_number, iter_settings, resolve)
 
 Ref = tuple[str, str]  # (model, tensor name in that model)
 
@@ -62,7 +62,7 @@ def _check_params(spec: MethodSpec, params: Params, source: str, where: str, *, 
             if not isinstance(value, bool):
                 raise EvomergeError(f"expected true/false, got {value!r}", source=source, key=f"{where}.{name}")
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_finite_number(value):
             raise EvomergeError(f"expected a finite number, got {value!r}", source=source, key=f"{where}.{name}")
         if (p.low is not None and value < p.low) or (p.high is not None and value > p.high):
             raise EvomergeError(f"{value} is outside [{p.low}, {p.high}]", source=source, key=f"{where}.{name}")

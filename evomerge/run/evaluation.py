@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from evomerge.errors import EvomergeError, did_you_mean
 from evomerge.run.config import HELD_OUT, EvaluationConfig
 
 
@@ -73,7 +74,6 @@ class SplitEvaluator:
 def objective_values(scores: dict[str, Any], names: list[str]) -> list[float]:
     """The objectives vector of one evaluation: task t's score (`value`, negated if lower is better), in `names` order.
     A name with no score is a config error (`evaluation.objectives`), not a failed candidate: every trial would fail."""
-    from evomerge.errors import EvomergeError, did_you_mean
     from evomerge.evaluate.result import oriented
 
     for name in names:
@@ -86,7 +86,6 @@ def check_tasks(evaluation: EvaluationConfig, source: str, optimizer: str = "") 
     """Load the tasks once before a run starts, as a worker will: a wrong name, a missing data file, a split a task
     lacks (the search split, or a held-out one scored after the budget), a weight naming no task, or a metric the
     fitness (or racing, or the optimizer) cannot take would fail every trial alike."""
-    from evomerge.errors import EvomergeError
     from evomerge.evaluate.harness import HarnessEvaluator
 
     c = evaluation
@@ -111,8 +110,6 @@ def _check_fewshot(tasks: dict, source: str) -> None:
     """Few-shot examples are documents shown to every candidate: from a held-out split they would show the search the
     documents that pick (validation) or score (test) its winner. Where lm-eval draws them: fewshot_split; else the
     training split, else the validation split, else the split being scored."""
-    from evomerge.errors import EvomergeError
-
     for name, task in tasks.items():
         c, fewshot = task.config, task.config.fewshot_config  # lm-eval's FewshotConfig: fewshot_split, samples
         split = getattr(fewshot, "split", None) or getattr(c, "fewshot_split", None)
@@ -128,7 +125,6 @@ def _check_fewshot(tasks: dict, source: str) -> None:
 def _check_directions(tasks: dict, aggregate: str, optimizer: str, source: str) -> None:
     """A score where lower is better (perplexity) enters the fitness negated: the mean and the minimum take that, the
     geometric mean (of logarithms) and natural niches (which shares per-document scores >= 0) cannot."""
-    from evomerge.errors import EvomergeError
     from evomerge.evaluate.harness import primary_metric
 
     for name, task in tasks.items():
@@ -145,7 +141,6 @@ def _check_directions(tasks: dict, aggregate: str, optimizer: str, source: str) 
 
 def _check_racing(tasks: dict, source: str) -> None:
     """Racing bounds means of per-document scores in [0, 1]: every task's primary metric must be a proportion."""
-    from evomerge.errors import EvomergeError
     from evomerge.evaluate.harness import PROPORTIONS, primary_metric
 
     for name, task in tasks.items():
