@@ -198,6 +198,17 @@ def test_a_chat_template_the_scoring_tokenizer_lacks(tiny_zoo, tmp_path):
                    f"the tokenizer of {tiny_zoo / 'base'}, which the search scores with and its winners ship, has no chat")
 
 
+def test_a_scoring_tokenizer_whose_config_does_not_read(tiny_zoo, tmp_path):
+    """Every worker would fail to load it: refused before the run dir exists, naming the file."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_zoo / "base", base)
+    (base / "tokenizer_config.json").write_text('{"model_max_length": ')
+    doc = experiment(tiny_zoo, space={"base_model": str(base)})
+    assert_refused(search(tmp_path, doc), tmp_path, str(base / "tokenizer_config.json"), "unreadable (Expecting value")
+
+
 def test_a_missing_task_dir(tiny_zoo, tmp_path):
     doc = experiment(tiny_zoo, evaluation={"task_dirs": [str(tmp_path / "nope")]})
     assert_refused(search(tmp_path, doc), tmp_path, "evaluation.task_dirs", "task dir does not exist")

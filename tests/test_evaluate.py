@@ -357,6 +357,15 @@ def test_model_without_tokenizer(tiny_zoo, tmp_path):
         load_model_dir(bare)
     with pytest.raises(EvomergeError, match="not a model directory"):
         load_model_dir(tmp_path)
+    shutil.copy(tiny_zoo / "base" / "tokenizer.json", bare / "tokenizer.json")
+    (bare / "tokenizer_config.json").write_text("[1, 2")
+    with pytest.raises(EvomergeError, match=r"bare/tokenizer_config.json: unreadable \(Expecting"):
+        load_model_dir(bare)
+    shutil.copy(tiny_zoo / "base" / "tokenizer_config.json", bare / "tokenizer_config.json")
+    weights = (bare / "model.safetensors").read_bytes()
+    (bare / "model.safetensors").write_bytes(weights[:-1])  # a download cut short by one byte
+    with pytest.raises(EvomergeError, match=r"bare: unreadable safetensors file model.safetensors \(truncated: "):
+        load_model_dir(bare)
 
 
 def test_a_tokenizer_that_drops_spaces_is_warned_about_when_the_search_evaluator_is_built(tiny_zoo, tmp_path, capsys):

@@ -81,6 +81,23 @@ def corrupt(models, tmp_path):
     return str(bad)
 
 
+def truncated(models, tmp_path):
+    """Model a with its weights cut short, as an interrupted download leaves them (the header is whole)."""
+    cut = tmp_path / "cut_model"
+    shutil.copytree(models[1], cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:len(data) // 2])
+    return str(cut)
+
+
+def broken_tokenizer_config(models, tmp_path):
+    """The base with a tokenizer_config.json that is not JSON (a half-written edit)."""
+    broken = tmp_path / "broken_tokenizer"
+    shutil.copytree(models[0], broken)
+    (broken / "tokenizer_config.json").write_text('{"chat_template": ')
+    return str(broken)
+
+
 def other_arch(tmp_path):
     return str(build_tiny("gpt2", tmp_path / "gpt2", num_layers=3))
 
@@ -119,6 +136,14 @@ BAD = {
     "no slices": (lambda m, p: {"merge_method": "passthrough", "slices": []}, "slices: List should have at least 1"),
     "a slice of no sources": (lambda m, p: {"merge_method": "passthrough", "slices": [{"sources": []}]},
                               "slices.0.sources: List should have at least 1"),
+    "truncated weights": (lambda m, p: {**ties(m), "models": [{"model": truncated(m, p), "parameters": {"weight": 1.0}}]},
+                          "cut_model: unreadable safetensors file model.safetensors (truncated: "),
+    "broken tokenizer config, template auto": (
+        lambda m, p: ties(m, base_model=broken_tokenizer_config(m, p), chat_template="auto"),
+        "broken_tokenizer/tokenizer_config.json: unreadable (Expecting value"),
+    "broken tokenizer config, a template": (  # the template is written into it after merging every tensor
+        lambda m, p: ties(m, base_model=broken_tokenizer_config(m, p), chat_template="{{ messages }}"),
+        "broken_tokenizer/tokenizer_config.json: unreadable (Expecting value"),
     "chat template name": (lambda m, p: ties(m, chat_template="chatml"), "chat_template: 'chatml' is not a Jinja"),
     "tokenizer union": (lambda m, p: ties(m, tokenizer_source="union"), "tokenizer_source: 'union' is not supported"),
     "tokenizer of another model": (lambda m, p: ties(m, tokenizer_source=other_shape(p)),

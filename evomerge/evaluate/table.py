@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.harness import HarnessEvaluator
 from evomerge.evaluate.result import EvalResult, mean_ci95
-from evomerge.models.io import VOCAB_FILES, load_causal_lm, resolve_model
+from evomerge.models.io import VOCAB_FILES, load_causal_lm, read_header, resolve_model, tokenizer_config
 from evomerge.recipe import write_text_atomic
 
 
@@ -36,6 +36,10 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     if not any((path / f).is_file() for f in VOCAB_FILES):
         raise EvomergeError(f"model has no tokenizer (none of {', '.join(VOCAB_FILES)}); copy the base model's "
                             f"tokenizer files in, or set tokenizer_source in the recipe", source=str(path))
+    if (path / "tokenizer_config.json").is_file():
+        tokenizer_config(path / "tokenizer_config.json")
+    for weights in sorted(path.glob("*.safetensors")):
+        read_header(weights)  # a file cut short fails here, not in the middle of scoring a list of models
     return path
 
 

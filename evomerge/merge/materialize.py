@@ -71,7 +71,8 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
             if bad:
                 raise EvomergeError(f"{name} has NaN/inf weights in {bad[0]} (and {len(bad) - 1} more); "
                                     f"pass --allow-nonfinite to merge anyway", source=source, key="models")
-    chat_template = pick_chat_template(stage.chat_template, dirs) if stage and stage.chat_template else None
+    chat_template = (pick_chat_template(stage.chat_template, dirs, dirs.get(plan.tokenizer_from), source)
+                     if stage and stage.chat_template else None)
     sources = LazySources(dirs, device, compute_dtype)
     rows, compiled = None, CompiledMethods() if compile else None
     with ModelWriter(out_dir, max_shard_bytes=out_shard_bytes, force=force) as writer:

@@ -68,13 +68,21 @@ def check_device(device: str, *, source: str | None = None, key: str = "--device
                             source=source, key=key)
 
 
-def _read_header(file: Path) -> dict[str, dict]:
-    """A safetensors header: {name: {dtype, shape, data_offsets}}, in the order the data lies in the file."""
-    with open(file, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
+def read_header(file: Path, fail=None) -> dict[str, dict]:
+    """A safetensors header: {name: {dtype, shape, data_offsets}}, in the order the data lies in the file. A file
+    shorter than its header says (an interrupted download or copy) is refused here, before any tensor is read.
+    `fail`: makes the error (`_failure`); by default it names the file's dir."""
+    try:
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        data = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+        if file.stat().st_size < 8 + size + data:
+            raise ValueError(f"truncated: {8 + size + data} bytes by its header, {file.stat().st_size} on disk")
+        return dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as err:
+        raise (fail or _failure(file.parent, None))(f"unreadable safetensors file {file.name} ({err})") from None
 
 
 def resolve_model(ref: str, source: str | None = None) -> Path:
@@ -185,10 +193,7 @@ class ModelDir:
         for shard in shards:
             if not (path / shard).is_file():
                 raise fail(f"{INDEX} names shard {shard}, which is missing")
-            try:
-                entries = _read_header(path / shard)
-            except (OSError, ValueError, struct.error) as err:
-                raise fail(f"unreadable safetensors file {shard} ({err})") from None
+            entries = read_header(path / shard, fail)
             header.update(entries)
             files.update(dict.fromkeys(entries, path / shard))
         for name, shard in (weight_map or {}).items():
@@ -326,7 +331,7 @@ class ModelWriter:
         self.write_text("chat_template.jinja", template)
         config_file = self._tmp / "tokenizer_config.json"
         if config_file.is_file():
-            config = json.loads(config_file.read_text())
+            config = tokenizer_config(config_file)
             config_file.write_text(json.dumps({**config, "chat_template": template}, indent=2, ensure_ascii=False) + "\n")
 
     def _finish(self) -> None:
@@ -414,22 +419,39 @@ def tokenizer_model(recipe: Recipe, default: str, dirs: dict[str, ModelDir], sou
     return same[0]
 
 
-def pick_chat_template(choice: str, dirs: dict[str, ModelDir]) -> str | None:
+def pick_chat_template(choice: str, dirs: dict[str, ModelDir], target: ModelDir | None = None,
+                       source: str | None = None) -> str | None:
     """A recipe's `chat_template`: the template itself, or with "auto" the one most of the models have (the first of
-    them on a tie; none when no model has one), as mergekit picks it."""
+    them on a tie; none when no model has one), as mergekit picks it. `target`: the model whose tokenizer files the
+    merge copies; the template goes into its tokenizer_config.json, read here so that a broken one fails before the
+    merge does."""
+    if target is not None and (target.path / "tokenizer_config.json").is_file():
+        tokenizer_config(target.path / "tokenizer_config.json", source)
     if choice != "auto":
         return choice
-    templates = [t.strip() for t in map(chat_template_of, dirs.values()) if t]
+    templates = [t.strip() for t in (chat_template_of(d, source) for d in dirs.values()) if t]
     return Counter(templates).most_common(1)[0][0] if templates else None
 
 
-def chat_template_of(model_dir: ModelDir) -> str | None:
+def chat_template_of(model_dir: ModelDir, source: str | None = None) -> str | None:
     """A model's chat template where transformers looks for it: chat_template.jinja, else tokenizer_config.json's
     `chat_template` (a string, or named templates: the `default` one)."""
     jinja, config_file = model_dir.path / "chat_template.jinja", model_dir.path / "tokenizer_config.json"
     if jinja.is_file():
         return jinja.read_text()
-    template = json.loads(config_file.read_text()).get("chat_template") if config_file.is_file() else None
+    template = tokenizer_config(config_file, source).get("chat_template") if config_file.is_file() else None
     if isinstance(template, list):
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     return template or None
+
+
+def tokenizer_config(file: Path, source: str | None = None) -> dict:
+    """A tokenizer_config.json's object; an unreadable one is the user's error, named (with `source`, the file that
+    names its model)."""
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise _failure(file, source)(f"unreadable ({err})") from None
+    if not isinstance(config, dict):
+        raise _failure(file, source)("not a JSON object")
+    return config

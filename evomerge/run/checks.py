@@ -72,8 +72,7 @@ def check_space(experiment: Experiment, source: str, *, headers_only: bool = Fal
                                                                       dirs, source)
         dtype = common_dtype(dirs.values())
         base = _live_base(candidate, models)
-        if experiment.evaluation.apply_chat_template:
-            _check_chat_template(dirs[base], base, source)
+        _check_tokenizer(dirs[base], base, source, chat=experiment.evaluation.apply_chat_template)
         memory = plan_memory(dirs, merge_models=candidate.merge.referenced_models() if merge else [],
                              path_models=path_models, base=base, tasks=merge.tasks if merge else [],
                              dtype=compute_dtype or dtype, device_type=_device_type(experiment.workers.device),
@@ -119,11 +118,14 @@ def _planned_batch(batch_size: int | str) -> int:
     return batch_size if isinstance(batch_size, int) else EVAL_BATCH
 
 
-def _check_chat_template(model_dir, model: str, source: str) -> None:
-    """The search scores with the tokenizer of its live base model, which its winners ship: it needs a chat template."""
-    from evomerge.models.io import VOCAB_FILES, chat_template_of
+def _check_tokenizer(model_dir, model: str, source: str, *, chat: bool) -> None:
+    """The search scores with the tokenizer of its live base model, which its winners ship: its tokenizer_config.json
+    must read (else every trial fails), and with `chat` (apply_chat_template) it needs a chat template."""
+    from evomerge.models.io import chat_template_of, tokenizer_config
 
-    if any((model_dir.path / f).is_file() for f in VOCAB_FILES) and chat_template_of(model_dir) is None:
+    if (model_dir.path / "tokenizer_config.json").is_file():
+        tokenizer_config(model_dir.path / "tokenizer_config.json", source)
+    if chat and model_dir.has_tokenizer and chat_template_of(model_dir, source) is None:
         raise EvomergeError(f"the tokenizer of {model}, which the search scores with and its winners ship, has no chat "
                             f"template (add one to its tokenizer_config.json or chat_template.jinja)", source=source,
                             key="evaluation.apply_chat_template")
