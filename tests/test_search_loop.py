@@ -470,6 +470,12 @@ def test_a_damaged_ledger_stops_resume_with_one_line(models, tmp_path):
                     r"\.\.\.\)" if name == "emptied" else r"unreadable ledger \(.*\); restore ledger.sqlite together with")
         with pytest.raises(EvomergeError, match=rf"^{tmp_path / name}/ledger.sqlite: {expected}"):
             resume(tmp_path / name, evaluator_factory(models), progress=False)
+    shutil.copytree(tmp_path / "run", tmp_path / "missing", ignore=shutil.ignore_patterns("ledger.sqlite*"))
+    for _ in range(2):  # refused, and not made empty (which would read as "emptied" the second time)
+        with pytest.raises(EvomergeError, match=rf"^{tmp_path / 'missing'}: no ledger.sqlite, though optimizer.pkl "
+                                                r"has seen trials: restore ledger.sqlite"):
+            resume(tmp_path / "missing", evaluator_factory(models), progress=False)
+        assert not (tmp_path / "missing" / "ledger.sqlite").exists()
     assert _rows(tmp_path / "run" / "ledger.sqlite") == 12 + 2 + 1  # search, validation, test
 
 

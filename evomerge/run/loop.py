@@ -130,7 +130,7 @@ def memory_plan(experiment: Experiment, *, source: str, device_here: bool = True
 def _run(rd: RunDir, experiment: Experiment, checked: CheckedSpace, make_evaluator: EvaluatorFactory,
          pool: Pool | None, progress: bool) -> Summary:
     models, space = checked.models, checked.space
-    ledger = Ledger(rd.ledger)
+    ledger = rd.open_ledger()
     owned = pool is None
     try:
         optimizer = _optimizer(experiment, rd, space, ledger)

@@ -99,11 +99,20 @@ class RunDir:
         return frozen.model_copy(update={"workers": frozen.workers.model_copy(update={
             key.split(".")[1]: getattr(experiment.workers, key.split(".")[1]) for key in RUNTIME_KEYS})})
 
+    def open_ledger(self) -> Ledger:
+        """The run's ledger, made on a run's first start; where optimizer.pkl exists it has seen trials that only the
+        ledger holds, so a missing ledger.sqlite is refused, not made empty."""
+        if self.optimizer.exists() and not self.ledger.exists():
+            raise EvomergeError("no ledger.sqlite, though optimizer.pkl has seen trials: restore ledger.sqlite (with "
+                                "ledger.sqlite-wal) from the original run dir, or start a new run dir",
+                                source=str(self.path))
+        return Ledger(self.ledger)
+
     def set_budget(self, trials: int, hours: float | None) -> Experiment:
         """Freeze a new budget into config.yaml and return the frozen config; trials below the candidates in the
         ledger are refused (every scored trial stays in the run)."""
         frozen = self.frozen()
-        ledger = Ledger(self.ledger)
+        ledger = self.open_ledger()
         try:
             held = max((t.candidate + 1 for t in ledger.trials(frozen.evaluation.split)), default=0)
         finally:
