@@ -209,6 +209,22 @@ def test_a_scoring_tokenizer_whose_config_does_not_read(tiny_zoo, tmp_path):
     assert_refused(search(tmp_path, doc), tmp_path, str(base / "tokenizer_config.json"), "unreadable (Expecting value")
 
 
+def test_weights_cut_short_are_refused_by_search_and_planned_by_plan(tiny_zoo, tmp_path):
+    """A safetensors file shorter than its header says (an interrupted download): `search` refuses it before the run
+    dir exists; `evomerge plan` reads headers alone, so a header-only file is enough for it (README)."""
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_zoo / "expert_cipher", cut)
+    weights = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(weights[:len(weights) // 3])
+    doc = experiment(tiny_zoo, space={"models": [str(cut), str(tiny_zoo / "expert_reverse")]})
+    assert_refused(search(tmp_path, doc), tmp_path, "space.models",
+                   f"{cut}: unreadable safetensors file model.safetensors (truncated: ")
+    plan = CliRunner().invoke(main, ["plan", str(tmp_path / "exp.yaml")])
+    assert plan.exit_code == 0, plan.output
+
+
 def test_a_missing_task_dir(tiny_zoo, tmp_path):
     doc = experiment(tiny_zoo, evaluation={"task_dirs": [str(tmp_path / "nope")]})
     assert_refused(search(tmp_path, doc), tmp_path, "evaluation.task_dirs", "task dir does not exist")

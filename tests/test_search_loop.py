@@ -577,7 +577,7 @@ def test_experiment_errors_name_the_file_and_key(models, tmp_path):
     with pytest.raises(EvomergeError, match=r"budget.trials: Input should be greater than or equal to 1"):
         load_experiment(path)
     path.write_text(yaml.safe_dump(experiment(models, optimizer={"name": "cmaes", "options": {"sigma": 0.1}})))
-    with pytest.raises(EvomergeError, match=r"optimizer.options.sigma: unknown option \(options of cmaes: sigma0, popsize\)"):
+    with pytest.raises(EvomergeError, match=r"optimizer.options.sigma: unknown option \(options of cmaes: sigma0, popsize, diagonal\)"):
         load_experiment(path)
     path.write_text(yaml.safe_dump(experiment(models, optimizer={"name": "cma"})))
     with pytest.raises(EvomergeError, match=r"optimizer.name: unknown optimizer 'cma'; did you mean 'cmaes'\?"):

@@ -68,17 +68,17 @@ def check_device(device: str, *, source: str | None = None, key: str = "--device
                             source=source, key=key)
 
 
-def read_header(file: Path, fail=None) -> dict[str, dict]:
-    """A safetensors header: {name: {dtype, shape, data_offsets}}, in the order the data lies in the file. A file
-    shorter than its header says (an interrupted download or copy) is refused here, before any tensor is read.
-    `fail`: makes the error (`_failure`); by default it names the file's dir."""
+def read_header(file: Path, fail=None, *, whole: bool = True) -> dict[str, dict]:
+    """A safetensors header: {name: {dtype, shape, data_offsets}}, in the order the data lies in the file. With
+    `whole`, a file shorter than its header says (an interrupted download or copy) is refused here, before any tensor
+    is read. `fail`: makes the error (`_failure`); by default it names the file's dir."""
     try:
         with open(file, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
         header.pop("__metadata__", None)
         data = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-        if file.stat().st_size < 8 + size + data:
+        if whole and file.stat().st_size < 8 + size + data:
             raise ValueError(f"truncated: {8 + size + data} bytes by its header, {file.stat().st_size} on disk")
         return dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
     except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as err:
@@ -163,7 +163,8 @@ class ModelDir:
     def open(cls, ref: str | os.PathLike, *, source: str | None = None, headers_only: bool = False) -> "ModelDir":
         """`source` is the file that names this model (a recipe, a config); errors then name both. `headers_only`: a
         hub repo not on disk is opened from its config.json and safetensors headers (ranged reads; what planning
-        needs), without downloading its weights: `get` then has no data to read."""
+        needs), without downloading its weights: `get` then has no data to read. A local dir's safetensors files
+        may then be headers alone (what `evomerge plan` reads)."""
         if headers_only and _on_hub(str(ref)):
             path, shards, header = _hub_headers(str(ref), source)
             config, arch = _read_config(path, _failure(path, source))
@@ -193,7 +194,7 @@ class ModelDir:
         for shard in shards:
             if not (path / shard).is_file():
                 raise fail(f"{INDEX} names shard {shard}, which is missing")
-            entries = read_header(path / shard, fail)
+            entries = read_header(path / shard, fail, whole=not headers_only)
             header.update(entries)
             files.update(dict.fromkeys(entries, path / shard))
         for name, shard in (weight_map or {}).items():
