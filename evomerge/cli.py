@@ -142,10 +142,14 @@ def evaluate(targets, tasks, split, limit, task_dirs, network, output_json, outp
     check_device(device)
     dtype = parse_dtype(dtype, key="--dtype")
     load = functools.partial(_load_target, device=device, dtype=dtype)
-    evaluate_targets(list(targets), tasks.split(","), split=split, limit=limit, task_dirs=task_dirs, network=network,
-                     batch_size=_batch_size(batch_size), load=load, check=_check_target,
-                     apply_chat_template=apply_chat_template, system_instruction=system_instruction,
-                     output_json=output_json, output_markdown=output_md, echo=click.echo)
+    report = evaluate_targets(list(targets), tasks.split(","), split=split, limit=limit, task_dirs=task_dirs,
+                              network=network, batch_size=_batch_size(batch_size), load=load, check=_check_target,
+                              apply_chat_template=apply_chat_template, system_instruction=system_instruction,
+                              output_json=output_json, output_markdown=output_md, echo=click.echo)
+    failed = [r["target"] for r in report["results"] if r["status"] != "ok"]
+    if failed:  # the table is written with their rows marked; a script must still see that they failed
+        click.echo(f"error: {len(failed)} of {len(report['results'])} target(s) failed: {', '.join(failed)}", err=True)
+        sys.exit(1)
 
 
 def _batch_size(text: str) -> int | str:

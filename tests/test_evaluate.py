@@ -366,6 +366,14 @@ def test_model_without_tokenizer(tiny_zoo, tmp_path):
     (bare / "model.safetensors").write_bytes(weights[:-1])  # a download cut short by one byte
     with pytest.raises(EvomergeError, match=r"bare: unreadable safetensors file model.safetensors \(truncated: "):
         load_model_dir(bare)
+    shutil.copy(tiny_zoo / "base" / "model.safetensors", bare / "model.safetensors")
+    for name, text, what in (("tokenizer.json", "{}", "tokenizer"), ("generation_config.json", "[]", "generation_config"),
+                             ("config.json", '{"model_type": "nope"}', "config")):
+        (bare / name).write_text(text)  # files transformers reads, broken: one line each, before any scoring
+        with pytest.raises(EvomergeError, match=rf"bare: transformers cannot load its {what}"):
+            load_model_dir(bare)
+        shutil.copy(tiny_zoo / "base" / name, bare / name)
+    load_model_dir(bare)
 
 
 def test_a_tokenizer_that_drops_spaces_is_warned_about_when_the_search_evaluator_is_built(tiny_zoo, tmp_path, capsys):

@@ -254,6 +254,17 @@ def test_eval_checks_every_target_before_scoring_any(models, tmp_path):
                                                       "(no config.json)\n"
 
 
+def test_eval_exits_1_when_a_target_fails_after_writing_the_table(models, tmp_path):
+    """A target whose evaluation fails (NaN weights) is a row marked failed in the table and the JSON, and the exit
+    code says so (it was 0, so a script could not tell)."""
+    nan = corrupt(models, tmp_path)
+    result = run("eval", models[0], nan, "--tasks", "toy_digits", "--limit", "4", "--output-json", tmp_path / "s.json",
+                 "--split", "test")
+    assert result.exit_code == 1, result.output
+    assert [r["status"] for r in json.loads((tmp_path / "s.json").read_text())["results"]] == ["ok", "failed"]
+    assert f"error: 1 of 2 target(s) failed: {nan}\n" in result.output
+
+
 @pytest.mark.parametrize("option", ["--output-json", "--output-md"])
 def test_eval_checks_where_it_writes_before_scoring(models, tmp_path, option):
     out = tmp_path / "missing" / "scores"

@@ -29,7 +29,11 @@ def load_model_dir(path: str | os.PathLike, *, device: str = "cpu", dtype=None):
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
-    """What `load_model_dir` needs of a dir: a config.json and a tokenizer. Returns the local dir (a hub id's snapshot)."""
+    """What `load_model_dir` needs of a dir: a config.json and a tokenizer, which transformers reads (its config,
+    generation config and tokenizer are loaded here: cheap, and a broken file fails before any model is scored), and
+    whole safetensors files. Returns the local dir (a hub id's snapshot)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
     path = resolve_model(str(path))
     if not (path / "config.json").is_file():
         raise EvomergeError("not a model directory (no config.json)", source=str(path))
@@ -40,6 +44,16 @@ def check_model_dir(path: str | os.PathLike) -> Path:
         tokenizer_config(path / "tokenizer_config.json")
     for weights in sorted(path.glob("*.safetensors")):
         read_header(weights)  # a file cut short fails here, not in the middle of scoring a list of models
+    loaders = [("config.json", AutoConfig), ("tokenizer", AutoTokenizer)]
+    if (path / "generation_config.json").is_file():
+        loaders.append(("generation_config.json", GenerationConfig))
+    for what, loader in loaders:
+        try:
+            loader.from_pretrained(str(path))
+        except Exception as err:  # transformers raises OSError, ValueError, KeyError, TypeError, ... for a bad file
+            reason = (str(err).strip().splitlines() or [""])[0][:300]
+            raise EvomergeError(f"transformers cannot load its {what} ({type(err).__name__}: {reason})",
+                                source=str(path)) from None
     return path
 
 
