@@ -458,6 +458,22 @@ def _rows(path: Path) -> int:
         return 0
 
 
+def test_optuna_cmaes_over_many_genes_is_warned_about(models, tmp_path, capsys):
+    """A DFS space of 480 genes (240 slots and their scales): optuna's CmaEsSampler would take seconds to minutes per
+    candidate there, and the run says so (on stderr and in its log) and names the optimizer that does not."""
+    space = {"kind": "dfs", "models": models["experts"], "repeats": 60, "scale": "slot"}
+    run(models, tmp_path / "run", evaluator=lambda evaluation, base: LogitsEvaluator(models["experts"][0]), space=space,
+        optimizer={"name": "optuna_cmaes", "options": {"popsize": 4}},
+        **{"budget.trials": 2, "workers.num": 1, "validation.top_k": 1})
+    warning = ("optuna_cmaes over 480 genes: its bound handling redraws samples, seconds to minutes a candidate past "
+               "300 genes; optimizer cmaes (pycma) transforms bounds instead")
+    assert f"warning: {warning}" in capsys.readouterr().err
+    assert warning in (tmp_path / "run" / "logs" / "search.log").read_text()
+    run(models, tmp_path / "small", optimizer={"name": "optuna_cmaes", "options": {"popsize": 4}},
+        **{"budget.trials": 2, "workers.num": 1, "validation.top_k": 1})
+    assert "optuna_cmaes over" not in capsys.readouterr().err
+
+
 def test_a_damaged_ledger_stops_resume_with_one_line(models, tmp_path):
     run(models, tmp_path / "run", **{"budget.trials": 12})
     size = (tmp_path / "run" / "ledger.sqlite").stat().st_size
