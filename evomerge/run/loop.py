@@ -159,7 +159,8 @@ OPTUNA_CMAES_MAX_DIM = 300
 def _optimizer(experiment: Experiment, rd: RunDir, space, ledger: Ledger) -> Optimizer:
     if experiment.optimizer.name == "optuna_cmaes" and space.dim > OPTUNA_CMAES_MAX_DIM:
         _log(rd, f"optuna_cmaes over {space.dim} genes: its bound handling redraws samples, seconds to minutes a "
-                 "candidate past 300 genes; optimizer cmaes (pycma) transforms bounds instead", echo=True)
+                 f"candidate past {OPTUNA_CMAES_MAX_DIM} genes; optimizer cmaes (pycma) transforms bounds instead",
+             echo=True)
     if rd.optimizer.exists():
         try:
             return load_optimizer(rd.optimizer)
