@@ -104,7 +104,7 @@ def _load_target(target: str, device: str = "cpu", dtype=None):
 
 def _check_target(target: str) -> None:
     """What `_load_target` will need, checked before any target is scored: a recipe plans over its models' headers."""
-    from evomerge.evaluate.table import check_model_dir
+    from evomerge.evaluate.table import check_loads, check_model_dir
 
     if Path(target).is_file():
         from evomerge.merge.materialize import open_model_dirs
@@ -112,7 +112,10 @@ def _check_target(target: str) -> None:
         from evomerge.recipe import load_recipe
 
         recipe = load_recipe(target)
-        plan_recipe(recipe, open_model_dirs(recipe, target), target)
+        dirs = open_model_dirs(recipe, target)
+        plan = plan_recipe(recipe, dirs, target)
+        if plan.tokenizer_from:  # the merged model gets its tokenizer files as they are
+            check_loads(dirs[plan.tokenizer_from].path, "tokenizer", source=target)
     else:
         check_model_dir(target)
 

@@ -252,6 +252,14 @@ def test_eval_checks_every_target_before_scoring_any(models, tmp_path):
     result = run("eval", models[0], tmp_path / "no_model", "--tasks", "toy_digits")
     assert result.exit_code == 2 and result.output == f"error: {tmp_path / 'no_model'}: not a model directory " \
                                                       "(no config.json)\n"
+    broken = tmp_path / "broken_tokenizer"  # a recipe's merged model gets its base's tokenizer files as they are
+    shutil.copytree(models[0], broken)
+    (broken / "tokenizer.json").write_text("{")
+    recipe = write(tmp_path / "r.yaml", ties(models, base_model=str(broken)))
+    result = run("eval", models[0], recipe, "--tasks", "toy_digits", "--output-json", tmp_path / "scores.json")
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: {recipe}: {broken}: transformers cannot load its tokenizer (")
+    assert len(result.output.splitlines()) == 1 and not (tmp_path / "scores.json").exists()
 
 
 def test_eval_exits_1_when_a_target_fails_after_writing_the_table(models, tmp_path):

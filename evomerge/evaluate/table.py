@@ -32,8 +32,6 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     """What `load_model_dir` needs of a dir: a config.json and a tokenizer, which transformers reads (its config,
     generation config and tokenizer are loaded here: cheap, and a broken file fails before any model is scored), and
     whole safetensors files. Returns the local dir (a hub id's snapshot)."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
     path = resolve_model(str(path))
     if not (path / "config.json").is_file():
         raise EvomergeError("not a model directory (no config.json)", source=str(path))
@@ -44,17 +42,27 @@ def check_model_dir(path: str | os.PathLike) -> Path:
         tokenizer_config(path / "tokenizer_config.json")
     for weights in sorted(path.glob("*.safetensors")):
         read_header(weights)  # a file cut short fails here, not in the middle of scoring a list of models
-    loaders = [("config.json", AutoConfig), ("tokenizer", AutoTokenizer)]
-    if (path / "generation_config.json").is_file():
-        loaders.append(("generation_config.json", GenerationConfig))
-    for what, loader in loaders:
+    check_loads(path, "config.json", "tokenizer", "generation_config.json")
+    return path
+
+
+def check_loads(path: Path, *files: str, source: str | None = None) -> None:
+    """transformers loads these of the model dir at `path` (config.json, tokenizer, generation_config.json when
+    present); else one line naming it (and `source`, the recipe that names it)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    loaders = {"config.json": AutoConfig, "tokenizer": AutoTokenizer, "generation_config.json": GenerationConfig}
+    for what in files:
+        if what == "generation_config.json" and not (path / what).is_file():
+            continue
         try:
-            loader.from_pretrained(str(path))
+            loaders[what].from_pretrained(str(path))
         except Exception as err:  # transformers raises OSError, ValueError, KeyError, TypeError, ... for a bad file
             reason = (str(err).strip().splitlines() or [""])[0][:300]
-            raise EvomergeError(f"transformers cannot load its {what} ({type(err).__name__}: {reason})",
-                                source=str(path)) from None
-    return path
+            message = f"transformers cannot load its {what} ({type(err).__name__}: {reason})"
+            if source:
+                raise EvomergeError(f"{path}: {message}", source=source) from None
+            raise EvomergeError(message, source=str(path)) from None
 
 
 def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str | None = "test",
