@@ -3,7 +3,7 @@
 mergekit has no hidden-state scale. For a layer path, slot k's scale s_k is folded into the weights: its output
 projections are multiplied by 1 / prod_{i<=k} s_i (see merge.plan.fold_hidden_scales), which gives the same model for
 pre-norm architectures up to the norms' epsilon. Where that is not exact (non-positive scales, architectures whose
-branches end in a norm, such as Gemma-2) the scales are dropped with a warning.
+branches end in a norm, such as Gemma-2, Gemma-3, OLMo-2) the scales are dropped with a warning.
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ import torch
 
 pytest.importorskip("mergekit")
 
+from evomerge.export import export_text  # noqa: E402
+from evomerge.recipe import LayerSlot, Recipe  # noqa: E402
 from mergekit_harness import RANDOMIZED, build_zoo, load_dir, method_configs, run_evomerge, run_mergekit, write_config  # noqa: E402
+from tiny_models import FAMILIES, build_tiny, make_variants  # noqa: E402
 
 DETERMINISTIC = [name for name in method_configs("b", ["x", "y", "z"]) if name not in RANDOMIZED]
 
@@ -91,3 +94,28 @@ def test_round_trips_give_the_same_tensors(zoo, tmp_path, name):
         assert set(other) == set(reference)
         for tensor_name, expected in reference.items():
             torch.testing.assert_close(other[tensor_name], expected, atol=2e-5, rtol=1e-5)
+
+
+# mergekit 0.1.5's gpt-neox table requires `attention.bias` buffers, which transformers no longer saves
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"gpt_neox"}))
+def test_every_family_merges_and_stacks_layers_as_mergekit_does(family, tmp_path):
+    """Our naming table against mergekit's architecture file of each family: a TIES merge with per-layer and
+    filtered weights, and a layer path exported as passthrough slices (scales where the family can hold them), give
+    the same tensors under the same names (the path through `evomerge export`). The path keeps the layer count:
+    mergekit copies a config's per-layer `layer_types` unchanged, which transformers refuses for another count."""
+    base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32)
+    a, b = make_variants(base, tmp_path, n=2)
+    config = write_config(tmp_path / "ties.yaml", "ties", method_configs(str(base), [str(a), str(b), str(base)])["ties"])
+    run_mergekit(config, tmp_path / "ties_mergekit")
+    run_evomerge(config, tmp_path / "ties_evomerge")
+    path = Recipe(layers=[LayerSlot(source=str(a), layer=0), LayerSlot(source=str(base), layer=2, scale=0.8),
+                          LayerSlot(source=str(b), layer=1, scale=1.25)])
+    text, _ = export_text(path, "mergekit")  # a family that cannot fold scales exports them unscaled, with a warning
+    (tmp_path / "path.yaml").write_text(text)
+    run_mergekit(tmp_path / "path.yaml", tmp_path / "path_mergekit")
+    run_evomerge(tmp_path / "path.yaml", tmp_path / "path_evomerge")
+    for kind in ("ties", "path"):
+        theirs, ours = load_dir(tmp_path / f"{kind}_mergekit"), load_dir(tmp_path / f"{kind}_evomerge")
+        assert set(ours) == set(theirs), (kind, set(ours) ^ set(theirs))
+        for name, expected in theirs.items():
+            torch.testing.assert_close(ours[name], expected, atol=2e-5, rtol=1e-5, msg=lambda m: f"{kind} {name}: {m}")

@@ -1,6 +1,7 @@
 """Layer paths: the live path model (resident layers, hidden-state scales) == the merged dir with scales folded in."""
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from safetensors.torch import load_file
 
 from evomerge.export import export_text
 from evomerge.merge.materialize import merge_to_dir
+from evomerge.models.architectures import ARCHITECTURES, architecture_for
 from evomerge.models.io import load_live_model
 from evomerge.recipe import LayerSlot, Recipe, recipe_from_dict
 from evomerge.run.path_model import build_path_model, decoder_layers
@@ -123,3 +125,31 @@ def test_a_head_tied_to_the_embeddings_is_the_written_models(family, tmp_path):
         theirs = load_dir(tmp_path / "mergekit")
         for name in written:
             torch.testing.assert_close(theirs[name], written[name], atol=0, rtol=1e-12)
+
+
+LAYER_PATH_FAMILIES = [arch.name for arch in ARCHITECTURES if arch.live_layer_paths]
+# gemma3's layers alternate sliding-window and full attention, each with its own rotary embedding: the path model must
+# give each slot its layer's kind (a window of 3 tokens is shorter than the 7 scored, so a wrong kind changes the logits)
+OVERRIDES = {"gemma3_text": {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"], "sliding_window": 3}}
+
+
+@pytest.mark.parametrize("family", LAYER_PATH_FAMILIES)
+def test_every_family_scores_the_model_it_writes(family, tmp_path):
+    """For every family a search runs layer paths on: the live path model's logits are the written model's; scales
+    where the family's output projections can hold them (else the search refuses scales, tests/test_checks.py)."""
+    base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32, rms_norm_eps=1e-12, dtype=torch.float64,
+                      **OVERRIDES.get(family, {}))
+    (a,) = make_variants(base, tmp_path, n=1, scale=0.05)
+    names = {"base": str(base), "a": str(a)}
+    foldable = bool(architecture_for(json.loads((base / "config.json").read_text()), "config.json").output_projections)
+    path = [(s, i, c if foldable else 1.0) for s, i, c in PATH]
+    live = {n: load_live_model(p, dtype=torch.float64) for n, p in names.items()}
+    path_model = build_path_model(live["base"], {n: decoder_layers(m) for n, m in live.items()}, path, last=live["a"])
+    merge_to_dir(Recipe(layers=[LayerSlot(source=names[s], layer=i, scale=c) for s, i, c in path]), tmp_path / "out",
+                 progress=False)
+    written = load_live_model(tmp_path / "out", dtype=torch.float64)
+    if family in OVERRIDES:  # each slot keeps its source layer's attention kind
+        assert written.config.layer_types == [OVERRIDES[family]["layer_types"][i] for _, i, _ in path]
+    tokens = torch.randint(4, 60, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(path_model(tokens).logits, written(tokens).logits, atol=1e-6, rtol=1e-5)

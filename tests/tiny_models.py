@@ -16,7 +16,7 @@ import torch
 
 from evomerge.models.io import ModelDir, ModelWriter
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt2", "gpt_neox")
 _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 _CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -33,13 +33,14 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                                           num_hidden_layers=num_layers, num_attention_heads=2,
                                           max_position_embeddings=128, **ids, **overrides)
     classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "gemma": "GemmaConfig",
-               "gemma2": "Gemma2Config", "phi3": "Phi3Config"}
+               "gemma2": "Gemma2Config", "phi3": "Phi3Config", "qwen3": "Qwen3Config",
+               "gemma3_text": "Gemma3TextConfig", "olmo2": "Olmo2Config"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
-    if family.startswith("gemma"):
-        dims["head_dim"] = hidden // 2  # Gemma's default head_dim is 256 whatever the hidden size
+    if family.startswith("gemma") or family == "qwen3":
+        dims["head_dim"] = hidden // 2  # their default head_dim (256, 128) whatever the hidden size
     return getattr(transformers, classes[family])(**{**dims, **ids, **overrides})
 
 

@@ -125,6 +125,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("gemma", "GemmaForCausalLM", tied=True),
     _llama_like("gemma2", "Gemma2ForCausalLM", tied=True, output_projections=""),
     _llama_like("phi3", "Phi3ForCausalLM"),
+    _llama_like("qwen3", "Qwen3ForCausalLM"),
+    _llama_like("gemma3_text", "Gemma3ForCausalLM", tied=True, output_projections=""),
+    _llama_like("olmo2", "Olmo2ForCausalLM", output_projections=""),  # norms each branch's output, as Gemma-2
     Architecture(  # older GPT-2 checkpoints (the hub's `gpt2`) leave out the `transformer.` prefix
         name="gpt2",
         architectures=("GPT2LMHeadModel",),
