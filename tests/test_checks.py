@@ -115,6 +115,32 @@ def test_a_layer_path_search_over_a_family_it_cannot_run(tiny_zoo, tmp_path):
                    "runs layer paths on llama, mistral, qwen2, gemma, gemma2, phi3, qwen3, gemma3_text, olmo2 models, not gpt2")
 
 
+def test_a_layer_path_search_warns_of_a_model_whose_vocabulary_differs(tiny_zoo, tmp_path):
+    """Every path is scored with the first model's tokenizer, but a winner ships its first slot's source's: a model
+    whose vocabulary maps tokens to other ids is named (on stderr and in the log); one whose tokenizer.json is only
+    written differently is not."""
+    import shutil
+
+    swapped, reformatted = tmp_path / "swapped", tmp_path / "reformatted"
+    for copy in (swapped, reformatted):
+        shutil.copytree(tiny_zoo / "expert_reverse", copy)
+    tokenizer = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (swapped / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (reformatted / "tokenizer.json").write_text(json.dumps(json.loads((reformatted / "tokenizer.json").read_text()),
+                                                           indent=4, sort_keys=True))
+    doc = dfs_experiment(tiny_zoo, [tiny_zoo / "expert_cipher", reformatted, swapped])
+    doc["budget"]["trials"] = 1
+    result = search(tmp_path, doc)
+    assert result.exit_code == 0, result.output
+    warning = (f"space.models: the vocabulary of {swapped} differs from that of {tiny_zoo / 'expert_cipher'}, whose "
+               f"tokenizer the search scores every layer path with; a winner whose path starts in {swapped} ships "
+               f"{swapped}'s tokenizer")
+    assert f"warning: {warning}" in result.output and warning in (tmp_path / "run/logs/search.log").read_text()
+    assert str(reformatted) not in result.output
+
+
 def test_hidden_state_scales_the_written_model_could_not_hold(tiny_zoo, tmp_path):
     gemma2 = build_tiny("gemma2", tmp_path / "gemma2", num_layers=2, hidden=32)
     assert_refused(search(tmp_path, dfs_experiment(tiny_zoo, [gemma2])), tmp_path, "space.scale",

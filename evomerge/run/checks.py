@@ -23,8 +23,8 @@ RAY_CONNECT_TIMEOUT_S = 5.0
 class CheckedSpace:
     """What the checks read, for the search to reuse: the typed space config, its models, the space, the floating
     dtype the sources share (`models.io.common_dtype`: float32 for sources of several dtypes; None: no float tensor),
-    the model a worker's live merged model starts from, the models whose layers a layer path may run, and the memory
-    plan (run.memory) from the headers."""
+    the model a worker's live merged model starts from, the models whose layers a layer path may run, the memory
+    plan (run.memory) from the headers, and warnings for the search to print."""
     config: object  # spaces.SpaceConfig
     models: list[str]
     space: object  # spaces.SearchSpace
@@ -32,6 +32,7 @@ class CheckedSpace:
     base: str = ""
     path_models: tuple[str, ...] = ()
     memory: object = None  # run.memory.MemoryPlan
+    warnings: tuple[str, ...] = ()
 
 
 def check_space(experiment: Experiment, source: str, *, headers_only: bool = False) -> CheckedSpace:
@@ -73,6 +74,7 @@ def check_space(experiment: Experiment, source: str, *, headers_only: bool = Fal
         dtype = common_dtype(dirs.values())
         base = _live_base(candidate, models)
         _check_tokenizer(dirs[base], base, source, chat=experiment.evaluation.apply_chat_template)
+        warnings = _other_vocabularies(dirs, base, path_models)
         memory = plan_memory(dirs, merge_models=candidate.merge.referenced_models() if merge else [],
                              path_models=path_models, base=base, tasks=merge.tasks if merge else [],
                              dtype=compute_dtype or dtype, device_type=_device_type(experiment.workers.device),
@@ -80,7 +82,7 @@ def check_space(experiment: Experiment, source: str, *, headers_only: bool = Fal
     finally:
         for d in dirs.values():
             d.close()
-    return CheckedSpace(config, models, space, dtype, base, tuple(path_models), memory)
+    return CheckedSpace(config, models, space, dtype, base, tuple(path_models), memory, tuple(warnings))
 
 
 def _check_layer_paths(config, arch, source: str) -> None:
@@ -129,6 +131,17 @@ def _check_tokenizer(model_dir, model: str, source: str, *, chat: bool) -> None:
         raise EvomergeError(f"the tokenizer of {model}, which the search scores with and its winners ship, has no chat "
                             f"template (add one to its tokenizer_config.json or chat_template.jinja)", source=source,
                             key="evaluation.apply_chat_template")
+
+
+def _other_vocabularies(dirs: dict, base: str, path_models: list[str]) -> list[str]:
+    """A search scores every layer path with its live base model's tokenizer, while a winning path ships the tokenizer
+    of its first slot's source (as mergekit does): a warning for each path model whose vocabulary differs."""
+    from evomerge.models.io import vocabulary
+
+    scored = vocabulary(dirs[base])
+    return [f"space.models: the vocabulary of {m} differs from that of {base}, whose tokenizer the search scores every "
+            f"layer path with; a winner whose path starts in {m} ships {m}'s tokenizer, which its scores did not use"
+            for m in path_models if m != base and vocabulary(dirs[m]) != scored]
 
 
 def _live_base(candidate: Recipe, models: list[str]) -> str:

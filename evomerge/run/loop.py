@@ -130,6 +130,8 @@ def memory_plan(experiment: Experiment, *, source: str, device_here: bool = True
 def _run(rd: RunDir, experiment: Experiment, checked: CheckedSpace, make_evaluator: EvaluatorFactory,
          pool: Pool | None, progress: bool) -> Summary:
     models, space = checked.models, checked.space
+    for warning in checked.warnings:
+        _log(rd, warning, echo=True)
     ledger = rd.open_ledger()
     owned = pool is None
     try:
