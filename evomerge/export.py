@@ -61,4 +61,4 @@ def _layer_types_warnings(recipe: Recipe, dirs: dict[str, ModelDir]) -> list[str
     return [f"{name}'s config has layer_types, which mergekit does not update for a layer path ({len(types)} entries "
             f"kept for {len(layers)} layers): its output may not load or may differ; `evomerge merge` writes them cut "
             "to the path" for name, d in dirs.items()
-            if isinstance(types := d.config.get("layer_types"), list) and layers != list(range(len(types)))]
+            if isinstance(types := d.arch.text_settings(d.config).get("layer_types"), list) and layers != list(range(len(types)))]

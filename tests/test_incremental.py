@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from evomerge.merge.materialize import LiveMaterializer
+from evomerge.merge.materialize import LiveMaterializer, merge_to_dir
 from evomerge.merge.plan import plan_recipe
 from evomerge.models.io import ModelDir, load_live_model
 from evomerge.models.sources import ResidentSources
 from evomerge.recipe import recipe_from_dict
-from tiny_models import build_tiny, make_variants
+from tiny_models import FAMILIES, build_tiny, make_variants
 
 LAYERS = 3
 
@@ -144,3 +144,23 @@ def test_results_become_the_parameters_and_never_alias_a_source(zoo, tmp_path):
     assert model.lm_head.weight is model.get_input_embeddings().weight
     expected = (dirs[str(base)].get("model.embed_tokens.weight") + dirs[str(expert)].get("model.embed_tokens.weight")) / 2
     torch.testing.assert_close(model.lm_head.weight.data, expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_live_model_of_every_family_is_the_model_merge_writes(family, tmp_path):
+    """A worker's in-place merge lands every tensor in the live parameter that loading the written model fills (checkpoint
+    names are mapped to live ones per family: GPT-2 without prefix, GPT-NeoX's head, Gemma-3's image-text parts)."""
+    base = build_tiny(family, tmp_path / "base", num_layers=LAYERS, hidden=32)
+    models = (str(base), *map(str, make_variants(base, tmp_path, n=2, scale=0.05)))
+    r = recipe(models, "ties", [0.3, 0.9, 0.5])
+    live = LiveMaterializer(load_live_model(models[0], dtype=torch.float32),
+                            ResidentSources({m: ModelDir.open(m) for m in models}, "cpu", torch.float32))
+    live.apply(r)
+    merge_to_dir(r, tmp_path / "out", progress=False)
+    got, expected = live.model.state_dict(), load_live_model(tmp_path / "out", dtype=torch.float32).state_dict()
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    before = load_live_model(models[0], dtype=torch.float32).state_dict()
+    merged = ModelDir.open(models[0]).tensor_names
+    assert sum(not torch.equal(got[n], before[n]) for n in expected) >= len(merged)  # every checkpoint tensor moved

@@ -26,6 +26,7 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "gemma": ({"model.embed_tokens.weight"}, {"model.norm.weight"}),
     "gemma2": ({"model.embed_tokens.weight"}, {"model.norm.weight"}),
     "gemma3_text": ({"model.embed_tokens.weight"}, {"model.norm.weight"}),
+    "gemma3": ({"language_model.model.embed_tokens.weight"}, {"language_model.model.norm.weight"}),
     "olmo2": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "phi3": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "gpt2": ({"transformer.wte.weight", "transformer.wpe.weight"}, {"transformer.ln_f.weight", "transformer.ln_f.bias"}),
@@ -33,9 +34,10 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
                  {"gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias", "embed_out.weight"}),
 }
 VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight",
-         "embed_out.weight"}
-TIED = {"gemma", "gemma2", "gemma3_text", "gpt2"}
-BRANCH_NORMED = {"gemma2", "gemma3_text", "olmo2"}  # norm each branch's output: no output projection folds a scale
+         "embed_out.weight", "language_model.model.embed_tokens.weight"}
+TIED = {"gemma", "gemma2", "gemma3_text", "gemma3", "gpt2"}
+BRANCH_NORMED = {"gemma2", "gemma3_text", "gemma3", "olmo2"}  # norm each branch's output: no output projection folds a scale
+NOT_TEXT = r"vision_tower\.|multi_modal_projector\."  # an image-text model's other parts: neither layers nor pre/post
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +72,9 @@ def test_naming_table_matches_the_checkpoint(tiny, family):
         assert arch.is_vocab_tensor(name) == (name in VOCAB)
         if name in VOCAB:
             assert md.shape(name)[0] == 64
-        numbers = re.findall(r"\.(\d+)\.", name)
+        numbers = [] if re.match(NOT_TEXT, name) else re.findall(r"\.(\d+)\.", name)
         assert arch.layer_of(name) == (int(numbers[0]) if numbers else None)
-        assert (arch.layer_of(name) is None) == (name in pre | post)
+        assert (arch.layer_of(name) is None) == (name in pre | post or re.match(NOT_TEXT, name) is not None)
     layer_names = [n for n in md.tensor_names if arch.layer_of(n) is not None]
     assert {arch.layer_of(n) for n in layer_names} == set(range(LAYERS))
     for name in layer_names:  # renaming moves a tensor onto another layer's slot, which exists

@@ -270,3 +270,26 @@ def test_search_refuses_an_unknown_task_before_it_starts(models, tmp_path):  # n
     assert result.output.startswith(f"error: {path}: evaluation.tasks: unknown task 'toy_gne'")
     assert "did you mean 'toy_gen'?" in result.output and len(result.output.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_search_over_image_text_models_scores_and_writes_them(tmp_path):
+    """Gemma-3's image-text checkpoints: a worker merges into the live model lm-eval scores, and the winner is written
+    with its vision tower and its text model's settings (text_config)."""
+    from tiny_models import build_tiny, make_variants
+
+    base = build_tiny("gemma3", tmp_path / "base", num_layers=3, hidden=32)
+    a, b = make_variants(base, tmp_path, n=2, scale=0.05)
+    doc = {"name": "image_text", "seed": 0,
+           "space": {"kind": "ps", "method": "ties", "base_model": str(base), "models": [str(a), str(b)],
+                     "search": ["weight", "density"], "layer_groups": 3, "split": "attn_mlp",
+                     "bounds": {"weight": [0.0, 1.0], "density": [0.2, 1.0]}},
+           "optimizer": {"name": "random"}, "budget": {"trials": 3},
+           "evaluation": {"tasks": ["toy_cipher_gen"], "limit": 2}, "validation": {"top_k": 1}}
+    (tmp_path / "exp.yaml").write_text(json.dumps(doc))
+    result = run("search", tmp_path / "exp.yaml", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0 and "3 trials, 0 failed" in result.output, result.output
+    assert run("merge", tmp_path / "run/best/recipe.yaml", tmp_path / "out").exit_code == 0
+    config = json.loads((tmp_path / "out/config.json").read_text())
+    assert config["architectures"] == ["Gemma3ForConditionalGeneration"] and config["text_config"]["num_hidden_layers"] == 3
+    written = tensors(tmp_path / "out")
+    assert set(written) == set(load_file(base / "model.safetensors"))  # the vision tower and projector included

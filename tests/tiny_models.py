@@ -9,14 +9,17 @@ A character-level tokenizer (ids: <pad>=0, <unk>=1, <s>=2, </s>=3, then characte
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from evomerge.models.io import ModelDir, ModelWriter
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt2", "gpt_neox")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "olmo2", "gpt2",
+            "gpt_neox")
 _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 _CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -44,6 +47,17 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
     return getattr(transformers, classes[family])(**{**dims, **ids, **overrides})
 
 
+def _image_text_config(num_layers: int, hidden: int, vocab: int, **overrides):
+    """Gemma-3's image-text model: the text model as gemma3_text, a 2-layer SigLIP vision tower (no head, as Gemma-3's)."""
+    import transformers
+
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=28, patch_size=14, vision_use_head=False)
+    return transformers.Gemma3Config(text_config=_config("gemma3_text", num_layers, hidden, vocab, **overrides),
+                                     vision_config=vision, mm_tokens_per_image=4, boi_token_index=vocab - 3,
+                                     eoi_token_index=vocab - 2, image_token_index=vocab - 1)
+
+
 def save_tokenizer(path: str | Path, vocab: int = 64) -> None:
     """A character-level fast tokenizer over the first `vocab` ids."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -63,12 +77,18 @@ def build_tiny(family: str, path: str | Path, *, seed: int = 0, num_layers: int 
     """A randomly initialised model of `family` saved at `path`; `overrides` go to the transformers config class."""
     from transformers import AutoModelForCausalLM
 
-    config = _config(family, num_layers, hidden, vocab, **overrides)
+    config = (_image_text_config if family == "gemma3" else _config)(num_layers=num_layers, hidden=hidden, vocab=vocab,
+                                                                     **({} if family == "gemma3" else {"family": family}),
+                                                                     **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config).to(dtype)
     path = Path(path)
     model.save_pretrained(path)
+    if family == "gemma3":  # the vision tower named as in the hub's checkpoints (and mergekit's table)
+        tensors = load_file(path / "model.safetensors")
+        save_file({re.sub(r"^vision_tower\.", "vision_tower.vision_model.", n): t for n, t in tensors.items()},
+                  path / "model.safetensors", metadata={"format": "pt"})
     if tokenizer:
         save_tokenizer(path, vocab)
     return path

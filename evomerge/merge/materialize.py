@@ -84,8 +84,8 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
         template = dirs[plan.config_from]
         config = template.arch.set_num_layers(dict(template.config), plan.num_layers,
                                               source_layers=plan.source_layers or recipe.source_layers())
-        if rows is not None and config.get("vocab_size", rows) != rows:
-            config["vocab_size"] = rows
+        if rows is not None:  # the embeddings' rows, cut to the common block when the sources' vocabularies differ
+            config = template.arch.with_text_settings(config, {**template.arch.text_settings(config), "vocab_size": rows})
         if out_dtype is not None:
             config["torch_dtype"] = config["dtype"] = str(out_dtype).removeprefix("torch.")
         writer.write_config(config)

@@ -96,10 +96,9 @@ def _slices(stage: MergeStage, num_layers: int | None = None) -> list[OutputSlic
     """mergekit's normalisation: `models:` is one slice over every layer, with the base added when not listed."""
     if stage.slices is not None:
         return stage.slices
-    n = num_layers or 0
-    sources = [SliceSource(model=m.model, layer_range=(0, n), parameters=m.parameters) for m in stage.models]
+    sources = [SliceSource(model=m.model, layer_range=(0, num_layers or 0), parameters=m.parameters) for m in stage.models]
     if stage.base_model and stage.base_model not in [m.model for m in stage.models]:
-        sources.append(SliceSource(model=stage.base_model, layer_range=(0, n)))
+        sources.append(SliceSource(model=stage.base_model, layer_range=(0, num_layers or 0)))
     return [OutputSlice(sources=sources)]
 
 
@@ -195,10 +194,12 @@ def stage_layout(stage: MergeStage, dirs: dict[str, ModelDir], source: str) -> L
                 raise EvomergeError(f"layer_range {list(s.layer_range)} is outside 0..{dirs[s.model].num_layers} of {s.model}",
                                     source=source, key=f"slices[{i}].layer_range")
 
+    parts = arch.part_positions(template.tensor_names)  # an image-text model's vision layers: t = i / (n - 1) of their own
+
     def non_layer(names: list[str], i: int) -> list[_Slot]:
         sources = slices[i].sources
-        return [_Slot(n, i, tuple((j, n) for j, s in enumerate(sources) if n in dirs[s.model].tensor_names), 0.0,
-                      arch.is_vocab_tensor(n)) for n in names]
+        return [_Slot(n, i, tuple((j, n) for j, s in enumerate(sources) if n in dirs[s.model].tensor_names),
+                      parts.get(n, 0.0), arch.is_vocab_tensor(n)) for n in names]
 
     layer0 = [n for n in template.tensor_names if arch.layer_of(n) == 0]
     tied = arch.tied_embeddings(template.config)

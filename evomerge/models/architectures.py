@@ -39,6 +39,11 @@ class Architecture:
     per_layer_keys: tuple[str, ...] = ("layer_types",)
     # (regex, replacement) from checkpoint names to the live transformers module, where transformers renames on load
     live_renames: tuple[tuple[str, str], ...] = ()
+    # config.json key of the text model's settings (layer count, per-layer lists, vocab size) in an image-text model
+    text_config: str = ""
+    # regex (match): the layers of an image-text model's other parts (its vision tower), group 1 the prefix, group 2 the
+    # index; a gradient list spreads over them as over the text layers (mergekit plans each part on its own)
+    part_layer: str = ""
 
     def live_names(self, tensor_name: str) -> list[str]:
         """Names a checkpoint tensor may have in a live transformers model, the checkpoint's own first."""
@@ -76,26 +81,45 @@ class Architecture:
                 return block
         return None
 
+    def part_positions(self, tensor_names: list[str]) -> dict[str, float]:
+        """t = i / (n - 1) (1 when n == 1) of each tensor in layer i of a part of n layers (`part_layer`)."""
+        found = {n: (m.group(1), int(m.group(2))) for n in tensor_names if self.part_layer and (m := re.match(self.part_layer, n))}
+        counts: dict[str, int] = {}
+        for prefix, i in found.values():
+            counts[prefix] = max(counts.get(prefix, 0), i + 1)
+        return {n: i / (counts[p] - 1) if counts[p] > 1 else 1.0 for n, (p, i) in found.items()}
+
+    def text_settings(self, config: dict) -> dict:
+        """The part of config.json that describes the text model: all of it, or its `text_config`."""
+        settings = config.get(self.text_config) if self.text_config else config
+        return settings if isinstance(settings, dict) else {}
+
     def num_layers(self, config: dict) -> int:
-        if not isinstance(config.get(self.num_layers_key), int):
-            raise EvomergeError(f"{self.name} config needs an integer layer count", key=self.num_layers_key)
-        return config[self.num_layers_key]
+        if not isinstance(self.text_settings(config).get(self.num_layers_key), int):
+            raise EvomergeError(f"{self.name} config needs an integer layer count",
+                                key=".".join(filter(None, (self.text_config, self.num_layers_key))))
+        return self.text_settings(config)[self.num_layers_key]
 
     def set_num_layers(self, config: dict, n: int, *, source_layers: list[int] | None = None) -> dict:
         """A copy of `config` with n layers. Per-layer lists are re-indexed by `source_layers` (the original index of each
         new layer) when given, else dropped when their length no longer fits, so transformers rebuilds its default."""
         if source_layers is not None and len(source_layers) != n:
             raise ValueError(f"source_layers has {len(source_layers)} entries for {n} layers")
-        out = {**config, self.num_layers_key: n}
+        settings = self.text_settings(config)
+        out = {**settings, self.num_layers_key: n}
         for key in self.per_layer_keys:
-            values = config.get(key)
+            values = settings.get(key)
             if not isinstance(values, list):
                 continue
             if source_layers is not None:
                 out[key] = [values[i] for i in source_layers]
             elif len(values) != n:
                 del out[key]
-        return out
+        return self.with_text_settings(config, out)
+
+    def with_text_settings(self, config: dict, settings: dict) -> dict:
+        """A copy of `config` whose text model is described by `settings`."""
+        return {**config, self.text_config: settings} if self.text_config else settings
 
     def tied_embeddings(self, config: dict) -> bool:
         return bool(config.get("tie_word_embeddings", self.tied_default))
@@ -128,6 +152,23 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("qwen3", "Qwen3ForCausalLM"),
     _llama_like("gemma3_text", "Gemma3ForCausalLM", tied=True, output_projections=""),
     _llama_like("olmo2", "Olmo2ForCausalLM", output_projections=""),  # norms each branch's output, as Gemma-2
+    Architecture(  # Gemma-3 4B-27B, image-text: the vision tower and projector merge as the other non-layer tensors do.
+        # Checkpoints name the text model `language_model.model.` (the hub's, and transformers 5 writes so) or
+        # `model.language_model.` (the live module's names), the vision tower `vision_tower.vision_model.` or
+        # `model.vision_tower.`; both load.
+        name="gemma3",
+        architectures=("Gemma3ForConditionalGeneration",),
+        layer=r"((?:language_model\.model|model\.language_model)\.layers\.)(\d+)\.",
+        pre=r"(language_model\.model|model\.language_model)\.embed_tokens\.weight",
+        post=r"(language_model\.model|model\.language_model)\.norm\.weight|(language_model\.)?lm_head\.weight",
+        vocab=r"(language_model\.model|model\.language_model)\.embed_tokens\.weight|(language_model\.)?lm_head\.weight",
+        tied_default=True,
+        text_config="text_config",
+        part_layer=r"((?:model\.)?vision_tower\.(?:vision_model\.)?encoder\.layers\.)(\d+)\.",
+        live_renames=((r"^language_model\.model\.", "model.language_model."), (r"^language_model\.lm_head\.", "lm_head."),
+                      (r"^(model\.)?vision_tower\.(vision_model\.)?", "model.vision_tower."),
+                      (r"^multi_modal_projector\.", "model.multi_modal_projector.")),
+    ),
     Architecture(  # older GPT-2 checkpoints (the hub's `gpt2`) leave out the `transformer.` prefix
         name="gpt2",
         architectures=("GPT2LMHeadModel",),

@@ -139,7 +139,7 @@ def evaluation_reserve(model_dir, dtype, batch: int = EVAL_BATCH) -> Reserve:
     """The reserve's terms (module doc) from the model's config.json, as transformers reads it."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(model_dir.path))
+    config = AutoConfig.from_pretrained(str(model_dir.path)).get_text_config()  # an image-text model's text model
     layers = config.num_hidden_layers
     hidden, heads = config.hidden_size, config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
