@@ -98,6 +98,23 @@ def broken_tokenizer_config(models, tmp_path):
     return str(broken)
 
 
+def quantized(models, tmp_path, *, weights="F8_E4M3"):
+    """Model a as an FP8 checkpoint with block scales (quant_method fp8): its projections float8_e4m3fn, each with a
+    weight_scale_inv; weights="F32" keeps them float under the same quantization_config (a stale one)."""
+    out = tmp_path / f"quantized_{weights}"
+    shutil.copytree(models[1], out)
+    tensors = load_file(out / "model.safetensors")
+    if weights == "F8_E4M3":
+        for name in [n for n in tensors if n.endswith("proj.weight")]:
+            tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+            tensors[name.replace(".weight", ".weight_scale_inv")] = torch.ones(1, 1)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (out / "config.json").write_text(json.dumps(config))
+    return str(out)
+
+
 def other_arch(tmp_path):
     return str(build_tiny("gpt2", tmp_path / "gpt2", num_layers=3))
 
@@ -136,6 +153,9 @@ BAD = {
     "no slices": (lambda m, p: {"merge_method": "passthrough", "slices": []}, "slices: List should have at least 1"),
     "a slice of no sources": (lambda m, p: {"merge_method": "passthrough", "slices": [{"sources": []}]},
                               "slices.0.sources: List should have at least 1"),
+    "quantized weights": (lambda m, p: {**ties(m), "models": [{"model": quantized(m, p), "parameters": {"weight": 1.0}}]},
+                          "quantized_F8_E4M3: a quantized checkpoint (fp8: model.layers.0.mlp.down_proj.weight is "
+                          "F8_E4M3); merging needs its full-precision weights"),
     "truncated weights": (lambda m, p: {**ties(m), "models": [{"model": truncated(m, p), "parameters": {"weight": 1.0}}]},
                           "cut_model: unreadable safetensors file model.safetensors (truncated: "),
     "broken tokenizer config, template auto": (
@@ -207,6 +227,19 @@ def test_bad_input_is_one_line_exit_2_and_no_out(models, tmp_path, case):
     assert "\n" not in line and line.startswith("error: ") and expected in line, line
     assert str(tmp_path / "bad.yaml") in line or expected in ("nope",), line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stale_quantization_config_over_float_weights_merges(models, tmp_path):
+    """A quantization_config left in config.json over float weights (a dequantized merge of a QLoRA run) is no reason
+    to refuse: the weights are what is merged."""
+    stale = quantized(models, tmp_path, weights="F32")
+    doc = {**ties(models), "models": [{"model": stale, "parameters": {"weight": 1.0}}]}
+    assert run("merge", write(tmp_path / "stale.yaml", doc), tmp_path / "out").exit_code == 0
+    doc["models"] = [{"model": models[1], "parameters": {"weight": 1.0}}]
+    assert run("merge", write(tmp_path / "plain.yaml", doc), tmp_path / "plain").exit_code == 0
+    assert load_file(tmp_path / "out/model.safetensors").keys() == load_file(tmp_path / "plain/model.safetensors").keys()
+    assert all(torch.equal(t, load_file(tmp_path / "plain/model.safetensors")[n])
+               for n, t in load_file(tmp_path / "out/model.safetensors").items())
 
 
 @pytest.mark.parametrize("device, expected", [("gpu", "error: --device: not a device: 'gpu'"),

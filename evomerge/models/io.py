@@ -85,6 +85,19 @@ def read_header(file: Path, fail=None, *, whole: bool = True) -> dict[str, dict]
         raise (fail or _failure(file.parent, None))(f"unreadable safetensors file {file.name} ({err})") from None
 
 
+def _refuse_quantized(config: dict, header: dict[str, dict], fail) -> None:
+    """A merge averages weights, which a quantized checkpoint (GPTQ, AWQ, bitsandbytes, FP8 with block scales) holds
+    packed or scaled: merged as they are they give a wrong model without an error. One whose config.json has a
+    quantization_config and whose tensors are not all floating point is refused (a stale quantization_config over
+    float weights, as a dequantized QLoRA merge may leave, is not)."""
+    quantization = config.get("quantization_config")
+    packed = [name for name, entry in header.items() if entry.get("dtype") not in ("F64", "F32", "F16", "BF16")]
+    if isinstance(quantization, dict) and packed:
+        method = quantization.get("quant_method", "quantization_config")
+        raise fail(f"a quantized checkpoint ({method}: {packed[0]} is {header[packed[0]]['dtype']}); merging needs "
+                   "its full-precision weights")
+
+
 def resolve_model(ref: str, source: str | None = None) -> Path:
     """A local directory, or a hub snapshot when `ref` is not a local path but looks like a repo id. `source`: the
     file that names `ref` (errors name both)."""
@@ -169,6 +182,7 @@ class ModelDir:
             path, shards, header = _hub_headers(str(ref), source)
             config, arch = _read_config(path, _failure(path, source))
             files = {name: path / shards[name] for name in header}
+            _refuse_quantized(config, header, _failure(path, source))
             return cls(path, config, arch, files, header)
         path = resolve_model(str(ref), source)
         fail = _failure(path, source)
@@ -200,6 +214,7 @@ class ModelDir:
         for name, shard in (weight_map or {}).items():
             if files.get(name) != path / shard:
                 raise fail(f"{INDEX} puts tensor {name} in {shard}, which does not hold it")
+        _refuse_quantized(config, header, fail)
         return cls(path, config, arch, files, header)
 
     @property
