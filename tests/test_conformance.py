@@ -7,6 +7,9 @@ we a counter-based generator), so they are compared by statistics: with rescale 
 exactly by both, and the merged delta agrees in expectation.
 """
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -123,3 +126,63 @@ def test_every_family_merges_and_stacks_layers_as_mergekit_does(family, tmp_path
         assert set(ours) == set(theirs), (kind, set(ours) ^ set(theirs))
         for name, expected in theirs.items():
             torch.testing.assert_close(ours[name], expected, atol=2e-5, rtol=1e-5, msg=lambda m: f"{kind} {name}: {m}")
+
+
+def added_tokens(model: Path, tokens: list[str]) -> None:
+    """`model` with `tokens` added to its tokenizer and embedding rows for them (as a chat fine-tune adds its own)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    tokenizer.save_pretrained(model)
+    live = AutoModelForCausalLM.from_pretrained(model)
+    live.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():  # rows of their own for the new tokens
+        live.get_input_embeddings().weight[-len(tokens):] = torch.randn(len(tokens), live.config.hidden_size)
+        live.get_output_embeddings().weight[-len(tokens):] = torch.randn(len(tokens), live.config.hidden_size)
+    live.save_pretrained(model)
+
+
+def swapped_tokens(model: Path, first: str, second: str) -> None:
+    """`model` with two tokens' ids swapped in its tokenizer and their embedding and head rows swapped too: the same
+    model, its vocabulary in another order."""
+    from safetensors.torch import load_file, save_file
+
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    i, j = vocab[first], vocab[second]
+    vocab[first], vocab[second] = j, i
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    tensors = load_file(model / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name][[i, j]] = tensors[name][[j, i]]
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("method, tokenizer_source", [("ties", "a"), ("linear", "a"), ("task_arithmetic", "base"),
+                                                      ("ties", "b")])
+def test_tokenizer_source_aligns_embeddings_by_token_as_mergekit_does(tmp_path, method, tokenizer_source):
+    """Sources whose tokenizers differ (a adds two tokens, b one other and swaps two ids): with `tokenizer_source`
+    every embedding and head row follows the chosen tokenizer by token, with mergekit's stand-ins where a source lacks
+    a token; the merged model reads its tokenizer's added tokens (it had the common 64 rows only: an IndexError)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = build_tiny("llama", tmp_path / "base", num_layers=2, hidden=32)
+    a, b = make_variants(base, tmp_path, n=2)
+    torch.manual_seed(0)
+    added_tokens(a, ["<|im_start|>", "<|im_end|>"])
+    added_tokens(b, ["<tool>"])
+    swapped_tokens(b, "x", "y")
+    models = {"base": str(base), "a": str(a), "b": str(b)}
+    doc = method_configs(str(base), [str(a), str(b), str(base)])[method]
+    config = write_config(tmp_path / "recipe.yaml", method, {**doc, "tokenizer_source": models[tokenizer_source]})
+    run_mergekit(config, tmp_path / "mergekit")
+    run_evomerge(config, tmp_path / "evomerge")
+    theirs, ours = load_dir(tmp_path / "mergekit"), load_dir(tmp_path / "evomerge")
+    assert set(ours) == set(theirs)
+    for name, expected in theirs.items():
+        torch.testing.assert_close(ours[name], expected, atol=2e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "evomerge")
+    assert ours["model.embed_tokens.weight"].shape[0] == len(tokenizer) == {"a": 66, "b": 65, "base": 64}[tokenizer_source]
+    with torch.no_grad():  # every id of its tokenizer, the added ones last
+        AutoModelForCausalLM.from_pretrained(tmp_path / "evomerge")(torch.arange(len(tokenizer))[None])

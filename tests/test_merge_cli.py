@@ -115,6 +115,13 @@ def quantized(models, tmp_path, *, weights="F8_E4M3"):
     return str(out)
 
 
+def without_tokenizer(models, tmp_path):
+    """Model a without its tokenizer files."""
+    out = tmp_path / "no_tokenizer"
+    shutil.copytree(models[1], out, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    return str(out)
+
+
 def other_arch(tmp_path):
     return str(build_tiny("gpt2", tmp_path / "gpt2", num_layers=3))
 
@@ -165,6 +172,10 @@ BAD = {
         lambda m, p: ties(m, base_model=broken_tokenizer_config(m, p), chat_template="{{ messages }}"),
         "broken_tokenizer/tokenizer_config.json: unreadable (Expecting value"),
     "chat template name": (lambda m, p: ties(m, chat_template="chatml"), "chat_template: 'chatml' is not a Jinja"),
+    "tokenizer source over a model without one": (
+        lambda m, p: {**ties(m), "tokenizer_source": "base",
+                      "models": [{"model": without_tokenizer(m, p), "parameters": {"weight": 1.0}}]},
+        "no_tokenizer: tokenizer_source needs every model's tokenizer; transformers cannot load this one ("),
     "tokenizer union": (lambda m, p: ties(m, tokenizer_source="union"), "tokenizer_source: 'union' is not supported"),
     "tokenizer of another model": (lambda m, p: ties(m, tokenizer_source=other_shape(p)),
                                    "wide' is not one of the recipe's models"),

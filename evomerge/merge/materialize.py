@@ -20,6 +20,7 @@ from evomerge.merge.rng import MaskKey
 from evomerge.models.io import (ModelDir, ModelWriter, check_device, check_finite, common_dtype, live_param,
                                 parse_dtype, pick_chat_template)
 from evomerge.models.sources import LazySources, MappedSources, ResidentSources, Sources
+from evomerge.models.vocab import by_token
 from evomerge.recipe import Recipe, to_evomerge_yaml
 
 
@@ -73,7 +74,7 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
                                     f"pass --allow-nonfinite to merge anyway", source=source, key="models")
     chat_template = (pick_chat_template(stage.chat_template, dirs, dirs.get(plan.tokenizer_from), source)
                      if stage and stage.chat_template else None)
-    sources = LazySources(dirs, device, compute_dtype)
+    sources = by_token(LazySources(dirs, device, compute_dtype), stage, plan.tokenizer_from, source)  # models/vocab.py
     rows, compiled = None, CompiledMethods() if compile else None
     with ModelWriter(out_dir, max_shard_bytes=out_shard_bytes, force=force) as writer:
         for task in tqdm(plan.tasks, desc="merging", unit="tensor", disable=not progress):
@@ -84,7 +85,7 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
         template = dirs[plan.config_from]
         config = template.arch.set_num_layers(dict(template.config), plan.num_layers,
                                               source_layers=plan.source_layers or recipe.source_layers())
-        if rows is not None:  # the embeddings' rows, cut to the common block when the sources' vocabularies differ
+        if rows is not None:  # the embeddings' rows: the common block of differing vocabularies, or tokenizer_source's
             config = template.arch.with_text_settings(config, {**template.arch.text_settings(config), "vocab_size": rows})
         if out_dtype is not None:
             config["torch_dtype"] = config["dtype"] = str(out_dtype).removeprefix("torch.")
