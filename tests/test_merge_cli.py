@@ -176,7 +176,6 @@ BAD = {
         lambda m, p: {**ties(m), "tokenizer_source": "base",
                       "models": [{"model": without_tokenizer(m, p), "parameters": {"weight": 1.0}}]},
         "no_tokenizer: tokenizer_source needs every model's tokenizer; transformers cannot load this one ("),
-    "tokenizer union": (lambda m, p: ties(m, tokenizer_source="union"), "tokenizer_source: 'union' is not supported"),
     "tokenizer of another model": (lambda m, p: ties(m, tokenizer_source=other_shape(p)),
                                    "wide' is not one of the recipe's models"),
 }

@@ -20,7 +20,7 @@ from evomerge.merge.rng import MaskKey
 from evomerge.models.io import (ModelDir, ModelWriter, check_device, check_finite, common_dtype, live_param,
                                 parse_dtype, pick_chat_template)
 from evomerge.models.sources import LazySources, MappedSources, ResidentSources, Sources
-from evomerge.models.vocab import by_token
+from evomerge.models.vocab import by_token, write_tokenizer
 from evomerge.recipe import Recipe, to_evomerge_yaml
 
 
@@ -91,7 +91,7 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
             config["torch_dtype"] = config["dtype"] = str(out_dtype).removeprefix("torch.")
         writer.write_config(config)
         if plan.tokenizer_from:
-            writer.copy_tokenizer(dirs[plan.tokenizer_from])
+            write_tokenizer(writer, dirs[plan.tokenizer_from], sources)
         if chat_template:
             writer.set_chat_template(chat_template)
         writer.write_text("README.md", model_card(recipe, plan))

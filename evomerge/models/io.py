@@ -341,6 +341,10 @@ class ModelWriter:
             shutil.copyfile(src / f, self._tmp / f)
         return copied
 
+    def save_tokenizer(self, tokenizer) -> None:
+        """A transformers tokenizer built in memory (a union of vocabularies), over the files copied before."""
+        tokenizer.save_pretrained(str(self._tmp))
+
     def set_chat_template(self, template: str) -> None:
         """The template as chat_template.jinja (what transformers >= 4.47 reads first) and in tokenizer_config.json
         (what older versions read)."""
@@ -441,12 +445,12 @@ def tokenizer_model(recipe: Recipe, default: str, dirs: dict[str, ModelDir], sou
     """The model whose tokenizer a merge gets: `default` (the base), or the recipe's `tokenizer_source`, one of its
     models however its path is spelled (`./m` is `m`). Checked while planning, as the tokenizer is copied last."""
     choice = recipe.merge.tokenizer_source if recipe.merge else None
-    if choice in (None, "base"):
+    if choice in (None, "base", "union"):  # union: the base's tokenizer files, then the union written over them
         return default
     same = [name for name, d in dirs.items() if name == choice or d.path.resolve() == Path(choice).expanduser().resolve()]
     if not same:
-        why = "is not supported" if choice == "union" else "is not one of the recipe's models"
-        raise EvomergeError(f"{choice!r} {why}; name one of them or 'base'", source=source, key="tokenizer_source")
+        raise EvomergeError(f"{choice!r} is not one of the recipe's models; name one of them, 'base' or 'union'",
+                            source=source, key="tokenizer_source")
     return same[0]
 
 

@@ -5,25 +5,28 @@ Each source's embedding rows (and lm_head rows) are reordered to the chosen toke
 merged model has one row per token of the tokenizer it ships. A token some sources lack gets, in those sources,
 mergekit's stand-in row: the row of the one source that has it, else the base model's, else the mean of the sources
 that have it (zero where none does). Without `tokenizer_source` the rows stay as they are and differing vocabularies are
-cut to their common block of rows (merge.materialize).
+cut to their common block of rows (merge.materialize). `tokenizer_source: union` builds the tokenizer: the base's, with
+every other model's tokens added (mergekit's union).
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.models.io import ModelDir
+from evomerge.models.io import ModelDir, ModelWriter
 from evomerge.models.sources import Sources
 from evomerge.recipe import MergeStage
 
 
-def token_ids(model_dir: ModelDir, source: str) -> dict[str, int]:
-    """token -> id of the model's tokenizer, as transformers loads it."""
+def load_tokenizer(model_dir: ModelDir, source: str):
+    """The model's tokenizer as transformers loads it; else one line naming the model (and `source`)."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir.path)).get_vocab()
+        return AutoTokenizer.from_pretrained(str(model_dir.path))
     except Exception as err:  # transformers raises OSError, ValueError, KeyError, ... for missing or bad files
         reason = (str(err).strip().splitlines() or [""])[0][:300]
         raise EvomergeError(f"{model_dir.path}: tokenizer_source needs every model's tokenizer; transformers cannot "
@@ -31,14 +34,32 @@ def token_ids(model_dir: ModelDir, source: str) -> dict[str, int]:
                             key="tokenizer_source") from None
 
 
+def union_tokenizer(base, others: list):
+    """mergekit's `union`: the base's tokenizer, then every other token of the models' vocabularies (in model order,
+    those past a model's embedding rows left out) added to it, their added tokens (special ones) last."""
+    base_vocab, plain, added = base.get_vocab(), {}, {}
+    for tokenizer, rows in [(base, None), *others]:
+        for token, i in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):  # by id: a fixed order
+            if rows is None or i < rows:
+                plain.setdefault(token, None)
+        for i, info in tokenizer.added_tokens_decoder.items():
+            if rows is None or i < rows:
+                added.setdefault(info.content, info)
+    union = copy.deepcopy(base)
+    union.add_tokens([t for t in plain if t not in added and t not in base_vocab])
+    union.add_tokens(list(added.values()))
+    return union
+
+
 class TokenAlignedSources:
     """`inner`, with each vocabulary tensor's rows reordered to the target tokenizer's ids (module doc). The aligned
     tensors of one name are made together, on the first `get` of that name, and kept until another name is asked."""
 
-    def __init__(self, inner: Sources, target: ModelDir, base: str | None, source: str):
-        self.inner, self.dirs, self.base = inner, inner.dirs, base
-        vocab = token_ids(target, source)
-        ids = {m: token_ids(d, source) for m, d in self.dirs.items()}
+    def __init__(self, inner: Sources, target, base: str | None, source: str, *, built: bool = False):
+        """`target`: the transformers tokenizer the merged model ships (`built`: made here, a union, so written)."""
+        self.inner, self.dirs, self.base, self.tokenizer, self.built = inner, inner.dirs, base, target, built
+        vocab = target.get_vocab()
+        ids = {m: load_tokenizer(d, source).get_vocab() for m, d in self.dirs.items()}
         self.size = max(vocab.values()) + 1
         # rows[m][i]: the row of target token i in model m (-1: m has no such token)
         self.rows = {m: torch.full((self.size,), -1, dtype=torch.long) for m in self.dirs}
@@ -67,7 +88,20 @@ class TokenAlignedSources:
 
 
 def by_token(sources: Sources, stage: MergeStage | None, tokenizer_from: str | None, source: str) -> Sources:
-    """`sources` as they are, or aligned to the tokenizer the merge ships when its stage names a `tokenizer_source`."""
+    """`sources` as they are, or aligned to the tokenizer the merge ships when its stage names a `tokenizer_source`
+    (`tokenizer_from`: that model, or the base for `base` and `union`)."""
     if stage is None or not stage.tokenizer_source:
         return sources
-    return TokenAlignedSources(sources, sources.dirs[tokenizer_from], stage.base_model, source)
+    target = load_tokenizer(sources.dirs[tokenizer_from], source)
+    if stage.tokenizer_source == "union":
+        others = [(load_tokenizer(d, source), d.shape(next(n for n in d.tensor_names if d.arch.is_vocab_tensor(n)))[0])
+                  for m, d in sources.dirs.items() if m != tokenizer_from]
+        target = union_tokenizer(target, others)
+    return TokenAlignedSources(sources, target, stage.base_model, source, built=stage.tokenizer_source == "union")
+
+
+def write_tokenizer(writer: ModelWriter, model_dir: ModelDir, sources: Sources) -> None:
+    """The tokenizer files of `model_dir`, and over them the union tokenizer when the merge built one."""
+    writer.copy_tokenizer(model_dir)
+    if isinstance(sources, TokenAlignedSources) and sources.built:
+        writer.save_tokenizer(sources.tokenizer)
