@@ -61,11 +61,12 @@ class TokenAlignedSources:
         vocab = target.get_vocab()
         ids = {m: load_tokenizer(d, source).get_vocab() for m, d in self.dirs.items()}
         self.size = max(vocab.values()) + 1
-        # rows[m][i]: the row of target token i in model m (-1: m has no such token)
-        self.rows = {m: torch.full((self.size,), -1, dtype=torch.long) for m in self.dirs}
+        self.rows = {}  # rows[m][i]: the row of target token i in model m (-1: m has no such token)
         for m, own in ids.items():
+            rows = [-1] * self.size
             for token, i in vocab.items():
-                self.rows[m][i] = own.get(token, -1)
+                rows[i] = own.get(token, -1)
+            self.rows[m] = torch.tensor(rows, dtype=torch.long)
         self.aligned: dict[str, dict[str, torch.Tensor]] = {}
 
     def get(self, model: str, name: str) -> torch.Tensor:
