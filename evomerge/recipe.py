@@ -232,11 +232,17 @@ def format_validation_error(err: ValidationError, source: str, *, key: str | Non
 
 
 def _merge_stage_from_mergekit(doc: dict, source: str) -> MergeStage:
-    unknown = set(doc) - _MERGEKIT_KEYS - {"name"}
+    unknown = set(doc) - _MERGEKIT_KEYS - {"name", "tokenizer"}
     if unknown:
         key = sorted(unknown)[0]
         raise EvomergeError(f"unknown mergekit key (supported: {', '.join(sorted(_MERGEKIT_KEYS))})", source=source, key=key)
     fields = {k: v for k, v in doc.items() if k in _MERGEKIT_KEYS and k != "merge_method" and v is not None}
+    if "tokenizer" in doc:  # mergekit's newer form of tokenizer_source
+        tokenizer = doc["tokenizer"]
+        if not isinstance(tokenizer, dict) or set(tokenizer) != {"source"} or "tokenizer_source" in doc:
+            raise EvomergeError("only {source: ...} is supported (mergekit's tokens and pad_to_multiple_of are not), "
+                                "and not beside tokenizer_source", source=source, key="tokenizer")
+        fields["tokenizer_source"] = tokenizer["source"]
     fields["method"] = doc.get("merge_method")
     try:
         return MergeStage.model_validate(fields)

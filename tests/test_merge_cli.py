@@ -176,6 +176,9 @@ BAD = {
         lambda m, p: {**ties(m), "tokenizer_source": "base",
                       "models": [{"model": without_tokenizer(m, p), "parameters": {"weight": 1.0}}]},
         "no_tokenizer: tokenizer_source needs every model's tokenizer; transformers cannot load this one ("),
+    "tokenizer block with padding": (lambda m, p: {**ties(m), "tokenizer": {"source": "base", "pad_to_multiple_of": 64}},
+                                     "tokenizer: only {source: ...} is supported (mergekit's tokens and "
+                                     "pad_to_multiple_of are not)"),
     "tokenizer of another model": (lambda m, p: ties(m, tokenizer_source=other_shape(p)),
                                    "wide' is not one of the recipe's models"),
 }
@@ -237,6 +240,14 @@ def test_bad_input_is_one_line_exit_2_and_no_out(models, tmp_path, case):
     assert "\n" not in line and line.startswith("error: ") and expected in line, line
     assert str(tmp_path / "bad.yaml") in line or expected in ("nope",), line
     assert not (tmp_path / "out").exists()
+
+
+def test_mergekit_tokenizer_block_is_tokenizer_source(models, tmp_path):
+    """mergekit's newer `tokenizer: {source: X}` merges as `tokenizer_source: X` does."""
+    for name, extra in (("block", {"tokenizer": {"source": models[1]}}), ("key", {"tokenizer_source": models[1]})):
+        assert run("merge", write(tmp_path / f"{name}.yaml", {**ties(models), **extra}), tmp_path / name).exit_code == 0
+    block, key = load_file(tmp_path / "block/model.safetensors"), load_file(tmp_path / "key/model.safetensors")
+    assert block.keys() == key.keys() and all(torch.equal(block[n], key[n]) for n in key)
 
 
 def test_a_stale_quantization_config_over_float_weights_merges(models, tmp_path):
