@@ -191,3 +191,24 @@ def test_tokenizer_source_aligns_embeddings_by_token_as_mergekit_does(tmp_path, 
     assert ours["model.embed_tokens.weight"].shape[0] == len(tokenizer) == {"a": 66, "b": 65, "base": 64, "union": 67}[tokenizer_source]
     with torch.no_grad():  # every id of its tokenizer, the added ones last
         AutoModelForCausalLM.from_pretrained(tmp_path / "evomerge")(torch.arange(len(tokenizer))[None])
+
+
+def test_embeddings_cut_below_the_tokenizer_shipped_are_a_warning(tmp_path):
+    """Without tokenizer_source the embeddings keep the common rows (as mergekit's); when the tokenizer shipped (the
+    base's) has more tokens, the merge says so, on its warnings and in the model card, and names the way out."""
+    from evomerge.merge.materialize import merge_to_dir
+    from evomerge.recipe import load_recipe
+
+    base = build_tiny("llama", tmp_path / "base", num_layers=2, hidden=32)
+    (a,) = make_variants(base, tmp_path, n=1)
+    added_tokens(base, ["<|im_start|>", "<|im_end|>"])
+    doc = {"base_model": str(base), "models": [{"model": str(a), "parameters": {"weight": 1.0}}]}
+    warning = (f"the merged embeddings have 64 rows (the smallest vocabulary of the sources), but the tokenizer copied "
+               f"from {base} has 66 tokens: those past 64 have no row; set tokenizer_source (base, a model, or union) "
+               f"to merge the embeddings by token")
+    plan = merge_to_dir(load_recipe(write_config(tmp_path / "cut.yaml", "task_arithmetic", doc)), tmp_path / "cut",
+                        progress=False)
+    assert plan.warnings == [warning] and warning in (tmp_path / "cut/README.md").read_text()
+    aligned = write_config(tmp_path / "aligned.yaml", "task_arithmetic", {**doc, "tokenizer_source": "base"})
+    assert merge_to_dir(load_recipe(aligned), tmp_path / "aligned", progress=False).warnings == []
+    assert load_dir(tmp_path / "aligned")["model.embed_tokens.weight"].shape[0] == 66

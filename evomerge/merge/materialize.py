@@ -91,7 +91,7 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
             config["torch_dtype"] = config["dtype"] = str(out_dtype).removeprefix("torch.")
         writer.write_config(config)
         if plan.tokenizer_from:
-            write_tokenizer(writer, dirs[plan.tokenizer_from], sources)
+            plan.warnings += write_tokenizer(writer, dirs[plan.tokenizer_from], sources, rows)
         if chat_template:
             writer.set_chat_template(chat_template)
         writer.write_text("README.md", model_card(recipe, plan))

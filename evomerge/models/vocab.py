@@ -101,8 +101,21 @@ def by_token(sources: Sources, stage: MergeStage | None, tokenizer_from: str | N
     return TokenAlignedSources(sources, target, stage.base_model, source, built=stage.tokenizer_source == "union")
 
 
-def write_tokenizer(writer: ModelWriter, model_dir: ModelDir, sources: Sources) -> None:
-    """The tokenizer files of `model_dir`, and over them the union tokenizer when the merge built one."""
+def write_tokenizer(writer: ModelWriter, model_dir: ModelDir, sources: Sources, rows: int | None) -> list[str]:
+    """The tokenizer files of `model_dir`, and over them the union tokenizer when the merge built one. Returns a
+    warning when the merged embeddings (`rows` rows) were cut below the tokens of the tokenizer copied."""
     writer.copy_tokenizer(model_dir)
-    if isinstance(sources, TokenAlignedSources) and sources.built:
-        writer.save_tokenizer(sources.tokenizer)
+    if isinstance(sources, TokenAlignedSources):
+        if sources.built:
+            writer.save_tokenizer(sources.tokenizer)
+        return []
+    own = [model_dir.shape(n)[0] for n in model_dir.tensor_names if model_dir.arch.is_vocab_tensor(n)]
+    if rows is None or not own or rows >= min(own):
+        return []
+    try:
+        tokens = len(load_tokenizer(model_dir, str(model_dir.path)))
+    except EvomergeError:  # not this check's to report
+        return []
+    return [f"the merged embeddings have {rows} rows (the smallest vocabulary of the sources), but the tokenizer "
+            f"copied from {model_dir.path} has {tokens} tokens: those past {rows} have no row; set tokenizer_source "
+            f"(base, a model, or union) to merge the embeddings by token"] if tokens > rows else []
