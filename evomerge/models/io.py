@@ -426,21 +426,6 @@ def live_param(model: torch.nn.Module, checkpoint_name: str, arch: Architecture 
     raise EvomergeError(f"the live {type(model).__name__} has no parameter for checkpoint tensor {checkpoint_name!r}")
 
 
-def vocabulary(model_dir: ModelDir) -> object:
-    """What a model's tokenizer maps to ids, from its files, for comparing two tokenizers: tokenizer.json's vocabulary
-    and added tokens (its formatting and settings aside), else the other vocabulary files' bytes."""
-    files = tuple((model_dir.path / f).read_bytes() if (model_dir.path / f).is_file() else None for f in VOCAB_FILES)
-    try:
-        fast = json.loads(files[0]) if files[0] else None
-    except ValueError:  # unreadable: compared as bytes (loading the tokenizer names the fault)
-        return files
-    if not isinstance(fast, dict):
-        return files
-    model = fast.get("model")
-    added = [(t.get("id"), t.get("content")) for t in fast.get("added_tokens") or [] if isinstance(t, dict)]
-    return model.get("vocab") if isinstance(model, dict) else model, added, files[1:]
-
-
 def tokenizer_model(recipe: Recipe, default: str, dirs: dict[str, ModelDir], source: str) -> str:
     """The model whose tokenizer a merge gets: `default` (the base), or the recipe's `tokenizer_source`, one of its
     models however its path is spelled (`./m` is `m`). Checked while planning, as the tokenizer is copied last."""

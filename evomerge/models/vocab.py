@@ -6,19 +6,36 @@ merged model has one row per token of the tokenizer it ships. A token some sourc
 mergekit's stand-in row: the row of the one source that has it, else the base model's, else the mean of the sources
 that have it (zero where none does). Without `tokenizer_source` the rows stay as they are and differing vocabularies are
 cut to their common block of rows (merge.materialize). `tokenizer_source: union` builds the tokenizer: the base's, with
-every other model's tokens added (mergekit's union).
+every other model's tokens added (mergekit's union). `vocabulary` compares two models' tokenizers from their files (a
+data-flow search warns when its models' differ).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.models.io import ModelDir, ModelWriter
+from evomerge.models.io import VOCAB_FILES, ModelDir, ModelWriter
 from evomerge.models.sources import Sources
 from evomerge.recipe import MergeStage
+
+
+def vocabulary(model_dir: ModelDir) -> object:
+    """What a model's tokenizer maps to ids, from its files, for comparing two tokenizers: tokenizer.json's vocabulary
+    and added tokens (its formatting and settings aside), else the other vocabulary files' bytes."""
+    files = tuple((model_dir.path / f).read_bytes() if (model_dir.path / f).is_file() else None for f in VOCAB_FILES)
+    try:
+        fast = json.loads(files[0]) if files[0] else None
+    except ValueError:  # unreadable: compared as bytes (loading the tokenizer names the fault)
+        return files
+    if not isinstance(fast, dict):
+        return files
+    model = fast.get("model")
+    added = [(t.get("id"), t.get("content")) for t in fast.get("added_tokens") or [] if isinstance(t, dict)]
+    return model.get("vocab") if isinstance(model, dict) else model, added, files[1:]
 
 
 def load_tokenizer(model_dir: ModelDir, source: str):

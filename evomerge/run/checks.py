@@ -136,7 +136,7 @@ def _check_tokenizer(model_dir, model: str, source: str, *, chat: bool) -> None:
 def _other_vocabularies(dirs: dict, base: str, path_models: list[str]) -> list[str]:
     """A search scores every layer path with its live base model's tokenizer, while a winning path ships the tokenizer
     of its first slot's source (as mergekit does): a warning for each path model whose vocabulary differs."""
-    from evomerge.models.io import vocabulary
+    from evomerge.models.vocab import vocabulary
 
     scored = vocabulary(dirs[base])
     return [f"space.models: the vocabulary of {m} differs from that of {base}, whose tokenizer the search scores every "
