@@ -142,6 +142,8 @@ def _llama_like(name: str, architecture: str, *, tied: bool = False, output_proj
     )
 
 
+_TEXT_MODEL = r"(?:language_model\.model|model\.language_model)"  # an image-text checkpoint's text model, both namings
+
 ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("llama", "LlamaForCausalLM"),
     _llama_like("mistral", "MistralForCausalLM"),
@@ -158,10 +160,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         # `model.vision_tower.`; both load.
         name="gemma3",
         architectures=("Gemma3ForConditionalGeneration",),
-        layer=r"((?:language_model\.model|model\.language_model)\.layers\.)(\d+)\.",
-        pre=r"(language_model\.model|model\.language_model)\.embed_tokens\.weight",
-        post=r"(language_model\.model|model\.language_model)\.norm\.weight|(language_model\.)?lm_head\.weight",
-        vocab=r"(language_model\.model|model\.language_model)\.embed_tokens\.weight|(language_model\.)?lm_head\.weight",
+        layer=rf"({_TEXT_MODEL}\.layers\.)(\d+)\.",
+        pre=rf"{_TEXT_MODEL}\.embed_tokens\.weight",
+        post=rf"{_TEXT_MODEL}\.norm\.weight|(language_model\.)?lm_head\.weight",
+        vocab=rf"{_TEXT_MODEL}\.embed_tokens\.weight|(language_model\.)?lm_head\.weight",
         tied_default=True,
         text_config="text_config",
         part_layer=r"((?:model\.)?vision_tower\.(?:vision_model\.)?encoder\.layers\.)(\d+)\.",
