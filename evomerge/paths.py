@@ -19,8 +19,12 @@ def absolute(path: str | os.PathLike, base_dir: str | os.PathLike) -> str:
 
 
 def model_ref(ref: str, base_dir: str | os.PathLike) -> str:
-    """A model as written in a file in `base_dir`: an absolute local path, or a hub repo id."""
+    """A model as written in a file in `base_dir`: an absolute local path, or a hub repo id; `model+adapter` (a LoRA
+    adapter applied to the model, models/lora.py) each part so."""
     local = absolute(ref, base_dir)
+    if "+" in ref and not Path(local).exists():
+        model, adapter = ref.rsplit("+", 1)
+        return f"{model_ref(model, base_dir)}+{model_ref(adapter, base_dir)}"
     if Path(ref).expanduser().is_absolute() or Path(local).exists() or not HUB_ID.fullmatch(ref):
         return local
     return ref

@@ -89,7 +89,8 @@ def run_mergekit(config_path: Path, out: Path) -> float:
     config = MergeConfiguration.model_validate(yaml.safe_load(config_path.read_text()))
     start = time.perf_counter()
     run_merge(config, str(out), options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True,
-                                                     lazy_unpickle=False, random_seed=0))
+                                                     lazy_unpickle=False, random_seed=0,
+                                                     lora_merge_cache=str(out) + ".lora_cache"))  # model+adapter
     return time.perf_counter() - start
 
 

@@ -178,6 +178,10 @@ class ModelDir:
         hub repo not on disk is opened from its config.json and safetensors headers (ranged reads; what planning
         needs), without downloading its weights: `get` then has no data to read. A local dir's safetensors files
         may then be headers alone (what `evomerge plan` reads)."""
+        from evomerge.models.lora import AdaptedModelDir, split_reference
+
+        if pair := split_reference(str(ref)):  # mergekit's model+adapter: a LoRA adapter applied to the model
+            return AdaptedModelDir.open_adapted(*pair, source=source, headers_only=headers_only)
         if headers_only and _on_hub(str(ref)):
             path, shards, header = _hub_headers(str(ref), source)
             config, arch = _read_config(path, _failure(path, source))
@@ -187,9 +191,7 @@ class ModelDir:
         path = resolve_model(str(ref), source)
         fail = _failure(path, source)
         if not path.is_dir():
-            lora = " (mergekit's model+adapter references are not supported: merge the LoRA adapter into its model " \
-                "first)" if "+" in str(ref) else ""
-            raise fail(f"no such model directory{lora}")
+            raise fail("no such model directory")
         config, arch = _read_config(path, fail)
 
         if (path / INDEX).is_file():
@@ -387,7 +389,12 @@ def load_live_model(ref: ModelDir | str | os.PathLike, device: str | torch.devic
                     dtype: torch.dtype | str | None = None):
     """A transformers causal LM in eval mode; `dtype=None` keeps the checkpoint's dtype."""
     md = ref if isinstance(ref, ModelDir) else ModelDir.open(ref)
-    return load_causal_lm(md.path, dtype or "auto").to(device).eval()
+    model = load_causal_lm(md.path, dtype or "auto")
+    with torch.no_grad():  # a model+adapter: the adapted weights over the base's (models/lora.py)
+        for name in getattr(md, "adapted_names", []):
+            param = live_param(model, name, md.arch)
+            param.copy_(md.get(name, dtype=param.dtype))
+    return model.to(device).eval()
 
 
 def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | str | None = None):

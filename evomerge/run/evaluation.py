@@ -39,7 +39,9 @@ class SplitEvaluator:
             if self.tokenizer is None:
                 from transformers import AutoTokenizer
 
-                self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_source)
+                from evomerge.models.lora import model_part
+
+                self.tokenizer = AutoTokenizer.from_pretrained(model_part(self.tokenizer_source))
             c = self.config
             self.by_split[split] = HarnessEvaluator(c.tasks, self.tokenizer, split=split,
                                                     limit=c.limit if split == c.split else None, weights=c.weights,
