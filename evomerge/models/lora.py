@@ -1,7 +1,7 @@
 """A model with a LoRA adapter applied, as mergekit's `model+adapter` reference names it: W' = W + s * B @ A.
 
 The adapter is a PEFT LoRA adapter dir (adapter_config.json, adapter_model.safetensors). Each adapted weight is
-computed when it is read, in float32, and returned in the base weight's dtype; every other tensor is the base's. The
+computed when it is read, in float32 (float64 for a float64 model), and returned in the base weight's dtype; every other tensor is the base's. The
 scale s is lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), r the rank of that weight's A; an embedding's delta is
 (B @ A) transposed (PEFT stores it so), a Conv1D's too (fan_in_fan_out). Tensors the adapter saves whole
 (modules_to_save, an embedding's base_layer) replace the base's. What this does not do is refused in one line: DoRA, other
@@ -69,11 +69,12 @@ class AdaptedModelDir(ModelDir):
         if name not in self.deltas and name not in self.replaced:
             return super().get(name, device, dtype)
         stored = self.dtype(name)
+        work = torch.promote_types(stored, torch.float32)  # float32, or float64 for a float64 model
         weight = self._adapter(self.replaced[name]) if name in self.replaced else super().get(name)
         if name in self.deltas:
             d = self.deltas[name]
-            delta = self._adapter(d.b).float() @ self._adapter(d.a).float()
-            weight = weight.float() + d.scale * (delta.T if d.transposed else delta)
+            delta = self._adapter(d.b).to(work) @ self._adapter(d.a).to(work)
+            weight = weight.to(work) + d.scale * (delta.T if d.transposed else delta)
         return weight.to(stored).to(device=device, dtype=dtype)
 
     @property
