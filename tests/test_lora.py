@@ -5,6 +5,7 @@ the refusals."""
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +133,24 @@ def test_a_search_over_adapted_models_with_paths_relative_to_its_file(base, tmp_
     assert result.exit_code == 0 and "2 trials, 0 failed" in result.output, result.output
     frozen = (tmp_path / "run" / "config.yaml").read_text()
     assert f"{tmp_path / 'models' / 'base'}+{tmp_path / 'models' / 'adapter'}" in frozen
+
+
+def test_eval_scores_a_model_with_its_adapter(tmp_path):
+    """`evomerge eval base+adapter`: an adapter that saves every tensor of expert_cipher whole (modules_to_save) makes
+    the base that expert, and its row is the expert's."""
+    from safetensors.torch import save_file
+
+    zoo = Path(__file__).resolve().parents[1] / "zoo"  # the committed toy zoo: its cipher expert has the skill
+    expert = load_file(zoo / "expert_cipher" / "model.safetensors")
+    adapter = tmp_path / "to_cipher"
+    adapter.mkdir()
+    save_file({f"base_model.model.{n}": t for n, t in expert.items()}, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1}))
+    targets = [str(zoo / "base"), str(zoo / "expert_cipher"), f"{zoo / 'base'}+{adapter}"]
+    out = tmp_path / "scores.json"
+    result = CliRunner().invoke(main, ["eval", *targets, "--tasks", "toy_cipher_gen", "--limit", "20",
+                                       "--split", "test", "--output-json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "base+to_cipher" in result.output
+    base, expert, adapted = [r["scores"]["toy_cipher_gen"]["value"] for r in json.loads(out.read_text())["results"]]
+    assert adapted == expert > base

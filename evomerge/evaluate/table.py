@@ -15,7 +15,9 @@ from typing import Callable, Sequence
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.harness import HarnessEvaluator
 from evomerge.evaluate.result import EvalResult, mean_ci95
-from evomerge.models.io import VOCAB_FILES, load_causal_lm, read_header, resolve_model, tokenizer_config
+from evomerge.models.io import (VOCAB_FILES, ModelDir, load_causal_lm, load_live_model, read_header, resolve_model,
+                                tokenizer_config)
+from evomerge.models.lora import split_reference
 from evomerge.recipe import write_text_atomic
 
 
@@ -24,14 +26,21 @@ def load_model_dir(path: str | os.PathLike, *, device: str = "cpu", dtype=None):
     tokenizer is a one-line EvomergeError."""
     from transformers import AutoTokenizer
 
-    path = check_model_dir(path)
-    return load_causal_lm(path, dtype).to(device).eval(), AutoTokenizer.from_pretrained(str(path))
+    local = check_model_dir(path)
+    if split_reference(str(path)):  # model+adapter: the model with the adapter's weights written over its own
+        return load_live_model(ModelDir.open(str(path)), device, dtype), AutoTokenizer.from_pretrained(str(local))
+    return load_causal_lm(local, dtype).to(device).eval(), AutoTokenizer.from_pretrained(str(local))
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
     """What `load_model_dir` needs of a dir: a config.json and a tokenizer, which transformers reads (its config,
     generation config and tokenizer are loaded here: cheap, and a broken file fails before any model is scored), and
-    whole safetensors files. Returns the local dir (a hub id's snapshot)."""
+    whole safetensors files. Returns the local dir (a hub id's snapshot; for `model+adapter`, the model's, the adapter
+    read and checked too)."""
+    if pair := split_reference(str(path)):
+        local = check_model_dir(pair[0])
+        ModelDir.open(str(path)).close()  # what the adapter holds, and what cannot be applied refused
+        return local
     path = resolve_model(str(path))
     if not (path / "config.json").is_file():
         raise EvomergeError("not a model directory (no config.json)", source=str(path))
@@ -154,7 +163,10 @@ def _mean_interval(scores: dict, tasks: list[str]) -> str:
 
 
 def _short(target: str) -> str:
-    """A row label: the model dir's or recipe's name; a search winner (RUN/best/recipe.yaml) by its run's name."""
+    """A row label: the model dir's or recipe's name; a search winner (RUN/best/recipe.yaml) by its run's name;
+    `model+adapter` by both names."""
+    if pair := split_reference(target):
+        return "+".join(_short(part) for part in pair)
     path = Path(target)
     if path.name == "recipe.yaml" and path.parent.name == "best":
         return f"{path.parent.parent.name} (winner)"
