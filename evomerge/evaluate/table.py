@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.harness import HarnessEvaluator
 from evomerge.evaluate.result import EvalResult, mean_ci95
-from evomerge.models.io import (VOCAB_FILES, ModelDir, load_causal_lm, load_live_model, read_header, resolve_model,
-                                tokenizer_config)
+from evomerge.models.io import (VOCAB_FILES, ModelDir, load_causal_lm, load_failure, load_live_model, read_header,
+                                resolve_model, tokenizer_config)
 from evomerge.models.lora import split_reference
 from evomerge.recipe import write_text_atomic
 
@@ -67,8 +67,7 @@ def check_loads(path: Path, *files: str, source: str | None = None) -> None:
         try:
             loaders[what].from_pretrained(str(path))
         except Exception as err:  # transformers raises OSError, ValueError, KeyError, TypeError, ... for a bad file
-            reason = (str(err).strip().splitlines() or [""])[0][:300]
-            message = f"transformers cannot load its {what} ({type(err).__name__}: {reason})"
+            message = f"transformers cannot load its {what} ({load_failure(err)})"
             if source:
                 raise EvomergeError(f"{path}: {message}", source=source) from None
             raise EvomergeError(message, source=str(path)) from None

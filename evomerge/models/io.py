@@ -85,14 +85,22 @@ def read_header(file: Path, fail=None, *, whole: bool = True) -> dict[str, dict]
         raise (fail or _failure(file.parent, None))(f"unreadable safetensors file {file.name} ({err})") from None
 
 
+def load_failure(err: Exception) -> str:
+    """`Type: first line` of an exception transformers raised reading a model's files (OSError, ValueError, KeyError,
+    TypeError, ... for a missing or bad file), for a one-line error."""
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+
+
 def _refuse_quantized(config: dict, header: dict[str, dict], fail) -> None:
     """A merge averages weights, which a quantized checkpoint (GPTQ, AWQ, bitsandbytes, FP8 with block scales) holds
     packed or scaled: merged as they are they give a wrong model without an error. One whose config.json has a
     quantization_config and whose tensors are not all floating point is refused (a stale quantization_config over
     float weights, as a dequantized QLoRA merge may leave, is not)."""
     quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict):
+        return
     packed = [name for name, entry in header.items() if entry.get("dtype") not in ("F64", "F32", "F16", "BF16")]
-    if isinstance(quantization, dict) and packed:
+    if packed:
         method = quantization.get("quant_method", "quantization_config")
         raise fail(f"a quantized checkpoint ({method}: {packed[0]} is {header[packed[0]]['dtype']}); merging needs "
                    "its full-precision weights")

@@ -18,7 +18,7 @@ import json
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.models.io import VOCAB_FILES, ModelDir, ModelWriter
+from evomerge.models.io import VOCAB_FILES, ModelDir, ModelWriter, load_failure
 from evomerge.models.sources import Sources
 from evomerge.recipe import MergeStage
 
@@ -45,10 +45,14 @@ def load_tokenizer(model_dir: ModelDir, source: str):
     try:
         return AutoTokenizer.from_pretrained(str(model_dir.path))
     except Exception as err:  # transformers raises OSError, ValueError, KeyError, ... for missing or bad files
-        reason = (str(err).strip().splitlines() or [""])[0][:300]
         raise EvomergeError(f"{model_dir.path}: tokenizer_source needs every model's tokenizer; transformers cannot "
-                            f"load this one ({type(err).__name__}: {reason})", source=source,
-                            key="tokenizer_source") from None
+                            f"load this one ({load_failure(err)})", source=source, key="tokenizer_source") from None
+
+
+def embedding_rows(model_dir: ModelDir) -> int | None:
+    """The rows of a model's vocabulary tensors (the fewest, if its embeddings and head differ); None without any."""
+    return min((model_dir.shape(n)[0] for n in model_dir.tensor_names if model_dir.arch.is_vocab_tensor(n)),
+               default=None)
 
 
 def union_tokenizer(base, others: list):
@@ -72,11 +76,11 @@ class TokenAlignedSources:
     """`inner`, with each vocabulary tensor's rows reordered to the target tokenizer's ids (module doc). The aligned
     tensors of one name are made together, on the first `get` of that name, and kept until another name is asked."""
 
-    def __init__(self, inner: Sources, target, base: str | None, source: str, *, built: bool = False):
-        """`target`: the transformers tokenizer the merged model ships (`built`: made here, a union, so written)."""
+    def __init__(self, inner: Sources, target, ids: dict[str, dict[str, int]], base: str | None, *, built: bool = False):
+        """`target`: the transformers tokenizer the merged model ships (`built`: made here, a union, so written);
+        `ids`: each model's token -> id."""
         self.inner, self.dirs, self.base, self.tokenizer, self.built = inner, inner.dirs, base, target, built
         vocab = target.get_vocab()
-        ids = {m: load_tokenizer(d, source).get_vocab() for m, d in self.dirs.items()}
         self.size = max(vocab.values()) + 1
         self.rows = {}  # rows[m][i]: the row of target token i in model m (-1: m has no such token)
         for m, own in ids.items():
@@ -110,12 +114,13 @@ def by_token(sources: Sources, stage: MergeStage | None, tokenizer_from: str | N
     (`tokenizer_from`: that model, or the base for `base` and `union`)."""
     if stage is None or not stage.tokenizer_source:
         return sources
-    target = load_tokenizer(sources.dirs[tokenizer_from], source)
-    if stage.tokenizer_source == "union":
-        others = [(load_tokenizer(d, source), d.shape(next(n for n in d.tensor_names if d.arch.is_vocab_tensor(n)))[0])
-                  for m, d in sources.dirs.items() if m != tokenizer_from]
-        target = union_tokenizer(target, others)
-    return TokenAlignedSources(sources, target, stage.base_model, source, built=stage.tokenizer_source == "union")
+    tokenizers = {m: load_tokenizer(d, source) for m, d in sources.dirs.items()}  # each read once
+    target, union = tokenizers[tokenizer_from], stage.tokenizer_source == "union"
+    if union:
+        target = union_tokenizer(target, [(t, embedding_rows(sources.dirs[m])) for m, t in tokenizers.items()
+                                          if m != tokenizer_from])
+    ids = {m: t.get_vocab() for m, t in tokenizers.items()}
+    return TokenAlignedSources(sources, target, ids, stage.base_model, built=union)
 
 
 def write_tokenizer(writer: ModelWriter, model_dir: ModelDir, sources: Sources, rows: int | None) -> list[str]:
@@ -126,8 +131,8 @@ def write_tokenizer(writer: ModelWriter, model_dir: ModelDir, sources: Sources, 
         if sources.built:
             writer.save_tokenizer(sources.tokenizer)
         return []
-    own = [model_dir.shape(n)[0] for n in model_dir.tensor_names if model_dir.arch.is_vocab_tensor(n)]
-    if rows is None or not own or rows >= min(own):
+    own = embedding_rows(model_dir)
+    if rows is None or own is None or rows >= own:
         return []
     try:
         tokens = len(load_tokenizer(model_dir, str(model_dir.path)))
