@@ -126,6 +126,9 @@ def _check_target(target: str) -> None:
 @click.option("--split", default="test", show_default=True, help="search, validation or test")
 @click.option("--limit", type=int, default=None, help="score only the first N documents of each task")
 @click.option("--task-dir", "task_dirs", multiple=True, help="a directory of your own lm-eval task YAMLs")
+@click.option("--metric", "metrics", multiple=True, metavar="TASK=METRIC[,FILTER]",
+              help="what a task (or group) scores, e.g. gsm8k=exact_match,flexible-extract (default: its first metric "
+                   "under its first filter)")
 @click.option("--network", is_flag=True, help="allow lm-eval's built-in tasks (downloads their data)")
 @click.option("--output-json", type=click.Path(dir_okay=False), default=None)
 @click.option("--output-md", type=click.Path(dir_okay=False), default=None, help="also write the table as Markdown")
@@ -136,8 +139,8 @@ def _check_target(target: str) -> None:
 @click.option("--apply-chat-template", is_flag=True, help="prompts through each model's chat template (lm-eval's)")
 @click.option("--system-instruction", default=None, help="a system message before every prompt")
 @user_errors
-def evaluate(targets, tasks, split, limit, task_dirs, network, output_json, output_md, device, dtype, batch_size,
-             apply_chat_template, system_instruction):
+def evaluate(targets, tasks, split, limit, task_dirs, metrics, network, output_json, output_md, device, dtype,
+             batch_size, apply_chat_template, system_instruction):
     """Score model dirs, hub ids or recipes (TARGETS) on lm-eval tasks: per-task scores, 95% CIs, chance levels."""
     from evomerge.evaluate.table import evaluate_targets
     from evomerge.models.io import check_device, parse_dtype
@@ -145,14 +148,31 @@ def evaluate(targets, tasks, split, limit, task_dirs, network, output_json, outp
     check_device(device)
     dtype = parse_dtype(dtype, key="--dtype")
     load = functools.partial(_load_target, device=device, dtype=dtype)
-    report = evaluate_targets(list(targets), tasks.split(","), split=split, limit=limit, task_dirs=task_dirs,
-                              network=network, batch_size=_batch_size(batch_size), load=load, check=_check_target,
-                              apply_chat_template=apply_chat_template, system_instruction=system_instruction,
-                              output_json=output_json, output_markdown=output_md, echo=click.echo)
+    try:
+        report = evaluate_targets(list(targets), tasks.split(","), split=split, limit=limit, task_dirs=task_dirs,
+                                  metrics=_metrics(metrics), network=network, batch_size=_batch_size(batch_size),
+                                  load=load, check=_check_target, apply_chat_template=apply_chat_template,
+                                  system_instruction=system_instruction, output_json=output_json,
+                                  output_markdown=output_md, echo=click.echo)
+    except EvomergeError as err:  # the evaluator names the experiment's key, evaluation.metrics.TASK
+        if not (err.key or "").startswith("metrics"):
+            raise
+        raise EvomergeError(err.message, key="--metric") from None
     failed = [r["target"] for r in report["results"] if r["status"] != "ok"]
     if failed:  # the table is written with their rows marked; a script must still see that they failed
         click.echo(f"error: {len(failed)} of {len(report['results'])} target(s) failed: {', '.join(failed)}", err=True)
         sys.exit(1)
+
+
+def _metrics(options: tuple[str, ...]) -> dict[str, str]:
+    """--metric TASK=METRIC[,FILTER], repeated: the experiment's `evaluation.metrics`."""
+    metrics = {}
+    for option in options:
+        task, sep, metric = option.partition("=")
+        if not (sep and task.strip() and metric.strip()):
+            raise EvomergeError(f"{option!r}: expected TASK=METRIC or TASK=METRIC,FILTER", key="--metric")
+        metrics[task.strip()] = metric.strip()
+    return metrics
 
 
 def _batch_size(text: str) -> int | str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,83 @@ def test_per_document_scores_and_racing_on_lm_eval(tiny_zoo, digits_evaluator):
     assert stopped.estimated and {t: len(v) for t, v in stopped.docs.items()} == {"toy_digits": 25, "toy_digits_gen": 25}
     assert stopped.fitness == pytest.approx(np.mean([result.docs[t][:25].mean() for t in result.docs]))
     assert stopped.scores["toy_digits"].n == 25
+
+
+def filtered_task_dir(root: Path) -> Path:
+    """A user task over the toy digits data with two filters: `never` first (a regex that matches no answer, so every
+    response becomes lm-eval's "[invalid]"), then `whole` (the response as generated)."""
+    d = root / "filtered_tasks"
+    (d / "data").mkdir(parents=True)
+    shutil.copy(TOY / "toy_data.py", d)
+    for split in ("search", "validation", "test"):
+        shutil.copy(TOY / "data" / f"digits_{split}.jsonl", d / "data")
+    (d / "filtered.yaml").write_text((TOY / "_toy_gen_template").read_text() + textwrap.dedent("""
+        task: filtered
+        dataset_kwargs: {skill: digits}
+        filter_list:
+          - name: never
+            filter: [{function: regex, regex_pattern: "(QQQ)"}, {function: take_first}]
+          - name: whole
+            filter: [{function: take_first}]
+    """))
+    return d
+
+
+def test_the_metric_and_filter_a_task_scores_are_chosen(tokenizer, tmp_path):
+    """Default: the first metric under the first filter (here `never`: nothing matches, 0); `metrics` picks the other
+    filter, whose exact match equals the zoo's own scorer on the same documents, on every split, per document too."""
+    from evomerge.run.config import EvaluationConfig
+    from evomerge.run.evaluation import SplitEvaluator
+
+    zoo = Path(__file__).resolve().parents[1] / "zoo"  # the committed toy zoo: its digits expert has the skill
+    model, tasks = _model(zoo, "expert_digits"), str(filtered_task_dir(tmp_path))
+    default = HarnessEvaluator(["filtered"], tokenizer, split="search", limit=40, task_dirs=[tasks]).evaluate(model)
+    assert default.ok and default.scores["filtered"].value == 0.0 and not default.docs["filtered"].any()
+    chosen = HarnessEvaluator(["filtered"], tokenizer, split="search", limit=40, task_dirs=[tasks],
+                              metrics={"filtered": "exact_match,whole"})
+    em, _ = quick_accuracy(model, "digits", split="search", n=40)
+    result = chosen.evaluate(model)
+    assert em > 0.9 and result.scores["filtered"].value == pytest.approx(em) and result.fitness == pytest.approx(em)
+    assert result.docs["filtered"].mean() == pytest.approx(em)
+    staged = chosen.race(model, -1.0, first=0.25, delta=0.05)  # racing reads the per-document scores of that filter
+    np.testing.assert_array_equal(staged.docs["filtered"], result.docs["filtered"])
+    config = EvaluationConfig(tasks=["filtered"], task_dirs=[tasks], metrics={"filtered": "exact_match,whole"})
+    held_out = SplitEvaluator(config, str(zoo / "base")).evaluate(model, "validation")
+    em, _ = quick_accuracy(model, "digits", "validation", n=100)
+    assert held_out.scores["filtered"]["value"] == pytest.approx(em)
+
+
+def test_eval_cli_metric(tokenizer, tmp_path):
+    """`evomerge eval --metric TASK=METRIC,FILTER` scores as the evaluator's `metrics`; a bad one: one line, exit 2."""
+    from click.testing import CliRunner
+
+    from evomerge.cli import main
+
+    zoo, tasks, out = Path(__file__).resolve().parents[1] / "zoo", filtered_task_dir(tmp_path), tmp_path / "scores.json"
+    common = ["eval", str(zoo / "expert_digits"), "--tasks", "filtered", "--task-dir", str(tasks), "--limit", "20"]
+    result = CliRunner().invoke(main, [*common, "--metric", "filtered=exact_match,whole", "--output-json", str(out)])
+    assert result.exit_code == 0, result.output
+    expected = HarnessEvaluator(["filtered"], tokenizer, split="test", limit=20, task_dirs=[str(tasks)],
+                                metrics={"filtered": "exact_match,whole"}).evaluate(_model(zoo, "expert_digits"))
+    (saved,) = json.loads(out.read_text())["results"]
+    assert saved["scores"]["filtered"]["value"] == expected.scores["filtered"].value > 0  # not the `never` filter's 0
+    for value, message in [("filtered", "--metric: 'filtered': expected TASK=METRIC or TASK=METRIC,FILTER"),
+                           ("filtered=exact_match,nope", "--metric: task filtered has no filter 'nope' (its filters: "
+                                                         "never, whole)")]:
+        result = CliRunner().invoke(main, [*common, "--metric", value])
+        assert result.exit_code == 2 and result.output == f"error: {message}\n", result.output
+
+
+@pytest.mark.parametrize("metrics, key, message", [
+    ({"filtered": "acc"}, "metrics.filtered", "task filtered has no metric 'acc' (its metrics: exact_match)"),
+    ({"filtered": "exact_match,flexible-extract"}, "metrics.filtered",
+     "task filtered has no filter 'flexible-extract' (its filters: never, whole)"),
+    ({"toy_digits": "acc"}, "metrics", "metric for 'toy_digits', which is not among the evaluated tasks (filtered)"),
+])
+def test_a_metric_or_filter_the_task_lacks(tokenizer, tmp_path, metrics, key, message):
+    with pytest.raises(EvomergeError) as err:
+        HarnessEvaluator(["filtered"], tokenizer, task_dirs=[str(filtered_task_dir(tmp_path))], metrics=metrics)
+    assert (err.value.key, err.value.message) == (key, message)
 
 
 def test_documents_kept_in_memory_are_the_ones_lm_eval_would_iterate(digits_evaluator):
@@ -444,6 +522,12 @@ def test_a_perplexity_task_equals_an_independent_computation_and_lowers_the_fitn
     assert score.value == pytest.approx(math.exp(-sum(ll) / sum(words)), rel=1e-9)
     np.testing.assert_allclose(result.docs["texts_ppl"], np.exp(-np.array(ll) / np.array(words)), rtol=1e-9)
     assert result.ok and result.fitness == -score.value
+    bits = HarnessEvaluator(["texts_ppl"], tokenizer, task_dirs=[str(perplexity_task_dir(tmp_path))], split="search",
+                            metrics={"texts_ppl": "bits_per_byte"}).evaluate(model)  # the task's second metric
+    size = np.array([len(text.encode()) for text in PPL_TEXTS])
+    assert bits.scores["texts_ppl"].metric == "bits_per_byte"
+    assert bits.scores["texts_ppl"].value == pytest.approx(-sum(ll) / size.sum() / math.log(2), rel=1e-9)
+    np.testing.assert_allclose(bits.docs["texts_ppl"], -np.array(ll) / size / math.log(2), rtol=1e-9)
     report = {"split": "search", "tasks": ["texts_ppl"], "n": evaluator.sizes, "chance": evaluator.chance,
               "results": [{"target": "m", **result.to_dict()}]}
     table = format_table(report).splitlines()

@@ -75,5 +75,6 @@ def test_the_paper_experiment_scores_mgsm_ja_on_three_disjoint_splits(monkeypatc
         assert task.doc_to_target(docs[0]) == str(docs[0]["answer_number"])
     assert {s: len(n) for s, n in numbers.items()} == {"search": 100, "validation": 50, "test": 100}
     assert sorted(sum(numbers.values(), [])) == list(range(250))  # disjoint, and every question used
-    again = HarnessEvaluator(c.tasks, None, split="search", task_dirs=c.task_dirs).tasks["mgsm_ja_split"]
-    assert [d["answer_number"] for d in again.eval_docs] == numbers["search"]
+    again = HarnessEvaluator(c.tasks, None, split="search", task_dirs=c.task_dirs, metrics=c.metrics)
+    assert [d["answer_number"] for d in again.tasks["mgsm_ja_split"].eval_docs] == numbers["search"]
+    assert again.metrics == {"mgsm_ja_split": ("exact_match", "flexible-extract")}  # the answer's last number

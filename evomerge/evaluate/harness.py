@@ -39,13 +39,15 @@ PROPORTIONS = {"acc", "acc_norm", "exact_match"}  # metrics whose per-document v
 
 class HarnessEvaluator:
     """Scores a live causal LM on lm-eval tasks; fitness = aggregate (mean, min, geometric: result.aggregate) of each
-    task's primary metric. Every result carries each document's score too (lm-eval's per-sample output).
+    task's score (`metrics`). Every result carries each document's score too (lm-eval's per-sample output).
 
     tasks: task, group or tag names from evals/, `task_dirs`, or (network=True) lm-eval's built-in tasks.
     split: "search" | "validation" | "test" (any split the tasks' data has); None = each task's own test split.
     limit: score only the first `limit` documents of each task.
     weights: {task or group: weight}; a group's weight is shared equally by its tasks, tasks left out weigh 0.
         None: every task weighs 1.
+    metrics: {task or group: "metric" or "metric,filter"} (lm-eval's result key, as mergekit-evolve's `metric`): what
+        a task's score is, e.g. "exact_match,flexible-extract"; default: its first metric under its first filter.
     aggregate: "mean" (weighted), "min" or "geometric" (result.aggregate).
     apply_chat_template, system_instruction: as lm-eval's (prompts through the tokenizer's chat template; a system
         message first).
@@ -53,7 +55,8 @@ class HarnessEvaluator:
     """
 
     def __init__(self, tasks: Sequence[str], tokenizer, *, split: str | None = "search", limit: int | None = None,
-                 weights: Mapping[str, float] | None = None, task_dirs: Sequence[str] = (), network: bool = False,
+                 weights: Mapping[str, float] | None = None, metrics: Mapping[str, str] | None = None,
+                 task_dirs: Sequence[str] = (), network: bool = False,
                  batch_size: int | str = 64, aggregate: str = "mean", apply_chat_template: bool = False,
                  system_instruction: str | None = None):
         if limit is not None and limit < 1:
@@ -64,6 +67,7 @@ class HarnessEvaluator:
         self.sizes = {name: min(select_split(task, split), limit or math.inf) for name, task in self.tasks.items()}
         self.chance = {name: chance_level(task, limit) for name, task in self.tasks.items()}  # of the split chosen above
         self.weights = self._leaf_weights(weights)
+        self.metrics = self._leaf_metrics(metrics or {})  # leaf name -> (metric, filter)
         self.aggregate = aggregate
         self.chat = {"apply_chat_template": apply_chat_template, "system_instruction": system_instruction}
         self._lm = None
@@ -171,27 +175,26 @@ class HarnessEvaluator:
 
     def _score(self, name: str, raw: dict) -> TaskScore:
         values = raw["results"][name]
-        metric, key = _metric_key(self.tasks[name], values)
-        stderr = values.get(key.replace(",", "_stderr,", 1))
-        return TaskScore(task=name, metric=metric, value=float(values[key]), n=int(raw["n-samples"][name]["effective"]),
+        metric, kept = self.metrics[name]
+        stderr = values.get(f"{metric}_stderr,{kept}")
+        return TaskScore(task=name, metric=metric, value=float(values[f"{metric},{kept}"]),
+                         n=int(raw["n-samples"][name]["effective"]),
                          stderr=float(stderr) if isinstance(stderr, (int, float)) else None, chance=self.chance[name],
                          higher_is_better=bool(raw["higher_is_better"][name].get(metric, True)),
                          proportion=metric in PROPORTIONS)
 
     def _per_document(self, name: str, raw: dict) -> np.ndarray:
-        """The primary metric of each document scored, in document order (lm-eval's samples, under the metric's filter).
+        """The scored metric of each document scored, in document order (lm-eval's samples, under the metric's filter).
         A sample that is not a number (perplexities: a log-likelihood and a word or byte count) is scored by the task's
         aggregation over that one document."""
-        metric, key = _metric_key(self.tasks[name], raw["results"][name])
-        kept = key.split(",")[1] if "," in key else None
-        samples = sorted((s for s in raw["samples"][name] if kept is None or s["filter"] == kept), key=lambda s: s["doc_id"])
+        metric, kept = self.metrics[name]
+        samples = sorted((s for s in raw["samples"][name] if s["filter"] == kept), key=lambda s: s["doc_id"])
         one_document = self.tasks[name].aggregation()[metric]
         return np.array([float(s[metric]) if np.isscalar(s[metric]) else one_document([s[metric]]) for s in samples],
                         dtype=np.float64)
 
     def _mean_score(self, name: str, values: np.ndarray) -> TaskScore:
-        task = self.tasks[name]
-        metric = primary_metric(task)
+        task, (metric, _) = self.tasks[name], self.metrics[name]
         n = len(values)
         return TaskScore(task=name, metric=metric, value=float(values.mean()), n=n,
                          stderr=float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else None, chance=self.chance[name],
@@ -213,6 +216,17 @@ class HarnessEvaluator:
             raise EvomergeError("task weights sum to zero", key="weights")
         return leaves
 
+    def _leaf_metrics(self, metrics: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+        chosen = {name: scored_metric(task) for name, task in self.tasks.items()}
+        for name, metric in metrics.items():
+            members = self._leaves_of(name)
+            if not members:
+                raise EvomergeError(f"metric for {name!r}, which is not among the evaluated tasks "
+                                    f"({', '.join(self.tasks)})", key="metrics")
+            for member in members:
+                chosen[member] = scored_metric(self.tasks[member], metric, key=f"metrics.{name}")
+        return chosen
+
     def _leaves_of(self, name: str) -> list[str]:
         if name in self.tasks:
             return [name]
@@ -229,20 +243,21 @@ def _check_finite(model) -> None:
         raise FloatingPointError("model has non-finite weights (NaN/inf)")
 
 
-def _metric_key(task, values: Mapping[str, object]) -> tuple[str, str]:
-    """(primary metric, its key in lm-eval's results, "metric,filter")."""
-    metric = primary_metric(task, values)
-    return metric, next(k for k in values if k.split(",")[0] == metric and "_stderr" not in k)
-
-
-def primary_metric(task, values: Mapping[str, object] | None = None) -> str:
-    """The first metric of the task's metric_list (lm-eval's default for its output type when it has none)."""
-    metrics = task.config.metric_list or []
-    if metrics:
-        return metrics[0]["metric"]
-    if values is None:
-        return next(iter(task.higher_is_better()))
-    return next(k.split(",")[0] for k in values if k != "alias" and "_stderr" not in k)
+def scored_metric(task, wanted: str | None = None, key: str = "metrics") -> tuple[str, str]:
+    """(metric, filter) of a task's score: `wanted` ("metric" under the first filter, or "metric,filter"), else the
+    first metric of its metric_list (lm-eval's defaults for its output type when it has none) under its first filter
+    ("none" when it has no filter_list). lm-eval keys its results "metric,filter"."""
+    metrics = list(task.aggregation())
+    filters = [f["name"] for f in task.config.filter_list] if task.config.filter_list else ["none"]
+    if wanted is None:
+        return metrics[0], filters[0]
+    metric, _, kept = (part.strip() for part in wanted.partition(","))
+    name = task.config.task
+    if metric not in metrics:
+        raise EvomergeError(f"task {name} has no metric {metric!r} (its metrics: {', '.join(metrics)})", key=key)
+    if kept and kept not in filters:
+        raise EvomergeError(f"task {name} has no filter {kept!r} (its filters: {', '.join(filters)})", key=key)
+    return metric, kept or filters[0]
 
 
 def chance_level(task, limit: int | None = None) -> float | None:

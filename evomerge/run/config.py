@@ -74,6 +74,9 @@ class EvaluationConfig(_Schema):
     split: str = "search"
     limit: int | None = Field(None, ge=1)  # samples per task on the search split
     weights: dict[str, float] | None = None  # task weights; None: every task weighs 1
+    # {task or group: "metric" or "metric,filter"} (lm-eval's result key): a task's score; default its first metric
+    # under its first filter (e.g. gsm8k: exact_match,strict-match; "exact_match,flexible-extract" takes the other)
+    metrics: dict[str, str] | None = None
     # fitness from the task scores: weighted mean; min (the weakest task with weight > 0); geometric (weighted geometric
     # mean of score + 0.01, less 0.01: evaluate.result.aggregate) -- min and geometric ask for every skill
     aggregate: Literal["mean", "min", "geometric"] = "mean"

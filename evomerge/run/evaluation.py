@@ -45,6 +45,7 @@ class SplitEvaluator:
             c = self.config
             self.by_split[split] = HarnessEvaluator(c.tasks, self.tokenizer, split=split,
                                                     limit=c.limit if split == c.split else None, weights=c.weights,
+                                                    metrics=c.metrics,
                                                     task_dirs=c.task_dirs, network=c.network, aggregate=c.aggregate,
                                                     batch_size=c.batch_size, apply_chat_template=c.apply_chat_template,
                                                     system_instruction=c.system_instruction)
@@ -92,7 +93,7 @@ def check_tasks(evaluation: EvaluationConfig, source: str, optimizer: str = "") 
 
     c = evaluation
     try:
-        harness = HarnessEvaluator(c.tasks, None, split=c.split, limit=c.limit, weights=c.weights,
+        harness = HarnessEvaluator(c.tasks, None, split=c.split, limit=c.limit, weights=c.weights, metrics=c.metrics,
                                    task_dirs=c.task_dirs, network=c.network, aggregate=c.aggregate)
         for name, task in harness.tasks.items():
             available = list(task.dataset.keys()) if hasattr(task.dataset, "keys") else []
@@ -103,8 +104,8 @@ def check_tasks(evaluation: EvaluationConfig, source: str, optimizer: str = "") 
     except EvomergeError as err:  # a task YAML at fault keeps its own name; otherwise the experiment's key
         raise EvomergeError(err.message, source=err.source or source, key=f"evaluation.{err.key or 'tasks'}") from None
     if evaluation.racing is not None:
-        _check_racing(harness.tasks, source)
-    _check_directions(harness.tasks, evaluation.aggregate, optimizer, source)
+        _check_racing(harness, source)
+    _check_directions(harness, evaluation.aggregate, optimizer, source)
     _check_fewshot(harness.tasks, source)
 
 
@@ -124,13 +125,11 @@ def _check_fewshot(tasks: dict, source: str) -> None:
                                 source=source, key="evaluation.tasks")
 
 
-def _check_directions(tasks: dict, aggregate: str, optimizer: str, source: str) -> None:
+def _check_directions(harness, aggregate: str, optimizer: str, source: str) -> None:
     """A score where lower is better (perplexity) enters the fitness negated: the mean and the minimum take that, the
     geometric mean (of logarithms) and natural niches (which shares per-document scores >= 0) cannot."""
-    from evomerge.evaluate.harness import primary_metric
-
-    for name, task in tasks.items():
-        metric = primary_metric(task)
+    for name, task in harness.tasks.items():
+        metric, _ = harness.metrics[name]
         if task.higher_is_better().get(metric, True):
             continue
         if aggregate == "geometric":
@@ -141,12 +140,11 @@ def _check_directions(tasks: dict, aggregate: str, optimizer: str, source: str) 
                                 f"{metric}, where lower is", source=source, key="optimizer.name")
 
 
-def _check_racing(tasks: dict, source: str) -> None:
-    """Racing bounds means of per-document scores in [0, 1]: every task's primary metric must be a proportion."""
-    from evomerge.evaluate.harness import PROPORTIONS, primary_metric
+def _check_racing(harness, source: str) -> None:
+    """Racing bounds means of per-document scores in [0, 1]: every task's score must be a proportion."""
+    from evomerge.evaluate.harness import PROPORTIONS
 
-    for name, task in tasks.items():
-        metric = primary_metric(task)
+    for name, (metric, _) in harness.metrics.items():
         if metric not in PROPORTIONS:
             raise EvomergeError(f"racing needs metrics that are proportions ({', '.join(sorted(PROPORTIONS))}); task "
                                 f"{name} scores {metric}", source=source, key="evaluation.racing")
