@@ -157,6 +157,16 @@ def test_attention_and_mlp_genes_for_a_family_whose_attention_is_not_named_self_
                    "'self_attn'; gpt2 names them otherwise (transformer.h.0.attn.c_attn.bias)")
 
 
+@pytest.mark.parametrize("split, message", [
+    (["q_prj"], "filter 'q_prj' matches no tensor of {base} (e.g. "),
+    (["self_attn", "q_proj"], "every tensor filter 'q_proj' matches is taken by a filter before it (the first that "
+                              "matches wins)"),
+])
+def test_split_filters_whose_genes_would_go_unused(tiny_zoo, tmp_path, split, message):
+    doc = experiment(tiny_zoo, space={"split": split})
+    assert_refused(search(tmp_path, doc), tmp_path, "space.split", message.format(base=tiny_zoo / "base"))
+
+
 def test_weights_of_a_task_not_evaluated(tiny_zoo, tmp_path):
     doc = experiment(tiny_zoo, evaluation={"weights": {"toy_digits_gen": 2.0}})
     assert_refused(search(tmp_path, doc), tmp_path, "evaluation.weights", "'toy_digits_gen'")
@@ -342,3 +352,35 @@ def test_a_search_on_a_perplexity_task_picks_the_lowest_perplexity(tiny_zoo, tmp
     summary = (write_report(tmp_path / "run") / "summary.md").read_text()  # no "solved" table for perplexities
     assert "Documents the winner solves" not in summary
     assert f"| test | texts_ppl | {best['scores']['test']['texts_ppl']['value']:.3f} |  |  |" in summary  # no CI, chance
+
+
+def test_a_search_scores_the_metric_evaluation_metrics_names(tiny_zoo, tmp_path):
+    """The same search (random proposals ignore the scores) once by the perplexity task's first metric, once by
+    `metrics: {texts_ppl: bits_per_byte}`: each candidate's bits per byte is its log word perplexity x words / bytes /
+    ln 2, the same log-likelihood over the same texts."""
+    import math
+
+    from test_evaluate import PPL_TEXTS, perplexity_task_dir
+
+    tasks, runs = str(perplexity_task_dir(tmp_path)), {}
+    for name, metrics in (("words", None), ("bits", {"texts_ppl": "bits_per_byte"})):
+        (tmp_path / name).mkdir()
+        doc = experiment(tiny_zoo, evaluation={"tasks": ["texts_ppl"], "task_dirs": [tasks], "metrics": metrics,
+                                               "limit": None}, budget={"trials": 3})
+        assert search(tmp_path / name, doc).exit_code == 0
+        runs[name] = Ledger(tmp_path / name / "run" / "ledger.sqlite").trials("search")
+    words, size = sum(len(text.split()) for text in PPL_TEXTS), sum(len(text.encode()) for text in PPL_TEXTS)
+    for perplexity, bits in zip(runs["words"], runs["bits"]):
+        score = bits.scores["texts_ppl"]
+        assert score["metric"] == "bits_per_byte" and bits.fitness == -score["value"]
+        assert bits.scores["texts_ppl"]["value"] == pytest.approx(
+            math.log(perplexity.scores["texts_ppl"]["value"]) * words / size / math.log(2), rel=1e-5)
+
+
+def test_a_metric_the_task_lacks(tiny_zoo, tmp_path):
+    from test_evaluate import filtered_task_dir
+
+    doc = experiment(tiny_zoo, evaluation={"tasks": ["filtered"], "task_dirs": [str(filtered_task_dir(tmp_path))],
+                                           "metrics": {"filtered": "exact_match,flexible-extract"}})
+    assert_refused(search(tmp_path, doc), tmp_path, "evaluation.metrics.filtered",
+                   "task filtered has no filter 'flexible-extract' (its filters: never, whole)")

@@ -128,6 +128,44 @@ def test_ps_attn_mlp_split_emits_filters():
     assert evaluate_setting(density, "model.embed_tokens.weight", 0.0) == pytest.approx(g0[2], abs=1e-6)  # t = 0
 
 
+def test_ps_split_by_filters_gives_each_filter_its_genes():
+    """`split: [q_proj, k_proj, mlp]`: a gene per filter and one for the rest, each tensor read by the first filter its
+    name contains (mergekit), in every layer group."""
+    space = ps(layer_groups=2, split=["q_proj", "k_proj", "mlp"], search=["weight"])
+    assert [g.name for g in space.genes[:4]] == ["weight[a].g0.q_proj", "weight[a].g0.k_proj", "weight[a].g0.mlp",
+                                                 "weight[a].g0.rest"] and space.dim == 2 * 2 * 4
+    genome = np.arange(16) / 15
+    weight = space.decode(genome).merge.models[0].parameters["weight"]
+    g0, g1 = genome[:4], genome[4:8]
+    cases = {"model.layers.0.self_attn.q_proj.weight": g0[0], "model.layers.4.self_attn.k_proj.weight": g1[1],
+             "model.layers.5.mlp.down_proj.weight": g1[2], "model.layers.1.self_attn.v_proj.weight": g0[3],
+             "model.layers.3.post_attention_layernorm.weight": g1[3]}
+    for name, want in cases.items():
+        assert evaluate_setting(weight, name, int(name.split(".")[2]) / 5) == pytest.approx(want, abs=1e-6), name
+    assert space.anchors[1][:8].tolist() == [1.0] * 8  # model a alone: weight 1 in every part and group
+    assert ps(split="attn_mlp").config.filters == ("self_attn", "mlp")
+
+
+@pytest.mark.parametrize("split", [[], ["mlp", "mlp"], ["mlp", ""], ["mlp", "rest"]])
+def test_ps_split_filters_that_cannot_work(split):
+    with pytest.raises(EvomergeError, match=r"s\.yaml: split: .*a list of distinct, non-empty tensor-name filters"):
+        ps(split=split)
+
+
+def test_ps_smooth_groups_are_the_points_of_a_gradient():
+    """`smooth: true` (mergekit-evolve's): k group values spread evenly over the layers and interpolated between, so
+    layer i of L reads np.interp(i / (L - 1), [0, 1 / (k - 1), ..., 1], values)."""
+    space = ps(layer_groups=3, search=["weight"], smooth=True)
+    values = [0.1, 0.7, 0.4]
+    weight = space.decode(values + [0.5, 0.5, 0.5]).merge.models[0].parameters["weight"]
+    assert weight == values
+    for layer in range(6):
+        want = np.interp(layer / 5, [0.0, 0.5, 1.0], values)
+        assert evaluate_setting(weight, f"model.layers.{layer}.mlp.up_proj.weight", layer / 5) == pytest.approx(want)
+    steps = ps(layer_groups=3, search=["weight"]).decode(values + [0.5, 0.5, 0.5]).merge.models[0].parameters["weight"]
+    assert steps == [0.1, 0.1, 0.7, 0.7, 0.4, 0.4]  # without smooth: each group's value on its own layers
+
+
 def test_ps_anchors_are_the_default_merge_and_each_model_alone():
     space = ps(layer_groups=2, bounds={"weight": [0.0, 1.5], "density": [0.1, 1.0]})
     first, *alone = space.anchors

@@ -57,8 +57,8 @@ def check_space(experiment: Experiment, source: str, *, headers_only: bool = Fal
                 raise EvomergeError(detail, source=source, key=_model_key(config, model)) from None
         if config.kind == "dfs":
             _check_layer_paths(config, dirs[models[0]].arch, source)
-        if getattr(config, "split", None) == "attn_mlp":
-            _check_split(dirs[models[0]], source)
+        if getattr(config, "split", None):
+            _check_split(config, dirs[models[0]], source)
         num_layers = {model: d.num_layers for model, d in dirs.items()}
         space = build_space(config, num_layers=num_layers, source=source, key="space")
         candidate = space.decode(space.x0)
@@ -99,17 +99,26 @@ def _check_layer_paths(config, arch, source: str) -> None:
                             f"without them); use scale: none", source=source, key="space.scale")
 
 
-def _check_split(model_dir, source: str) -> None:
-    """`split: attn_mlp` gives tensors named `self_attn` and `mlp` their own genes (mergekit filters): a family that
-    names its attention otherwise would leave those genes unused and its attention with the rest's."""
-    from evomerge.spaces.ps import SPLIT_PARTS
+def _check_split(config, model_dir, source: str) -> None:
+    """`split` gives the tensors each filter matches their own genes (mergekit filters, by substring): a filter that
+    matches no tensor, or `attn_mlp` on a family that names its attention otherwise, would leave genes unused."""
+    from evomerge.spaces.ps import ATTN_MLP
 
-    arch, attention_filter = model_dir.arch, SPLIT_PARTS[0][1]
-    other = [n for n in model_dir.tensor_names if arch.block_of(n) == "attn" and attention_filter not in n]
-    if other:
-        raise EvomergeError(f"split: attn_mlp finds attention tensors by the name {attention_filter!r}; {arch.name} names "
-                            f"them otherwise ({other[0]}), so their genes would go unused", source=source,
-                            key="space.split")
+    arch, names = model_dir.arch, model_dir.tensor_names
+    if config.split == "attn_mlp":
+        other = [n for n in names if arch.block_of(n) == "attn" and ATTN_MLP[0] not in n]
+        if other:
+            raise EvomergeError(f"split: attn_mlp finds attention tensors by the name {ATTN_MLP[0]!r}; {arch.name} "
+                                f"names them otherwise ({other[0]}), so their genes would go unused", source=source,
+                                key="space.split")
+    for position, name in enumerate(config.filters):
+        matched = [n for n in names if name in n]
+        if not matched:
+            raise EvomergeError(f"filter {name!r} matches no tensor of {model_dir.path} (e.g. {names[0]}), so its "
+                                "genes would go unused", source=source, key="space.split")
+        if all(any(f in n for f in config.filters[:position]) for n in matched):
+            raise EvomergeError(f"every tensor filter {name!r} matches is taken by a filter before it (the first that "
+                                "matches wins), so its genes would go unused", source=source, key="space.split")
 
 
 def _planned_batch(batch_size: int | str) -> int:

@@ -4,7 +4,7 @@ Which parameters exist, which are per model, and their valid ranges come from th
 truth); the space file only picks some of them, narrows their bounds and fixes others.
 
 Genes, in order: for each searched parameter, for each model (once for a global parameter), for each layer group, for each
-part (`split: attn_mlp`: self_attn, mlp, rest; otherwise one part) -- i.e. one [models, groups, parts] block per parameter.
+part (`split`: one per filter, then `rest`; otherwise one part) -- i.e. one [models, groups, parts] block per parameter.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from evomerge.errors import EvomergeError, did_you_mean
 from evomerge.recipe import Conditional, MergeStage, ModelEntry, Params, Recipe
 from evomerge.spaces.base import Gene, Schema, SearchSpace, rounded
 
-# mergekit {filter, value} entries of `split: attn_mlp`, first match wins; the last (no filter) covers every other tensor:
-# norms inside the layers, and the embeddings / final norm / lm_head.
-SPLIT_PARTS = (("self_attn", "self_attn"), ("mlp", "mlp"), ("rest", None))  # (gene suffix, filter)
+# `split`: mergekit {filter, value} entries, one per filter (a substring of tensor names; the first that matches wins),
+# then one without a filter for every other tensor (`rest`: e.g. the norms inside the layers, and the embeddings / final
+# norm / lm_head). attn_mlp is the common case; a list such as [q_proj, k_proj, v_proj, o_proj, mlp] goes finer.
+ATTN_MLP = ("self_attn", "mlp")
 
 
 def _ordered(bounds: tuple[float, float]) -> tuple[float, float]:
@@ -43,7 +44,8 @@ class PSConfig(Schema):
     bounds: dict[str, Bounds] = Field(default_factory=dict)  # default: the method's range for the parameter
     fixed: Params = Field(default_factory=dict)  # parameters set, not searched (per-model ones apply to every model)
     layer_groups: int | Literal["all"] = 1  # 1: one value per model (Sakana's 7B); "all" or num_layers: one per layer
-    split: Literal["attn_mlp"] | None = None  # separate genes for attention, MLP and the other tensors
+    split: Literal["attn_mlp"] | list[str] | None = None  # genes for attention, MLP and the rest; or per filter
+    smooth: bool = False  # layer groups as the points of a gradient (mergekit interpolates between them), not as steps
     dtype: str | None = None
     seed: int = 0  # keys the random masks of DARE/DELLA
 
@@ -53,6 +55,19 @@ class PSConfig(Schema):
         if groups != "all" and groups < 1:
             raise ValueError("must be at least 1, or 'all'")
         return groups
+
+    @field_validator("split")
+    @classmethod
+    def _filters(cls, split):
+        distinct = isinstance(split, list) and split and all(split) and len(set(split)) == len(split)
+        if isinstance(split, list) and not (distinct and "rest" not in split):
+            raise ValueError("a list of distinct, non-empty tensor-name filters ('rest' is the tensors none matches)")
+        return split
+
+    @property
+    def filters(self) -> tuple[str, ...]:
+        """The split's filters, in the order mergekit tries them."""
+        return ATTN_MLP if self.split == "attn_mlp" else tuple(self.split or ())
 
     @model_validator(mode="after")
     def _distinct_models(self):
@@ -84,7 +99,7 @@ class ParameterSpace(SearchSpace):
             raise EvomergeError(f"{self.groups} groups for {self.num_layers} layers; at most one group per layer",
                                 source=source, key="layer_groups")
         self.group_of_layer = [i * self.groups // self.num_layers for i in range(self.num_layers)]  # contiguous groups
-        self.parts = SPLIT_PARTS if config.split else (("", None),)
+        self.parts = tuple((f, f) for f in config.filters) + (("rest", None),) if config.split else (("", None),)
         self.searched = _searched_params(self.spec, config, source)
         self.genes = tuple(self._genes())
         validate_stage(self.decode(self.x0).merge, source)  # base policy, model count, fixed values: same for every genome
@@ -177,15 +192,17 @@ class ParameterSpace(SearchSpace):
     def _per_layer(self, group_values: np.ndarray):
         if self.groups == 1:
             return rounded(group_values[0])
+        if self.config.smooth:  # mergekit spreads a list of k values evenly over the layers, interpolating between them
+            return [rounded(v) for v in group_values]
         # A gradient list of num_layers entries: mergekit reads entry i exactly at layer i (t = i / (L - 1)); tensors outside
         # the layers (embeddings, final norm, lm_head) are read at t = 0, so they take layer group 0's value.
         return [rounded(group_values[g]) for g in self.group_of_layer]
 
     def describe(self) -> str:
         cfg = self.config
-        split = f", split {cfg.split}" if cfg.split else ""
+        split = f", split {', '.join(cfg.filters)}, rest" if cfg.split else ""
         lines = [f"PS space: {cfg.method}, base {cfg.base_model}, models {', '.join(cfg.models)}; {self.num_layers} layers in "
-                 f"{self.groups} group(s){split}; dim {self.dim}"]
+                 f"{self.groups} {'smooth ' if cfg.smooth else ''}group(s){split}; dim {self.dim}"]
         for p in self.searched:
             low, high = _bounds(p, cfg, self.source)
             lines.append(f"  {p.name}: {'per model' if p.per_model else 'global'}, bounds [{low}, {high}]")
