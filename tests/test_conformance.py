@@ -129,8 +129,9 @@ def test_every_family_merges_and_stacks_layers_as_mergekit_does(family, tmp_path
     """Our naming table against mergekit's architecture file of each family: a TIES merge with per-layer and
     filtered weights, and a layer path exported as passthrough slices (scales where the family can hold them), give
     the same tensors under the same names (the path through `evomerge export`). The path keeps the layer count:
-    mergekit copies a config's per-layer `layer_types` unchanged, which transformers refuses for another count."""
-    base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32)
+    mergekit copies a config's per-layer `layer_types` unchanged, which transformers refuses for another count.
+    Mixtures of experts in fused form: mergekit 0.1.5's tables name only that (it leaves per-expert tensors out)."""
+    base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32, fused=family in ("qwen3_moe", "mixtral"))
     a, b = make_variants(base, tmp_path, n=2)
     config = write_config(tmp_path / "ties.yaml", "ties", method_configs(str(base), [str(a), str(b), str(base)])["ties"])
     run_mergekit(config, tmp_path / "ties_mergekit")
@@ -149,6 +150,38 @@ def test_every_family_merges_and_stacks_layers_as_mergekit_does(family, tmp_path
         assert set(ours) == set(theirs), (kind, set(ours) ^ set(theirs))
         for name, expected in theirs.items():
             torch.testing.assert_close(ours[name], expected, atol=2e-5, rtol=1e-5, msg=lambda m: f"{kind} {name}: {m}")
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_per_expert_checkpoints_merge_as_mergekit_merges_them_fused(family, tmp_path):
+    """A hub MoE checkpoint holds each expert's tensors; mergekit 0.1.5 reads them fused (transformers 5's layout) and
+    writes them so, evomerge merges and writes them expert by expert. For element-wise methods the values agree:
+    evomerge's experts, fused as transformers fuses them (gate rows, then up rows), are mergekit's tensors."""
+    from evomerge.models.architectures import architecture_for
+
+    base = build_tiny(family, tmp_path / "base", num_layers=2, hidden=32)
+    a, b = make_variants(base, tmp_path, n=2)
+    arch = architecture_for(json.loads((base / "config.json").read_text()), "config.json")
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base),
+              "models": [{"model": str(a), "parameters": {"weight": [0.3, 0.9]}},
+                         {"model": str(b), "parameters": {"weight": [{"filter": "self_attn", "value": 0.6},
+                                                                     {"value": [0.2, 0.8]}]}}]}
+    config = write_config(tmp_path / "ta.yaml", "task_arithmetic", recipe)
+    run_mergekit(config, tmp_path / "mergekit")
+    run_evomerge(config, tmp_path / "evomerge")
+    theirs, ours = load_dir(tmp_path / "mergekit"), load_dir(tmp_path / "evomerge")
+    fused: dict[str, dict[int, dict[int, torch.Tensor]]] = {}  # live name -> expert -> chunk -> tensor
+    for name, tensor in ours.items():
+        if where := arch.live_expert(name):
+            live_name, expert, chunk, _ = where
+            fused.setdefault(live_name, {}).setdefault(expert, {})[chunk] = tensor
+        else:  # Mixtral's router: block_sparse_moe.gate there, mlp.gate in transformers 5
+            torch.testing.assert_close(tensor, theirs[arch.live_names(name)[-1]], atol=2e-5, rtol=1e-5)
+    assert set(theirs) == set(fused) | {arch.live_names(n)[-1] for n in ours if not arch.live_expert(n)}
+    assert len(fused) == 4
+    for live_name, experts in fused.items():
+        stacked = torch.stack([torch.cat([chunks[k] for k in sorted(chunks)]) for _, chunks in sorted(experts.items())])
+        torch.testing.assert_close(stacked, theirs[live_name], atol=2e-5, rtol=1e-5)
 
 
 def added_tokens(model: Path, tokens: list[str]) -> None:

@@ -293,3 +293,28 @@ def test_a_search_over_image_text_models_scores_and_writes_them(tmp_path):
     assert config["architectures"] == ["Gemma3ForConditionalGeneration"] and config["text_config"]["num_hidden_layers"] == 3
     written = tensors(tmp_path / "out")
     assert set(written) == set(load_file(base / "model.safetensors"))  # the vision tower and projector included
+
+
+@pytest.mark.parametrize("kind", ["ps", "dfs"])
+def test_a_search_over_mixtures_of_experts_scores_and_writes_them(tmp_path, kind):
+    """Qwen3-MoE checkpoints hold each expert's tensors, the live model (transformers 5) fused ones: a worker with its
+    sources on the device reads and writes experts through views of them, a layer path runs their layers, and the
+    winner is written with the checkpoint's names."""
+    from tiny_models import build_tiny, make_variants
+
+    base = build_tiny("qwen3_moe", tmp_path / "base", num_layers=3, hidden=32)
+    a, b = make_variants(base, tmp_path, n=2, scale=0.05)
+    space = ({"kind": "ps", "method": "ties", "base_model": str(base), "models": [str(a), str(b)],
+              "search": ["weight", "density"], "layer_groups": 3, "bounds": {"weight": [0.0, 1.0], "density": [0.2, 1.0]}}
+             if kind == "ps" else {"kind": "dfs", "models": [str(a), str(b)], "repeats": 1})
+    doc = {"name": "moe", "seed": 0, "space": space, "optimizer": {"name": "random"}, "budget": {"trials": 3},
+           "evaluation": {"tasks": ["toy_cipher_gen"], "limit": 2}, "validation": {"top_k": 1},
+           "workers": {"sources": "device"}}
+    (tmp_path / "exp.yaml").write_text(json.dumps(doc))
+    result = run("search", tmp_path / "exp.yaml", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0 and "3 trials, 0 failed" in result.output, result.output
+    assert run("merge", tmp_path / "run/best/recipe.yaml", tmp_path / "out").exit_code == 0
+    written, names = tensors(tmp_path / "out"), set(load_file(base / "model.safetensors"))
+    assert "model.layers.0.mlp.experts.3.gate_proj.weight" in written
+    assert set(written) == names if kind == "ps" else {re.sub(r"layers\.\d+", "L", n) for n in written} == {
+        re.sub(r"layers\.\d+", "L", n) for n in names}

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from evomerge.models.io import ModelDir, ModelWriter
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "olmo2", "gpt2",
-            "gpt_neox")
+            "gpt_neox", "qwen3_moe", "mixtral")
 _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 _CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -37,13 +37,18 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                                           max_position_embeddings=128, **ids, **overrides)
     classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "gemma": "GemmaConfig",
                "gemma2": "Gemma2Config", "phi3": "Phi3Config", "qwen3": "Qwen3Config",
-               "gemma3_text": "Gemma3TextConfig", "olmo2": "Olmo2Config"}
+               "gemma3_text": "Gemma3TextConfig", "olmo2": "Olmo2Config", "qwen3_moe": "Qwen3MoeConfig",
+               "mixtral": "MixtralConfig"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
-    if family.startswith("gemma") or family == "qwen3":
+    if family.startswith("gemma") or family.startswith("qwen3"):
         dims["head_dim"] = hidden // 2  # their default head_dim (256, 128) whatever the hidden size
+    if family == "qwen3_moe":  # 4 experts of 2 per token, each with an MLP as wide as the hidden state
+        dims.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden)
+    if family == "mixtral":
+        dims.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=hidden)
     return getattr(transformers, classes[family])(**{**dims, **ids, **overrides})
 
 
@@ -73,8 +78,10 @@ def save_tokenizer(path: str | Path, vocab: int = 64) -> None:
 
 
 def build_tiny(family: str, path: str | Path, *, seed: int = 0, num_layers: int = 2, hidden: int = 16, vocab: int = 64,
-               dtype: torch.dtype = torch.float32, tokenizer: bool = True, **overrides) -> Path:
-    """A randomly initialised model of `family` saved at `path`; `overrides` go to the transformers config class."""
+               dtype: torch.dtype = torch.float32, tokenizer: bool = True, fused: bool = False, **overrides) -> Path:
+    """A randomly initialised model of `family` saved at `path`; `overrides` go to the transformers config class.
+    `fused`: a mixture of experts saved under the live module's names (one gate_up_proj and down_proj tensor per layer,
+    as mergekit 0.1.5 reads them), not transformers' per-expert checkpoint names."""
     from transformers import AutoModelForCausalLM
 
     config = (_image_text_config if family == "gemma3" else _config)(num_layers=num_layers, hidden=hidden, vocab=vocab,
@@ -85,6 +92,9 @@ def build_tiny(family: str, path: str | Path, *, seed: int = 0, num_layers: int 
         model = AutoModelForCausalLM.from_config(config).to(dtype)
     path = Path(path)
     model.save_pretrained(path)
+    if fused:
+        save_file({n: t.contiguous() for n, t in model.state_dict().items()}, path / "model.safetensors",
+                  metadata={"format": "pt"})
     if family == "gemma3":  # the vision tower named as in the hub's checkpoints (and mergekit's table)
         tensors = load_file(path / "model.safetensors")
         save_file({re.sub(r"^vision_tower\.", "vision_tower.vision_model.", n): t for n, t in tensors.items()},

@@ -120,12 +120,12 @@ class LiveMaterializer:
         return self.targets[name]
 
     def adoptable(self, value: torch.Tensor, target: torch.Tensor) -> bool:
-        """Whether `value` can replace the parameter's storage: its shape, dtype and device, and exactly the memory of
-        its own (a view into a larger temporary would keep all of it alive; a result that is a source tensor, or a
-        view of one, is copied, so the live model never aliases a source)."""
+        """Whether `value` can replace the parameter's storage (not a view's: one expert of fused ones): its shape, dtype,
+        device, and exactly the memory of its own (a view into a larger temporary would keep all of it alive; a source
+        tensor, or a view of one, is copied, so the live model never aliases a source)."""
         storage = value.untyped_storage()
         return (value.shape == target.shape and value.dtype == target.dtype and value.device == target.device
-                and value.is_contiguous() and storage.nbytes() == value.nbytes
+                and value.is_contiguous() and storage.nbytes() == value.nbytes and target._base is None
                 and storage.data_ptr() not in self.source_storages)
 
     @torch.no_grad()

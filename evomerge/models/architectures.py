@@ -39,6 +39,10 @@ class Architecture:
     per_layer_keys: tuple[str, ...] = ("layer_types",)
     # (regex, replacement) from checkpoint names to the live transformers module, where transformers renames on load
     live_renames: tuple[tuple[str, str], ...] = ()
+    # (regex, replacement, chunk, chunks): a mixture of experts' per-expert checkpoint tensors, which the live module
+    # (transformers >= 5) holds fused, one [experts, rows, columns] tensor per kind: the tensor is expert `e` (the
+    # regex's group) of the live tensor the replacement names, its chunk-th of `chunks` along the rows
+    live_experts: tuple[tuple[str, str, int, int], ...] = ()
     # config.json key of the text model's settings (layer count, per-layer lists, vocab size) in an image-text model
     text_config: str = ""
     # regex (match): the layers of an image-text model's other parts (its vision tower), group 1 the prefix, group 2 the
@@ -49,6 +53,13 @@ class Architecture:
         """Names a checkpoint tensor may have in a live transformers model, the checkpoint's own first."""
         renamed = [re.sub(pattern, repl, tensor_name) for pattern, repl in self.live_renames]
         return list(dict.fromkeys([tensor_name, *renamed]))
+
+    def live_expert(self, tensor_name: str) -> tuple[str, int, int, int] | None:
+        """(live name, expert, chunk, chunks) of a per-expert tensor the live model holds fused (`live_experts`)."""
+        for pattern, replacement, chunk, chunks in self.live_experts:
+            if m := re.fullmatch(pattern, tensor_name):
+                return m.expand(replacement), int(m.group("e")), chunk, chunks
+        return None
 
     def layer_of(self, tensor_name: str) -> int | None:
         m = re.match(self.layer, tensor_name)
@@ -128,7 +139,8 @@ class Architecture:
 _LLAMA_OUT = r"\.(self_attn\.o_proj|mlp\.down_proj)\.(weight|bias)$"
 
 
-def _llama_like(name: str, architecture: str, *, tied: bool = False, output_projections: str = _LLAMA_OUT) -> Architecture:
+def _llama_like(name: str, architecture: str, *, tied: bool = False, output_projections: str = _LLAMA_OUT,
+                **fields) -> Architecture:
     return Architecture(
         name=name,
         architectures=(architecture,),
@@ -139,7 +151,17 @@ def _llama_like(name: str, architecture: str, *, tied: bool = False, output_proj
         tied_default=tied,
         output_projections=output_projections,
         live_layer_paths=True,
+        **fields,
     )
+
+
+def _fused_experts(experts: str, gate: str, up: str, down: str) -> tuple[tuple[str, str, int, int], ...]:
+    """`{experts}.{e}.{gate, up, down}.weight` of a checkpoint, live in `mlp.experts.gate_up_proj[e]` (the gate's rows,
+    then the up projection's) and `mlp.experts.down_proj[e]` (transformers 5's MoE modules)."""
+    head = rf"(model\.layers\.\d+)\.{experts}\.(?P<e>\d+)"
+    return ((rf"{head}\.{gate}\.weight", r"\1.mlp.experts.gate_up_proj", 0, 2),
+            (rf"{head}\.{up}\.weight", r"\1.mlp.experts.gate_up_proj", 1, 2),
+            (rf"{head}\.{down}\.weight", r"\1.mlp.experts.down_proj", 0, 1))
 
 
 _TEXT_MODEL = r"(?:language_model\.model|model\.language_model)"  # an image-text checkpoint's text model, both namings
@@ -154,6 +176,16 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("qwen3", "Qwen3ForCausalLM"),
     _llama_like("gemma3_text", "Gemma3ForCausalLM", tied=True, output_projections=""),
     _llama_like("olmo2", "Olmo2ForCausalLM", output_projections=""),  # norms each branch's output, as Gemma-2
+    # Mixtures of experts: checkpoints hold each expert's tensors (the hub's) or the live module's fused ones (as
+    # transformers 5 and mergekit 0.1.5 name them); a merge takes either, expert by expert or fused tensor by tensor.
+    _llama_like("qwen3_moe", "Qwen3MoeForCausalLM",
+                output_projections=r"\.(self_attn\.o_proj\.weight|mlp\.experts\.(\d+\.down_proj\.weight|down_proj))$",
+                live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj")),
+    _llama_like("mixtral", "MixtralForCausalLM", mlp=r"\.(mlp|block_sparse_moe)\.",
+                output_projections=r"\.(self_attn\.o_proj\.weight|block_sparse_moe\.experts\.\d+\.w2\.weight|"
+                                   r"mlp\.experts\.down_proj)$",
+                live_renames=((r"\.block_sparse_moe\.gate\.", ".mlp.gate."),),
+                live_experts=_fused_experts(r"block_sparse_moe\.experts", "w1", "w3", "w2")),
     Architecture(  # Gemma-3 4B-27B, image-text: the vision tower and projector merge as the other non-layer tensors do.
         # Checkpoints name the text model `language_model.model.` (the hub's, and transformers 5 writes so) or
         # `model.language_model.` (the live module's names), the vision tower `vision_tower.vision_model.` or

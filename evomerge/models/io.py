@@ -414,10 +414,13 @@ def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | str | None = No
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     finally:
         if shown:
             hf_logging.enable_progress_bar()
+    if model.dtype == torch.float64 and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")  # transformers' grouped experts (MoE) take no float64
+    return model
 
 
 def live_param(model: torch.nn.Module, checkpoint_name: str, arch: Architecture | None = None) -> torch.Tensor:
@@ -425,7 +428,8 @@ def live_param(model: torch.nn.Module, checkpoint_name: str, arch: Architecture 
 
     Checkpoints may or may not carry the base model prefix (GPT-2's `transformer.`), and transformers renames a few
     tensors on load (`arch.live_renames`); a tied lm_head resolves to the embedding Parameter itself, so writing into it
-    writes the embeddings. `arch` defaults to the one of `model.config`.
+    writes the embeddings, and one expert's tensor to its view of the fused experts (`arch.live_experts`). `arch`
+    defaults to the one of `model.config`.
     """
     if arch is None:
         config = {"architectures": model.config.architectures, "model_type": model.config.model_type}
@@ -438,6 +442,10 @@ def live_param(model: torch.nn.Module, checkpoint_name: str, arch: Architecture 
                     return getter(name)
                 except AttributeError:
                     pass
+    fused = arch.live_expert(checkpoint_name)
+    if fused:  # one expert's tensor inside the live model's fused experts: a view, so writes reach the parameter
+        live_name, expert, chunk, chunks = fused
+        return live_param(model, live_name, arch)[expert].chunk(chunks)[chunk]
     raise EvomergeError(f"the live {type(model).__name__} has no parameter for checkpoint tensor {checkpoint_name!r}")
 
 
