@@ -206,10 +206,7 @@ class HarnessEvaluator:
             return {name: 1.0 for name in self.tasks}
         leaves: dict[str, float] = {}
         for name, weight in weights.items():
-            members = self._leaves_of(name)
-            if not members:
-                raise EvomergeError(f"weight for {name!r}, which is not among the evaluated tasks "
-                                    f"({', '.join(self.tasks)})", key="weights")
+            members = self._members(name, "weight")
             for member in members:
                 leaves[member] = leaves.get(member, 0.0) + weight / len(members)
         if sum(leaves.values()) <= 0:
@@ -219,13 +216,17 @@ class HarnessEvaluator:
     def _leaf_metrics(self, metrics: Mapping[str, str]) -> dict[str, tuple[str, str]]:
         chosen = {name: scored_metric(task) for name, task in self.tasks.items()}
         for name, metric in metrics.items():
-            members = self._leaves_of(name)
-            if not members:
-                raise EvomergeError(f"metric for {name!r}, which is not among the evaluated tasks "
-                                    f"({', '.join(self.tasks)})", key="metrics")
-            for member in members:
+            for member in self._members(name, "metric"):
                 chosen[member] = scored_metric(self.tasks[member], metric, key=f"metrics.{name}")
         return chosen
+
+    def _members(self, name: str, setting: str) -> list[str]:
+        """The tasks a task or group name covers; one that covers none is an error of the `setting`s (weights, ...)."""
+        members = self._leaves_of(name)
+        if not members:
+            raise EvomergeError(f"{setting} for {name!r}, which is not among the evaluated tasks "
+                                f"({', '.join(self.tasks)})", key=f"{setting}s")
+        return members
 
     def _leaves_of(self, name: str) -> list[str]:
         if name in self.tasks:
