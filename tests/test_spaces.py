@@ -331,6 +331,18 @@ def test_an_included_files_own_errors_keep_its_name(tmp_path):
 # composition
 
 
+def test_a_model_dir_named_base_is_a_path_and_tokenizer_source_base_a_word(tmp_path):
+    """`base_model: base` next to the experiment names that dir (frozen absolute, so a resume finds it from anywhere);
+    `tokenizer_source: base` stays the word mergekit reads as the base model."""
+    for name in ("base", "a"):
+        (tmp_path / name).mkdir()
+    doc = {"kind": "ps", "method": "ties", "base_model": "base", "models": ["a"], "bounds": {"weight": [0, 1]}}
+    assert load_space_config(doc, base_dir=tmp_path).base_model == str(tmp_path / "base")
+    merge = {"method": "ties", "base_model": "base", "models": ["a"], "tokenizer_source": "base"}
+    config = load_space_config({"kind": "dfs", "models": ["merged", "a"], "merge": merge}, base_dir=tmp_path)
+    assert (config.merge["base_model"], config.merge["tokenizer_source"]) == (str(tmp_path / "base"), "base")
+
+
 def test_include_replaces_top_level_keys_relative_to_the_including_file(tmp_path):
     (tmp_path / "spaces").mkdir()
     (tmp_path / "spaces" / "base.yaml").write_text("kind: ps\nmethod: ties\nbase_model: <base>\nmodels: [<x>]\n"

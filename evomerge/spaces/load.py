@@ -60,8 +60,8 @@ def _absolute_models(doc: Mapping, base_dir: Path) -> dict:
     and `slices`, an inline `merge`) resolved against `base_dir`; `merged` and tokenizer choices stay."""
     out = dict(doc)
     for key, value in doc.items():
-        if key in ("base_model", "model", "pin", "tokenizer_source") and isinstance(value, str) \
-                and value not in (MERGED, "base", "union"):
+        words = (MERGED, "base", "union") if key == "tokenizer_source" else (MERGED,)  # a model dir may be named base
+        if key in ("base_model", "model", "pin", "tokenizer_source") and isinstance(value, str) and value not in words:
             out[key] = model_ref(value, base_dir)
         elif key in ("models", "slices", "sources") and isinstance(value, list):
             out[key] = [_absolute_models(v, base_dir) if isinstance(v, Mapping) else
