@@ -178,6 +178,31 @@ def test_set_num_layers_carries_per_layer_lists(tiny):
         md.arch.set_num_layers(md.config, 2, source_layers=[0])
 
 
+def test_a_layer_path_over_qwen3_moe_dense_layers_keeps_each_layer_s_mlp(tmp_path):
+    """Qwen3-MoE builds layer i dense (one MLP) when i is in `mlp_only_layers` or (i + 1) % decoder_sparse_step != 0:
+    a written layer path lists its dense layers anew, so transformers builds each layer as its source was built and
+    loads every tensor (no missing or unexpected key, no random weights), equal to the source layer's."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge.materialize import merge_to_dir
+    from evomerge.recipe import LayerSlot, Recipe
+
+    base = build_tiny("qwen3_moe", tmp_path / "base", num_layers=4, hidden=32, decoder_sparse_step=2,
+                      mlp_only_layers=[3])  # dense 0, 2 (the step) and 3 (listed); sparse 1
+    slots = [1, 0, 3, 1, 2]
+    merge_to_dir(Recipe(layers=[LayerSlot(source=str(base), layer=i) for i in slots]), tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["mlp_only_layers"], config["decoder_sparse_step"]) == ([1, 2, 4], 1)
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info
+    source = AutoModelForCausalLM.from_pretrained(base).model.layers
+    for j, i in enumerate(slots):
+        for (name, got), (_, want) in zip(model.model.layers[j].state_dict().items(), source[i].state_dict().items()):
+            assert torch.equal(got, want), (j, name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading
 

@@ -126,6 +126,10 @@ class Architecture:
                 out[key] = [values[i] for i in source_layers]
             elif len(values) != n:
                 del out[key]
+        if source_layers is not None and "mlp_only_layers" in settings:  # Qwen3-MoE's dense layers, listed anew
+            step = settings.get("decoder_sparse_step") or 1  # else every step-th layer is sparse
+            dense = {i for i in range(self.num_layers(config)) if i in settings["mlp_only_layers"] or (i + 1) % step}
+            out.update(mlp_only_layers=[j for j, i in enumerate(source_layers) if i in dense], decoder_sparse_step=1)
         return self.with_text_settings(config, out)
 
     def with_text_settings(self, config: dict, settings: dict) -> dict:
