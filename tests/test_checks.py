@@ -385,3 +385,38 @@ def test_a_metric_the_task_lacks(tiny_zoo, tmp_path):
                                            "metrics": {"filtered": "exact_match,flexible-extract"}})
     assert_refused(search(tmp_path, doc), tmp_path, "evaluation.metrics.filtered",
                    "task filtered has no filter 'flexible-extract' (its filters: never, whole)")
+
+
+def start_recipe(tmp_path: Path, zoo: Path, method: str = "ties", models=("expert_cipher", "expert_reverse")) -> Path:
+    """A mergekit recipe beside the experiment, its models relative to it, the base listed too (mergekit's habit)."""
+    import os
+
+    rel = lambda name: os.path.relpath(zoo / name, tmp_path)  # noqa: E731
+    recipe = {"merge_method": method, "base_model": rel("base"), "parameters": {"density": 0.6},
+              "models": [{"model": rel("base")}, {"model": rel(models[0]), "parameters": {"weight": 0.3, "density": 1.0}},
+                         {"model": rel(models[1]), "parameters": {"weight": 0.8}}]}
+    (tmp_path / "start.yaml").write_text(yaml.safe_dump(recipe))
+    return tmp_path / "start.yaml"
+
+
+def test_a_search_starts_at_a_recipe(tiny_zoo, tmp_path):
+    """`space.start`: natural niches scores the recipe first (CMA-ES would centre its first population there)."""
+    start_recipe(tmp_path, tiny_zoo)
+    doc = experiment(tiny_zoo, space={"start": "start.yaml"}, optimizer={"name": "niches"})
+    result = search(tmp_path, doc)
+    assert result.exit_code == 0, result.output
+    first = Ledger(tmp_path / "run" / "ledger.sqlite").trials("search")[0]
+    # genes weight[cipher], weight[reverse], density[cipher], density[reverse] on the unit scale of bounds [0, 1] and
+    # [0.2, 1]: 0.3, 0.8, (1.0 - 0.2) / 0.8, (0.6 - 0.2) / 0.8
+    assert first.genome == pytest.approx([0.3, 0.8, 1.0, 0.5])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"optimizer": {"name": "random"}}, "optimizer random does not begin at a genome; start is for cmaes, niches"),
+    ({"method": "dare_ties"}, "start.yaml has method dare_ties; the space merges by ties"),
+    ({"models": ("expert_cipher", "expert_digits")}, "start.yaml merges ["),
+])
+def test_a_start_recipe_the_space_cannot_begin_at(tiny_zoo, tmp_path, change, message):
+    start_recipe(tmp_path, tiny_zoo, **{k: v for k, v in change.items() if k != "optimizer"})
+    doc = experiment(tiny_zoo, space={"start": "start.yaml"}, optimizer=change.get("optimizer", {"name": "cmaes"}))
+    assert_refused(search(tmp_path, doc), tmp_path, "space.start", message)

@@ -166,6 +166,39 @@ def test_ps_smooth_groups_are_the_points_of_a_gradient():
     assert steps == [0.1, 0.1, 0.7, 0.7, 0.4, 0.4]  # without smooth: each group's value on its own layers
 
 
+def layer_tensors(n: int = 6) -> dict[int, list[str]]:
+    return {i: [f"model.layers.{i}.self_attn.q_proj.weight", f"model.layers.{i}.mlp.up_proj.weight",
+                f"model.layers.{i}.input_layernorm.weight"] for i in range(n)}
+
+
+def test_ps_started_at_a_recipe_decodes_to_it():
+    """x0 moves to the recipe's values (mergekit's precedence: the model's own, else the stage's parameters)."""
+    space = ps(layer_groups=2, bounds={"weight": [0.0, 1.0], "density": [0.1, 1.0]})
+    stage = recipe_from_dict([{"merge_method": "ties", "base_model": "base", "parameters": {"density": 0.5},
+                               "models": [{"model": "a", "parameters": {"weight": 0.3, "density": 0.6}},
+                                          {"model": "b", "parameters": {"weight": 0.8}}]}]).merge
+    assert space.started_at(stage, layer_tensors()) == []
+    models = space.decode(space.x0).merge.models
+    assert [m.parameters for m in models] == [{"weight": [0.3] * 6, "density": [0.6] * 6},
+                                              {"weight": [0.8] * 6, "density": [0.5] * 6}]
+    assert space.anchors[0].tolist() == space.x0.tolist()  # natural niches asks it first
+
+
+def test_ps_started_at_a_gradient_and_filters_takes_each_gene_s_mean():
+    """Genes per layer group and part: the mean of the recipe's values over the tensors each one sets (a gradient
+    [0, 1] over 6 layers is i / 5 at layer i: groups {0, 1}, {2, 3}, {4, 5} average to 0.1, 0.5, 0.9); a value outside
+    the bounds starts at the nearest bound, and is named."""
+    space = ps(layer_groups=3, split=["self_attn", "mlp"], search=["weight"], bounds={"weight": [0.0, 0.6]})
+    stage = recipe_from_dict([{"merge_method": "ties", "base_model": "base", "models": [
+        {"model": "a", "parameters": {"weight": [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.4}]}},
+        {"model": "b", "parameters": {"weight": 0.2}}]}]).merge
+    assert space.started_at(stage, layer_tensors()) == ["weight[a].g2.self_attn"]
+    start = dict(zip((g.name for g in space.genes), space.raw(space.x0)))
+    assert [start[f"weight[a].g{g}.self_attn"] for g in range(3)] == pytest.approx([0.1, 0.5, 0.6])  # 0.9 clipped
+    assert [start[f"weight[a].g{g}.{part}"] for g in range(3) for part in ("mlp", "rest")] == pytest.approx([0.4] * 6)
+    assert [v for k, v in start.items() if k.startswith("weight[b]")] == pytest.approx([0.2] * 9)
+
+
 def test_ps_anchors_are_the_default_merge_and_each_model_alone():
     space = ps(layer_groups=2, bounds={"weight": [0.0, 1.5], "density": [0.1, 1.0]})
     first, *alone = space.anchors

@@ -9,8 +9,10 @@ splits, weights) are the evaluator's to check (`run.evaluation.check_tasks`): a 
 
 from __future__ import annotations
 
+import functools
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from evomerge.errors import EvomergeError
 from evomerge.recipe import MERGED, LayerSlot, Recipe
@@ -61,6 +63,7 @@ def check_space(experiment: Experiment, source: str, *, headers_only: bool = Fal
             _check_split(config, dirs[models[0]], source)
         num_layers = {model: d.num_layers for model, d in dirs.items()}
         space = build_space(config, num_layers=num_layers, source=source, key="space")
+        warnings = _start_at(space, dirs[models[0]], experiment.optimizer.name, source) if config.kind == "ps" else []
         candidate = space.decode(space.x0)
         path_models = [m for m in getattr(config, "models", []) if m != MERGED] if config.kind == "dfs" else []
         with keys_under("space", source):
@@ -74,7 +77,7 @@ def check_space(experiment: Experiment, source: str, *, headers_only: bool = Fal
         dtype = common_dtype(dirs.values())
         base = _live_base(candidate, models)
         _check_tokenizer(dirs[base], base, source, chat=experiment.evaluation.apply_chat_template)
-        warnings = _other_vocabularies(dirs, base, path_models)
+        warnings += _other_vocabularies(dirs, base, path_models)
         memory = plan_memory(dirs, merge_models=candidate.merge.referenced_models() if merge else [],
                              path_models=path_models, base=base, tasks=merge.tasks if merge else [],
                              dtype=compute_dtype or dtype, device_type=_device_type(experiment.workers.device),
@@ -83,6 +86,42 @@ def check_space(experiment: Experiment, source: str, *, headers_only: bool = Fal
         for d in dirs.values():
             d.close()
     return CheckedSpace(config, models, space, dtype, base, tuple(path_models), memory, tuple(warnings))
+
+
+STARTS_AT_X0 = ("cmaes", "niches")  # the optimizers whose search begins at the space's x0
+
+
+def _start_at(space, base, optimizer: str, source: str) -> list[str]:
+    """`space.start`: x0 moved to the genome of a recipe of the space's method and models (ParameterSpace.started_at,
+    over the base's tensor names). Its models are paths relative to the recipe file, or hub ids; the base may also be
+    listed among them (mergekit's habit: it adds nothing to a merge that has a base)."""
+    from evomerge.paths import model_ref
+    from evomerge.recipe import load_recipe
+
+    start, config = space.config.start, space.config
+    if start is None:
+        return []
+    if optimizer not in STARTS_AT_X0:
+        raise EvomergeError(f"optimizer {optimizer} does not begin at a genome; start is for {', '.join(STARTS_AT_X0)}",
+                            source=source, key="space.start")
+    stage = load_recipe(start).merge
+    if stage is None or stage.method != config.method:
+        found = f"method {stage.method}" if stage else "no merge stage"
+        raise EvomergeError(f"{start} has {found}; the space merges by {config.method}", source=source,
+                            key="space.start")
+    ref = functools.partial(model_ref, base_dir=Path(start).parent)
+    base_model = ref(stage.base_model) if stage.base_model else None
+    models = [m.model_copy(update={"model": ref(m.model)}) for m in stage.models or [] if ref(m.model) != base_model]
+    if base_model != config.base_model or sorted(m.model for m in models) != sorted(config.models):
+        raise EvomergeError(f"{start} merges {[m.model for m in models]} into {base_model}; the space merges "
+                            f"{config.models} into {config.base_model}", source=source, key="space.start")
+    layer_tensors: dict[int, list[str]] = {}
+    for name in base.tensor_names:
+        if (layer := base.arch.layer_of(name)) is not None:
+            layer_tensors.setdefault(layer, []).append(name)
+    clipped = space.started_at(stage.model_copy(update={"models": models}), layer_tensors)
+    return [f"space.start: {len(clipped)} gene(s) of {start} lie outside the space's bounds and start at the "
+            f"nearest one ({', '.join(clipped[:4])}{', ...' if len(clipped) > 4 else ''})"] if clipped else []
 
 
 def _check_layer_paths(config, arch, source: str) -> None:

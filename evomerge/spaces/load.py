@@ -46,7 +46,7 @@ def _read(path: Path, source: str, seen: tuple[Path, ...] = ()) -> dict:
 
 def _compose(doc: Mapping, base_dir: Path, source: str, seen: tuple[Path, ...] = ()) -> dict:
     doc = _absolute_models(doc, base_dir)
-    for key in ("include", "merge"):
+    for key in ("include", "merge", "start"):
         if isinstance(doc.get(key), str):
             doc[key] = absolute(doc[key], base_dir)
     if "include" in doc:

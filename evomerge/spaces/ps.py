@@ -48,6 +48,7 @@ class PSConfig(Schema):
     smooth: bool = False  # layer groups as the points of a gradient (mergekit interpolates between them), not as steps
     dtype: str | None = None
     seed: int = 0  # keys the random masks of DARE/DELLA
+    start: str | None = None  # a recipe file (same method and models) the search starts from (`started_at`)
 
     @field_validator("layer_groups")
     @classmethod
@@ -162,6 +163,35 @@ class ParameterSpace(SearchSpace):
             elif p.per_model and p.name == "density":
                 block[:] = 1.0
         return raw
+
+    def started_at(self, stage: MergeStage, layer_tensors: Mapping[int, list[str]]) -> list[str]:
+        """Move x0 to the genome nearest `stage` (this space's method and models): each gene the mean of the stage's
+        values over the tensors of the layers and part it sets (`layer_tensors`: the base's tensor names per layer),
+        clipped to its bounds; a gene the stage leaves unset keeps its start. Returns the clipped genes' names."""
+        from evomerge.recipe import resolve
+
+        cfg, last = self.config, max(self.num_layers - 1, 1)
+        entries = {m.model: m.parameters for m in stage.models or []}
+        values = np.full((len(self.genes), 2), 0.0)  # per gene: sum of values, count
+        for layer, names in layer_tensors.items():
+            for name in names:
+                part = next(k for k, (_, f) in enumerate(self.parts) if f is None or f in name)
+                offset = 0
+                for p in self.searched:
+                    for m, model in enumerate(cfg.models if p.per_model else [None]):
+                        value = resolve(p.name, [entries.get(model), stage.parameters], name, layer / last)
+                        gene = offset + (m * self.groups + self.group_of_layer[layer]) * len(self.parts) + part
+                        if isinstance(value, (int, float)):
+                            values[gene] += (value, 1)
+                    offset += (len(cfg.models) if p.per_model else 1) * self.groups * len(self.parts)
+        clipped, genes = [], []
+        for gene, (total, count) in zip(self.genes, values):
+            start = total / count if count else gene.start
+            if not gene.low <= start <= gene.high:
+                clipped.append(gene.name)
+            genes.append(Gene(gene.name, gene.low, gene.high, float(np.clip(start, gene.low, gene.high))))
+        self.genes = tuple(genes)
+        return clipped
 
     def _decode(self, raw: np.ndarray) -> Recipe:
         cfg = self.config
