@@ -34,11 +34,16 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
                  {"gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias", "embed_out.weight"}),
     "qwen3_moe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "mixtral": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "granite": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "arcee": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "cohere2": ({"model.embed_tokens.weight"}, {"model.norm.weight"}),
+    "glm4": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "starcoder2": ({"model.embed_tokens.weight"}, {"model.norm.weight", "model.norm.bias"}),
 }
 VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight",
          "embed_out.weight", "language_model.model.embed_tokens.weight"}
-TIED = {"gemma", "gemma2", "gemma3_text", "gemma3", "gpt2"}
-BRANCH_NORMED = {"gemma2", "gemma3_text", "gemma3", "olmo2"}  # norm each branch's output: no output projection folds a scale
+TIED = {"gemma", "gemma2", "gemma3_text", "gemma3", "gpt2", "cohere2", "starcoder2"}
+BRANCH_NORMED = {"gemma2", "gemma3_text", "gemma3", "olmo2", "glm4"}  # norm each branch's output: no output projection folds a scale
 NOT_TEXT = r"vision_tower\.|multi_modal_projector\."  # an image-text model's other parts: neither layers nor pre/post
 
 
@@ -104,7 +109,8 @@ def test_block_of_agrees_with_the_live_module_classes(tiny, live, family):
     assert {"attn", "mlp", "norm", None} <= seen
 
 
-EPS_KEY = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps"}
+EPS_KEY = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "cohere2": "layer_norm_eps",
+           "starcoder2": "norm_epsilon"}
 
 
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - BRANCH_NORMED))

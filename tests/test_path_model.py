@@ -137,8 +137,9 @@ OVERRIDES = {"gemma3_text": {"layer_types": ["sliding_attention", "full_attentio
 def test_every_family_scores_the_model_it_writes(family, tmp_path):
     """For every family a search runs layer paths on: the live path model's logits are the written model's; scales
     where the family's output projections can hold them (else the search refuses scales, tests/test_checks.py)."""
-    base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32, rms_norm_eps=1e-12, dtype=torch.float64,
-                      **OVERRIDES.get(family, {}))
+    eps = {"cohere2": "layer_norm_eps", "starcoder2": "norm_epsilon"}.get(family, "rms_norm_eps")
+    base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32, dtype=torch.float64,
+                      **{eps: 1e-12, **OVERRIDES.get(family, {})})
     (a,) = make_variants(base, tmp_path, n=1, scale=0.05)
     names = {"base": str(base), "a": str(a)}
     foldable = bool(architecture_for(json.loads((base / "config.json").read_text()), "config.json").output_projections)

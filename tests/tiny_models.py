@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from evomerge.models.io import ModelDir, ModelWriter
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "olmo2", "gpt2",
-            "gpt_neox", "qwen3_moe", "mixtral")
+            "gpt_neox", "qwen3_moe", "mixtral", "granite", "arcee", "cohere2", "glm4", "starcoder2")
 _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 _CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -38,12 +38,13 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
     classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "gemma": "GemmaConfig",
                "gemma2": "Gemma2Config", "phi3": "Phi3Config", "qwen3": "Qwen3Config",
                "gemma3_text": "Gemma3TextConfig", "olmo2": "Olmo2Config", "qwen3_moe": "Qwen3MoeConfig",
-               "mixtral": "MixtralConfig"}
+               "mixtral": "MixtralConfig", "granite": "GraniteConfig", "arcee": "ArceeConfig",
+               "cohere2": "Cohere2Config", "glm4": "Glm4Config", "starcoder2": "Starcoder2Config"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
-    if family.startswith("gemma") or family.startswith("qwen3"):
+    if family.startswith(("gemma", "qwen3", "arcee", "cohere2", "glm4")):
         dims["head_dim"] = hidden // 2  # their default head_dim (256, 128) whatever the hidden size
     if family == "qwen3_moe":  # 4 experts of 2 per token, each with an MLP as wide as the hidden state
         dims.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden)

@@ -150,7 +150,7 @@ def _llama_like(name: str, architecture: str, *, tied: bool = False, output_proj
         architectures=(architecture,),
         layer=r"(model\.layers\.)(\d+)\.",
         pre=r"model\.embed_tokens\.weight",
-        post=r"model\.norm\.weight|lm_head\.weight",
+        post=r"model\.norm\.(weight|bias)|lm_head\.weight",
         vocab=r"model\.embed_tokens\.weight|lm_head\.weight",
         tied_default=tied,
         output_projections=output_projections,
@@ -180,6 +180,12 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("qwen3", "Qwen3ForCausalLM"),
     _llama_like("gemma3_text", "Gemma3ForCausalLM", tied=True, output_projections=""),
     _llama_like("olmo2", "Olmo2ForCausalLM", output_projections=""),  # norms each branch's output, as Gemma-2
+    _llama_like("granite", "GraniteForCausalLM"),
+    _llama_like("arcee", "ArceeForCausalLM"),
+    _llama_like("cohere2", "Cohere2ForCausalLM", tied=True),  # attention and MLP in parallel, on one norm
+    _llama_like("glm4", "Glm4ForCausalLM", output_projections=""),  # norms each branch's output, as Gemma-2
+    _llama_like("starcoder2", "Starcoder2ForCausalLM", tied=True,
+                output_projections=r"\.(self_attn\.o_proj|mlp\.c_proj)\.(weight|bias)$"),
     # Mixtures of experts: checkpoints hold each expert's tensors (the hub's) or the live module's fused ones (as
     # transformers 5 and mergekit 0.1.5 name them); a merge takes either, expert by expert or fused tensor by tensor.
     _llama_like("qwen3_moe", "Qwen3MoeForCausalLM",
