@@ -170,22 +170,23 @@ class ParameterSpace(SearchSpace):
         clipped to its bounds; a gene the stage leaves unset keeps its start. Returns the clipped genes' names."""
         from evomerge.recipe import resolve
 
-        cfg, last = self.config, max(self.num_layers - 1, 1)
-        entries = {m.model: m.parameters for m in stage.models or []}
-        values = np.full((len(self.genes), 2), 0.0)  # per gene: sum of values, count
-        for layer, names in layer_tensors.items():
-            for name in names:
-                part = next(k for k, (_, f) in enumerate(self.parts) if f is None or f in name)
-                offset = 0
-                for p in self.searched:
-                    for m, model in enumerate(cfg.models if p.per_model else [None]):
+        entries, last = {m.model: m.parameters for m in stage.models or []}, max(self.num_layers - 1, 1)
+        totals, counts = [], []  # per searched parameter: [models, groups, parts], the genes' order (module doc)
+        for p in self.searched:
+            models = self.config.models if p.per_model else [None]
+            total, count = np.zeros((2, len(models), self.groups, len(self.parts)))
+            for layer, names in layer_tensors.items():
+                for name in names:
+                    part = next(k for k, (_, f) in enumerate(self.parts) if f is None or f in name)  # first match
+                    for m, model in enumerate(models):
                         value = resolve(p.name, [entries.get(model), stage.parameters], name, layer / last)
-                        gene = offset + (m * self.groups + self.group_of_layer[layer]) * len(self.parts) + part
                         if isinstance(value, (int, float)):
-                            values[gene] += (value, 1)
-                    offset += (len(cfg.models) if p.per_model else 1) * self.groups * len(self.parts)
+                            total[m, self.group_of_layer[layer], part] += value
+                            count[m, self.group_of_layer[layer], part] += 1
+            totals.append(total.ravel())
+            counts.append(count.ravel())
         clipped, genes = [], []
-        for gene, (total, count) in zip(self.genes, values):
+        for gene, total, count in zip(self.genes, np.concatenate(totals), np.concatenate(counts)):
             start = total / count if count else gene.start
             if not gene.low <= start <= gene.high:
                 clipped.append(gene.name)
