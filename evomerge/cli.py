@@ -130,6 +130,8 @@ def _check_target(target: str) -> None:
               help="what a task (or group) scores, e.g. gsm8k=exact_match,flexible-extract (default: its first metric "
                    "under its first filter)")
 @click.option("--network", is_flag=True, help="allow lm-eval's built-in tasks (downloads their data)")
+@click.option("--cut", default=None, metavar="search=N,validation=M[,seed=S][,split=NAME]",
+              help="cut each task's split (default: its test split) as a search's evaluation.cut does")
 @click.option("--output-json", type=click.Path(dir_okay=False), default=None)
 @click.option("--output-md", type=click.Path(dir_okay=False), default=None, help="also write the table as Markdown")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
@@ -139,7 +141,7 @@ def _check_target(target: str) -> None:
 @click.option("--apply-chat-template", is_flag=True, help="prompts through each model's chat template (lm-eval's)")
 @click.option("--system-instruction", default=None, help="a system message before every prompt")
 @user_errors
-def evaluate(targets, tasks, split, limit, task_dirs, metrics, network, output_json, output_md, device, dtype,
+def evaluate(targets, tasks, split, limit, task_dirs, metrics, network, cut, output_json, output_md, device, dtype,
              batch_size, apply_chat_template, system_instruction):
     """Score model dirs, hub ids or recipes (TARGETS) on lm-eval tasks: per-task scores, 95% CIs, chance levels."""
     from evomerge.evaluate.table import evaluate_targets
@@ -150,14 +152,16 @@ def evaluate(targets, tasks, split, limit, task_dirs, metrics, network, output_j
     load = functools.partial(_load_target, device=device, dtype=dtype)
     try:
         report = evaluate_targets(list(targets), tasks.split(","), split=split, limit=limit, task_dirs=task_dirs,
-                                  metrics=_metrics(metrics), network=network, batch_size=_batch_size(batch_size),
+                                  metrics=_metrics(metrics), network=network, cut=_cut(cut),
+                                  batch_size=_batch_size(batch_size),
                                   load=load, check=_check_target, apply_chat_template=apply_chat_template,
                                   system_instruction=system_instruction, output_json=output_json,
                                   output_markdown=output_md, echo=click.echo)
-    except EvomergeError as err:  # the evaluator names the experiment's key, evaluation.metrics.TASK
-        if not (err.key or "").startswith("metrics"):
+    except EvomergeError as err:  # the evaluator names the experiment's keys (metrics.TASK, cut): the options here
+        option = next((o for k, o in (("metrics", "--metric"), ("cut", "--cut")) if (err.key or "").startswith(k)), None)
+        if option is None:
             raise
-        raise EvomergeError(err.message, key="--metric") from None
+        raise EvomergeError(err.message, key=option) from None
     failed = [r["target"] for r in report["results"] if r["status"] != "ok"]
     if failed:  # the table is written with their rows marked; a script must still see that they failed
         click.echo(f"error: {len(failed)} of {len(report['results'])} target(s) failed: {', '.join(failed)}", err=True)
@@ -173,6 +177,22 @@ def _metrics(options: tuple[str, ...]) -> dict[str, str]:
             raise EvomergeError(f"{option!r}: expected TASK=METRIC or TASK=METRIC,FILTER", key="--metric")
         metrics[task.strip()] = metric.strip()
     return metrics
+
+
+def _cut(text: str | None) -> dict | None:
+    """--cut search=N,validation=M[,seed=S][,split=NAME]: the experiment's `evaluation.cut`."""
+    from pydantic import ValidationError
+
+    from evomerge.run.config import CutConfig
+
+    if text is None:
+        return None
+    try:
+        return CutConfig.model_validate(dict(part.split("=", 1) for part in text.split(","))).model_dump()
+    except (ValueError, ValidationError) as err:
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()) \
+            if isinstance(err, ValidationError) else "expected key=value pairs"
+        raise EvomergeError(f"{text!r}: {detail}", key="--cut") from None
 
 
 def _batch_size(text: str) -> int | str:

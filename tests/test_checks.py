@@ -420,3 +420,32 @@ def test_a_start_recipe_the_space_cannot_begin_at(tiny_zoo, tmp_path, change, me
     start_recipe(tmp_path, tiny_zoo, **{k: v for k, v in change.items() if k != "optimizer"})
     doc = experiment(tiny_zoo, space={"start": "start.yaml"}, optimizer=change.get("optimizer", {"name": "cmaes"}))
     assert_refused(search(tmp_path, doc), tmp_path, "space.start", message)
+
+
+def test_a_search_over_a_task_with_one_split_cuts_it(tiny_zoo, tmp_path):
+    """`evaluation.cut`: a task with only a test split (as most benchmarks) is searched on its cut search split, its
+    winner picked on validation and scored on test; `evomerge eval --cut` scores the same test documents. Without the
+    cut it is refused up front."""
+    from test_evaluate import one_split_task_dir
+
+    tasks = str(one_split_task_dir(tmp_path))
+    doc = experiment(tiny_zoo, evaluation={"tasks": ["digits_one"], "task_dirs": [tasks]})
+    assert_refused(search(tmp_path, doc), tmp_path, "evaluation.split", "task digits_one has no split 'search' "
+                   "(available: test); evaluation.cut (eval --cut) cuts one into search, validation and test")
+    doc["evaluation"]["cut"] = {"search": 50, "validation": 30}
+    result = search(tmp_path, doc)
+    assert result.exit_code == 0 and "2 trials, 0 failed" in result.output, result.output
+    scores = json.loads((tmp_path / "run" / "best" / "scores.json").read_text())["scores"]
+    assert scores["validation"]["digits_one"]["n"] == 30 and scores["test"]["digits_one"]["n"] == 120
+    out = tmp_path / "eval.json"
+    run = CliRunner().invoke(main, ["eval", str(tmp_path / "run" / "best" / "recipe.yaml"), "--tasks", "digits_one",
+                                    "--task-dir", tasks, "--cut", "search=50,validation=30", "--output-json", str(out)])
+    assert run.exit_code == 0, run.output
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["scores"]["digits_one"]["value"] == scores["test"]["digits_one"]["value"]
+    for bad, message in (("search=50", "--cut: 'search=50': validation: Field required"),
+                         ("search=50,validation=30,tset=1", "tset: Extra inputs are not permitted"),
+                         ("search=190,validation=30", "--cut: task digits_one: its 'test' split has 200 documents")):
+        run = CliRunner().invoke(main, ["eval", str(tiny_zoo / "base"), "--tasks", "digits_one", "--task-dir", tasks,
+                                        "--cut", bad])
+        assert run.exit_code == 2 and message in run.output and len(run.output.splitlines()) == 1, run.output

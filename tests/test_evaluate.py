@@ -181,6 +181,40 @@ def test_a_metric_or_filter_the_task_lacks(tokenizer, tmp_path, metrics, key, me
     assert (err.value.key, err.value.message) == (key, message)
 
 
+def one_split_task_dir(root: Path) -> Path:
+    """A user task with one split, `test` (the toy digits test documents), as most published benchmarks have."""
+    d = root / "one_split_tasks"
+    d.mkdir(parents=True)
+    (d / "digits_one.yaml").write_text(json.dumps({
+        "task": "digits_one", "dataset_path": "json", "test_split": "test",
+        "dataset_kwargs": {"data_files": {"test": str(TOY / "data" / "digits_test.jsonl")}},
+        "output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{answer}}",
+        "target_delimiter": "", "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6, "do_sample": False},
+        "metric_list": [{"metric": "exact_match"}]}))
+    return d
+
+
+def test_a_cut_splits_one_split_three_ways(tokenizer, tmp_path):
+    """`cut`: the 200 documents of the task's test split shuffled by numpy's PCG64 (seed 0): the first 50 are the search
+    split, the next 30 validation, the other 120 test, in that shuffled order; the same cut every time."""
+    tasks, cut = [str(one_split_task_dir(tmp_path))], {"search": 50, "validation": 30, "seed": 0}
+    rows = [json.loads(line)["prompt"] for line in (TOY / "data" / "digits_test.jsonl").read_text().splitlines()]
+    order = np.random.default_rng(0).permutation(len(rows))
+    expected = {"search": order[:50], "validation": order[50:80], "test": order[80:]}
+    for split, indices in expected.items():
+        evaluator = HarnessEvaluator(["digits_one"], tokenizer, split=split, task_dirs=tasks, cut=cut)
+        assert evaluator.sizes == {"digits_one": len(indices)}
+        docs = [d["prompt"] for d in evaluator.tasks["digits_one"].eval_docs]
+        assert docs == [rows[i] for i in indices], split
+    with pytest.raises(EvomergeError, match=r"task digits_one has no split 'search'"):
+        HarnessEvaluator(["digits_one"], tokenizer, split="search", task_dirs=tasks)  # without a cut
+    with pytest.raises(EvomergeError, match=r"task digits_one: its 'test' split has 200 documents, too few for 150 search "
+                                            r"\+ 50 validation \+ a test split"):
+        HarnessEvaluator(["digits_one"], tokenizer, task_dirs=tasks, cut={"search": 150, "validation": 50})
+    with pytest.raises(EvomergeError, match=r"task digits_one has no split 'train' to cut \(available: test\)"):
+        HarnessEvaluator(["digits_one"], tokenizer, task_dirs=tasks, cut={"search": 5, "validation": 5, "split": "train"})
+
+
 def test_documents_kept_in_memory_are_the_ones_lm_eval_would_iterate(digits_evaluator):
     """select_split keeps a task's documents in memory; its doc_iterator yields what lm-eval's own yields."""
     for task in digits_evaluator.tasks.values():

@@ -47,34 +47,35 @@ def test_objectives_name_tasks_the_evaluator_scores():
 
 
 def test_the_paper_experiment_scores_mgsm_ja_on_three_disjoint_splits(monkeypatch):
-    """The paper config's own task (experiments/tasks/mgsm_ja_split.yaml) passes the checks of `evomerge search`: the
-    hub's MGSM-ja test split (stood in by a local dataset of its schema: the hub is not reachable here) is cut into
-    search / validation / test of 100 / 50 / 100 disjoint questions, the same cut on every load, with lm-eval's
-    mgsm_direct_ja prompt and target."""
+    """The paper config's task, lm-eval's own mgsm_direct_ja, passes the checks of `evomerge search`: the hub's MGSM-ja
+    (stood in by a local dataset of its schema: the hub is not reachable here) has its 250 test questions cut by
+    `evaluation.cut` into search / validation / test of 100 / 50 / 100 disjoint questions, as the numpy permutation of
+    seed 0 orders them, with mgsm_direct_ja's prompt and target, scored by the answer's last number."""
     import datasets
+    import numpy as np
 
     from evomerge.evaluate.harness import HarnessEvaluator
     from evomerge.run.evaluation import check_tasks
 
-    hub = datasets.Dataset.from_list([{"question": f"りんごが{i}個あります。", "answer": None, "answer_number": i,
-                                       "equation_solution": None} for i in range(250)])
+    def questions(numbers):
+        return datasets.Dataset.from_list([{"question": f"りんごが{i}個あります。", "answer": None, "answer_number": i,
+                                            "equation_solution": None} for i in numbers])
+
+    hub = datasets.DatasetDict({"train": questions(range(1000, 1008)), "test": questions(range(250))})
     asked = []
-    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: asked.append((args, kwargs)) or hub)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: asked.append(kwargs) or hub)
     path = Path(__file__).parents[1] / "experiments" / "paper_mistral7b_ps.yaml"
     experiment = load_experiment(path)
-    check_tasks(experiment.evaluation, str(path), experiment.optimizer.name)
-    assert asked[0] == (("juletxara/mgsm", "ja"), {"split": "test"})
     c = experiment.evaluation
-    numbers = {}
-    for split in ("search", "validation", "test"):
-        evaluator = HarnessEvaluator(c.tasks, None, split=split, task_dirs=c.task_dirs)
-        task = evaluator.tasks["mgsm_ja_split"]
-        docs = list(task.eval_docs)
-        numbers[split] = [d["answer_number"] for d in docs]
-        assert task.doc_to_text(docs[0]) == f"問題： りんごが{docs[0]['answer_number']}個あります。\nAnswer:"
-        assert task.doc_to_target(docs[0]) == str(docs[0]["answer_number"])
-    assert {s: len(n) for s, n in numbers.items()} == {"search": 100, "validation": 50, "test": 100}
-    assert sorted(sum(numbers.values(), [])) == list(range(250))  # disjoint, and every question used
-    again = HarnessEvaluator(c.tasks, None, split="search", task_dirs=c.task_dirs, metrics=c.metrics)
-    assert [d["answer_number"] for d in again.tasks["mgsm_ja_split"].eval_docs] == numbers["search"]
-    assert again.metrics == {"mgsm_ja_split": ("exact_match", "flexible-extract")}  # the answer's last number
+    check_tasks(c, str(path), experiment.optimizer.name)
+    assert (asked[0]["path"], asked[0]["name"]) == ("juletxara/mgsm", "ja")
+    evaluator = HarnessEvaluator(c.tasks, None, split="search", network=c.network, cut=c.cut.model_dump(),
+                                 metrics=c.metrics)
+    task = evaluator.tasks["mgsm_direct_ja"]
+    order = np.random.default_rng(0).permutation(250)
+    for split, indices in {"search": order[:100], "validation": order[100:150], "test": order[150:]}.items():
+        assert [d["answer_number"] for d in task.dataset[split]] == indices.tolist(), split
+    doc = next(iter(task.eval_docs))
+    assert task.doc_to_text(doc) == f"問題： りんごが{doc['answer_number']}個あります。\nAnswer:"
+    assert task.doc_to_target(doc) == str(doc["answer_number"])
+    assert evaluator.metrics == {"mgsm_direct_ja": ("exact_match", "flexible-extract")}  # the answer's last number

@@ -30,7 +30,7 @@ import numpy as np
 from evomerge.errors import EvomergeError
 from evomerge.evaluate import racing
 from evomerge.evaluate.result import EvalResult, TaskScore, weighted_fitness
-from evomerge.evaluate.tasks import load_tasks, select_split
+from evomerge.evaluate.tasks import cut_split, load_tasks, select_split
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class HarnessEvaluator:
         None: every task weighs 1.
     metrics: {task or group: "metric" or "metric,filter"} (lm-eval's result key, as mergekit-evolve's `metric`): what
         a task's score is, e.g. "exact_match,flexible-extract"; default: its first metric under its first filter.
+    cut: {search, validation, seed, split}: each task's split cut into search / validation / test (tasks.cut_split).
     aggregate: "mean" (weighted), "min" or "geometric" (result.aggregate).
     apply_chat_template, system_instruction: as lm-eval's (prompts through the tokenizer's chat template; a system
         message first).
@@ -56,7 +57,7 @@ class HarnessEvaluator:
 
     def __init__(self, tasks: Sequence[str], tokenizer, *, split: str | None = "search", limit: int | None = None,
                  weights: Mapping[str, float] | None = None, metrics: Mapping[str, str] | None = None,
-                 task_dirs: Sequence[str] = (), network: bool = False,
+                 task_dirs: Sequence[str] = (), network: bool = False, cut: Mapping | None = None,
                  batch_size: int | str = 64, aggregate: str = "mean", apply_chat_template: bool = False,
                  system_instruction: str | None = None):
         if limit is not None and limit < 1:
@@ -64,6 +65,8 @@ class HarnessEvaluator:
         self.limit, self.tokenizer, self.batch_size = limit, tokenizer, batch_size
         self.task_dict = load_tasks(tasks, task_dirs, network=network)
         self.tasks = dict(self.task_dict["tasks"])  # leaf name -> lm-eval Task
+        for task in self.tasks.values() if cut else ():
+            cut_split(task, **cut)
         self.sizes = {name: min(select_split(task, split), limit or math.inf) for name, task in self.tasks.items()}
         self.chance = {name: chance_level(task, limit) for name, task in self.tasks.items()}  # of the split chosen above
         self.weights = self._leaf_weights(weights)

@@ -75,7 +75,8 @@ def check_loads(path: Path, *files: str, source: str | None = None) -> None:
 
 def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str | None = "test",
                      limit: int | None = None, task_dirs: Sequence[str] = (), metrics: Mapping[str, str] | None = None,
-                     network: bool = False, load: Callable[[str], tuple[object, object]] | None = None,
+                     network: bool = False, cut: Mapping | None = None,
+                     load: Callable[[str], tuple[object, object]] | None = None,
                      check: Callable[[str], None] | None = None, batch_size: int | str = 64,
                      apply_chat_template: bool = False, system_instruction: str | None = None,
                      output_json: str | os.PathLike | None = None, output_markdown: str | os.PathLike | None = None,
@@ -94,7 +95,7 @@ def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str
         model, tokenizer = load(target)
         if evaluator is None:
             evaluator = HarnessEvaluator(tasks, tokenizer, split=split, limit=limit, task_dirs=task_dirs,
-                                         metrics=metrics, network=network, batch_size=batch_size,
+                                         metrics=metrics, network=network, cut=cut, batch_size=batch_size,
                                          apply_chat_template=apply_chat_template,
                                          system_instruction=system_instruction)
         result = evaluator.evaluate(model, tokenizer=tokenizer)

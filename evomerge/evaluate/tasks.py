@@ -82,6 +82,30 @@ def load_tasks(names: Sequence[str], task_dirs: Sequence[str | os.PathLike] = ()
                             source=_task_file(manager, names), key="tasks") from None
 
 
+def cut_split(task, *, search: int, validation: int, seed: int = 0, split: str | None = None) -> None:
+    """Cut one split of `task` (`split`, default its test split) three ways, in place: its documents shuffled by `seed`
+    (numpy's PCG64), the first `search` become the `search` split, the next `validation` the `validation` split and
+    the rest `test`, each in the shuffled order, so that its first documents (`limit`, racing's first stage) are a
+    random sample even of a file sorted by topic. The same cut on every machine and in every worker; the task's other
+    splits stay (a training split its few-shot examples come from)."""
+    import datasets
+    import numpy as np
+
+    name, split = task.config.task, split or task.config.test_split or task.config.validation_split
+    available = list(task.dataset.keys()) if hasattr(task.dataset, "keys") else []
+    if split not in available:
+        raise EvomergeError(f"task {name} has no split {split!r} to cut (available: {', '.join(available) or 'none'})",
+                            key="cut")
+    rows = task.dataset[split]
+    if search + validation >= len(rows):
+        raise EvomergeError(f"task {name}: its {split!r} split has {len(rows)} documents, too few for {search} search + "
+                            f"{validation} validation + a test split", key="cut")
+    order = np.random.default_rng(seed).permutation(len(rows))
+    parts = {"search": order[:search], "validation": order[search:search + validation], "test": order[search + validation:]}
+    kept = {other: docs for other, docs in task.dataset.items() if other != split}
+    task.dataset = datasets.DatasetDict({**kept, **{part: rows.select(i.tolist()) for part, i in parts.items()}})
+
+
 def select_split(task, split: str | None) -> int:
     """Point `task` at `split` (None: the task's own test split), read its documents into memory once, and return how
     many there are."""
@@ -89,8 +113,10 @@ def select_split(task, split: str | None) -> int:
     if split is not None:
         available = list(task.dataset.keys()) if hasattr(task.dataset, "keys") else []
         if split not in available:
-            raise EvomergeError(f"task {name} has no split {split!r} (available: {', '.join(available) or 'none'})",
-                                key="split")
+            hint = "; evaluation.cut (eval --cut) cuts one into search, validation and test" \
+                if split in ("search", "validation", "test") else ""
+            raise EvomergeError(f"task {name} has no split {split!r} (available: {', '.join(available) or 'none'})"
+                                + hint, key="split")
         task.config.test_split = split
     docs = list(task.eval_docs)
     if not docs:

@@ -69,6 +69,15 @@ class RacingConfig(_Schema):
     delta: float = Field(0.05, gt=0, lt=1)  # the README measures 0.05 and 0.2
 
 
+class CutConfig(_Schema):
+    """Each task's `split` (default: its own test split) cut into `search` and `validation` documents and the rest
+    `test`, shuffled by `seed` (evaluate.tasks.cut_split): any lm-eval task, built-in ones included, without a copy."""
+    search: int = Field(ge=1)
+    validation: int = Field(ge=1)
+    seed: int = 0
+    split: str | None = None
+
+
 class EvaluationConfig(_Schema):
     tasks: list[str] = Field(default_factory=list)
     split: str = "search"
@@ -86,6 +95,7 @@ class EvaluationConfig(_Schema):
     objectives: list[str] | None = Field(None, min_length=1)
     task_dirs: list[str] = Field(default_factory=list)  # user lm-eval task dirs, besides evomerge's evals/
     network: bool = False  # allow lm-eval's built-in tasks (their data is downloaded: needs network)
+    cut: CutConfig | None = None  # None: the tasks bring their search, validation and test splits
     # Documents per forward pass; auto: the largest lm-eval's probe fits (at most 64), found once per worker. Out of
     # memory inside an evaluation halves it and scores the candidate again (evaluate.harness).
     batch_size: int | Literal["auto"] = 64

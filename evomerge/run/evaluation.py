@@ -45,8 +45,8 @@ class SplitEvaluator:
             c = self.config
             self.by_split[split] = HarnessEvaluator(c.tasks, self.tokenizer, split=split,
                                                     limit=c.limit if split == c.split else None, weights=c.weights,
-                                                    metrics=c.metrics,
-                                                    task_dirs=c.task_dirs, network=c.network, aggregate=c.aggregate,
+                                                    metrics=c.metrics, task_dirs=c.task_dirs, network=c.network,
+                                                    cut=c.cut.model_dump() if c.cut else None, aggregate=c.aggregate,
                                                     batch_size=c.batch_size, apply_chat_template=c.apply_chat_template,
                                                     system_instruction=c.system_instruction)
             if split == c.split:
@@ -94,7 +94,8 @@ def check_tasks(evaluation: EvaluationConfig, source: str, optimizer: str = "") 
     c = evaluation
     try:
         harness = HarnessEvaluator(c.tasks, None, split=c.split, limit=c.limit, weights=c.weights, metrics=c.metrics,
-                                   task_dirs=c.task_dirs, network=c.network, aggregate=c.aggregate)
+                                   task_dirs=c.task_dirs, network=c.network, aggregate=c.aggregate,
+                                   cut=c.cut.model_dump() if c.cut else None)
         for name, task in harness.tasks.items():
             available = list(task.dataset.keys()) if hasattr(task.dataset, "keys") else []
             for split in HELD_OUT:
