@@ -444,6 +444,8 @@ def test_a_search_over_a_task_with_one_split_cuts_it(tiny_zoo, tmp_path):
     (row,) = json.loads(out.read_text())["results"]
     assert row["scores"]["digits_one"]["value"] == scores["test"]["digits_one"]["value"]
     for bad, message in (("search=50", "--cut: 'search=50': validation: Field required"),
+                         ("search=50,validation=1.5", "validation: Value error, a number of documents (1, 2, ...) or a "
+                                                      "share of the split between 0 and 1, not 1.5"),
                          ("search=50,validation=30,tset=1", "tset: Extra inputs are not permitted"),
                          ("search=190,validation=30", "--cut: task digits_one: its 'test' split has 200 documents")):
         run = CliRunner().invoke(main, ["eval", str(tiny_zoo / "base"), "--tasks", "digits_one", "--task-dir", tasks,

@@ -206,6 +206,9 @@ def test_a_cut_splits_one_split_three_ways(tokenizer, tmp_path):
         assert evaluator.sizes == {"digits_one": len(indices)}
         docs = [d["prompt"] for d in evaluator.tasks["digits_one"].eval_docs]
         assert docs == [rows[i] for i in indices], split
+    shares = {"search": 0.25, "validation": 0.1}  # of the 200: 50 and 20, the other 130 test
+    for split, n in {"search": 50, "validation": 20, "test": 130}.items():
+        assert HarnessEvaluator(["digits_one"], tokenizer, split=split, task_dirs=tasks, cut=shares).sizes["digits_one"] == n
     with pytest.raises(EvomergeError, match=r"task digits_one has no split 'search'"):
         HarnessEvaluator(["digits_one"], tokenizer, split="search", task_dirs=tasks)  # without a cut
     with pytest.raises(EvomergeError, match=r"task digits_one: its 'test' split has 200 documents, too few for 150 search "

@@ -82,12 +82,13 @@ def load_tasks(names: Sequence[str], task_dirs: Sequence[str | os.PathLike] = ()
                             source=_task_file(manager, names), key="tasks") from None
 
 
-def cut_split(task, *, search: int, validation: int, seed: int = 0, split: str | None = None) -> None:
+def cut_split(task, *, search: float, validation: float, seed: int = 0, split: str | None = None) -> None:
     """Cut one split of `task` (`split`, default its test split) three ways, in place: its documents shuffled by `seed`
     (numpy's PCG64), the first `search` become the `search` split, the next `validation` the `validation` split and
     the rest `test`, each in the shuffled order, so that its first documents (`limit`, racing's first stage) are a
-    random sample even of a file sorted by topic. The same cut on every machine and in every worker; the task's other
-    splits stay (a training split its few-shot examples come from)."""
+    random sample even of a file sorted by topic. `search` and `validation` are counts, or shares of the split (floats
+    below 1). The same cut on every machine and in every worker; the task's other splits stay (a training split its
+    few-shot examples come from)."""
     import datasets
     import numpy as np
 
@@ -97,7 +98,8 @@ def cut_split(task, *, search: int, validation: int, seed: int = 0, split: str |
         raise EvomergeError(f"task {name} has no split {split!r} to cut (available: {', '.join(available) or 'none'})",
                             key="cut")
     rows = task.dataset[split]
-    if search + validation >= len(rows):
+    search, validation = (round(n * len(rows)) if isinstance(n, float) else n for n in (search, validation))  # shares
+    if min(search, validation) < 1 or search + validation >= len(rows):
         raise EvomergeError(f"task {name}: its {split!r} split has {len(rows)} documents, too few for {search} search + "
                             f"{validation} validation + a test split", key="cut")
     order = np.random.default_rng(seed).permutation(len(rows))

@@ -71,11 +71,19 @@ class RacingConfig(_Schema):
 
 class CutConfig(_Schema):
     """Each task's `split` (default: its own test split) cut into `search` and `validation` documents and the rest
-    `test`, shuffled by `seed` (evaluate.tasks.cut_split): any lm-eval task, built-in ones included, without a copy."""
-    search: int = Field(ge=1)
-    validation: int = Field(ge=1)
+    `test`, shuffled by `seed` (evaluate.tasks.cut_split): any lm-eval task, built-in ones included, without a copy.
+    A count, or a share of the split below 1 (0.2: a fifth; for a group whose tasks differ in size)."""
+    search: float
+    validation: float
     seed: int = 0
     split: str | None = None
+
+    @field_validator("search", "validation")
+    @classmethod
+    def _count_or_share(cls, n: float) -> int | float:
+        if 0 < n < 1 or (n >= 1 and float(n).is_integer()):
+            return n if n < 1 else int(n)
+        raise ValueError(f"a number of documents (1, 2, ...) or a share of the split between 0 and 1, not {n}")
 
 
 class EvaluationConfig(_Schema):
