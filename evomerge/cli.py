@@ -168,6 +168,35 @@ def evaluate(targets, tasks, split, limit, task_dirs, metrics, network, cut, out
         sys.exit(1)
 
 
+@main.command("import-evolve")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="file to write (default: stdout)")
+@click.option("--cut", default=None, metavar="search=N,validation=M[,seed=S]",
+              help="how each task's evaluation split is cut (default: search=0.5,validation=0.25)")
+@user_errors
+def import_evolve(config, output, cut):
+    """An evomerge experiment from mergekit-evolve's CONFIG (evol_merge_config.yml): the same genome, tasks and defaults,
+    each task cut into search / validation / test. Then: evomerge search EXPERIMENT --run-dir RUN."""
+    import yaml
+
+    from evomerge.evolve_config import experiment_from_evolve
+    from evomerge.models.io import ModelDir
+    from evomerge.recipe import write_text_atomic
+
+    try:
+        doc = yaml.safe_load(Path(config).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise EvomergeError(f"cannot read it ({str(err).splitlines()[0]})", source=config) from None
+    experiment, notes = experiment_from_evolve(doc, source=config, cut=_cut(cut), base_dir=Path.cwd(),
+                                               num_layers=lambda m: ModelDir.open(m, headers_only=True).num_layers)
+    text = (f"# from mergekit-evolve's {config} (evomerge import-evolve)\n" + "".join(f"# {n}\n" for n in notes)
+            + yaml.safe_dump(experiment, sort_keys=False))
+    if output:
+        write_text_atomic(output, text)
+    else:
+        click.echo(text, nl=False)
+
+
 def _metrics(options: tuple[str, ...]) -> dict[str, str]:
     """--metric TASK=METRIC[,FILTER], repeated: the experiment's `evaluation.metrics`."""
     metrics = {}

@@ -318,3 +318,43 @@ def test_a_search_over_mixtures_of_experts_scores_and_writes_them(tmp_path, kind
     assert "model.layers.0.mlp.experts.3.gate_proj.weight" in written
     assert set(written) == names if kind == "ps" else {re.sub(r"layers\.\d+", "L", n) for n in written} == {
         re.sub(r"layers\.\d+", "L", n) for n in names}
+
+
+def test_a_mergekit_evolve_config_becomes_an_experiment_that_searches(tmp_path, monkeypatch):
+    """`evomerge import-evolve`: mergekit-evolve's genome (granularity, filters, smooth, normalize), tasks (weights,
+    metrics), limit and chat default as an experiment, models made absolute; it searches as written (its tasks cut),
+    and the keys evomerge takes elsewhere are noted."""
+    import yaml
+
+    from tiny_models import build_tiny, make_variants
+
+    base = build_tiny("llama", tmp_path / "base", num_layers=4, hidden=32)
+    make_variants(base, tmp_path, n=2)
+    monkeypatch.chdir(tmp_path)
+    config = {"genome": {"models": ["base", "ft1", "ft2"], "merge_method": "dare_ties", "base_model": "base",
+                         "layer_granularity": 2, "filters": ["self_attn"], "smooth": True},
+              "tasks": [{"name": "toy_cipher_gen", "weight": 2.0, "metric": "exact_match,none"},
+                        {"name": "toy_reverse_gen", "metric": "exact_match,none"}],
+              "limit": 4, "shuffle": True, "apply_chat_template": False}
+    (tmp_path / "evol.yml").write_text(yaml.safe_dump(config))
+    assert run("import-evolve", "evol.yml", "-o", "exp.yaml", "--cut", "search=60,validation=40").exit_code == 0
+    text = (tmp_path / "exp.yaml").read_text()
+    assert "# shuffle: True -- evaluation.cut shuffles the documents it cuts" in text
+    exp = yaml.safe_load(text)
+    assert exp["space"] == {"kind": "ps", "method": "dare_ties", "base_model": str(base),
+                            "models": [str(tmp_path / "ft1"), str(tmp_path / "ft2")], "search": ["weight", "density"],
+                            "bounds": {"weight": [0.0, 1.0], "density": [0.0, 1.0]}, "dtype": "bfloat16",
+                            "layer_groups": 2, "fixed": {"normalize": True}, "split": ["self_attn"], "smooth": True}
+    assert exp["evaluation"] == {"tasks": ["toy_cipher_gen", "toy_reverse_gen"],
+                                 "cut": {"search": 60, "validation": 40, "seed": 0, "split": None},
+                                 "metrics": {"toy_cipher_gen": "exact_match,none", "toy_reverse_gen": "exact_match,none"},
+                                 "apply_chat_template": False, "weights": {"toy_cipher_gen": 2.0, "toy_reverse_gen": 1.0},
+                                 "limit": 4}
+    result = run("search", "exp.yaml", "--run-dir", "run", "--trials", "3")
+    assert result.exit_code == 0 and "3 trials, 0 failed" in result.output, result.output
+    for genome, message in [({"merge_method": "slerp"}, "genome.merge_method: merge_method 'slerp': mergekit-evolve's"),
+                            ({"tokenizer_source": "base"}, "genome.tokenizer_source: a search scores and ships"),
+                            ({"layer_granularity": 3}, "genome.layer_granularity: 4 layers do not split into groups of 3")]:
+        (tmp_path / "bad.yml").write_text(yaml.safe_dump({**config, "genome": {**config["genome"], **genome}}))
+        result = run("import-evolve", "bad.yml")
+        assert result.exit_code == 2 and result.output.startswith(f"error: bad.yml: {message}"), result.output
