@@ -179,14 +179,12 @@ def import_evolve(config, output, cut):
     each task cut into search / validation / test. Then: evomerge search EXPERIMENT --run-dir RUN."""
     import yaml
 
+    from evomerge.errors import read_yaml
     from evomerge.evolve_config import experiment_from_evolve
     from evomerge.models.io import ModelDir
     from evomerge.recipe import write_text_atomic
 
-    try:
-        doc = yaml.safe_load(Path(config).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise EvomergeError(f"cannot read it ({str(err).splitlines()[0]})", source=config) from None
+    doc = read_yaml(config, "mergekit-evolve config")
     experiment, notes = experiment_from_evolve(doc, source=config, cut=_cut(cut), base_dir=Path.cwd(),
                                                num_layers=lambda m: ModelDir.open(m, headers_only=True).num_layers)
     text = (f"# from mergekit-evolve's {config} (evomerge import-evolve)\n" + "".join(f"# {n}\n" for n in notes)

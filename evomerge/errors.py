@@ -23,3 +23,21 @@ def did_you_mean(name: str, options) -> str:
     close = difflib.get_close_matches(name, options, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"{hint}available: {', '.join(options)}"
+
+
+def read_yaml(path, what: str, source: str | None = None, *, documents: bool = False):
+    """The document in the YAML file `path` (`documents`: the list of all of them). A file that cannot be read is
+    "cannot read {what} (...)" under `source` (default: the file); one that does not parse, "invalid YAML: ..."."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise EvomergeError(f"cannot read {what} ({err.strerror})", source=source or str(path)) from None
+    try:
+        return list(yaml.safe_load_all(text)) if documents else yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise EvomergeError(f"invalid YAML: {str(err).splitlines()[0]}", source=str(path)) from None

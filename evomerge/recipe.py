@@ -23,7 +23,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, read_yaml
 
 MERGED = "merged"  # the name of the parameter-space result inside a layer path
 
@@ -322,16 +322,7 @@ def recipe_from_dict(docs: list[dict], source: str = "<recipe>") -> Recipe:
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise EvomergeError(f"cannot read recipe ({err.strerror})", source=str(path)) from None
-    try:
-        docs = list(yaml.safe_load_all(text))
-    except yaml.YAMLError as err:
-        raise EvomergeError(f"invalid YAML: {str(err).splitlines()[0]}", source=str(path)) from None
-    return recipe_from_dict(docs, source=str(path))
+    return recipe_from_dict(read_yaml(path, "recipe", documents=True), source=str(path))
 
 
 def _params_to_yaml(params: Params) -> dict:

@@ -71,7 +71,7 @@ def check_device(device: str, *, source: str | None = None, key: str = "--device
 def read_header(file: Path, fail=None, *, whole: bool = True) -> dict[str, dict]:
     """A safetensors header: {name: {dtype, shape, data_offsets}}, in the order the data lies in the file. With
     `whole`, a file shorter than its header says (an interrupted download or copy) is refused here, before any tensor
-    is read. `fail`: makes the error (`_failure`); by default it names the file's dir."""
+    is read. `fail`: makes the error (`model_failure`); by default it names the file's dir."""
     try:
         with open(file, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
@@ -82,7 +82,7 @@ def read_header(file: Path, fail=None, *, whole: bool = True) -> dict[str, dict]
             raise ValueError(f"truncated: {8 + size + data} bytes by its header, {file.stat().st_size} on disk")
         return dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
     except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as err:
-        raise (fail or _failure(file.parent, None))(f"unreadable safetensors file {file.name} ({err})") from None
+        raise (fail or model_failure(file.parent, None))(f"unreadable safetensors file {file.name} ({err})") from None
 
 
 def load_failure(err: Exception) -> str:
@@ -125,7 +125,7 @@ def _on_hub(ref: str) -> bool:
 
 def _hub_error(ref: str, err: Exception, source: str | None) -> EvomergeError:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return _failure(Path(ref), source)(f"no such directory, and fetching it from the Hugging Face Hub failed "
+    return model_failure(Path(ref), source)(f"no such directory, and fetching it from the Hugging Face Hub failed "
                                        f"({type(err).__name__}: {reason})")
 
 
@@ -147,7 +147,7 @@ def _hub_headers(repo: str, source: str | None) -> tuple[Path, dict[str, str], d
     return path, shards, header
 
 
-def _failure(path: Path, source: str | None):
+def model_failure(path: Path, source: str | None):
     """The error for a problem with the model at `path`, named by `source` when a file names the model."""
     def fail(message: str) -> EvomergeError:
         return EvomergeError(f"{path}: {message}", source=source) if source else EvomergeError(message, source=str(path))
@@ -192,12 +192,12 @@ class ModelDir:
             return AdaptedModelDir.open_adapted(*pair, source=source, headers_only=headers_only)
         if headers_only and _on_hub(str(ref)):
             path, shards, header = _hub_headers(str(ref), source)
-            config, arch = _read_config(path, _failure(path, source))
+            config, arch = _read_config(path, model_failure(path, source))
             files = {name: path / shards[name] for name in header}
-            _refuse_quantized(config, header, _failure(path, source))
+            _refuse_quantized(config, header, model_failure(path, source))
             return cls(path, config, arch, files, header)
         path = resolve_model(str(ref), source)
-        fail = _failure(path, source)
+        fail = model_failure(path, source)
         if not path.is_dir():
             raise fail("no such model directory")
         config, arch = _read_config(path, fail)
@@ -494,7 +494,7 @@ def tokenizer_config(file: Path, source: str | None = None) -> dict:
     try:
         config = json.loads(file.read_text())
     except (OSError, ValueError) as err:
-        raise _failure(file, source)(f"unreadable ({err})") from None
+        raise model_failure(file, source)(f"unreadable ({err})") from None
     if not isinstance(config, dict):
-        raise _failure(file, source)("not a JSON object")
+        raise model_failure(file, source)("not a JSON object")
     return config

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from evomerge.errors import EvomergeError
-from evomerge.models.io import ModelDir, _failure, read_header, resolve_model
+from evomerge.models.io import ModelDir, model_failure, read_header, resolve_model
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -52,7 +51,7 @@ class AdaptedModelDir(ModelDir):
     def open_adapted(cls, model: str, adapter: str, *, source: str | None, headers_only: bool) -> "AdaptedModelDir":
         base = ModelDir.open(model, source=source, headers_only=headers_only)
         path = resolve_model(adapter, source)
-        fail = _failure(path, source)
+        fail = model_failure(path, source)
         if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
             raise fail(f"not a LoRA adapter dir (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
         try:

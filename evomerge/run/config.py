@@ -26,7 +26,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from evomerge.errors import EvomergeError, did_you_mean
+from evomerge.errors import EvomergeError, did_you_mean, read_yaml
 from evomerge.paths import absolute
 from evomerge.recipe import format_validation_error
 
@@ -234,12 +234,7 @@ def _check_objectives(experiment: Experiment, source: str) -> None:
 
 def load_experiment(path: str | os.PathLike) -> Experiment:
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise EvomergeError(f"cannot read experiment file ({err.strerror})", source=str(path)) from None
-    except yaml.YAMLError as err:
-        raise EvomergeError(f"invalid YAML: {str(err).splitlines()[0]}", source=str(path)) from None
+    doc = read_yaml(path, "experiment file")
     return experiment_from_dict(doc, source=str(path), base_dir=path.parent)
 
 

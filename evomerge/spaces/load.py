@@ -16,10 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Union
 
-import yaml
 from pydantic import ValidationError
 
-from evomerge.errors import EvomergeError, did_you_mean
+from evomerge.errors import EvomergeError, did_you_mean, read_yaml
 from evomerge.paths import absolute, model_ref
 from evomerge.recipe import MERGED, format_validation_error
 from evomerge.spaces.base import SearchSpace
@@ -33,12 +32,7 @@ KINDS = {"ps": (PSConfig, ParameterSpace), "dfs": (DFSConfig, DataFlowSpace)}
 def _read(path: Path, source: str, seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in seen:
         raise EvomergeError(f"include cycle through {path}", source=source, key="include")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise EvomergeError(f"cannot read space file {path} ({err.strerror})", source=source) from None
-    except yaml.YAMLError as err:
-        raise EvomergeError(f"invalid YAML: {str(err).splitlines()[0]}", source=str(path)) from None
+    doc = read_yaml(path, f"space file {path}", source)
     if not isinstance(doc, dict):
         raise EvomergeError("a space file must be a mapping", source=str(path))
     return _compose(doc, path.parent, source, seen + (path.resolve(),))
