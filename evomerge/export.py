@@ -27,8 +27,8 @@ def fold_for_mergekit(recipe: Recipe, dirs: dict[str, ModelDir]) -> tuple[Recipe
     slots = []
     for slot, factor in zip(recipe.layers, fold_hidden_scales(recipe.layers)):
         d = dirs[template if slot.source == MERGED else slot.source]
-        suffixes = [name.split(f".{slot.layer}.", 1)[1] for name in d.tensor_names
-                    if d.arch.layer_of(name) == slot.layer and d.arch.is_output_projection(name)]
+        suffixes = [name.split(f".{slot.layer}.", 1)[1] for name in d.layer_tensor_names(slot.layer)
+                    if d.arch.is_output_projection(name)]
         weight_scale = None if factor == 1.0 else [Conditional(filter=s, value=factor) for s in suffixes] + [Conditional(value=1.0)]
         slots.append(slot.model_copy(update={"scale": 1.0, "weight_scale": weight_scale}))
     return recipe.model_copy(update={"layers": slots}), []

@@ -16,9 +16,10 @@ import torch
 pytest.importorskip("mergekit")
 
 from evomerge.export import export_text  # noqa: E402
+from evomerge.models.architectures import architecture_for  # noqa: E402
 from evomerge.recipe import LayerSlot, Recipe  # noqa: E402
 from mergekit_harness import RANDOMIZED, build_zoo, load_dir, method_configs, run_evomerge, run_mergekit, write_config  # noqa: E402
-from tiny_models import FAMILIES, build_tiny, make_variants  # noqa: E402
+from tiny_models import FAMILIES, IMAGE_TEXT, build_tiny, make_variants  # noqa: E402
 
 DETERMINISTIC = [name for name in method_configs("b", ["x", "y", "z"]) if name not in RANDOMIZED]
 
@@ -130,14 +131,20 @@ def test_every_family_merges_and_stacks_layers_as_mergekit_does(family, tmp_path
     filtered weights, and a layer path exported as passthrough slices (scales where the family can hold them), give
     the same tensors under the same names (the path through `evomerge export`). The path keeps the layer count:
     mergekit copies a config's per-layer `layer_types` unchanged, which transformers refuses for another count.
-    Mixtures of experts in fused form: mergekit 0.1.5's tables name only that (it leaves per-expert tensors out)."""
+    Mixtures of experts in fused form: mergekit 0.1.5's tables name only that (it leaves per-expert tensors out).
+    A family mergekit 0.1.5 has no table for (OLMo-3, Qwen3.5, ...) it infers from the tensor names, with every
+    non-layer tensor before the layers: a path's final norm and head then come from its first slot's source, where its
+    tables (and evomerge) take them from the last slot's; those two are left out of the path's comparison there."""
+    from mergekit.architecture import arch_info_for_config
+    from transformers import AutoConfig
+
     base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32, fused=family in ("qwen3_moe", "mixtral"))
     a, b = make_variants(base, tmp_path, n=2)
     config = write_config(tmp_path / "ties.yaml", "ties", method_configs(str(base), [str(a), str(b), str(base)])["ties"])
     run_mergekit(config, tmp_path / "ties_mergekit")
     run_evomerge(config, tmp_path / "ties_evomerge")
     kinds = ["ties"]
-    if family != "gemma3":  # mergekit 0.1.5 stacks an image-text model's layers only by its `modules:` syntax
+    if family not in IMAGE_TEXT:  # mergekit 0.1.5 stacks an image-text model's layers only by its `modules:` syntax
         kinds.append("path")
         path = Recipe(layers=[LayerSlot(source=str(a), layer=0), LayerSlot(source=str(base), layer=2, scale=0.8),
                               LayerSlot(source=str(b), layer=1, scale=1.25)])
@@ -145,11 +152,14 @@ def test_every_family_merges_and_stacks_layers_as_mergekit_does(family, tmp_path
         (tmp_path / "path.yaml").write_text(text)
         run_mergekit(tmp_path / "path.yaml", tmp_path / "path_mergekit")
         run_evomerge(tmp_path / "path.yaml", tmp_path / "path_evomerge")
+    arch = architecture_for(json.loads((base / "config.json").read_text()), "config.json")
+    inferred = arch_info_for_config(AutoConfig.from_pretrained(base)) is None
     for kind in kinds:
         theirs, ours = load_dir(tmp_path / f"{kind}_mergekit"), load_dir(tmp_path / f"{kind}_evomerge")
         assert set(ours) == set(theirs), (kind, set(ours) ^ set(theirs))
         for name, expected in theirs.items():
-            torch.testing.assert_close(ours[name], expected, atol=2e-5, rtol=1e-5, msg=lambda m: f"{kind} {name}: {m}")
+            if not (kind == "path" and inferred and arch.is_post_layer(name)):
+                torch.testing.assert_close(ours[name], expected, atol=2e-5, rtol=1e-5, msg=lambda m: f"{kind} {name}: {m}")
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
@@ -157,8 +167,6 @@ def test_per_expert_checkpoints_merge_as_mergekit_merges_them_fused(family, tmp_
     """A hub MoE checkpoint holds each expert's tensors; mergekit 0.1.5 reads them fused (transformers 5's layout) and
     writes them so, evomerge merges and writes them expert by expert. For element-wise methods the values agree:
     evomerge's experts, fused as transformers fuses them (gate rows, then up rows), are mergekit's tensors."""
-    from evomerge.models.architectures import architecture_for
-
     base = build_tiny(family, tmp_path / "base", num_layers=2, hidden=32)
     a, b = make_variants(base, tmp_path, n=2)
     arch = architecture_for(json.loads((base / "config.json").read_text()), "config.json")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from evomerge.cli import main
 from evomerge.merge.materialize import merge_to_dir
@@ -17,6 +17,7 @@ from evomerge.recipe import load_recipe, save_recipe
 from evomerge.run.config import experiment_from_dict, load_experiment
 from evomerge.run.loop import search
 from test_search_loop import evaluator_factory, experiment, models  # noqa: F401  (module fixture)
+from tiny_models import IMAGE_TEXT, build_tiny, make_variants
 
 
 @pytest.fixture(scope="module")
@@ -272,27 +273,37 @@ def test_search_refuses_an_unknown_task_before_it_starts(models, tmp_path):  # n
     assert not (tmp_path / "run").exists()
 
 
-def test_a_search_over_image_text_models_scores_and_writes_them(tmp_path):
-    """Gemma-3's image-text checkpoints: a worker merges into the live model lm-eval scores, and the winner is written
-    with its vision tower and its text model's settings (text_config)."""
-    from tiny_models import build_tiny, make_variants
-
-    base = build_tiny("gemma3", tmp_path / "base", num_layers=3, hidden=32)
-    a, b = make_variants(base, tmp_path, n=2, scale=0.05)
+@pytest.mark.parametrize("family", IMAGE_TEXT)
+def test_a_search_over_image_text_models_scores_and_writes_them(tmp_path, family):
+    """Image-text checkpoints (Gemma-3, Mistral-3, Qwen3.5): a worker merges into the live model lm-eval scores, and the
+    winner is written with its vision tower and its text model's settings (text_config). Qwen3.5's hub checkpoints
+    carry a multi-token-prediction head (`mtp.`) that transformers does not load: the search leaves it out of the live
+    models, the winner's merge writes it merged."""
+    base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32)
+    models = [base, *make_variants(base, tmp_path, n=2, scale=0.05)]
+    if family == "qwen3_5":
+        for i, model in enumerate(models):
+            shard = load_file(model / "model.safetensors")
+            head = {"mtp.fc.weight": torch.full((32, 64), float(i)), "mtp.norm.weight": torch.full((32,), float(i)),
+                    "mtp.layers.0.mlp.up_proj.weight": torch.full((64, 32), float(i))}
+            save_file({**shard, **head}, model / "model.safetensors", metadata={"format": "pt"})
+    split = {"gemma3": "attn_mlp", "mistral3": ["self_attn", "mlp"], "qwen3_5": ["self_attn", "linear_attn", "mlp"]}
     doc = {"name": "image_text", "seed": 0,
-           "space": {"kind": "ps", "method": "ties", "base_model": str(base), "models": [str(a), str(b)],
-                     "search": ["weight", "density"], "layer_groups": 3, "split": "attn_mlp",
-                     "bounds": {"weight": [0.0, 1.0], "density": [0.2, 1.0]}},
+           "space": {"kind": "ps", "method": "linear", "models": [str(m) for m in models], "search": ["weight"],
+                     "layer_groups": 3, "split": split[family], "bounds": {"weight": [0.0, 1.0]}},
            "optimizer": {"name": "random"}, "budget": {"trials": 3},
            "evaluation": {"tasks": ["toy_cipher_gen"], "limit": 2}, "validation": {"top_k": 1}}
     (tmp_path / "exp.yaml").write_text(json.dumps(doc))
     result = run("search", tmp_path / "exp.yaml", "--run-dir", tmp_path / "run")
     assert result.exit_code == 0 and "3 trials, 0 failed" in result.output, result.output
     assert run("merge", tmp_path / "run/best/recipe.yaml", tmp_path / "out").exit_code == 0
-    config = json.loads((tmp_path / "out/config.json").read_text())
-    assert config["architectures"] == ["Gemma3ForConditionalGeneration"] and config["text_config"]["num_hidden_layers"] == 3
+    config, source = (json.loads((p / "config.json").read_text()) for p in (tmp_path / "out", base))
+    assert config["architectures"] == source["architectures"] and config["text_config"]["num_hidden_layers"] == 3
     written = tensors(tmp_path / "out")
     assert set(written) == set(load_file(base / "model.safetensors"))  # the vision tower and projector included
+    if family == "qwen3_5":  # the head merged as any tensor: a weighted mean of the models' 0, 1 and 2
+        head = written["mtp.fc.weight"]
+        assert torch.all(head == head[0, 0]) and 0 < head[0, 0] < 2
 
 
 @pytest.mark.parametrize("kind", ["ps", "dfs"])
@@ -300,8 +311,6 @@ def test_a_search_over_mixtures_of_experts_scores_and_writes_them(tmp_path, kind
     """Qwen3-MoE checkpoints hold each expert's tensors, the live model (transformers 5) fused ones: a worker with its
     sources on the device reads and writes experts through views of them, a layer path runs their layers, and the
     winner is written with the checkpoint's names."""
-    from tiny_models import build_tiny, make_variants
-
     base = build_tiny("qwen3_moe", tmp_path / "base", num_layers=3, hidden=32)
     a, b = make_variants(base, tmp_path, n=2, scale=0.05)
     space = ({"kind": "ps", "method": "ties", "base_model": str(base), "models": [str(a), str(b)],
@@ -325,8 +334,6 @@ def test_a_mergekit_evolve_config_becomes_an_experiment_that_searches(tmp_path, 
     metrics), limit and chat default as an experiment, models made absolute; it searches as written (its tasks cut),
     and the keys evomerge takes elsewhere are noted."""
     import yaml
-
-    from tiny_models import build_tiny, make_variants
 
     base = build_tiny("llama", tmp_path / "base", num_layers=4, hidden=32)
     make_variants(base, tmp_path, n=2)

@@ -19,7 +19,9 @@ from safetensors.torch import load_file, save_file
 from evomerge.models.io import ModelDir, ModelWriter
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "olmo2", "gpt2",
-            "gpt_neox", "qwen3_moe", "mixtral", "granite", "arcee", "cohere2", "glm4", "starcoder2")
+            "gpt_neox", "qwen3_moe", "mixtral", "granite", "arcee", "cohere2", "glm4", "starcoder2", "olmo3", "exaone4",
+            "smollm3", "seed_oss", "apertus", "ernie4_5", "hunyuan_v1_dense", "qwen3_5_text", "mistral3", "qwen3_5")
+IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5")  # a text model (its family the key's) beside a 2-layer vision tower
 _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 _CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -39,29 +41,50 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "gemma2": "Gemma2Config", "phi3": "Phi3Config", "qwen3": "Qwen3Config",
                "gemma3_text": "Gemma3TextConfig", "olmo2": "Olmo2Config", "qwen3_moe": "Qwen3MoeConfig",
                "mixtral": "MixtralConfig", "granite": "GraniteConfig", "arcee": "ArceeConfig",
-               "cohere2": "Cohere2Config", "glm4": "Glm4Config", "starcoder2": "Starcoder2Config"}
+               "cohere2": "Cohere2Config", "glm4": "Glm4Config", "starcoder2": "Starcoder2Config",
+               "olmo3": "Olmo3Config", "exaone4": "Exaone4Config", "smollm3": "SmolLM3Config", "seed_oss": "SeedOssConfig",
+               "apertus": "ApertusConfig", "ernie4_5": "Ernie4_5Config", "hunyuan_v1_dense": "HunYuanDenseV1Config",
+               "qwen3_5_text": "Qwen3_5TextConfig"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
-    if family.startswith(("gemma", "qwen3", "arcee", "cohere2", "glm4")):
+    if family.startswith(("gemma", "qwen3", "arcee", "cohere2", "glm4", "olmo3", "exaone4", "seed_oss", "apertus",
+                          "ernie4_5", "hunyuan")):
         dims["head_dim"] = hidden // 2  # their default head_dim (256, 128) whatever the hidden size
     if family == "qwen3_moe":  # 4 experts of 2 per token, each with an MLP as wide as the hidden state
         dims.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden)
     if family == "mixtral":
         dims.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=hidden)
+    if family == "qwen3_5_text":  # linear attention (every other layer here, so a model has both kinds), two heads
+        dims.update(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=hidden // 2,
+                    linear_value_head_dim=hidden // 2, full_attention_interval=2)
     return getattr(transformers, classes[family])(**{**dims, **ids, **overrides})
 
 
-def _image_text_config(num_layers: int, hidden: int, vocab: int, **overrides):
-    """Gemma-3's image-text model: the text model as gemma3_text, a 2-layer SigLIP vision tower (no head, as Gemma-3's)."""
+def _image_text_config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
+    """An image-text model: its text model as `_config` builds it, a 2-layer vision tower (Gemma-3's SigLIP without a
+    head, Mistral-3's Pixtral, Qwen3.5's own)."""
     import transformers
 
-    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                             num_attention_heads=2, image_size=28, patch_size=14, vision_use_head=False)
-    return transformers.Gemma3Config(text_config=_config("gemma3_text", num_layers, hidden, vocab, **overrides),
-                                     vision_config=vision, mm_tokens_per_image=4, boi_token_index=vocab - 3,
-                                     eoi_token_index=vocab - 2, image_token_index=vocab - 1)
+    text = dict(num_layers=num_layers, hidden=hidden, vocab=vocab, **overrides)
+    if family == "gemma3":
+        vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, image_size=28, patch_size=14, vision_use_head=False)
+        return transformers.Gemma3Config(text_config=_config("gemma3_text", **text), vision_config=vision,
+                                         mm_tokens_per_image=4, boi_token_index=vocab - 3, eoi_token_index=vocab - 2,
+                                         image_token_index=vocab - 1)
+    if family == "mistral3":
+        vision = transformers.PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=2, head_dim=8, image_size=28, patch_size=14)
+        return transformers.Mistral3Config(text_config=_config("mistral", **text).to_dict(),
+                                           vision_config=vision.to_dict(), image_token_index=vocab - 1)
+    vision = transformers.Qwen3_5VisionConfig(depth=2, hidden_size=16, intermediate_size=32, num_heads=2,
+                                              out_hidden_size=hidden, num_position_embeddings=16)
+    return transformers.Qwen3_5Config(text_config=_config("qwen3_5_text", **text).to_dict(),
+                                      vision_config=vision.to_dict(), image_token_id=vocab - 1,
+                                      video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
+                                      vision_end_token_id=vocab - 4)
 
 
 def save_tokenizer(path: str | Path, vocab: int = 64) -> None:
@@ -83,14 +106,14 @@ def build_tiny(family: str, path: str | Path, *, seed: int = 0, num_layers: int 
     """A randomly initialised model of `family` saved at `path`; `overrides` go to the transformers config class.
     `fused`: a mixture of experts saved under the live module's names (one gate_up_proj and down_proj tensor per layer,
     as mergekit 0.1.5 reads them), not transformers' per-expert checkpoint names."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    config = (_image_text_config if family == "gemma3" else _config)(num_layers=num_layers, hidden=hidden, vocab=vocab,
-                                                                     **({} if family == "gemma3" else {"family": family}),
-                                                                     **overrides)
+    config = (_image_text_config if family in IMAGE_TEXT else _config)(family, num_layers=num_layers, hidden=hidden,
+                                                                       vocab=vocab, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config).to(dtype)
+        auto = AutoModelForImageTextToText if family in IMAGE_TEXT else AutoModelForCausalLM
+        model = auto.from_config(config).to(dtype)
     path = Path(path)
     model.save_pretrained(path)
     if fused:

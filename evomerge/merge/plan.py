@@ -201,20 +201,19 @@ def stage_layout(stage: MergeStage, dirs: dict[str, ModelDir], source: str) -> L
         return [_Slot(n, i, tuple((j, n) for j, s in enumerate(sources) if n in dirs[s.model].tensor_names),
                       parts.get(n, 0.0), arch.is_vocab_tensor(n)) for n in names]
 
-    layer0 = [n for n in template.tensor_names if arch.layer_of(n) == 0]
     tied = arch.tied_embeddings(template.config)
     outside = [n for n in template.tensor_names if arch.layer_of(n) is None and not (tied and n.startswith("lm_head."))]
     pre = [n for n in outside if arch.is_pre_layer(n)]
     head = non_layer(pre, 0) + non_layer([n for n in outside if n not in pre], len(slices) - 1)
     layers: list[list[_Slot]] = []
     for i, out in enumerate(slices):
-        n = out.sources[0].layer_range[1] - out.sources[0].layer_range[0]
+        first = out.sources[0]  # an output layer has the tensors of its first source's layer (kinds differ: Qwen3.5)
+        n = first.layer_range[1] - first.layer_range[0]
         for idx in range(n):
-            t = idx / (n - 1) if n > 1 else 1.0
-            out_layer = len(layers)
-            layers.append([_Slot(arch.rename_layer(name, out_layer), i, tuple(
+            t, names = idx / (n - 1) if n > 1 else 1.0, dirs[first.model].layer_tensor_names(first.layer_range[0] + idx)
+            layers.append([_Slot(arch.rename_layer(name, len(layers)), i, tuple(
                 (j, arch.rename_layer(name, s.layer_range[0] + idx)) for j, s in enumerate(out.sources)), t, False)
-                for name in layer0])
+                for name in names])
     return head, layers
 
 
@@ -300,9 +299,8 @@ def plan_recipe(recipe: Recipe, dirs: dict[str, ModelDir], source: str = "<recip
             if slot.layer >= d.num_layers:
                 raise EvomergeError(f"layer {slot.layer} is past the {d.num_layers} layers of {slot.source}", source=source,
                                     key=f"layers[{k}].layer")
-            names = [n for n in d.tensor_names if d.arch.layer_of(n) == slot.layer]
             renamed = [TensorTask(arch.rename_layer(n, k), "passthrough", None, ((slot.source, n),), (("scale", (1.0,)),))
-                       for n in names]
+                       for n in d.layer_tensor_names(slot.layer)]
         for t in renamed:
             scale = factor if arch.is_output_projection(t.out_name) else 1.0
             if slot.weight_scale is not None:

@@ -48,6 +48,9 @@ class Architecture:
     # regex (match): the layers of an image-text model's other parts (its vision tower), group 1 the prefix, group 2 the
     # index; a gradient list spreads over them as over the text layers (mergekit plans each part on its own)
     part_layer: str = ""
+    # regex (match): checkpoint tensors transformers does not load (Qwen3.5's multi-token-prediction head): a merge
+    # writes them merged as any tensor; a search's live models have none, so its workers leave them out
+    unloaded: str = ""
 
     def live_names(self, tensor_name: str) -> list[str]:
         """Names a checkpoint tensor may have in a live transformers model, the checkpoint's own first."""
@@ -81,6 +84,9 @@ class Architecture:
 
     def is_vocab_tensor(self, tensor_name: str) -> bool:
         return re.fullmatch(self.vocab, tensor_name) is not None
+
+    def is_unloaded(self, tensor_name: str) -> bool:
+        return bool(self.unloaded) and re.match(self.unloaded, tensor_name) is not None
 
     def is_output_projection(self, tensor_name: str) -> bool:
         return bool(self.output_projections) and re.search(self.output_projections, tensor_name) is not None
@@ -168,7 +174,31 @@ def _fused_experts(experts: str, gate: str, up: str, down: str) -> tuple[tuple[s
             (rf"{head}\.{down}\.weight", r"\1.mlp.experts.down_proj", 0, 1))
 
 
+# Qwen3.5: three of each four layers attend linearly (a gated delta rule, `linear_attn`), their kinds in layer_types
+_QWEN3_5 = _llama_like("qwen3_5_text", "Qwen3_5ForCausalLM", attn=r"\.(self_attn|linear_attn|attn)\.",
+                       output_projections=r"\.(self_attn\.o_proj|linear_attn\.out_proj|mlp\.down_proj)\.weight$",
+                       unloaded=r"mtp\.")
+
 _TEXT_MODEL = r"(?:language_model\.model|model\.language_model)"  # an image-text checkpoint's text model, both namings
+_LLAVA_RENAMES = ((r"^language_model\.model\.", "model.language_model."), (r"^language_model\.lm_head\.", "lm_head."),
+                  (r"^multi_modal_projector\.", "model.multi_modal_projector."))
+
+
+def _image_text(name: str, architecture: str, *, tied: bool, vision_layers: str, text: str = _TEXT_MODEL,
+                **fields) -> Architecture:
+    """An image-text model whose text model's tensors are named `{text}.` and its vision layers `vision_layers`."""
+    return Architecture(
+        name=name,
+        architectures=(architecture,),
+        layer=rf"({text}\.layers\.)(\d+)\.",
+        pre=rf"{text}\.embed_tokens\.weight",
+        post=rf"{text}\.norm\.weight|(language_model\.)?lm_head\.weight",
+        vocab=rf"{text}\.embed_tokens\.weight|(language_model\.)?lm_head\.weight",
+        tied_default=tied,
+        text_config="text_config",
+        part_layer=vision_layers,
+        **fields,
+    )
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("llama", "LlamaForCausalLM"),
@@ -186,6 +216,14 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("glm4", "Glm4ForCausalLM", output_projections=""),  # norms each branch's output, as Gemma-2
     _llama_like("starcoder2", "Starcoder2ForCausalLM", tied=True,
                 output_projections=r"\.(self_attn\.o_proj|mlp\.c_proj)\.(weight|bias)$"),
+    _llama_like("olmo3", "Olmo3ForCausalLM", output_projections=""),  # norms each branch's output, as OLMo-2
+    _llama_like("exaone4", "Exaone4ForCausalLM", output_projections=""),  # norms each branch's output, as OLMo-2
+    _llama_like("smollm3", "SmolLM3ForCausalLM", tied=True, per_layer_keys=("layer_types", "no_rope_layers")),
+    _llama_like("seed_oss", "SeedOssForCausalLM"),
+    _llama_like("apertus", "ApertusForCausalLM"),  # its MLP's activation (xIELU) has weights of its own, merged as any
+    _llama_like("ernie4_5", "Ernie4_5ForCausalLM", tied=True),
+    _llama_like("hunyuan_v1_dense", "HunYuanDenseV1ForCausalLM"),
+    _QWEN3_5,
     # Mixtures of experts: checkpoints hold each expert's tensors (the hub's) or the live module's fused ones (as
     # transformers 5 and mergekit 0.1.5 name them); a merge takes either, expert by expert or fused tensor by tensor.
     _llama_like("qwen3_moe", "Qwen3MoeForCausalLM",
@@ -196,23 +234,20 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                                    r"mlp\.experts\.down_proj)$",
                 live_renames=((r"\.block_sparse_moe\.gate\.", ".mlp.gate."),),
                 live_experts=_fused_experts(r"block_sparse_moe\.experts", "w1", "w3", "w2")),
-    Architecture(  # Gemma-3 4B-27B, image-text: the vision tower and projector merge as the other non-layer tensors do.
-        # Checkpoints name the text model `language_model.model.` (the hub's, and transformers 5 writes so) or
-        # `model.language_model.` (the live module's names), the vision tower `vision_tower.vision_model.` or
-        # `model.vision_tower.`; both load.
-        name="gemma3",
-        architectures=("Gemma3ForConditionalGeneration",),
-        layer=rf"({_TEXT_MODEL}\.layers\.)(\d+)\.",
-        pre=rf"{_TEXT_MODEL}\.embed_tokens\.weight",
-        post=rf"{_TEXT_MODEL}\.norm\.weight|(language_model\.)?lm_head\.weight",
-        vocab=rf"{_TEXT_MODEL}\.embed_tokens\.weight|(language_model\.)?lm_head\.weight",
-        tied_default=True,
-        text_config="text_config",
-        part_layer=r"((?:model\.)?vision_tower\.(?:vision_model\.)?encoder\.layers\.)(\d+)\.",
-        live_renames=((r"^language_model\.model\.", "model.language_model."), (r"^language_model\.lm_head\.", "lm_head."),
-                      (r"^(model\.)?vision_tower\.(vision_model\.)?", "model.vision_tower."),
-                      (r"^multi_modal_projector\.", "model.multi_modal_projector.")),
-    ),
+    # Image-text models: the text model's layers are the layers; the vision tower and projector merge as the other
+    # non-layer tensors do, a gradient spread over the tower's layers as over the text layers. Gemma-3 and Mistral-3
+    # checkpoints name the text model `language_model.model.` (the hub's, and transformers 5 writes so) or
+    # `model.language_model.` (the live module's names); both load.
+    _image_text("gemma3", "Gemma3ForConditionalGeneration", tied=True,
+                vision_layers=r"((?:model\.)?vision_tower\.(?:vision_model\.)?encoder\.layers\.)(\d+)\.",
+                live_renames=(*_LLAVA_RENAMES, (r"^(model\.)?vision_tower\.(vision_model\.)?", "model.vision_tower."))),
+    _image_text("mistral3", "Mistral3ForConditionalGeneration", tied=True,  # Mistral Small 3.x, Ministral 3
+                vision_layers=r"((?:model\.)?vision_tower\.transformer\.layers\.)(\d+)\.",
+                mlp=r"\.(mlp|feed_forward)\.", output_projections=_LLAMA_OUT,
+                live_renames=(*_LLAVA_RENAMES, (r"^vision_tower\.", "model.vision_tower."))),
+    _image_text("qwen3_5", "Qwen3_5ForConditionalGeneration", tied=False, text=r"model\.language_model",
+                vision_layers=r"(model\.visual\.blocks\.)(\d+)\.", attn=_QWEN3_5.attn,
+                output_projections=_QWEN3_5.output_projections, unloaded=_QWEN3_5.unloaded),
     Architecture(  # older GPT-2 checkpoints (the hub's `gpt2`) leave out the `transformer.` prefix
         name="gpt2",
         architectures=("GPT2LMHeadModel",),

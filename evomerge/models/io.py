@@ -231,6 +231,9 @@ class ModelDir:
     def num_layers(self) -> int:
         return self.arch.num_layers(self.config)
 
+    def layer_tensor_names(self, layer: int) -> list[str]:
+        return [n for n in self.tensor_names if self.arch.layer_of(n) == layer]
+
     @property
     def has_tokenizer(self) -> bool:
         return any((self.path / f).is_file() for f in VOCAB_FILES)
@@ -407,14 +410,18 @@ def load_live_model(ref: ModelDir | str | os.PathLike, device: str | torch.devic
 
 def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | str | None = None):
     """AutoModelForCausalLM.from_pretrained(path) without transformers' "Loading weights" bar (a worker loads several
-    models; `evomerge eval` prints a table line per model)."""
-    from transformers import AutoModelForCausalLM
+    models; `evomerge eval` prints a table line per model). An image-text model (`...ForConditionalGeneration`) loads
+    whole, as its own class: the auto class would load its text model alone (Qwen3.5) or nothing (Mistral-3)."""
+    import transformers
     from transformers.utils import logging as hf_logging
 
+    declared = (json.loads((Path(path) / "config.json").read_text()).get("architectures") or [""])[0]
+    image_text = declared.endswith("ForConditionalGeneration") and hasattr(transformers, declared)
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model_class = getattr(transformers, declared) if image_text else transformers.AutoModelForCausalLM
+        model = model_class.from_pretrained(str(path), dtype=dtype)
     finally:
         if shown:
             hf_logging.enable_progress_bar()

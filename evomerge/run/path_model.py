@@ -40,9 +40,10 @@ def _decoder(model: nn.Module) -> nn.Module:
 def _slot(layer: nn.Module, index: int, scale: float) -> nn.Module:
     shared = copy.copy(layer)
     shared._modules = dict(layer._modules)  # the copy's own child table, same child modules
-    attention = copy.copy(layer.self_attn)
-    attention.layer_idx = index
-    shared._modules["self_attn"] = attention
+    for name, child in layer._modules.items():
+        if hasattr(child, "layer_idx"):  # its attention (`self_attn`; Qwen3.5's `linear_attn`), with its cache entry
+            shared._modules[name] = copy.copy(child)
+            shared._modules[name].layer_idx = index
     return ScaledSlot(shared, scale)
 
 
