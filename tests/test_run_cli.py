@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
@@ -301,9 +302,12 @@ def test_a_search_over_image_text_models_scores_and_writes_them(tmp_path, family
     assert config["architectures"] == source["architectures"] and config["text_config"]["num_hidden_layers"] == 3
     written = tensors(tmp_path / "out")
     assert set(written) == set(load_file(base / "model.safetensors"))  # the vision tower and projector included
-    if family == "qwen3_5":  # the head merged as any tensor: a weighted mean of the models' 0, 1 and 2
-        head = written["mtp.fc.weight"]
-        assert torch.all(head == head[0, 0]) and 0 < head[0, 0] < 2
+    if family == "qwen3_5":  # the head merged as any tensor outside the layers (t = 0, no filter matches): the mean
+        # of the models' constants 0, 1, 2 weighted by each model's first value of its last (unfiltered) weight entry
+        recipe = yaml.safe_load((tmp_path / "run/best/recipe.yaml").read_text())["merge"]
+        weights = [m["parameters"]["weight"][-1]["value"][0] for m in recipe["models"]]
+        expected = sum(i * w for i, w in enumerate(weights)) / sum(weights)
+        torch.testing.assert_close(written["mtp.fc.weight"], torch.full((32, 64), expected), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["ps", "dfs"])

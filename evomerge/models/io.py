@@ -415,13 +415,14 @@ def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | str | None = No
     import transformers
     from transformers.utils import logging as hf_logging
 
-    declared = (json.loads((Path(path) / "config.json").read_text()).get("architectures") or [""])[0]
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    declared = (config.architectures or [""])[0]
     image_text = declared.endswith("ForConditionalGeneration") and hasattr(transformers, declared)
+    model_class = getattr(transformers, declared) if image_text else transformers.AutoModelForCausalLM
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model_class = getattr(transformers, declared) if image_text else transformers.AutoModelForCausalLM
-        model = model_class.from_pretrained(str(path), dtype=dtype)
+        model = model_class.from_pretrained(str(path), config=config, dtype=dtype)
     finally:
         if shown:
             hf_logging.enable_progress_bar()
