@@ -140,9 +140,11 @@ def _check_target(target: str) -> None:
               help="documents per forward pass, or auto (lm-eval's probe); halved when the device runs out of memory")
 @click.option("--apply-chat-template", is_flag=True, help="prompts through each model's chat template (lm-eval's)")
 @click.option("--system-instruction", default=None, help="a system message before every prompt")
+@click.option("--fewshot-as-multiturn/--no-fewshot-as-multiturn", default=None,
+              help="few-shot examples as turns of the chat (default: on with --apply-chat-template, as lm-eval's)")
 @user_errors
 def evaluate(targets, tasks, split, limit, task_dirs, metrics, network, cut, output_json, output_md, device, dtype,
-             batch_size, apply_chat_template, system_instruction):
+             batch_size, apply_chat_template, system_instruction, fewshot_as_multiturn):
     """Score model dirs, hub ids or recipes (TARGETS) on lm-eval tasks: per-task scores, 95% CIs, chance levels."""
     from evomerge.evaluate.table import evaluate_targets
     from evomerge.models.io import check_device, parse_dtype
@@ -155,10 +157,12 @@ def evaluate(targets, tasks, split, limit, task_dirs, metrics, network, cut, out
                                   metrics=_metrics(metrics), network=network, cut=_cut(cut),
                                   batch_size=_batch_size(batch_size),
                                   load=load, check=_check_target, apply_chat_template=apply_chat_template,
-                                  system_instruction=system_instruction, output_json=output_json,
+                                  system_instruction=system_instruction, fewshot_as_multiturn=fewshot_as_multiturn,
+                                  output_json=output_json,
                                   output_markdown=output_md, echo=click.echo)
     except EvomergeError as err:  # the evaluator names the experiment's keys (metrics.TASK, cut): the options here
-        option = next((o for k, o in (("metrics", "--metric"), ("cut", "--cut")) if (err.key or "").startswith(k)), None)
+        option = next((o for k, o in (("metrics", "--metric"), ("cut", "--cut"), ("fewshot", "--fewshot-as-multiturn"))
+                       if (err.key or "").startswith(k)), None)
         if option is None:
             raise
         raise EvomergeError(err.message, key=option) from None

@@ -23,7 +23,6 @@ ELSEWHERE = {  # keys evomerge takes elsewhere or not at all
     "num_fewshot": "set num_fewshot in the task YAML, with fewshot_split: search",
     "shuffle": "evaluation.cut shuffles the documents it cuts",
     "random_init": "the search begins at the default merge (or at space.start, a recipe)",
-    "fewshot_as_multiturn": "not offered",
 }
 
 
@@ -80,6 +79,8 @@ def experiment_from_evolve(doc: dict, *, num_layers: Callable[[str], int], sourc
     evaluation = {"tasks": [t["name"] for t in tasks], "cut": cut or DEFAULT_CUT,
                   "metrics": {t["name"]: t.get("metric", "acc,none") for t in tasks},
                   "apply_chat_template": bool(doc.get("apply_chat_template", True))}
+    if evaluation["apply_chat_template"]:  # its default on, as evomerge's with a chat template; no effect without one
+        evaluation["fewshot_as_multiturn"] = bool(doc.get("fewshot_as_multiturn", True))
     if any(float(t.get("weight", 1.0)) != 1.0 for t in tasks):
         evaluation["weights"] = {t["name"]: float(t.get("weight", 1.0)) for t in tasks}
     if doc.get("limit"):

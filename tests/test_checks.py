@@ -236,6 +236,12 @@ def test_a_chat_template_the_scoring_tokenizer_lacks(tiny_zoo, tmp_path):
                    f"the tokenizer of {tiny_zoo / 'base'}, which the search scores with and its winners ship, has no chat")
 
 
+def test_few_shot_turns_without_a_chat_template(tiny_zoo, tmp_path):
+    doc = experiment(tiny_zoo, evaluation={"fewshot_as_multiturn": True})
+    assert_refused(search(tmp_path, doc), tmp_path, "evaluation.fewshot_as_multiturn",
+                   "fewshot_as_multiturn needs apply_chat_template")
+
+
 def test_a_scoring_tokenizer_whose_config_does_not_read(tiny_zoo, tmp_path):
     """Every worker would fail to load it: refused before the run dir exists, naming the file."""
     import shutil

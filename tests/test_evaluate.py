@@ -104,24 +104,28 @@ def test_per_document_scores_and_racing_on_lm_eval(tiny_zoo, digits_evaluator):
     assert stopped.scores["toy_digits"].n == 25
 
 
-def filtered_task_dir(root: Path) -> Path:
-    """A user task over the toy digits data with two filters: `never` first (a regex that matches no answer, so every
-    response becomes lm-eval's "[invalid]"), then `whole` (the response as generated)."""
-    d = root / "filtered_tasks"
+def digits_task_dir(root: Path, task: str, lines: str, template: str = "_toy_gen_template") -> Path:
+    """A user task dir with one task, `task`: a toy digits task (generation by default) with the YAML `lines` added."""
+    d = root / f"{task}_tasks"
     (d / "data").mkdir(parents=True)
     shutil.copy(TOY / "toy_data.py", d)
     for split in ("search", "validation", "test"):
         shutil.copy(TOY / "data" / f"digits_{split}.jsonl", d / "data")
-    (d / "filtered.yaml").write_text((TOY / "_toy_gen_template").read_text() + textwrap.dedent("""
-        task: filtered
-        dataset_kwargs: {skill: digits}
+    (d / f"{task}.yaml").write_text((TOY / template).read_text()
+                                    + f"task: {task}\ndataset_kwargs: {{skill: digits}}\n" + textwrap.dedent(lines))
+    return d
+
+
+def filtered_task_dir(root: Path) -> Path:
+    """A user task over the toy digits data with two filters: `never` first (a regex that matches no answer, so every
+    response becomes lm-eval's "[invalid]"), then `whole` (the response as generated)."""
+    return digits_task_dir(root, "filtered", """
         filter_list:
           - name: never
             filter: [{function: regex, regex_pattern: "(QQQ)"}, {function: take_first}]
           - name: whole
             filter: [{function: take_first}]
-    """))
-    return d
+    """)
 
 
 def test_the_metric_and_filter_a_task_scores_are_chosen(tokenizer, tmp_path):
@@ -363,6 +367,58 @@ def test_apply_chat_template_scores_the_prompts_the_template_makes(tiny_zoo, tmp
     config = EvaluationConfig(tasks=tasks, apply_chat_template=True, system_instruction="upc abc=ABC")
     searched = SplitEvaluator(config, str(templated)).evaluate(model, "search")
     assert searched.fitness == result.fitness != plain.fitness
+
+
+def test_few_shot_examples_are_turns_of_the_chat_as_lm_eval_gives_them(tiny_zoo, tmp_path):
+    """With a chat template the few-shot examples are turns of the conversation by default, as lm-eval's command line
+    and simple_evaluate give them (its `evaluate`, which the harness calls, puts them in one user message), drawn with
+    its seed (its sampler's own generator is unseeded: each evaluation drew other examples): the scores equal lm-eval's
+    own on the same model and documents, both ways, the two ways score differently here, and every evaluation is
+    shown the same examples. Through `evomerge eval` too; without a chat template the option is refused."""
+    from click.testing import CliRunner
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    from evomerge.cli import main
+    from tiny_models import with_chat_template
+
+    tasks = digits_task_dir(tmp_path, "shots", "num_fewshot: 1\nfewshot_split: search\n", "_toy_choice_template")
+    model = load_live_model(tiny_zoo / "expert_digits")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_zoo / "expert_digits")
+    tokenizer.chat_template = IDENTITY  # as turns: <s>q1a1q; in one message: <s>q1a1\n\nq
+
+    def ours(**chat):
+        return HarnessEvaluator(["shots"], tokenizer, split="test", limit=60, task_dirs=[str(tasks)],
+                                apply_chat_template=True, **chat).evaluate(model)
+
+    def lm_eval_own(**chat):
+        results = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=["shots"], limit=60,
+                                  task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                                  apply_chat_template=True, bootstrap_iters=0, **chat)
+        return results["results"]["shots"]["acc,none"]
+
+    default, turns, one = ours(), ours(fewshot_as_multiturn=True), ours(fewshot_as_multiturn=False)
+    assert default.scores["shots"].value == turns.scores["shots"].value == lm_eval_own()
+    evaluator = HarnessEvaluator(["shots"], tokenizer, split="test", limit=60, task_dirs=[str(tasks)],
+                                 apply_chat_template=True)  # every candidate is shown the same examples
+    assert all(np.array_equal(evaluator.evaluate(model).docs["shots"], turns.docs["shots"]) for _ in range(3))
+    assert one.scores["shots"].value == lm_eval_own(fewshot_as_multiturn=False)
+    assert not np.array_equal(turns.docs["shots"], one.docs["shots"])
+
+    templated = with_chat_template(tiny_zoo / "expert_digits", tmp_path / "templated", IDENTITY)
+    for options, expected in [((), turns), (("--no-fewshot-as-multiturn",), one)]:
+        out = tmp_path / f"scores{len(options)}.json"
+        result = CliRunner().invoke(main, ["eval", str(templated), "--tasks", "shots", "--task-dir", str(tasks),
+                                           "--limit", "60", "--apply-chat-template", *options,
+                                           "--output-json", str(out)])
+        assert result.exit_code == 0, result.output
+        assert json.loads(out.read_text())["results"][0]["scores"]["shots"]["value"] == expected.scores["shots"].value
+    result = CliRunner().invoke(main, ["eval", str(templated), "--tasks", "shots", "--task-dir", str(tasks),
+                                       "--fewshot-as-multiturn"])
+    assert result.exit_code == 2 and result.output.startswith("error: --fewshot-as-multiturn: fewshot_as_multiturn "
+                                                              "needs apply_chat_template"), result.output
 
 
 def test_eval_cli_scores_a_hub_id_as_its_downloaded_snapshot(tiny_zoo, tmp_path, monkeypatch):

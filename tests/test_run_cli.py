@@ -363,6 +363,15 @@ def test_a_mergekit_evolve_config_becomes_an_experiment_that_searches(tmp_path, 
                                  "limit": 4}
     result = run("search", "exp.yaml", "--run-dir", "run", "--trials", "3")
     assert result.exit_code == 0 and "3 trials, 0 failed" in result.output, result.output
+    for chat, expected in [({}, {"apply_chat_template": True, "fewshot_as_multiturn": True}),  # mergekit-evolve's
+                           # defaults, then its keys given
+                           ({"apply_chat_template": True, "fewshot_as_multiturn": False},
+                            {"apply_chat_template": True, "fewshot_as_multiturn": False})]:
+        plain = {k: v for k, v in config.items() if k != "apply_chat_template"}
+        (tmp_path / "chat.yml").write_text(yaml.safe_dump({**plain, **chat}))
+        assert run("import-evolve", "chat.yml", "-o", "chat.yaml").exit_code == 0
+        evaluation = yaml.safe_load((tmp_path / "chat.yaml").read_text())["evaluation"]
+        assert {k: evaluation.get(k) for k in expected} == expected
     for genome, message in [({"merge_method": "slerp"}, "genome.merge_method: merge_method 'slerp': mergekit-evolve's"),
                             ({"tokenizer_source": "base"}, "genome.tokenizer_source: a search scores and ships"),
                             ({"layer_granularity": 3}, "genome.layer_granularity: 4 layers do not split into groups of 3")]:

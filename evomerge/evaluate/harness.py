@@ -35,6 +35,7 @@ from evomerge.evaluate.tasks import cut_split, load_tasks, select_split
 log = logging.getLogger(__name__)
 
 PROPORTIONS = {"acc", "acc_norm", "exact_match"}  # metrics whose per-document values are 0 or 1
+FEWSHOT_SEED = 1234  # lm-eval's fewshot_random_seed (simple_evaluate's and its command line's default)
 
 
 class HarnessEvaluator:
@@ -51,7 +52,8 @@ class HarnessEvaluator:
     cut: {search, validation, seed, split}: each task's split cut into search / validation / test (tasks.cut_split).
     aggregate: "mean" (weighted), "min" or "geometric" (result.aggregate).
     apply_chat_template, system_instruction: as lm-eval's (prompts through the tokenizer's chat template; a system
-        message first).
+        message first). fewshot_as_multiturn: few-shot examples as turns of the conversation, not one user message;
+        default (None) as lm-eval's command line, on with the chat template (its `evaluate` defaults to off).
     batch_size: documents per forward pass (lm-eval's HFLM), or "auto"; halved on out of memory (see above).
     """
 
@@ -59,9 +61,12 @@ class HarnessEvaluator:
                  weights: Mapping[str, float] | None = None, metrics: Mapping[str, str] | None = None,
                  task_dirs: Sequence[str] = (), network: bool = False, cut: Mapping | None = None,
                  batch_size: int | str = 64, aggregate: str = "mean", apply_chat_template: bool = False,
-                 system_instruction: str | None = None):
+                 system_instruction: str | None = None, fewshot_as_multiturn: bool | None = None):
         if limit is not None and limit < 1:
             raise EvomergeError(f"limit must be >= 1, got {limit}", key="limit")
+        if fewshot_as_multiturn and not apply_chat_template:
+            raise EvomergeError("fewshot_as_multiturn needs apply_chat_template (without a chat template the few-shot "
+                                "examples are plain text before the prompt)", key="fewshot_as_multiturn")
         self.limit, self.tokenizer, self.batch_size = limit, tokenizer, batch_size
         self.task_dict = load_tasks(tasks, task_dirs, network=network)
         self.tasks = dict(self.task_dict["tasks"])  # leaf name -> lm-eval Task
@@ -72,7 +77,9 @@ class HarnessEvaluator:
         self.weights = self._leaf_weights(weights)
         self.metrics = self._leaf_metrics(metrics or {})  # leaf name -> (metric, filter)
         self.aggregate = aggregate
-        self.chat = {"apply_chat_template": apply_chat_template, "system_instruction": system_instruction}
+        turns = apply_chat_template if fewshot_as_multiturn is None else fewshot_as_multiturn
+        self.chat = {"apply_chat_template": apply_chat_template, "system_instruction": system_instruction,
+                     "fewshot_as_multiturn": turns}
         self._lm = None
 
     def evaluate(self, model, tokenizer=None, *, limit: int | None = None) -> EvalResult:
@@ -147,6 +154,8 @@ class HarnessEvaluator:
 
         lm = self._lm_for(model, tokenizer)
         _check_finite(model)
+        for task in self.tasks.values():  # the few-shot examples drawn anew, as lm-eval's command line draws them: the
+            task.set_fewshot_seed(FEWSHOT_SEED)  # same for every candidate (its sampler's own generator is unseeded)
         # lm-eval draws tqdm bars on stderr: keep them off the console, in the log at debug level.
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()) as noise:
             raw = evaluator.evaluate(lm, self.task_dict, limit=None if samples else limit, samples=samples,

@@ -79,7 +79,8 @@ def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str
                      load: Callable[[str], tuple[object, object]] | None = None,
                      check: Callable[[str], None] | None = None, batch_size: int | str = 64,
                      apply_chat_template: bool = False, system_instruction: str | None = None,
-                     output_json: str | os.PathLike | None = None, output_markdown: str | os.PathLike | None = None,
+                     fewshot_as_multiturn: bool | None = None, output_json: str | os.PathLike | None = None,
+                     output_markdown: str | os.PathLike | None = None,
                      echo: Callable[[str], None] | None = print) -> dict:
     """Evaluate every target on `tasks`; returns (and optionally writes) {split, tasks, chance, results}.
     `check(target)`, for every target before any is scored, raises on one that cannot be loaded. `batch_size`: documents
@@ -97,7 +98,8 @@ def evaluate_targets(targets: Sequence[str], tasks: Sequence[str], *, split: str
             evaluator = HarnessEvaluator(tasks, tokenizer, split=split, limit=limit, task_dirs=task_dirs,
                                          metrics=metrics, network=network, cut=cut, batch_size=batch_size,
                                          apply_chat_template=apply_chat_template,
-                                         system_instruction=system_instruction)
+                                         system_instruction=system_instruction,
+                                         fewshot_as_multiturn=fewshot_as_multiturn)
         result = evaluator.evaluate(model, tokenizer=tokenizer)
         results.append({"target": str(target), **result.to_dict()})
         if echo:

@@ -111,6 +111,8 @@ class EvaluationConfig(_Schema):
     # as lm-eval's apply_chat_template; system_instruction: a system message first (plain text without a template).
     apply_chat_template: bool = False
     system_instruction: str | None = None
+    # few-shot examples as turns of the conversation (lm-eval's); default: with apply_chat_template, as lm-eval's CLI
+    fewshot_as_multiturn: bool | None = None
 
     @field_validator("split")
     @classmethod

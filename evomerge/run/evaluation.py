@@ -48,7 +48,8 @@ class SplitEvaluator:
                                                     metrics=c.metrics, task_dirs=c.task_dirs, network=c.network,
                                                     cut=c.cut.model_dump() if c.cut else None, aggregate=c.aggregate,
                                                     batch_size=c.batch_size, apply_chat_template=c.apply_chat_template,
-                                                    system_instruction=c.system_instruction)
+                                                    system_instruction=c.system_instruction,
+                                                    fewshot_as_multiturn=c.fewshot_as_multiturn)
             if split == c.split:
                 self._warn_round_trip(self.by_split[split])
         return self.by_split[split]
@@ -95,7 +96,8 @@ def check_tasks(evaluation: EvaluationConfig, source: str, optimizer: str = "") 
     try:
         harness = HarnessEvaluator(c.tasks, None, split=c.split, limit=c.limit, weights=c.weights, metrics=c.metrics,
                                    task_dirs=c.task_dirs, network=c.network, aggregate=c.aggregate,
-                                   cut=c.cut.model_dump() if c.cut else None)
+                                   cut=c.cut.model_dump() if c.cut else None, apply_chat_template=c.apply_chat_template,
+                                   fewshot_as_multiturn=c.fewshot_as_multiturn)
         for name, task in harness.tasks.items():
             available = list(task.dataset.keys()) if hasattr(task.dataset, "keys") else []
             for split in HELD_OUT:
