@@ -19,7 +19,7 @@ from evomerge.export import export_text  # noqa: E402
 from evomerge.models.architectures import architecture_for  # noqa: E402
 from evomerge.recipe import LayerSlot, Recipe  # noqa: E402
 from mergekit_harness import RANDOMIZED, build_zoo, load_dir, method_configs, run_evomerge, run_mergekit, write_config  # noqa: E402
-from tiny_models import FAMILIES, IMAGE_TEXT, build_tiny, make_variants  # noqa: E402
+from tiny_models import FAMILIES, IMAGE_TEXT, MOE, build_tiny, make_variants  # noqa: E402
 
 DETERMINISTIC = [name for name in method_configs("b", ["x", "y", "z"]) if name not in RANDOMIZED]
 
@@ -138,7 +138,7 @@ def test_every_family_merges_and_stacks_layers_as_mergekit_does(family, tmp_path
     from mergekit.architecture import arch_info_for_config
     from transformers import AutoConfig
 
-    base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32, fused=family in ("qwen3_moe", "mixtral"))
+    base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32, fused=family in MOE)
     a, b = make_variants(base, tmp_path, n=2)
     config = write_config(tmp_path / "ties.yaml", "ties", method_configs(str(base), [str(a), str(b), str(base)])["ties"])
     run_mergekit(config, tmp_path / "ties_mergekit")
@@ -162,11 +162,12 @@ def test_every_family_merges_and_stacks_layers_as_mergekit_does(family, tmp_path
                 torch.testing.assert_close(ours[name], expected, atol=2e-5, rtol=1e-5, msg=lambda m: f"{kind} {name}: {m}")
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", sorted(set(MOE) - {"qwen3_5_moe"}))
 def test_per_expert_checkpoints_merge_as_mergekit_merges_them_fused(family, tmp_path):
     """A hub MoE checkpoint holds each expert's tensors; mergekit 0.1.5 reads them fused (transformers 5's layout) and
     writes them so, evomerge merges and writes them expert by expert. For element-wise methods the values agree:
-    evomerge's experts, fused as transformers fuses them (gate rows, then up rows), are mergekit's tensors."""
+    evomerge's experts, fused as transformers fuses them (gate rows, then up rows), are mergekit's tensors.
+    (Of an image-text Qwen3.5-MoE checkpoint with per-expert tensors mergekit 0.1.5 writes no expert at all.)"""
     base = build_tiny(family, tmp_path / "base", num_layers=2, hidden=32)
     a, b = make_variants(base, tmp_path, n=2)
     arch = architecture_for(json.loads((base / "config.json").read_text()), "config.json")

@@ -8,7 +8,7 @@ from evomerge.merge.plan import plan_recipe
 from evomerge.models.io import ModelDir, live_param, load_live_model
 from evomerge.models.sources import ResidentSources
 from evomerge.recipe import recipe_from_dict
-from tiny_models import FAMILIES, build_tiny, make_variants
+from tiny_models import FAMILIES, MOE, build_tiny, make_variants
 
 LAYERS = 3
 
@@ -164,6 +164,7 @@ def test_the_live_model_of_every_family_is_the_model_merge_writes(family, tmp_pa
     before = load_live_model(models[0], dtype=torch.float32).state_dict()
     merged = {live_param(live.model, n).untyped_storage().data_ptr() for n in ModelDir.open(models[0]).tensor_names}
     assert sum(not torch.equal(got[n], before[n]) for n in expected) >= len(merged)  # every live tensor written moved
-    if family in ("qwen3_moe", "mixtral"):  # per-expert checkpoint tensors in the live model's fused experts
-        assert {n for n in expected if "experts" in n} == {f"model.layers.{i}.mlp.experts.{kind}" for i in range(LAYERS)
-                                                          for kind in ("gate_up_proj", "down_proj")}
+    if family in MOE:  # per-expert checkpoint tensors in the live model's fused experts
+        layers = "model.language_model.layers" if family == "qwen3_5_moe" else "model.layers"
+        assert {n for n in expected if ".experts." in n} == {f"{layers}.{i}.mlp.experts.{kind}" for i in range(LAYERS)
+                                                             for kind in ("gate_up_proj", "down_proj")}

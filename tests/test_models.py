@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import FAMILIES, build_tiny, make_variants
+from tiny_models import FAMILIES, LINEAR_ATTENTION, build_tiny, make_variants
 
 from evomerge.errors import EvomergeError
 from evomerge.models import ModelDir, ModelWriter, architecture_for, check_finite, live_param, load_live_model
@@ -49,6 +49,9 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "qwen3_5_text": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "mistral3": ({"language_model.model.embed_tokens.weight"}, {"language_model.model.norm.weight"}),
     "qwen3_5": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
+    "qwen3_next": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "qwen3_5_moe_text": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "qwen3_5_moe": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
 }
 VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight",
          "embed_out.weight", "language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight"}
@@ -96,7 +99,7 @@ def test_naming_table_matches_the_checkpoint(tiny, family):
     assert {arch.layer_of(n) for n in layer_names} == set(range(LAYERS))
     for name in layer_names:  # renaming moves a tensor onto another layer's slot, which exists (of the same kind)
         renamed = arch.rename_layer(name, 2)
-        full_attention = family.startswith("qwen3_5") and ".self_attn." in name  # layer 1 only; 0, 2 attend linearly
+        full_attention = family in LINEAR_ATTENTION and ".self_attn." in name  # layer 1 only; 0, 2 attend linearly
         assert arch.layer_of(renamed) == 2 and (renamed in md) != full_attention
         assert arch.rename_layer(renamed, arch.layer_of(name)) == name
     assert arch.tied_embeddings(md.config) == (family in TIED) == ("lm_head.weight" not in md and family != "gpt_neox")
@@ -125,12 +128,19 @@ EPS_KEY = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "cohere2"
            "starcoder2": "norm_epsilon"}
 
 
-@pytest.mark.parametrize("family", sorted(set(FAMILIES) - BRANCH_NORMED))
-def test_output_projections_fold_a_hidden_state_scale(tmp_path, family):
+DENSE_LAYER_1 = {"qwen3_moe": {"mlp_only_layers": [1]}, "qwen3_next": {"mlp_only_layers": [1]}}  # mixtures of experts
+# whose layer 1 is a dense MLP
+
+
+@pytest.mark.parametrize("family, dense", [(f, False) for f in sorted(set(FAMILIES) - BRANCH_NORMED)]
+                         + [(f, True) for f in DENSE_LAYER_1])
+def test_output_projections_fold_a_hidden_state_scale(tmp_path, family, dense):
     """A layer with its output projections times c computes c * layer(x / c): each branch adds c times its output to a
-    stream whose norms ignore the scale (exact with a negligible norm epsilon, as here)."""
+    stream whose norms ignore the scale (exact with a negligible norm epsilon, as here). `dense`: the hooked layer of a
+    mixture of experts is a dense one."""
     eps = {EPS_KEY.get(family, "rms_norm_eps"): 1e-30}
-    path = build_tiny(family, tmp_path / family, num_layers=LAYERS, tokenizer=False, **eps)
+    path = build_tiny(family, tmp_path / family, num_layers=LAYERS, tokenizer=False, **eps,
+                      **(DENSE_LAYER_1[family] if dense else {}))
     md, c = ModelDir.open(path), 0.37
     outs = [n for n in md.tensor_names if md.arch.is_output_projection(n)]
     assert {md.arch.block_of(n) for n in outs} == {"attn", "mlp"} and {md.arch.layer_of(n) for n in outs} == {0, 1, 2}
@@ -196,16 +206,17 @@ def test_set_num_layers_carries_per_layer_lists(tiny):
         md.arch.set_num_layers(md.config, 2, source_layers=[0])
 
 
-def test_a_layer_path_over_qwen3_moe_dense_layers_keeps_each_layer_s_mlp(tmp_path):
-    """Qwen3-MoE builds layer i dense (one MLP) when i is in `mlp_only_layers` or (i + 1) % decoder_sparse_step != 0:
-    a written layer path lists its dense layers anew, so transformers builds each layer as its source was built and
-    loads every tensor (no missing or unexpected key, no random weights), equal to the source layer's."""
+@pytest.mark.parametrize("family", DENSE_LAYER_1)
+def test_a_layer_path_over_dense_layers_of_a_mixture_of_experts_keeps_each_layer_s_mlp(tmp_path, family):
+    """Qwen3-MoE (Qwen3-Next too) builds layer i dense (one MLP) when i is in `mlp_only_layers` or (i + 1) %
+    decoder_sparse_step != 0: a written layer path lists its dense layers anew, so transformers builds each layer as its
+    source was built and loads every tensor (no missing or unexpected key, no random weights), equal to the source's."""
     from transformers import AutoModelForCausalLM
 
     from evomerge.merge.materialize import merge_to_dir
     from evomerge.recipe import LayerSlot, Recipe
 
-    base = build_tiny("qwen3_moe", tmp_path / "base", num_layers=4, hidden=32, decoder_sparse_step=2,
+    base = build_tiny(family, tmp_path / "base", num_layers=4, hidden=32, decoder_sparse_step=2,
                       mlp_only_layers=[3])  # dense 0, 2 (the step) and 3 (listed); sparse 1
     slots = [1, 0, 3, 1, 2]
     merge_to_dir(Recipe(layers=[LayerSlot(source=str(base), layer=i) for i in slots]), tmp_path / "out", progress=False)

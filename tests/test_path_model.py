@@ -14,7 +14,7 @@ from evomerge.models.architectures import ARCHITECTURES, architecture_for
 from evomerge.models.io import load_live_model
 from evomerge.recipe import LayerSlot, Recipe, recipe_from_dict
 from evomerge.run.path_model import build_path_model, decoder_layers
-from tiny_models import build_tiny, make_variants
+from tiny_models import LINEAR_ATTENTION, build_tiny, make_variants
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ LAYER_PATH_FAMILIES = [arch.name for arch in ARCHITECTURES if arch.live_layer_pa
 OVERRIDES = {"gemma3_text": {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"], "sliding_window": 3}}
 # Qwen3.5 runs its linear attention in float32 whatever the model's dtype, so a scale folded into a weight agrees only to
 # float32 rounding (amplified over the layers): there the path's scales are powers of two, exact in any precision
-FLOAT32_INSIDE, BINARY = {"qwen3_5_text"}, {0.8: 0.5, 1.25: 2.0}
+FLOAT32_INSIDE, BINARY = set(LINEAR_ATTENTION), {0.8: 0.5, 1.25: 2.0}
 
 
 @pytest.mark.parametrize("family", LAYER_PATH_FAMILIES)

@@ -276,19 +276,21 @@ def test_search_refuses_an_unknown_task_before_it_starts(models, tmp_path):  # n
 
 @pytest.mark.parametrize("family", IMAGE_TEXT)
 def test_a_search_over_image_text_models_scores_and_writes_them(tmp_path, family):
-    """Image-text checkpoints (Gemma-3, Mistral-3, Qwen3.5): a worker merges into the live model lm-eval scores, and the
+    """Image-text checkpoints (Gemma-3, Mistral-3, Qwen3.5, Qwen3.5-MoE): a worker merges into the live model lm-eval scores, and the
     winner is written with its vision tower and its text model's settings (text_config). Qwen3.5's hub checkpoints
     carry a multi-token-prediction head (`mtp.`) that transformers does not load: the search leaves it out of the live
-    models, the winner's merge writes it merged."""
+    models, the winner's merge writes it merged. Qwen3.5-MoE's experts are per-expert tensors here (as transformers
+    writes them), views of the live model's fused ones."""
     base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32)
     models = [base, *make_variants(base, tmp_path, n=2, scale=0.05)]
-    if family == "qwen3_5":
+    if family.startswith("qwen3_5"):
         for i, model in enumerate(models):
             shard = load_file(model / "model.safetensors")
             head = {"mtp.fc.weight": torch.full((32, 64), float(i)), "mtp.norm.weight": torch.full((32,), float(i)),
                     "mtp.layers.0.mlp.up_proj.weight": torch.full((64, 32), float(i))}
             save_file({**shard, **head}, model / "model.safetensors", metadata={"format": "pt"})
-    split = {"gemma3": "attn_mlp", "mistral3": ["self_attn", "mlp"], "qwen3_5": ["self_attn", "linear_attn", "mlp"]}
+    split = {"gemma3": "attn_mlp", "mistral3": ["self_attn", "mlp"], "qwen3_5": ["self_attn", "linear_attn", "mlp"],
+             "qwen3_5_moe": ["self_attn", "linear_attn", "mlp"]}
     doc = {"name": "image_text", "seed": 0,
            "space": {"kind": "ps", "method": "linear", "models": [str(m) for m in models], "search": ["weight"],
                      "layer_groups": 3, "split": split[family], "bounds": {"weight": [0.0, 1.0]}},
@@ -302,7 +304,7 @@ def test_a_search_over_image_text_models_scores_and_writes_them(tmp_path, family
     assert config["architectures"] == source["architectures"] and config["text_config"]["num_hidden_layers"] == 3
     written = tensors(tmp_path / "out")
     assert set(written) == set(load_file(base / "model.safetensors"))  # the vision tower and projector included
-    if family == "qwen3_5":  # the head merged as any tensor outside the layers (t = 0, no filter matches): the mean
+    if family.startswith("qwen3_5"):  # the head merged as any tensor outside the layers (t = 0, no filter matches): the mean
         # of the models' constants 0, 1, 2 weighted by each model's first value of its last (unfiltered) weight entry
         recipe = yaml.safe_load((tmp_path / "run/best/recipe.yaml").read_text())["merge"]
         weights = [m["parameters"]["weight"][-1]["value"][0] for m in recipe["models"]]

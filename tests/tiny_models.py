@@ -20,8 +20,12 @@ from evomerge.models.io import ModelDir, ModelWriter
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "olmo2", "gpt2",
             "gpt_neox", "qwen3_moe", "mixtral", "granite", "arcee", "cohere2", "glm4", "starcoder2", "olmo3", "exaone4",
-            "smollm3", "seed_oss", "apertus", "ernie4_5", "hunyuan_v1_dense", "qwen3_5_text", "mistral3", "qwen3_5")
-IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5")  # a text model (its family the key's) beside a 2-layer vision tower
+            "smollm3", "seed_oss", "apertus", "ernie4_5", "hunyuan_v1_dense", "qwen3_5_text", "mistral3", "qwen3_5",
+            "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")
+IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe")  # a text model (its family the key's) beside a 2-layer
+# vision tower
+MOE = ("qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")  # mixtures of experts
+LINEAR_ATTENTION = ("qwen3_5_text", "qwen3_5", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")  # some layers (0, 2)
 _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 _CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -44,7 +48,8 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "cohere2": "Cohere2Config", "glm4": "Glm4Config", "starcoder2": "Starcoder2Config",
                "olmo3": "Olmo3Config", "exaone4": "Exaone4Config", "smollm3": "SmolLM3Config", "seed_oss": "SeedOssConfig",
                "apertus": "ApertusConfig", "ernie4_5": "Ernie4_5Config", "hunyuan_v1_dense": "HunYuanDenseV1Config",
-               "qwen3_5_text": "Qwen3_5TextConfig"}
+               "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_next": "Qwen3NextConfig",
+               "qwen3_5_moe_text": "Qwen3_5MoeTextConfig"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
@@ -52,11 +57,13 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
     if family.startswith(("gemma", "qwen3", "arcee", "cohere2", "glm4", "olmo3", "exaone4", "seed_oss", "apertus",
                           "ernie4_5", "hunyuan")):
         dims["head_dim"] = hidden // 2  # their default head_dim (256, 128) whatever the hidden size
-    if family == "qwen3_moe":  # 4 experts of 2 per token, each with an MLP as wide as the hidden state
-        dims.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden)
+    if family in ("qwen3_moe", "qwen3_next", "qwen3_5_moe_text"):  # 4 experts of 2 per token, each with an MLP as
+        dims.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden)  # wide as the hidden state
+    if family in ("qwen3_next", "qwen3_5_moe_text"):  # and a shared expert
+        dims.update(shared_expert_intermediate_size=hidden)
     if family == "mixtral":
         dims.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=hidden)
-    if family == "qwen3_5_text":  # linear attention (every other layer here, so a model has both kinds), two heads
+    if family in LINEAR_ATTENTION:  # linear attention (every other layer here, so a model has both kinds), two heads
         dims.update(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=hidden // 2,
                     linear_value_head_dim=hidden // 2, full_attention_interval=2)
     return getattr(transformers, classes[family])(**{**dims, **ids, **overrides})
@@ -79,12 +86,13 @@ def _image_text_config(family: str, num_layers: int, hidden: int, vocab: int, **
                                                   num_attention_heads=2, head_dim=8, image_size=28, patch_size=14)
         return transformers.Mistral3Config(text_config=_config("mistral", **text).to_dict(),
                                            vision_config=vision.to_dict(), image_token_index=vocab - 1)
-    vision = transformers.Qwen3_5VisionConfig(depth=2, hidden_size=16, intermediate_size=32, num_heads=2,
-                                              out_hidden_size=hidden, num_position_embeddings=16)
-    return transformers.Qwen3_5Config(text_config=_config("qwen3_5_text", **text).to_dict(),
-                                      vision_config=vision.to_dict(), image_token_id=vocab - 1,
-                                      video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
-                                      vision_end_token_id=vocab - 4)
+    qwen = {"qwen3_5": "Qwen3_5", "qwen3_5_moe": "Qwen3_5Moe"}[family]  # their config classes' prefix
+    vision = getattr(transformers, f"{qwen}VisionConfig")(depth=2, hidden_size=16, intermediate_size=32, num_heads=2,
+                                                          out_hidden_size=hidden, num_position_embeddings=16)
+    return getattr(transformers, f"{qwen}Config")(text_config=_config(f"{family}_text", **text).to_dict(),
+                                                  vision_config=vision.to_dict(), image_token_id=vocab - 1,
+                                                  video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
+                                                  vision_end_token_id=vocab - 4)
 
 
 def save_tokenizer(path: str | Path, vocab: int = 64) -> None:

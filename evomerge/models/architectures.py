@@ -165,10 +165,11 @@ def _llama_like(name: str, architecture: str, *, tied: bool = False, output_proj
     )
 
 
-def _fused_experts(experts: str, gate: str, up: str, down: str) -> tuple[tuple[str, str, int, int], ...]:
-    """`{experts}.{e}.{gate, up, down}.weight` of a checkpoint, live in `mlp.experts.gate_up_proj[e]` (the gate's rows,
-    then the up projection's) and `mlp.experts.down_proj[e]` (transformers 5's MoE modules)."""
-    head = rf"(model\.layers\.\d+)\.{experts}\.(?P<e>\d+)"
+def _fused_experts(experts: str, gate: str, up: str, down: str, layers: str = r"model\.layers"
+                   ) -> tuple[tuple[str, str, int, int], ...]:
+    """`{layers}.{i}.{experts}.{e}.{gate, up, down}.weight` of a checkpoint, live in `mlp.experts.gate_up_proj[e]` (the
+    gate's rows, then the up projection's) and `mlp.experts.down_proj[e]` (transformers 5's MoE modules)."""
+    head = rf"({layers}\.\d+)\.{experts}\.(?P<e>\d+)"
     return ((rf"{head}\.{gate}\.weight", r"\1.mlp.experts.gate_up_proj", 0, 2),
             (rf"{head}\.{up}\.weight", r"\1.mlp.experts.gate_up_proj", 1, 2),
             (rf"{head}\.{down}\.weight", r"\1.mlp.experts.down_proj", 0, 1))
@@ -178,6 +179,11 @@ def _fused_experts(experts: str, gate: str, up: str, down: str) -> tuple[tuple[s
 _QWEN3_5 = _llama_like("qwen3_5_text", "Qwen3_5ForCausalLM", attn=r"\.(self_attn|linear_attn|attn)\.",
                        output_projections=r"\.(self_attn\.o_proj|linear_attn\.out_proj|mlp\.down_proj)\.weight$",
                        unloaded=r"mtp\.")
+
+# Qwen3-Next and Qwen3.5-MoE: Qwen3.5's layers with a mixture of experts beside a shared expert (its output gated)
+_QWEN3_5_MOE = dict(attn=_QWEN3_5.attn, unloaded=_QWEN3_5.unloaded,
+                    output_projections=r"\.(self_attn\.o_proj|linear_attn\.out_proj|mlp\.(shared_expert\.)?down_proj|"
+                                       r"mlp\.experts\.\d+\.down_proj)\.weight$|\.mlp\.experts\.down_proj$")
 
 _TEXT_MODEL = r"(?:language_model\.model|model\.language_model)"  # an image-text checkpoint's text model, both namings
 _LLAVA_RENAMES = ((r"^language_model\.model\.", "model.language_model."), (r"^language_model\.lm_head\.", "lm_head."),
@@ -227,13 +233,18 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     # Mixtures of experts: checkpoints hold each expert's tensors (the hub's) or the live module's fused ones (as
     # transformers 5 and mergekit 0.1.5 name them); a merge takes either, expert by expert or fused tensor by tensor.
     _llama_like("qwen3_moe", "Qwen3MoeForCausalLM",
-                output_projections=r"\.(self_attn\.o_proj\.weight|mlp\.experts\.(\d+\.down_proj\.weight|down_proj))$",
+                output_projections=r"\.(self_attn\.o_proj\.weight|mlp\.down_proj\.weight|"  # dense layers' too
+                                   r"mlp\.experts\.(\d+\.down_proj\.weight|down_proj))$",
                 live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj")),
     _llama_like("mixtral", "MixtralForCausalLM", mlp=r"\.(mlp|block_sparse_moe)\.",
                 output_projections=r"\.(self_attn\.o_proj\.weight|block_sparse_moe\.experts\.\d+\.w2\.weight|"
                                    r"mlp\.experts\.down_proj)$",
                 live_renames=((r"\.block_sparse_moe\.gate\.", ".mlp.gate."),),
                 live_experts=_fused_experts(r"block_sparse_moe\.experts", "w1", "w3", "w2")),
+    _llama_like("qwen3_next", "Qwen3NextForCausalLM", **_QWEN3_5_MOE,  # its dense layers as Qwen3-MoE's
+                live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj")),
+    _llama_like("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", **_QWEN3_5_MOE,
+                live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj")),
     # Image-text models: the text model's layers are the layers; the vision tower and projector merge as the other
     # non-layer tensors do, a gradient spread over the tower's layers as over the text layers. Gemma-3 and Mistral-3
     # checkpoints name the text model `language_model.model.` (the hub's, and transformers 5 writes so) or
@@ -248,6 +259,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _image_text("qwen3_5", "Qwen3_5ForConditionalGeneration", tied=False, text=r"model\.language_model",
                 vision_layers=r"(model\.visual\.blocks\.)(\d+)\.", attn=_QWEN3_5.attn,
                 output_projections=_QWEN3_5.output_projections, unloaded=_QWEN3_5.unloaded),
+    _image_text("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", tied=False, text=r"model\.language_model",
+                vision_layers=r"(model\.visual\.blocks\.)(\d+)\.", **_QWEN3_5_MOE,
+                live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj",
+                                            layers=r"model\.language_model\.layers")),
     Architecture(  # older GPT-2 checkpoints (the hub's `gpt2`) leave out the `transformer.` prefix
         name="gpt2",
         architectures=("GPT2LMHeadModel",),
