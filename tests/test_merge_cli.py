@@ -366,3 +366,46 @@ def test_random_masks_do_not_depend_on_where_the_models_are_stored(models, tmp_p
         assert run("merge", write(tmp_path / f"{name}.yaml", doc), tmp_path / name).exit_code == 0
     here, moved_out = load_file(tmp_path / "here" / "model.safetensors"), load_file(tmp_path / "moved" / "model.safetensors")
     assert here.keys() == moved_out.keys() and all(torch.equal(here[k], moved_out[k]) for k in here)
+
+
+@pytest.fixture(scope="module")
+def gemma4(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gemma4")
+    base = build_tiny("gemma4_text", root / "base", num_layers=3)
+    return str(base), str(make_variants(base, root, n=1, scale=0.05)[0])
+
+
+def passthrough(model, *ranges):
+    return {"merge_method": "passthrough", "dtype": "float32",
+            "slices": [{"sources": [{"model": model, "layer_range": list(r)}]} for r in ranges]}
+
+
+@pytest.mark.parametrize("key, doc, message", [
+    ("slices", lambda m: passthrough(m[0], (0, 2), (1, 3)), "cannot be moved or repeated (its per-layer embeddings "
+     "(embed_tokens_per_layer) hold a slice per layer and its last layers reuse earlier layers' keys and values); "
+     "this writes layer 1 as layer 2"),
+    ("slices", lambda m: passthrough(m[0], (0, 2)), "cannot be dropped (its per-layer embeddings"),
+    ("layers", lambda m: {"layers": [{"source": m[1], "layer": i} for i in (0, 2, 1)]}, "this writes layer 2 as layer 1"),
+])
+def test_gemma4_layers_stay_where_they_are(gemma4, tmp_path, key, doc, message):
+    """Gemma-4's per-layer embeddings are one tensor with a slice per layer, and its last layers reuse the keys and
+    values of earlier ones: a written model that moves, repeats or drops its layers would be broken, so a layer path
+    or mergekit slices that restack them are refused (one line, exit 2, no OUT). Slices that keep every layer in its
+    place merge, equal to the plain merge."""
+    result = run("merge", write(tmp_path / "r.yaml", doc(gemma4)), tmp_path / "out")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"error: {tmp_path / 'r.yaml'}: {key}: gemma4_text layers ") and message in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_gemma4_slices_in_place_merge(gemma4, tmp_path):
+    base, ft = gemma4
+    sliced = {"merge_method": "linear", "dtype": "float32", "slices": [
+        {"sources": [{"model": m, "layer_range": list(r), "parameters": {"weight": 0.5}} for m in (base, ft)]}
+        for r in ((0, 1), (1, 3))]}
+    plain = {"merge_method": "linear", "dtype": "float32",
+             "models": [{"model": m, "parameters": {"weight": 0.5}} for m in (base, ft)]}
+    assert run("merge", write(tmp_path / "s.yaml", sliced), tmp_path / "s").exit_code == 0
+    assert run("merge", write(tmp_path / "p.yaml", plain), tmp_path / "p").exit_code == 0
+    got, expected = load_file(tmp_path / "s/model.safetensors"), load_file(tmp_path / "p/model.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[n], expected[n]) for n in expected)

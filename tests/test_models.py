@@ -18,6 +18,7 @@ from evomerge.errors import EvomergeError
 from evomerge.models import ModelDir, ModelWriter, architecture_for, check_finite, live_param, load_live_model
 
 LAYERS = 3
+GEMMA4_PRE = ("embed_tokens.weight", "embed_tokens_per_layer.weight", "per_layer_model_projection.weight", "per_layer_projection_norm.weight")  # per-layer embeddings, their projection and its norm
 PRE_POST = {  # family -> (tensors before the layers, after the layers), as transformers saves them
     "llama": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "mistral": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
@@ -52,12 +53,15 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "qwen3_next": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "qwen3_5_moe_text": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "qwen3_5_moe": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
+    "gemma4_text": ({f"model.{n}" for n in GEMMA4_PRE}, {"model.norm.weight"}),
+    "gemma4": ({f"model.language_model.{n}" for n in GEMMA4_PRE}, {"model.language_model.norm.weight"}),
 }
 VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight",
          "embed_out.weight", "language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight"}
-TIED = {"gemma", "gemma2", "gemma3_text", "gemma3", "gpt2", "cohere2", "starcoder2", "smollm3", "ernie4_5", "mistral3"}
-BRANCH_NORMED = {"gemma2", "gemma3_text", "gemma3", "olmo2", "glm4", "olmo3", "exaone4"}  # norm each branch's output: no output projection folds a scale
-NOT_TEXT = r"vision_tower\.|multi_modal_projector\.|model\.visual\."  # an image-text model's other parts
+TIED = {"gemma", "gemma2", "gemma3_text", "gemma3", "gpt2", "cohere2", "starcoder2", "smollm3", "ernie4_5", "mistral3",
+        "gemma4_text", "gemma4"}
+BRANCH_NORMED = {"gemma2", "gemma3_text", "gemma3", "olmo2", "glm4", "olmo3", "exaone4", "gemma4_text", "gemma4"}  # norm each branch's output: no output projection folds a scale
+NOT_TEXT = r"vision_tower\.|multi_modal_projector\.|model\.(visual|vision_tower|audio_tower|embed_vision|embed_audio)\."  # an image-text model's other parts
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +104,8 @@ def test_naming_table_matches_the_checkpoint(tiny, family):
     for name in layer_names:  # renaming moves a tensor onto another layer's slot, which exists (of the same kind)
         renamed = arch.rename_layer(name, 2)
         full_attention = family in LINEAR_ATTENTION and ".self_attn." in name  # layer 1 only; 0, 2 attend linearly
-        assert arch.layer_of(renamed) == 2 and (renamed in md) != full_attention
+        kv_shared = family.startswith("gemma4") and re.search(r"\.(k_proj|v_proj|k_norm)\.", name)  # layer 2 has none
+        assert arch.layer_of(renamed) == 2 and (renamed in md) != bool(full_attention or kv_shared)
         assert arch.rename_layer(renamed, arch.layer_of(name)) == name
     assert arch.tied_embeddings(md.config) == (family in TIED) == ("lm_head.weight" not in md and family != "gpt_neox")
 
@@ -115,7 +120,8 @@ def test_block_of_agrees_with_the_live_module_classes(tiny, live, family):
         param = live_param(model, name)  # a view (an expert of the fused experts; xIELU's beta): the tensor it views
         parts = live_names[id(param if id(param) in live_names else param._base)].split(".")
         numeric = [i for i, p in enumerate(parts) if p.isdigit()]
-        owner = ".".join(parts[:numeric[0] + 2] if numeric else parts[:-1])  # e.g. model.layers.0.self_attn
+        owner = ".".join(parts[:numeric[0] + 2] if numeric and len(parts) > numeric[0] + 2 else parts[:-1])  # e.g.
+        # model.layers.0.self_attn; the layer itself for its own tensors (Gemma-4's layer_scalar)
         cls = type(model.get_submodule(owner)).__name__
         expected = next((b for key, b in (("Attention", "attn"), ("GatedDeltaNet", "attn"), ("MLP", "mlp"),
                                           ("SparseMoeBlock", "mlp"), ("Norm", "norm")) if key in cls), None)

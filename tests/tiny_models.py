@@ -21,9 +21,9 @@ from evomerge.models.io import ModelDir, ModelWriter
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "olmo2", "gpt2",
             "gpt_neox", "qwen3_moe", "mixtral", "granite", "arcee", "cohere2", "glm4", "starcoder2", "olmo3", "exaone4",
             "smollm3", "seed_oss", "apertus", "ernie4_5", "hunyuan_v1_dense", "qwen3_5_text", "mistral3", "qwen3_5",
-            "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")
-IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe")  # a text model (its family the key's) beside a 2-layer
-# vision tower
+            "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4")
+IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4")  # a text model (its family the key's) beside a
+# 2-layer vision tower
 MOE = ("qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")  # mixtures of experts
 LINEAR_ATTENTION = ("qwen3_5_text", "qwen3_5", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")  # some layers (0, 2)
 _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -49,7 +49,7 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "olmo3": "Olmo3Config", "exaone4": "Exaone4Config", "smollm3": "SmolLM3Config", "seed_oss": "SeedOssConfig",
                "apertus": "ApertusConfig", "ernie4_5": "Ernie4_5Config", "hunyuan_v1_dense": "HunYuanDenseV1Config",
                "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_next": "Qwen3NextConfig",
-               "qwen3_5_moe_text": "Qwen3_5MoeTextConfig"}
+               "qwen3_5_moe_text": "Qwen3_5MoeTextConfig", "gemma4_text": "Gemma4TextConfig"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
@@ -63,6 +63,11 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
         dims.update(shared_expert_intermediate_size=hidden)
     if family == "mixtral":
         dims.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=hidden)
+    if family == "gemma4_text":  # per-layer embeddings; the last layer reuses the keys and values of an earlier one of
+        # its kind (from 3 layers on: the layers before it hold both kinds); the kinds alternate, the last one full
+        kinds = ["full_attention" if (num_layers - 1 - i) % 2 == 0 else "sliding_attention" for i in range(num_layers)]
+        dims.update(hidden_size_per_layer_input=8, vocab_size_per_layer_input=vocab, global_head_dim=hidden // 2,
+                    layer_types=kinds, num_kv_shared_layers=int(num_layers >= 3), sliding_window=4)
     if family in LINEAR_ATTENTION:  # linear attention (every other layer here, so a model has both kinds), two heads
         dims.update(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=hidden // 2,
                     linear_value_head_dim=hidden // 2, full_attention_interval=2)
@@ -86,6 +91,13 @@ def _image_text_config(family: str, num_layers: int, hidden: int, vocab: int, **
                                                   num_attention_heads=2, head_dim=8, image_size=28, patch_size=14)
         return transformers.Mistral3Config(text_config=_config("mistral", **text).to_dict(),
                                            vision_config=vision.to_dict(), image_token_index=vocab - 1)
+    if family == "gemma4":
+        vision = transformers.Gemma4VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                                 position_embedding_size=64, patch_size=4)
+        return transformers.Gemma4Config(text_config=_config("gemma4_text", **text).to_dict(), vision_config=vision.to_dict(),
+                                         audio_config=None, boi_token_id=vocab - 4, eoi_token_id=vocab - 3,
+                                         image_token_id=vocab - 2, video_token_id=vocab - 1)
     qwen = {"qwen3_5": "Qwen3_5", "qwen3_5_moe": "Qwen3_5Moe"}[family]  # their config classes' prefix
     vision = getattr(transformers, f"{qwen}VisionConfig")(depth=2, hidden_size=16, intermediate_size=32, num_heads=2,
                                                           out_hidden_size=hidden, num_position_embeddings=16)

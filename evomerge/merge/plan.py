@@ -214,6 +214,8 @@ def stage_layout(stage: MergeStage, dirs: dict[str, ModelDir], source: str) -> L
             layers.append([_Slot(arch.rename_layer(name, len(layers)), i, tuple(
                 (j, arch.rename_layer(name, s.layer_range[0] + idx)) for j, s in enumerate(out.sources)), t, False)
                 for name in names])
+    arch.check_layers_stay([(k, arch.layer_of(name)) for k, layer in enumerate(layers) for _, name in layer[0].inputs],
+                           template.num_layers, source, "slices")
     return head, layers
 
 
@@ -271,6 +273,7 @@ def plan_recipe(recipe: Recipe, dirs: dict[str, ModelDir], source: str = "<recip
         config_from = recipe.layers[0].source
         _check_compatible({m: dirs[m] for m in recipe.referenced_models()}, source)
     arch = dirs[config_from].arch
+    arch.check_layers_stay(list(enumerate(s.layer for s in recipe.layers)), dirs[config_from].num_layers, source, "layers")
     merged_head = {t.out_name: t for t in head}
 
     def outside(slot: LayerSlot, names: list[str]) -> list[TensorTask]:

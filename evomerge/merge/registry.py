@@ -106,7 +106,6 @@ def merge_method(
 
 def get_method(name: str, *, source: str | None = None, key: str = "merge_method") -> MethodSpec:
     import evomerge.merge.methods  # noqa: F401  (registers the built-in methods)
-
     if name not in METHODS:
         raise EvomergeError(f"unknown merge method {name!r}; {did_you_mean(name, METHODS)}", source=source, key=key)
     return METHODS[name]

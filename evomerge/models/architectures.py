@@ -51,6 +51,9 @@ class Architecture:
     # regex (match): checkpoint tensors transformers does not load (Qwen3.5's multi-token-prediction head): a merge
     # writes them merged as any tensor; a search's live models have none, so its workers leave them out
     unloaded: str = ""
+    # why a written model cannot move, repeat or drop this family's layers (a layer path, or mergekit slices that
+    # restack layers, is refused); empty where it can
+    fixed_layers: str = ""
 
     def live_names(self, tensor_name: str) -> list[str]:
         """Names a checkpoint tensor may have in a live transformers model, the checkpoint's own first."""
@@ -142,6 +145,18 @@ class Architecture:
         """A copy of `config` whose text model is described by `settings`."""
         return {**config, self.text_config: settings} if self.text_config else settings
 
+    def check_layers_stay(self, layers: list[tuple[int, int]], num_layers: int, source: str, key: str) -> None:
+        """Refuses, where this family's layers cannot move (`fixed_layers`), a written model whose layers ((written,
+        source) index pairs) are not its source's num_layers layers, each in its place."""
+        if not self.fixed_layers:
+            return
+        if moved := [(k, i) for k, i in layers if k != i]:
+            raise EvomergeError(f"{self.name} layers cannot be moved or repeated ({self.fixed_layers}); this writes "
+                                f"layer {moved[0][1]} as layer {moved[0][0]}", source=source, key=key)
+        if len({k for k, _ in layers}) != num_layers:
+            raise EvomergeError(f"{self.name} layers cannot be dropped ({self.fixed_layers}); this writes "
+                                f"{len({k for k, _ in layers})} of its {num_layers} layers", source=source, key=key)
+
     def tied_embeddings(self, config: dict) -> bool:
         return bool(config.get("tie_word_embeddings", self.tied_default))
 
@@ -149,20 +164,20 @@ class Architecture:
 _LLAMA_OUT = r"\.(self_attn\.o_proj|mlp\.down_proj)\.(weight|bias)$"
 
 
-def _llama_like(name: str, architecture: str, *, tied: bool = False, output_projections: str = _LLAMA_OUT,
-                **fields) -> Architecture:
-    return Architecture(
-        name=name,
-        architectures=(architecture,),
-        layer=r"(model\.layers\.)(\d+)\.",
-        pre=r"model\.embed_tokens\.weight",
-        post=r"model\.norm\.(weight|bias)|lm_head\.weight",
-        vocab=r"model\.embed_tokens\.weight|lm_head\.weight",
-        tied_default=tied,
-        output_projections=output_projections,
-        live_layer_paths=True,
+def _llama_like(name: str, architecture: str, *, tied: bool = False, **fields) -> Architecture:
+    """A decoder named as Llama's (`model.layers.`); `fields` override the rest."""
+    return Architecture(**{
+        "name": name,
+        "architectures": (architecture,),
+        "layer": r"(model\.layers\.)(\d+)\.",
+        "pre": r"model\.embed_tokens\.weight",
+        "post": r"model\.norm\.(weight|bias)|lm_head\.weight",
+        "vocab": r"model\.embed_tokens\.weight|lm_head\.weight",
+        "tied_default": tied,
+        "output_projections": _LLAMA_OUT,
+        "live_layer_paths": True,
         **fields,
-    )
+    })
 
 
 def _fused_experts(experts: str, gate: str, up: str, down: str, layers: str = r"model\.layers"
@@ -193,18 +208,25 @@ _LLAVA_RENAMES = ((r"^language_model\.model\.", "model.language_model."), (r"^la
 def _image_text(name: str, architecture: str, *, tied: bool, vision_layers: str, text: str = _TEXT_MODEL,
                 **fields) -> Architecture:
     """An image-text model whose text model's tensors are named `{text}.` and its vision layers `vision_layers`."""
-    return Architecture(
-        name=name,
-        architectures=(architecture,),
-        layer=rf"({text}\.layers\.)(\d+)\.",
-        pre=rf"{text}\.embed_tokens\.weight",
-        post=rf"{text}\.norm\.weight|(language_model\.)?lm_head\.weight",
-        vocab=rf"{text}\.embed_tokens\.weight|(language_model\.)?lm_head\.weight",
-        tied_default=tied,
-        text_config="text_config",
-        part_layer=vision_layers,
+    return Architecture(**{
+        "name": name,
+        "architectures": (architecture,),
+        "layer": rf"({text}\.layers\.)(\d+)\.",
+        "pre": rf"{text}\.embed_tokens\.weight",
+        "post": rf"{text}\.norm\.weight|(language_model\.)?lm_head\.weight",
+        "vocab": rf"{text}\.embed_tokens\.weight|(language_model\.)?lm_head\.weight",
+        "tied_default": tied,
+        "text_config": "text_config",
+        "part_layer": vision_layers,
         **fields,
-    )
+    })
+
+# Gemma-4: beside each layer's own tensors, a non-layer tensor holds a slice per layer (per-layer embeddings, their
+# projection), and the last layers reuse earlier layers' keys and values; each branch's output is normed (Gemma-2)
+_GEMMA4 = dict(tied=True, mlp=r"\.(mlp|experts|router)\.", output_projections="",
+               fixed_layers="its per-layer embeddings (embed_tokens_per_layer) hold a slice per layer and its last "
+                            "layers reuse earlier layers' keys and values")
+_GEMMA4_PRE = r"embed_tokens(_per_layer)?\.weight|per_layer_model_projection\.weight|per_layer_projection_norm\.weight"
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("llama", "LlamaForCausalLM"),
@@ -230,6 +252,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("ernie4_5", "Ernie4_5ForCausalLM", tied=True),
     _llama_like("hunyuan_v1_dense", "HunYuanDenseV1ForCausalLM"),
     _QWEN3_5,
+    _llama_like("gemma4_text", "Gemma4ForCausalLM", **_GEMMA4, pre=rf"model\.({_GEMMA4_PRE})",
+                live_layer_paths=False),
     # Mixtures of experts: checkpoints hold each expert's tensors (the hub's) or the live module's fused ones (as
     # transformers 5 and mergekit 0.1.5 name them); a merge takes either, expert by expert or fused tensor by tensor.
     _llama_like("qwen3_moe", "Qwen3MoeForCausalLM",
@@ -252,6 +276,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _image_text("gemma3", "Gemma3ForConditionalGeneration", tied=True,
                 vision_layers=r"((?:model\.)?vision_tower\.(?:vision_model\.)?encoder\.layers\.)(\d+)\.",
                 live_renames=(*_LLAVA_RENAMES, (r"^(model\.)?vision_tower\.(vision_model\.)?", "model.vision_tower."))),
+    _image_text("gemma4", "Gemma4ForConditionalGeneration", text=r"model\.language_model",
+                vision_layers=r"(model\.(?:vision_tower\.encoder|audio_tower)\.layers\.)(\d+)\.", **_GEMMA4,
+                pre=rf"model\.language_model\.({_GEMMA4_PRE})"),
     _image_text("mistral3", "Mistral3ForConditionalGeneration", tied=True,  # Mistral Small 3.x, Ministral 3
                 vision_layers=r"((?:model\.)?vision_tower\.transformer\.layers\.)(\d+)\.",
                 mlp=r"\.(mlp|feed_forward)\.", output_projections=_LLAMA_OUT,
