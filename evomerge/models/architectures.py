@@ -221,6 +221,7 @@ def _image_text(name: str, architecture: str, *, tied: bool, vision_layers: str,
         **fields,
     })
 
+
 # Gemma-4: beside each layer's own tensors, a non-layer tensor holds a slice per layer (per-layer embeddings, their
 # projection), and the last layers reuse earlier layers' keys and values; each branch's output is normed (Gemma-2)
 _GEMMA4 = dict(tied=True, mlp=r"\.(mlp|experts|router)\.", output_projections="",
