@@ -153,9 +153,9 @@ class Architecture:
         if moved := [(k, i) for k, i in layers if k != i]:
             raise EvomergeError(f"{self.name} layers cannot be moved or repeated ({self.fixed_layers}); this writes "
                                 f"layer {moved[0][1]} as layer {moved[0][0]}", source=source, key=key)
-        if len({k for k, _ in layers}) != num_layers:
+        if (written := len({k for k, _ in layers})) != num_layers:
             raise EvomergeError(f"{self.name} layers cannot be dropped ({self.fixed_layers}); this writes "
-                                f"{len({k for k, _ in layers})} of its {num_layers} layers", source=source, key=key)
+                                f"{written} of its {num_layers} layers", source=source, key=key)
 
     def tied_embeddings(self, config: dict) -> bool:
         return bool(config.get("tie_word_embeddings", self.tied_default))
