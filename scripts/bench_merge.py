@@ -71,11 +71,17 @@ def recipe_doc(method: str, experts: list[str]) -> dict:
         "model_stock": {"base_model": "base", "models": [{"model": m} for m in e]},
         "sce": {"base_model": "base", "models": [{"model": m} for m in e], "parameters": {"select_topk": 0.5}},
         "passthrough": {"models": [{"model": e[0]}]},
+        "multislerp": {"base_model": "base", "models": weights(e)},
+        "karcher": {"models": [{"model": m} for m in ["base", *e]]},
+        "arcee_fusion": {"base_model": "base", "models": [{"model": "base"}, {"model": e[0]}]},
+        "ram": {"base_model": "base", "models": [{"model": m} for m in e]},
+        "ramplus_tl": {"base_model": "base", "models": [{"model": m} for m in e], "parameters": {"r": 0.1, "alpha": 0.2}},
     }[method]
 
 
 METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-           "della_linear", "sce", "slerp", "nuslerp", "nearswap", "model_stock", "passthrough"]
+           "della_linear", "sce", "slerp", "nuslerp", "nearswap", "model_stock", "passthrough", "multislerp", "karcher",
+           "arcee_fusion", "ram", "ramplus_tl"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -177,3 +177,74 @@ def sce(base, tensors, select_topk=1.0):
     majority = torch.where(sum(tau) >= 0, 1.0, -1.0).double()
     weights = [energy[i] * (tau[i].sign() == majority).double() for i in range(n)]
     return base + sum(w * x for w, x in zip(weights, tau)) / sum(weights).clamp(min=1e-6)
+
+
+def multislerp(base, tensors, weight, normalize_weights=True, eps=1e-8):
+    """Barycentric slerp as the blog describes it: the unit vectors' weighted mean direction, the weighted tangent
+    there, the exponential map back to the sphere, times the weighted mean norm."""
+    origin = base if base is not None else torch.zeros_like(tensors[0])
+    xs = [(t - origin).reshape(-1) for t in tensors]
+    if len(xs) == 1:
+        return tensors[0]
+    total = sum(weight)
+    w = [x / (total if abs(total) >= 1e-8 else 1.0) for x in weight] if normalize_weights else list(weight)
+    units = [x / (x.norm().item() + eps) for x in xs]
+    mean = sum(wi * u for wi, u in zip(w, units))
+    if mean.norm().item() < eps:  # antipodal inputs: linear
+        return origin + sum(wi * x for wi, x in zip(w, xs)).reshape(origin.shape)
+    m = mean / mean.norm().item()
+    tangent = sum(wi * (u - (u * m).sum().item() * m) for wi, u in zip(w, units))
+    tn = tangent.norm().item() + eps
+    out = (math.cos(tn) * m + math.sin(tn) / tn * tangent) * sum(wi * x.norm().item() for wi, x in zip(w, xs))
+    return origin + out.reshape(origin.shape)
+
+
+def karcher(tensors, max_iter=10, tol=1e-5):
+    """Weighted-equally Karcher mean on the unit sphere by Riemannian gradient steps, times the mean norm."""
+    if len(tensors) == 1:
+        return tensors[0]
+    xs = [t.reshape(-1) for t in tensors]
+    norms = [x.norm().item() for x in xs]
+    units = [x / n for x, n in zip(xs, norms) if n > tol]
+    if not units:
+        return torch.zeros_like(tensors[0])
+    m = sum(units) / len(units)
+    m = units[0] if m.norm().item() < tol else m / m.norm().item()
+    for _ in range(max_iter):
+        step = torch.zeros_like(m)
+        for u in units:
+            theta = math.acos(max(-1.0, min(1.0, (m * u).sum().item())))
+            if theta >= tol:  # log map of u at m
+                step += theta / math.sin(theta) * (u - math.cos(theta) * m) / len(units)
+        size = step.norm().item()
+        if size < tol:
+            break
+        m = math.cos(size) * m + math.sin(size) * step / size  # exp map
+        m = m / m.norm().item()
+    return (sum(norms) / len(norms) * m).reshape(tensors[0].shape)
+
+
+def arcee_fusion(base, x):
+    """base + (x - base) where importance |x - base| * KL(softmax(x) || softmax(base)) (per row) >= q50 + 1.5 IQR, the
+    quantiles read off the sorted importances at index floor(q (n - 1))."""
+    p, q = torch.softmax(x, -1) + 1e-8, torch.softmax(base, -1) + 1e-8
+    importance = (x - base).abs() * (p * torch.log(p / q)).sum(-1, keepdim=True)
+    ordered = importance.reshape(-1).sort().values
+    q25, q50, q75 = (ordered[int(f * (ordered.numel() - 1))] for f in (0.25, 0.5, 0.75))
+    return base + (x - base) * (importance >= q50 + 1.5 * (q75 - q25)).double()
+
+
+def ram(base, tensors, epsilon=1e-5, r=0.0, alpha=0.0):
+    """Per entry: the changes |tau_i| > epsilon; one model's change is kept whole (times lambda_i), several models'
+    averaged. lambda_i = 1 + r min(max(shared_i / max(unique_i, epsilon), 0), alpha) (RAM+; r = 0 is RAM)."""
+    taus = [(t - base).reshape(-1) for t in tensors]
+    changed = [(tau.abs() > epsilon).double() for tau in taus]
+    count = sum(changed)
+    out = torch.zeros_like(taus[0])
+    for tau, c in zip(taus, changed):
+        shared, unique = (c * (count > 1)).sum().item(), (c * (count == 1)).sum().item()
+        lam = 1 + r * min(max(shared / max(unique, epsilon), 0.0), alpha)
+        for j in range(tau.numel()):
+            if c[j]:
+                out[j] += tau[j] * lam if count[j] == 1 else tau[j] / count[j]
+    return base + out.reshape(base.shape)

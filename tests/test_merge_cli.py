@@ -149,6 +149,12 @@ BAD = {
     "slerp t for attention only": (lambda m, p: {"merge_method": "slerp", "base_model": m[0], "models": [{"model": m[1]}],
                                                  "parameters": {"t": [{"filter": "self_attn", "value": 0.5}]}},
                                    "t: missing required parameter 't' (tensor model.embed_tokens.weight)"),
+    "karcher max_iter not whole": (lambda m, p: {"merge_method": "karcher", "models": [{"model": x} for x in m],
+                                                 "parameters": {"max_iter": 2.5}},
+                                   "parameters.max_iter: expected a whole number, got 2.5"),
+    "arcee_fusion takes one model besides the base": (
+        lambda m, p: {"merge_method": "arcee_fusion", "base_model": m[0], "models": [{"model": x} for x in m]},
+        "method arcee_fusion takes exactly 1 model besides the base, got 2"),
     "nan density": (lambda m, p: ties(m, parameters={"density": float("nan")}),
                     "parameters.density: expected a finite number, got nan"),
     "hub id not fetched": (lambda m, p: ties(m, base_model="evomerge-tests/no-such-model"),

@@ -69,6 +69,11 @@ TYPICAL = {
     "model_stock": {},
     "sce": dict(select_topk=0.5),
     "passthrough": dict(scale=[0.7]),
+    "multislerp": dict(weight=[0.5, 0.3, 0.4]),
+    "karcher": dict(max_iter=20),
+    "arcee_fusion": {},
+    "ram": dict(epsilon=0.3),
+    "ramplus_tl": dict(r=0.5, alpha=0.4, epsilon=0.3),
 }
 
 # (method, parameter overrides) compared with the references; base-optional methods run with and without a base.
@@ -89,6 +94,11 @@ VARIANTS = [(name, {}) for name in TYPICAL] + [
     ("nuslerp", dict(weight=[0.5, -0.5])),
     ("model_stock", dict(filter_wise=True)),
     ("sce", dict(select_topk=1.0)),
+    ("multislerp", dict(normalize_weights=False)),
+    ("multislerp", dict(weight=[0.5, -0.5, 0.2])),  # weights summing to 0 (two models) divide by 1
+    ("karcher", dict(max_iter=1, tol=1e-3)),
+    ("ram", dict(epsilon=1e-5)),  # every entry changed by every model: the plain mean
+    ("ramplus_tl", dict(epsilon=1.0)),  # few changes, many of them unique
 ]
 
 
@@ -143,6 +153,11 @@ def reference(name, base, tensors, params):
         "model_stock": lambda: ref.model_stock(b, xs, p.get("filter_wise", False)),
         "sce": lambda: ref.sce(b, xs, p.get("select_topk", 1.0)),
         "passthrough": lambda: xs[0] * p["scale"][0],
+        "multislerp": lambda: ref.multislerp(b, xs, p["weight"], p.get("normalize_weights", True)),
+        "karcher": lambda: ref.karcher(xs, p.get("max_iter", 10), p.get("tol", 1e-5)),
+        "arcee_fusion": lambda: ref.arcee_fusion(b, xs[0]),
+        "ram": lambda: ref.ram(b, xs, p.get("epsilon", 1e-5)),
+        "ramplus_tl": lambda: ref.ram(b, xs, p.get("epsilon", 1e-5), p.get("r", 0.1), p.get("alpha", 0.2)),
     }[name]()
 
 
@@ -245,7 +260,9 @@ def test_matches_mergekit(variant):
         for with_base in [True, False] if spec.base == "optional" else [spec.base == "required"]:
             base, tensors = inputs(shape, model_count(name), seed=11, with_base=with_base)
             params = params_for(name, len(tensors), **overrides)
-            assert_close(run(name, base, tensors, params), _mergekit_merge(name, base, tensors, params), F64)
+            # mergekit's RAM+ factors lambda_i are float32 (torch's default dtype) whatever the inputs' dtype
+            assert_close(run(name, base, tensors, params), _mergekit_merge(name, base, tensors, params),
+                         torch.float32 if name == "ramplus_tl" else F64)
 
 
 def test_parameter_schema_matches_mergekit():

@@ -65,6 +65,25 @@ def test_mergekit_runs_the_exported_winner(ps_run, tmp_path):
         torch.testing.assert_close(theirs[name], ours[name], atol=2e-5, rtol=1e-5)
 
 
+def test_a_multislerp_search_exports_a_winner_mergekit_merges_alike(models, tmp_path):  # noqa: F811
+    """A method without a base (task vectors from the base when one is given) searched per layer group."""
+    pytest.importorskip("mergekit")
+    from mergekit_harness import load_dir, run_mergekit
+
+    doc = experiment(models, **{"budget.trials": 4, "workers.num": 1})
+    doc["space"] = {**doc["space"], "method": "multislerp", "search": ["weight"], "layer_groups": 2,
+                    "bounds": {"weight": [0.1, 1.0]}}
+    search(experiment_from_dict(doc), tmp_path / "run", evaluator_factory(models), progress=False)
+    assert run("export", tmp_path / "run", "--format", "mergekit", "-o", tmp_path / "best.yaml").exit_code == 0
+    assert (tmp_path / "best.yaml").read_text().startswith("merge_method: multislerp")
+    run_mergekit(tmp_path / "best.yaml", tmp_path / "mergekit")
+    merge_to_dir(load_recipe(tmp_path / "run" / "best" / "recipe.yaml"), tmp_path / "ours", progress=False)
+    theirs, ours = load_dir(tmp_path / "mergekit"), tensors(tmp_path / "ours")
+    assert set(theirs) == set(ours)
+    for name in ours:
+        torch.testing.assert_close(theirs[name], ours[name], atol=2e-5, rtol=1e-5)
+
+
 def test_mergekit_merges_a_recipe_over_the_committed_toy_zoo(tmp_path):
     pytest.importorskip("mergekit")
     from mergekit_harness import load_dir, run_mergekit

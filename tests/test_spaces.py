@@ -229,6 +229,10 @@ def test_decode_is_pure_and_checks_the_genome():
     ({"search": ["wieght"]}, "s.yaml: search: method ties has no parameter 'wieght'; did you mean 'weight'?"),
     ({"fixed": {"normalise": True}}, "s.yaml: fixed.normalise: .*did you mean 'normalize'"),
     ({"search": ["weight", "normalize"]}, "s.yaml: search: 'normalize' is true/false"),
+    ({"method": "karcher", "base_model": None, "models": ["a", "b", "base"], "search": ["max_iter"], "bounds": {}},
+     "s.yaml: search: 'max_iter' is a whole number and cannot be searched; set it under 'fixed'"),
+    ({"method": "arcee_fusion", "models": ["a"], "bounds": {}}, "s.yaml: method: method arcee_fusion has no numeric "
+                                                                "parameter to search"),
     ({"fixed": {"density": 0.5}, "search": ["weight", "density"]}, "fixed.density: 'density' is both searched and fixed"),
     ({"bounds": {}}, r"bounds.weight: method ties gives no range for 'weight'"),
     ({"bounds": {"weight": [0, 1], "density": [0.5, 1.5]}}, r"bounds.density: \[0.5, 1.5\] leaves the method's range"),
@@ -237,7 +241,7 @@ def test_decode_is_pure_and_checks_the_genome():
     ({"models": ["a", "c"]}, "models: a PS merge needs models with one layer count"),
     ({"method": "tie"}, "s.yaml: method: unknown merge method 'tie'; did you mean 'ties'"),
     ({"method": "linear"}, "base_model: method linear takes no base_model"),
-    ({"method": "slerp", "bounds": {}}, "method slerp takes exactly 1 models besides the base, got 2"),
+    ({"method": "slerp", "bounds": {}}, "method slerp takes exactly 1 model besides the base, got 2"),
     ({"models": ["a", "base"]}, "list only the models merged into base_model"),
     ({"kind": "pss"}, "s.yaml: kind: unknown space kind 'pss'; did you mean 'ps'"),
     ({"method": "della"}, r"s.yaml: bounds: della keeps entries with probability density \+- epsilon inside \(0, 1\): "

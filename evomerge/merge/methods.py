@@ -20,7 +20,8 @@ import torch
 
 from evomerge.merge.registry import PerModel, merge_method
 from evomerge.merge.rng import draws, key_words
-from evomerge.merge.sparsify import (SPARSIFIERS, apply_rule, indicator, keep_rule, kth_largest, rescale_factor,
+from evomerge.merge.sparsify import (SPARSIFIERS, apply_rule, indicator, keep_rule, kth_largest, kth_smallest,
+                                      rescale_factor,
                                       work_dtype)
 
 Tensor = torch.Tensor
@@ -335,6 +336,105 @@ def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0, int8_m
     weights = [m * e for m, e in zip(sign_agreement(tau), energy)]  # energy where the sign agrees
     mixed = ordered_sum([t * w for t, w in zip(tau, weights)])
     return (b + mixed / ordered_sum(weights).clamp_min(1e-6)).to(base.dtype)
+
+
+@merge_method("multislerp", base="optional", min_models=1,
+              reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea")
+def multislerp(base: Tensor | None, tensors: list[Tensor], *, weight: PerModel, normalize_weights: bool = True,
+               eps: float = 1e-8) -> Tensor:
+    """Barycentric slerp of the models (of their task vectors x_i with a base, added back to it), weights normalized:
+
+        out = (sum_i w_i |x_i|) m,   m = s / |s|,   s = sum_i w_i x_i / (|x_i| + eps)
+    mergekit 0.1.5 also adds the weighted tangent at m, sum_i w_i (u_i - <u_i, m> m) = s - |s| m = 0 (rounding only).
+    Where |s| < eps (antipodal inputs) the models mix linearly, sum_i w_i x_i (mergekit raises for more than two).
+    """
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    work = work_dtype(base, *tensors)
+    origin = base.to(work) if base is not None else torch.zeros((), dtype=work, device=tensors[0].device)
+    xs = [x.to(work) - origin for x in tensors]
+    w = [wi / _guarded(sum(weight)) for wi in weight] if normalize_weights else weight
+    norms = [x.norm().item() for x in xs]
+    s = ordered_sum([x * (wi / (n + eps)) for x, wi, n in zip(xs, w, norms)])
+    s_norm = s.norm().item()
+    out = s.mul_(sum(wi * n for wi, n in zip(w, norms)) / s_norm) if s_norm >= eps else _weighted_sum(xs, w)
+    return (origin + out).to((base if base is not None else tensors[0]).dtype)
+
+
+@merge_method("karcher", base="none", reference="https://arxiv.org/abs/2603.04972")
+def karcher(base: None, tensors: list[Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
+    """The Karcher mean of the models' directions u_i = x_i / |x_i| on the unit sphere, times their mean norm:
+    m minimizes sum_i theta_i^2, theta_i = acos <m, u_i>, by Riemannian gradient steps from the normalized mean of
+    the u_i: v = (1/n) sum_i theta_i / sin(theta_i) (u_i - cos(theta_i) m),  m <- cos|v| m + sin|v| v / |v|, until
+    |v| < tol or max_iter steps. Models of norm <= tol have no direction (their norms still count in the mean norm).
+    """
+    work = work_dtype(*tensors)
+    xs = [x.to(work).reshape(-1) for x in tensors]
+    norms = [x.norm().item() for x in xs]
+    units = [x / n for x, n in zip(xs, norms) if n > tol]
+    if len(tensors) == 1 or not units:  # nothing to average, or no direction
+        return tensors[0].clone() if len(tensors) == 1 else torch.zeros_like(tensors[0])
+    m = ordered_sum(units) / len(units)
+    m = units[0] if m.norm().item() < tol else m / m.norm().item()
+    for _ in range(int(max_iter)):
+        v = torch.zeros_like(m)
+        for u in units:
+            theta = math.acos(_clamp(torch.dot(m, u).item(), -1, 1))
+            if theta >= tol:
+                v.add_(u - math.cos(theta) * m, alpha=theta / math.sin(theta) / len(units))
+        size = v.norm().item()
+        if size < tol:
+            break
+        m = m * math.cos(size) + v * (math.sin(size) / size)
+        m /= m.norm()
+    return (m * (sum(norms) / len(norms))).reshape(tensors[0].shape).to(tensors[0].dtype)
+
+
+@merge_method("arcee_fusion", base="required", min_models=1, max_models=1, reference="https://arcee.ai")
+def arcee_fusion(base: Tensor, tensors: list[Tensor]) -> Tensor:
+    """Take the other model's changes where they matter most: importance s = |x - b| KL(softmax(x) || softmax(b)),
+    the KL per vector along the last dim, and out = b + (x - b) [s >= q50 + 1.5 (q75 - q25)], the quantile q of s
+    the entry at rank floor(q (n - 1)) of n (all of them: past 10^6 entries mergekit ranks a random sample).
+    """
+    work = work_dtype(base, tensors[0])
+    b, x = base.to(work), tensors[0].to(work)
+    p, q = torch.softmax(x, -1) + 1e-8, torch.softmax(b, -1) + 1e-8
+    s = (x - b).abs_().mul_((p * (p / q).log()).sum(-1, keepdim=True))
+    ranked = s.clone()
+    q25, q50, q75 = (kth_smallest(ranked, int(f * (s.numel() - 1)) + 1) for f in (0.25, 0.5, 0.75))
+    return (b + (x - b) * indicator(torch.ge, s, q50 + 1.5 * (q75 - q25), work)).to(base.dtype)
+
+
+@merge_method("ramplus_tl", base="required", min_models=0, reference="https://arxiv.org/abs/2601.13572")
+def ramplus_tl(base: Tensor, tensors: list[Tensor], *, r: float = 0.1, alpha: float = 0.2,
+               epsilon: float = 1e-5) -> Tensor:
+    """RAM+ (tensor-local). Model i changes the entries m_i = [|tau_i| > epsilon]; where it alone does (c = sum_i m_i
+    = 1) it keeps its change times lambda_i, where several do (c > 1) they take the mean of their changes:
+
+        out = base + sum_i m_i tau_i (lambda_i [c = 1] + [c > 1] / c),
+        lambda_i = 1 + r clamp(shared_i / max(unique_i, epsilon), 0, alpha)
+    with unique_i and shared_i the counts of model i's changed entries where c = 1 and c > 1. RAM is r = 0.
+    """
+    if not tensors:
+        return base.clone()
+    work = work_dtype(base, *tensors)
+    out = base.to(work)
+    taus = [x.to(work) - out for x in tensors]
+    changed = [indicator(torch.gt, tau.abs(), epsilon, work) for tau in taus]
+    c = ordered_sum(changed)
+    alone = indicator(torch.eq, c, 1, work)
+    shared_mean = indicator(torch.gt, c, 1, work).div_(c.clamp_min(1))
+    for tau, m in zip(taus, changed):
+        unique = torch.dot(m.reshape(-1), alone.reshape(-1)).item()
+        lam = 1 + r * _clamp((m.sum().item() - unique) / max(unique, epsilon), 0, alpha)
+        out = out + tau.mul_(m).mul_(alone * lam + shared_mean)
+    return out.to(base.dtype)
+
+
+@merge_method("ram", base="required", min_models=0, reference="https://arxiv.org/abs/2601.13572")
+def ram(base: Tensor, tensors: list[Tensor], *, epsilon: float = 1e-5) -> Tensor:
+    """RAM: each entry takes the mean of the changes |tau_i| > epsilon the models make there (RAM+ with r = 0)."""
+    return ramplus_tl(base, tensors, r=0.0, alpha=0.0, epsilon=epsilon)
 
 
 @merge_method("passthrough", base="none", max_models=1)

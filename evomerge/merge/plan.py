@@ -62,8 +62,9 @@ def _check_params(spec: MethodSpec, params: Params, source: str, where: str, *, 
             if not isinstance(value, bool):
                 raise EvomergeError(f"expected true/false, got {value!r}", source=source, key=f"{where}.{name}")
             continue
-        if not is_finite_number(value):
-            raise EvomergeError(f"expected a finite number, got {value!r}", source=source, key=f"{where}.{name}")
+        if not is_finite_number(value) or (p.kind is int and value != int(value)):
+            raise EvomergeError(f"expected a {'whole' if p.kind is int else 'finite'} number, got {value!r}",
+                                source=source, key=f"{where}.{name}")
         if (p.low is not None and value < p.low) or (p.high is not None and value > p.high):
             raise EvomergeError(f"{value} is outside [{p.low}, {p.high}]", source=source, key=f"{where}.{name}")
 
@@ -87,8 +88,8 @@ def validate_stage(stage: MergeStage, source: str) -> MethodSpec:
             want = f"exactly {spec.min_models}" if spec.min_models == spec.max_models else \
                 f"at least {spec.min_models}" if spec.max_models is None else f"{spec.min_models} to {spec.max_models}"
             base_note = " besides the base" if spec.base != "none" else ""
-            raise EvomergeError(f"method {spec.name} takes {want} models{base_note}, got {n}", source=source,
-                                key="models" if stage.models is not None else f"slices[{i}].sources")
+            raise EvomergeError(f"method {spec.name} takes {want} model{'s' * (spec.max_models != 1)}{base_note}, got {n}",
+                                source=source, key="models" if stage.models is not None else f"slices[{i}].sources")
     return spec
 
 

@@ -30,7 +30,7 @@ BasePolicy = Literal["required", "optional", "none"]
 class ParamSpec:
     name: str  # public name, as in YAML
     arg: str  # python argument name
-    kind: type  # float or bool
+    kind: type  # float, int or bool
     default: Any  # None when required
     per_model: bool
     low: float | None = None
@@ -91,7 +91,7 @@ def merge_method(
             hint = hints.get(p.name)
             per_model = typing.get_origin(hint) is Annotated and "per_model" in hint.__metadata__
             default = None if p.default is inspect.Parameter.empty else p.default
-            kind = bool if isinstance(default, bool) or hint is bool else float
+            kind = bool if isinstance(default, bool) or hint is bool else int if hint is int else float
             public = p.name.rstrip("_")
             low, high = ranges.get(public, (None, None))
             params.append(ParamSpec(public, p.name, kind, default, per_model, low, high))

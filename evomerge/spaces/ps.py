@@ -268,8 +268,8 @@ def _searched_params(spec, config: PSConfig, source: str):
         searched = [spec.param(name) for name in config.search]
     for p in searched:
         if p.kind is not float:
-            raise EvomergeError(f"{p.name!r} is true/false and cannot be searched; set it under 'fixed'", source=source,
-                                key="search")
+            raise EvomergeError(f"{p.name!r} is {'true/false' if p.kind is bool else 'a whole number'} and cannot be "
+                                f"searched; set it under 'fixed'", source=source, key="search")
         if p.name in config.fixed:
             raise EvomergeError(f"{p.name!r} is both searched and fixed", source=source, key=f"fixed.{p.name}")
     for name in config.bounds:
