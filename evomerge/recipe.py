@@ -18,10 +18,11 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from evomerge.errors import EvomergeError, read_yaml
 
@@ -61,6 +62,42 @@ class OutputSlice(_Frozen):
     parameters: Params = Field(default_factory=dict)
 
 
+class RowSource(_Frozen):
+    """mergekit's other sources of a token's embedding row: zeros, or a model's row of a token (or row id) of its own."""
+
+    kind: Literal["zero", "model_token"]
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.kind == "zero" and (self.model, self.token, self.token_id) != (None, None, None):
+            raise ValueError("kind zero takes no model, token or token_id")
+        if self.kind == "model_token" and (self.model is None or (self.token is None) == (self.token_id is None)):
+            raise ValueError("kind model_token needs a model and one of token or token_id")
+        return self
+
+
+class TokenSetting(_Frozen):
+    """mergekit's `tokenizer.tokens.<token>`: the row a model that lacks the token gets (every model, with `force`),
+    from `source`: a model (its row of the token) or a RowSource."""
+
+    # a model name, or a mapping (a RowSource): the discriminator picks one, so an error is that one's alone (and
+    # format_validation_error leaves "tagged" out of its location)
+    source: Annotated[Union[Annotated[str, Tag("tagged-model")], Annotated[RowSource, Tag("tagged-from")]],
+                      Discriminator(lambda v: "tagged-from" if isinstance(v, (dict, RowSource)) else "tagged-model")]
+    force: bool = False
+
+
+class MergekitTokenizer(_Frozen):
+    """mergekit's `tokenizer:` block (a merge stage holds its fields as tokenizer_source, tokens, pad_to_multiple_of)."""
+
+    source: str = "union"
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = Field(None, gt=0)
+
+
 class MergeStage(_Frozen):
     method: str
     base_model: str | None = None
@@ -70,6 +107,8 @@ class MergeStage(_Frozen):
     dtype: str | None = None  # compute dtype; None keeps the sources' dtype
     out_dtype: str | None = None
     tokenizer_source: str | None = None  # "base", a model, or None (the base, else the first model)
+    tokens: dict[str, TokenSetting] | None = None  # with tokenizer_source: rows of chosen tokens (mergekit's)
+    pad_to_multiple_of: int | None = Field(None, gt=0)  # with tokenizer_source: rows padded with their mean
     chat_template: str | None = None  # "auto" (the one most of the models have) or a Jinja template; None: the tokenizer's
     seed: int = 0  # keys the counter-based masks of DARE/DELLA
 
@@ -77,6 +116,8 @@ class MergeStage(_Frozen):
     def _models_or_slices(self):
         if (self.models is None) == (self.slices is None):
             raise ValueError("give exactly one of 'models' or 'slices'")
+        if (self.tokens or self.pad_to_multiple_of) and not self.tokenizer_source:
+            raise ValueError("tokens and pad_to_multiple_of need a tokenizer_source (base, union or a model)")
         return self
 
     @field_validator("chat_template")
@@ -237,12 +278,14 @@ def _merge_stage_from_mergekit(doc: dict, source: str) -> MergeStage:
         key = sorted(unknown)[0]
         raise EvomergeError(f"unknown mergekit key (supported: {', '.join(sorted(_MERGEKIT_KEYS))})", source=source, key=key)
     fields = {k: v for k, v in doc.items() if k in _MERGEKIT_KEYS and k != "merge_method" and v is not None}
-    if "tokenizer" in doc:  # mergekit's newer form of tokenizer_source
-        tokenizer = doc["tokenizer"]
-        if not isinstance(tokenizer, dict) or set(tokenizer) != {"source"} or "tokenizer_source" in doc:
-            raise EvomergeError("only {source: ...} is supported (mergekit's tokens and pad_to_multiple_of are not), "
-                                "and not beside tokenizer_source", source=source, key="tokenizer")
-        fields["tokenizer_source"] = tokenizer["source"]
+    if "tokenizer" in doc:  # mergekit's newer form of tokenizer_source, with rows of chosen tokens and padding
+        if "tokenizer_source" in doc:
+            raise EvomergeError("give tokenizer or tokenizer_source, not both", source=source, key="tokenizer")
+        try:
+            block = MergekitTokenizer.model_validate(doc["tokenizer"])
+        except ValidationError as err:
+            raise format_validation_error(err, source, key="tokenizer") from None
+        fields.update(tokenizer_source=block.source, tokens=block.tokens, pad_to_multiple_of=block.pad_to_multiple_of)
     fields["method"] = doc.get("merge_method")
     try:
         return MergeStage.model_validate(fields)
@@ -309,7 +352,7 @@ def recipe_from_dict(docs: list[dict], source: str = "<recipe>") -> Recipe:
     if not name:
         raise EvomergeError("the first document of a mergekit-multi recipe needs a 'name'", source=source, key="name")
     stage, path_stage = _merge_stage_from_mergekit(first, source), _merge_stage_from_mergekit(second, source)
-    for key in _STAGE_OUTPUT_KEYS:
+    for key in (*_STAGE_OUTPUT_KEYS, "tokens", "pad_to_multiple_of"):
         value = getattr(path_stage, key)
         if value is not None and value != getattr(stage, key):
             raise EvomergeError(f"{value!r} in the second document differs from the first's ({getattr(stage, key)!r}); "
@@ -345,6 +388,10 @@ def _stage_to_mergekit(stage: MergeStage) -> dict:
     for key in _STAGE_OUTPUT_KEYS:
         if getattr(stage, key):
             doc[key] = getattr(stage, key)
+    if stage.tokens or stage.pad_to_multiple_of:  # mergekit's tokenizer block says it all
+        block = MergekitTokenizer(source=doc.pop("tokenizer_source"), tokens=stage.tokens,
+                                  pad_to_multiple_of=stage.pad_to_multiple_of)
+        doc["tokenizer"] = block.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
     return doc
 
 
@@ -378,7 +425,7 @@ def to_mergekit_docs(recipe: Recipe, stage_name: str = "evomerge-ps") -> list[di
         path_doc: dict[str, Any] = {"merge_method": "passthrough", "slices": _path_to_slices(recipe.layers, rename)}
         if recipe.merge:
             docs[0] = {"name": stage_name, **docs[0]}
-            for key in _STAGE_OUTPUT_KEYS:
+            for key in (*_STAGE_OUTPUT_KEYS, "tokenizer"):
                 if docs[0].get(key):
                     path_doc[key] = docs[0][key]
         docs.append(path_doc)

@@ -259,6 +259,54 @@ def test_tokenizer_source_aligns_embeddings_by_token_as_mergekit_does(tmp_path, 
         AutoModelForCausalLM.from_pretrained(tmp_path / "evomerge")(torch.arange(len(tokenizer))[None])
 
 
+TOKEN_SETTINGS = {
+    "a": {"<|im_end|>": {"source": {"kind": "zero"}},  # base and b lack it: zeros, not a's row
+          "x": {"source": {"kind": "model_token", "model": "b", "token": "y"}, "force": True},  # every model: b's "y"
+          "<|im_start|>": {"source": {"kind": "model_token", "model": "base", "token_id": 3}},
+          "z": {"source": "b", "force": True}},  # every model: b's own "z" row
+    "union": {"<tool>": {"source": {"kind": "zero"}, "force": True}},
+}
+
+
+@pytest.mark.parametrize("tokenizer_source, pad", [("a", 8), ("union", 32), ("base", 48)])
+def test_tokenizer_block_rows_of_chosen_tokens_and_padding_as_mergekit(tmp_path, tokenizer_source, pad):
+    """mergekit's `tokenizer:` block: `tokens` (a token's row from a model, another token's row, or zeros; `force` in
+    every model) and `pad_to_multiple_of` (rows added up to a multiple, each the mean of the rows): same tensors."""
+    from transformers import AutoTokenizer
+
+    base = build_tiny("llama", tmp_path / "base", num_layers=2, hidden=32)
+    a, b = make_variants(base, tmp_path, n=2)
+    torch.manual_seed(0)
+    added_tokens(a, ["<|im_start|>", "<|im_end|>"])
+    added_tokens(b, ["<tool>"])
+    swapped_tokens(b, "x", "y")
+    names = {"base": str(base), "a": str(a), "b": str(b)}
+    tokens = {token: {**setting, "source": names.get(setting["source"], setting["source"]) if isinstance(
+        setting["source"], str) else {k: names.get(v, v) for k, v in setting["source"].items()}}
+        for token, setting in TOKEN_SETTINGS.get(tokenizer_source, {}).items()}
+    block = {"source": names.get(tokenizer_source, tokenizer_source), "pad_to_multiple_of": pad,
+             **({"tokens": tokens} if tokens else {})}
+    doc = method_configs(str(base), [str(a), str(b), str(base)])["ties"]
+    config = write_config(tmp_path / "recipe.yaml", "ties", {**doc, "tokenizer": block})
+    run_mergekit(config, tmp_path / "mergekit")
+    run_evomerge(config, tmp_path / "evomerge")
+    theirs, ours = load_dir(tmp_path / "mergekit"), load_dir(tmp_path / "evomerge")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "evomerge")
+    rows = -(-len(tokenizer) // pad) * pad  # padded up to the multiple
+    theirs_ids = AutoTokenizer.from_pretrained(tmp_path / "mergekit").get_vocab()  # union: another order (above)
+    order = [theirs_ids[token] for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+    order += list(range(len(order), rows))
+    assert set(ours) == set(theirs)
+    for name, expected in theirs.items():
+        expected = expected[order] if name in ("model.embed_tokens.weight", "lm_head.weight") else expected
+        torch.testing.assert_close(ours[name], expected, atol=2e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert ours["model.embed_tokens.weight"].shape[0] == rows > len(tokenizer)
+    assert json.loads((tmp_path / "evomerge" / "config.json").read_text())["vocab_size"] == rows
+    if tokenizer_source == "a":  # zeros where only a had the token: ties of a's row with two zero rows
+        vocab = tokenizer.get_vocab()
+        assert not torch.equal(ours["lm_head.weight"][vocab["<|im_end|>"]], load_dir(a)["lm_head.weight"][vocab["<|im_end|>"]])
+
+
 def test_embeddings_cut_below_the_tokenizer_shipped_are_a_warning(tmp_path):
     """Without tokenizer_source the embeddings keep the common rows (as mergekit's); when the tokenizer shipped (the
     base's) has more tokens, the merge says so, on its warnings and in the model card, and names the way out."""

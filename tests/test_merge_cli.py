@@ -183,9 +183,26 @@ BAD = {
         lambda m, p: {**ties(m), "tokenizer_source": "base",
                       "models": [{"model": without_tokenizer(m, p), "parameters": {"weight": 1.0}}]},
         "no_tokenizer: tokenizer_source needs every model's tokenizer; transformers cannot load this one ("),
-    "tokenizer block with padding": (lambda m, p: {**ties(m), "tokenizer": {"source": "base", "pad_to_multiple_of": 64}},
-                                     "tokenizer: only {source: ...} is supported (mergekit's tokens and "
-                                     "pad_to_multiple_of are not)"),
+    "tokenizer block beside tokenizer_source": (lambda m, p: ties(m, tokenizer={"source": "base"}, tokenizer_source="base"),
+                                                "tokenizer: give tokenizer or tokenizer_source, not both"),
+    "padding to 0": (lambda m, p: ties(m, tokenizer={"pad_to_multiple_of": 0}),
+                     "tokenizer.pad_to_multiple_of: Input should be greater than 0"),
+    "a token the tokenizer lacks": (lambda m, p: ties(m, tokenizer={"tokens": {"<nope>": {"source": {"kind": "zero"}}}}),
+                                    "tokens.<nope>: '<nope>' is not a token of the merged model's tokenizer"),
+    "a token's row from no recipe model": (lambda m, p: ties(m, tokenizer={"tokens": {"a": {"source": str(p / "nope")}}}),
+                                           "nope' is not one of the recipe's models"),
+    "a token's row of a token the model lacks": (
+        lambda m, p: ties(m, tokenizer={"tokens": {"a": {"source": {"kind": "model_token", "model": m[1], "token": "<nope>"}}}}),
+        "has no token '<nope>'"),
+    "a token's row past the model's": (
+        lambda m, p: ties(m, tokenizer={"tokens": {"a": {"source": {"kind": "model_token", "model": m[1], "token_id": 999}}}}),
+        "has no row 999"),
+    "a model_token without a token": (
+        lambda m, p: ties(m, tokenizer={"tokens": {"a": {"source": {"kind": "model_token", "model": m[1]}}}}),
+        "tokenizer.tokens.a.source: kind model_token needs a model and one of token or token_id"),
+    "padding without tokenizer_source": (lambda m, p: {"merge": {"method": "linear", "models": [{"model": m[1]}],
+                                                                 "pad_to_multiple_of": 8}},
+                                         "merge: tokens and pad_to_multiple_of need a tokenizer_source"),
     "tokenizer of another model": (lambda m, p: ties(m, tokenizer_source=other_shape(p)),
                                    "wide' is not one of the recipe's models"),
 }

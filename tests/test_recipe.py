@@ -79,6 +79,36 @@ def test_layer_path_export_and_mergekit_multi_import():
     assert parse(to_mergekit_yaml(r)) == r
 
 
+MERGEKIT_TOKENIZER = """
+merge_method: linear
+models:
+  - {model: a, parameters: {weight: 1.0}}
+  - {model: b, parameters: {weight: 1.0}}
+tokenizer:
+  pad_to_multiple_of: 64
+  tokens:
+    <|im_start|>: {source: b}
+    <|im_end|>: {source: {kind: zero}, force: true}
+    <tool>: {source: {kind: model_token, model: a, token: <|tool|>}}
+    <pad>: {source: {kind: model_token, model: a, token_id: 0}}
+"""
+
+
+def test_mergekit_tokenizer_block_round_trips_and_mergekit_reads_the_export():
+    from mergekit.config import MergeConfiguration
+
+    r = parse(MERGEKIT_TOKENIZER)
+    assert r.merge.tokenizer_source == "union" and r.merge.pad_to_multiple_of == 64  # mergekit's default source
+    assert r.merge.tokens["<|im_end|>"].force and r.merge.tokens["<pad>"].source.token_id == 0
+    exported = yaml.safe_load(to_mergekit_yaml(r))
+    assert "tokenizer_source" not in exported and exported["tokenizer"]["source"] == "union"
+    assert MergeConfiguration.model_validate(exported).tokenizer.tokens["<tool>"].source.token == "<|tool|>"
+    assert parse(to_mergekit_yaml(r)) == r and parse(to_evomerge_yaml(r)) == r
+    path = Recipe(merge=r.merge, layers=[LayerSlot(source=MERGED, layer=0)])  # mergekit-multi: both documents say it
+    assert [d["tokenizer"] for d in yaml.safe_load_all(to_mergekit_yaml(path))] == [exported["tokenizer"]] * 2
+    assert parse(to_mergekit_yaml(path)) == path
+
+
 @pytest.mark.parametrize("key, value", [("chat_template", "auto"), ("tokenizer_source", "a"), ("dtype", "float16")])
 def test_a_mergekit_multi_path_document_cannot_set_what_the_first_one_does_not(key, value):
     """The second document's dtype, tokenizer or chat template would be dropped (the recipe keeps the first's)."""

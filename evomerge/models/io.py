@@ -463,10 +463,14 @@ def tokenizer_model(recipe: Recipe, default: str, dirs: dict[str, ModelDir], sou
     choice = recipe.merge.tokenizer_source if recipe.merge else None
     if choice in (None, "base", "union"):  # union: the base's tokenizer files, then the union written over them
         return default
+    return recipe_model(choice, dirs, source, "tokenizer_source", "; name one of them, 'base' or 'union'")
+
+
+def recipe_model(choice: str, dirs: dict[str, ModelDir], source: str, key: str, hint: str = "") -> str:
+    """The recipe's model that `choice` names, however its path is spelled (`./m` is `m`)."""
     same = [name for name, d in dirs.items() if name == choice or d.path.resolve() == Path(choice).expanduser().resolve()]
     if not same:
-        raise EvomergeError(f"{choice!r} is not one of the recipe's models; name one of them, 'base' or 'union'",
-                            source=source, key="tokenizer_source")
+        raise EvomergeError(f"{choice!r} is not one of the recipe's models{hint}", source=source, key=key)
     return same[0]
 
 

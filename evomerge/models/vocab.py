@@ -4,23 +4,26 @@ mergekit.
 Each source's embedding rows (and lm_head rows) are reordered to the chosen tokenizer's ids by token string, so the
 merged model has one row per token of the tokenizer it ships. A token some sources lack gets, in those sources,
 mergekit's stand-in row: the row of the one source that has it, else the base model's, else the mean of the sources
-that have it (zero where none does). Without `tokenizer_source` the rows stay as they are and differing vocabularies are
-cut to their common block of rows (merge.materialize). `tokenizer_source: union` builds the tokenizer: the base's, with
-every other model's tokens added (mergekit's union). `vocabulary` compares two models' tokenizers from their files (a
-data-flow search warns when its models' differ).
+that have it (zero where none does); or the row the recipe's `tokens` names for it (mergekit's `tokenizer.tokens`: a
+model's row of that token or of another, or zeros; with `force` in every source). `pad_to_multiple_of` adds rows up
+to a multiple, each the mean of the rows. Without `tokenizer_source` the rows stay as they are and differing
+vocabularies are cut to their common block of rows (merge.materialize). `tokenizer_source: union` builds the
+tokenizer: the base's, with every other model's tokens added (mergekit's union). `vocabulary` compares two models'
+tokenizers from their files (a data-flow search warns when its models' differ).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.models.io import VOCAB_FILES, ModelDir, ModelWriter, load_failure
+from evomerge.models.io import VOCAB_FILES, ModelDir, ModelWriter, load_failure, recipe_model
 from evomerge.models.sources import Sources
-from evomerge.recipe import MergeStage
+from evomerge.recipe import MergeStage, RowSource
 
 
 def vocabulary(model_dir: ModelDir) -> object:
@@ -72,16 +75,55 @@ def union_tokenizer(base, others: list):
     return union
 
 
+@dataclass(frozen=True)
+class TokenRow:
+    """A recipe's `tokens` setting of one token (mergekit's): target id `token`'s stand-in row is row `row` of model
+    `model` (zeros where model is None); with `force` every model takes it, not only those that lack the token."""
+
+    token: int
+    model: str | None
+    row: int | None
+    force: bool
+
+
+def token_rows(stage: MergeStage, vocab: dict[str, int], ids: dict[str, dict[str, int]], dirs: dict[str, ModelDir],
+               source: str) -> list[TokenRow]:
+    """The stage's `tokens` settings over the target vocabulary `vocab` and each model's token -> id `ids`."""
+    settings = []
+    for token, setting in (stage.tokens or {}).items():
+        key, origin = f"tokens.{token}.source", setting.source
+        if token not in vocab:
+            raise EvomergeError(f"{token!r} is not a token of the merged model's tokenizer", source=source,
+                                key=f"tokens.{token}")
+        if isinstance(origin, RowSource) and origin.kind == "zero":
+            settings.append(TokenRow(vocab[token], None, None, setting.force))
+            continue
+        # a model's row: of this token (source: a model), or of the token or row id that a model_token names
+        name, its_token, row = (origin, token, None) if isinstance(origin, str) else (origin.model, origin.token, origin.token_id)
+        model = recipe_model(name, dirs, source, key)
+        row = ids[model].get(its_token) if its_token is not None else row
+        if row is None or row >= (embedding_rows(dirs[model]) or 0):
+            raise EvomergeError(f"{model} has no {f'token {its_token!r}' if its_token is not None else f'row {row}'}",
+                                source=source, key=key)
+        settings.append(TokenRow(vocab[token], model, row, setting.force))
+    return settings
+
+
 class TokenAlignedSources:
     """`inner`, with each vocabulary tensor's rows reordered to the target tokenizer's ids (module doc). The aligned
     tensors of one name are made together, on the first `get` of that name, and kept until another name is asked."""
 
-    def __init__(self, inner: Sources, target, ids: dict[str, dict[str, int]], base: str | None, *, built: bool = False):
+    def __init__(self, inner: Sources, target, ids: dict[str, dict[str, int]], base: str | None, *, built: bool = False,
+                 settings: list[TokenRow] = (), pad_to_multiple_of: int | None = None):
         """`target`: the transformers tokenizer the merged model ships (`built`: made here, a union, so written);
-        `ids`: each model's token -> id."""
+        `ids`: each model's token -> id; `settings`: the recipe's rows of chosen tokens; `pad_to_multiple_of`: rows
+        past the tokenizer's up to a multiple of it, each the mean of the rows (mergekit's)."""
         self.inner, self.dirs, self.base, self.tokenizer, self.built = inner, inner.dirs, base, target, built
+        self.settings, self.pad = settings, pad_to_multiple_of
         vocab = target.get_vocab()
         self.size = max(vocab.values()) + 1
+        self.forced = torch.zeros(self.size, dtype=torch.bool)
+        self.forced[[t.token for t in settings if t.force]] = True
         self.rows = {}  # rows[m][i]: the row of target token i in model m (-1: m has no such token)
         for m, own in ids.items():
             rows = [-1] * self.size
@@ -106,7 +148,16 @@ class TokenAlignedSources:
         stand_in = sum(own.values()) / count.clamp(min=1)[:, None].to(next(iter(own.values())).dtype)
         if self.base in tensors:
             stand_in = torch.where(present[self.base][:, None], own[self.base], stand_in)
-        return {m: torch.where(present[m][:, None], own[m], stand_in) for m in tensors}
+        for setting in self.settings:  # the recipe's `tokens`
+            if setting.model is not None and setting.model not in tensors:
+                raise EvomergeError(f"tokens: {setting.model} has no {name}, which its setting takes a row of")
+            stand_in[setting.token] = tensors[setting.model][setting.row] if setting.model is not None else 0
+        forced = self.forced.to(stand_in.device)
+        aligned = {m: torch.where((present[m] & ~forced)[:, None], own[m], stand_in) for m in tensors}
+        if self.pad and self.size % self.pad:
+            extra = self.pad - self.size % self.pad
+            aligned = {m: torch.cat([t, t.mean(0, keepdim=True).expand(extra, *t.shape[1:])]) for m, t in aligned.items()}
+        return aligned
 
 
 def by_token(sources: Sources, stage: MergeStage | None, tokenizer_from: str | None, source: str) -> Sources:
@@ -120,7 +171,8 @@ def by_token(sources: Sources, stage: MergeStage | None, tokenizer_from: str | N
         target = union_tokenizer(target, [(t, embedding_rows(sources.dirs[m])) for m, t in tokenizers.items()
                                           if m != tokenizer_from])
     ids = {m: t.get_vocab() for m, t in tokenizers.items()}
-    return TokenAlignedSources(sources, target, ids, stage.base_model, built=union)
+    return TokenAlignedSources(sources, target, ids, stage.base_model, built=union, pad_to_multiple_of=stage.pad_to_multiple_of,
+                               settings=token_rows(stage, target.get_vocab(), ids, sources.dirs, source))
 
 
 def write_tokenizer(writer: ModelWriter, model_dir: ModelDir, sources: Sources, rows: int | None) -> list[str]:
