@@ -8,6 +8,7 @@ exactly by both, and the merged delta agrees in expectation.
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -124,8 +125,9 @@ def test_round_trips_give_the_same_tensors(zoo, tmp_path, name):
 
 
 # mergekit 0.1.5's gpt-neox table requires the `attention.bias` and `rotary_emb.inv_freq` buffers of older checkpoints,
-# which transformers no longer saves
-@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"gpt_neox"}))
+# which transformers no longer saves; its Qwen2-VL table reads `num_hidden_layers` at the top of the config, where
+# transformers 5 has none (it moves the text model's settings into text_config)
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"gpt_neox", "qwen2_vl"}))
 def test_every_family_merges_and_stacks_layers_as_mergekit_does(family, tmp_path):
     """Our naming table against mergekit's architecture file of each family: a TIES merge with per-layer and
     filtered weights, and a layer path exported as passthrough slices (scales where the family can hold them), give
@@ -155,11 +157,14 @@ def test_every_family_merges_and_stacks_layers_as_mergekit_does(family, tmp_path
         run_mergekit(tmp_path / "path.yaml", tmp_path / "path_mergekit")
         run_evomerge(tmp_path / "path.yaml", tmp_path / "path_evomerge")
     inferred = arch_info_for_config(AutoConfig.from_pretrained(base)) is None
+    # mergekit's Qwen2.5-VL table lists the projector's MLP as the template of two layers without an index, so a
+    # gradient takes its end value there (t = 1); evomerge merges it as the other tensors outside the layers (t = 0)
+    at_gradient_end = r"visual\.merger\.mlp\." if family == "qwen2_5_vl" else "$^"
     for kind in kinds:
         theirs, ours = load_dir(tmp_path / f"{kind}_mergekit"), load_dir(tmp_path / f"{kind}_evomerge")
         assert set(ours) == set(theirs), (kind, set(ours) ^ set(theirs))
         for name, expected in theirs.items():
-            if not (kind == "path" and inferred and arch.is_post_layer(name)):
+            if not (kind == "path" and inferred and arch.is_post_layer(name)) and not re.match(at_gradient_end, name):
                 torch.testing.assert_close(ours[name], expected, atol=2e-5, rtol=1e-5, msg=lambda m: f"{kind} {name}: {m}")
 
 

@@ -432,3 +432,30 @@ def test_gemma4_slices_in_place_merge(gemma4, tmp_path):
     assert run("merge", write(tmp_path / "p.yaml", plain), tmp_path / "p").exit_code == 0
     got, expected = load_file(tmp_path / "s/model.safetensors"), load_file(tmp_path / "p/model.safetensors")
     assert got.keys() == expected.keys() and all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+def test_a_qwen2_5_vl_config_without_text_config_merges_as_the_hubs_do(tmp_path):
+    """Qwen2.5-VL's hub config.json holds the text model's settings at its top (no text_config): the layer count is
+    read there, a merge writes it there, and the result equals the merge of the same models with transformers 5's
+    config (text_config); transformers loads both."""
+    from transformers import AutoModelForImageTextToText
+
+    base = build_tiny("qwen2_5_vl", tmp_path / "new" / "base", num_layers=3, hidden=32)
+    models = [base, *make_variants(base, tmp_path / "new", n=1)]
+    for model in models:  # the same weights, the config as the hub has it
+        shutil.copytree(model, tmp_path / "hub" / model.name)
+        config = json.loads((model / "config.json").read_text())
+        text = config.pop("text_config")
+        (tmp_path / "hub" / model.name / "config.json").write_text(json.dumps({**text, **config}))
+    for kind in ("new", "hub"):
+        base, a = (str(tmp_path / kind / m.name) for m in models[:2])
+        sources = [{"model": base, "layer_range": [0, 2]},
+                   {"model": a, "layer_range": [0, 2], "parameters": {"weight": 0.5, "density": 0.5}}]
+        doc = {"merge_method": "ties", "base_model": base, "slices": [{"sources": sources}], "dtype": "float32"}
+        assert run("merge", write(tmp_path / f"{kind}.yaml", doc), tmp_path / f"{kind}_out").exit_code == 0
+    hub, new = (json.loads((tmp_path / f"{k}_out/config.json").read_text()) for k in ("hub", "new"))
+    assert "text_config" not in hub and hub["num_hidden_layers"] == 2 and new["text_config"]["num_hidden_layers"] == 2
+    merged = [load_file(tmp_path / f"{k}_out/model.safetensors") for k in ("hub", "new")]
+    assert merged[0].keys() == merged[1].keys() and all(torch.equal(merged[0][n], merged[1][n]) for n in merged[0])
+    for kind in ("hub", "new"):
+        assert AutoModelForImageTextToText.from_pretrained(tmp_path / f"{kind}_out").config.text_config.num_hidden_layers == 2

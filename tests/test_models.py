@@ -55,13 +55,16 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "qwen3_5_moe": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
     "gemma4_text": ({f"model.{n}" for n in GEMMA4_PRE}, {"model.norm.weight"}),
     "gemma4": ({f"model.language_model.{n}" for n in GEMMA4_PRE}, {"model.language_model.norm.weight"}),
+    "qwen2_vl": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),  # the hub's names
+    "qwen2_5_vl": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "qwen3_vl": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
 }
 VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight",
          "embed_out.weight", "language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight"}
 TIED = {"gemma", "gemma2", "gemma3_text", "gemma3", "gpt2", "cohere2", "starcoder2", "smollm3", "ernie4_5", "mistral3",
         "gemma4_text", "gemma4"}
 BRANCH_NORMED = {"gemma2", "gemma3_text", "gemma3", "olmo2", "glm4", "olmo3", "exaone4", "gemma4_text", "gemma4"}  # norm each branch's output: no output projection folds a scale
-NOT_TEXT = r"vision_tower\.|multi_modal_projector\.|model\.(visual|vision_tower|audio_tower|embed_vision|embed_audio)\."  # an image-text model's other parts
+NOT_TEXT = r"vision_tower\.|multi_modal_projector\.|(model\.)?visual\.|model\.(vision_tower|audio_tower|embed_vision|embed_audio)\."  # an image-text model's other parts
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +127,7 @@ def test_block_of_agrees_with_the_live_module_classes(tiny, live, family):
         # model.layers.0.self_attn; the layer itself for its own tensors (Gemma-4's layer_scalar)
         cls = type(model.get_submodule(owner)).__name__
         expected = next((b for key, b in (("Attention", "attn"), ("GatedDeltaNet", "attn"), ("MLP", "mlp"),
-                                          ("SparseMoeBlock", "mlp"), ("Norm", "norm")) if key in cls), None)
+                                          ("SparseMoeBlock", "mlp"), ("Norm", "norm")) if key.lower() in cls.lower()), None)
         assert md.arch.block_of(name) == expected, (name, cls)
         seen.add(expected)
     assert {"attn", "mlp", "norm", None} <= seen

@@ -295,8 +295,9 @@ def test_search_refuses_an_unknown_task_before_it_starts(models, tmp_path):  # n
 
 @pytest.mark.parametrize("family", IMAGE_TEXT)
 def test_a_search_over_image_text_models_scores_and_writes_them(tmp_path, family):
-    """Image-text checkpoints (Gemma-3, Gemma-4, Mistral-3, Qwen3.5, Qwen3.5-MoE): a worker merges into the live model lm-eval scores, and the
-    winner is written with its vision tower and its text model's settings (text_config). Qwen3.5's hub checkpoints
+    """Image-text checkpoints (Gemma-3, Gemma-4, Mistral-3, Qwen3.5, Qwen3.5-MoE, Qwen2-VL, Qwen2.5-VL, Qwen3-VL): a
+    worker merges into the live model lm-eval scores, and the winner is written with its vision tower and its text
+    model's settings (text_config); Qwen2-VL's and Qwen2.5-VL's checkpoint names are not the live model's. Qwen3.5's hub checkpoints
     carry a multi-token-prediction head (`mtp.`) that transformers does not load: the search leaves it out of the live
     models, the winner's merge writes it merged. Qwen3.5-MoE's experts are per-expert tensors here (as transformers
     writes them), views of the live model's fused ones."""
@@ -309,7 +310,8 @@ def test_a_search_over_image_text_models_scores_and_writes_them(tmp_path, family
                     "mtp.layers.0.mlp.up_proj.weight": torch.full((64, 32), float(i))}
             save_file({**shard, **head}, model / "model.safetensors", metadata={"format": "pt"})
     split = {"gemma3": "attn_mlp", "mistral3": ["self_attn", "mlp"], "qwen3_5": ["self_attn", "linear_attn", "mlp"],
-             "qwen3_5_moe": ["self_attn", "linear_attn", "mlp"], "gemma4": "attn_mlp"}
+             "qwen3_5_moe": ["self_attn", "linear_attn", "mlp"], "gemma4": "attn_mlp", "qwen2_vl": ["self_attn", "mlp"],
+             "qwen2_5_vl": ["self_attn", "mlp"], "qwen3_vl": ["self_attn", "mlp"]}
     doc = {"name": "image_text", "seed": 0,
            "space": {"kind": "ps", "method": "linear", "models": [str(m) for m in models], "search": ["weight"],
                      "layer_groups": 3, "split": split[family], "bounds": {"weight": [0.0, 1.0]}},

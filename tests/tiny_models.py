@@ -21,8 +21,9 @@ from evomerge.models.io import ModelDir, ModelWriter
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "olmo2", "gpt2",
             "gpt_neox", "qwen3_moe", "mixtral", "granite", "arcee", "cohere2", "glm4", "starcoder2", "olmo3", "exaone4",
             "smollm3", "seed_oss", "apertus", "ernie4_5", "hunyuan_v1_dense", "qwen3_5_text", "mistral3", "qwen3_5",
-            "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4")
-IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4")  # a text model (its family the key's) beside a
+            "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # a text
+# model (its family the key's) beside a
 # 2-layer vision tower
 MOE = ("qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")  # mixtures of experts
 LINEAR_ATTENTION = ("qwen3_5_text", "qwen3_5", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")  # some layers (0, 2)
@@ -49,7 +50,8 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "olmo3": "Olmo3Config", "exaone4": "Exaone4Config", "smollm3": "SmolLM3Config", "seed_oss": "SeedOssConfig",
                "apertus": "ApertusConfig", "ernie4_5": "Ernie4_5Config", "hunyuan_v1_dense": "HunYuanDenseV1Config",
                "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_next": "Qwen3NextConfig",
-               "qwen3_5_moe_text": "Qwen3_5MoeTextConfig", "gemma4_text": "Gemma4TextConfig"}
+               "qwen3_5_moe_text": "Qwen3_5MoeTextConfig", "gemma4_text": "Gemma4TextConfig",
+               "qwen2_vl_text": "Qwen2VLTextConfig", "qwen2_5_vl_text": "Qwen2_5_VLTextConfig", "qwen3_vl_text": "Qwen3VLTextConfig"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
@@ -68,6 +70,11 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
         kinds = ["full_attention" if (num_layers - 1 - i) % 2 == 0 else "sliding_attention" for i in range(num_layers)]
         dims.update(hidden_size_per_layer_input=8, vocab_size_per_layer_input=vocab, global_head_dim=hidden // 2,
                     layer_types=kinds, num_kv_shared_layers=int(num_layers >= 3), sliding_window=4)
+    if family.endswith("vl_text"):  # multimodal rotary embeddings: sections (time, height, width) of head_dim / 2
+        quarter = hidden // 4
+        sections = [quarter // 4, (quarter - quarter // 4) // 2, quarter - quarter // 4 - (quarter - quarter // 4) // 2]
+        dims.update(head_dim=hidden // 2, rope_parameters={"rope_type": "default", "mrope_section": sections,
+                                                           **({"mrope_interleaved": True} if family == "qwen3_vl_text" else {})})
     if family in LINEAR_ATTENTION:  # linear attention (every other layer here, so a model has both kinds), two heads
         dims.update(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=hidden // 2,
                     linear_value_head_dim=hidden // 2, full_attention_interval=2)
@@ -98,9 +105,14 @@ def _image_text_config(family: str, num_layers: int, hidden: int, vocab: int, **
         return transformers.Gemma4Config(text_config=_config("gemma4_text", **text).to_dict(), vision_config=vision.to_dict(),
                                          audio_config=None, boi_token_id=vocab - 4, eoi_token_id=vocab - 3,
                                          image_token_id=vocab - 2, video_token_id=vocab - 1)
-    qwen = {"qwen3_5": "Qwen3_5", "qwen3_5_moe": "Qwen3_5Moe"}[family]  # their config classes' prefix
-    vision = getattr(transformers, f"{qwen}VisionConfig")(depth=2, hidden_size=16, intermediate_size=32, num_heads=2,
-                                                          out_hidden_size=hidden, num_position_embeddings=16)
+    qwen = {"qwen3_5": "Qwen3_5", "qwen3_5_moe": "Qwen3_5Moe", "qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL",
+            "qwen3_vl": "Qwen3VL"}[family]  # their config classes' prefix
+    qwen3 = dict(intermediate_size=32, out_hidden_size=hidden, num_position_embeddings=16)
+    own = {"qwen2_vl": dict(embed_dim=16, mlp_ratio=2), "qwen2_5_vl": dict(intermediate_size=32, out_hidden_size=hidden),
+           "qwen3_vl": dict(**qwen3, deepstack_visual_indexes=[0, 1, 1])}.get(family, qwen3)  # Qwen3-VL: three
+    # deepstack mergers, as the hub's models have (and mergekit's table names)
+    vision = getattr(transformers, f"{qwen}VisionConfig")(depth=2, hidden_size=16 if family != "qwen2_vl" else hidden,
+                                                          num_heads=2, **own)
     return getattr(transformers, f"{qwen}Config")(text_config=_config(f"{family}_text", **text).to_dict(),
                                                   vision_config=vision.to_dict(), image_token_id=vocab - 1,
                                                   video_token_id=vocab - 2, vision_start_token_id=vocab - 3,

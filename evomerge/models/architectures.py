@@ -110,8 +110,9 @@ class Architecture:
         return {n: i / (counts[p] - 1) if counts[p] > 1 else 1.0 for n, (p, i) in found.items()}
 
     def text_settings(self, config: dict) -> dict:
-        """The part of config.json that describes the text model: all of it, or its `text_config`."""
-        settings = config.get(self.text_config) if self.text_config else config
+        """The part of config.json that describes the text model: all of it, or its `text_config` (an image-text config
+        without one, as Qwen2.5-VL's on the hub, holds the text model's settings at the top)."""
+        settings = config.get(self.text_config, config) if self.text_config else config
         return settings if isinstance(settings, dict) else {}
 
     def num_layers(self, config: dict) -> int:
@@ -143,7 +144,7 @@ class Architecture:
 
     def with_text_settings(self, config: dict, settings: dict) -> dict:
         """A copy of `config` whose text model is described by `settings`."""
-        return {**config, self.text_config: settings} if self.text_config else settings
+        return {**config, self.text_config: settings} if self.text_config in config else settings
 
     def check_layers_stay(self, layers: list[tuple[int, int]], num_layers: int, source: str, key: str) -> None:
         """Refuses, where this family's layers cannot move (`fixed_layers`), a written model whose layers ((written,
@@ -291,6 +292,18 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                 vision_layers=r"(model\.visual\.blocks\.)(\d+)\.", **_QWEN3_5_MOE,
                 live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj",
                                             layers=r"model\.language_model\.layers")),
+    # Qwen2-VL and Qwen2.5-VL checkpoints (the hub's, and transformers 5 writes so) name the text model `model.` and
+    # the vision tower `visual.`, those of transformers 4.52-4.57 `model.language_model.` and `model.visual.`; both load
+    *(_image_text(name, architecture, tied=False, text=r"model(?:\.language_model)?",
+                  vision_layers=r"((?:model\.)?visual\.blocks\.)(\d+)\.", mlp=r"\.mlp\.(?!\d)",  # not the projector's
+                  output_projections=r"^model\.(language_model\.)?layers\.\d+" + _LLAMA_OUT,  # not the vision tower's
+                  live_renames=((r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
+                                (r"^visual\.", "model.visual.")))
+      for name, architecture in (("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+                                 ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"))),
+    # Qwen3-VL: its deepstack mergers (one per early text layer that takes vision features) spread a gradient as layers
+    _image_text("qwen3_vl", "Qwen3VLForConditionalGeneration", tied=False, text=r"model\.language_model",
+                vision_layers=r"(model\.visual\.(?:blocks|deepstack_merger_list)\.)(\d+)\.", output_projections=_LLAMA_OUT),
     Architecture(  # older GPT-2 checkpoints (the hub's `gpt2`) leave out the `transformer.` prefix
         name="gpt2",
         architectures=("GPT2LMHeadModel",),
