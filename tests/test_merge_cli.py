@@ -459,3 +459,27 @@ def test_a_qwen2_5_vl_config_without_text_config_merges_as_the_hubs_do(tmp_path)
     assert merged[0].keys() == merged[1].keys() and all(torch.equal(merged[0][n], merged[1][n]) for n in merged[0])
     for kind in ("hub", "new"):
         assert AutoModelForImageTextToText.from_pretrained(tmp_path / f"{kind}_out").config.text_config.num_hidden_layers == 2
+
+
+def test_gpt_oss_mxfp4_checkpoints_are_refused_as_quantized(tmp_path):
+    """The hub's gpt-oss checkpoints hold their experts in MXFP4 (uint8 blocks and scales beside a quantization_config):
+    refused in one line, where their BF16 versions (the names transformers writes) merge."""
+    base = build_tiny("gpt_oss", tmp_path / "base", num_layers=2, hidden=32)
+    (bf16,) = make_variants(base, tmp_path, n=1)
+    mxfp4 = tmp_path / "mxfp4"
+    shutil.copytree(bf16, mxfp4)
+    tensors = load_file(mxfp4 / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts = tensors.pop(name)
+        tensors[f"{name}_blocks"] = torch.zeros(*experts.shape[:2], experts.shape[2] // 32, 16, dtype=torch.uint8)
+        tensors[f"{name}_scales"] = torch.zeros(*experts.shape[:2], experts.shape[2] // 32, dtype=torch.uint8)
+    save_file(tensors, mxfp4 / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((mxfp4 / "config.json").read_text())
+    (mxfp4 / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "mxfp4"}}))
+    doc = {"merge_method": "linear", "models": [{"model": str(base), "parameters": {"weight": 0.5}},
+                                                {"model": str(bf16), "parameters": {"weight": 0.5}}]}
+    assert run("merge", write(tmp_path / "bf16.yaml", doc), tmp_path / "out").exit_code == 0
+    doc["models"][1]["model"] = str(mxfp4)
+    result = run("merge", write(tmp_path / "mxfp4.yaml", doc), tmp_path / "refused")
+    assert result.exit_code == 2 and "a quantized checkpoint (mxfp4: model.layers.0.mlp.experts." in result.output, result.output
+    assert not (tmp_path / "refused").exists()

@@ -57,6 +57,7 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "gemma4": ({f"model.language_model.{n}" for n in GEMMA4_PRE}, {"model.language_model.norm.weight"}),
     "qwen2_vl": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),  # the hub's names
     "qwen2_5_vl": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "gpt_oss": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "qwen3_vl": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
 }
 VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight",

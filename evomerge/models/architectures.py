@@ -267,6 +267,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                                    r"mlp\.experts\.down_proj)$",
                 live_renames=((r"\.block_sparse_moe\.gate\.", ".mlp.gate."),),
                 live_experts=_fused_experts(r"block_sparse_moe\.experts", "w1", "w3", "w2")),
+    _llama_like("gpt_oss", "GptOssForCausalLM",  # experts fused in its checkpoints too, with biases; attention sinks
+                output_projections=r"\.(self_attn\.o_proj\.(weight|bias)|mlp\.experts\.down_proj(_bias)?)$"),
     _llama_like("qwen3_next", "Qwen3NextForCausalLM", **_QWEN3_5_MOE,  # its dense layers as Qwen3-MoE's
                 live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj")),
     _llama_like("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", **_QWEN3_5_MOE,
