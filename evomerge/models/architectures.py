@@ -305,7 +305,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                                  ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"))),
     # Qwen3-VL: its deepstack mergers (one per early text layer that takes vision features) spread a gradient as layers
     _image_text("qwen3_vl", "Qwen3VLForConditionalGeneration", tied=False, text=r"model\.language_model",
-                vision_layers=r"(model\.visual\.(?:blocks|deepstack_merger_list)\.)(\d+)\.", output_projections=_LLAMA_OUT),
+                vision_layers=r"(model\.visual\.(?:blocks|deepstack_merger_list)\.)(\d+)\.",
+                output_projections=_LLAMA_OUT),
     Architecture(  # older GPT-2 checkpoints (the hub's `gpt2`) leave out the `transformer.` prefix
         name="gpt2",
         architectures=("GPT2LMHeadModel",),

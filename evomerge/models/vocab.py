@@ -99,7 +99,8 @@ def token_rows(stage: MergeStage, vocab: dict[str, int], ids: dict[str, dict[str
             settings.append(TokenRow(vocab[token], None, None, setting.force))
             continue
         # a model's row: of this token (source: a model), or of the token or row id that a model_token names
-        name, its_token, row = (origin, token, None) if isinstance(origin, str) else (origin.model, origin.token, origin.token_id)
+        name, its_token, row = ((origin, token, None) if isinstance(origin, str)
+                                else (origin.model, origin.token, origin.token_id))
         model = recipe_model(name, dirs, source, key)
         row = ids[model].get(its_token) if its_token is not None else row
         if row is None or row >= (embedding_rows(dirs[model]) or 0):
@@ -171,8 +172,9 @@ def by_token(sources: Sources, stage: MergeStage | None, tokenizer_from: str | N
         target = union_tokenizer(target, [(t, embedding_rows(sources.dirs[m])) for m, t in tokenizers.items()
                                           if m != tokenizer_from])
     ids = {m: t.get_vocab() for m, t in tokenizers.items()}
-    return TokenAlignedSources(sources, target, ids, stage.base_model, built=union, pad_to_multiple_of=stage.pad_to_multiple_of,
-                               settings=token_rows(stage, target.get_vocab(), ids, sources.dirs, source))
+    return TokenAlignedSources(sources, target, ids, stage.base_model, built=union,
+                               settings=token_rows(stage, target.get_vocab(), ids, sources.dirs, source),
+                               pad_to_multiple_of=stage.pad_to_multiple_of)
 
 
 def write_tokenizer(writer: ModelWriter, model_dir: ModelDir, sources: Sources, rows: int | None) -> list[str]:
