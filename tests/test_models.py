@@ -58,6 +58,7 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "qwen2_vl": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),  # the hub's names
     "qwen2_5_vl": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "gpt_oss": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "qwen2_moe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "qwen3_vl": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
 }
 VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight",
@@ -138,8 +139,9 @@ EPS_KEY = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "cohere2"
            "starcoder2": "norm_epsilon"}
 
 
-DENSE_LAYER_1 = {"qwen3_moe": {"mlp_only_layers": [1]}, "qwen3_next": {"mlp_only_layers": [1]}}  # mixtures of experts
-# whose layer 1 is a dense MLP
+# mixtures of experts whose layer 1 is a dense MLP
+DENSE_LAYER_1 = {"qwen3_moe": {"mlp_only_layers": [1]}, "qwen3_next": {"mlp_only_layers": [1]},
+                 "qwen2_moe": {"mlp_only_layers": [1]}}
 
 
 @pytest.mark.parametrize("family, dense", [(f, False) for f in sorted(set(FAMILIES) - BRANCH_NORMED)]

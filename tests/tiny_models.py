@@ -21,11 +21,11 @@ from evomerge.models.io import ModelDir, ModelWriter
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "olmo2", "gpt2",
             "gpt_neox", "qwen3_moe", "mixtral", "granite", "arcee", "cohere2", "glm4", "starcoder2", "olmo3", "exaone4",
             "smollm3", "seed_oss", "apertus", "ernie4_5", "hunyuan_v1_dense", "qwen3_5_text", "mistral3", "qwen3_5",
-            "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gpt_oss")
+            "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gpt_oss", "qwen2_moe")
 IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # a text
 # model (its family the key's) beside a
 # 2-layer vision tower
-MOE = ("qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")  # mixtures of experts
+MOE = ("qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "qwen2_moe")  # mixtures of experts
 LINEAR_ATTENTION = ("qwen3_5_text", "qwen3_5", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")  # some layers (0, 2)
 _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 _CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -51,7 +51,7 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "apertus": "ApertusConfig", "ernie4_5": "Ernie4_5Config", "hunyuan_v1_dense": "HunYuanDenseV1Config",
                "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_next": "Qwen3NextConfig",
                "qwen3_5_moe_text": "Qwen3_5MoeTextConfig", "gemma4_text": "Gemma4TextConfig",
-               "gpt_oss": "GptOssConfig", "qwen2_vl_text": "Qwen2VLTextConfig", "qwen2_5_vl_text": "Qwen2_5_VLTextConfig", "qwen3_vl_text": "Qwen3VLTextConfig"}
+               "gpt_oss": "GptOssConfig", "qwen2_moe": "Qwen2MoeConfig", "qwen2_vl_text": "Qwen2VLTextConfig", "qwen2_5_vl_text": "Qwen2_5_VLTextConfig", "qwen3_vl_text": "Qwen3VLTextConfig"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
@@ -59,9 +59,9 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
     if family.startswith(("gemma", "qwen3", "arcee", "cohere2", "glm4", "olmo3", "exaone4", "seed_oss", "apertus",
                           "ernie4_5", "hunyuan")):
         dims["head_dim"] = hidden // 2  # their default head_dim (256, 128) whatever the hidden size
-    if family in ("qwen3_moe", "qwen3_next", "qwen3_5_moe_text"):  # 4 experts of 2 per token, each with an MLP as
-        dims.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden)  # wide as the hidden state
-    if family in ("qwen3_next", "qwen3_5_moe_text"):  # and a shared expert
+    if family in ("qwen3_moe", "qwen3_next", "qwen3_5_moe_text", "qwen2_moe"):  # 4 experts of 2 per token, each with
+        dims.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden)  # an MLP as wide as the hidden state
+    if family in ("qwen3_next", "qwen3_5_moe_text", "qwen2_moe"):  # and a shared expert
         dims.update(shared_expert_intermediate_size=hidden)
     if family == "gpt_oss":  # 4 experts of 2 per token (fused, with biases), sliding and full attention alternating
         dims.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=hidden, head_dim=hidden // 2,

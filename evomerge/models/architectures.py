@@ -267,6 +267,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                                    r"mlp\.experts\.down_proj)$",
                 live_renames=((r"\.block_sparse_moe\.gate\.", ".mlp.gate."),),
                 live_experts=_fused_experts(r"block_sparse_moe\.experts", "w1", "w3", "w2")),
+    _llama_like("qwen2_moe", "Qwen2MoeForCausalLM",  # Qwen1.5-MoE, Qwen2-57B-A14B: a gated shared expert, as Qwen3-Next's
+                output_projections=_QWEN3_5_MOE["output_projections"],
+                live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj")),
     _llama_like("gpt_oss", "GptOssForCausalLM",  # experts fused in its checkpoints too, with biases; attention sinks
                 output_projections=r"\.(self_attn\.o_proj\.(weight|bias)|mlp\.experts\.down_proj(_bias)?)$"),
     _llama_like("qwen3_next", "Qwen3NextForCausalLM", **_QWEN3_5_MOE,  # its dense layers as Qwen3-MoE's
