@@ -230,6 +230,17 @@ def swapped_tokens(model: Path, first: str, second: str) -> None:
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
 
 
+def differing_tokenizers(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A base and two variants whose tokenizers differ: a adds two tokens, b one other and swaps two ids."""
+    base = build_tiny("llama", tmp_path / "base", num_layers=2, hidden=32)
+    a, b = make_variants(base, tmp_path, n=2)
+    torch.manual_seed(0)
+    added_tokens(a, ["<|im_start|>", "<|im_end|>"])
+    added_tokens(b, ["<tool>"])
+    swapped_tokens(b, "x", "y")
+    return base, a, b
+
+
 @pytest.mark.parametrize("method, tokenizer_source", [("ties", "a"), ("linear", "a"), ("task_arithmetic", "base"),
                                                       ("ties", "b"), ("ties", "union"), ("linear", "union")])
 def test_tokenizer_source_aligns_embeddings_by_token_as_mergekit_does(tmp_path, method, tokenizer_source):
@@ -238,12 +249,7 @@ def test_tokenizer_source_aligns_embeddings_by_token_as_mergekit_does(tmp_path, 
     a token; the merged model reads its tokenizer's added tokens (it had the common 64 rows only: an IndexError)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = build_tiny("llama", tmp_path / "base", num_layers=2, hidden=32)
-    a, b = make_variants(base, tmp_path, n=2)
-    torch.manual_seed(0)
-    added_tokens(a, ["<|im_start|>", "<|im_end|>"])
-    added_tokens(b, ["<tool>"])
-    swapped_tokens(b, "x", "y")
+    base, a, b = differing_tokenizers(tmp_path)
     models = {"base": str(base), "a": str(a), "b": str(b), "union": "union"}
     doc = method_configs(str(base), [str(a), str(b), str(base)])[method]
     config = write_config(tmp_path / "recipe.yaml", method, {**doc, "tokenizer_source": models[tokenizer_source]})
@@ -279,12 +285,7 @@ def test_tokenizer_block_rows_of_chosen_tokens_and_padding_as_mergekit(tmp_path,
     every model) and `pad_to_multiple_of` (rows added up to a multiple, each the mean of the rows): same tensors."""
     from transformers import AutoTokenizer
 
-    base = build_tiny("llama", tmp_path / "base", num_layers=2, hidden=32)
-    a, b = make_variants(base, tmp_path, n=2)
-    torch.manual_seed(0)
-    added_tokens(a, ["<|im_start|>", "<|im_end|>"])
-    added_tokens(b, ["<tool>"])
-    swapped_tokens(b, "x", "y")
+    base, a, b = differing_tokenizers(tmp_path)
     names = {"base": str(base), "a": str(a), "b": str(b)}
     tokens = {token: {**setting, "source": names.get(setting["source"], setting["source"]) if isinstance(
         setting["source"], str) else {k: names.get(v, v) for k, v in setting["source"].items()}}
