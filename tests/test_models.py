@@ -59,12 +59,13 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "qwen2_5_vl": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "gpt_oss": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "qwen2_moe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "lfm2": ({"model.embed_tokens.weight"}, {"model.embedding_norm.weight"}),
     "qwen3_vl": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
 }
 VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight",
          "embed_out.weight", "language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight"}
 TIED = {"gemma", "gemma2", "gemma3_text", "gemma3", "gpt2", "cohere2", "starcoder2", "smollm3", "ernie4_5", "mistral3",
-        "gemma4_text", "gemma4"}
+        "gemma4_text", "gemma4", "lfm2"}
 BRANCH_NORMED = {"gemma2", "gemma3_text", "gemma3", "olmo2", "glm4", "olmo3", "exaone4", "gemma4_text", "gemma4"}  # norm each branch's output: no output projection folds a scale
 NOT_TEXT = r"vision_tower\.|multi_modal_projector\.|(model\.)?visual\.|model\.(vision_tower|audio_tower|embed_vision|embed_audio)\."  # an image-text model's other parts
 
@@ -108,7 +109,8 @@ def test_naming_table_matches_the_checkpoint(tiny, family):
     assert {arch.layer_of(n) for n in layer_names} == set(range(LAYERS))
     for name in layer_names:  # renaming moves a tensor onto another layer's slot, which exists (of the same kind)
         renamed = arch.rename_layer(name, 2)
-        full_attention = family in LINEAR_ATTENTION and ".self_attn." in name  # layer 1 only; 0, 2 attend linearly
+        full_attention = family in (*LINEAR_ATTENTION, "lfm2") and ".self_attn." in name  # layer 1 only; 0, 2 attend
+        # linearly (LFM2's: by a short convolution)
         kv_shared = family.startswith("gemma4") and re.search(r"\.(k_proj|v_proj|k_norm)\.", name)  # layer 2 has none
         assert arch.layer_of(renamed) == 2 and (renamed in md) != bool(full_attention or kv_shared)
         assert arch.rename_layer(renamed, arch.layer_of(name)) == name
@@ -128,7 +130,7 @@ def test_block_of_agrees_with_the_live_module_classes(tiny, live, family):
         owner = ".".join(parts[:numeric[0] + 2] if numeric and len(parts) > numeric[0] + 2 else parts[:-1])  # e.g.
         # model.layers.0.self_attn; the layer itself for its own tensors (Gemma-4's layer_scalar)
         cls = type(model.get_submodule(owner)).__name__
-        expected = next((b for key, b in (("Attention", "attn"), ("GatedDeltaNet", "attn"), ("MLP", "mlp"),
+        expected = next((b for key, b in (("Attention", "attn"), ("GatedDeltaNet", "attn"), ("ShortConv", "attn"), ("MLP", "mlp"),
                                           ("SparseMoeBlock", "mlp"), ("Norm", "norm")) if key.lower() in cls.lower()), None)
         assert md.arch.block_of(name) == expected, (name, cls)
         seen.add(expected)
@@ -136,7 +138,7 @@ def test_block_of_agrees_with_the_live_module_classes(tiny, live, family):
 
 
 EPS_KEY = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "cohere2": "layer_norm_eps",
-           "starcoder2": "norm_epsilon"}
+           "starcoder2": "norm_epsilon", "lfm2": "norm_eps"}
 
 
 # mixtures of experts whose layer 1 is a dense MLP
@@ -177,6 +179,15 @@ def test_output_projections_fold_a_hidden_state_scale(tmp_path, family, dense):
     for hook in hooks:
         hook.remove()
     assert not torch.allclose(expected, _logits(hooked), atol=1e-3)
+
+
+def test_lfm2_attention_layers_listed_by_index_follow_a_restacked_path():
+    """LFM2's hub configs may name their attention layers by index (full_attn_idxs) rather than per layer
+    (layer_types); a written layer path lists them anew, so each slot keeps its source layer's kind."""
+    arch = architecture_for({"architectures": ["Lfm2ForCausalLM"]}, "config.json")
+    config = {"architectures": ["Lfm2ForCausalLM"], "num_hidden_layers": 4, "full_attn_idxs": [1, 3]}
+    assert arch.set_num_layers(config, 3, source_layers=[3, 0, 1]) == {**config, "num_hidden_layers": 3,
+                                                                        "full_attn_idxs": [0, 2]}
 
 
 def test_gpt2_names_without_the_transformer_prefix():

@@ -140,6 +140,8 @@ class Architecture:
             step = settings.get("decoder_sparse_step") or 1  # else every step-th layer is sparse
             dense = {i for i in range(self.num_layers(config)) if i in settings["mlp_only_layers"] or (i + 1) % step}
             out.update(mlp_only_layers=[j for j, i in enumerate(source_layers) if i in dense], decoder_sparse_step=1)
+        if source_layers is not None and isinstance(settings.get("full_attn_idxs"), list):  # LFM2's attention layers
+            out["full_attn_idxs"] = [j for j, i in enumerate(source_layers) if i in settings["full_attn_idxs"]]
         return self.with_text_settings(config, out)
 
     def with_text_settings(self, config: dict, settings: dict) -> dict:
@@ -254,6 +256,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("ernie4_5", "Ernie4_5ForCausalLM", tied=True),
     _llama_like("hunyuan_v1_dense", "HunYuanDenseV1ForCausalLM"),
     _QWEN3_5,
+    _llama_like("lfm2", "Lfm2ForCausalLM", tied=True,  # LFM2: short-convolution layers beside attention (layer_types)
+                attn=r"\.(self_attn|conv)\.", mlp=r"\.feed_forward\.", post=r"model\.embedding_norm\.weight|lm_head\.weight",
+                output_projections=r"\.((self_attn|conv)\.out_proj|feed_forward\.w2)\.weight$"),  # embedding_norm: the
+    # final norm, despite its name
     _llama_like("gemma4_text", "Gemma4ForCausalLM", **_GEMMA4, pre=rf"model\.({_GEMMA4_PRE})",
                 live_layer_paths=False),
     # Mixtures of experts: checkpoints hold each expert's tensors (the hub's) or the live module's fused ones (as
