@@ -21,8 +21,9 @@ from evomerge.models.io import ModelDir, ModelWriter
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "olmo2", "gpt2",
             "gpt_neox", "qwen3_moe", "mixtral", "granite", "arcee", "cohere2", "glm4", "starcoder2", "olmo3", "exaone4",
             "smollm3", "seed_oss", "apertus", "ernie4_5", "hunyuan_v1_dense", "qwen3_5_text", "mistral3", "qwen3_5",
-            "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gpt_oss", "qwen2_moe", "lfm2")
-IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # a text
+            "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gpt_oss", "qwen2_moe", "lfm2", "qwen3_vl_moe")
+IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",  # a text
+              "qwen3_vl_moe")
 # model (its family the key's) beside a
 # 2-layer vision tower
 MOE = ("qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "qwen2_moe")  # mixtures of experts
@@ -51,7 +52,8 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "apertus": "ApertusConfig", "ernie4_5": "Ernie4_5Config", "hunyuan_v1_dense": "HunYuanDenseV1Config",
                "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_next": "Qwen3NextConfig",
                "qwen3_5_moe_text": "Qwen3_5MoeTextConfig", "gemma4_text": "Gemma4TextConfig",
-               "gpt_oss": "GptOssConfig", "qwen2_moe": "Qwen2MoeConfig", "lfm2": "Lfm2Config", "qwen2_vl_text": "Qwen2VLTextConfig", "qwen2_5_vl_text": "Qwen2_5_VLTextConfig", "qwen3_vl_text": "Qwen3VLTextConfig"}
+               "gpt_oss": "GptOssConfig", "qwen2_moe": "Qwen2MoeConfig", "lfm2": "Lfm2Config", "qwen2_vl_text": "Qwen2VLTextConfig", "qwen2_5_vl_text": "Qwen2_5_VLTextConfig", "qwen3_vl_text": "Qwen3VLTextConfig",
+               "qwen3_vl_moe_text": "Qwen3VLMoeTextConfig"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
@@ -79,7 +81,9 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
         quarter = hidden // 4
         sections = [quarter // 4, (quarter - quarter // 4) // 2, quarter - quarter // 4 - (quarter - quarter // 4) // 2]
         dims.update(head_dim=hidden // 2, rope_parameters={"rope_type": "default", "mrope_section": sections,
-                                                           **({"mrope_interleaved": True} if family == "qwen3_vl_text" else {})})
+                                                           **({"mrope_interleaved": True} if family.startswith("qwen3") else {})})
+    if family == "qwen3_vl_moe_text":  # 4 experts of 2 per token, their MLPs half as wide as the hidden state (so that
+        dims.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden // 2)  # no expert is square)
     if family in LINEAR_ATTENTION:  # linear attention (every other layer here, so a model has both kinds), two heads
         dims.update(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=hidden // 2,
                     linear_value_head_dim=hidden // 2, full_attention_interval=2)
@@ -111,10 +115,11 @@ def _image_text_config(family: str, num_layers: int, hidden: int, vocab: int, **
                                          audio_config=None, boi_token_id=vocab - 4, eoi_token_id=vocab - 3,
                                          image_token_id=vocab - 2, video_token_id=vocab - 1)
     qwen = {"qwen3_5": "Qwen3_5", "qwen3_5_moe": "Qwen3_5Moe", "qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL",
-            "qwen3_vl": "Qwen3VL"}[family]  # their config classes' prefix
+            "qwen3_vl": "Qwen3VL", "qwen3_vl_moe": "Qwen3VLMoe"}[family]  # their config classes' prefix
     qwen3 = dict(intermediate_size=32, out_hidden_size=hidden, num_position_embeddings=16)
     own = {"qwen2_vl": dict(embed_dim=16, mlp_ratio=2), "qwen2_5_vl": dict(intermediate_size=32, out_hidden_size=hidden),
-           "qwen3_vl": dict(**qwen3, deepstack_visual_indexes=[0, 1, 1])}.get(family, qwen3)  # Qwen3-VL: three
+           "qwen3_vl": dict(**qwen3, deepstack_visual_indexes=[0, 1, 1]),
+           "qwen3_vl_moe": dict(**qwen3, deepstack_visual_indexes=[0, 1, 1])}.get(family, qwen3)  # Qwen3-VL: three
     # deepstack mergers, as the hub's models have (and mergekit's table names)
     vision = getattr(transformers, f"{qwen}VisionConfig")(depth=2, hidden_size=16 if family != "qwen2_vl" else hidden,
                                                           num_heads=2, **own)
@@ -160,6 +165,10 @@ def build_tiny(family: str, path: str | Path, *, seed: int = 0, num_layers: int 
         tensors = load_file(path / "model.safetensors")
         save_file({re.sub(r"^vision_tower\.", "vision_tower.vision_model.", n): t for n, t in tensors.items()},
                   path / "model.safetensors", metadata={"format": "pt"})
+    if family == "qwen3_vl_moe":  # the experts as the hub's checkpoints hold them, [experts, in, out]
+        tensors = load_file(path / "model.safetensors")
+        save_file({n: t.mT.contiguous() if n.endswith(("experts.gate_up_proj", "experts.down_proj")) else t
+                   for n, t in tensors.items()}, path / "model.safetensors", metadata={"format": "pt"})
     if tokenizer:
         save_tokenizer(path, vocab)
     return path

@@ -141,6 +141,8 @@ class LiveMaterializer:
     @torch.no_grad()
     def write(self, task: TensorTask, value: torch.Tensor) -> None:
         target = self.target(task.out_name)
+        if value.shape != target.shape and value.dim() == 3 and value.mT.shape == target.shape:
+            value = value.mT  # fused experts stored [experts, in, out] (Qwen3-VL-MoE's hub checkpoints), live transposed
         if self.adoptable(value, target):
             target.data = value  # the fresh result becomes the parameter: no copy (tied weights stay tied)
         else:

@@ -316,6 +316,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _image_text("qwen3_vl", "Qwen3VLForConditionalGeneration", tied=False, text=r"model\.language_model",
                 vision_layers=r"(model\.visual\.(?:blocks|deepstack_merger_list)\.)(\d+)\.",
                 output_projections=_LLAMA_OUT),
+    # Qwen3-VL-MoE: fused experts in its checkpoints, the hub's as [experts, in, out] (transformers transposes them on
+    # load; a search's live model takes them so)
+    _image_text("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", tied=False, text=r"model\.language_model",
+                vision_layers=r"(model\.visual\.(?:blocks|deepstack_merger_list)\.)(\d+)\.",
+                output_projections=r"\.(self_attn\.o_proj\.weight|mlp\.down_proj\.weight|mlp\.experts\.down_proj)$"),
     Architecture(  # older GPT-2 checkpoints (the hub's `gpt2`) leave out the `transformer.` prefix
         name="gpt2",
         architectures=("GPT2LMHeadModel",),
