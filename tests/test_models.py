@@ -60,6 +60,7 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "gpt_oss": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "qwen2_moe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "lfm2": ({"model.embed_tokens.weight"}, {"model.embedding_norm.weight"}),
+    "granitemoehybrid": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "qwen3_vl_moe": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
     "qwen3_vl": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
 }
@@ -110,8 +111,8 @@ def test_naming_table_matches_the_checkpoint(tiny, family):
     assert {arch.layer_of(n) for n in layer_names} == set(range(LAYERS))
     for name in layer_names:  # renaming moves a tensor onto another layer's slot, which exists (of the same kind)
         renamed = arch.rename_layer(name, 2)
-        full_attention = family in (*LINEAR_ATTENTION, "lfm2") and ".self_attn." in name  # layer 1 only; 0, 2 attend
-        # linearly (LFM2's: by a short convolution)
+        full_attention = family in (*LINEAR_ATTENTION, "lfm2", "granitemoehybrid") and ".self_attn." in name  # layer 1
+        # only; 0, 2 attend linearly (LFM2's by a short convolution, Granite-4's by Mamba-2)
         kv_shared = family.startswith("gemma4") and re.search(r"\.(k_proj|v_proj|k_norm)\.", name)  # layer 2 has none
         assert arch.layer_of(renamed) == 2 and (renamed in md) != bool(full_attention or kv_shared)
         assert arch.rename_layer(renamed, arch.layer_of(name)) == name
@@ -131,8 +132,9 @@ def test_block_of_agrees_with_the_live_module_classes(tiny, live, family):
         owner = ".".join(parts[:numeric[0] + 2] if numeric and len(parts) > numeric[0] + 2 else parts[:-1])  # e.g.
         # model.layers.0.self_attn; the layer itself for its own tensors (Gemma-4's layer_scalar)
         cls = type(model.get_submodule(owner)).__name__
-        expected = next((b for key, b in (("Attention", "attn"), ("GatedDeltaNet", "attn"), ("ShortConv", "attn"), ("MLP", "mlp"),
-                                          ("SparseMoeBlock", "mlp"), ("Norm", "norm")) if key.lower() in cls.lower()), None)
+        expected = next((b for key, b in (("Attention", "attn"), ("GatedDeltaNet", "attn"), ("ShortConv", "attn"),
+                                          ("Mamba", "attn"), ("MLP", "mlp"), ("SparseMoeBlock", "mlp"), ("HybridMoE", "mlp"),
+                                          ("Norm", "norm")) if key.lower() in cls.lower()), None)
         assert md.arch.block_of(name) == expected, (name, cls)
         seen.add(expected)
     assert {"attn", "mlp", "norm", None} <= seen

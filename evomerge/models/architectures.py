@@ -276,6 +276,14 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("qwen2_moe", "Qwen2MoeForCausalLM",  # Qwen1.5-MoE, Qwen2-57B-A14B: a gated shared expert, as Qwen3-Next's
                 output_projections=_QWEN3_5_MOE["output_projections"],
                 live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj")),
+    _llama_like("granitemoehybrid", "GraniteMoeHybridForCausalLM",  # Granite 4.0: Mamba-2 layers beside attention ones,
+                # each with a shared MLP beside its experts (fused in the checkpoint, renamed in the live module)
+                attn=r"\.(self_attn|mamba)\.", mlp=r"\.(shared_mlp|block_sparse_moe)\.",
+                output_projections=r"\.(self_attn\.o_proj|mamba\.out_proj|(shared_mlp|block_sparse_moe)\.output_linear)"
+                                   r"\.weight$",
+                live_renames=((r"\.block_sparse_moe\.input_linear\.weight$", ".block_sparse_moe.experts.gate_up_proj"),
+                              (r"\.block_sparse_moe\.output_linear\.weight$", ".block_sparse_moe.experts.down_proj"),
+                              (r"\.block_sparse_moe\.router\.layer\.", ".block_sparse_moe.router."))),
     _llama_like("gpt_oss", "GptOssForCausalLM",  # experts fused in its checkpoints too, with biases; attention sinks
                 output_projections=r"\.(self_attn\.o_proj\.(weight|bias)|mlp\.experts\.down_proj(_bias)?)$"),
     _llama_like("qwen3_next", "Qwen3NextForCausalLM", **_QWEN3_5_MOE,  # its dense layers as Qwen3-MoE's
