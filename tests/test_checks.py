@@ -113,7 +113,7 @@ def test_a_layer_path_search_over_a_family_it_cannot_run(tiny_zoo, tmp_path):
     gpt2 = build_tiny("gpt2", tmp_path / "gpt2", num_layers=2, hidden=32)
     assert_refused(search(tmp_path, dfs_experiment(tiny_zoo, [gpt2])), tmp_path, "space.kind",
                    "runs layer paths on llama, mistral, qwen2, gemma, gemma2, phi3, qwen3, gemma3_text, olmo2, granite, "
-                   "arcee, cohere2, glm4, starcoder2, olmo3, exaone4, smollm3, seed_oss, apertus, ernie4_5, "
+                   "arcee, cohere2, cohere, stablelm, phi, glm4, starcoder2, olmo3, exaone4, smollm3, seed_oss, apertus, ernie4_5, "
                    "hunyuan_v1_dense, qwen3_5_text, lfm2, qwen3_moe, mixtral, qwen2_moe, granitemoehybrid, gpt_oss, "
                    "qwen3_next, qwen3_5_moe_text models, not gpt2")
 

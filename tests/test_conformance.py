@@ -212,9 +212,11 @@ def added_tokens(model: Path, tokens: list[str]) -> None:
     tokenizer.save_pretrained(model)
     live = AutoModelForCausalLM.from_pretrained(model)
     live.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    with torch.no_grad():  # rows of their own for the new tokens
+    with torch.no_grad():  # rows of their own for the new tokens (and head bias entries, Phi-2's)
         live.get_input_embeddings().weight[-len(tokens):] = torch.randn(len(tokens), live.config.hidden_size)
         live.get_output_embeddings().weight[-len(tokens):] = torch.randn(len(tokens), live.config.hidden_size)
+        if live.get_output_embeddings().bias is not None:
+            live.get_output_embeddings().bias[-len(tokens):] = torch.randn(len(tokens))
     live.save_pretrained(model)
 
 
@@ -229,14 +231,17 @@ def swapped_tokens(model: Path, first: str, second: str) -> None:
     vocab[first], vocab[second] = j, i
     (model / "tokenizer.json").write_text(json.dumps(tokenizer))
     tensors = load_file(model / "model.safetensors")
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+    for name in VOCAB_ROWS & set(tensors):
         tensors[name][[i, j]] = tensors[name][[j, i]]
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
 
 
-def differing_tokenizers(tmp_path: Path) -> tuple[Path, Path, Path]:
+VOCAB_ROWS = {"model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"}  # one row per token
+
+
+def differing_tokenizers(tmp_path: Path, family: str = "llama") -> tuple[Path, Path, Path]:
     """A base and two variants whose tokenizers differ: a adds two tokens, b one other and swaps two ids."""
-    base = build_tiny("llama", tmp_path / "base", num_layers=2, hidden=32)
+    base = build_tiny(family, tmp_path / "base", num_layers=2, hidden=32)
     a, b = make_variants(base, tmp_path, n=2)
     torch.manual_seed(0)
     added_tokens(a, ["<|im_start|>", "<|im_end|>"])
@@ -245,15 +250,17 @@ def differing_tokenizers(tmp_path: Path) -> tuple[Path, Path, Path]:
     return base, a, b
 
 
-@pytest.mark.parametrize("method, tokenizer_source", [("ties", "a"), ("linear", "a"), ("task_arithmetic", "base"),
-                                                      ("ties", "b"), ("ties", "union"), ("linear", "union")])
-def test_tokenizer_source_aligns_embeddings_by_token_as_mergekit_does(tmp_path, method, tokenizer_source):
+@pytest.mark.parametrize("method, tokenizer_source, family", [
+    ("ties", "a", "llama"), ("linear", "a", "llama"), ("task_arithmetic", "base", "llama"), ("ties", "b", "llama"),
+    ("ties", "union", "llama"), ("linear", "union", "llama"), ("ties", "union", "phi"), ("linear", "b", "phi")])
+def test_tokenizer_source_aligns_embeddings_by_token_as_mergekit_does(tmp_path, method, tokenizer_source, family):
     """Sources whose tokenizers differ (a adds two tokens, b one other and swaps two ids): with `tokenizer_source`
     every embedding and head row follows the chosen tokenizer by token, with mergekit's stand-ins where a source lacks
-    a token; the merged model reads its tokenizer's added tokens (it had the common 64 rows only: an IndexError)."""
+    a token; the merged model reads its tokenizer's added tokens (it had the common 64 rows only: an IndexError).
+    Phi-2's head has a bias, one entry per token, which follows the tokens too."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base, a, b = differing_tokenizers(tmp_path)
+    base, a, b = differing_tokenizers(tmp_path, family)
     models = {"base": str(base), "a": str(a), "b": str(b), "union": "union"}
     doc = method_configs(str(base), [str(a), str(b), str(base)])[method]
     config = write_config(tmp_path / "recipe.yaml", method, {**doc, "tokenizer_source": models[tokenizer_source]})
@@ -267,7 +274,7 @@ def test_tokenizer_source_aligns_embeddings_by_token_as_mergekit_does(tmp_path, 
     order = [theirs_ids[token] for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
     assert set(ours) == set(theirs)
     for name, expected in theirs.items():
-        expected = expected[order] if name in ("model.embed_tokens.weight", "lm_head.weight") else expected
+        expected = expected[order] if name in VOCAB_ROWS else expected
         torch.testing.assert_close(ours[name], expected, atol=2e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
     assert ours["model.embed_tokens.weight"].shape[0] == len(tokenizer) == {"a": 66, "b": 65, "base": 64, "union": 67}[tokenizer_source]
     with torch.no_grad():  # every id of its tokenizer, the added ones last
@@ -308,7 +315,7 @@ def test_tokenizer_block_rows_of_chosen_tokens_and_padding_as_mergekit(tmp_path,
     order += list(range(len(order), rows))
     assert set(ours) == set(theirs)
     for name, expected in theirs.items():
-        expected = expected[order] if name in ("model.embed_tokens.weight", "lm_head.weight") else expected
+        expected = expected[order] if name in VOCAB_ROWS else expected
         torch.testing.assert_close(ours[name], expected, atol=2e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
     assert ours["model.embed_tokens.weight"].shape[0] == rows > len(tokenizer)
     assert json.loads((tmp_path / "evomerge" / "config.json").read_text())["vocab_size"] == rows

@@ -61,13 +61,17 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "qwen2_moe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "lfm2": ({"model.embed_tokens.weight"}, {"model.embedding_norm.weight"}),
     "granitemoehybrid": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "cohere": ({"model.embed_tokens.weight"}, {"model.norm.weight"}),
+    "stablelm": ({"model.embed_tokens.weight"}, {"model.norm.weight", "model.norm.bias", "lm_head.weight"}),
+    "phi": ({"model.embed_tokens.weight"}, {"model.final_layernorm.weight", "model.final_layernorm.bias", "lm_head.weight",
+                                            "lm_head.bias"}),
     "qwen3_vl_moe": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
     "qwen3_vl": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
 }
-VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight",
+VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "lm_head.bias", "transformer.wte.weight", "gpt_neox.embed_in.weight",
          "embed_out.weight", "language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight"}
 TIED = {"gemma", "gemma2", "gemma3_text", "gemma3", "gpt2", "cohere2", "starcoder2", "smollm3", "ernie4_5", "mistral3",
-        "gemma4_text", "gemma4", "lfm2"}
+        "gemma4_text", "gemma4", "lfm2", "cohere"}
 BRANCH_NORMED = {"gemma2", "gemma3_text", "gemma3", "olmo2", "glm4", "olmo3", "exaone4", "gemma4_text", "gemma4"}  # norm each branch's output: no output projection folds a scale
 NOT_TEXT = r"vision_tower\.|multi_modal_projector\.|(model\.)?visual\.|model\.(vision_tower|audio_tower|embed_vision|embed_audio)\."  # an image-text model's other parts
 
@@ -141,7 +145,8 @@ def test_block_of_agrees_with_the_live_module_classes(tiny, live, family):
 
 
 EPS_KEY = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "cohere2": "layer_norm_eps",
-           "starcoder2": "norm_epsilon", "lfm2": "norm_eps"}
+           "starcoder2": "norm_epsilon", "lfm2": "norm_eps", "cohere": "layer_norm_eps", "stablelm": "layer_norm_eps",
+           "phi": "layer_norm_eps"}
 
 
 # mixtures of experts whose layer 1 is a dense MLP

@@ -21,7 +21,7 @@ from evomerge.models.io import ModelDir, ModelWriter
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "olmo2", "gpt2",
             "gpt_neox", "qwen3_moe", "mixtral", "granite", "arcee", "cohere2", "glm4", "starcoder2", "olmo3", "exaone4",
             "smollm3", "seed_oss", "apertus", "ernie4_5", "hunyuan_v1_dense", "qwen3_5_text", "mistral3", "qwen3_5",
-            "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gpt_oss", "qwen2_moe", "lfm2", "qwen3_vl_moe", "granitemoehybrid")
+            "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gpt_oss", "qwen2_moe", "lfm2", "qwen3_vl_moe", "granitemoehybrid", "cohere", "stablelm", "phi")
 IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",  # a text
               "qwen3_vl_moe")
 # model (its family the key's) beside a
@@ -53,7 +53,8 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_next": "Qwen3NextConfig",
                "qwen3_5_moe_text": "Qwen3_5MoeTextConfig", "gemma4_text": "Gemma4TextConfig",
                "gpt_oss": "GptOssConfig", "qwen2_moe": "Qwen2MoeConfig", "lfm2": "Lfm2Config",
-               "granitemoehybrid": "GraniteMoeHybridConfig", "qwen2_vl_text": "Qwen2VLTextConfig", "qwen2_5_vl_text": "Qwen2_5_VLTextConfig", "qwen3_vl_text": "Qwen3VLTextConfig",
+               "granitemoehybrid": "GraniteMoeHybridConfig", "cohere": "CohereConfig", "stablelm": "StableLmConfig",
+               "phi": "PhiConfig", "qwen2_vl_text": "Qwen2VLTextConfig", "qwen2_5_vl_text": "Qwen2_5_VLTextConfig", "qwen3_vl_text": "Qwen3VLTextConfig",
                "qwen3_vl_moe_text": "Qwen3VLMoeTextConfig"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
@@ -75,6 +76,8 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
         dims.update(layer_types=["attention" if i % 2 else "mamba" for i in range(num_layers)], num_local_experts=4,
                     num_experts_per_tok=2, intermediate_size=hidden, shared_intermediate_size=hidden, mamba_n_heads=4,
                     mamba_d_head=hidden // 2, mamba_d_state=8, mamba_n_groups=1, mamba_expand=2)
+    if family == "cohere":  # q and k norms, as Command R+ (mergekit's table requires them)
+        dims.update(use_qk_norm=True)
     if family == "mixtral":
         dims.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=hidden)
     if family == "gemma4_text":  # per-layer embeddings; the last layer reuses the keys and values of an earlier one of

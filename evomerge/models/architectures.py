@@ -245,6 +245,12 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("granite", "GraniteForCausalLM"),
     _llama_like("arcee", "ArceeForCausalLM"),
     _llama_like("cohere2", "Cohere2ForCausalLM", tied=True),  # attention and MLP in parallel, on one norm
+    _llama_like("cohere", "CohereForCausalLM", tied=True),  # Command R (v1), as Cohere-2
+    _llama_like("stablelm", "StableLmForCausalLM"),  # StableLM(-2): norms with biases
+    _llama_like("phi", "PhiForCausalLM",  # Phi-1, 1.5, 2: attention and MLP in parallel, on one norm; a head bias
+                post=r"model\.final_layernorm\.(weight|bias)|lm_head\.(weight|bias)",
+                vocab=r"model\.embed_tokens\.weight|lm_head\.(weight|bias)",
+                output_projections=r"\.(self_attn\.dense|mlp\.fc2)\.(weight|bias)$"),
     _llama_like("glm4", "Glm4ForCausalLM", output_projections=""),  # norms each branch's output, as Gemma-2
     _llama_like("starcoder2", "Starcoder2ForCausalLM", tied=True,
                 output_projections=r"\.(self_attn\.o_proj|mlp\.c_proj)\.(weight|bias)$"),

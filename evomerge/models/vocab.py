@@ -142,19 +142,20 @@ class TokenAlignedSources:
 
     def _align(self, name: str) -> dict[str, torch.Tensor]:
         tensors = {m: self.inner.get(m, name) for m, d in self.dirs.items() if name in d}
+        column = (-1,) + (1,) * (next(iter(tensors.values())).dim() - 1)  # a per-row flag against a row (a bias: 1-D)
         rows = {m: self.rows[m].to(t.device) for m, t in tensors.items()}
-        present = {m: (rows[m] >= 0) & (rows[m] < t.shape[0]) for m, t in tensors.items()}
-        own = {m: t[rows[m].clamp(0, t.shape[0] - 1)] * present[m][:, None] for m, t in tensors.items()}
+        present = {m: ((rows[m] >= 0) & (rows[m] < t.shape[0])).view(column) for m, t in tensors.items()}
+        own = {m: t[rows[m].clamp(0, t.shape[0] - 1)] * present[m] for m, t in tensors.items()}
         count = sum(p.to(torch.int64) for p in present.values())
-        stand_in = sum(own.values()) / count.clamp(min=1)[:, None].to(next(iter(own.values())).dtype)
+        stand_in = sum(own.values()) / count.clamp(min=1).to(next(iter(own.values())).dtype)
         if self.base in tensors:
-            stand_in = torch.where(present[self.base][:, None], own[self.base], stand_in)
+            stand_in = torch.where(present[self.base], own[self.base], stand_in)
         for setting in self.settings:  # the recipe's `tokens`
             if setting.model is not None and setting.model not in tensors:
                 raise EvomergeError(f"tokens: {setting.model} has no {name}, which its setting takes a row of")
             stand_in[setting.token] = tensors[setting.model][setting.row] if setting.model is not None else 0
-        forced = self.forced.to(stand_in.device)
-        aligned = {m: torch.where((present[m] & ~forced)[:, None], own[m], stand_in) for m in tensors}
+        forced = self.forced.to(stand_in.device).view(column)
+        aligned = {m: torch.where(present[m] & ~forced, own[m], stand_in) for m in tensors}
         if self.pad and self.size % self.pad:
             extra = self.pad - self.size % self.pad
             aligned = {m: torch.cat([t, t.mean(0, keepdim=True).expand(extra, *t.shape[1:])]) for m, t in aligned.items()}

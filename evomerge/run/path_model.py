@@ -61,8 +61,8 @@ def build_path_model(first: nn.Module, layers: dict[str, nn.ModuleList], path: l
     model._modules["lm_head"] = first.lm_head if tied else last.lm_head
     decoder = copy.copy(_decoder(first))
     decoder._modules = dict(decoder._modules)
-    norm = "embedding_norm" if "embedding_norm" in decoder._modules else "norm"  # LFM2's final norm has that name
-    decoder._modules[norm] = getattr(_decoder(last), norm)
+    norm = next(n for n in ("norm", "embedding_norm", "final_layernorm") if n in decoder._modules)  # the final norm
+    decoder._modules[norm] = getattr(_decoder(last), norm)  # (LFM2's and Phi-2's names)
     decoder._modules["layers"] = nn.ModuleList(_slot(layers[src][i], k, s) for k, (src, i, s) in enumerate(path))
     config = copy.deepcopy(first.config)
     config.num_hidden_layers = len(path)
