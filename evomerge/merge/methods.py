@@ -375,7 +375,8 @@ def karcher(base: None, tensors: list[Tensor], *, max_iter: int = 10, tol: float
     if len(tensors) == 1 or not units:  # nothing to average, or no direction
         return tensors[0].clone() if len(tensors) == 1 else torch.zeros_like(tensors[0])
     m = ordered_sum(units) / len(units)
-    m = units[0] if m.norm().item() < tol else m / m.norm().item()
+    size = m.norm().item()
+    m = units[0] if size < tol else m / size
     for _ in range(int(max_iter)):
         v = torch.zeros_like(m)
         for u in units:
@@ -398,11 +399,12 @@ def arcee_fusion(base: Tensor, tensors: list[Tensor]) -> Tensor:
     """
     work = work_dtype(base, tensors[0])
     b, x = base.to(work), tensors[0].to(work)
+    delta = x - b
     p, q = torch.softmax(x, -1) + 1e-8, torch.softmax(b, -1) + 1e-8
-    s = (x - b).abs_().mul_((p * (p / q).log()).sum(-1, keepdim=True))
-    ranked = s.clone()
+    s = delta.abs().mul_((p * (p / q).log()).sum(-1, keepdim=True))
+    ranked = s.clone()  # selection reorders it
     q25, q50, q75 = (kth_smallest(ranked, int(f * (s.numel() - 1)) + 1) for f in (0.25, 0.5, 0.75))
-    return (b + (x - b) * indicator(torch.ge, s, q50 + 1.5 * (q75 - q25), work)).to(base.dtype)
+    return delta.mul_(indicator(torch.ge, s, q50 + 1.5 * (q75 - q25), work)).add_(b).to(base.dtype)
 
 
 @merge_method("ramplus_tl", base="required", min_models=0, reference="https://arxiv.org/abs/2601.13572")
