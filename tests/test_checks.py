@@ -115,7 +115,22 @@ def test_a_layer_path_search_over_a_family_it_cannot_run(tiny_zoo, tmp_path):
                    "runs layer paths on llama, mistral, qwen2, gemma, gemma2, phi3, qwen3, gemma3_text, olmo2, granite, "
                    "arcee, cohere2, cohere, stablelm, phi, glm4, starcoder2, olmo3, exaone4, smollm3, seed_oss, apertus, ernie4_5, "
                    "hunyuan_v1_dense, qwen3_5_text, lfm2, qwen3_moe, mixtral, qwen2_moe, granitemoehybrid, gpt_oss, "
-                   "qwen3_next, qwen3_5_moe_text models, not gpt2")
+                   "glm4_moe, deepseek_v3, glm4_moe_lite, qwen3_next, qwen3_5_moe_text models, not gpt2")
+
+
+def test_a_layer_path_search_over_models_whose_config_counts_their_dense_layers(tiny_zoo, tmp_path):
+    """GLM-4.5 and DeepSeek-V3 configs count their first dense-MLP layers (first_k_dense_replace): a search's paths
+    would put one after a layer of experts, which no written model of theirs could describe. Without dense layers, and
+    where the config lists each layer's kind (GLM-4.7-Flash), it runs."""
+    glm = build_tiny("glm4_moe", tmp_path / "glm", num_layers=2, hidden=32)
+    assert_refused(search(tmp_path, dfs_experiment(tiny_zoo, [glm])), tmp_path, "space.kind",
+                   "a data-flow search over glm4_moe models would try paths that put one of their first 1 (dense-MLP) "
+                   "layers after a layer of experts, which their config cannot describe (first_k_dense_replace)")
+    for family, dense in (("deepseek_v3", 0), ("glm4_moe_lite", 1)):
+        model = build_tiny(family, tmp_path / family, num_layers=2, hidden=32, first_k_dense_replace=dense)
+        (tmp_path / f"run_{family}").mkdir()
+        result = search(tmp_path / f"run_{family}", dfs_experiment(tiny_zoo, [model]))
+        assert result.exit_code == 0 and "2 trials, 0 failed" in result.output, result.output
 
 
 def test_a_layer_path_search_warns_of_a_model_whose_vocabulary_differs(tiny_zoo, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import FAMILIES, LINEAR_ATTENTION, build_tiny, make_variants
+from tiny_models import DENSE_FIRST, FAMILIES, LINEAR_ATTENTION, build_tiny, make_variants
 
 from evomerge.errors import EvomergeError
 from evomerge.models import ModelDir, ModelWriter, architecture_for, check_finite, live_param, load_live_model
@@ -67,6 +67,9 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
                                             "lm_head.bias"}),
     "qwen3_vl_moe": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
     "qwen3_vl": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
+    "glm4_moe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "deepseek_v3": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "glm4_moe_lite": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
 }
 VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "lm_head.bias", "transformer.wte.weight", "gpt_neox.embed_in.weight",
          "embed_out.weight", "language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight"}
@@ -115,10 +118,11 @@ def test_naming_table_matches_the_checkpoint(tiny, family):
     assert {arch.layer_of(n) for n in layer_names} == set(range(LAYERS))
     for name in layer_names:  # renaming moves a tensor onto another layer's slot, which exists (of the same kind)
         renamed = arch.rename_layer(name, 2)
+        dense = family in DENSE_FIRST and arch.layer_of(name) == 0 and ".mlp." in name  # layer 0's MLP only
         full_attention = family in (*LINEAR_ATTENTION, "lfm2", "granitemoehybrid") and ".self_attn." in name  # layer 1
         # only; 0, 2 attend linearly (LFM2's by a short convolution, Granite-4's by Mamba-2)
         kv_shared = family.startswith("gemma4") and re.search(r"\.(k_proj|v_proj|k_norm)\.", name)  # layer 2 has none
-        assert arch.layer_of(renamed) == 2 and (renamed in md) != bool(full_attention or kv_shared)
+        assert arch.layer_of(renamed) == 2 and (renamed in md) != bool(full_attention or kv_shared or dense)
         assert arch.rename_layer(renamed, arch.layer_of(name)) == name
     assert arch.tied_embeddings(md.config) == (family in TIED) == ("lm_head.weight" not in md and family != "gpt_neox")
 
@@ -138,7 +142,7 @@ def test_block_of_agrees_with_the_live_module_classes(tiny, live, family):
         cls = type(model.get_submodule(owner)).__name__
         expected = next((b for key, b in (("Attention", "attn"), ("GatedDeltaNet", "attn"), ("ShortConv", "attn"),
                                           ("Mamba", "attn"), ("MLP", "mlp"), ("SparseMoeBlock", "mlp"), ("HybridMoE", "mlp"),
-                                          ("Norm", "norm")) if key.lower() in cls.lower()), None)
+                                          ("Norm", "norm"), ("MoE", "mlp")) if key.lower() in cls.lower()), None)
         assert md.arch.block_of(name) == expected, (name, cls)
         seen.add(expected)
     assert {"attn", "mlp", "norm", None} <= seen
@@ -151,7 +155,7 @@ EPS_KEY = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "cohere2"
 
 # mixtures of experts whose layer 1 is a dense MLP
 DENSE_LAYER_1 = {"qwen3_moe": {"mlp_only_layers": [1]}, "qwen3_next": {"mlp_only_layers": [1]},
-                 "qwen2_moe": {"mlp_only_layers": [1]}}
+                 "qwen2_moe": {"mlp_only_layers": [1]}, **dict.fromkeys(DENSE_FIRST, {"first_k_dense_replace": 2})}
 
 
 @pytest.mark.parametrize("family, dense", [(f, False) for f in sorted(set(FAMILIES) - BRANCH_NORMED)]
@@ -237,13 +241,11 @@ def test_set_num_layers_carries_per_layer_lists(tiny):
         md.arch.set_num_layers(md.config, 2, source_layers=[0])
 
 
-@pytest.mark.parametrize("family", DENSE_LAYER_1)
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next", "qwen2_moe"])
 def test_a_layer_path_over_dense_layers_of_a_mixture_of_experts_keeps_each_layer_s_mlp(tmp_path, family):
     """Qwen3-MoE (Qwen3-Next too) builds layer i dense (one MLP) when i is in `mlp_only_layers` or (i + 1) %
     decoder_sparse_step != 0: a written layer path lists its dense layers anew, so transformers builds each layer as its
     source was built and loads every tensor (no missing or unexpected key, no random weights), equal to the source's."""
-    from transformers import AutoModelForCausalLM
-
     from evomerge.merge.materialize import merge_to_dir
     from evomerge.recipe import LayerSlot, Recipe
 
@@ -253,7 +255,14 @@ def test_a_layer_path_over_dense_layers_of_a_mixture_of_experts_keeps_each_layer
     merge_to_dir(Recipe(layers=[LayerSlot(source=str(base), layer=i) for i in slots]), tmp_path / "out", progress=False)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (config["mlp_only_layers"], config["decoder_sparse_step"]) == ([1, 2, 4], 1)
-    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    _loads_as_its_sources(tmp_path / "out", base, slots)
+
+
+def _loads_as_its_sources(out: Path, base: Path, slots: list[int]) -> None:
+    """transformers loads every tensor of `out` (no missing or unexpected key), and its layer j is `base`'s slots[j]."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
     source = AutoModelForCausalLM.from_pretrained(base).model.layers
     for j, i in enumerate(slots):
@@ -261,8 +270,31 @@ def test_a_layer_path_over_dense_layers_of_a_mixture_of_experts_keeps_each_layer
             assert torch.equal(got, want), (j, name)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Reading
+@pytest.mark.parametrize("family", DENSE_FIRST)
+def test_a_layer_path_keeps_the_dense_first_layers_of_glm_and_deepseek_first(tmp_path, family):
+    """GLM-4.5 and DeepSeek-V3 build their first `first_k_dense_replace` layers dense: a written path counts its dense
+    layers anew where they stay first, and is refused (one line, before any tensor) where one follows a layer of
+    experts. GLM-4.7-Flash's config lists each layer's kind (`mlp_layer_types`), which follows any path."""
+    from evomerge.merge.materialize import merge_to_dir
+    from evomerge.recipe import LayerSlot, Recipe
+
+    base = build_tiny(family, tmp_path / "base", num_layers=4, hidden=32, first_k_dense_replace=2)  # dense 0, 1
+    slots = [1, 0, 0, 3, 2]
+    merge_to_dir(Recipe(layers=[LayerSlot(source=str(base), layer=i) for i in slots]), tmp_path / "out", progress=False)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["first_k_dense_replace"] == 3
+    _loads_as_its_sources(tmp_path / "out", base, slots)
+    slots = [2, 0, 3]
+    recipe = Recipe(layers=[LayerSlot(source=str(base), layer=i) for i in slots])
+    if family != "glm4_moe_lite":
+        with pytest.raises(EvomergeError, match=r"^r.yaml: layers: .* this writes dense layer 0 as layer 1$"):
+            merge_to_dir(recipe, tmp_path / "refused", source="r.yaml", progress=False)
+        assert not (tmp_path / "refused").exists()
+        return
+    merge_to_dir(recipe, tmp_path / "out2", progress=False)
+    assert json.loads((tmp_path / "out2" / "config.json").read_text())["mlp_layer_types"] == ["sparse", "dense", "sparse"]
+    _loads_as_its_sources(tmp_path / "out2", base, slots)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading
 

@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 from evomerge.cli import main
 from evomerge.merge.materialize import merge_to_dir
 from evomerge.export import export_text
-from evomerge.recipe import load_recipe, save_recipe
+from evomerge.recipe import LayerSlot, Recipe, load_recipe, save_recipe
 from evomerge.run.config import experiment_from_dict, load_experiment
 from evomerge.run.loop import search
 from test_search_loop import evaluator_factory, experiment, models  # noqa: F401  (module fixture)
-from tiny_models import IMAGE_TEXT, build_tiny, make_variants
+from tiny_models import IMAGE_TEXT, add_mtp_layer, build_tiny, make_variants
 
 
 @pytest.fixture(scope="module")
@@ -354,6 +354,55 @@ def test_a_search_over_mixtures_of_experts_scores_and_writes_them(tmp_path, kind
     assert "model.layers.0.mlp.experts.3.gate_proj.weight" in written
     assert set(written) == names if kind == "ps" else {re.sub(r"layers\.\d+", "L", n) for n in written} == {
         re.sub(r"layers\.\d+", "L", n) for n in names}
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "deepseek_v3"])
+def test_a_multi_token_prediction_layer_follows_the_layers_it_was_trained_after(tmp_path, family):
+    """GLM-4.5's and DeepSeek-V3's hub checkpoints hold a multi-token-prediction (MTP) layer numbered num_hidden_layers,
+    which transformers does not load: searches leave it out of their live models; the winner's merge writes it merged
+    as the tensors after the layers are (t = 0, a gradient's first value), a layer path writes its last slot's source's,
+    renumbered after the path's layers, and where a model lacks it (a fine-tune saved by transformers) the merge leaves
+    it out and says so. Its embeddings and head are vocabulary rows (aligned as the model's own)."""
+    base = add_mtp_layer(build_tiny(family, tmp_path / "base", num_layers=3, hidden=32, first_k_dense_replace=0))
+    a, b = make_variants(base, tmp_path, n=2, scale=0.05)  # no dense layer: a data-flow search runs any path
+    sources = {str(m): load_file(m / "model.safetensors") for m in (base, a, b)}
+    mtp = sorted(n for n in sources[str(base)] if n.startswith("model.layers.3."))
+    assert len(mtp) > 20 and {"model.layers.3.embed_tokens.weight", "model.layers.3.eh_proj.weight"} <= set(mtp)
+    spaces = {"ps": {"kind": "ps", "method": "linear", "models": [str(base), str(a), str(b)], "search": ["weight"],
+                     "layer_groups": 3, "bounds": {"weight": [0.1, 1.0]}},
+              "dfs": {"kind": "dfs", "models": [str(a), str(b)], "repeats": 1}}
+    for kind, space in spaces.items():
+        doc = {"name": "mtp", "seed": 0, "space": space, "optimizer": {"name": "random"}, "budget": {"trials": 3},
+               "evaluation": {"tasks": ["toy_cipher_gen"], "limit": 2}, "validation": {"top_k": 1}}
+        (tmp_path / f"{kind}.yaml").write_text(json.dumps(doc))
+        result = run("search", tmp_path / f"{kind}.yaml", "--run-dir", tmp_path / kind)
+        assert result.exit_code == 0 and "3 trials, 0 failed" in result.output, result.output
+        assert run("merge", tmp_path / kind / "best/recipe.yaml", tmp_path / f"{kind}_out").exit_code == 0
+        written, recipe = tensors(tmp_path / f"{kind}_out"), load_recipe(tmp_path / kind / "best/recipe.yaml")
+        if kind == "ps":  # linear at t = 0: sum_i w_i x_i / sum_i w_i with each model's first weight
+            weights = {m.model: m.parameters["weight"][0] for m in recipe.merge.models}
+            for name in mtp:
+                expected = sum(w * sources[m][name].double() for m, w in weights.items()) / sum(weights.values())
+                torch.testing.assert_close(written[name].double(), expected, atol=1e-6, rtol=1e-5)
+        else:  # the last slot's source's, after the path's layers
+            n, last = len(recipe.layers), sources[recipe.layers[-1].source]
+            assert {name for name in written if re.match(rf"model\.layers\.{n}\.", name)} == {
+                name.replace("layers.3.", f"layers.{n}.") for name in mtp}
+            for name in mtp:
+                assert torch.equal(written[name.replace("layers.3.", f"layers.{n}.")], last[name]), name
+    path = Recipe(layers=[LayerSlot(source=str(m), layer=i) for m, i in ((a, 0), (b, 1), (a, 1), (b, 2), (a, 2))])
+    merge_to_dir(path, tmp_path / "path_out", progress=False)
+    written = tensors(tmp_path / "path_out")
+    assert not any(name.startswith("model.layers.3.embed_tokens") for name in written)
+    for name in mtp:
+        assert torch.equal(written[name.replace("layers.3.", "layers.5.")], sources[str(a)][name]), name
+    plain = build_tiny(family, tmp_path / "plain", num_layers=3, hidden=32, seed=1, first_k_dense_replace=0)  # no MTP
+    (tmp_path / "mixed.yaml").write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(base), "parameters": {"weight": 0.5}}, {"model": str(plain), "parameters": {"weight": 0.5}}]}))
+    result = run("merge", tmp_path / "mixed.yaml", tmp_path / "mixed_out")
+    assert result.exit_code == 0 and f"warning: the layers of {base} past its last (multi-token prediction) are left " \
+        "out: not every model merged into them has them" in result.output, result.output
+    assert not any(name.startswith("model.layers.3.") for name in tensors(tmp_path / "mixed_out"))
 
 
 def test_a_mergekit_evolve_config_becomes_an_experiment_that_searches(tmp_path, monkeypatch):

@@ -21,12 +21,15 @@ from evomerge.models.io import ModelDir, ModelWriter
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "olmo2", "gpt2",
             "gpt_neox", "qwen3_moe", "mixtral", "granite", "arcee", "cohere2", "glm4", "starcoder2", "olmo3", "exaone4",
             "smollm3", "seed_oss", "apertus", "ernie4_5", "hunyuan_v1_dense", "qwen3_5_text", "mistral3", "qwen3_5",
-            "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gpt_oss", "qwen2_moe", "lfm2", "qwen3_vl_moe", "granitemoehybrid", "cohere", "stablelm", "phi")
+            "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gpt_oss", "qwen2_moe", "lfm2", "qwen3_vl_moe", "granitemoehybrid", "cohere", "stablelm", "phi",
+            "glm4_moe", "deepseek_v3", "glm4_moe_lite")
 IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",  # a text
               "qwen3_vl_moe")
 # model (its family the key's) beside a
 # 2-layer vision tower
-MOE = ("qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "qwen2_moe")  # mixtures of experts
+MOE = ("qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "qwen2_moe", "glm4_moe", "deepseek_v3",
+       "glm4_moe_lite")  # mixtures of experts
+DENSE_FIRST = ("glm4_moe", "deepseek_v3", "glm4_moe_lite")  # mixtures of experts whose first layer is dense
 LINEAR_ATTENTION = ("qwen3_5_text", "qwen3_5", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")  # some layers (0, 2)
 _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 _CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -55,7 +58,8 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "gpt_oss": "GptOssConfig", "qwen2_moe": "Qwen2MoeConfig", "lfm2": "Lfm2Config",
                "granitemoehybrid": "GraniteMoeHybridConfig", "cohere": "CohereConfig", "stablelm": "StableLmConfig",
                "phi": "PhiConfig", "qwen2_vl_text": "Qwen2VLTextConfig", "qwen2_5_vl_text": "Qwen2_5_VLTextConfig", "qwen3_vl_text": "Qwen3VLTextConfig",
-               "qwen3_vl_moe_text": "Qwen3VLMoeTextConfig"}
+               "qwen3_vl_moe_text": "Qwen3VLMoeTextConfig", "glm4_moe": "Glm4MoeConfig",
+               "deepseek_v3": "DeepseekV3Config", "glm4_moe_lite": "Glm4MoeLiteConfig"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
@@ -67,6 +71,16 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
         dims.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden)  # an MLP as wide as the hidden state
     if family in ("qwen3_next", "qwen3_5_moe_text", "qwen2_moe"):  # and a shared expert
         dims.update(shared_expert_intermediate_size=hidden)
+    if family in ("glm4_moe", "deepseek_v3", "glm4_moe_lite"):  # a dense layer, then 4 experts of 2 per token beside a
+        dims.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden, n_shared_experts=1,  # shared
+                    first_k_dense_replace=1, n_group=1, topk_group=1)  # one
+    if family == "glm4_moe":  # q and k normed
+        dims.update(use_qk_norm=True)
+    if family in ("deepseek_v3", "glm4_moe_lite"):  # multi-head latent attention: queries and keys-values through
+        dims.pop("head_dim", None)
+        dims.update(num_key_value_heads=2)  # as many as the heads: its keys are per head
+        dims.update(q_lora_rank=hidden // 2, kv_lora_rank=hidden // 2, qk_rope_head_dim=4, qk_nope_head_dim=hidden // 4,
+                    v_head_dim=hidden // 2)  # low-rank projections
     if family == "gpt_oss":  # 4 experts of 2 per token (fused, with biases), sliding and full attention alternating
         dims.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=hidden, head_dim=hidden // 2,
                     sliding_window=4)
@@ -180,6 +194,25 @@ def build_tiny(family: str, path: str | Path, *, seed: int = 0, num_layers: int 
     if tokenizer:
         save_tokenizer(path, vocab)
     return path
+
+
+def add_mtp_layer(path: str | Path, seed: int = 0) -> Path:
+    """Gives the model at `path` (GLM-4.5, DeepSeek-V3) a multi-token-prediction layer as the hub's checkpoints hold it,
+    numbered num_hidden_layers (transformers saves none): a decoder layer like the last one, random, beside its own
+    tensors (enorm, hnorm, eh_proj, shared_head) and a copy of the embeddings."""
+    md = ModelDir.open(path)
+    n, last = md.num_layers, md.layer_tensor_names(md.num_layers - 1)
+    hidden, vocab = md.shape("model.embed_tokens.weight")[::-1]
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {**{md.arch.rename_layer(name, n): md.shape(name) for name in last},
+              **{f"model.layers.{n}.{k}.weight": (hidden,) for k in ("enorm", "hnorm", "shared_head.norm")},
+              f"model.layers.{n}.eh_proj.weight": (hidden, 2 * hidden), f"model.layers.{n}.embed_tokens.weight": (vocab, hidden),
+              f"model.layers.{n}.shared_head.head.weight": (vocab, hidden)}
+    tensors = {**{name: md.get(name) for name in md.tensor_names},
+               **{name: 0.1 * torch.randn(shape, generator=gen) for name, shape in shapes.items()}}
+    md.close()
+    save_file(tensors, Path(path) / "model.safetensors", metadata={"format": "pt"})
+    return Path(path)
 
 
 def make_variants(base: str | Path, root: str | Path, n: int = 2, *, seed: int = 0, scale: float = 0.02) -> list[Path]:

@@ -74,6 +74,15 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
                                     f"pass --allow-nonfinite to merge anyway", source=source, key="models")
     chat_template = (pick_chat_template(stage.chat_template, dirs, dirs.get(plan.tokenizer_from), source)
                      if stage and stage.chat_template else None)
+    template = dirs[plan.config_from]
+    try:
+        config = template.arch.set_num_layers(dict(template.config), plan.num_layers,
+                                              source_layers=plan.source_layers or recipe.source_layers())
+    except EvomergeError as err:
+        raise EvomergeError(err.message, source=source, key=err.key) from None
+    if template.past_layers and not any((template.arch.layer_of(t.out_name) or 0) >= plan.num_layers for t in plan.tasks):
+        plan.warnings.append(f"the layers of {plan.config_from} past its last (multi-token prediction) are left out: "
+                             f"not every model merged into them has them")
     sources = by_token(LazySources(dirs, device, compute_dtype), stage, plan.tokenizer_from, source)  # models/vocab.py
     rows, compiled = None, CompiledMethods() if compile else None
     with ModelWriter(out_dir, max_shard_bytes=out_shard_bytes, force=force) as writer:
@@ -82,9 +91,6 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
             if task.vocab:
                 rows = tensor.shape[0] if rows is None else min(rows, tensor.shape[0])
             writer.add(task.out_name, tensor.to(out_dtype or tensor.dtype).cpu())
-        template = dirs[plan.config_from]
-        config = template.arch.set_num_layers(dict(template.config), plan.num_layers,
-                                              source_layers=plan.source_layers or recipe.source_layers())
         if rows is not None:  # the embeddings' rows: the common block of differing vocabularies, or tokenizer_source's
             config = template.arch.with_text_settings(config, {**template.arch.text_settings(config), "vocab_size": rows})
         if out_dtype is not None:

@@ -217,6 +217,14 @@ def stage_layout(stage: MergeStage, dirs: dict[str, ModelDir], source: str) -> L
                 for name in names])
     arch.check_layers_stay([(k, arch.layer_of(name)) for k, layer in enumerate(layers) for _, name in layer[0].inputs],
                            template.num_layers, source, "slices")
+    # layers past num_layers (multi-token prediction) follow the last slice's layers, where each of its sources has them
+    last, sources = len(slices) - 1, slices[-1].sources
+    have = [set(dirs[s.model].tensor_names) for s in sources] if template.past_layers else []
+    for name in template.past_layers:
+        k = arch.layer_of(name) - template.num_layers
+        inputs = tuple((j, arch.rename_layer(name, dirs[s.model].num_layers + k)) for j, s in enumerate(sources))
+        if all(n in names for (_, n), names in zip(inputs, have)):
+            head.append(_Slot(arch.rename_layer(name, len(layers) + k), last, inputs, 0.0, arch.is_vocab_tensor(name)))
     return head, layers
 
 
@@ -283,9 +291,17 @@ def plan_recipe(recipe: Recipe, dirs: dict[str, ModelDir], source: str = "<recip
         return [TensorTask(n, "passthrough", None, ((slot.source, n),), (("scale", (1.0,)),), arch.is_vocab_tensor(n))
                 for n in names if n in dirs[slot.source].tensor_names]
 
+    def past_layers(slot: LayerSlot) -> list[TensorTask]:
+        """The layers past its source's last (multi-token prediction), renumbered after the path's."""
+        d = dirs[config_from if slot.source == MERGED else slot.source]
+        found = outside(slot, list(merged_head) if slot.source == MERGED else d.past_layers)
+        first = len(merged_layers) if slot.source == MERGED else d.num_layers
+        return [replace(t, out_name=arch.rename_layer(t.out_name, len(recipe.layers) + arch.layer_of(t.out_name) - first))
+                for t in found if arch.layer_of(t.out_name) is not None]
+
     names = [n for n in dirs[config_from].tensor_names if arch.layer_of(n) is None]
     head = outside(recipe.layers[0], [n for n in names if arch.is_pre_layer(n)]) + \
-        outside(recipe.layers[-1], [n for n in names if not arch.is_pre_layer(n)])
+        outside(recipe.layers[-1], [n for n in names if not arch.is_pre_layer(n)]) + past_layers(recipe.layers[-1])
     factors = fold_hidden_scales(recipe.layers)
     if any(f != 1 for f in factors) and not arch.output_projections:
         warnings.append(f"hidden-state scales cannot be folded exactly into {arch.name} weights; written unscaled")

@@ -36,7 +36,7 @@ class Architecture:
     # `model.layers`); a written layer path needs no such thing
     live_layer_paths: bool = False
     # config keys holding one entry per layer (e.g. sliding vs full attention); they follow the layers when the stack changes
-    per_layer_keys: tuple[str, ...] = ("layer_types",)
+    per_layer_keys: tuple[str, ...] = ("layer_types", "mlp_layer_types")
     # (regex, replacement) from checkpoint names to the live transformers module, where transformers renames on load
     live_renames: tuple[tuple[str, str], ...] = ()
     # (regex, replacement, chunk, chunks): a mixture of experts' per-expert checkpoint tensors, which the live module
@@ -142,6 +142,14 @@ class Architecture:
             out.update(mlp_only_layers=[j for j, i in enumerate(source_layers) if i in dense], decoder_sparse_step=1)
         if source_layers is not None and isinstance(settings.get("full_attn_idxs"), list):  # LFM2's attention layers
             out["full_attn_idxs"] = [j for j, i in enumerate(source_layers) if i in settings["full_attn_idxs"]]
+        if source_layers is not None and isinstance(settings.get("first_k_dense_replace"), int):  # GLM-4.5, DeepSeek-V3:
+            dense = [i < settings["first_k_dense_replace"] for i in source_layers]  # the first k layers' MLPs are dense
+            out["first_k_dense_replace"] = dense.index(False) if False in dense else n
+            if True in dense[out["first_k_dense_replace"]:] and not isinstance(out.get("mlp_layer_types"), list):
+                j = dense.index(True, out["first_k_dense_replace"])
+                raise EvomergeError(f"{self.name} cannot have a dense-MLP layer after a mixture-of-experts one (its config "
+                                    f"counts its first dense layers, first_k_dense_replace); this writes dense layer "
+                                    f"{source_layers[j]} as layer {j}", key="layers")
         return self.with_text_settings(config, out)
 
     def with_text_settings(self, config: dict, settings: dict) -> dict:
@@ -292,6 +300,15 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                               (r"\.block_sparse_moe\.router\.layer\.", ".block_sparse_moe.router."))),
     _llama_like("gpt_oss", "GptOssForCausalLM",  # experts fused in its checkpoints too, with biases; attention sinks
                 output_projections=r"\.(self_attn\.o_proj\.(weight|bias)|mlp\.experts\.down_proj(_bias)?)$"),
+    # GLM-4.5 to 4.7 and DeepSeek-V3 (R1, V3.1; Kimi-K2): dense first layers, then experts beside shared ones; their
+    # hub checkpoints hold a multi-token-prediction layer past num_hidden_layers (merged as the layers' successor)
+    *(_llama_like(name, architecture, vocab=r"model\.(layers\.\d+\.)?embed_tokens\.weight|lm_head\.weight|"
+                                          r"model\.layers\.\d+\.shared_head\.head\.weight",
+                  output_projections=r"\.(self_attn\.o_proj|mlp\.(shared_experts\.)?down_proj|mlp\.experts\.\d+\.down_proj)"
+                                     r"\.weight$|\.mlp\.experts\.down_proj$",
+                  live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj"))
+      for name, architecture in (("glm4_moe", "Glm4MoeForCausalLM"), ("deepseek_v3", "DeepseekV3ForCausalLM"),
+                                 ("glm4_moe_lite", "Glm4MoeLiteForCausalLM"))),  # 4.7-Flash: DeepSeek-V3's attention
     _llama_like("qwen3_next", "Qwen3NextForCausalLM", **_QWEN3_5_MOE,  # its dense layers as Qwen3-MoE's
                 live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj")),
     _llama_like("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", **_QWEN3_5_MOE,

@@ -235,6 +235,13 @@ class ModelDir:
         return [n for n in self.tensor_names if self.arch.layer_of(n) == layer]
 
     @property
+    def past_layers(self) -> list[str]:
+        """Tensors of layers numbered past num_layers: a multi-token-prediction layer (GLM-4.5, DeepSeek-V3), which
+        follows the layers and which transformers does not load."""
+        n = self.num_layers
+        return [name for name in self.tensor_names if (self.arch.layer_of(name) or 0) >= n]
+
+    @property
     def has_tokenizer(self) -> bool:
         return any((self.path / f).is_file() for f in VOCAB_FILES)
 

@@ -58,7 +58,7 @@ def check_space(experiment: Experiment, source: str, *, headers_only: bool = Fal
                 detail = f"{model}: {err.message}" if err.source == model else str(err)  # the model named once
                 raise EvomergeError(detail, source=source, key=_model_key(config, model)) from None
         if config.kind == "dfs":
-            _check_layer_paths(config, dirs[models[0]].arch, source)
+            _check_layer_paths(config, dirs[models[0]], source)
         if getattr(config, "split", None):
             _check_split(config, dirs[models[0]], source)
         num_layers = {model: d.num_layers for model, d in dirs.items()}
@@ -124,15 +124,21 @@ def _start_at(space, base, optimizer: str, source: str) -> list[str]:
             f"nearest one ({', '.join(clipped[:4])}{', ...' if len(clipped) > 4 else ''})"] if clipped else []
 
 
-def _check_layer_paths(config, arch, source: str) -> None:
-    """A data-flow search runs its paths on live models of a family that has them, and searches hidden-state scales
-    only where the written model can hold them (folded into the output projections)."""
+def _check_layer_paths(config, model_dir, source: str) -> None:
+    """A data-flow search runs its paths on live models of a family that has them, whose written paths its config can
+    describe, and searches hidden-state scales only where the written model can hold them (folded into the output
+    projections)."""
     from evomerge.models.architectures import ARCHITECTURES
 
+    arch, settings = model_dir.arch, model_dir.arch.text_settings(model_dir.config)
     if not arch.live_layer_paths:
         families = ", ".join(a.name for a in ARCHITECTURES if a.live_layer_paths)
         raise EvomergeError(f"a data-flow search runs layer paths on {families} models, not {arch.name}",
                             source=source, key="space.kind")
+    if settings.get("first_k_dense_replace") and not isinstance(settings.get("mlp_layer_types"), list):
+        raise EvomergeError(f"a data-flow search over {arch.name} models would try paths that put one of their first "
+                            f"{settings['first_k_dense_replace']} (dense-MLP) layers after a layer of experts, which their "
+                            f"config cannot describe (first_k_dense_replace)", source=source, key="space.kind")
     if config.scale != "none" and not arch.output_projections:
         raise EvomergeError(f"hidden-state scales cannot be folded into {arch.name} weights (the winner would be written "
                             f"without them); use scale: none", source=source, key="space.scale")
