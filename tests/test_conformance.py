@@ -16,6 +16,7 @@ import torch
 
 pytest.importorskip("mergekit")
 
+from evomerge.errors import EvomergeError  # noqa: E402
 from evomerge.export import export_text  # noqa: E402
 from evomerge.models.architectures import architecture_for  # noqa: E402
 from evomerge.recipe import LayerSlot, Recipe  # noqa: E402
@@ -259,6 +260,16 @@ def test_a_multi_token_prediction_layer_s_rows_follow_the_tokens(tmp_path):
     assert mtp_rows <= set(ours)
     for name in VOCAB_ROWS & set(ours) | mtp_rows:
         torch.testing.assert_close(ours[name], (a_tensors[name] + unswapped[name]) / 2, atol=1e-6, rtol=1e-6)
+    # a `tokens` setting that takes its row from a model without the layer (here the first slice's) is one line naming
+    # the recipe, and nothing is written
+    plain = build_tiny("glm4_moe", tmp_path / "plain", num_layers=2, hidden=32, seed=1)
+    recipe = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(plain), "layer_range": [0, 1]}]},
+                                                        {"sources": [{"model": str(a), "layer_range": [1, 2]}]}],
+              "tokenizer": {"source": str(a), "tokens": {"x": {"source": str(plain)}}}}
+    with pytest.raises(EvomergeError, match=rf"^{tmp_path}/slices.yaml: tokens: {plain} has no "
+                                            r"model\.layers\.2\.embed_tokens\.weight, which a setting takes a row of$"):
+        run_evomerge(write_config(tmp_path / "slices.yaml", "passthrough", recipe), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 def differing_tokenizers(tmp_path: Path, family: str = "llama") -> tuple[Path, Path, Path]:

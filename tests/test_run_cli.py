@@ -400,8 +400,8 @@ def test_a_multi_token_prediction_layer_follows_the_layers_it_was_trained_after(
     (tmp_path / "mixed.yaml").write_text(yaml.safe_dump({"merge_method": "linear", "models": [
         {"model": str(base), "parameters": {"weight": 0.5}}, {"model": str(plain), "parameters": {"weight": 0.5}}]}))
     result = run("merge", tmp_path / "mixed.yaml", tmp_path / "mixed_out")
-    assert result.exit_code == 0 and f"warning: the layers of {base} past its last (multi-token prediction) are left " \
-        "out: not every model merged into them has them" in result.output, result.output
+    assert result.exit_code == 0 and f"warning: the multi-token-prediction layer past the last of {base} is left out: " \
+        "it follows the last slice's (or slot's) models, which do not all have one" in result.output, result.output
     assert not any(name.startswith("model.layers.3.") for name in tensors(tmp_path / "mixed_out"))
 
 

@@ -80,9 +80,10 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
                                               source_layers=plan.source_layers or recipe.source_layers())
     except EvomergeError as err:
         raise EvomergeError(err.message, source=source, key=err.key) from None
-    if template.past_layers and not any((template.arch.layer_of(t.out_name) or 0) >= plan.num_layers for t in plan.tasks):
-        plan.warnings.append(f"the layers of {plan.config_from} past its last (multi-token prediction) are left out: "
-                             f"not every model merged into them has them")
+    holding = [name for name, d in dirs.items() if d.past_layers]
+    if holding and not any((template.arch.layer_of(t.out_name) or 0) >= plan.num_layers for t in plan.tasks):
+        plan.warnings.append(f"the multi-token-prediction layer past the last of {', '.join(holding)} is left out: it "
+                             f"follows the last slice's (or slot's) models, which do not all have one")
     sources = by_token(LazySources(dirs, device, compute_dtype), stage, plan.tokenizer_from, source)  # models/vocab.py
     rows, compiled = None, CompiledMethods() if compile else None
     with ModelWriter(out_dir, max_shard_bytes=out_shard_bytes, force=force) as writer:

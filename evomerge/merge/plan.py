@@ -219,9 +219,10 @@ def stage_layout(stage: MergeStage, dirs: dict[str, ModelDir], source: str) -> L
                            template.num_layers, source, "slices")
     # layers past num_layers (multi-token prediction) follow the last slice's layers, where each of its sources has them
     last, sources = len(slices) - 1, slices[-1].sources
-    have = [set(dirs[s.model].tensor_names) for s in sources] if template.past_layers else []
-    for name in template.past_layers:
-        k = arch.layer_of(name) - template.num_layers
+    reference = dirs[sources[0].model]
+    have = [set(dirs[s.model].tensor_names) for s in sources] if reference.past_layers else []
+    for name in reference.past_layers:
+        k = arch.layer_of(name) - reference.num_layers
         inputs = tuple((j, arch.rename_layer(name, dirs[s.model].num_layers + k)) for j, s in enumerate(sources))
         if all(n in names for (_, n), names in zip(inputs, have)):
             head.append(_Slot(arch.rename_layer(name, len(layers) + k), last, inputs, 0.0, arch.is_vocab_tensor(name)))

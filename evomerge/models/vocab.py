@@ -115,12 +115,12 @@ class TokenAlignedSources:
     tensors of one name are made together, on the first `get` of that name, and kept until another name is asked."""
 
     def __init__(self, inner: Sources, target, ids: dict[str, dict[str, int]], base: str | None, *, built: bool = False,
-                 settings: list[TokenRow] = (), pad_to_multiple_of: int | None = None):
+                 settings: list[TokenRow] = (), pad_to_multiple_of: int | None = None, source: str = "<recipe>"):
         """`target`: the transformers tokenizer the merged model ships (`built`: made here, a union, so written);
         `ids`: each model's token -> id; `settings`: the recipe's rows of chosen tokens; `pad_to_multiple_of`: rows
-        past the tokenizer's up to a multiple of it, each the mean of the rows (mergekit's)."""
+        past the tokenizer's up to a multiple of it, each the mean of the rows (mergekit's); `source`: the recipe."""
         self.inner, self.dirs, self.base, self.tokenizer, self.built = inner, inner.dirs, base, target, built
-        self.settings, self.pad = settings, pad_to_multiple_of
+        self.settings, self.pad, self.source = settings, pad_to_multiple_of, source
         vocab = target.get_vocab()
         self.size = max(vocab.values()) + 1
         self.forced = torch.zeros(self.size, dtype=torch.bool)
@@ -152,7 +152,8 @@ class TokenAlignedSources:
             stand_in = torch.where(present[self.base], own[self.base], stand_in)
         for setting in self.settings:  # the recipe's `tokens`
             if setting.model is not None and setting.model not in tensors:
-                raise EvomergeError(f"tokens: {setting.model} has no {name}, which its setting takes a row of")
+                raise EvomergeError(f"{setting.model} has no {name}, which a setting takes a row of", source=self.source,
+                                    key="tokens")
             stand_in[setting.token] = tensors[setting.model][setting.row] if setting.model is not None else 0
         forced = self.forced.to(stand_in.device).view(column)
         aligned = {m: torch.where(present[m] & ~forced, own[m], stand_in) for m in tensors}
@@ -175,7 +176,7 @@ def by_token(sources: Sources, stage: MergeStage | None, tokenizer_from: str | N
     ids = {m: t.get_vocab() for m, t in tokenizers.items()}
     return TokenAlignedSources(sources, target, ids, stage.base_model, built=union,
                                settings=token_rows(stage, target.get_vocab(), ids, sources.dirs, source),
-                               pad_to_multiple_of=stage.pad_to_multiple_of)
+                               pad_to_multiple_of=stage.pad_to_multiple_of, source=source)
 
 
 def write_tokenizer(writer: ModelWriter, model_dir: ModelDir, sources: Sources, rows: int | None) -> list[str]:
