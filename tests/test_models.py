@@ -70,13 +70,17 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "glm4_moe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "deepseek_v3": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "glm4_moe_lite": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "llama4_text": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "llama4": ({"language_model.model.embed_tokens.weight"}, {"language_model.model.norm.weight",
+                                                              "language_model.lm_head.weight"}),
 }
 VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "lm_head.bias", "transformer.wte.weight", "gpt_neox.embed_in.weight",
-         "embed_out.weight", "language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight"}
+         "embed_out.weight", "language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
+         "language_model.lm_head.weight"}
 TIED = {"gemma", "gemma2", "gemma3_text", "gemma3", "gpt2", "cohere2", "starcoder2", "smollm3", "ernie4_5", "mistral3",
         "gemma4_text", "gemma4", "lfm2", "cohere"}
 BRANCH_NORMED = {"gemma2", "gemma3_text", "gemma3", "olmo2", "glm4", "olmo3", "exaone4", "gemma4_text", "gemma4"}  # norm each branch's output: no output projection folds a scale
-NOT_TEXT = r"vision_tower\.|multi_modal_projector\.|(model\.)?visual\.|model\.(vision_tower|audio_tower|embed_vision|embed_audio)\."  # an image-text model's other parts
+NOT_TEXT = r"vision_tower\.|vision_model\.|multi_modal_projector\.|(model\.)?visual\.|model\.(vision_tower|audio_tower|embed_vision|embed_audio)\."  # an image-text model's other parts
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +122,16 @@ def test_naming_table_matches_the_checkpoint(tiny, family):
     assert {arch.layer_of(n) for n in layer_names} == set(range(LAYERS))
     for name in layer_names:  # renaming moves a tensor onto another layer's slot, which exists (of the same kind)
         renamed = arch.rename_layer(name, 2)
-        dense = family in DENSE_FIRST and arch.layer_of(name) == 0 and ".mlp." in name  # layer 0's MLP only
+        dense = family in DENSE_FIRST and arch.layer_of(name) == 0 and ".mlp." in name  # layer 0's MLP only; Llama 4's
+        dense = dense or family.startswith("llama4") and arch.layer_of(name) == 1 and ".feed_forward." in name  # experts:
+        # layer 1's only
         full_attention = family in (*LINEAR_ATTENTION, "lfm2", "granitemoehybrid") and ".self_attn." in name  # layer 1
         # only; 0, 2 attend linearly (LFM2's by a short convolution, Granite-4's by Mamba-2)
         kv_shared = family.startswith("gemma4") and re.search(r"\.(k_proj|v_proj|k_norm)\.", name)  # layer 2 has none
         assert arch.layer_of(renamed) == 2 and (renamed in md) != bool(full_attention or kv_shared or dense)
         assert arch.rename_layer(renamed, arch.layer_of(name)) == name
-    assert arch.tied_embeddings(md.config) == (family in TIED) == ("lm_head.weight" not in md and family != "gpt_neox")
+    head = [n for n in md.tensor_names if n.endswith("lm_head.weight") or n == "embed_out.weight"]  # GPT-NeoX's
+    assert arch.tied_embeddings(md.config) == (family in TIED) == (not head)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -155,7 +162,8 @@ EPS_KEY = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "cohere2"
 
 # mixtures of experts whose layer 1 is a dense MLP
 DENSE_LAYER_1 = {"qwen3_moe": {"mlp_only_layers": [1]}, "qwen3_next": {"mlp_only_layers": [1]},
-                 "qwen2_moe": {"mlp_only_layers": [1]}, **dict.fromkeys(DENSE_FIRST, {"first_k_dense_replace": 2})}
+                 "qwen2_moe": {"mlp_only_layers": [1]}, **dict.fromkeys(DENSE_FIRST, {"first_k_dense_replace": 2}),
+                 "llama4_text": {"interleave_moe_layer_step": 4}}
 
 
 @pytest.mark.parametrize("family, dense", [(f, False) for f in sorted(set(FAMILIES) - BRANCH_NORMED)]
@@ -293,6 +301,30 @@ def test_a_layer_path_keeps_the_dense_first_layers_of_glm_and_deepseek_first(tmp
     merge_to_dir(recipe, tmp_path / "out2", progress=False)
     assert json.loads((tmp_path / "out2" / "config.json").read_text())["mlp_layer_types"] == ["sparse", "dense", "sparse"]
     _loads_as_its_sources(tmp_path / "out2", base, slots)
+
+
+def test_a_layer_path_over_llama4_lists_its_expert_and_nope_layers_anew(tmp_path):
+    """Llama 4 builds its experts every interleave_moe_layer_step-th layer (`moe_layers`) and attends without rotary
+    embeddings, over all tokens, every no_rope_layer_interval-th (`no_rope_layers`); both default from those steps. A
+    written path lists both anew from its source layers, so the model transformers loads is the path the search ran
+    (the same logits as the live path model) with every tensor in place."""
+    from evomerge.merge.materialize import merge_to_dir
+    from evomerge.recipe import LayerSlot, Recipe
+    from evomerge.run.path_model import build_path_model, decoder_layers
+
+    base = build_tiny("llama4_text", tmp_path / "base", num_layers=4, hidden=32, dtype=torch.float64,
+                      rms_norm_eps=1e-12)  # experts in 1, 3; layer 3 NoPE
+    slots = [3, 0, 1, 3, 2]
+    merge_to_dir(Recipe(layers=[LayerSlot(source=str(base), layer=i) for i in slots]), tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["moe_layers"], config["no_rope_layers"]) == ([0, 2, 3], [0, 1, 1, 0, 1])
+    _loads_as_its_sources(tmp_path / "out", base, slots)
+    live = load_live_model(base, dtype=torch.float64)
+    path = build_path_model(live, {"base": decoder_layers(live)}, [("base", i, 1.0) for i in slots])
+    tokens = torch.randint(4, 60, (2, 9))  # longer than a chunk (4): chunked and full attention differ
+    with torch.no_grad():
+        torch.testing.assert_close(load_live_model(tmp_path / "out", dtype=torch.float64)(tokens).logits,
+                                   path(tokens).logits, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

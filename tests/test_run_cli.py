@@ -311,7 +311,8 @@ def test_a_search_over_image_text_models_scores_and_writes_them(tmp_path, family
             save_file({**shard, **head}, model / "model.safetensors", metadata={"format": "pt"})
     split = {"gemma3": "attn_mlp", "mistral3": ["self_attn", "mlp"], "qwen3_5": ["self_attn", "linear_attn", "mlp"],
              "qwen3_5_moe": ["self_attn", "linear_attn", "mlp"], "gemma4": "attn_mlp", "qwen2_vl": ["self_attn", "mlp"],
-             "qwen2_5_vl": ["self_attn", "mlp"], "qwen3_vl": ["self_attn", "mlp"], "qwen3_vl_moe": ["self_attn", "mlp"]}
+             "qwen2_5_vl": ["self_attn", "mlp"], "qwen3_vl": ["self_attn", "mlp"], "qwen3_vl_moe": ["self_attn", "mlp"],
+             "llama4": ["self_attn", "feed_forward"]}
     doc = {"name": "image_text", "seed": 0,
            "space": {"kind": "ps", "method": "linear", "models": [str(m) for m in models], "search": ["weight"],
                      "layer_groups": 3, "split": split[family], "bounds": {"weight": [0.0, 1.0]}},

@@ -22,9 +22,9 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
             "gpt_neox", "qwen3_moe", "mixtral", "granite", "arcee", "cohere2", "glm4", "starcoder2", "olmo3", "exaone4",
             "smollm3", "seed_oss", "apertus", "ernie4_5", "hunyuan_v1_dense", "qwen3_5_text", "mistral3", "qwen3_5",
             "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gpt_oss", "qwen2_moe", "lfm2", "qwen3_vl_moe", "granitemoehybrid", "cohere", "stablelm", "phi",
-            "glm4_moe", "deepseek_v3", "glm4_moe_lite")
+            "glm4_moe", "deepseek_v3", "glm4_moe_lite", "llama4_text", "llama4")
 IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",  # a text
-              "qwen3_vl_moe")
+              "qwen3_vl_moe", "llama4")
 # model (its family the key's) beside a
 # 2-layer vision tower
 MOE = ("qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "qwen2_moe", "glm4_moe", "deepseek_v3",
@@ -59,7 +59,7 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "granitemoehybrid": "GraniteMoeHybridConfig", "cohere": "CohereConfig", "stablelm": "StableLmConfig",
                "phi": "PhiConfig", "qwen2_vl_text": "Qwen2VLTextConfig", "qwen2_5_vl_text": "Qwen2_5_VLTextConfig", "qwen3_vl_text": "Qwen3VLTextConfig",
                "qwen3_vl_moe_text": "Qwen3VLMoeTextConfig", "glm4_moe": "Glm4MoeConfig",
-               "deepseek_v3": "DeepseekV3Config", "glm4_moe_lite": "Glm4MoeLiteConfig"}
+               "deepseek_v3": "DeepseekV3Config", "glm4_moe_lite": "Glm4MoeLiteConfig", "llama4_text": "Llama4TextConfig"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
@@ -74,6 +74,10 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
     if family in ("glm4_moe", "deepseek_v3", "glm4_moe_lite"):  # a dense layer, then 4 experts of 2 per token beside a
         dims.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden, n_shared_experts=1,  # shared
                     first_k_dense_replace=1, n_group=1, topk_group=1)  # one
+    if family == "llama4_text":  # experts (4, 1 per token, beside a shared one) in every other layer, from layer 1;
+        dims.update(num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,  # the others dense; every
+                    intermediate_size=hidden, intermediate_size_mlp=2 * hidden, head_dim=hidden // 2,  # 4th layer
+                    attention_chunk_size=4)  # NoPE with full attention, the others chunked
     if family == "glm4_moe":  # q and k normed
         dims.update(use_qk_norm=True)
     if family in ("deepseek_v3", "glm4_moe_lite"):  # multi-head latent attention: queries and keys-values through
@@ -124,6 +128,12 @@ def _image_text_config(family: str, num_layers: int, hidden: int, vocab: int, **
         return transformers.Gemma3Config(text_config=_config("gemma3_text", **text), vision_config=vision,
                                          mm_tokens_per_image=4, boi_token_index=vocab - 3, eoi_token_index=vocab - 2,
                                          image_token_index=vocab - 1)
+    if family == "llama4":
+        vision = transformers.Llama4VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=16,
+                                                 projector_input_dim=16, projector_output_dim=hidden)
+        return transformers.Llama4Config(text_config=_config("llama4_text", **text).to_dict(),
+                                         vision_config=vision.to_dict(), image_token_index=vocab - 1)
     if family == "mistral3":
         vision = transformers.PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                                   num_attention_heads=2, head_dim=8, image_size=28, patch_size=14)

@@ -142,6 +142,14 @@ class Architecture:
             out.update(mlp_only_layers=[j for j, i in enumerate(source_layers) if i in dense], decoder_sparse_step=1)
         if source_layers is not None and isinstance(settings.get("full_attn_idxs"), list):  # LFM2's attention layers
             out["full_attn_idxs"] = [j for j, i in enumerate(source_layers) if i in settings["full_attn_idxs"]]
+        if source_layers is not None and "interleave_moe_layer_step" in settings:  # Llama 4: experts and NoPE layers
+            listed = {key: settings.get(key) or default for key, default in (  # listed, or transformers' defaults
+                ("moe_layers", range((settings["interleave_moe_layer_step"] or 1) - 1, self.num_layers(config),
+                                     settings["interleave_moe_layer_step"] or 1)),
+                ("no_rope_layers", [int((i + 1) % (settings.get("no_rope_layer_interval") or 4) != 0)
+                                    for i in range(self.num_layers(config))]))}
+            out.update(moe_layers=[j for j, i in enumerate(source_layers) if i in listed["moe_layers"]],
+                       no_rope_layers=[listed["no_rope_layers"][i] for i in source_layers])
         if source_layers is not None and isinstance(settings.get("first_k_dense_replace"), int):  # GLM-4.5, DeepSeek-V3:
             dense = [i < settings["first_k_dense_replace"] for i in source_layers]  # the first k layers' MLPs are dense
             out["first_k_dense_replace"] = dense.index(False) if False in dense else n
@@ -240,6 +248,10 @@ _GEMMA4 = dict(tied=True, mlp=r"\.(mlp|experts|router)\.", output_projections=""
                             "layers reuse earlier layers' keys and values")
 _GEMMA4_PRE = r"embed_tokens(_per_layer)?\.weight|per_layer_model_projection\.weight|per_layer_projection_norm\.weight"
 
+_LLAMA4 = dict(mlp=r"\.(feed_forward|layers\.\d+\.mlp)\.",  # (its vision tower's layers': mlp)
+               output_projections=r"\.(self_attn\.o_proj\.weight|feed_forward\.((shared_expert\.)?down_proj\.weight|"
+                                  r"experts\.down_proj))$")
+
 ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("llama", "LlamaForCausalLM"),
     _llama_like("mistral", "MistralForCausalLM"),
@@ -309,6 +321,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                   live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj"))
       for name, architecture in (("glm4_moe", "Glm4MoeForCausalLM"), ("deepseek_v3", "DeepseekV3ForCausalLM"),
                                  ("glm4_moe_lite", "Glm4MoeLiteForCausalLM"))),  # 4.7-Flash: DeepSeek-V3's attention
+    # Llama 4: experts every interleave_moe_layer_step-th layer (fused in its checkpoints, [experts, in, out]) beside a
+    # shared expert, dense MLPs elsewhere; every no_rope_layer_interval-th layer attends without rotary embeddings
+    _llama_like("llama4_text", "Llama4ForCausalLM", **_LLAMA4),
     _llama_like("qwen3_next", "Qwen3NextForCausalLM", **_QWEN3_5_MOE,  # its dense layers as Qwen3-MoE's
                 live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj")),
     _llama_like("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", **_QWEN3_5_MOE,
@@ -323,6 +338,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _image_text("gemma4", "Gemma4ForConditionalGeneration", text=r"model\.language_model",
                 vision_layers=r"(model\.(?:vision_tower\.encoder|audio_tower)\.layers\.)(\d+)\.", **_GEMMA4,
                 pre=rf"model\.language_model\.({_GEMMA4_PRE})"),
+    _image_text("llama4", "Llama4ForConditionalGeneration", tied=False,  # Llama 4 Scout, Maverick
+                vision_layers=r"(vision_model\.model\.layers\.)(\d+)\.", mlp=_LLAMA4["mlp"],
+                output_projections=rf"^{_TEXT_MODEL}\.layers\.\d+{_LLAMA4['output_projections']}"),  # not the vision's
     _image_text("mistral3", "Mistral3ForConditionalGeneration", tied=True,  # Mistral Small 3.x, Ministral 3
                 vision_layers=r"((?:model\.)?vision_tower\.transformer\.layers\.)(\d+)\.",
                 mlp=r"\.(mlp|feed_forward)\.", output_projections=_LLAMA_OUT,
