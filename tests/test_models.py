@@ -71,6 +71,7 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "deepseek_v3": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "glm4_moe_lite": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "llama4_text": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "afmoe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "llama4": ({"language_model.model.embed_tokens.weight"}, {"language_model.model.norm.weight",
                                                               "language_model.lm_head.weight"}),
 }
@@ -79,7 +80,8 @@ VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "lm_head.bias", "transfo
          "language_model.lm_head.weight"}
 TIED = {"gemma", "gemma2", "gemma3_text", "gemma3", "gpt2", "cohere2", "starcoder2", "smollm3", "ernie4_5", "mistral3",
         "gemma4_text", "gemma4", "lfm2", "cohere"}
-BRANCH_NORMED = {"gemma2", "gemma3_text", "gemma3", "olmo2", "glm4", "olmo3", "exaone4", "gemma4_text", "gemma4"}  # norm each branch's output: no output projection folds a scale
+BRANCH_NORMED = {"gemma2", "gemma3_text", "gemma3", "olmo2", "glm4", "olmo3", "exaone4", "gemma4_text", "gemma4",
+                 "afmoe"}  # norm each branch's output: no output projection folds a scale
 NOT_TEXT = r"vision_tower\.|vision_model\.|multi_modal_projector\.|(model\.)?visual\.|model\.(vision_tower|audio_tower|embed_vision|embed_audio)\."  # an image-text model's other parts
 
 
@@ -162,7 +164,7 @@ EPS_KEY = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "cohere2"
 
 # mixtures of experts whose layer 1 is a dense MLP
 DENSE_LAYER_1 = {"qwen3_moe": {"mlp_only_layers": [1]}, "qwen3_next": {"mlp_only_layers": [1]},
-                 "qwen2_moe": {"mlp_only_layers": [1]}, **dict.fromkeys(DENSE_FIRST, {"first_k_dense_replace": 2}),
+                 "qwen2_moe": {"mlp_only_layers": [1]}, **{f: {"first_k_dense_replace": 2} for f in DENSE_FIRST if f != "afmoe"},  # (AFMoE's branches are normed)
                  "llama4_text": {"interleave_moe_layer_step": 4}}
 
 
@@ -280,16 +282,18 @@ def _loads_as_its_sources(out: Path, base: Path, slots: list[int]) -> None:
 
 @pytest.mark.parametrize("family", DENSE_FIRST)
 def test_a_layer_path_keeps_the_dense_first_layers_of_glm_and_deepseek_first(tmp_path, family):
-    """GLM-4.5 and DeepSeek-V3 build their first `first_k_dense_replace` layers dense: a written path counts its dense
+    """GLM-4.5 and DeepSeek-V3 (AFMoE: `num_dense_layers`) build their first `first_k_dense_replace` layers dense: a
+    written path counts its dense
     layers anew where they stay first, and is refused (one line, before any tensor) where one follows a layer of
     experts. GLM-4.7-Flash's config lists each layer's kind (`mlp_layer_types`), which follows any path."""
     from evomerge.merge.materialize import merge_to_dir
     from evomerge.recipe import LayerSlot, Recipe
 
-    base = build_tiny(family, tmp_path / "base", num_layers=4, hidden=32, first_k_dense_replace=2)  # dense 0, 1
+    key = "num_dense_layers" if family == "afmoe" else "first_k_dense_replace"
+    base = build_tiny(family, tmp_path / "base", num_layers=4, hidden=32, **{key: 2})  # dense 0, 1
     slots = [1, 0, 0, 3, 2]
     merge_to_dir(Recipe(layers=[LayerSlot(source=str(base), layer=i) for i in slots]), tmp_path / "out", progress=False)
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["first_k_dense_replace"] == 3
+    assert json.loads((tmp_path / "out" / "config.json").read_text())[key] == 3
     _loads_as_its_sources(tmp_path / "out", base, slots)
     slots = [2, 0, 3]
     recipe = Recipe(layers=[LayerSlot(source=str(base), layer=i) for i in slots])

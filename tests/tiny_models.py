@@ -22,14 +22,14 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
             "gpt_neox", "qwen3_moe", "mixtral", "granite", "arcee", "cohere2", "glm4", "starcoder2", "olmo3", "exaone4",
             "smollm3", "seed_oss", "apertus", "ernie4_5", "hunyuan_v1_dense", "qwen3_5_text", "mistral3", "qwen3_5",
             "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gpt_oss", "qwen2_moe", "lfm2", "qwen3_vl_moe", "granitemoehybrid", "cohere", "stablelm", "phi",
-            "glm4_moe", "deepseek_v3", "glm4_moe_lite", "llama4_text", "llama4")
+            "glm4_moe", "deepseek_v3", "glm4_moe_lite", "llama4_text", "llama4", "afmoe")
 IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",  # a text
               "qwen3_vl_moe", "llama4")
 # model (its family the key's) beside a
 # 2-layer vision tower
 MOE = ("qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "qwen2_moe", "glm4_moe", "deepseek_v3",
-       "glm4_moe_lite")  # mixtures of experts
-DENSE_FIRST = ("glm4_moe", "deepseek_v3", "glm4_moe_lite")  # mixtures of experts whose first layer is dense
+       "glm4_moe_lite", "afmoe")  # mixtures of experts
+DENSE_FIRST = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "afmoe")  # mixtures of experts whose first layer is dense
 LINEAR_ATTENTION = ("qwen3_5_text", "qwen3_5", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")  # some layers (0, 2)
 _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 _CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -59,7 +59,8 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "granitemoehybrid": "GraniteMoeHybridConfig", "cohere": "CohereConfig", "stablelm": "StableLmConfig",
                "phi": "PhiConfig", "qwen2_vl_text": "Qwen2VLTextConfig", "qwen2_5_vl_text": "Qwen2_5_VLTextConfig", "qwen3_vl_text": "Qwen3VLTextConfig",
                "qwen3_vl_moe_text": "Qwen3VLMoeTextConfig", "glm4_moe": "Glm4MoeConfig",
-               "deepseek_v3": "DeepseekV3Config", "glm4_moe_lite": "Glm4MoeLiteConfig", "llama4_text": "Llama4TextConfig"}
+               "deepseek_v3": "DeepseekV3Config", "glm4_moe_lite": "Glm4MoeLiteConfig", "llama4_text": "Llama4TextConfig",
+               "afmoe": "AfmoeConfig"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
@@ -78,6 +79,9 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
         dims.update(num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,  # the others dense; every
                     intermediate_size=hidden, intermediate_size_mlp=2 * hidden, head_dim=hidden // 2,  # 4th layer
                     attention_chunk_size=4)  # NoPE with full attention, the others chunked
+    if family == "afmoe":  # a dense layer, then 4 experts of 2 per token beside a shared one; sliding and full
+        dims.update(num_dense_layers=1, num_experts=4, num_experts_per_tok=2, num_shared_experts=1,  # attention
+                    moe_intermediate_size=hidden, head_dim=hidden // 2, global_attn_every_n_layers=2, sliding_window=4)
     if family == "glm4_moe":  # q and k normed
         dims.update(use_qk_norm=True)
     if family in ("deepseek_v3", "glm4_moe_lite"):  # multi-head latent attention: queries and keys-values through

@@ -13,6 +13,7 @@ from typing import Literal
 from evomerge.errors import EvomergeError
 
 Block = Literal["attn", "mlp", "norm"]
+DENSE_COUNT_KEYS = ("first_k_dense_replace", "num_dense_layers")  # config keys counting a model's first dense layers
 
 
 @dataclass(frozen=True)
@@ -150,14 +151,16 @@ class Architecture:
                                     for i in range(self.num_layers(config))]))}
             out.update(moe_layers=[j for j, i in enumerate(source_layers) if i in listed["moe_layers"]],
                        no_rope_layers=[listed["no_rope_layers"][i] for i in source_layers])
-        if source_layers is not None and isinstance(settings.get("first_k_dense_replace"), int):  # GLM-4.5, DeepSeek-V3:
-            dense = [i < settings["first_k_dense_replace"] for i in source_layers]  # the first k layers' MLPs are dense
-            out["first_k_dense_replace"] = dense.index(False) if False in dense else n
-            if True in dense[out["first_k_dense_replace"]:] and not isinstance(out.get("mlp_layer_types"), list):
-                j = dense.index(True, out["first_k_dense_replace"])
+        for key in DENSE_COUNT_KEYS:  # GLM-4.5, DeepSeek-V3, AFMoE: the first k layers' MLPs are dense
+            if source_layers is None or not isinstance(settings.get(key), int):
+                continue
+            dense = [i < settings[key] for i in source_layers]
+            out[key] = dense.index(False) if False in dense else n
+            if True in dense[out[key]:] and not isinstance(out.get("mlp_layer_types"), list):
+                j = dense.index(True, out[key])
                 raise EvomergeError(f"{self.name} cannot have a dense-MLP layer after a mixture-of-experts one (its config "
-                                    f"counts its first dense layers, first_k_dense_replace); this writes dense layer "
-                                    f"{source_layers[j]} as layer {j}", key="layers")
+                                    f"counts its first dense layers, {key}); this writes dense layer {source_layers[j]} "
+                                    f"as layer {j}", key="layers")
         return self.with_text_settings(config, out)
 
     def with_text_settings(self, config: dict, settings: dict) -> dict:
@@ -321,6 +324,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                   live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj"))
       for name, architecture in (("glm4_moe", "Glm4MoeForCausalLM"), ("deepseek_v3", "DeepseekV3ForCausalLM"),
                                  ("glm4_moe_lite", "Glm4MoeLiteForCausalLM"))),  # 4.7-Flash: DeepSeek-V3's attention
+    # AFMoE (Arcee Trinity): dense first layers (num_dense_layers), then experts beside shared ones; each branch's
+    # output normed (Gemma-2), its attention gated
+    _llama_like("afmoe", "AfmoeForCausalLM", output_projections="",
+                live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj")),
     # Llama 4: experts every interleave_moe_layer_step-th layer (fused in its checkpoints, [experts, in, out]) beside a
     # shared expert, dense MLPs elsewhere; every no_rope_layer_interval-th layer attends without rotary embeddings
     _llama_like("llama4_text", "Llama4ForCausalLM", **_LLAMA4),
