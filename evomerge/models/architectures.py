@@ -143,14 +143,14 @@ class Architecture:
             out.update(mlp_only_layers=[j for j, i in enumerate(source_layers) if i in dense], decoder_sparse_step=1)
         if source_layers is not None and isinstance(settings.get("full_attn_idxs"), list):  # LFM2's attention layers
             out["full_attn_idxs"] = [j for j, i in enumerate(source_layers) if i in settings["full_attn_idxs"]]
-        if source_layers is not None and "interleave_moe_layer_step" in settings:  # Llama 4: experts and NoPE layers
-            listed = {key: settings.get(key) or default for key, default in (  # listed, or transformers' defaults
-                ("moe_layers", range((settings["interleave_moe_layer_step"] or 1) - 1, self.num_layers(config),
-                                     settings["interleave_moe_layer_step"] or 1)),
-                ("no_rope_layers", [int((i + 1) % (settings.get("no_rope_layer_interval") or 4) != 0)
-                                    for i in range(self.num_layers(config))]))}
-            out.update(moe_layers=[j for j, i in enumerate(source_layers) if i in listed["moe_layers"]],
-                       no_rope_layers=[listed["no_rope_layers"][i] for i in source_layers])
+        if source_layers is not None and "interleave_moe_layer_step" in settings:  # Llama 4's layers with experts and
+            # without RoPE: listed, else transformers' defaults (every step-th, every interval-th)
+            step, interval = settings["interleave_moe_layer_step"] or 1, settings.get("no_rope_layer_interval") or 4
+            moe = settings.get("moe_layers")
+            moe = range(step - 1, self.num_layers(config), step) if moe is None else moe
+            no_rope = settings.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(self.num_layers(config))]
+            out.update(moe_layers=[j for j, i in enumerate(source_layers) if i in moe],
+                       no_rope_layers=[no_rope[i] for i in source_layers])
         for key in DENSE_COUNT_KEYS:  # GLM-4.5, DeepSeek-V3, AFMoE: the first k layers' MLPs are dense
             if source_layers is None or not isinstance(settings.get(key), int):
                 continue
