@@ -189,6 +189,27 @@ def test_plan_checks_what_search_checks_and_makes_no_run_dir(tiny_zoo, tmp_path)
     assert result.exit_code == 2 and "space.layer_groups: 3 groups for 2 layers" in result.output
 
 
+def test_the_plan_sizes_the_live_model_a_search_loads(tmp_path):
+    """A GLM-4.5 checkpoint's multi-token-prediction layer, which transformers does not load, is no part of the live
+    model the plan sizes or of the sources it counts: its sizes are the loaded models' bytes."""
+    from tiny_models import add_mtp_layer, build_tiny, make_variants
+
+    from evomerge.models.io import load_live_model
+    from evomerge.run.checks import check_space
+    from evomerge.run.config import experiment_from_dict
+
+    base = add_mtp_layer(build_tiny("glm4_moe", tmp_path / "base", num_layers=2, hidden=32))
+    (a,) = make_variants(base, tmp_path, n=1)
+    doc = {"name": "plan", "seed": 0, "optimizer": {"name": "random"}, "budget": {"trials": 2},
+           "space": {"kind": "ps", "method": "linear", "models": [str(base), str(a)], "search": ["weight"],
+                     "layer_groups": 1, "bounds": {"weight": [0.0, 1.0]}},
+           "evaluation": {"tasks": ["toy_cipher_gen"], "limit": 2}, "workers": {"sources": "host"}}
+    memory = check_space(experiment_from_dict(doc), "exp.yaml").memory
+    live = load_live_model(base)
+    loaded = sum(t.numel() * t.element_size() for t in live.state_dict().values())  # (not its rotary frequencies)
+    assert memory.live == loaded and memory.all_sources == 2 * loaded
+
+
 def test_search_stops_before_loading_a_model_when_device_does_not_fit(tiny_zoo, tmp_path):
     result = search(tmp_path, experiment(tiny_zoo, workers={"sources": "device", "device_memory": "1MB"}))
     assert_refused(result, tmp_path, "workers.sources", "device needs ")

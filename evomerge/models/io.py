@@ -241,6 +241,13 @@ class ModelDir:
         n = self.num_layers
         return [name for name in self.tensor_names if (self.arch.layer_of(name) or 0) >= n]
 
+    def drop_unloaded(self) -> "ModelDir":
+        """Leaves out the tensors transformers does not load (multi-token-prediction heads: Qwen3.5's `mtp.`, the layers
+        past the last): what a search's live models hold, its workers read and its plan sizes."""
+        past = set(self.past_layers)
+        self.tensor_names = [n for n in self.tensor_names if not self.arch.is_unloaded(n) and n not in past]
+        return self
+
     @property
     def has_tokenizer(self) -> bool:
         return any((self.path / f).is_file() for f in VOCAB_FILES)

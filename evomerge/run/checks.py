@@ -53,7 +53,7 @@ def check_space(experiment: Experiment, source: str, *, headers_only: bool = Fal
     try:
         for model in models:
             try:
-                dirs[model] = ModelDir.open(model, headers_only=headers_only)
+                dirs[model] = ModelDir.open(model, headers_only=headers_only).drop_unloaded()  # as a worker's
             except EvomergeError as err:
                 detail = f"{model}: {err.message}" if err.source == model else str(err)  # the model named once
                 raise EvomergeError(detail, source=source, key=_model_key(config, model)) from None

@@ -80,10 +80,7 @@ class TrialRunner:
             keep_freed_host_memory()
         torch_dtype = parse_dtype(dtype)
         self.name, self.device, self.sources_mode = name, device, sources
-        self.dirs = {m: ModelDir.open(m) for m in models}
-        for d in self.dirs.values():  # tensors a live model has not (multi-token-prediction heads): neither read nor
-            unloaded = set(d.past_layers)  # merged here
-            d.tensor_names = [n for n in d.tensor_names if not d.arch.is_unloaded(n) and n not in unloaded]
+        self.dirs = {m: ModelDir.open(m).drop_unloaded() for m in models}  # what a live model holds: all it merges
         on_device = models if sources == "device" else [m for m in models if m in path_models]
         self.live = {m: load_live_model(self.dirs[m], device, torch_dtype).eval() for m in on_device}
         # The live source models' own parameters are read from where they are: no second copy.
