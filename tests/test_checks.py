@@ -124,8 +124,9 @@ def test_a_layer_path_search_over_models_whose_config_counts_their_dense_layers(
     where the config lists each layer's kind (GLM-4.7-Flash), it runs."""
     glm = build_tiny("glm4_moe", tmp_path / "glm", num_layers=2, hidden=32)
     assert_refused(search(tmp_path, dfs_experiment(tiny_zoo, [glm])), tmp_path, "space.kind",
-                   "a data-flow search over glm4_moe models would try paths that put one of their first 1 (dense-MLP) "
-                   "layers after a layer of experts, which their config cannot describe (first_k_dense_replace)")
+                   "a data-flow search would try paths no written glm4_moe model can describe: glm4_moe cannot have a "
+                   "dense-MLP layer after a mixture-of-experts one (its config counts its first dense layers, "
+                   "first_k_dense_replace); this writes dense layer 0 as layer 1")
     for family, dense in (("deepseek_v3", 0), ("glm4_moe_lite", 1)):
         model = build_tiny(family, tmp_path / family, num_layers=2, hidden=32, first_k_dense_replace=dense)
         (tmp_path / f"run_{family}").mkdir()

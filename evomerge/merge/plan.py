@@ -220,8 +220,9 @@ def stage_layout(stage: MergeStage, dirs: dict[str, ModelDir], source: str) -> L
     # layers past num_layers (multi-token prediction) follow the last slice's layers, where each of its sources has them
     last, sources = len(slices) - 1, slices[-1].sources
     reference = dirs[sources[0].model]
-    have = [set(dirs[s.model].tensor_names) for s in sources] if reference.past_layers else []
-    for name in reference.past_layers:
+    past = reference.past_layers
+    have = [set(dirs[s.model].tensor_names) for s in sources] if past else []
+    for name in past:
         k = arch.layer_of(name) - reference.num_layers
         inputs = tuple((j, arch.rename_layer(name, dirs[s.model].num_layers + k)) for j, s in enumerate(sources))
         if all(n in names for (_, n), names in zip(inputs, have)):
@@ -294,9 +295,10 @@ def plan_recipe(recipe: Recipe, dirs: dict[str, ModelDir], source: str = "<recip
 
     def past_layers(slot: LayerSlot) -> list[TensorTask]:
         """The layers past its source's last (multi-token prediction), renumbered after the path's."""
-        d = dirs[config_from if slot.source == MERGED else slot.source]
-        found = outside(slot, list(merged_head) if slot.source == MERGED else d.past_layers)
-        first = len(merged_layers) if slot.source == MERGED else d.num_layers
+        if slot.source == MERGED:
+            found, first = outside(slot, list(merged_head)), len(merged_layers)
+        else:
+            found, first = outside(slot, dirs[slot.source].past_layers), dirs[slot.source].num_layers
         return [replace(t, out_name=arch.rename_layer(t.out_name, len(recipe.layers) + arch.layer_of(t.out_name) - first))
                 for t in found if arch.layer_of(t.out_name) is not None]
 

@@ -128,18 +128,18 @@ def _check_layer_paths(config, model_dir, source: str) -> None:
     """A data-flow search runs its paths on live models of a family that has them, whose written paths its config can
     describe, and searches hidden-state scales only where the written model can hold them (folded into the output
     projections)."""
-    from evomerge.models.architectures import ARCHITECTURES, DENSE_COUNT_KEYS
+    from evomerge.models.architectures import ARCHITECTURES
 
-    arch, settings = model_dir.arch, model_dir.arch.text_settings(model_dir.config)
+    arch = model_dir.arch
     if not arch.live_layer_paths:
         families = ", ".join(a.name for a in ARCHITECTURES if a.live_layer_paths)
         raise EvomergeError(f"a data-flow search runs layer paths on {families} models, not {arch.name}",
                             source=source, key="space.kind")
-    counted = [key for key in DENSE_COUNT_KEYS if settings.get(key)]
-    if counted and not isinstance(settings.get("mlp_layer_types"), list):
-        raise EvomergeError(f"a data-flow search over {arch.name} models would try paths that put one of their first "
-                            f"{settings[counted[0]]} (dense-MLP) layers after a layer of experts, which their config "
-                            f"cannot describe ({counted[0]})", source=source, key="space.kind")
+    try:  # the last layer before the first: a path a search may try, which a config may have no way to describe
+        arch.set_num_layers(model_dir.config, 2, source_layers=[model_dir.num_layers - 1, 0])
+    except EvomergeError as err:
+        raise EvomergeError(f"a data-flow search would try paths no written {arch.name} model can describe: "
+                            f"{err.message}", source=source, key="space.kind") from None
     if config.scale != "none" and not arch.output_projections:
         raise EvomergeError(f"hidden-state scales cannot be folded into {arch.name} weights (the winner would be written "
                             f"without them); use scale: none", source=source, key="space.scale")
