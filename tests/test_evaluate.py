@@ -104,6 +104,40 @@ def test_per_document_scores_and_racing_on_lm_eval(tiny_zoo, digits_evaluator):
     assert stopped.scores["toy_digits"].n == 25
 
 
+def test_racing_shows_each_document_the_few_shot_examples_a_full_evaluation_shows_it(tiny_zoo, tokenizer, tmp_path):
+    """lm-eval draws few-shot examples from one generator, document after document: a racing stage that starts at
+    document 25 must go on drawing where documents 0 .. 24 left off, else the documents of later stages are shown other
+    examples than in a full evaluation (and than in a candidate scored in one stage). Staged scores equal full ones,
+    and the prompts are lm-eval's own for the same documents."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    tasks = digits_task_dir(tmp_path, "shots", "num_fewshot: 1\nfewshot_split: validation\n", "_toy_choice_template")
+    model = _model(tiny_zoo, "expert_digits")
+    evaluator = HarnessEvaluator(["shots"], tokenizer, split="test", limit=80, task_dirs=[str(tasks)])
+    full = evaluator.evaluate(model)
+    staged = evaluator.race(model, -1.0, first=0.125, delta=0.05)  # stages of 10, 10, 20 and 40 documents
+    assert not staged.estimated
+    np.testing.assert_array_equal(staged.docs["shots"], full.docs["shots"])
+
+    prompts = {}
+    original = evaluator._run
+
+    def recording(*args, **kwargs):
+        raw = original(*args, **kwargs)
+        prompts.update({s["doc_id"]: s["arguments"][0][0] for s in raw["samples"]["shots"]})
+        return raw
+
+    evaluator._run = recording
+    evaluator.race(model, -1.0, first=0.125, delta=0.05)
+    own = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=["shots"], limit=80,
+                          task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                          bootstrap_iters=0, log_samples=True)
+    expected = {s["doc_id"]: s["arguments"][0][0] for s in own["samples"]["shots"]}
+    assert len(prompts) == 80 and prompts == expected
+
+
 def digits_task_dir(root: Path, task: str, lines: str, template: str = "_toy_gen_template") -> Path:
     """A user task dir with one task, `task`: a toy digits task (generation by default) with the YAML `lines` added."""
     d = root / f"{task}_tasks"

@@ -154,8 +154,10 @@ class HarnessEvaluator:
 
         lm = self._lm_for(model, tokenizer)
         _check_finite(model)
-        for task in self.tasks.values():  # the few-shot examples drawn anew, as lm-eval's command line draws them: the
-            task.set_fewshot_seed(FEWSHOT_SEED)  # same for every candidate (its sampler's own generator is unseeded)
+        for name, task in self.tasks.items():  # the few-shot examples drawn anew, as lm-eval's command line draws them:
+            task.set_fewshot_seed(FEWSHOT_SEED)  # the same for every candidate (its sampler's own generator is unseeded)
+            if samples and task.config.num_fewshot:
+                _skip_fewshot_draws(task, min(samples[name]))
         # lm-eval draws tqdm bars on stderr: keep them off the console, in the log at debug level.
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()) as noise:
             raw = evaluator.evaluate(lm, self.task_dict, limit=None if samples else limit, samples=samples,
@@ -245,6 +247,15 @@ class HarnessEvaluator:
             return [name]
         children = self.task_dict["group_map"].get(name, [])
         return [leaf for child in children for leaf in self._leaves_of(child)]
+
+
+def _skip_fewshot_draws(task, documents: int) -> None:
+    """Draw the few-shot examples of the task's first `documents` documents and drop them. lm-eval draws them from one
+    generator, document after document, so a racing stage that starts at document i must go on from where a whole
+    evaluation is at i: then each document is shown the same examples however the documents are staged."""
+    docs = task.eval_docs
+    for i in range(documents):
+        task.fewshot_context(docs[i], num_fewshot=task.config.num_fewshot)
 
 
 def _check_finite(model) -> None:
