@@ -138,6 +138,45 @@ def test_racing_shows_each_document_the_few_shot_examples_a_full_evaluation_show
     assert len(prompts) == 80 and prompts == expected
 
 
+def test_a_task_that_samples_scores_alike_every_time_as_lm_eval_seeds_it(tmp_path):
+    """A generation task with do_sample draws from torch's generator: each evaluation seeds it as lm-eval's command line
+    does (simple_evaluate's seeds), so a model scores the same whatever ran before (a search's candidates, a resume),
+    the scores equal lm-eval's own, and the process's generators are left as they were."""
+    import random
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    tasks = digits_task_dir(tmp_path, "sampled", """
+        generation_kwargs: {until: ["\\n"], max_gen_toks: 6, do_sample: true, temperature: 1.5}
+    """)
+    zoo = Path(__file__).resolve().parents[1] / "zoo"  # the committed toy zoo: its digits expert has the skill
+    model, tokenizer = _model(zoo, "expert_digits"), AutoTokenizer.from_pretrained(zoo / "expert_digits")
+    evaluator = HarnessEvaluator(["sampled"], tokenizer, split="test", limit=60, task_dirs=[str(tasks)])
+
+    def draws():
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    def seeded(seed=7):
+        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+
+    seeded()
+    expected = draws()
+    seeded()
+    first = evaluator.evaluate(model)
+    assert draws() == expected  # the process's generators are where they were
+    torch.rand(5)  # the generator elsewhere
+    again = evaluator.evaluate(model)
+    np.testing.assert_array_equal(again.docs["sampled"], first.docs["sampled"])
+    own = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=64), tasks=["sampled"], limit=60,
+                          task_manager=TaskManager(include_path=str(tasks), include_defaults=False), bootstrap_iters=0)
+    assert first.scores["sampled"].value == own["results"]["sampled"]["exact_match,none"]
+    greedy = HarnessEvaluator(["toy_digits_gen"], tokenizer, split="test", limit=60).evaluate(model)
+    assert first.scores["sampled"].value < greedy.scores["toy_digits_gen"].value  # it did sample
+
+
 def digits_task_dir(root: Path, task: str, lines: str, template: str = "_toy_gen_template") -> Path:
     """A user task dir with one task, `task`: a toy digits task (generation by default) with the YAML `lines` added."""
     d = root / f"{task}_tasks"

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 PROPORTIONS = {"acc", "acc_norm", "exact_match"}  # metrics whose per-document values are 0 or 1
 FEWSHOT_SEED = 1234  # lm-eval's fewshot_random_seed (simple_evaluate's and its command line's default)
+PYTHON_SEED, NUMPY_SEED, TORCH_SEED = 0, 1234, 1234  # its random_seed, numpy_random_seed, torch_random_seed
 
 
 class HarnessEvaluator:
@@ -159,7 +160,7 @@ class HarnessEvaluator:
             if samples and task.config.num_fewshot:
                 _skip_fewshot_draws(task, min(samples[name]))
         # lm-eval draws tqdm bars on stderr: keep them off the console, in the log at debug level.
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()) as noise:
+        with torch.no_grad(), _seeded_as_lm_eval(model.device), contextlib.redirect_stderr(io.StringIO()) as noise:
             raw = evaluator.evaluate(lm, self.task_dict, limit=None if samples else limit, samples=samples,
                                      bootstrap_iters=0 if samples else 1000, log_samples=True, **self.chat)
         log.debug("lm-eval: %s", noise.getvalue()[-2000:])
@@ -247,6 +248,26 @@ class HarnessEvaluator:
             return [name]
         children = self.task_dict["group_map"].get(name, [])
         return [leaf for child in children for leaf in self._leaves_of(child)]
+
+
+@contextlib.contextmanager
+def _seeded_as_lm_eval(device):
+    """Python's, numpy's and torch's generators (on CPU and the model's device) seeded as lm-eval's command line seeds
+    them, and put back after: a task that samples (do_sample) scores a model alike whatever this process ran before."""
+    import random
+
+    import torch
+
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        random.seed(PYTHON_SEED)
+        np.random.seed(NUMPY_SEED)
+        torch.manual_seed(TORCH_SEED)
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
 
 
 def _skip_fewshot_draws(task, documents: int) -> None:
