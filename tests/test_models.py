@@ -72,6 +72,11 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "glm4_moe_lite": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "llama4_text": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "afmoe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    **{f: ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"})
+       for f in ("helium", "glm", "olmoe", "granitemoe", "deepseek_v2")},
+    "nemotron": ({"model.embed_tokens.weight"}, {"model.norm.weight", "model.norm.bias", "lm_head.weight"}),
+    "vaultgemma": ({"model.embed_tokens.weight"}, {"model.norm.weight"}),
+    "phimoe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "model.norm.bias", "lm_head.weight", "lm_head.bias"}),
     "llama4": ({"language_model.model.embed_tokens.weight"}, {"language_model.model.norm.weight",
                                                               "language_model.lm_head.weight"}),
 }
@@ -79,7 +84,7 @@ VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "lm_head.bias", "transfo
          "embed_out.weight", "language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
          "language_model.lm_head.weight"}
 TIED = {"gemma", "gemma2", "gemma3_text", "gemma3", "gpt2", "cohere2", "starcoder2", "smollm3", "ernie4_5", "mistral3",
-        "gemma4_text", "gemma4", "lfm2", "cohere"}
+        "gemma4_text", "gemma4", "lfm2", "cohere", "vaultgemma"}
 BRANCH_NORMED = {"gemma2", "gemma3_text", "gemma3", "olmo2", "glm4", "olmo3", "exaone4", "gemma4_text", "gemma4",
                  "afmoe"}  # norm each branch's output: no output projection folds a scale
 NOT_TEXT = r"vision_tower\.|vision_model\.|multi_modal_projector\.|(model\.)?visual\.|model\.(vision_tower|audio_tower|embed_vision|embed_audio)\."  # an image-text model's other parts
@@ -159,7 +164,7 @@ def test_block_of_agrees_with_the_live_module_classes(tiny, live, family):
 
 EPS_KEY = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "cohere2": "layer_norm_eps",
            "starcoder2": "norm_epsilon", "lfm2": "norm_eps", "cohere": "layer_norm_eps", "stablelm": "layer_norm_eps",
-           "phi": "layer_norm_eps"}
+           "phi": "layer_norm_eps", "nemotron": "norm_eps"}
 
 
 # mixtures of experts whose layer 1 is a dense MLP
@@ -224,6 +229,7 @@ def test_gpt2_names_without_the_transformer_prefix():
 
 def test_architecture_detection_by_model_type_and_unsupported():
     assert architecture_for({"model_type": "mistral"}, "c.json").name == "mistral"
+    assert architecture_for({"architectures": ["PhiMoEForCausalLM"]}, "c.json").name == "phimoe"  # the hub's spelling
     with pytest.raises(EvomergeError) as err:
         architecture_for({"architectures": ["BertForMaskedLM"], "model_type": "bert"}, "m/config.json")
     assert "m/config.json" in str(err.value) and "BertForMaskedLM" in str(err.value)

@@ -22,14 +22,16 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
             "gpt_neox", "qwen3_moe", "mixtral", "granite", "arcee", "cohere2", "glm4", "starcoder2", "olmo3", "exaone4",
             "smollm3", "seed_oss", "apertus", "ernie4_5", "hunyuan_v1_dense", "qwen3_5_text", "mistral3", "qwen3_5",
             "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gpt_oss", "qwen2_moe", "lfm2", "qwen3_vl_moe", "granitemoehybrid", "cohere", "stablelm", "phi",
-            "glm4_moe", "deepseek_v3", "glm4_moe_lite", "llama4_text", "llama4", "afmoe")
+            "glm4_moe", "deepseek_v3", "glm4_moe_lite", "llama4_text", "llama4", "afmoe", "helium", "glm", "nemotron",
+            "vaultgemma", "olmoe", "phimoe", "granitemoe", "deepseek_v2")
 IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",  # a text
               "qwen3_vl_moe", "llama4")
 # model (its family the key's) beside a
 # 2-layer vision tower
 MOE = ("qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "qwen2_moe", "glm4_moe", "deepseek_v3",
-       "glm4_moe_lite", "afmoe")  # mixtures of experts
-DENSE_FIRST = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "afmoe")  # mixtures of experts whose first layer is dense
+       "glm4_moe_lite", "afmoe", "olmoe", "phimoe", "deepseek_v2")  # mixtures of experts, per-expert checkpoint tensors
+DENSE_FIRST = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "afmoe", "deepseek_v2")  # mixtures of experts whose first
+# layer is dense
 LINEAR_ATTENTION = ("qwen3_5_text", "qwen3_5", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")  # some layers (0, 2)
 _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 _CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -60,21 +62,28 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "phi": "PhiConfig", "qwen2_vl_text": "Qwen2VLTextConfig", "qwen2_5_vl_text": "Qwen2_5_VLTextConfig", "qwen3_vl_text": "Qwen3VLTextConfig",
                "qwen3_vl_moe_text": "Qwen3VLMoeTextConfig", "glm4_moe": "Glm4MoeConfig",
                "deepseek_v3": "DeepseekV3Config", "glm4_moe_lite": "Glm4MoeLiteConfig", "llama4_text": "Llama4TextConfig",
-               "afmoe": "AfmoeConfig"}
+               "afmoe": "AfmoeConfig", "helium": "HeliumConfig", "glm": "GlmConfig", "nemotron": "NemotronConfig",
+               "vaultgemma": "VaultGemmaConfig", "olmoe": "OlmoeConfig", "phimoe": "PhimoeConfig",
+               "granitemoe": "GraniteMoeConfig", "deepseek_v2": "DeepseekV2Config"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
-    if family.startswith(("gemma", "qwen3", "arcee", "cohere2", "glm4", "olmo3", "exaone4", "seed_oss", "apertus",
-                          "ernie4_5", "hunyuan")):
+    if family.startswith(("gemma", "qwen3", "arcee", "cohere2", "glm", "olmo3", "exaone4", "seed_oss", "apertus",
+                          "ernie4_5", "hunyuan", "helium", "nemotron", "vaultgemma")):
         dims["head_dim"] = hidden // 2  # their default head_dim (256, 128) whatever the hidden size
     if family in ("qwen3_moe", "qwen3_next", "qwen3_5_moe_text", "qwen2_moe"):  # 4 experts of 2 per token, each with
         dims.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden)  # an MLP as wide as the hidden state
     if family in ("qwen3_next", "qwen3_5_moe_text", "qwen2_moe"):  # and a shared expert
         dims.update(shared_expert_intermediate_size=hidden)
-    if family in ("glm4_moe", "deepseek_v3", "glm4_moe_lite"):  # a dense layer, then 4 experts of 2 per token beside a
-        dims.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden, n_shared_experts=1,  # shared
-                    first_k_dense_replace=1, n_group=1, topk_group=1)  # one
+    if family in ("olmoe", "phimoe", "granitemoe"):  # 4 experts of 2 per token, each as wide as the hidden state
+        dims.update({"num_experts" if family == "olmoe" else "num_local_experts": 4}, num_experts_per_tok=2,
+                    intermediate_size=hidden)
+    if family == "phimoe":  # biases in the attention and the head, as Phi-3.5-MoE's
+        dims.update(attention_bias=True, lm_head_bias=True)
+    if family in ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2"):  # a dense layer, then 4 experts of 2 per
+        dims.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden, n_shared_experts=1,  # token
+                    first_k_dense_replace=1, n_group=1, topk_group=1)  # beside a shared one
     if family == "llama4_text":  # experts (4, 1 per token, beside a shared one) in every other layer, from layer 1;
         dims.update(num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,  # the others dense; every
                     intermediate_size=hidden, intermediate_size_mlp=2 * hidden, head_dim=hidden // 2,  # 4th layer
@@ -84,11 +93,11 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                     moe_intermediate_size=hidden, head_dim=hidden // 2, global_attn_every_n_layers=2, sliding_window=4)
     if family == "glm4_moe":  # q and k normed
         dims.update(use_qk_norm=True)
-    if family in ("deepseek_v3", "glm4_moe_lite"):  # multi-head latent attention: queries and keys-values through
-        dims.pop("head_dim", None)
+    if family in ("deepseek_v3", "glm4_moe_lite", "deepseek_v2"):  # multi-head latent attention: queries and
+        dims.pop("head_dim", None)  # keys-values through low-rank projections
         dims.update(num_key_value_heads=2)  # as many as the heads: its keys are per head
-        dims.update(q_lora_rank=hidden // 2, kv_lora_rank=hidden // 2, qk_rope_head_dim=4, qk_nope_head_dim=hidden // 4,
-                    v_head_dim=hidden // 2)  # low-rank projections
+        dims.update(q_lora_rank=hidden // 2 if family != "deepseek_v2" else None,  # V2-Lite's queries: one projection
+                    kv_lora_rank=hidden // 2, qk_rope_head_dim=4, qk_nope_head_dim=hidden // 4, v_head_dim=hidden // 2)
     if family == "gpt_oss":  # 4 experts of 2 per token (fused, with biases), sliding and full attention alternating
         dims.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=hidden, head_dim=hidden // 2,
                     sliding_window=4)

@@ -244,6 +244,12 @@ def _image_text(name: str, architecture: str, *, tied: bool, vision_layers: str,
     })
 
 
+_EXPERTS_OUT = r"\.(self_attn\.o_proj\.weight|mlp\.down_proj\.weight|mlp\.experts\.(\d+\.down_proj\.weight|down_proj))$"  # dense
+# layers' too
+_GRANITE_MOE_RENAMES = ((r"\.block_sparse_moe\.input_linear\.weight$", ".block_sparse_moe.experts.gate_up_proj"),
+                        (r"\.block_sparse_moe\.output_linear\.weight$", ".block_sparse_moe.experts.down_proj"),
+                        (r"\.block_sparse_moe\.router\.layer\.", ".block_sparse_moe.router."))  # checkpoint -> live
+
 # Gemma-4: beside each layer's own tensors, a non-layer tensor holds a slice per layer (per-layer embeddings, their
 # projection), and the last layers reuse earlier layers' keys and values; each branch's output is normed (Gemma-2)
 _GEMMA4 = dict(tied=True, mlp=r"\.(mlp|experts|router)\.", output_projections="",
@@ -284,6 +290,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("apertus", "ApertusForCausalLM"),  # its MLP's activation (xIELU) has weights of its own, merged as any
     _llama_like("ernie4_5", "Ernie4_5ForCausalLM", tied=True),
     _llama_like("hunyuan_v1_dense", "HunYuanDenseV1ForCausalLM"),
+    _llama_like("helium", "HeliumForCausalLM"),
+    _llama_like("glm", "GlmForCausalLM"),  # GLM-4-9B (its -hf checkpoints): gate and up projections fused
+    _llama_like("nemotron", "NemotronForCausalLM"),  # Minitron: norms with biases, a two-matrix MLP (squared ReLU)
+    _llama_like("vaultgemma", "VaultGemmaForCausalLM", tied=True),
     _QWEN3_5,
     _llama_like("lfm2", "Lfm2ForCausalLM", tied=True,  # LFM2: short-convolution layers beside attention (layer_types)
                 attn=r"\.(self_attn|conv)\.", mlp=r"\.feed_forward\.", post=r"model\.embedding_norm\.weight|lm_head\.weight",
@@ -293,10 +303,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                 live_layer_paths=False),
     # Mixtures of experts: checkpoints hold each expert's tensors (the hub's) or the live module's fused ones (as
     # transformers 5 and mergekit 0.1.5 name them); a merge takes either, expert by expert or fused tensor by tensor.
-    _llama_like("qwen3_moe", "Qwen3MoeForCausalLM",
-                output_projections=r"\.(self_attn\.o_proj\.weight|mlp\.down_proj\.weight|"  # dense layers' too
-                                   r"mlp\.experts\.(\d+\.down_proj\.weight|down_proj))$",
-                live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj")),
+    *(_llama_like(name, architecture, output_projections=_EXPERTS_OUT,
+                  live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj"))
+      for name, architecture in (("qwen3_moe", "Qwen3MoeForCausalLM"), ("olmoe", "OlmoeForCausalLM"))),  # OLMoE: q, k
+    # normed
     _llama_like("mixtral", "MixtralForCausalLM", mlp=r"\.(mlp|block_sparse_moe)\.",
                 output_projections=r"\.(self_attn\.o_proj\.weight|block_sparse_moe\.experts\.\d+\.w2\.weight|"
                                    r"mlp\.experts\.down_proj)$",
@@ -310,9 +320,18 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                 attn=r"\.(self_attn|mamba)\.", mlp=r"\.(shared_mlp|block_sparse_moe)\.",
                 output_projections=r"\.(self_attn\.o_proj|mamba\.out_proj|(shared_mlp|block_sparse_moe)\.output_linear)"
                                    r"\.weight$",
-                live_renames=((r"\.block_sparse_moe\.input_linear\.weight$", ".block_sparse_moe.experts.gate_up_proj"),
-                              (r"\.block_sparse_moe\.output_linear\.weight$", ".block_sparse_moe.experts.down_proj"),
-                              (r"\.block_sparse_moe\.router\.layer\.", ".block_sparse_moe.router."))),
+                live_renames=_GRANITE_MOE_RENAMES),
+    _llama_like("granitemoe", "GraniteMoeForCausalLM", mlp=r"\.block_sparse_moe\.",  # Granite 3.x MoE: experts fused
+                output_projections=r"\.(self_attn\.o_proj|block_sparse_moe\.output_linear)\.weight$",  # as Granite 4.0's
+                live_renames=_GRANITE_MOE_RENAMES),
+    _llama_like("phimoe", "PhimoeForCausalLM", mlp=r"\.(mlp|block_sparse_moe)\.",  # Phi-3.5-MoE: Mixtral's naming,
+                architectures=("PhimoeForCausalLM", "PhiMoEForCausalLM"),  # (transformers' class, the hub config's)
+                post=r"model\.norm\.(weight|bias)|lm_head\.(weight|bias)",  # norms and head with biases
+                vocab=r"model\.embed_tokens\.weight|lm_head\.(weight|bias)",
+                output_projections=r"\.(self_attn\.o_proj\.(weight|bias)|block_sparse_moe\.experts\.\d+\.w2\.weight|"
+                                   r"mlp\.experts\.down_proj)$",
+                live_renames=((r"\.block_sparse_moe\.gate\.", ".mlp.router."),),
+                live_experts=_fused_experts(r"block_sparse_moe\.experts", "w1", "w3", "w2")),
     _llama_like("gpt_oss", "GptOssForCausalLM",  # experts fused in its checkpoints too, with biases; attention sinks
                 output_projections=r"\.(self_attn\.o_proj\.(weight|bias)|mlp\.experts\.down_proj(_bias)?)$"),
     # GLM-4.5 to 4.7 and DeepSeek-V3 (R1, V3.1; Kimi-K2): dense first layers, then experts beside shared ones; their
@@ -323,7 +342,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                                      r"\.weight$|\.mlp\.experts\.down_proj$",
                   live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj"))
       for name, architecture in (("glm4_moe", "Glm4MoeForCausalLM"), ("deepseek_v3", "DeepseekV3ForCausalLM"),
-                                 ("glm4_moe_lite", "Glm4MoeLiteForCausalLM"))),  # 4.7-Flash: DeepSeek-V3's attention
+                                 ("glm4_moe_lite", "Glm4MoeLiteForCausalLM"),  # 4.7-Flash: DeepSeek-V3's attention
+                                 ("deepseek_v2", "DeepseekV2ForCausalLM"))),  # V2, V2-Lite, Coder-V2 (no MTP layer)
     # AFMoE (Arcee Trinity): dense first layers (num_dense_layers), then experts beside shared ones; each branch's
     # output normed (Gemma-2), its attention gated
     _llama_like("afmoe", "AfmoeForCausalLM", output_projections="",
