@@ -28,17 +28,10 @@ def fold_for_mergekit(recipe: Recipe, dirs: dict[str, ModelDir]) -> tuple[Recipe
     for slot, factor in zip(recipe.layers, fold_hidden_scales(recipe.layers)):
         d = dirs[template if slot.source == MERGED else slot.source]
         suffixes = dict.fromkeys(n.split(f".{slot.layer}.", 1)[1] for name in d.layer_tensor_names(slot.layer)
-                                 if d.arch.is_output_projection(name) for n in _checkpoint_and_live_names(d.arch, name))
+                                 if d.arch.is_output_projection(name) for n in d.arch.filter_names(name))
         weight_scale = None if factor == 1.0 else [Conditional(filter=s, value=factor) for s in suffixes] + [Conditional(value=1.0)]
         slots.append(slot.model_copy(update={"scale": 1.0, "weight_scale": weight_scale}))
     return recipe.model_copy(update={"layers": slots}), []
-
-
-def _checkpoint_and_live_names(arch, name: str) -> list[str]:
-    """A tensor's name in the checkpoint and in the live module (fused experts'): mergekit reads a family it has no
-    table for (Granite 3.x MoE) under the live names, so a filter names both."""
-    expert = arch.live_expert(name)
-    return arch.live_names(name) + ([expert[0]] if expert else [])
 
 
 def _without_scales(recipe: Recipe) -> Recipe:

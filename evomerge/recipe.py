@@ -198,8 +198,10 @@ class Recipe(_Frozen):
 # Parameter resolution (mergekit semantics)
 
 
-def evaluate_setting(setting: ParamValue, tensor_name: str, t: float) -> Any:
-    """A parameter's value for one tensor: filters by substring of the tensor name, gradients interpolated at t in [0, 1]."""
+def evaluate_setting(setting: ParamValue, tensor_name: str | tuple[str, ...], t: float) -> Any:
+    """A parameter's value for one tensor: filters by substring of the tensor name (of any of its names, given several),
+    gradients interpolated at t in [0, 1]."""
+    names = (tensor_name,) if isinstance(tensor_name, str) else tensor_name
     if isinstance(setting, Conditional):
         setting = [setting]
     if isinstance(setting, (bool, int, float, str)):
@@ -208,7 +210,7 @@ def evaluate_setting(setting: ParamValue, tensor_name: str, t: float) -> Any:
         return None
     if all(isinstance(e, Conditional) for e in setting):
         for cond in setting:
-            if cond.filter in (None, "*") or cond.filter in tensor_name:
+            if cond.filter in (None, "*") or any(cond.filter in name for name in names):
                 return evaluate_setting(cond.value, tensor_name, t)
         return None
     if any(isinstance(e, bool) or not isinstance(e, (int, float)) for e in setting):
@@ -220,7 +222,7 @@ def evaluate_setting(setting: ParamValue, tensor_name: str, t: float) -> Any:
     return (1 - frac) * setting[i0] + frac * setting[i1]
 
 
-def resolve(name: str, scopes: list[Params | None], tensor_name: str, t: float) -> Any:
+def resolve(name: str, scopes: list[Params | None], tensor_name: str | tuple[str, ...], t: float) -> Any:
     """First defined value of `name` over scopes ordered from highest to lowest precedence (None when absent)."""
     for scope in scopes:
         if scope and name in scope:

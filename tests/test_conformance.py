@@ -186,7 +186,8 @@ def test_every_family_merges_and_stacks_layers_as_mergekit_does(family, tmp_path
 def test_per_expert_checkpoints_merge_as_mergekit_merges_them_fused(family, tmp_path):
     """A hub MoE checkpoint holds each expert's tensors; mergekit 0.1.5 reads them fused (transformers 5's layout) and
     writes them so, evomerge merges and writes them expert by expert. For element-wise methods the values agree:
-    evomerge's experts, fused as transformers fuses them (gate rows, then up rows), are mergekit's tensors.
+    evomerge's experts, fused as transformers fuses them (gate rows, then up rows), are mergekit's tensors; a filter
+    matches the names mergekit reads them under too (`mlp`: Mixtral's block_sparse_moe experts and router).
     (Of an image-text Qwen3.5-MoE checkpoint with per-expert tensors mergekit 0.1.5 writes no expert at all.)"""
     base = build_tiny(family, tmp_path / "base", num_layers=2, hidden=32)
     a, b = make_variants(base, tmp_path, n=2)
@@ -194,6 +195,7 @@ def test_per_expert_checkpoints_merge_as_mergekit_merges_them_fused(family, tmp_
     recipe = {"merge_method": "task_arithmetic", "base_model": str(base),
               "models": [{"model": str(a), "parameters": {"weight": [0.3, 0.9]}},
                          {"model": str(b), "parameters": {"weight": [{"filter": "self_attn", "value": 0.6},
+                                                                     {"filter": "mlp", "value": 0.1},
                                                                      {"value": [0.2, 0.8]}]}}]}
     config = write_config(tmp_path / "ta.yaml", "task_arithmetic", recipe)
     run_mergekit(config, tmp_path / "mergekit")

@@ -166,9 +166,9 @@ def test_ps_smooth_groups_are_the_points_of_a_gradient():
     assert steps == [0.1, 0.1, 0.7, 0.7, 0.4, 0.4]  # without smooth: each group's value on its own layers
 
 
-def layer_tensors(n: int = 6) -> dict[int, list[str]]:
-    return {i: [f"model.layers.{i}.self_attn.q_proj.weight", f"model.layers.{i}.mlp.up_proj.weight",
-                f"model.layers.{i}.input_layernorm.weight"] for i in range(n)}
+def layer_tensors(n: int = 6) -> dict[int, list[tuple[str, ...]]]:
+    return {i: [(f"model.layers.{i}.self_attn.q_proj.weight",), (f"model.layers.{i}.mlp.up_proj.weight",),
+                (f"model.layers.{i}.input_layernorm.weight",)] for i in range(n)}
 
 
 def test_ps_started_at_a_recipe_decodes_to_it():

@@ -103,27 +103,27 @@ def _slices(stage: MergeStage, num_layers: int | None = None) -> list[OutputSlic
     return [OutputSlice(sources=sources)]
 
 
-def _resolve_task(spec: MethodSpec, stage: MergeStage, out: OutputSlice, out_name: str, inputs: list[tuple[SliceSource, str]],
-                  t: float, source: str, vocab: bool) -> TensorTask:
-    base_model = out.base_model or stage.base_model
+def _resolve_task(spec: MethodSpec, stage: MergeStage, out: OutputSlice, slot: "_Slot", source: str) -> TensorTask:
+    base_model, out_name, t = out.base_model or stage.base_model, slot.out_name, slot.t
     base_ref, others = None, []
-    for src, name in inputs:
+    for (j, name), names in zip(slot.inputs, slot.filter_names[1:]):
+        src = out.sources[j]
         if spec.base != "none" and src.model == base_model:
             base_ref = (src.model, name)
         else:
-            others.append((src, name))
+            others.append((src, name, names))
     if spec.base == "required" and base_ref is None:
         raise EvomergeError(f"base model {base_model} is not a source of this slice", source=source, key="base_model")
     params: dict[str, Any] = {}
     for p in spec.global_params:
-        value = resolve(p.name, [out.parameters, stage.parameters], out_name, t)
+        value = resolve(p.name, [out.parameters, stage.parameters], slot.filter_names[0], t)
         if value is None and p.required:
             raise EvomergeError(f"missing required parameter {p.name!r} (tensor {out_name})", source=source, key=p.name)
         params[p.arg] = p.default if value is None else value
     for p in spec.per_model_params:
         values = []
-        for src, name in others:
-            value = resolve(p.name, [src.parameters, out.parameters, stage.parameters], name, t)
+        for src, name, names in others:
+            value = resolve(p.name, [src.parameters, out.parameters, stage.parameters], names, t)
             if value is None and p.required:
                 raise EvomergeError(f"missing required parameter {p.name!r} for model {src.model} (tensor {name})",
                                     source=source, key=f"{p.name}")
@@ -134,8 +134,8 @@ def _resolve_task(spec: MethodSpec, stage: MergeStage, out: OutputSlice, out_nam
             if 0 < d < 1 and not (0 < d - e and d + e < 1):  # density 0 drops the delta, 1 keeps it (sparsify)
                 raise EvomergeError(f"della needs density +- epsilon inside (0, 1), got density={d}, epsilon={e} "
                                     f"at {out_name}", source=source, key="epsilon")
-    return TensorTask(out_name, spec.name, base_ref, tuple((s.model, n) for s, n in others), tuple(sorted(params.items())),
-                      vocab=vocab, seed=stage.seed)
+    return TensorTask(out_name, spec.name, base_ref, tuple((s.model, n) for s, n, _ in others),
+                      tuple(sorted(params.items())), vocab=slot.vocab, seed=stage.seed)
 
 
 def _check_compatible(dirs: dict[str, ModelDir], source: str) -> None:
@@ -166,6 +166,7 @@ class _Slot:
     inputs: tuple[tuple[int, str], ...]  # (index of the source in the slice, tensor name in that source)
     t: float  # position inside the slice, for gradient parameters
     vocab: bool
+    filter_names: tuple[tuple[str, ...], ...] = ()  # what parameter filters match: the output's names, each input's
 
 
 Layout = tuple[list[_Slot], list[list[_Slot]]]  # (non-layer slots, per-output-layer slots)
@@ -227,7 +228,10 @@ def stage_layout(stage: MergeStage, dirs: dict[str, ModelDir], source: str) -> L
         inputs = tuple((j, arch.rename_layer(name, dirs[s.model].num_layers + k)) for j, s in enumerate(sources))
         if all(n in names for (_, n), names in zip(inputs, have)):
             head.append(_Slot(arch.rename_layer(name, len(layers) + k), last, inputs, 0.0, arch.is_vocab_tensor(name)))
-    return head, layers
+    def named(slot: _Slot) -> _Slot:  # once per layout: a large mixture of experts has tens of thousands of tensors
+        return replace(slot, filter_names=tuple(arch.filter_names(n) for n in (slot.out_name, *(n for _, n in slot.inputs))))
+
+    return [named(s) for s in head], [[named(s) for s in layer] for layer in layers]
 
 
 def plan_stage(stage: MergeStage, dirs: dict[str, ModelDir], source: str, layouts: dict[tuple, Layout] | None = None
@@ -245,9 +249,7 @@ def plan_stage(stage: MergeStage, dirs: dict[str, ModelDir], source: str, layout
     slices = _slices(stage, dirs[stage.base_model or stage.referenced_models()[0]].num_layers)
 
     def task(slot: _Slot) -> TensorTask:
-        out = slices[slot.slice]
-        inputs = [(out.sources[j], name) for j, name in slot.inputs]
-        return _resolve_task(spec, stage, out, slot.out_name, inputs, slot.t, source, slot.vocab)
+        return _resolve_task(spec, stage, slices[slot.slice], slot, source)
 
     head, layers = layouts[key]
     return [task(s) for s in head], [[task(s) for s in layer] for layer in layers]
@@ -327,7 +329,7 @@ def plan_recipe(recipe: Recipe, dirs: dict[str, ModelDir], source: str = "<recip
         for t in renamed:
             scale = factor if arch.is_output_projection(t.out_name) else 1.0
             if slot.weight_scale is not None:
-                scale *= float(evaluate_setting(slot.weight_scale, t.out_name, 0.0) or 1.0)
+                scale *= float(evaluate_setting(slot.weight_scale, arch.filter_names(t.out_name), 0.0) or 1.0)
             tasks.append(replace(t, scale=t.scale * scale))
     return Plan(tasks, len(recipe.layers), config_from, tokenizer_model(recipe, config_from, dirs, source), warnings,
                 [slot.layer for slot in recipe.layers])

@@ -68,6 +68,13 @@ class Architecture:
                 return m.expand(replacement), int(m.group("e")), chunk, chunks
         return None
 
+    def filter_names(self, tensor_name: str) -> tuple[str, ...]:
+        """The names a parameter filter is matched against: the checkpoint's and the live module's (a hub MoE
+        checkpoint's experts fused), under which mergekit reads the tensor where it has no table naming the checkpoint's,
+        so `mlp` matches Mixtral's experts (block_sparse_moe.experts.0.w1) in both tools."""
+        expert = self.live_expert(tensor_name)
+        return tuple(self.live_names(tensor_name)) + ((expert[0],) if expert else ())
+
     def layer_of(self, tensor_name: str) -> int | None:
         m = re.match(self.layer, tensor_name)
         return int(m.group(2)) if m else None

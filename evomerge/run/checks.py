@@ -115,10 +115,10 @@ def _start_at(space, base, optimizer: str, source: str) -> list[str]:
     if base_model != config.base_model or sorted(m.model for m in models) != sorted(config.models):
         raise EvomergeError(f"{start} merges {[m.model for m in models]} into {base_model}; the space merges "
                             f"{config.models} into {config.base_model}", source=source, key="space.start")
-    layer_tensors: dict[int, list[str]] = {}
+    layer_tensors: dict[int, list[tuple[str, ...]]] = {}
     for name in base.tensor_names:
         if (layer := base.arch.layer_of(name)) is not None:
-            layer_tensors.setdefault(layer, []).append(name)
+            layer_tensors.setdefault(layer, []).append(base.arch.filter_names(name))
     clipped = space.started_at(stage.model_copy(update={"models": models}), layer_tensors)
     return [f"space.start: {len(clipped)} gene(s) of {start} lie outside the space's bounds and start at the "
             f"nearest one ({', '.join(clipped[:4])}{', ...' if len(clipped) > 4 else ''})"] if clipped else []
@@ -157,12 +157,13 @@ def _check_split(config, model_dir, source: str) -> None:
             raise EvomergeError(f"split: attn_mlp finds attention tensors by the name {ATTN_MLP[0]!r}; {arch.name} "
                                 f"names them otherwise ({other[0]}), so their genes would go unused", source=source,
                                 key="space.split")
+    aliases = [arch.filter_names(n) for n in names]  # what a filter matches (Architecture.filter_names)
     for position, name in enumerate(config.filters):
-        matched = [n for n in names if name in n]
+        matched = [tensor for tensor in aliases if any(name in n for n in tensor)]
         if not matched:
             raise EvomergeError(f"filter {name!r} matches no tensor of {model_dir.path} (e.g. {names[0]}), so its "
                                 "genes would go unused", source=source, key="space.split")
-        if all(any(f in n for f in config.filters[:position]) for n in matched):
+        if all(any(f in n for f in config.filters[:position] for n in tensor) for tensor in matched):
             raise EvomergeError(f"every tensor filter {name!r} matches is taken by a filter before it (the first that "
                                 "matches wins), so its genes would go unused", source=source, key="space.split")
 

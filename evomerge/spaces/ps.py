@@ -164,10 +164,11 @@ class ParameterSpace(SearchSpace):
                 block[:] = 1.0
         return raw
 
-    def started_at(self, stage: MergeStage, layer_tensors: Mapping[int, list[str]]) -> list[str]:
+    def started_at(self, stage: MergeStage, layer_tensors: Mapping[int, list[tuple[str, ...]]]) -> list[str]:
         """Move x0 to the genome nearest `stage` (this space's method and models): each gene the mean of the stage's
-        values over the tensors of the layers and part it sets (`layer_tensors`: the base's tensor names per layer),
-        clipped to its bounds; a gene the stage leaves unset keeps its start. Returns the clipped genes' names."""
+        values over the tensors of the layers and part it sets (`layer_tensors`: the base's tensors per layer, each by
+        the names filters match, Architecture.filter_names), clipped to its bounds; a gene the stage leaves unset keeps
+        its start. Returns the clipped genes' names."""
         from evomerge.recipe import resolve
 
         entries, last = {m.model: m.parameters for m in stage.models or []}, max(self.num_layers - 1, 1)
@@ -176,10 +177,11 @@ class ParameterSpace(SearchSpace):
             models = self.config.models if p.per_model else [None]
             total, count = np.zeros((2, len(models), self.groups, len(self.parts)))
             for layer, names in layer_tensors.items():
-                for name in names:
-                    part = next(k for k, (_, f) in enumerate(self.parts) if f is None or f in name)  # first match
+                for tensor in names:  # the tensor's names
+                    part = next(k for k, (_, f) in enumerate(self.parts)  # the first that matches
+                                if f is None or any(f in n for n in tensor))
                     for m, model in enumerate(models):
-                        value = resolve(p.name, [entries.get(model), stage.parameters], name, layer / last)
+                        value = resolve(p.name, [entries.get(model), stage.parameters], tensor, layer / last)
                         if isinstance(value, (int, float)):
                             total[m, self.group_of_layer[layer], part] += value
                             count[m, self.group_of_layer[layer], part] += 1
