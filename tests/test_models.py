@@ -73,7 +73,8 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "llama4_text": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "afmoe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     **{f: ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"})
-       for f in ("helium", "glm", "olmoe", "granitemoe", "deepseek_v2")},
+       for f in ("helium", "glm", "olmoe", "granitemoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe")},
+    "falcon_h1": ({"model.embed_tokens.weight"}, {"model.final_layernorm.weight", "lm_head.weight"}),
     "nemotron": ({"model.embed_tokens.weight"}, {"model.norm.weight", "model.norm.bias", "lm_head.weight"}),
     "vaultgemma": ({"model.embed_tokens.weight"}, {"model.norm.weight"}),
     "phimoe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "model.norm.bias", "lm_head.weight", "lm_head.bias"}),
@@ -155,7 +156,7 @@ def test_block_of_agrees_with_the_live_module_classes(tiny, live, family):
         # model.layers.0.self_attn; the layer itself for its own tensors (Gemma-4's layer_scalar)
         cls = type(model.get_submodule(owner)).__name__
         expected = next((b for key, b in (("Attention", "attn"), ("GatedDeltaNet", "attn"), ("ShortConv", "attn"),
-                                          ("Mamba", "attn"), ("MLP", "mlp"), ("SparseMoeBlock", "mlp"), ("HybridMoE", "mlp"),
+                                          ("Mamba", "attn"), ("H1Mixer", "attn"), ("MLP", "mlp"), ("SparseMoeBlock", "mlp"), ("HybridMoE", "mlp"),
                                           ("Norm", "norm"), ("MoE", "mlp")) if key.lower() in cls.lower()), None)
         assert md.arch.block_of(name) == expected, (name, cls)
         seen.add(expected)

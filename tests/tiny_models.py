@@ -23,14 +23,16 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
             "smollm3", "seed_oss", "apertus", "ernie4_5", "hunyuan_v1_dense", "qwen3_5_text", "mistral3", "qwen3_5",
             "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gpt_oss", "qwen2_moe", "lfm2", "qwen3_vl_moe", "granitemoehybrid", "cohere", "stablelm", "phi",
             "glm4_moe", "deepseek_v3", "glm4_moe_lite", "llama4_text", "llama4", "afmoe", "helium", "glm", "nemotron",
-            "vaultgemma", "olmoe", "phimoe", "granitemoe", "deepseek_v2")
+            "vaultgemma", "olmoe", "phimoe", "granitemoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe",
+            "falcon_h1")
 IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",  # a text
               "qwen3_vl_moe", "llama4")
 # model (its family the key's) beside a
 # 2-layer vision tower
 MOE = ("qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "qwen2_moe", "glm4_moe", "deepseek_v3",
-       "glm4_moe_lite", "afmoe", "olmoe", "phimoe", "deepseek_v2")  # mixtures of experts, per-expert checkpoint tensors
-DENSE_FIRST = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "afmoe", "deepseek_v2")  # mixtures of experts whose first
+       "glm4_moe_lite", "afmoe", "olmoe", "phimoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe")  # mixtures
+# of experts, per-expert checkpoint tensors
+DENSE_FIRST = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "afmoe", "deepseek_v2", "dots1")  # mixtures of experts whose first
 # layer is dense
 LINEAR_ATTENTION = ("qwen3_5_text", "qwen3_5", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")  # some layers (0, 2)
 _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -64,24 +66,29 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "deepseek_v3": "DeepseekV3Config", "glm4_moe_lite": "Glm4MoeLiteConfig", "llama4_text": "Llama4TextConfig",
                "afmoe": "AfmoeConfig", "helium": "HeliumConfig", "glm": "GlmConfig", "nemotron": "NemotronConfig",
                "vaultgemma": "VaultGemmaConfig", "olmoe": "OlmoeConfig", "phimoe": "PhimoeConfig",
-               "granitemoe": "GraniteMoeConfig", "deepseek_v2": "DeepseekV2Config"}
+               "granitemoe": "GraniteMoeConfig", "deepseek_v2": "DeepseekV2Config", "dots1": "Dots1Config",
+               "minimax_m2": "MiniMaxM2Config", "hunyuan_v1_moe": "HunYuanMoEV1Config", "falcon_h1": "FalconH1Config"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
     if family.startswith(("gemma", "qwen3", "arcee", "cohere2", "glm", "olmo3", "exaone4", "seed_oss", "apertus",
-                          "ernie4_5", "hunyuan", "helium", "nemotron", "vaultgemma")):
+                          "ernie4_5", "hunyuan", "helium", "nemotron", "vaultgemma", "dots1", "minimax", "falcon")):
         dims["head_dim"] = hidden // 2  # their default head_dim (256, 128) whatever the hidden size
     if family in ("qwen3_moe", "qwen3_next", "qwen3_5_moe_text", "qwen2_moe"):  # 4 experts of 2 per token, each with
         dims.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden)  # an MLP as wide as the hidden state
     if family in ("qwen3_next", "qwen3_5_moe_text", "qwen2_moe"):  # and a shared expert
         dims.update(shared_expert_intermediate_size=hidden)
-    if family in ("olmoe", "phimoe", "granitemoe"):  # 4 experts of 2 per token, each as wide as the hidden state
-        dims.update({"num_experts" if family == "olmoe" else "num_local_experts": 4}, num_experts_per_tok=2,
-                    intermediate_size=hidden)
+    if family in ("olmoe", "phimoe", "granitemoe", "minimax_m2"):  # 4 experts of 2 per token, each as wide as the
+        dims.update({"num_experts" if family == "olmoe" else "num_local_experts": 4}, num_experts_per_tok=2,  # hidden
+                    intermediate_size=hidden)  # state
+    if family == "hunyuan_v1_moe":  # 4 experts of 2 per token beside a shared MLP
+        dims.update(num_experts=4, moe_topk=2, intermediate_size=hidden)
+    if family == "falcon_h1":  # a Mamba-2 mixer of 4 heads beside the attention
+        dims.update(mamba_d_ssm=2 * hidden, mamba_n_heads=4, mamba_d_head=hidden // 2, mamba_d_state=8, mamba_chunk_size=8)
     if family == "phimoe":  # biases in the attention and the head, as Phi-3.5-MoE's
         dims.update(attention_bias=True, lm_head_bias=True)
-    if family in ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2"):  # a dense layer, then 4 experts of 2 per
+    if family in ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "dots1"):  # a dense layer, then 4 experts of 2 per
         dims.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden, n_shared_experts=1,  # token
                     first_k_dense_replace=1, n_group=1, topk_group=1)  # beside a shared one
     if family == "llama4_text":  # experts (4, 1 per token, beside a shared one) in every other layer, from layer 1;

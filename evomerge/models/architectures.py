@@ -331,6 +331,16 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("granitemoe", "GraniteMoeForCausalLM", mlp=r"\.block_sparse_moe\.",  # Granite 3.x MoE: experts fused
                 output_projections=r"\.(self_attn\.o_proj|block_sparse_moe\.output_linear)\.weight$",  # as Granite 4.0's
                 live_renames=_GRANITE_MOE_RENAMES),
+    _llama_like("minimax_m2", "MiniMaxM2ForCausalLM", mlp=r"\.(mlp|block_sparse_moe)\.",  # MiniMax-M2: Mixtral's
+                output_projections=r"\.(self_attn\.o_proj\.weight|block_sparse_moe\.experts\.\d+\.w2\.weight|"  # naming
+                                   r"mlp\.experts\.down_proj)$",
+                live_renames=((r"\.block_sparse_moe\.gate\.", ".mlp.gate."),
+                              (r"\.block_sparse_moe\.e_score_correction_bias$", ".mlp.e_score_correction_bias")),
+                live_experts=_fused_experts(r"block_sparse_moe\.experts", "w1", "w3", "w2")),
+    _llama_like("hunyuan_v1_moe", "HunYuanMoEV1ForCausalLM",  # Hunyuan-A13B: experts beside a shared MLP
+                output_projections=r"\.(self_attn\.o_proj\.weight|mlp\.(shared_mlp\.)?down_proj\.weight|"
+                                   r"mlp\.experts\.(\d+\.down_proj\.weight|down_proj))$",
+                live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj")),
     _llama_like("phimoe", "PhimoeForCausalLM", mlp=r"\.(mlp|block_sparse_moe)\.",  # Phi-3.5-MoE: Mixtral's naming,
                 architectures=("PhimoeForCausalLM", "PhiMoEForCausalLM"),  # (transformers' class, the hub config's)
                 post=r"model\.norm\.(weight|bias)|lm_head\.(weight|bias)",  # norms and head with biases
@@ -339,6 +349,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                                    r"mlp\.experts\.down_proj)$",
                 live_renames=((r"\.block_sparse_moe\.gate\.", ".mlp.router."),),
                 live_experts=_fused_experts(r"block_sparse_moe\.experts", "w1", "w3", "w2")),
+    _llama_like("falcon_h1", "FalconH1ForCausalLM",  # Falcon-H1: attention and Mamba-2 side by side in every layer
+                attn=r"\.(self_attn|mamba)\.", mlp=r"\.feed_forward\.", post=r"model\.final_layernorm\.weight|lm_head\.weight",
+                output_projections=r"\.(self_attn\.o_proj|mamba\.out_proj|feed_forward\.down_proj)\.weight$"),
     _llama_like("gpt_oss", "GptOssForCausalLM",  # experts fused in its checkpoints too, with biases; attention sinks
                 output_projections=r"\.(self_attn\.o_proj\.(weight|bias)|mlp\.experts\.down_proj(_bias)?)$"),
     # GLM-4.5 to 4.7 and DeepSeek-V3 (R1, V3.1; Kimi-K2): dense first layers, then experts beside shared ones; their
@@ -350,7 +363,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                   live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj"))
       for name, architecture in (("glm4_moe", "Glm4MoeForCausalLM"), ("deepseek_v3", "DeepseekV3ForCausalLM"),
                                  ("glm4_moe_lite", "Glm4MoeLiteForCausalLM"),  # 4.7-Flash: DeepSeek-V3's attention
-                                 ("deepseek_v2", "DeepseekV2ForCausalLM"))),  # V2, V2-Lite, Coder-V2 (no MTP layer)
+                                 ("deepseek_v2", "DeepseekV2ForCausalLM"),  # V2, V2-Lite, Coder-V2 (no MTP layer)
+                                 ("dots1", "Dots1ForCausalLM"))),  # dots.llm1: DeepSeek-V3's MoE, plain attention
     # AFMoE (Arcee Trinity): dense first layers (num_dense_layers), then experts beside shared ones; each branch's
     # output normed (Gemma-2), its attention gated
     _llama_like("afmoe", "AfmoeForCausalLM", output_projections="",

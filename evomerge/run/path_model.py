@@ -66,7 +66,7 @@ def build_path_model(first: nn.Module, layers: dict[str, nn.ModuleList], path: l
     decoder._modules["layers"] = nn.ModuleList(_slot(layers[src][i], k, s) for k, (src, i, s) in enumerate(path))
     config = copy.deepcopy(first.config)
     config.num_hidden_layers = len(path)
-    if getattr(config, "layer_types", None):
+    if vars(config).get("layer_types"):  # (Falcon-H1's is a property of the layer count)
         config.layer_types = [config.layer_types[min(i, len(config.layer_types) - 1)] for _, i, _ in path]
     model.config = decoder.config = config
     model._modules["model"] = decoder
