@@ -228,6 +228,7 @@ def stage_layout(stage: MergeStage, dirs: dict[str, ModelDir], source: str) -> L
         inputs = tuple((j, arch.rename_layer(name, dirs[s.model].num_layers + k)) for j, s in enumerate(sources))
         if all(n in names for (_, n), names in zip(inputs, have)):
             head.append(_Slot(arch.rename_layer(name, len(layers) + k), last, inputs, 0.0, arch.is_vocab_tensor(name)))
+
     def named(slot: _Slot) -> _Slot:  # once per layout: a large mixture of experts has tens of thousands of tensors
         return replace(slot, filter_names=tuple(arch.filter_names(n) for n in (slot.out_name, *(n for _, n in slot.inputs))))
 

@@ -251,8 +251,13 @@ def _image_text(name: str, architecture: str, *, tied: bool, vision_layers: str,
     })
 
 
-_EXPERTS_OUT = r"\.(self_attn\.o_proj\.weight|mlp\.down_proj\.weight|mlp\.experts\.(\d+\.down_proj\.weight|down_proj))$"  # dense
-# layers' too
+# output projections of a mixture of experts named as Qwen3-MoE's (its dense layers' too)
+_EXPERTS_OUT = r"\.(self_attn\.o_proj\.weight|mlp\.down_proj\.weight|mlp\.experts\.(\d+\.down_proj\.weight|down_proj))$"
+# Mixtral's naming (block_sparse_moe.experts.E.w1, w2, w3: gate, down, up), its router's live name added per family
+_MIXTRAL = dict(mlp=r"\.(mlp|block_sparse_moe)\.",
+                output_projections=r"\.(self_attn\.o_proj\.weight|block_sparse_moe\.experts\.\d+\.w2\.weight|"
+                                   r"mlp\.experts\.down_proj)$",
+                live_experts=_fused_experts(r"block_sparse_moe\.experts", "w1", "w3", "w2"))
 _GRANITE_MOE_RENAMES = ((r"\.block_sparse_moe\.input_linear\.weight$", ".block_sparse_moe.experts.gate_up_proj"),
                         (r"\.block_sparse_moe\.output_linear\.weight$", ".block_sparse_moe.experts.down_proj"),
                         (r"\.block_sparse_moe\.router\.layer\.", ".block_sparse_moe.router."))  # checkpoint -> live
@@ -312,13 +317,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     # transformers 5 and mergekit 0.1.5 name them); a merge takes either, expert by expert or fused tensor by tensor.
     *(_llama_like(name, architecture, output_projections=_EXPERTS_OUT,
                   live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj"))
-      for name, architecture in (("qwen3_moe", "Qwen3MoeForCausalLM"), ("olmoe", "OlmoeForCausalLM"))),  # OLMoE: q, k
-    # normed
-    _llama_like("mixtral", "MixtralForCausalLM", mlp=r"\.(mlp|block_sparse_moe)\.",
-                output_projections=r"\.(self_attn\.o_proj\.weight|block_sparse_moe\.experts\.\d+\.w2\.weight|"
-                                   r"mlp\.experts\.down_proj)$",
-                live_renames=((r"\.block_sparse_moe\.gate\.", ".mlp.gate."),),
-                live_experts=_fused_experts(r"block_sparse_moe\.experts", "w1", "w3", "w2")),
+      for name, architecture in (("qwen3_moe", "Qwen3MoeForCausalLM"), ("olmoe", "OlmoeForCausalLM"))),
+    _llama_like("mixtral", "MixtralForCausalLM", **_MIXTRAL, live_renames=((r"\.block_sparse_moe\.gate\.", ".mlp.gate."),)),
     _llama_like("qwen2_moe", "Qwen2MoeForCausalLM",  # Qwen1.5-MoE, Qwen2-57B-A14B: a gated shared expert, as Qwen3-Next's
                 output_projections=_QWEN3_5_MOE["output_projections"],
                 live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj")),
@@ -331,24 +331,20 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("granitemoe", "GraniteMoeForCausalLM", mlp=r"\.block_sparse_moe\.",  # Granite 3.x MoE: experts fused
                 output_projections=r"\.(self_attn\.o_proj|block_sparse_moe\.output_linear)\.weight$",  # as Granite 4.0's
                 live_renames=_GRANITE_MOE_RENAMES),
-    _llama_like("minimax_m2", "MiniMaxM2ForCausalLM", mlp=r"\.(mlp|block_sparse_moe)\.",  # MiniMax-M2: Mixtral's
-                output_projections=r"\.(self_attn\.o_proj\.weight|block_sparse_moe\.experts\.\d+\.w2\.weight|"  # naming
-                                   r"mlp\.experts\.down_proj)$",
+    _llama_like("minimax_m2", "MiniMaxM2ForCausalLM", **_MIXTRAL,  # MiniMax-M2: Mixtral's naming
                 live_renames=((r"\.block_sparse_moe\.gate\.", ".mlp.gate."),
-                              (r"\.block_sparse_moe\.e_score_correction_bias$", ".mlp.e_score_correction_bias")),
-                live_experts=_fused_experts(r"block_sparse_moe\.experts", "w1", "w3", "w2")),
+                              (r"\.block_sparse_moe\.e_score_correction_bias$", ".mlp.e_score_correction_bias"))),
     _llama_like("hunyuan_v1_moe", "HunYuanMoEV1ForCausalLM",  # Hunyuan-A13B: experts beside a shared MLP
                 output_projections=r"\.(self_attn\.o_proj\.weight|mlp\.(shared_mlp\.)?down_proj\.weight|"
                                    r"mlp\.experts\.(\d+\.down_proj\.weight|down_proj))$",
                 live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj")),
-    _llama_like("phimoe", "PhimoeForCausalLM", mlp=r"\.(mlp|block_sparse_moe)\.",  # Phi-3.5-MoE: Mixtral's naming,
+    _llama_like("phimoe", "PhimoeForCausalLM", mlp=_MIXTRAL["mlp"], live_experts=_MIXTRAL["live_experts"],  # Phi-3.5-MoE:
                 architectures=("PhimoeForCausalLM", "PhiMoEForCausalLM"),  # (transformers' class, the hub config's)
-                post=r"model\.norm\.(weight|bias)|lm_head\.(weight|bias)",  # norms and head with biases
-                vocab=r"model\.embed_tokens\.weight|lm_head\.(weight|bias)",
                 output_projections=r"\.(self_attn\.o_proj\.(weight|bias)|block_sparse_moe\.experts\.\d+\.w2\.weight|"
-                                   r"mlp\.experts\.down_proj)$",
-                live_renames=((r"\.block_sparse_moe\.gate\.", ".mlp.router."),),
-                live_experts=_fused_experts(r"block_sparse_moe\.experts", "w1", "w3", "w2")),
+                                   r"mlp\.experts\.down_proj)$",  # Mixtral's naming; norms, attention, head with biases
+                post=r"model\.norm\.(weight|bias)|lm_head\.(weight|bias)",
+                vocab=r"model\.embed_tokens\.weight|lm_head\.(weight|bias)",
+                live_renames=((r"\.block_sparse_moe\.gate\.", ".mlp.router."),)),
     _llama_like("falcon_h1", "FalconH1ForCausalLM",  # Falcon-H1: attention and Mamba-2 side by side in every layer
                 attn=r"\.(self_attn|mamba)\.", mlp=r"\.feed_forward\.", post=r"model\.final_layernorm\.weight|lm_head\.weight",
                 output_projections=r"\.(self_attn\.o_proj|mamba\.out_proj|feed_forward\.down_proj)\.weight$"),
