@@ -75,13 +75,14 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     **{f: ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"})
        for f in ("helium", "glm", "olmoe", "granitemoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe")},
     "falcon_h1": ({"model.embed_tokens.weight"}, {"model.final_layernorm.weight", "lm_head.weight"}),
+    "nemotron_h": ({"backbone.embeddings.weight"}, {"backbone.norm_f.weight", "lm_head.weight"}),
     "nemotron": ({"model.embed_tokens.weight"}, {"model.norm.weight", "model.norm.bias", "lm_head.weight"}),
     "vaultgemma": ({"model.embed_tokens.weight"}, {"model.norm.weight"}),
     "phimoe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "model.norm.bias", "lm_head.weight", "lm_head.bias"}),
     "llama4": ({"language_model.model.embed_tokens.weight"}, {"language_model.model.norm.weight",
                                                               "language_model.lm_head.weight"}),
 }
-VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "lm_head.bias", "transformer.wte.weight", "gpt_neox.embed_in.weight",
+VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "backbone.embeddings.weight", "lm_head.bias", "transformer.wte.weight", "gpt_neox.embed_in.weight",
          "embed_out.weight", "language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
          "language_model.lm_head.weight"}
 TIED = {"gemma", "gemma2", "gemma3_text", "gemma3", "gpt2", "cohere2", "starcoder2", "smollm3", "ernie4_5", "mistral3",
@@ -136,7 +137,9 @@ def test_naming_table_matches_the_checkpoint(tiny, family):
         full_attention = family in (*LINEAR_ATTENTION, "lfm2", "granitemoehybrid") and ".self_attn." in name  # layer 1
         # only; 0, 2 attend linearly (LFM2's by a short convolution, Granite-4's by Mamba-2)
         kv_shared = family.startswith("gemma4") and re.search(r"\.(k_proj|v_proj|k_norm)\.", name)  # layer 2 has none
-        assert arch.layer_of(renamed) == 2 and (renamed in md) != bool(full_attention or kv_shared or dense)
+        other_mixer = family == "nemotron_h" and ".mixer." in name and arch.layer_of(name) != 2  # Mamba-2, experts,
+        # attention: layer 2's mixer is the attention
+        assert arch.layer_of(renamed) == 2 and (renamed in md) != bool(full_attention or kv_shared or dense or other_mixer)
         assert arch.rename_layer(renamed, arch.layer_of(name)) == name
     head = [n for n in md.tensor_names if n.endswith("lm_head.weight") or n == "embed_out.weight"]  # GPT-NeoX's
     assert arch.tied_embeddings(md.config) == (family in TIED) == (not head)
@@ -165,7 +168,7 @@ def test_block_of_agrees_with_the_live_module_classes(tiny, live, family):
 
 EPS_KEY = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "cohere2": "layer_norm_eps",
            "starcoder2": "norm_epsilon", "lfm2": "norm_eps", "cohere": "layer_norm_eps", "stablelm": "layer_norm_eps",
-           "phi": "layer_norm_eps", "nemotron": "norm_eps"}
+           "phi": "layer_norm_eps", "nemotron": "norm_eps", "nemotron_h": "layer_norm_epsilon"}
 
 
 # mixtures of experts whose layer 1 is a dense MLP
@@ -216,6 +219,20 @@ def test_lfm2_attention_layers_listed_by_index_follow_a_restacked_path():
     config = {"architectures": ["Lfm2ForCausalLM"], "num_hidden_layers": 4, "full_attn_idxs": [1, 3]}
     assert arch.set_num_layers(config, 3, source_layers=[3, 0, 1]) == {**config, "num_hidden_layers": 3,
                                                                         "full_attn_idxs": [0, 2]}
+
+
+def test_nemotron_h_layer_kinds_of_a_hub_config_follow_a_restacked_path():
+    """Nemotron-H's hub configs give each layer's mixer as a character of hybrid_override_pattern (transformers 5
+    writes layers_block_type); a written layer path spells it anew from its slots' sources, and transformers reads the
+    kinds back in that order."""
+    from transformers import NemotronHConfig
+
+    arch = architecture_for({"architectures": ["NemotronHForCausalLM"]}, "config.json")
+    config = {"architectures": ["NemotronHForCausalLM"], "num_hidden_layers": 4, "hybrid_override_pattern": "M-E*"}
+    written = arch.set_num_layers(config, 3, source_layers=[3, 0, 1])
+    assert written == {**config, "num_hidden_layers": 3, "hybrid_override_pattern": "*M-"}
+    assert NemotronHConfig(**written).layers_block_type == ["full_attention", "linear_attention", "mlp"]  # *, M, -
+    assert arch.num_layers({"layers_block_type": ["mamba", "moe"]}) == 2  # as transformers 5 writes it: no count
 
 
 def test_gpt2_names_without_the_transformer_prefix():

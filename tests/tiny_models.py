@@ -24,7 +24,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
             "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gpt_oss", "qwen2_moe", "lfm2", "qwen3_vl_moe", "granitemoehybrid", "cohere", "stablelm", "phi",
             "glm4_moe", "deepseek_v3", "glm4_moe_lite", "llama4_text", "llama4", "afmoe", "helium", "glm", "nemotron",
             "vaultgemma", "olmoe", "phimoe", "granitemoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe",
-            "falcon_h1")
+            "falcon_h1", "nemotron_h")
 IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",  # a text
               "qwen3_vl_moe", "llama4")
 # model (its family the key's) beside a
@@ -67,7 +67,8 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "afmoe": "AfmoeConfig", "helium": "HeliumConfig", "glm": "GlmConfig", "nemotron": "NemotronConfig",
                "vaultgemma": "VaultGemmaConfig", "olmoe": "OlmoeConfig", "phimoe": "PhimoeConfig",
                "granitemoe": "GraniteMoeConfig", "deepseek_v2": "DeepseekV2Config", "dots1": "Dots1Config",
-               "minimax_m2": "MiniMaxM2Config", "hunyuan_v1_moe": "HunYuanMoEV1Config", "falcon_h1": "FalconH1Config"}
+               "minimax_m2": "MiniMaxM2Config", "hunyuan_v1_moe": "HunYuanMoEV1Config", "falcon_h1": "FalconH1Config",
+               "nemotron_h": "NemotronHConfig"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
@@ -84,6 +85,13 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                     intermediate_size=hidden)  # state
     if family == "hunyuan_v1_moe":  # 4 experts of 2 per token beside a shared MLP
         dims.update(num_experts=4, moe_topk=2, intermediate_size=hidden)
+    if family == "nemotron_h":  # one mixer a layer, in turn: Mamba-2 (4 heads), experts (4 of 2 per token beside a
+        # shared one), attention, an MLP (the hub's hybrid_override_pattern: M, E, *, -)
+        dims.update(hybrid_override_pattern=("ME*-" * num_layers)[:num_layers],
+                    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden,
+                    moe_shared_expert_intermediate_size=hidden, n_groups=1, topk_group=1, mamba_num_heads=4,
+                    mamba_head_dim=hidden // 2, ssm_state_size=8, n_groups_mamba=1, chunk_size=8, head_dim=hidden // 2,
+                    initializer_range=0.05)  # (its default, 0.02, leaves a layer's share of the logits below 1e-3)
     if family == "falcon_h1":  # a Mamba-2 mixer of 4 heads beside the attention
         dims.update(mamba_d_ssm=2 * hidden, mamba_n_heads=4, mamba_d_head=hidden // 2, mamba_d_state=8, mamba_chunk_size=8)
     if family == "phimoe":  # biases in the attention and the head, as Phi-3.5-MoE's

@@ -124,10 +124,15 @@ class Architecture:
         return settings if isinstance(settings, dict) else {}
 
     def num_layers(self, config: dict) -> int:
-        if not isinstance(self.text_settings(config).get(self.num_layers_key), int):
+        """The layer count; where a config leaves it out, the length of its list of each layer's kind (Nemotron-H's
+        `layers_block_type`, as transformers 5 writes it)."""
+        settings = self.text_settings(config)
+        count = settings.get(self.num_layers_key)
+        kinds = next((v for k in self.per_layer_keys if isinstance(v := settings.get(k), list)), None)
+        if not isinstance(count, int) and kinds is None:
             raise EvomergeError(f"{self.name} config needs an integer layer count",
                                 key=".".join(filter(None, (self.text_config, self.num_layers_key))))
-        return self.text_settings(config)[self.num_layers_key]
+        return count if isinstance(count, int) else len(kinds)
 
     def set_num_layers(self, config: dict, n: int, *, source_layers: list[int] | None = None) -> dict:
         """A copy of `config` with n layers. Per-layer lists are re-indexed by `source_layers` (the original index of each
@@ -148,6 +153,8 @@ class Architecture:
             step = settings.get("decoder_sparse_step") or 1  # else every step-th layer is sparse
             dense = {i for i in range(self.num_layers(config)) if i in settings["mlp_only_layers"] or (i + 1) % step}
             out.update(mlp_only_layers=[j for j, i in enumerate(source_layers) if i in dense], decoder_sparse_step=1)
+        if source_layers is not None and isinstance(settings.get("hybrid_override_pattern"), str):  # Nemotron-H's
+            out["hybrid_override_pattern"] = "".join(settings["hybrid_override_pattern"][i] for i in source_layers)
         if source_layers is not None and isinstance(settings.get("full_attn_idxs"), list):  # LFM2's attention layers
             out["full_attn_idxs"] = [j for j, i in enumerate(source_layers) if i in settings["full_attn_idxs"]]
         if source_layers is not None and "interleave_moe_layer_step" in settings:  # Llama 4's layers with experts and
@@ -348,6 +355,26 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("falcon_h1", "FalconH1ForCausalLM",  # Falcon-H1: attention and Mamba-2 side by side in every layer
                 attn=r"\.(self_attn|mamba)\.", mlp=r"\.feed_forward\.", post=r"model\.final_layernorm\.weight|lm_head\.weight",
                 output_projections=r"\.(self_attn\.o_proj|mamba\.out_proj|feed_forward\.down_proj)\.weight$"),
+    Architecture(  # Nemotron-H (Nemotron Nano 2, Nemotron 3 Nano): each layer one mixer, Mamba-2, attention, an MLP or
+        # experts, as `layers_block_type` (hub configs: `hybrid_override_pattern`, a character a layer) says; the
+        # checkpoints name the decoder `backbone.`, transformers `model.`
+        name="nemotron_h",
+        architectures=("NemotronHForCausalLM",),
+        layer=r"((?:backbone|model)\.layers\.)(\d+)\.",
+        pre=r"(backbone|model)\.embeddings\.weight",
+        post=r"(backbone|model)\.norm_f\.weight|lm_head\.weight",
+        vocab=r"(backbone|model)\.embeddings\.weight|lm_head\.weight",
+        tied_default=False,
+        attn=r"\.mixer\.(?!(experts|shared_experts|gate|up_proj|down_proj)\b)",
+        mlp=r"\.mixer\.(experts|shared_experts|gate|up_proj|down_proj)\b",
+        output_projections=r"\.mixer\.(out_proj|o_proj|down_proj|(shared_experts|experts\.\d+)\.down_proj)\.weight$|"
+                           r"\.mixer\.experts\.down_proj$",
+        live_layer_paths=True,
+        per_layer_keys=("layers_block_type",),
+        live_renames=((r"^backbone\.", "model."),),
+        live_experts=tuple((rf"(?:backbone|model)\.(layers\.\d+)\.mixer\.experts\.(?P<e>\d+)\.{kind}\.weight",
+                            rf"model.\1.mixer.experts.{kind}", 0, 1) for kind in ("up_proj", "down_proj")),
+    ),
     _llama_like("gpt_oss", "GptOssForCausalLM",  # experts fused in its checkpoints too, with biases; attention sinks
                 output_projections=r"\.(self_attn\.o_proj\.(weight|bias)|mlp\.experts\.down_proj(_bias)?)$"),
     # GLM-4.5 to 4.7 and DeepSeek-V3 (R1, V3.1; Kimi-K2): dense first layers, then experts beside shared ones; their

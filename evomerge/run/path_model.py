@@ -23,6 +23,12 @@ class ScaledSlot(nn.Module):
         super().__init__()
         self.layer, self.scale = layer, scale
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # what a decoder reads of its layers (Nemotron-H's block_type)
+            return getattr(self._modules["layer"], name)
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         if self.scale != 1.0:
             hidden_states = hidden_states * self.scale
@@ -61,13 +67,14 @@ def build_path_model(first: nn.Module, layers: dict[str, nn.ModuleList], path: l
     model._modules["lm_head"] = first.lm_head if tied else last.lm_head
     decoder = copy.copy(_decoder(first))
     decoder._modules = dict(decoder._modules)
-    norm = next(n for n in ("norm", "embedding_norm", "final_layernorm") if n in decoder._modules)  # the final norm
-    decoder._modules[norm] = getattr(_decoder(last), norm)  # (LFM2's and Phi-2's names)
+    norm = next(n for n in ("norm", "embedding_norm", "final_layernorm", "norm_f") if n in decoder._modules)  # the
+    decoder._modules[norm] = getattr(_decoder(last), norm)  # final norm (LFM2's, Phi-2's, Nemotron-H's names)
     decoder._modules["layers"] = nn.ModuleList(_slot(layers[src][i], k, s) for k, (src, i, s) in enumerate(path))
     config = copy.deepcopy(first.config)
     config.num_hidden_layers = len(path)
-    if vars(config).get("layer_types"):  # (Falcon-H1's is a property of the layer count)
-        config.layer_types = [config.layer_types[min(i, len(config.layer_types) - 1)] for _, i, _ in path]
+    kinds = config.attribute_map.get("layer_types", "layer_types")  # Nemotron-H's: layers_block_type
+    if vars(config).get(kinds):  # (Falcon-H1's is a property of the layer count)
+        setattr(config, kinds, [getattr(config, kinds)[min(i, len(getattr(config, kinds)) - 1)] for _, i, _ in path])
     model.config = decoder.config = config
     model._modules["model"] = decoder
     return model
