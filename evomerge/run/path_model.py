@@ -27,7 +27,10 @@ class ScaledSlot(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:  # what a decoder reads of its layers (Nemotron-H's block_type)
-            return getattr(self._modules["layer"], name)
+            layer = self.__dict__.get("_modules", {}).get("layer")  # (none yet while a copy is being built)
+            if layer is None:
+                raise
+            return getattr(layer, name)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         if self.scale != 1.0:
