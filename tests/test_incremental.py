@@ -166,5 +166,6 @@ def test_the_live_model_of_every_family_is_the_model_merge_writes(family, tmp_pa
     assert sum(not torch.equal(got[n], before[n]) for n in expected) >= len(merged)  # every live tensor written moved
     if family in MOE:  # per-expert checkpoint tensors in the live model's fused experts
         layers = "model.language_model.layers" if family == "qwen3_5_moe" else "model.layers"
-        assert {n for n in expected if ".experts." in n} == {f"{layers}.{i}.mlp.experts.{kind}" for kind in ("gate_up_proj", "down_proj")
+        mlp = "feed_forward" if family == "lfm2_moe" else "mlp"
+        assert {n for n in expected if ".experts." in n} == {f"{layers}.{i}.{mlp}.experts.{kind}" for kind in ("gate_up_proj", "down_proj")
                                                              for i in range(int(family in DENSE_FIRST), LAYERS)}

@@ -76,6 +76,7 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
        for f in ("helium", "glm", "olmoe", "granitemoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe")},
     "falcon_h1": ({"model.embed_tokens.weight"}, {"model.final_layernorm.weight", "lm_head.weight"}),
     "nemotron_h": ({"backbone.embeddings.weight"}, {"backbone.norm_f.weight", "lm_head.weight"}),
+    "lfm2_moe": ({"model.embed_tokens.weight"}, {"model.embedding_norm.weight"}),
     "nemotron": ({"model.embed_tokens.weight"}, {"model.norm.weight", "model.norm.bias", "lm_head.weight"}),
     "vaultgemma": ({"model.embed_tokens.weight"}, {"model.norm.weight"}),
     "phimoe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "model.norm.bias", "lm_head.weight", "lm_head.bias"}),
@@ -86,7 +87,7 @@ VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "backbone.embeddings.wei
          "embed_out.weight", "language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
          "language_model.lm_head.weight"}
 TIED = {"gemma", "gemma2", "gemma3_text", "gemma3", "gpt2", "cohere2", "starcoder2", "smollm3", "ernie4_5", "mistral3",
-        "gemma4_text", "gemma4", "lfm2", "cohere", "vaultgemma"}
+        "gemma4_text", "gemma4", "lfm2", "cohere", "vaultgemma", "lfm2_moe"}
 BRANCH_NORMED = {"gemma2", "gemma3_text", "gemma3", "olmo2", "glm4", "olmo3", "exaone4", "gemma4_text", "gemma4",
                  "afmoe"}  # norm each branch's output: no output projection folds a scale
 NOT_TEXT = r"vision_tower\.|vision_model\.|multi_modal_projector\.|(model\.)?visual\.|model\.(vision_tower|audio_tower|embed_vision|embed_audio)\."  # an image-text model's other parts
@@ -131,10 +132,11 @@ def test_naming_table_matches_the_checkpoint(tiny, family):
     assert {arch.layer_of(n) for n in layer_names} == set(range(LAYERS))
     for name in layer_names:  # renaming moves a tensor onto another layer's slot, which exists (of the same kind)
         renamed = arch.rename_layer(name, 2)
-        dense = family in DENSE_FIRST and arch.layer_of(name) == 0 and ".mlp." in name  # layer 0's MLP only; Llama 4's
+        dense = family in DENSE_FIRST and arch.layer_of(name) == 0 and re.search(r"\.(mlp|feed_forward)\.", name)  # layer
+        # 0's MLP only; Llama 4's
         dense = dense or family.startswith("llama4") and arch.layer_of(name) == 1 and ".feed_forward." in name  # experts:
         # layer 1's only
-        full_attention = family in (*LINEAR_ATTENTION, "lfm2", "granitemoehybrid") and ".self_attn." in name  # layer 1
+        full_attention = family in (*LINEAR_ATTENTION, "lfm2", "lfm2_moe", "granitemoehybrid") and ".self_attn." in name  # layer 1
         # only; 0, 2 attend linearly (LFM2's by a short convolution, Granite-4's by Mamba-2)
         kv_shared = family.startswith("gemma4") and re.search(r"\.(k_proj|v_proj|k_norm)\.", name)  # layer 2 has none
         other_mixer = family == "nemotron_h" and ".mixer." in name and arch.layer_of(name) != 2  # Mamba-2, experts,
@@ -168,12 +170,14 @@ def test_block_of_agrees_with_the_live_module_classes(tiny, live, family):
 
 EPS_KEY = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "cohere2": "layer_norm_eps",
            "starcoder2": "norm_epsilon", "lfm2": "norm_eps", "cohere": "layer_norm_eps", "stablelm": "layer_norm_eps",
-           "phi": "layer_norm_eps", "nemotron": "norm_eps", "nemotron_h": "layer_norm_epsilon"}
+           "phi": "layer_norm_eps", "nemotron": "norm_eps", "nemotron_h": "layer_norm_epsilon", "lfm2_moe": "norm_eps"}
 
 
 # mixtures of experts whose layer 1 is a dense MLP
 DENSE_LAYER_1 = {"qwen3_moe": {"mlp_only_layers": [1]}, "qwen3_next": {"mlp_only_layers": [1]},
-                 "qwen2_moe": {"mlp_only_layers": [1]}, **{f: {"first_k_dense_replace": 2} for f in DENSE_FIRST if f != "afmoe"},  # (AFMoE's branches are normed)
+                 "qwen2_moe": {"mlp_only_layers": [1]},
+                 **{f: {"num_dense_layers" if f == "lfm2_moe" else "first_k_dense_replace": 2} for f in DENSE_FIRST
+                    if f != "afmoe"},  # (AFMoE's branches are normed)
                  "llama4_text": {"interleave_moe_layer_step": 4}}
 
 
@@ -313,7 +317,7 @@ def test_a_layer_path_keeps_the_dense_first_layers_of_glm_and_deepseek_first(tmp
     from evomerge.merge.materialize import merge_to_dir
     from evomerge.recipe import LayerSlot, Recipe
 
-    key = "num_dense_layers" if family == "afmoe" else "first_k_dense_replace"
+    key = "num_dense_layers" if family in ("afmoe", "lfm2_moe") else "first_k_dense_replace"
     base = build_tiny(family, tmp_path / "base", num_layers=4, hidden=32, **{key: 2})  # dense 0, 1
     slots = [1, 0, 0, 3, 2]
     merge_to_dir(Recipe(layers=[LayerSlot(source=str(base), layer=i) for i in slots]), tmp_path / "out", progress=False)

@@ -142,7 +142,7 @@ def test_every_family_scores_the_model_it_writes(family, tmp_path):
     where the family's output projections can hold them (else the search refuses scales, tests/test_checks.py)."""
     eps = {"cohere2": "layer_norm_eps", "starcoder2": "norm_epsilon", "lfm2": "norm_eps", "cohere": "layer_norm_eps",
            "stablelm": "layer_norm_eps", "phi": "layer_norm_eps", "nemotron": "norm_eps",
-           "nemotron_h": "layer_norm_epsilon"}.get(family, "rms_norm_eps")
+           "nemotron_h": "layer_norm_epsilon", "lfm2_moe": "norm_eps"}.get(family, "rms_norm_eps")
     base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32, dtype=torch.float64,
                       **{eps: 1e-12, **OVERRIDES.get(family, {})})
     (a,) = make_variants(base, tmp_path, n=1, scale=0.05)

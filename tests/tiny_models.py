@@ -24,16 +24,16 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
             "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gpt_oss", "qwen2_moe", "lfm2", "qwen3_vl_moe", "granitemoehybrid", "cohere", "stablelm", "phi",
             "glm4_moe", "deepseek_v3", "glm4_moe_lite", "llama4_text", "llama4", "afmoe", "helium", "glm", "nemotron",
             "vaultgemma", "olmoe", "phimoe", "granitemoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe",
-            "falcon_h1", "nemotron_h")
+            "falcon_h1", "nemotron_h", "lfm2_moe")
 IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",  # a text
               "qwen3_vl_moe", "llama4")
 # model (its family the key's) beside a
 # 2-layer vision tower
 MOE = ("qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "qwen2_moe", "glm4_moe", "deepseek_v3",
-       "glm4_moe_lite", "afmoe", "olmoe", "phimoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe")  # mixtures
-# of experts, per-expert checkpoint tensors
-DENSE_FIRST = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "afmoe", "deepseek_v2", "dots1")  # mixtures of experts whose first
-# layer is dense
+       "glm4_moe_lite", "afmoe", "olmoe", "phimoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe",
+       "lfm2_moe")  # mixtures of experts, per-expert checkpoint tensors
+# mixtures of experts whose first layer is dense
+DENSE_FIRST = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "afmoe", "deepseek_v2", "dots1", "lfm2_moe")
 LINEAR_ATTENTION = ("qwen3_5_text", "qwen3_5", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")  # some layers (0, 2)
 _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 _CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -68,7 +68,7 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "vaultgemma": "VaultGemmaConfig", "olmoe": "OlmoeConfig", "phimoe": "PhimoeConfig",
                "granitemoe": "GraniteMoeConfig", "deepseek_v2": "DeepseekV2Config", "dots1": "Dots1Config",
                "minimax_m2": "MiniMaxM2Config", "hunyuan_v1_moe": "HunYuanMoEV1Config", "falcon_h1": "FalconH1Config",
-               "nemotron_h": "NemotronHConfig"}
+               "nemotron_h": "NemotronHConfig", "lfm2_moe": "Lfm2MoeConfig"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
@@ -118,6 +118,9 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                     sliding_window=4)
     if family == "lfm2":  # short-convolution layers around an attention one (by full_attn_idxs, as the hub's configs)
         dims.update(full_attn_idxs=[i for i in range(num_layers) if i % 2 == 1])
+    if family == "lfm2_moe":  # the same kinds by layer_types; a dense layer, then 4 experts of 2 per token
+        dims.update(layer_types=["full_attention" if i % 2 else "conv" for i in range(num_layers)], num_experts=4,
+                    num_experts_per_tok=2, moe_intermediate_size=hidden, num_dense_layers=1)
     if family == "granitemoehybrid":  # Mamba-2 layers around an attention one, 4 experts of 2 per token and a shared MLP
         dims.update(layer_types=["attention" if i % 2 else "mamba" for i in range(num_layers)], num_local_experts=4,
                     num_experts_per_tok=2, intermediate_size=hidden, shared_intermediate_size=hidden, mamba_n_heads=4,
@@ -218,9 +221,10 @@ def build_tiny(family: str, path: str | Path, *, seed: int = 0, num_layers: int 
         model = auto.from_config(config).to(dtype)
     path = Path(path)
     model.save_pretrained(path)
-    if fused:
-        save_file({n: t.contiguous() for n, t in model.state_dict().items()}, path / "model.safetensors",
-                  metadata={"format": "pt"})
+    if fused:  # (a head tied to the embeddings is not saved, as save_pretrained leaves it out)
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        save_file({n: t.contiguous() for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight")},
+                  path / "model.safetensors", metadata={"format": "pt"})
     if family == "gemma3":  # the vision tower named as in the hub's checkpoints (and mergekit's table)
         tensors = load_file(path / "model.safetensors")
         save_file({re.sub(r"^vision_tower\.", "vision_tower.vision_model.", n): t for n, t in tensors.items()},

@@ -216,14 +216,14 @@ def _llama_like(name: str, architecture: str, *, tied: bool = False, **fields) -
     })
 
 
-def _fused_experts(experts: str, gate: str, up: str, down: str, layers: str = r"model\.layers"
+def _fused_experts(experts: str, gate: str, up: str, down: str, layers: str = r"model\.layers", live: str = "mlp"
                    ) -> tuple[tuple[str, str, int, int], ...]:
-    """`{layers}.{i}.{experts}.{e}.{gate, up, down}.weight` of a checkpoint, live in `mlp.experts.gate_up_proj[e]` (the
-    gate's rows, then the up projection's) and `mlp.experts.down_proj[e]` (transformers 5's MoE modules)."""
+    """`{layers}.{i}.{experts}.{e}.{gate, up, down}.weight` of a checkpoint, live in `{live}.experts.gate_up_proj[e]`
+    (the gate's rows, then the up projection's) and `{live}.experts.down_proj[e]` (transformers 5's MoE modules)."""
     head = rf"({layers}\.\d+)\.{experts}\.(?P<e>\d+)"
-    return ((rf"{head}\.{gate}\.weight", r"\1.mlp.experts.gate_up_proj", 0, 2),
-            (rf"{head}\.{up}\.weight", r"\1.mlp.experts.gate_up_proj", 1, 2),
-            (rf"{head}\.{down}\.weight", r"\1.mlp.experts.down_proj", 0, 1))
+    return ((rf"{head}\.{gate}\.weight", rf"\1.{live}.experts.gate_up_proj", 0, 2),
+            (rf"{head}\.{up}\.weight", rf"\1.{live}.experts.gate_up_proj", 1, 2),
+            (rf"{head}\.{down}\.weight", rf"\1.{live}.experts.down_proj", 0, 1))
 
 
 # Qwen3.5: three of each four layers attend linearly (a gated delta rule, `linear_attn`), their kinds in layer_types
@@ -318,6 +318,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                 attn=r"\.(self_attn|conv)\.", mlp=r"\.feed_forward\.", post=r"model\.embedding_norm\.weight|lm_head\.weight",
                 output_projections=r"\.((self_attn|conv)\.out_proj|feed_forward\.w2)\.weight$"),  # embedding_norm: the
     # final norm, despite its name
+    _llama_like("lfm2_moe", "Lfm2MoeForCausalLM", tied=True,  # LFM2-MoE: LFM2's layers, experts after dense first ones
+                attn=r"\.(self_attn|conv)\.", mlp=r"\.feed_forward\.", post=r"model\.embedding_norm\.weight|lm_head\.weight",
+                output_projections=r"\.((self_attn|conv)\.out_proj|feed_forward\.(experts\.\d+\.)?w2)\.weight$|"
+                                   r"\.feed_forward\.experts\.down_proj$",
+                live_experts=_fused_experts(r"feed_forward\.experts", "w1", "w3", "w2", live="feed_forward")),
     _llama_like("gemma4_text", "Gemma4ForCausalLM", **_GEMMA4, pre=rf"model\.({_GEMMA4_PRE})",
                 live_layer_paths=False),
     # Mixtures of experts: checkpoints hold each expert's tensors (the hub's) or the live module's fused ones (as
