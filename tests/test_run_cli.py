@@ -334,6 +334,32 @@ def test_a_search_over_image_text_models_scores_and_writes_them(tmp_path, family
         torch.testing.assert_close(written["mtp.fc.weight"], torch.full((32, 64), expected), atol=1e-6, rtol=1e-6)
 
 
+def test_a_search_over_nemotron_h_leaves_its_mtp_layers_out_of_the_live_models(tmp_path):
+    """Nemotron-H's hub checkpoints name their decoder `backbone.` and may carry multi-token-prediction layers (`mtp.`)
+    that transformers ignores on load: a search leaves them out of its live models and the winner's merge writes them,
+    merged as the tensors after the layers are."""
+    base = build_tiny("nemotron_h", tmp_path / "base", num_layers=3, hidden=32)
+    models = [base, *make_variants(base, tmp_path, n=2, scale=0.05)]
+    for i, model in enumerate(models):
+        shard = load_file(model / "model.safetensors")
+        save_file({**shard, "mtp.layers.0.mixer.up_proj.weight": torch.full((32, 32), float(i))},
+                  model / "model.safetensors", metadata={"format": "pt"})
+    doc = {"name": "nemotron_h", "seed": 0,
+           "space": {"kind": "ps", "method": "linear", "models": [str(m) for m in models], "search": ["weight"],
+                     "bounds": {"weight": [0.1, 1.0]}},
+           "optimizer": {"name": "random"}, "budget": {"trials": 2},
+           "evaluation": {"tasks": ["toy_cipher_gen"], "limit": 2}, "validation": {"top_k": 1}}
+    (tmp_path / "exp.yaml").write_text(json.dumps(doc))
+    result = run("search", tmp_path / "exp.yaml", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0 and "2 trials, 0 failed" in result.output, result.output
+    assert run("merge", tmp_path / "run/best/recipe.yaml", tmp_path / "out").exit_code == 0
+    recipe = yaml.safe_load((tmp_path / "run/best/recipe.yaml").read_text())["merge"]
+    weights = [m["parameters"]["weight"] for m in recipe["models"]]
+    expected = sum(i * w for i, w in enumerate(weights)) / sum(weights)
+    torch.testing.assert_close(tensors(tmp_path / "out")["mtp.layers.0.mixer.up_proj.weight"],
+                               torch.full((32, 32), expected), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["ps", "dfs"])
 def test_a_search_over_mixtures_of_experts_scores_and_writes_them(tmp_path, kind):
     """Qwen3-MoE checkpoints hold each expert's tensors, the live model (transformers 5) fused ones: a worker with its

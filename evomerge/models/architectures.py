@@ -376,6 +376,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                            r"\.mixer\.experts\.down_proj$",
         live_layer_paths=True,
         per_layer_keys=("layers_block_type",),
+        unloaded=r"(backbone\.)?mtp\.",  # its multi-token-prediction layers, which transformers ignores on load
         live_renames=((r"^backbone\.", "model."),),
         live_experts=tuple((rf"(?:backbone|model)\.(layers\.\d+)\.mixer\.experts\.(?P<e>\d+)\.{kind}\.weight",
                             rf"model.\1.mixer.experts.{kind}", 0, 1) for kind in ("up_proj", "down_proj")),
