@@ -293,6 +293,20 @@ def test_search_refuses_an_unknown_task_before_it_starts(models, tmp_path):  # n
     assert not (tmp_path / "run").exists()
 
 
+def linear_search_and_merge(tmp_path: Path, models: list[Path], trials: int, **space) -> dict:
+    """A linear-weight search of `trials` random candidates over `models` (toy cipher, 2 documents), none failing, and
+    its winner merged into tmp_path / "out"; the winner's merge stage."""
+    doc = {"name": "models", "seed": 0,
+           "space": {"kind": "ps", "method": "linear", "models": [str(m) for m in models], "search": ["weight"], **space},
+           "optimizer": {"name": "random"}, "budget": {"trials": trials},
+           "evaluation": {"tasks": ["toy_cipher_gen"], "limit": 2}, "validation": {"top_k": 1}}
+    (tmp_path / "exp.yaml").write_text(json.dumps(doc))
+    result = run("search", tmp_path / "exp.yaml", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0 and f"{trials} trials, 0 failed" in result.output, result.output
+    assert run("merge", tmp_path / "run/best/recipe.yaml", tmp_path / "out").exit_code == 0
+    return yaml.safe_load((tmp_path / "run/best/recipe.yaml").read_text())["merge"]
+
+
 @pytest.mark.parametrize("family", IMAGE_TEXT)
 def test_a_search_over_image_text_models_scores_and_writes_them(tmp_path, family):
     """Image-text checkpoints (Gemma-3, Gemma-4, Mistral-3, Qwen3.5, Qwen3.5-MoE, Qwen2-VL, Qwen2.5-VL, Qwen3-VL): a
@@ -313,22 +327,14 @@ def test_a_search_over_image_text_models_scores_and_writes_them(tmp_path, family
              "qwen3_5_moe": ["self_attn", "linear_attn", "mlp"], "gemma4": "attn_mlp", "qwen2_vl": ["self_attn", "mlp"],
              "qwen2_5_vl": ["self_attn", "mlp"], "qwen3_vl": ["self_attn", "mlp"], "qwen3_vl_moe": ["self_attn", "mlp"],
              "llama4": ["self_attn", "feed_forward"]}
-    doc = {"name": "image_text", "seed": 0,
-           "space": {"kind": "ps", "method": "linear", "models": [str(m) for m in models], "search": ["weight"],
-                     "layer_groups": 3, "split": split[family], "bounds": {"weight": [0.0, 1.0]}},
-           "optimizer": {"name": "random"}, "budget": {"trials": 3},
-           "evaluation": {"tasks": ["toy_cipher_gen"], "limit": 2}, "validation": {"top_k": 1}}
-    (tmp_path / "exp.yaml").write_text(json.dumps(doc))
-    result = run("search", tmp_path / "exp.yaml", "--run-dir", tmp_path / "run")
-    assert result.exit_code == 0 and "3 trials, 0 failed" in result.output, result.output
-    assert run("merge", tmp_path / "run/best/recipe.yaml", tmp_path / "out").exit_code == 0
+    recipe = linear_search_and_merge(tmp_path, models, 3, layer_groups=3, split=split[family],
+                                     bounds={"weight": [0.0, 1.0]})
     config, source = (json.loads((p / "config.json").read_text()) for p in (tmp_path / "out", base))
     assert config["architectures"] == source["architectures"] and config["text_config"]["num_hidden_layers"] == 3
     written = tensors(tmp_path / "out")
     assert set(written) == set(load_file(base / "model.safetensors"))  # the vision tower and projector included
     if family.startswith("qwen3_5"):  # the head merged as any tensor outside the layers (t = 0, no filter matches): the mean
         # of the models' constants 0, 1, 2 weighted by each model's first value of its last (unfiltered) weight entry
-        recipe = yaml.safe_load((tmp_path / "run/best/recipe.yaml").read_text())["merge"]
         weights = [m["parameters"]["weight"][-1]["value"][0] for m in recipe["models"]]
         expected = sum(i * w for i, w in enumerate(weights)) / sum(weights)
         torch.testing.assert_close(written["mtp.fc.weight"], torch.full((32, 64), expected), atol=1e-6, rtol=1e-6)
@@ -344,16 +350,7 @@ def test_a_search_over_nemotron_h_leaves_its_mtp_layers_out_of_the_live_models(t
         shard = load_file(model / "model.safetensors")
         save_file({**shard, "mtp.layers.0.mixer.up_proj.weight": torch.full((32, 32), float(i))},
                   model / "model.safetensors", metadata={"format": "pt"})
-    doc = {"name": "nemotron_h", "seed": 0,
-           "space": {"kind": "ps", "method": "linear", "models": [str(m) for m in models], "search": ["weight"],
-                     "bounds": {"weight": [0.1, 1.0]}},
-           "optimizer": {"name": "random"}, "budget": {"trials": 2},
-           "evaluation": {"tasks": ["toy_cipher_gen"], "limit": 2}, "validation": {"top_k": 1}}
-    (tmp_path / "exp.yaml").write_text(json.dumps(doc))
-    result = run("search", tmp_path / "exp.yaml", "--run-dir", tmp_path / "run")
-    assert result.exit_code == 0 and "2 trials, 0 failed" in result.output, result.output
-    assert run("merge", tmp_path / "run/best/recipe.yaml", tmp_path / "out").exit_code == 0
-    recipe = yaml.safe_load((tmp_path / "run/best/recipe.yaml").read_text())["merge"]
+    recipe = linear_search_and_merge(tmp_path, models, 2, bounds={"weight": [0.1, 1.0]})
     weights = [m["parameters"]["weight"] for m in recipe["models"]]
     expected = sum(i * w for i, w in enumerate(weights)) / sum(weights)
     torch.testing.assert_close(tensors(tmp_path / "out")["mtp.layers.0.mixer.up_proj.weight"],
