@@ -36,7 +36,8 @@ class Architecture:
     # a search runs its layer paths (data-flow space) on live models of this family (run/path_model.py: a decoder with
     # `model.layers`); a written layer path needs no such thing
     live_layer_paths: bool = False
-    # config keys holding one entry per layer (e.g. sliding vs full attention); they follow the layers when the stack changes
+    # config keys holding one entry per layer (e.g. sliding vs full attention), a list or a string of one character a
+    # layer (Nemotron-H's hybrid_override_pattern); they follow the layers when the stack changes
     per_layer_keys: tuple[str, ...] = ("layer_types", "mlp_layer_types")
     # (regex, replacement) from checkpoint names to the live transformers module, where transformers renames on load
     live_renames: tuple[tuple[str, str], ...] = ()
@@ -128,7 +129,7 @@ class Architecture:
         `layers_block_type`, as transformers 5 writes it)."""
         settings = self.text_settings(config)
         count = settings.get(self.num_layers_key)
-        kinds = next((v for k in self.per_layer_keys if isinstance(v := settings.get(k), list)), None)
+        kinds = next((v for k in self.per_layer_keys if isinstance(v := settings.get(k), (list, str))), None)
         if not isinstance(count, int) and kinds is None:
             raise EvomergeError(f"{self.name} config needs an integer layer count",
                                 key=".".join(filter(None, (self.text_config, self.num_layers_key))))
@@ -143,18 +144,17 @@ class Architecture:
         out = {**settings, self.num_layers_key: n}
         for key in self.per_layer_keys:
             values = settings.get(key)
-            if not isinstance(values, list):
+            if not isinstance(values, (list, str)):
                 continue
             if source_layers is not None:
                 out[key] = [values[i] for i in source_layers]
+                out[key] = "".join(out[key]) if isinstance(values, str) else out[key]
             elif len(values) != n:
                 del out[key]
         if source_layers is not None and "mlp_only_layers" in settings:  # Qwen3-MoE's dense layers, listed anew
             step = settings.get("decoder_sparse_step") or 1  # else every step-th layer is sparse
             dense = {i for i in range(self.num_layers(config)) if i in settings["mlp_only_layers"] or (i + 1) % step}
             out.update(mlp_only_layers=[j for j, i in enumerate(source_layers) if i in dense], decoder_sparse_step=1)
-        if source_layers is not None and isinstance(settings.get("hybrid_override_pattern"), str):  # Nemotron-H's
-            out["hybrid_override_pattern"] = "".join(settings["hybrid_override_pattern"][i] for i in source_layers)
         if source_layers is not None and isinstance(settings.get("full_attn_idxs"), list):  # LFM2's attention layers
             out["full_attn_idxs"] = [j for j, i in enumerate(source_layers) if i in settings["full_attn_idxs"]]
         if source_layers is not None and "interleave_moe_layer_step" in settings:  # Llama 4's layers with experts and
@@ -375,7 +375,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         output_projections=r"\.mixer\.(out_proj|o_proj|down_proj|(shared_experts|experts\.\d+)\.down_proj)\.weight$|"
                            r"\.mixer\.experts\.down_proj$",
         live_layer_paths=True,
-        per_layer_keys=("layers_block_type",),
+        per_layer_keys=("layers_block_type", "hybrid_override_pattern"),
         unloaded=r"(backbone\.)?mtp\.",  # its multi-token-prediction layers, which transformers ignores on load
         live_renames=((r"^backbone\.", "model."),),
         live_experts=tuple((rf"(?:backbone|model)\.(layers\.\d+)\.mixer\.experts\.(?P<e>\d+)\.{kind}\.weight",
