@@ -25,6 +25,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       model_validator)
 
 from evomerge.errors import EvomergeError, read_yaml
+from evomerge.chat_templates import NAMED_CHAT_TEMPLATES
 
 MERGED = "merged"  # the name of the parameter-space result inside a layer path
 
@@ -109,7 +110,7 @@ class MergeStage(_Frozen):
     tokenizer_source: str | None = None  # "base", a model, or None (the base, else the first model)
     tokens: dict[str, TokenSetting] | None = None  # with tokenizer_source: rows of chosen tokens (mergekit's)
     pad_to_multiple_of: int | None = Field(None, gt=0)  # with tokenizer_source: rows padded with their mean
-    chat_template: str | None = None  # "auto" (the one most of the models have) or a Jinja template; None: the tokenizer's
+    chat_template: str | None = None  # "auto" (the one most of the models have), a name or a template; None: the tokenizer's
     seed: int = 0  # keys the counter-based masks of DARE/DELLA
 
     @model_validator(mode="after")
@@ -123,9 +124,9 @@ class MergeStage(_Frozen):
     @field_validator("chat_template")
     @classmethod
     def _a_template(cls, value: str | None) -> str | None:
-        if value not in (None, "auto") and "{" not in value:  # mergekit also takes the names of templates it ships
-            raise ValueError(f"{value!r} is not a Jinja template; give 'auto' (the template most of the models have) "
-                             f"or the template itself")
+        if value not in (None, "auto", *NAMED_CHAT_TEMPLATES) and "{" not in value:
+            raise ValueError(f"{value!r} is neither a Jinja template nor 'auto' (the template most of the models have) "
+                             f"nor one of the named templates {', '.join(NAMED_CHAT_TEMPLATES)}")
         return value
 
     def referenced_models(self) -> list[str]:

@@ -178,7 +178,8 @@ BAD = {
     "broken tokenizer config, a template": (  # the template is written into it after merging every tensor
         lambda m, p: ties(m, base_model=broken_tokenizer_config(m, p), chat_template="{{ messages }}"),
         "broken_tokenizer/tokenizer_config.json: unreadable (Expecting value"),
-    "chat template name": (lambda m, p: ties(m, chat_template="chatml"), "chat_template: 'chatml' is not a Jinja"),
+    "unknown chat template name": (lambda m, p: ties(m, chat_template="chatm1"),
+                                   "chat_template: 'chatm1' is neither a Jinja template nor 'auto'"),
     "tokenizer source over a model without one": (
         lambda m, p: {**ties(m), "tokenizer_source": "base",
                       "models": [{"model": without_tokenizer(m, p), "parameters": {"weight": 1.0}}]},
@@ -252,6 +253,57 @@ def test_chat_template_auto_takes_the_most_common_one_and_a_template_is_written_
     assert tokenizer.chat_template == expected
     assert tokenizer.apply_chat_template(messages, tokenize=False) == ("hi|yo|" if choice == "auto" else "<user>hi<assistant>yo")
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == expected  # older transformers
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
+RENDERED = {  # CONVERSATION with a generation prompt, as each format's models expect it
+    "alpaca": "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello!\n\n### Instruction:\n2+2?\n\n### Response:\n",
+    "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n Hi <|im_end|>\n<|im_start|>assistant\nHello!"
+              "<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "exaone": "[|system|]Be brief.[|endofturn|]\n[|user|] Hi \n[|assistant|]Hello![|endofturn|]\n[|user|]2+2?\n[|assistant|]",
+    "llama3": "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>"
+              "\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user"
+              "<|end_header_id|>\n\n2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    "mistral": "<s> [INST] Be brief.\n\n Hi  [/INST] Hello!</s> [INST] 2+2? [/INST]",
+}
+
+
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_a_named_chat_template_is_written_and_renders_its_format(models, tmp_path, name):
+    from transformers import AutoTokenizer
+
+    result = run("merge", write(tmp_path / "r.yaml", ties(models, chat_template=name)), tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.bos_token == "<s>" and tokenizer.eos_token == "</s>"
+    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True) == RENDERED[name]
+
+
+def test_named_chat_templates_render_as_mergekits_up_to_its_whitespace():
+    """mergekit 0.1.5's files give chatml and mistral prompts alike, the other three with other whitespace only (the
+    module docstring of evomerge/chat_templates.py says where)."""
+    pytest.importorskip("mergekit")
+    import importlib.resources
+    import re
+
+    from mergekit._data import chat_templates
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from evomerge.chat_templates import NAMED_CHAT_TEMPLATES
+
+    def render(template, conversation, generate):
+        return render_jinja_template(conversations=[conversation], chat_template=template, bos_token="<s>",
+                                     eos_token="</s>", add_generation_prompt=generate)[0][0]
+
+    assert set(NAMED_CHAT_TEMPLATES) == {f.name.removesuffix(".jinja") for f in
+                                         importlib.resources.files(chat_templates).iterdir() if f.name.endswith(".jinja")}
+    for name, ours in NAMED_CHAT_TEMPLATES.items():
+        theirs = importlib.resources.files(chat_templates).joinpath(f"{name}.jinja").read_text()
+        for conversation in (CONVERSATION, CONVERSATION[1:3], CONVERSATION[1:2]):
+            for generate in (True, False):
+                a, b = render(ours, conversation, generate), render(theirs, conversation, generate)
+                assert a == b if name in ("chatml", "mistral") else re.sub(r"\s", "", a) == re.sub(r"\s", "", b)
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from evomerge.errors import EvomergeError
 from evomerge.models.architectures import Architecture, architecture_for
+from evomerge.chat_templates import NAMED_CHAT_TEMPLATES
 from evomerge.paths import HUB_ID
 from evomerge.recipe import Recipe
 
@@ -490,14 +491,14 @@ def recipe_model(choice: str, dirs: dict[str, ModelDir], source: str, key: str, 
 
 def pick_chat_template(choice: str, dirs: dict[str, ModelDir], target: ModelDir | None = None,
                        source: str | None = None) -> str | None:
-    """A recipe's `chat_template`: the template itself, or with "auto" the one most of the models have (the first of
-    them on a tie; none when no model has one), as mergekit picks it. `target`: the model whose tokenizer files the
-    merge copies; the template goes into its tokenizer_config.json, read here so that a broken one fails before the
-    merge does."""
+    """A recipe's `chat_template`: the template itself, a named one (evomerge/chat_templates.py), or with "auto" the one
+    most of the models have (the first of them on a tie; none when no model has one), as mergekit picks it. `target`:
+    the model whose tokenizer files the merge copies; the template goes into its tokenizer_config.json, read here so
+    that a broken one fails before the merge does."""
     if target is not None and (target.path / "tokenizer_config.json").is_file():
         tokenizer_config(target.path / "tokenizer_config.json", source)
     if choice != "auto":
-        return choice
+        return NAMED_CHAT_TEMPLATES.get(choice, choice)
     templates = [t.strip() for t in (chat_template_of(d, source) for d in dirs.values()) if t]
     return Counter(templates).most_common(1)[0][0] if templates else None
 
