@@ -1,7 +1,8 @@
 """Paths written in a file mean paths relative to that file: resolved once, when the file is read, to absolute ones.
 
 So a frozen config names the same files from any working directory. A model reference that names nothing there and
-reads as a Hugging Face Hub repo id (`org/name`) stays as written: it is fetched from the hub.
+reads as a Hugging Face Hub repo id (`org/name`, or `org/name@revision`: a branch, tag or commit) stays as written: it is
+fetched from the hub.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")
+HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?(@[^@\s]+)?")  # org/name, pinned as org/name@revision (mergekit's)
 
 
 def absolute(path: str | os.PathLike, base_dir: str | os.PathLike) -> str:

@@ -255,6 +255,27 @@ def test_chat_template_auto_takes_the_most_common_one_and_a_template_is_written_
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == expected  # older transformers
 
 
+def test_hub_ids_pinned_to_a_revision_merge_the_snapshot_of_that_revision(models, tmp_path, monkeypatch):
+    """`org/name@revision` (mergekit's syntax) fetches that revision; the hub here is a stand-in serving the dirs."""
+    import huggingface_hub
+
+    base, a, b = models
+    served = {("someone/base", None): base, ("someone/a", "v1"): a, ("someone/a", "0123abc"): b}
+    asked = []
+
+    def snapshot_download(repo_id, revision=None, **_):
+        asked.append((repo_id, revision))
+        return served[repo_id, revision]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    pinned = ties(("someone/base", "someone/a@v1", "someone/a@0123abc"))
+    assert run("merge", write(tmp_path / "hub.yaml", pinned), tmp_path / "hub").exit_code == 0
+    assert run("merge", write(tmp_path / "local.yaml", ties(models)), tmp_path / "local").exit_code == 0
+    assert set(asked) == set(served)
+    hub, local = load_file(tmp_path / "hub/model.safetensors"), load_file(tmp_path / "local/model.safetensors")
+    assert set(hub) == set(local) and all(torch.equal(hub[n], local[n]) for n in hub)
+
+
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "},
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
 RENDERED = {  # CONVERSATION with a generation prompt, as each format's models expect it

@@ -115,12 +115,16 @@ def test_plan_reads_hub_models_headers_without_downloading_their_weights(mistral
 
     doc = yaml.safe_load(PAPER.read_text())
     repos = dict(zip([doc["space"]["base_model"], *doc["space"]["models"]], map(Path, mistral_dirs)))
+    doc["space"]["base_model"] += "@26bca36"  # pinned to a revision: what is read is that revision's
+    revisions = []
 
-    def config_file(repo_id, filename, **_):
+    def config_file(repo_id, filename, revision=None, **_):
         assert filename == "config.json", filename
+        revisions.append((repo_id, revision))
         return str(repos[repo_id] / filename)
 
-    def metadata(repo_id, **_):
+    def metadata(repo_id, revision=None, **_):
+        revisions.append((repo_id, revision))
         blob = (repos[repo_id] / "model.safetensors").read_bytes()
         header = json.loads(blob[8:8 + struct.unpack("<Q", blob[:8])[0]])
         tensors = {name: TensorInfo(dtype=e["dtype"], shape=e["shape"], data_offsets=tuple(e["data_offsets"]))
@@ -138,6 +142,8 @@ def test_plan_reads_hub_models_headers_without_downloading_their_weights(mistral
     (tmp_path / "hub.yaml").write_text(yaml.safe_dump(doc))
     on_hub = CliRunner().invoke(main, ["plan", str(tmp_path / "hub.yaml"), "--device-memory", "80GB"])
     assert on_hub.exit_code == 0, on_hub.output
+    assert {r for _, r in revisions} == {None, "26bca36"}
+    assert {r for repo, r in revisions if doc["space"]["base_model"].startswith(repo)} == {"26bca36"}
     on_disk = CliRunner().invoke(main, ["plan", str(paper_experiment(tmp_path, mistral_dirs)), "--device-memory", "80GB"])
     table = lambda output: [line for line in output.splitlines() if line.startswith("| ")]  # noqa: E731
     assert table(on_hub.output) == table(on_disk.output) and " | 32.3 GiB | yes | " in on_hub.output
@@ -148,7 +154,7 @@ def test_plan_reads_hub_models_headers_without_downloading_their_weights(mistral
     monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", unreachable)
     result = CliRunner().invoke(main, ["plan", str(tmp_path / "hub.yaml")])
     assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
-    assert result.output.startswith(f"error: {tmp_path / 'hub.yaml'}: space.base_model: mistralai/Mistral-7B-v0.1: "
+    assert result.output.startswith(f"error: {tmp_path / 'hub.yaml'}: space.base_model: mistralai/Mistral-7B-v0.1@26bca36: "
                                     "no such directory, and fetching it from the Hugging Face Hub failed (OSError: "
                                     "We couldn't connect"), result.output
 

@@ -115,13 +115,19 @@ def resolve_model(ref: str, source: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=ref, allow_patterns=_HUB_PATTERNS))
+        return Path(snapshot_download(**hub_repo(ref), allow_patterns=_HUB_PATTERNS))
     except Exception as err:  # offline, unknown or gated repo, network: all mean "cannot get this model"
         raise _hub_error(ref, err, source) from None
 
 
 def _on_hub(ref: str) -> bool:
     return not Path(ref).expanduser().exists() and HUB_ID.fullmatch(ref) is not None
+
+
+def hub_repo(ref: str) -> dict[str, str | None]:
+    """huggingface_hub's repo_id and revision of `org/name` (the default branch) or `org/name@revision`."""
+    repo_id, _, revision = ref.partition("@")
+    return {"repo_id": repo_id, "revision": revision or None}
 
 
 def _hub_error(ref: str, err: Exception, source: str | None) -> EvomergeError:
@@ -136,8 +142,8 @@ def _hub_headers(repo: str, source: str | None) -> tuple[Path, dict[str, str], d
     from huggingface_hub import get_safetensors_metadata, hf_hub_download
 
     try:
-        path = Path(hf_hub_download(repo_id=repo, filename="config.json")).parent
-        metadata = get_safetensors_metadata(repo)
+        path = Path(hf_hub_download(**hub_repo(repo), filename="config.json")).parent
+        metadata = get_safetensors_metadata(**hub_repo(repo))
     except Exception as err:  # offline, unknown or gated repo, no safetensors weights, network
         raise _hub_error(repo, err, source) from None
     shards, header = {}, {}

@@ -39,9 +39,10 @@ class SplitEvaluator:
             if self.tokenizer is None:
                 from transformers import AutoTokenizer
 
+                from evomerge.models.io import resolve_model
                 from evomerge.models.lora import model_part
 
-                self.tokenizer = AutoTokenizer.from_pretrained(model_part(self.tokenizer_source))
+                self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_part(self.tokenizer_source)))
             c = self.config
             self.by_split[split] = HarnessEvaluator(c.tasks, self.tokenizer, split=split,
                                                     limit=c.limit if split == c.split else None, weights=c.weights,
