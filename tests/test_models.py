@@ -76,6 +76,7 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
        for f in ("helium", "glm", "olmoe", "granitemoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe")},
     "falcon_h1": ({"model.embed_tokens.weight"}, {"model.final_layernorm.weight", "lm_head.weight"}),
     "nemotron_h": ({"backbone.embeddings.weight"}, {"backbone.norm_f.weight", "lm_head.weight"}),
+    "exaone": ({"transformer.wte.weight"}, {"transformer.ln_f.weight", "lm_head.weight"}),
     "lfm2_moe": ({"model.embed_tokens.weight"}, {"model.embedding_norm.weight"}),
     "nemotron": ({"model.embed_tokens.weight"}, {"model.norm.weight", "model.norm.bias", "lm_head.weight"}),
     "vaultgemma": ({"model.embed_tokens.weight"}, {"model.norm.weight"}),
@@ -237,6 +238,24 @@ def test_nemotron_h_layer_kinds_of_a_hub_config_follow_a_restacked_path():
     assert written == {**config, "num_hidden_layers": 3, "hybrid_override_pattern": "*M-"}
     assert NemotronHConfig(**written).layers_block_type == ["full_attention", "linear_attention", "mlp"]  # *, M, -
     assert arch.num_layers({"layers_block_type": ["mamba", "moe"]}) == 2  # as transformers 5 writes it: no count
+
+
+def test_exaone_configs_as_the_hub_and_transformers_write_them(tmp_path):
+    """EXAONE 3's hub configs say ExaoneForCausalLM and num_layers; transformers 5 loads it as Llama and writes
+    LlamaForCausalLM and num_hidden_layers under model_type exaone. Both are EXAONE (its checkpoint names), and a
+    written model with fewer layers keeps the key its config had, which transformers reads back."""
+    from transformers import AutoConfig
+
+    hub = {"architectures": ["ExaoneForCausalLM"], "model_type": "exaone", "num_layers": 4}
+    written = {"architectures": ["LlamaForCausalLM"], "model_type": "exaone", "num_hidden_layers": 4}
+    for config, key in ((hub, "num_layers"), (written, "num_hidden_layers")):
+        arch = architecture_for(config, "config.json")
+        assert arch.name == "exaone" and arch.num_layers(config) == 4
+        assert arch.set_num_layers(config, 2) == {**config, key: 2}
+        (tmp_path / "config.json").write_text(json.dumps(arch.set_num_layers(config, 2)))
+        assert AutoConfig.from_pretrained(tmp_path).num_hidden_layers == 2
+    assert architecture_for({**written, "model_type": "llama"}, "config.json").name == "llama"
+    assert arch.layer_of("transformer.h.3.attn.attention.q_proj.weight") == 3 and arch.is_pre_layer("transformer.wte.weight")
 
 
 def test_gpt2_names_without_the_transformer_prefix():

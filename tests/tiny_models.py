@@ -24,7 +24,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
             "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gpt_oss", "qwen2_moe", "lfm2", "qwen3_vl_moe", "granitemoehybrid", "cohere", "stablelm", "phi",
             "glm4_moe", "deepseek_v3", "glm4_moe_lite", "llama4_text", "llama4", "afmoe", "helium", "glm", "nemotron",
             "vaultgemma", "olmoe", "phimoe", "granitemoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe",
-            "falcon_h1", "nemotron_h", "lfm2_moe")
+            "falcon_h1", "nemotron_h", "lfm2_moe", "exaone")
 IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",  # a text
               "qwen3_vl_moe", "llama4")
 # model (its family the key's) beside a
@@ -68,7 +68,7 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "vaultgemma": "VaultGemmaConfig", "olmoe": "OlmoeConfig", "phimoe": "PhimoeConfig",
                "granitemoe": "GraniteMoeConfig", "deepseek_v2": "DeepseekV2Config", "dots1": "Dots1Config",
                "minimax_m2": "MiniMaxM2Config", "hunyuan_v1_moe": "HunYuanMoEV1Config", "falcon_h1": "FalconH1Config",
-               "nemotron_h": "NemotronHConfig", "lfm2_moe": "Lfm2MoeConfig"}
+               "nemotron_h": "NemotronHConfig", "lfm2_moe": "Lfm2MoeConfig", "exaone": "ExaoneConfig"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
@@ -229,6 +229,10 @@ def build_tiny(family: str, path: str | Path, *, seed: int = 0, num_layers: int 
         tensors = load_file(path / "model.safetensors")
         save_file({re.sub(r"^vision_tower\.", "vision_tower.vision_model.", n): t for n, t in tensors.items()},
                   path / "model.safetensors", metadata={"format": "pt"})
+    if family == "exaone":  # its config as the hub's (transformers 5 writes Llama's architecture and layer count key)
+        config = json.loads((path / "config.json").read_text())
+        config["architectures"], config["num_layers"] = ["ExaoneForCausalLM"], config.pop("num_hidden_layers")
+        (path / "config.json").write_text(json.dumps(config, indent=2))
     if family == "qwen3_vl_moe":  # the experts as the hub's checkpoints hold them, [experts, in, out]
         tensors = load_file(path / "model.safetensors")
         save_file({n: t.mT.contiguous() if n.endswith(("experts.gate_up_proj", "experts.down_proj")) else t

@@ -41,6 +41,9 @@ class Architecture:
     per_layer_keys: tuple[str, ...] = ("layer_types", "mlp_layer_types")
     # (regex, replacement) from checkpoint names to the live transformers module, where transformers renames on load
     live_renames: tuple[tuple[str, str], ...] = ()
+    # parameter filters match the live names too (mergekit reads a checkpoint without a table of its own names under
+    # them); False where mergekit's table names the checkpoint's tensors as they are (EXAONE 3)
+    filters_see_live_names: bool = True
     # (regex, replacement, chunk, chunks): a mixture of experts' per-expert checkpoint tensors, which the live module
     # (transformers >= 5) holds fused, one [experts, rows, columns] tensor per kind: the tensor is expert `e` (the
     # regex's group) of the live tensor the replacement names, its chunk-th of `chunks` along the rows
@@ -73,6 +76,8 @@ class Architecture:
         """The names a parameter filter is matched against: the checkpoint's and the live module's (a hub MoE
         checkpoint's experts fused), under which mergekit reads the tensor where it has no table naming the checkpoint's,
         so `mlp` matches Mixtral's experts (block_sparse_moe.experts.0.w1) in both tools."""
+        if not self.filters_see_live_names:
+            return (tensor_name,)
         expert = self.live_expert(tensor_name)
         return tuple(self.live_names(tensor_name)) + ((expert[0],) if expert else ())
 
@@ -128,12 +133,18 @@ class Architecture:
         """The layer count; where a config leaves it out, the length of its list of each layer's kind (Nemotron-H's
         `layers_block_type`, as transformers 5 writes it)."""
         settings = self.text_settings(config)
-        count = settings.get(self.num_layers_key)
+        count = settings.get(self._count_key(settings))
         kinds = next((v for k in self.per_layer_keys if isinstance(v := settings.get(k), (list, str))), None)
         if not isinstance(count, int) and kinds is None:
             raise EvomergeError(f"{self.name} config needs an integer layer count",
                                 key=".".join(filter(None, (self.text_config, self.num_layers_key))))
         return count if isinstance(count, int) else len(kinds)
+
+    def _count_key(self, settings: dict) -> str:
+        """The key of the layer count: the family's, or transformers' own where a config it wrote holds that one
+        (EXAONE 3's hub configs say num_layers, transformers 5 writes num_hidden_layers)."""
+        return next((k for k in (self.num_layers_key, "num_hidden_layers") if isinstance(settings.get(k), int)),
+                    self.num_layers_key)
 
     def set_num_layers(self, config: dict, n: int, *, source_layers: list[int] | None = None) -> dict:
         """A copy of `config` with n layers. Per-layer lists are re-indexed by `source_layers` (the original index of each
@@ -141,7 +152,7 @@ class Architecture:
         if source_layers is not None and len(source_layers) != n:
             raise ValueError(f"source_layers has {len(source_layers)} entries for {n} layers")
         settings = self.text_settings(config)
-        out = {**settings, self.num_layers_key: n}
+        out = {**settings, self._count_key(settings): n}
         for key in self.per_layer_keys:
             values = settings.get(key)
             if not isinstance(values, (list, str)):
@@ -458,6 +469,25 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         num_layers_key="n_layer",
         output_projections=r"\.(attn|mlp)\.c_proj\.(weight|bias)$",
     ),
+    Architecture(  # EXAONE 3.0, 3.5: Llama's layers under GPT-2's names; transformers loads it as Llama, renamed
+        name="exaone",
+        architectures=("ExaoneForCausalLM", "LlamaForCausalLM"),  # the second: its config as transformers 5 writes it
+        layer=r"((?:transformer\.h|model\.layers)\.)(\d+)\.",  # (checkpoint, live)
+        pre=r"transformer\.wte\.weight|model\.embed_tokens\.weight",
+        post=r"(transformer\.ln_f|model\.norm)\.weight|lm_head\.weight",
+        vocab=r"transformer\.wte\.weight|model\.embed_tokens\.weight|lm_head\.weight",
+        tied_default=False,
+        num_layers_key="num_layers",
+        output_projections=r"\.(attn\.attention\.out_proj|mlp\.c_proj)\.weight$",
+        filters_see_live_names=False,
+        live_layer_paths=True,
+        live_renames=((r"^transformer\.wte\.", "model.embed_tokens."), (r"^transformer\.ln_f\.", "model.norm."),
+                      *((rf"^transformer\.h\.(\d+)\.{old}\.", rf"model.layers.\1.{new}.") for old, new in (
+                          ("attn.attention.q_proj", "self_attn.q_proj"), ("attn.attention.k_proj", "self_attn.k_proj"),
+                          ("attn.attention.v_proj", "self_attn.v_proj"), ("attn.attention.out_proj", "self_attn.o_proj"),
+                          ("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm"),
+                          ("mlp.c_fc_0", "mlp.gate_proj"), ("mlp.c_fc_1", "mlp.up_proj"), ("mlp.c_proj", "mlp.down_proj")))),
+    ),
     Architecture(
         name="gpt_neox",
         architectures=("GPTNeoXForCausalLM",),
@@ -473,11 +503,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (
 
 
 def architecture_for(config: dict, source: str) -> Architecture:
-    """The family of a config.json, by its `architectures` entries, or its `model_type` when those are absent."""
-    declared = config.get("architectures") or []
-    for arch in ARCHITECTURES:
-        if any(a in arch.architectures for a in declared) or (not declared and config.get("model_type") == arch.name):
-            return arch
+    """The family of a config.json, by its `architectures` entries (the one named by its `model_type` where several
+    families share one: transformers loads EXAONE 3 as Llama), or its `model_type` when those are absent."""
+    declared, model_type = config.get("architectures") or [], config.get("model_type")
+    found = [arch for arch in ARCHITECTURES
+             if any(a in arch.architectures for a in declared) or (not declared and model_type == arch.name)]
+    if found:
+        return next((arch for arch in found if arch.name == model_type), found[0])
     supported = ", ".join(a for arch in ARCHITECTURES for a in arch.architectures)
     found = ", ".join(declared) or f"model_type {config.get('model_type')!r}"
     raise EvomergeError(f"unsupported architecture {found} (supported: {supported})", source=source, key="architectures")
