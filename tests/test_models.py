@@ -30,7 +30,8 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "gemma3": ({"language_model.model.embed_tokens.weight"}, {"language_model.model.norm.weight"}),
     "olmo2": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "phi3": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
-    "gpt2": ({"transformer.wte.weight", "transformer.wpe.weight"}, {"transformer.ln_f.weight", "transformer.ln_f.bias"}),
+    **{f: ({"transformer.wte.weight", "transformer.wpe.weight"}, {"transformer.ln_f.weight", "transformer.ln_f.bias"})
+       for f in ("gpt2", "gpt_bigcode")},
     "gpt_neox": ({"gpt_neox.embed_in.weight"},
                  {"gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias", "embed_out.weight"}),
     "qwen3_moe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
@@ -77,6 +78,9 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "falcon_h1": ({"model.embed_tokens.weight"}, {"model.final_layernorm.weight", "lm_head.weight"}),
     "nemotron_h": ({"backbone.embeddings.weight"}, {"backbone.norm_f.weight", "lm_head.weight"}),
     "exaone": ({"transformer.wte.weight"}, {"transformer.ln_f.weight", "lm_head.weight"}),
+    "internlm3": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    "mamba": ({"backbone.embeddings.weight"}, {"backbone.norm_f.weight"}),
+    "falcon": ({"transformer.word_embeddings.weight"}, {"transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"}),
     "lfm2_moe": ({"model.embed_tokens.weight"}, {"model.embedding_norm.weight"}),
     "nemotron": ({"model.embed_tokens.weight"}, {"model.norm.weight", "model.norm.bias", "lm_head.weight"}),
     "vaultgemma": ({"model.embed_tokens.weight"}, {"model.norm.weight"}),
@@ -84,10 +88,10 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "llama4": ({"language_model.model.embed_tokens.weight"}, {"language_model.model.norm.weight",
                                                               "language_model.lm_head.weight"}),
 }
-VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "backbone.embeddings.weight", "lm_head.bias", "transformer.wte.weight", "gpt_neox.embed_in.weight",
+VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "transformer.word_embeddings.weight", "backbone.embeddings.weight", "lm_head.bias", "transformer.wte.weight", "gpt_neox.embed_in.weight",
          "embed_out.weight", "language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
          "language_model.lm_head.weight"}
-TIED = {"gemma", "gemma2", "gemma3_text", "gemma3", "gpt2", "cohere2", "starcoder2", "smollm3", "ernie4_5", "mistral3",
+TIED = {"gemma", "gemma2", "gemma3_text", "gemma3", "gpt2", "gpt_bigcode", "mamba", "cohere2", "starcoder2", "smollm3", "ernie4_5", "mistral3",
         "gemma4_text", "gemma4", "lfm2", "cohere", "vaultgemma", "lfm2_moe"}
 BRANCH_NORMED = {"gemma2", "gemma3_text", "gemma3", "olmo2", "glm4", "olmo3", "exaone4", "gemma4_text", "gemma4",
                  "afmoe"}  # norm each branch's output: no output projection folds a scale
@@ -162,14 +166,14 @@ def test_block_of_agrees_with_the_live_module_classes(tiny, live, family):
         # model.layers.0.self_attn; the layer itself for its own tensors (Gemma-4's layer_scalar)
         cls = type(model.get_submodule(owner)).__name__
         expected = next((b for key, b in (("Attention", "attn"), ("GatedDeltaNet", "attn"), ("ShortConv", "attn"),
-                                          ("Mamba", "attn"), ("H1Mixer", "attn"), ("MLP", "mlp"), ("SparseMoeBlock", "mlp"), ("HybridMoE", "mlp"),
+                                          ("RMSNorm", "norm"), ("Mamba", "attn"), ("H1Mixer", "attn"), ("MLP", "mlp"), ("SparseMoeBlock", "mlp"), ("HybridMoE", "mlp"),
                                           ("Norm", "norm"), ("MoE", "mlp")) if key.lower() in cls.lower()), None)
         assert md.arch.block_of(name) == expected, (name, cls)
         seen.add(expected)
-    assert {"attn", "mlp", "norm", None} <= seen
+    assert {"attn", "norm", None, *(("mlp",) if family != "mamba" else ())} <= seen
 
 
-EPS_KEY = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "cohere2": "layer_norm_eps",
+EPS_KEY = {"gpt2": "layer_norm_epsilon", "gpt_bigcode": "layer_norm_epsilon", "falcon": "layer_norm_epsilon", "mamba": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "cohere2": "layer_norm_eps",
            "starcoder2": "norm_epsilon", "lfm2": "norm_eps", "cohere": "layer_norm_eps", "stablelm": "layer_norm_eps",
            "phi": "layer_norm_eps", "nemotron": "norm_eps", "nemotron_h": "layer_norm_epsilon", "lfm2_moe": "norm_eps"}
 
@@ -182,18 +186,19 @@ DENSE_LAYER_1 = {"qwen3_moe": {"mlp_only_layers": [1]}, "qwen3_next": {"mlp_only
                  "llama4_text": {"interleave_moe_layer_step": 4}}
 
 
-@pytest.mark.parametrize("family, dense", [(f, False) for f in sorted(set(FAMILIES) - BRANCH_NORMED)]
-                         + [(f, True) for f in DENSE_LAYER_1])
-def test_output_projections_fold_a_hidden_state_scale(tmp_path, family, dense):
+@pytest.mark.parametrize("family, overrides", [(f, {}) for f in sorted(set(FAMILIES) - BRANCH_NORMED)]
+                         + [(f, DENSE_LAYER_1[f]) for f in DENSE_LAYER_1]
+                         + [("falcon", {"new_decoder_architecture": False})])  # Falcon-7B's one norm for both branches
+def test_output_projections_fold_a_hidden_state_scale(tmp_path, family, overrides):
     """A layer with its output projections times c computes c * layer(x / c): each branch adds c times its output to a
-    stream whose norms ignore the scale (exact with a negligible norm epsilon, as here). `dense`: the hooked layer of a
-    mixture of experts is a dense one."""
+    stream whose norms ignore the scale (exact with a negligible norm epsilon, as here). `DENSE_LAYER_1`: the hooked
+    layer of a mixture of experts is a dense one."""
     eps = {EPS_KEY.get(family, "rms_norm_eps"): 1e-30}
-    path = build_tiny(family, tmp_path / family, num_layers=LAYERS, tokenizer=False, **eps,
-                      **(DENSE_LAYER_1[family] if dense else {}))
+    path = build_tiny(family, tmp_path / family, num_layers=LAYERS, tokenizer=False, **eps, **overrides)
     md, c = ModelDir.open(path), 0.37
     outs = [n for n in md.tensor_names if md.arch.is_output_projection(n)]
-    assert {md.arch.block_of(n) for n in outs} == {"attn", "mlp"} and {md.arch.layer_of(n) for n in outs} == {0, 1, 2}
+    branches = {"attn"} if family == "mamba" else {"attn", "mlp"}  # (Mamba's layers have a mixer only)
+    assert {md.arch.block_of(n) for n in outs} == branches and {md.arch.layer_of(n) for n in outs} == {0, 1, 2}
     layer = re.match(md.arch.layer, md.arch.live_names(outs[0])[-1]).group(1) + "1"  # e.g. model.layers.1
 
     def divide_input(module, args, kwargs):

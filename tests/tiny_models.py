@@ -24,7 +24,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
             "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gpt_oss", "qwen2_moe", "lfm2", "qwen3_vl_moe", "granitemoehybrid", "cohere", "stablelm", "phi",
             "glm4_moe", "deepseek_v3", "glm4_moe_lite", "llama4_text", "llama4", "afmoe", "helium", "glm", "nemotron",
             "vaultgemma", "olmoe", "phimoe", "granitemoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe",
-            "falcon_h1", "nemotron_h", "lfm2_moe", "exaone")
+            "falcon_h1", "nemotron_h", "lfm2_moe", "exaone", "internlm3", "gpt_bigcode", "falcon", "mamba")
 IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",  # a text
               "qwen3_vl_moe", "llama4")
 # model (its family the key's) beside a
@@ -46,6 +46,17 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
     if family == "gpt2":
         return transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=num_layers, n_head=2, n_positions=128,
                                        **ids, **overrides)
+    if family == "gpt_bigcode":
+        return transformers.GPTBigCodeConfig(vocab_size=vocab, n_embd=hidden, n_layer=num_layers, n_head=2,
+                                             n_positions=128, **ids, **overrides)
+    if family == "falcon":  # Falcon-40B's layout (a norm per branch) and a head of its own, as mergekit 0.1.5's table
+        return transformers.FalconConfig(**{**dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=num_layers,
+                                                   num_attention_heads=2, num_kv_heads=1, new_decoder_architecture=True,
+                                                   tie_word_embeddings=False, max_position_embeddings=128),
+                                            **ids, **overrides})  # (overrides may ask for 7B's layout)
+    if family == "mamba":  # a state of 8 per channel
+        return transformers.MambaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=num_layers, state_size=8,
+                                        **ids, **overrides)
     if family == "gpt_neox":
         return transformers.GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                                           num_hidden_layers=num_layers, num_attention_heads=2,
@@ -68,13 +79,14 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "vaultgemma": "VaultGemmaConfig", "olmoe": "OlmoeConfig", "phimoe": "PhimoeConfig",
                "granitemoe": "GraniteMoeConfig", "deepseek_v2": "DeepseekV2Config", "dots1": "Dots1Config",
                "minimax_m2": "MiniMaxM2Config", "hunyuan_v1_moe": "HunYuanMoEV1Config", "falcon_h1": "FalconH1Config",
-               "nemotron_h": "NemotronHConfig", "lfm2_moe": "Lfm2MoeConfig", "exaone": "ExaoneConfig"}
+               "nemotron_h": "NemotronHConfig", "lfm2_moe": "Lfm2MoeConfig", "exaone": "ExaoneConfig",
+               "internlm3": "InternLM3Config"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
     if family.startswith(("gemma", "qwen3", "arcee", "cohere2", "glm", "olmo3", "exaone4", "seed_oss", "apertus",
-                          "ernie4_5", "hunyuan", "helium", "nemotron", "vaultgemma", "dots1", "minimax", "falcon")):
+                          "ernie4_5", "hunyuan", "helium", "nemotron", "vaultgemma", "dots1", "minimax", "falcon", "internlm3")):
         dims["head_dim"] = hidden // 2  # their default head_dim (256, 128) whatever the hidden size
     if family in ("qwen3_moe", "qwen3_next", "qwen3_5_moe_text", "qwen2_moe"):  # 4 experts of 2 per token, each with
         dims.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden)  # an MLP as wide as the hidden state
@@ -229,9 +241,11 @@ def build_tiny(family: str, path: str | Path, *, seed: int = 0, num_layers: int 
         tensors = load_file(path / "model.safetensors")
         save_file({re.sub(r"^vision_tower\.", "vision_tower.vision_model.", n): t for n, t in tensors.items()},
                   path / "model.safetensors", metadata={"format": "pt"})
-    if family == "exaone":  # its config as the hub's (transformers 5 writes Llama's architecture and layer count key)
-        config = json.loads((path / "config.json").read_text())
-        config["architectures"], config["num_layers"] = ["ExaoneForCausalLM"], config.pop("num_hidden_layers")
+    if family in ("exaone", "internlm3"):  # config.json as the hub's (transformers 5, loading them as Llama, writes
+        config = json.loads((path / "config.json").read_text())  # LlamaForCausalLM, and EXAONE's layer count anew)
+        config["architectures"] = ["ExaoneForCausalLM" if family == "exaone" else "InternLM3ForCausalLM"]
+        if family == "exaone":
+            config["num_layers"] = config.pop("num_hidden_layers")
         (path / "config.json").write_text(json.dumps(config, indent=2))
     if family == "qwen3_vl_moe":  # the experts as the hub's checkpoints hold them, [experts, in, out]
         tensors = load_file(path / "model.safetensors")

@@ -7,7 +7,7 @@ Names are those of the safetensors checkpoint (e.g. `model.layers.3.mlp.up_proj.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from evomerge.errors import EvomergeError
@@ -291,6 +291,18 @@ _LLAMA4 = dict(mlp=r"\.(feed_forward|layers\.\d+\.mlp)\.",  # (its vision tower'
                output_projections=r"\.(self_attn\.o_proj\.weight|feed_forward\.((shared_expert\.)?down_proj\.weight|"
                                   r"experts\.down_proj))$")
 
+_GPT2 = Architecture(  # older GPT-2 checkpoints (the hub's `gpt2`) leave out the `transformer.` prefix
+    name="gpt2",
+    architectures=("GPT2LMHeadModel",),
+    layer=r"((?:transformer\.)?h\.)(\d+)\.",
+    pre=r"(transformer\.)?(wte|wpe)\.weight",
+    post=r"(transformer\.)?ln_f\.(weight|bias)|lm_head\.weight",
+    vocab=r"(transformer\.)?wte\.weight|lm_head\.weight",
+    tied_default=True,
+    num_layers_key="n_layer",
+    output_projections=r"\.(attn|mlp)\.c_proj\.(weight|bias)$",
+)
+
 ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("llama", "LlamaForCausalLM"),
     _llama_like("mistral", "MistralForCausalLM"),
@@ -303,6 +315,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("olmo2", "Olmo2ForCausalLM", output_projections=""),  # norms each branch's output, as Gemma-2
     _llama_like("granite", "GraniteForCausalLM"),
     _llama_like("arcee", "ArceeForCausalLM"),
+    _llama_like("internlm3", "InternLM3ForCausalLM",  # transformers loads it as Llama, and writes that architecture
+                architectures=("InternLM3ForCausalLM", "LlamaForCausalLM")),
     _llama_like("cohere2", "Cohere2ForCausalLM", tied=True),  # attention and MLP in parallel, on one norm
     _llama_like("cohere", "CohereForCausalLM", tied=True),  # Command R (v1), as Cohere-2
     _llama_like("stablelm", "StableLmForCausalLM"),  # StableLM(-2): norms with biases
@@ -458,16 +472,31 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _image_text("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", tied=False, text=r"model\.language_model",
                 vision_layers=r"(model\.visual\.(?:blocks|deepstack_merger_list)\.)(\d+)\.",
                 output_projections=r"\.(self_attn\.o_proj\.weight|mlp\.down_proj\.weight|mlp\.experts\.down_proj)$"),
-    Architecture(  # older GPT-2 checkpoints (the hub's `gpt2`) leave out the `transformer.` prefix
-        name="gpt2",
-        architectures=("GPT2LMHeadModel",),
-        layer=r"((?:transformer\.)?h\.)(\d+)\.",
-        pre=r"(transformer\.)?(wte|wpe)\.weight",
-        post=r"(transformer\.)?ln_f\.(weight|bias)|lm_head\.weight",
-        vocab=r"(transformer\.)?wte\.weight|lm_head\.weight",
+    _GPT2,
+    replace(_GPT2, name="gpt_bigcode", architectures=("GPTBigCodeForCausalLM",)),  # StarCoder (1), SantaCoder: GPT-2's
+    # names (one key-value head)
+    Architecture(  # Mamba: one selective state-space mixer a layer, no MLP
+        name="mamba",
+        architectures=("MambaForCausalLM",),
+        layer=r"(backbone\.layers\.)(\d+)\.",
+        pre=r"backbone\.embeddings\.weight",
+        post=r"backbone\.norm_f\.weight|lm_head\.weight",
+        vocab=r"backbone\.embeddings\.weight|lm_head\.weight",
         tied_default=True,
-        num_layers_key="n_layer",
-        output_projections=r"\.(attn|mlp)\.c_proj\.(weight|bias)$",
+        attn=r"\.mixer\.",
+        mlp=r"$^",
+        output_projections=r"\.mixer\.out_proj\.weight$",
+    ),
+    Architecture(  # Falcon: attention and MLP in parallel, on one norm (7B) or one each (40B, 180B: ln_attn, ln_mlp)
+        name="falcon",
+        architectures=("FalconForCausalLM",),
+        layer=r"(transformer\.h\.)(\d+)\.",
+        pre=r"transformer\.word_embeddings\.weight",
+        post=r"transformer\.ln_f\.(weight|bias)|lm_head\.weight",
+        vocab=r"transformer\.word_embeddings\.weight|lm_head\.weight",
+        tied_default=True,
+        attn=r"\.self_attention\.",
+        output_projections=r"\.(self_attention\.dense|mlp\.dense_4h_to_h)\.(weight|bias)$",
     ),
     Architecture(  # EXAONE 3.0, 3.5: Llama's layers under GPT-2's names; transformers loads it as Llama, renamed
         name="exaone",
