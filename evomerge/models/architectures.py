@@ -211,20 +211,27 @@ class Architecture:
 _LLAMA_OUT = r"\.(self_attn\.o_proj|mlp\.down_proj)\.(weight|bias)$"
 
 
-def _llama_like(name: str, architecture: str, *, tied: bool = False, **fields) -> Architecture:
-    """A decoder named as Llama's (`model.layers.`); `fields` override the rest."""
+def _decoder(name: str, architectures: tuple[str, ...], *, layers: str, embeddings: str, final_norm: str,
+             tied: bool = False, **fields) -> Architecture:
+    """A decoder whose checkpoint names its layers `{layers}.{i}.`, its embeddings `{embeddings}.weight`, its final norm
+    `{final_norm}.weight` (and bias) and its head `lm_head.weight` (regexes); `fields` set the rest."""
     return Architecture(**{
         "name": name,
-        "architectures": (architecture,),
-        "layer": r"(model\.layers\.)(\d+)\.",
-        "pre": r"model\.embed_tokens\.weight",
-        "post": r"model\.norm\.(weight|bias)|lm_head\.weight",
-        "vocab": r"model\.embed_tokens\.weight|lm_head\.weight",
+        "architectures": architectures,
+        "layer": rf"({layers}\.)(\d+)\.",
+        "pre": rf"{embeddings}\.weight",
+        "post": rf"{final_norm}\.(weight|bias)|lm_head\.weight",
+        "vocab": rf"{embeddings}\.weight|lm_head\.weight",
         "tied_default": tied,
-        "output_projections": _LLAMA_OUT,
-        "live_layer_paths": True,
         **fields,
     })
+
+
+def _llama_like(name: str, architecture: str, **fields) -> Architecture:
+    """A decoder named as Llama's (`model.layers.`); `fields` override the rest."""
+    return _decoder(name, fields.pop("architectures", (architecture,)), **{"layers": r"model\.layers", "embeddings": r"model\.embed_tokens",
+                                             "final_norm": r"model\.norm", "output_projections": _LLAMA_OUT,
+                                             "live_layer_paths": True, **fields})
 
 
 def _fused_experts(experts: str, gate: str, up: str, down: str, layers: str = r"model\.layers", live: str = "mlp"
@@ -291,17 +298,10 @@ _LLAMA4 = dict(mlp=r"\.(feed_forward|layers\.\d+\.mlp)\.",  # (its vision tower'
                output_projections=r"\.(self_attn\.o_proj\.weight|feed_forward\.((shared_expert\.)?down_proj\.weight|"
                                   r"experts\.down_proj))$")
 
-_GPT2 = Architecture(  # older GPT-2 checkpoints (the hub's `gpt2`) leave out the `transformer.` prefix
-    name="gpt2",
-    architectures=("GPT2LMHeadModel",),
-    layer=r"((?:transformer\.)?h\.)(\d+)\.",
-    pre=r"(transformer\.)?(wte|wpe)\.weight",
-    post=r"(transformer\.)?ln_f\.(weight|bias)|lm_head\.weight",
-    vocab=r"(transformer\.)?wte\.weight|lm_head\.weight",
-    tied_default=True,
-    num_layers_key="n_layer",
-    output_projections=r"\.(attn|mlp)\.c_proj\.(weight|bias)$",
-)
+_GPT2 = _decoder(  # older GPT-2 checkpoints (the hub's `gpt2`) leave out the `transformer.` prefix
+    "gpt2", ("GPT2LMHeadModel",), layers=r"(?:transformer\.)?h", embeddings=r"(transformer\.)?wte",
+    final_norm=r"(transformer\.)?ln_f", tied=True, pre=r"(transformer\.)?(wte|wpe)\.weight",  # (position embeddings)
+    num_layers_key="n_layer", output_projections=r"\.(attn|mlp)\.c_proj\.(weight|bias)$")
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("llama", "LlamaForCausalLM"),
@@ -385,16 +385,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("falcon_h1", "FalconH1ForCausalLM",  # Falcon-H1: attention and Mamba-2 side by side in every layer
                 attn=r"\.(self_attn|mamba)\.", mlp=r"\.feed_forward\.", post=r"model\.final_layernorm\.weight|lm_head\.weight",
                 output_projections=r"\.(self_attn\.o_proj|mamba\.out_proj|feed_forward\.down_proj)\.weight$"),
-    Architecture(  # Nemotron-H (Nemotron Nano 2, Nemotron 3 Nano): each layer one mixer, Mamba-2, attention, an MLP or
+    _decoder(  # Nemotron-H (Nemotron Nano 2, Nemotron 3 Nano): each layer one mixer, Mamba-2, attention, an MLP or
         # experts, as `layers_block_type` (hub configs: `hybrid_override_pattern`, a character a layer) says; the
         # checkpoints name the decoder `backbone.`, transformers `model.`
-        name="nemotron_h",
-        architectures=("NemotronHForCausalLM",),
-        layer=r"((?:backbone|model)\.layers\.)(\d+)\.",
-        pre=r"(backbone|model)\.embeddings\.weight",
-        post=r"(backbone|model)\.norm_f\.weight|lm_head\.weight",
-        vocab=r"(backbone|model)\.embeddings\.weight|lm_head\.weight",
-        tied_default=False,
+        "nemotron_h", ("NemotronHForCausalLM",),
+        layers=r"(?:backbone|model)\.layers", embeddings=r"(backbone|model)\.embeddings", final_norm=r"(backbone|model)\.norm_f",
         attn=r"\.mixer\.(?!(experts|shared_experts|gate|up_proj|down_proj)\b)",
         mlp=r"\.mixer\.(experts|shared_experts|gate|up_proj|down_proj)\b",
         output_projections=r"\.mixer\.(out_proj|o_proj|down_proj|(shared_experts|experts\.\d+)\.down_proj)\.weight$|"
@@ -475,37 +470,17 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _GPT2,
     replace(_GPT2, name="gpt_bigcode", architectures=("GPTBigCodeForCausalLM",)),  # StarCoder (1), SantaCoder: GPT-2's
     # names (one key-value head)
-    Architecture(  # Mamba: one selective state-space mixer a layer, no MLP
-        name="mamba",
-        architectures=("MambaForCausalLM",),
-        layer=r"(backbone\.layers\.)(\d+)\.",
-        pre=r"backbone\.embeddings\.weight",
-        post=r"backbone\.norm_f\.weight|lm_head\.weight",
-        vocab=r"backbone\.embeddings\.weight|lm_head\.weight",
-        tied_default=True,
-        attn=r"\.mixer\.",
-        mlp=r"$^",
-        output_projections=r"\.mixer\.out_proj\.weight$",
-    ),
-    Architecture(  # Falcon: attention and MLP in parallel, on one norm (7B) or one each (40B, 180B: ln_attn, ln_mlp)
-        name="falcon",
-        architectures=("FalconForCausalLM",),
-        layer=r"(transformer\.h\.)(\d+)\.",
-        pre=r"transformer\.word_embeddings\.weight",
-        post=r"transformer\.ln_f\.(weight|bias)|lm_head\.weight",
-        vocab=r"transformer\.word_embeddings\.weight|lm_head\.weight",
-        tied_default=True,
-        attn=r"\.self_attention\.",
-        output_projections=r"\.(self_attention\.dense|mlp\.dense_4h_to_h)\.(weight|bias)$",
-    ),
-    Architecture(  # EXAONE 3.0, 3.5: Llama's layers under GPT-2's names; transformers loads it as Llama, renamed
-        name="exaone",
-        architectures=("ExaoneForCausalLM", "LlamaForCausalLM"),  # the second: its config as transformers 5 writes it
-        layer=r"((?:transformer\.h|model\.layers)\.)(\d+)\.",  # (checkpoint, live)
-        pre=r"transformer\.wte\.weight|model\.embed_tokens\.weight",
-        post=r"(transformer\.ln_f|model\.norm)\.weight|lm_head\.weight",
-        vocab=r"transformer\.wte\.weight|model\.embed_tokens\.weight|lm_head\.weight",
-        tied_default=False,
+    _decoder("mamba", ("MambaForCausalLM",), layers=r"backbone\.layers", embeddings=r"backbone\.embeddings",  # one
+             final_norm=r"backbone\.norm_f", tied=True, attn=r"\.mixer\.", mlp=r"$^",  # state-space mixer a layer,
+             output_projections=r"\.mixer\.out_proj\.weight$"),  # no MLP
+    _decoder("falcon", ("FalconForCausalLM",), layers=r"transformer\.h", embeddings=r"transformer\.word_embeddings",
+             final_norm=r"transformer\.ln_f", tied=True, attn=r"\.self_attention\.",  # attention and MLP in parallel,
+             output_projections=r"\.(self_attention\.dense|mlp\.dense_4h_to_h)\.(weight|bias)$"),  # on one norm
+    # (7B) or one each (40B, 180B: ln_attn, ln_mlp)
+    _decoder(  # EXAONE 3.0, 3.5: Llama's layers under GPT-2's names; transformers loads it as Llama, renamed
+        "exaone", ("ExaoneForCausalLM", "LlamaForCausalLM"),  # the second: its config as transformers 5 writes it
+        layers=r"(?:transformer\.h|model\.layers)", embeddings=r"(transformer\.wte|model\.embed_tokens)",  # (checkpoint,
+        final_norm=r"(transformer\.ln_f|model\.norm)",  # live)
         num_layers_key="num_layers",
         output_projections=r"\.(attn\.attention\.out_proj|mlp\.c_proj)\.weight$",
         filters_see_live_names=False,
