@@ -113,7 +113,7 @@ def test_a_layer_path_search_over_a_family_it_cannot_run(tiny_zoo, tmp_path):
     gpt2 = build_tiny("gpt2", tmp_path / "gpt2", num_layers=2, hidden=32)
     assert_refused(search(tmp_path, dfs_experiment(tiny_zoo, [gpt2])), tmp_path, "space.kind",
                    "runs layer paths on llama, mistral, qwen2, gemma, gemma2, phi3, qwen3, gemma3_text, olmo2, granite, "
-                   "arcee, internlm3, cohere2, cohere, stablelm, phi, glm4, starcoder2, olmo3, exaone4, smollm3, seed_oss, apertus, ernie4_5, "
+                   "arcee, ministral, ministral3, internlm3, cohere2, cohere, stablelm, phi, glm4, starcoder2, olmo3, exaone4, smollm3, seed_oss, apertus, ernie4_5, "
                    "hunyuan_v1_dense, helium, glm, nemotron, vaultgemma, qwen3_5_text, lfm2, lfm2_moe, qwen3_moe, olmoe, mixtral, "
                    "qwen2_moe, granitemoehybrid, granitemoe, minimax_m2, hunyuan_v1_moe, phimoe, falcon_h1, nemotron_h, gpt_oss, "
                    "glm4_moe, deepseek_v3, glm4_moe_lite, deepseek_v2, dots1, afmoe, llama4_text, qwen3_next, "

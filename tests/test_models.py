@@ -78,7 +78,8 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "falcon_h1": ({"model.embed_tokens.weight"}, {"model.final_layernorm.weight", "lm_head.weight"}),
     "nemotron_h": ({"backbone.embeddings.weight"}, {"backbone.norm_f.weight", "lm_head.weight"}),
     "exaone": ({"transformer.wte.weight"}, {"transformer.ln_f.weight", "lm_head.weight"}),
-    "internlm3": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    **{f: ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"})
+       for f in ("internlm3", "ministral", "ministral3")},
     "mamba": ({"backbone.embeddings.weight"}, {"backbone.norm_f.weight"}),
     "falcon": ({"transformer.word_embeddings.weight"}, {"transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"}),
     "lfm2_moe": ({"model.embed_tokens.weight"}, {"model.embedding_norm.weight"}),

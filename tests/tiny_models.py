@@ -24,7 +24,8 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
             "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_text", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gpt_oss", "qwen2_moe", "lfm2", "qwen3_vl_moe", "granitemoehybrid", "cohere", "stablelm", "phi",
             "glm4_moe", "deepseek_v3", "glm4_moe_lite", "llama4_text", "llama4", "afmoe", "helium", "glm", "nemotron",
             "vaultgemma", "olmoe", "phimoe", "granitemoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe",
-            "falcon_h1", "nemotron_h", "lfm2_moe", "exaone", "internlm3", "gpt_bigcode", "falcon", "mamba")
+            "falcon_h1", "nemotron_h", "lfm2_moe", "exaone", "internlm3", "gpt_bigcode", "falcon", "mamba", "ministral",
+            "ministral3")
 IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",  # a text
               "qwen3_vl_moe", "llama4")
 # model (its family the key's) beside a
@@ -80,13 +81,14 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "granitemoe": "GraniteMoeConfig", "deepseek_v2": "DeepseekV2Config", "dots1": "Dots1Config",
                "minimax_m2": "MiniMaxM2Config", "hunyuan_v1_moe": "HunYuanMoEV1Config", "falcon_h1": "FalconH1Config",
                "nemotron_h": "NemotronHConfig", "lfm2_moe": "Lfm2MoeConfig", "exaone": "ExaoneConfig",
-               "internlm3": "InternLM3Config"}
+               "internlm3": "InternLM3Config", "ministral": "MinistralConfig", "ministral3": "Ministral3Config"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
     if family.startswith(("gemma", "qwen3", "arcee", "cohere2", "glm", "olmo3", "exaone4", "seed_oss", "apertus",
-                          "ernie4_5", "hunyuan", "helium", "nemotron", "vaultgemma", "dots1", "minimax", "falcon", "internlm3")):
+                          "ernie4_5", "hunyuan", "helium", "nemotron", "vaultgemma", "dots1", "minimax", "falcon", "internlm3",
+                          "ministral")):
         dims["head_dim"] = hidden // 2  # their default head_dim (256, 128) whatever the hidden size
     if family in ("qwen3_moe", "qwen3_next", "qwen3_5_moe_text", "qwen2_moe"):  # 4 experts of 2 per token, each with
         dims.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden)  # an MLP as wide as the hidden state

@@ -315,6 +315,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _llama_like("olmo2", "Olmo2ForCausalLM", output_projections=""),  # norms each branch's output, as Gemma-2
     _llama_like("granite", "GraniteForCausalLM"),
     _llama_like("arcee", "ArceeForCausalLM"),
+    _llama_like("ministral", "MinistralForCausalLM"),  # Ministral-8B as transformers 5 names it (the hub's: Mistral)
+    _llama_like("ministral3", "Ministral3ForCausalLM"),  # Ministral 3's text model
     _llama_like("internlm3", "InternLM3ForCausalLM",  # transformers loads it as Llama, and writes that architecture
                 architectures=("InternLM3ForCausalLM", "LlamaForCausalLM")),
     _llama_like("cohere2", "Cohere2ForCausalLM", tied=True),  # attention and MLP in parallel, on one norm
