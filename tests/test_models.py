@@ -80,6 +80,7 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "exaone": ({"transformer.wte.weight"}, {"transformer.ln_f.weight", "lm_head.weight"}),
     **{f: ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"})
        for f in ("internlm3", "ministral", "ministral3")},
+    "ernie4_5_moe": ({"model.embed_tokens.weight"}, {"model.norm.weight"}),
     "mamba": ({"backbone.embeddings.weight"}, {"backbone.norm_f.weight"}),
     "falcon": ({"transformer.word_embeddings.weight"}, {"transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"}),
     "lfm2_moe": ({"model.embed_tokens.weight"}, {"model.embedding_norm.weight"}),
@@ -92,7 +93,7 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
 VOCAB = {"model.embed_tokens.weight", "lm_head.weight", "transformer.word_embeddings.weight", "backbone.embeddings.weight", "lm_head.bias", "transformer.wte.weight", "gpt_neox.embed_in.weight",
          "embed_out.weight", "language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
          "language_model.lm_head.weight"}
-TIED = {"gemma", "gemma2", "gemma3_text", "gemma3", "gpt2", "gpt_bigcode", "mamba", "cohere2", "starcoder2", "smollm3", "ernie4_5", "mistral3",
+TIED = {"gemma", "gemma2", "gemma3_text", "gemma3", "gpt2", "gpt_bigcode", "mamba", "ernie4_5_moe", "cohere2", "starcoder2", "smollm3", "ernie4_5", "mistral3",
         "gemma4_text", "gemma4", "lfm2", "cohere", "vaultgemma", "lfm2_moe"}
 BRANCH_NORMED = {"gemma2", "gemma3_text", "gemma3", "olmo2", "glm4", "olmo3", "exaone4", "gemma4_text", "gemma4",
                  "afmoe"}  # norm each branch's output: no output projection folds a scale
@@ -179,11 +180,12 @@ EPS_KEY = {"gpt2": "layer_norm_epsilon", "gpt_bigcode": "layer_norm_epsilon", "f
            "phi": "layer_norm_eps", "nemotron": "norm_eps", "nemotron_h": "layer_norm_epsilon", "lfm2_moe": "norm_eps"}
 
 
+# the config key counting the dense first layers, where it is not first_k_dense_replace
+DENSE_COUNT = {"afmoe": "num_dense_layers", "lfm2_moe": "num_dense_layers", "ernie4_5_moe": "moe_layer_start_index"}
 # mixtures of experts whose layer 1 is a dense MLP
 DENSE_LAYER_1 = {"qwen3_moe": {"mlp_only_layers": [1]}, "qwen3_next": {"mlp_only_layers": [1]},
                  "qwen2_moe": {"mlp_only_layers": [1]},
-                 **{f: {"num_dense_layers" if f == "lfm2_moe" else "first_k_dense_replace": 2} for f in DENSE_FIRST
-                    if f != "afmoe"},  # (AFMoE's branches are normed)
+                 **{f: {DENSE_COUNT.get(f, "first_k_dense_replace"): 2} for f in DENSE_FIRST if f != "afmoe"},  # (AFMoE's branches are normed)
                  "llama4_text": {"interleave_moe_layer_step": 4}}
 
 
@@ -244,6 +246,28 @@ def test_nemotron_h_layer_kinds_of_a_hub_config_follow_a_restacked_path():
     assert written == {**config, "num_hidden_layers": 3, "hybrid_override_pattern": "*M-"}
     assert NemotronHConfig(**written).layers_block_type == ["full_attention", "linear_attention", "mlp"]  # *, M, -
     assert arch.num_layers({"layers_block_type": ["mamba", "moe"]}) == 2  # as transformers 5 writes it: no count
+
+
+def test_ernie_moe_expert_layers_of_a_restacked_path():
+    """ERNIE-4.5-MoE puts experts in layers moe_layer_start_index..moe_layer_end_index, every moe_layer_interval-th
+    ((i + 1) % interval == 0); a written path counts its dense first layers anew and ends the span at its last layer,
+    and refuses spans it cannot spell (an interval, or an end before the last layer)."""
+    from transformers import Ernie4_5_MoeConfig
+
+    arch = architecture_for({"architectures": ["Ernie4_5_MoeForCausalLM"]}, "config.json")
+    config = {"architectures": ["Ernie4_5_MoeForCausalLM"], "num_hidden_layers": 4, "moe_layer_start_index": 2,
+              "moe_layer_end_index": 3, "moe_layer_interval": 1}
+    written = arch.set_num_layers(config, 5, source_layers=[1, 0, 2, 3, 3])
+    assert written == {**config, "num_hidden_layers": 5, "moe_layer_start_index": 2, "moe_layer_end_index": 4}
+    loaded = Ernie4_5_MoeConfig(**written)
+    assert [loaded.moe_layer_start_index <= i <= loaded.moe_layer_end_index for i in range(5)] == [False, False] + [True] * 3
+    assert arch.set_num_layers({**config, "moe_layer_end_index": -1}, 2, source_layers=[0, 3])["moe_layer_end_index"] == -1
+    with pytest.raises(EvomergeError, match="this writes dense layer 0 as layer 1"):
+        arch.set_num_layers(config, 2, source_layers=[3, 0])
+    for odd in ({"moe_layer_interval": 2}, {"moe_layer_end_index": 2}):
+        with pytest.raises(EvomergeError, match="cannot be restacked: its config puts experts in layers 2 to"):
+            arch.set_num_layers({**config, **odd}, 2, source_layers=[2, 3])
+    assert arch.is_unloaded("model.mtp_block.0.self_attn.q_proj.weight") and not arch.is_unloaded("model.norm.weight")
 
 
 def test_exaone_configs_as_the_hub_and_transformers_write_them(tmp_path):
@@ -342,7 +366,7 @@ def test_a_layer_path_keeps_the_dense_first_layers_of_glm_and_deepseek_first(tmp
     from evomerge.merge.materialize import merge_to_dir
     from evomerge.recipe import LayerSlot, Recipe
 
-    key = "num_dense_layers" if family in ("afmoe", "lfm2_moe") else "first_k_dense_replace"
+    key = DENSE_COUNT.get(family, "first_k_dense_replace")
     base = build_tiny(family, tmp_path / "base", num_layers=4, hidden=32, **{key: 2})  # dense 0, 1
     slots = [1, 0, 0, 3, 2]
     merge_to_dir(Recipe(layers=[LayerSlot(source=str(base), layer=i) for i in slots]), tmp_path / "out", progress=False)

@@ -340,21 +340,21 @@ def test_a_search_over_image_text_models_scores_and_writes_them(tmp_path, family
         torch.testing.assert_close(written["mtp.fc.weight"], torch.full((32, 64), expected), atol=1e-6, rtol=1e-6)
 
 
-def test_a_search_over_nemotron_h_leaves_its_mtp_layers_out_of_the_live_models(tmp_path):
-    """Nemotron-H's hub checkpoints name their decoder `backbone.` and may carry multi-token-prediction layers (`mtp.`)
-    that transformers ignores on load: a search leaves them out of its live models and the winner's merge writes them,
-    merged as the tensors after the layers are."""
-    base = build_tiny("nemotron_h", tmp_path / "base", num_layers=3, hidden=32)
+@pytest.mark.parametrize("family, mtp", [("nemotron_h", "mtp.layers.0.mixer.up_proj.weight"),
+                                         ("ernie4_5_moe", "model.mtp_linear_proj.0.weight")])
+def test_a_search_leaves_multi_token_prediction_layers_out_of_the_live_models(tmp_path, family, mtp):
+    """Nemotron-H's hub checkpoints (their decoder named `backbone.`) and ERNIE-4.5-MoE's may carry multi-token-prediction
+    layers (`mtp.`, `model.mtp_*`) that transformers ignores on load: a search leaves them out of its live models and the
+    winner's merge writes them, merged as the tensors after the layers are."""
+    base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32)
     models = [base, *make_variants(base, tmp_path, n=2, scale=0.05)]
     for i, model in enumerate(models):
         shard = load_file(model / "model.safetensors")
-        save_file({**shard, "mtp.layers.0.mixer.up_proj.weight": torch.full((32, 32), float(i))},
-                  model / "model.safetensors", metadata={"format": "pt"})
+        save_file({**shard, mtp: torch.full((32, 32), float(i))}, model / "model.safetensors", metadata={"format": "pt"})
     recipe = linear_search_and_merge(tmp_path, models, 2, bounds={"weight": [0.1, 1.0]})
     weights = [m["parameters"]["weight"] for m in recipe["models"]]
     expected = sum(i * w for i, w in enumerate(weights)) / sum(weights)
-    torch.testing.assert_close(tensors(tmp_path / "out")["mtp.layers.0.mixer.up_proj.weight"],
-                               torch.full((32, 32), expected), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(tensors(tmp_path / "out")[mtp], torch.full((32, 32), expected), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["ps", "dfs"])

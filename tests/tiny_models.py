@@ -25,16 +25,16 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
             "glm4_moe", "deepseek_v3", "glm4_moe_lite", "llama4_text", "llama4", "afmoe", "helium", "glm", "nemotron",
             "vaultgemma", "olmoe", "phimoe", "granitemoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe",
             "falcon_h1", "nemotron_h", "lfm2_moe", "exaone", "internlm3", "gpt_bigcode", "falcon", "mamba", "ministral",
-            "ministral3")
+            "ministral3", "ernie4_5_moe")
 IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",  # a text
               "qwen3_vl_moe", "llama4")
 # model (its family the key's) beside a
 # 2-layer vision tower
 MOE = ("qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "qwen2_moe", "glm4_moe", "deepseek_v3",
        "glm4_moe_lite", "afmoe", "olmoe", "phimoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe",
-       "lfm2_moe")  # mixtures of experts, per-expert checkpoint tensors
+       "lfm2_moe", "ernie4_5_moe")  # mixtures of experts, per-expert checkpoint tensors
 # mixtures of experts whose first layer is dense
-DENSE_FIRST = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "afmoe", "deepseek_v2", "dots1", "lfm2_moe")
+DENSE_FIRST = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "afmoe", "deepseek_v2", "dots1", "lfm2_moe", "ernie4_5_moe")
 LINEAR_ATTENTION = ("qwen3_5_text", "qwen3_5", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")  # some layers (0, 2)
 _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 _CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -81,7 +81,8 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "granitemoe": "GraniteMoeConfig", "deepseek_v2": "DeepseekV2Config", "dots1": "Dots1Config",
                "minimax_m2": "MiniMaxM2Config", "hunyuan_v1_moe": "HunYuanMoEV1Config", "falcon_h1": "FalconH1Config",
                "nemotron_h": "NemotronHConfig", "lfm2_moe": "Lfm2MoeConfig", "exaone": "ExaoneConfig",
-               "internlm3": "InternLM3Config", "ministral": "MinistralConfig", "ministral3": "Ministral3Config"}
+               "internlm3": "InternLM3Config", "ministral": "MinistralConfig", "ministral3": "Ministral3Config",
+               "ernie4_5_moe": "Ernie4_5_MoeConfig"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
@@ -97,6 +98,9 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
     if family in ("olmoe", "phimoe", "granitemoe", "minimax_m2"):  # 4 experts of 2 per token, each as wide as the
         dims.update({"num_experts" if family == "olmoe" else "num_local_experts": 4}, num_experts_per_tok=2,  # hidden
                     intermediate_size=hidden)  # state
+    if family == "ernie4_5_moe":  # a dense layer, then 4 experts of 2 per token beside a shared one
+        dims.update(moe_num_experts=4, moe_k=2, moe_intermediate_size=hidden, moe_num_shared_experts=1,
+                    moe_layer_start_index=1)
     if family == "hunyuan_v1_moe":  # 4 experts of 2 per token beside a shared MLP
         dims.update(num_experts=4, moe_topk=2, intermediate_size=hidden)
     if family == "nemotron_h":  # one mixer a layer, in turn: Mamba-2 (4 heads), experts (4 of 2 per token beside a

@@ -13,7 +13,8 @@ from typing import Literal
 from evomerge.errors import EvomergeError
 
 Block = Literal["attn", "mlp", "norm"]
-DENSE_COUNT_KEYS = ("first_k_dense_replace", "num_dense_layers")  # config keys counting a model's first dense layers
+# config keys counting a model's first dense layers (ERNIE-4.5-MoE's: the first with experts)
+DENSE_COUNT_KEYS = ("first_k_dense_replace", "num_dense_layers", "moe_layer_start_index")
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,13 @@ class Architecture:
             no_rope = settings.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(self.num_layers(config))]
             out.update(moe_layers=[j for j, i in enumerate(source_layers) if i in moe],
                        no_rope_layers=[no_rope[i] for i in source_layers])
-        for key in DENSE_COUNT_KEYS:  # GLM-4.5, DeepSeek-V3, AFMoE: the first k layers' MLPs are dense
+        if source_layers is not None and isinstance(settings.get("moe_layer_start_index"), int):  # ERNIE-4.5-MoE: its
+            end, step = settings.get("moe_layer_end_index", -1), settings.get("moe_layer_interval", 1)  # experts in
+            if step != 1 or end not in (-1, self.num_layers(config) - 1):  # layers start..end, every step-th
+                raise EvomergeError(f"{self.name} layers cannot be restacked: its config puts experts in layers "
+                                    f"{settings['moe_layer_start_index']} to {end}, one in {step}", key="layers")
+            out["moe_layer_end_index"] = -1 if end == -1 else n - 1
+        for key in DENSE_COUNT_KEYS:  # GLM-4.5, DeepSeek-V3, AFMoE, ERNIE-4.5-MoE: the first k layers' MLPs are dense
             if source_layers is None or not isinstance(settings.get(key), int):
                 continue
             dense = [i < settings[key] for i in source_layers]
@@ -416,6 +423,14 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                                  ("glm4_moe_lite", "Glm4MoeLiteForCausalLM"),  # 4.7-Flash: DeepSeek-V3's attention
                                  ("deepseek_v2", "DeepseekV2ForCausalLM"),  # V2, V2-Lite, Coder-V2 (no MTP layer)
                                  ("dots1", "Dots1ForCausalLM"))),  # dots.llm1: DeepSeek-V3's MoE, plain attention
+    # ERNIE-4.5-MoE (21B-A3B, 300B-A47B): dense first layers (moe_layer_start_index), then experts beside shared ones;
+    # its hub checkpoints' multi-token-prediction tensors (mtp_*), which transformers ignores, and its routers' bias
+    # under another name
+    _llama_like("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", tied=True, unloaded=r"model\.mtp_",
+                output_projections=r"\.(self_attn\.o_proj|mlp\.(shared_experts\.)?down_proj|mlp\.experts\.\d+\.down_proj)"
+                                   r"\.weight$|\.mlp\.experts\.down_proj$",
+                live_renames=((r"\.mlp\.moe_statics\.", ".mlp.gate.moe_statics."),),
+                live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj")),
     # AFMoE (Arcee Trinity): dense first layers (num_dense_layers), then experts beside shared ones; each branch's
     # output normed (Gemma-2), its attention gated
     _llama_like("afmoe", "AfmoeForCausalLM", output_projections="",
