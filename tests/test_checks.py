@@ -116,7 +116,7 @@ def test_a_layer_path_search_over_a_family_it_cannot_run(tiny_zoo, tmp_path):
                    "arcee, ministral, ministral3, internlm3, cohere2, cohere, stablelm, phi, glm4, starcoder2, olmo3, exaone4, smollm3, seed_oss, apertus, ernie4_5, "
                    "hunyuan_v1_dense, helium, glm, nemotron, vaultgemma, qwen3_5_text, lfm2, lfm2_moe, qwen3_moe, olmoe, mixtral, "
                    "qwen2_moe, granitemoehybrid, granitemoe, minimax_m2, hunyuan_v1_moe, phimoe, falcon_h1, nemotron_h, gpt_oss, "
-                   "glm4_moe, deepseek_v3, glm4_moe_lite, deepseek_v2, dots1, ernie4_5_moe, afmoe, llama4_text, qwen3_next, "
+                   "glm4_moe, deepseek_v3, glm4_moe_lite, deepseek_v2, dots1, deepseek_v32, ernie4_5_moe, afmoe, llama4_text, qwen3_next, "
                    "qwen3_5_moe_text, exaone models, not gpt2")
 
 

@@ -69,7 +69,7 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "qwen3_vl_moe": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
     "qwen3_vl": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
     "glm4_moe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
-    "deepseek_v3": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
+    **{f: ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}) for f in ("deepseek_v3", "deepseek_v32")},
     "glm4_moe_lite": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "llama4_text": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "afmoe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
@@ -362,7 +362,8 @@ def test_a_layer_path_keeps_the_dense_first_layers_of_glm_and_deepseek_first(tmp
     """GLM-4.5 and DeepSeek-V3 (AFMoE: `num_dense_layers`) build their first `first_k_dense_replace` layers dense: a
     written path counts its dense
     layers anew where they stay first, and is refused (one line, before any tensor) where one follows a layer of
-    experts. GLM-4.7-Flash's config lists each layer's kind (`mlp_layer_types`), which follows any path."""
+    experts. GLM-4.7-Flash's config lists each layer's kind (`mlp_layer_types`), which follows any path (and so does
+    DeepSeek-V3.2's as transformers 5 writes it)."""
     from evomerge.merge.materialize import merge_to_dir
     from evomerge.recipe import LayerSlot, Recipe
 
@@ -374,7 +375,8 @@ def test_a_layer_path_keeps_the_dense_first_layers_of_glm_and_deepseek_first(tmp
     _loads_as_its_sources(tmp_path / "out", base, slots)
     slots = [2, 0, 3]
     recipe = Recipe(layers=[LayerSlot(source=str(base), layer=i) for i in slots])
-    if family != "glm4_moe_lite":
+    if "mlp_layer_types" not in json.loads((base / "config.json").read_text()):  # (as transformers 5 writes GLM-4.7-Flash's
+        # and DeepSeek-V3.2's configs: then any path)
         with pytest.raises(EvomergeError, match=r"^r.yaml: layers: .* this writes dense layer 0 as layer 1$"):
             merge_to_dir(recipe, tmp_path / "refused", source="r.yaml", progress=False)
         assert not (tmp_path / "refused").exists()

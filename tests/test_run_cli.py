@@ -380,7 +380,7 @@ def test_a_search_over_mixtures_of_experts_scores_and_writes_them(tmp_path, kind
         re.sub(r"layers\.\d+", "L", n) for n in names}
 
 
-@pytest.mark.parametrize("family", ["glm4_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["glm4_moe", "deepseek_v3", "deepseek_v32"])
 def test_a_multi_token_prediction_layer_follows_the_layers_it_was_trained_after(tmp_path, family):
     """GLM-4.5's and DeepSeek-V3's hub checkpoints hold a multi-token-prediction (MTP) layer numbered num_hidden_layers,
     which transformers does not load: searches leave it out of their live models; the winner's merge writes it merged

@@ -422,7 +422,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
       for name, architecture in (("glm4_moe", "Glm4MoeForCausalLM"), ("deepseek_v3", "DeepseekV3ForCausalLM"),
                                  ("glm4_moe_lite", "Glm4MoeLiteForCausalLM"),  # 4.7-Flash: DeepSeek-V3's attention
                                  ("deepseek_v2", "DeepseekV2ForCausalLM"),  # V2, V2-Lite, Coder-V2 (no MTP layer)
-                                 ("dots1", "Dots1ForCausalLM"))),  # dots.llm1: DeepSeek-V3's MoE, plain attention
+                                 ("dots1", "Dots1ForCausalLM"),  # dots.llm1: DeepSeek-V3's MoE, plain attention
+                                 ("deepseek_v32", "DeepseekV32ForCausalLM"))),  # V3.2: V3's, and a sparse-attention
+    # indexer in each attention
     # ERNIE-4.5-MoE (21B-A3B, 300B-A47B): dense first layers (moe_layer_start_index), then experts beside shared ones;
     # its hub checkpoints' multi-token-prediction tensors (mtp_*), which transformers ignores, and its routers' bias
     # under another name

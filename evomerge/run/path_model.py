@@ -1,8 +1,9 @@
 """A data-flow-space candidate as a live model that runs resident layers in the order of its layer path, copying nothing.
 
 The path model is a shallow copy of a skeleton model (embeddings, final norm, head) whose layer list is replaced by one
-slot per path entry. A slot reuses a resident decoder layer's parameters; only its attention module is shallow-copied so
-that each slot has its own `layer_idx` (its own KV-cache entry) when a layer appears twice. A slot scales the hidden state
+slot per path entry. A slot reuses a resident decoder layer's parameters; only the modules holding a `layer_idx` (its
+attention, an attention's indexer) are shallow-copied so that each slot has its own KV-cache entry when a layer appears
+twice. A slot scales the hidden state
 entering it (Sakana's DFS scaling). A repeated layer therefore costs no memory.
 """
 
@@ -48,12 +49,21 @@ def _decoder(model: nn.Module) -> nn.Module:
 
 def _slot(layer: nn.Module, index: int, scale: float) -> nn.Module:
     shared = copy.copy(layer)
-    shared._modules = dict(layer._modules)  # the copy's own child table, same child modules
-    for name, child in layer._modules.items():
-        if hasattr(child, "layer_idx"):  # its attention (`self_attn`; Qwen3.5's `linear_attn`), with its cache entry
-            shared._modules[name] = copy.copy(child)
-            shared._modules[name].layer_idx = index
+    shared._modules = {name: _with_cache_entry(child, index) for name, child in layer._modules.items()}
     return ScaledSlot(shared, scale)
+
+
+def _with_cache_entry(module: nn.Module, index: int) -> nn.Module:
+    """`module`, or where it or a module inside it has a `layer_idx` (an attention, Qwen3.5's `linear_attn`, DeepSeek-V3.2's
+    attention indexer: each with its cache entry) a copy whose such modules are copies with `layer_idx = index`; the
+    parameters stay shared."""
+    if not any(hasattr(m, "layer_idx") for m in module.modules()):
+        return module
+    shared = copy.copy(module)
+    shared._modules = {name: _with_cache_entry(child, index) for name, child in module._modules.items()}
+    if hasattr(shared, "layer_idx"):
+        shared.layer_idx = index
+    return shared
 
 
 def build_path_model(first: nn.Module, layers: dict[str, nn.ModuleList], path: list[tuple[str, int, float]],
