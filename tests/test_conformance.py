@@ -185,14 +185,14 @@ def test_every_family_merges_and_stacks_layers_as_mergekit_does(family, tmp_path
                 torch.testing.assert_close(ours[name], expected, atol=2e-5, rtol=1e-5, msg=lambda m: f"{kind} {name}: {m}")
 
 
-@pytest.mark.parametrize("family", sorted(set(MOE) - {"qwen3_5_moe", "lfm2_moe", "ernie4_5_moe"} - NO_MERGEKIT_EXPERTS))
+@pytest.mark.parametrize("family", sorted(set(MOE) - {"qwen3_5_moe", "lfm2_moe", "ernie4_5_moe", "jamba"} - NO_MERGEKIT_EXPERTS))
 def test_per_expert_checkpoints_merge_as_mergekit_merges_them_fused(family, tmp_path):
     """A hub MoE checkpoint holds each expert's tensors; mergekit 0.1.5 reads them fused (transformers 5's layout) and
     writes them so, evomerge merges and writes them expert by expert. For element-wise methods the values agree:
     evomerge's experts, fused as transformers fuses them (gate rows, then up rows), are mergekit's tensors; a filter
     matches the names mergekit reads them under too (`mlp`: Mixtral's block_sparse_moe experts and router).
-    (Of an image-text Qwen3.5-MoE, an LFM2-MoE or an ERNIE-4.5-MoE checkpoint with per-expert tensors mergekit 0.1.5
-    writes no expert at all.)"""
+    (Of an image-text Qwen3.5-MoE, an LFM2-MoE, an ERNIE-4.5-MoE or a Jamba checkpoint with per-expert tensors
+    mergekit 0.1.5 writes no expert at all.)"""
     base = build_tiny(family, tmp_path / "base", num_layers=2, hidden=32)
     a, b = make_variants(base, tmp_path, n=2)
     arch = architecture_for(json.loads((base / "config.json").read_text()), "config.json")

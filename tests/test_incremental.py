@@ -8,7 +8,7 @@ from evomerge.merge.plan import plan_recipe
 from evomerge.models.io import ModelDir, live_param, load_live_model
 from evomerge.models.sources import ResidentSources
 from evomerge.recipe import recipe_from_dict
-from tiny_models import DENSE_FIRST, FAMILIES, MOE, build_tiny, make_variants
+from tiny_models import EXPERTS_UNDER, FAMILIES, MOE, build_tiny, expert_layers, make_variants
 
 LAYERS = 3
 
@@ -166,6 +166,6 @@ def test_the_live_model_of_every_family_is_the_model_merge_writes(family, tmp_pa
     assert sum(not torch.equal(got[n], before[n]) for n in expected) >= len(merged)  # every live tensor written moved
     if family in MOE:  # per-expert checkpoint tensors in the live model's fused experts
         layers = "model.language_model.layers" if family == "qwen3_5_moe" else "model.layers"
-        mlp = "feed_forward" if family == "lfm2_moe" else "mlp"
+        mlp = EXPERTS_UNDER.get(family, "mlp")
         assert {n for n in expected if ".experts." in n} == {f"{layers}.{i}.{mlp}.experts.{kind}" for kind in ("gate_up_proj", "down_proj")
-                                                             for i in range(int(family in DENSE_FIRST), LAYERS)}
+                                                             for i in expert_layers(family, LAYERS)}

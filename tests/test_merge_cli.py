@@ -494,6 +494,18 @@ def test_gemma4_layers_stay_where_they_are(gemma4, tmp_path, key, doc, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_jamba_layers_stay_where_they_are(tmp_path):
+    """Jamba's config gives each layer's kind (attention or Mamba, experts or an MLP) by periods and offsets, which
+    cannot spell a restacked path's kinds: a layer path that moves its layers is refused."""
+    base = str(build_tiny("jamba", tmp_path / "base", num_layers=3))
+    result = run("merge", write(tmp_path / "r.yaml", {"layers": [{"source": base, "layer": i} for i in (0, 2, 1)]}),
+                 tmp_path / "out")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"error: {tmp_path / 'r.yaml'}: layers: jamba layers cannot be moved or repeated "
+                                    "(its config gives each layer's kind by periods and offsets"), result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_gemma4_slices_in_place_merge(gemma4, tmp_path):
     base, ft = gemma4
     sliced = {"merge_method": "linear", "dtype": "float32", "slices": [

@@ -81,6 +81,7 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     **{f: ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"})
        for f in ("internlm3", "ministral", "ministral3")},
     "ernie4_5_moe": ({"model.embed_tokens.weight"}, {"model.norm.weight"}),
+    "jamba": ({"model.embed_tokens.weight"}, {"model.final_layernorm.weight", "lm_head.weight"}),
     "mamba": ({"backbone.embeddings.weight"}, {"backbone.norm_f.weight"}),
     "falcon": ({"transformer.word_embeddings.weight"}, {"transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"}),
     "lfm2_moe": ({"model.embed_tokens.weight"}, {"model.embedding_norm.weight"}),
@@ -148,6 +149,8 @@ def test_naming_table_matches_the_checkpoint(tiny, family):
         kv_shared = family.startswith("gemma4") and re.search(r"\.(k_proj|v_proj|k_norm)\.", name)  # layer 2 has none
         other_mixer = family == "nemotron_h" and ".mixer." in name and arch.layer_of(name) != 2  # Mamba-2, experts,
         # attention: layer 2's mixer is the attention
+        other_mixer = other_mixer or family == "jamba" and arch.layer_of(name) == 1 and re.search(  # attention and
+            r"\.(self_attn|feed_forward)\.", name)  # experts in layer 1, Mamba and an MLP in 0 and 2
         assert arch.layer_of(renamed) == 2 and (renamed in md) != bool(full_attention or kv_shared or dense or other_mixer)
         assert arch.rename_layer(renamed, arch.layer_of(name)) == name
     head = [n for n in md.tensor_names if n.endswith("lm_head.weight") or n == "embed_out.weight"]  # GPT-NeoX's

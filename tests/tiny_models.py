@@ -25,17 +25,25 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
             "glm4_moe", "deepseek_v3", "glm4_moe_lite", "llama4_text", "llama4", "afmoe", "helium", "glm", "nemotron",
             "vaultgemma", "olmoe", "phimoe", "granitemoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe",
             "falcon_h1", "nemotron_h", "lfm2_moe", "exaone", "internlm3", "gpt_bigcode", "falcon", "mamba", "ministral",
-            "ministral3", "ernie4_5_moe", "deepseek_v32")
+            "ministral3", "ernie4_5_moe", "deepseek_v32", "jamba")
 IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",  # a text
               "qwen3_vl_moe", "llama4")
 # model (its family the key's) beside a
 # 2-layer vision tower
 MOE = ("qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "qwen2_moe", "glm4_moe", "deepseek_v3",
        "glm4_moe_lite", "afmoe", "olmoe", "phimoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe",
-       "lfm2_moe", "ernie4_5_moe", "deepseek_v32")  # mixtures of experts, per-expert checkpoint tensors
+       "lfm2_moe", "ernie4_5_moe", "deepseek_v32", "jamba")  # mixtures of experts, per-expert checkpoint tensors
 # mixtures of experts whose first layer is dense
 DENSE_FIRST = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "afmoe", "deepseek_v2", "dots1", "lfm2_moe", "ernie4_5_moe",
                "deepseek_v32")
+EXPERTS_UNDER = {"lfm2_moe": "feed_forward", "jamba": "feed_forward"}  # the module holding the experts, where not mlp
+
+
+def expert_layers(family: str, num_layers: int) -> list[int]:
+    """The layers of a tiny mixture of experts that hold experts (Jamba's: every other one, from layer 1)."""
+    return list(range(1, num_layers, 2) if family == "jamba" else range(int(family in DENSE_FIRST), num_layers))
+
+
 LINEAR_ATTENTION = ("qwen3_5_text", "qwen3_5", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")  # some layers (0, 2)
 _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 _CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -84,7 +92,7 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "nemotron_h": "NemotronHConfig", "lfm2_moe": "Lfm2MoeConfig", "exaone": "ExaoneConfig",
                "internlm3": "InternLM3Config", "ministral": "MinistralConfig", "ministral3": "Ministral3Config",
                "ernie4_5_moe": "Ernie4_5_MoeConfig",
-               "deepseek_v32": "DeepseekV32Config"}
+               "deepseek_v32": "DeepseekV32Config", "jamba": "JambaConfig"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
@@ -133,6 +141,9 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
         dims.update(num_key_value_heads=2)  # as many as the heads: its keys are per head
         dims.update(q_lora_rank=hidden // 2 if family != "deepseek_v2" else None,  # V2-Lite's queries: one projection
                     kv_lora_rank=hidden // 2, qk_rope_head_dim=4, qk_nope_head_dim=hidden // 4, v_head_dim=hidden // 2)
+    if family == "jamba":  # Mamba layers around an attention one (layer 1), 4 experts of 2 per token in every other
+        dims.update(num_experts=4, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,  # layer from 1
+                    attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_dt_rank=4)  # (a dense MLP before)
     if family == "deepseek_v32":  # its indexer: 2 heads of 8
         dims.update(index_n_heads=2, index_head_dim=8, index_topk=4)
     if family == "gpt_oss":  # 4 experts of 2 per token (fused, with biases), sliding and full attention alternating

@@ -433,6 +433,16 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                                    r"\.weight$|\.mlp\.experts\.down_proj$",
                 live_renames=((r"\.mlp\.moe_statics\.", ".mlp.gate.moe_statics."),),
                 live_experts=_fused_experts(r"mlp\.experts", "gate_proj", "up_proj", "down_proj")),
+    # Jamba: Mamba layers with an attention one every attn_layer_period-th, experts every expert_layer_period-th (dense
+    # MLPs between); periods and offsets cannot spell a restacked path's kinds, so its layers stay in place
+    _llama_like("jamba", "JambaForCausalLM", attn=r"\.(self_attn|mamba)\.", mlp=r"\.feed_forward\.",
+                post=r"model\.final_layernorm\.weight|lm_head\.weight", live_layer_paths=False,
+                output_projections=r"\.(self_attn\.o_proj|mamba\.out_proj|feed_forward\.(experts\.\d+\.)?down_proj)\.weight$|"
+                                   r"\.feed_forward\.experts\.down_proj$",
+                live_experts=_fused_experts(r"feed_forward\.experts", "gate_proj", "up_proj", "down_proj",
+                                            live="feed_forward"),
+                fixed_layers="its config gives each layer's kind by periods and offsets "
+                             "(attn_layer_period, expert_layer_period), which a restacked path cannot keep"),
     # AFMoE (Arcee Trinity): dense first layers (num_dense_layers), then experts beside shared ones; each branch's
     # output normed (Gemma-2), its attention gated
     _llama_like("afmoe", "AfmoeForCausalLM", output_projections="",
