@@ -24,8 +24,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
 
-from evomerge.errors import EvomergeError, read_yaml
 from evomerge.chat_templates import NAMED_CHAT_TEMPLATES
+from evomerge.errors import EvomergeError, read_yaml
 
 MERGED = "merged"  # the name of the parameter-space result inside a layer path
 

@@ -177,9 +177,10 @@ class Architecture:
             no_rope = settings.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(self.num_layers(config))]
             out.update(moe_layers=[j for j, i in enumerate(source_layers) if i in moe],
                        no_rope_layers=[no_rope[i] for i in source_layers])
-        if source_layers is not None and isinstance(settings.get("moe_layer_start_index"), int):  # ERNIE-4.5-MoE: its
-            end, step = settings.get("moe_layer_end_index", -1), settings.get("moe_layer_interval", 1)  # experts in
-            if step != 1 or end not in (-1, self.num_layers(config) - 1):  # layers start..end, every step-th
+        if source_layers is not None and isinstance(settings.get("moe_layer_start_index"), int):  # ERNIE-4.5-MoE:
+            # experts in layers start..end, every step-th
+            end, step = settings.get("moe_layer_end_index", -1), settings.get("moe_layer_interval", 1)
+            if step != 1 or end not in (-1, self.num_layers(config) - 1):
                 raise EvomergeError(f"{self.name} layers cannot be restacked: its config puts experts in layers "
                                     f"{settings['moe_layer_start_index']} to {end}, one in {step}", key="layers")
             out["moe_layer_end_index"] = -1 if end == -1 else n - 1
@@ -236,9 +237,9 @@ def _decoder(name: str, architectures: tuple[str, ...], *, layers: str, embeddin
 
 def _llama_like(name: str, architecture: str, **fields) -> Architecture:
     """A decoder named as Llama's (`model.layers.`); `fields` override the rest."""
-    return _decoder(name, fields.pop("architectures", (architecture,)), **{"layers": r"model\.layers", "embeddings": r"model\.embed_tokens",
-                                             "final_norm": r"model\.norm", "output_projections": _LLAMA_OUT,
-                                             "live_layer_paths": True, **fields})
+    llama = {"layers": r"model\.layers", "embeddings": r"model\.embed_tokens", "final_norm": r"model\.norm",
+             "output_projections": _LLAMA_OUT, "live_layer_paths": True}
+    return _decoder(name, fields.pop("architectures", (architecture,)), **{**llama, **fields})
 
 
 def _fused_experts(experts: str, gate: str, up: str, down: str, layers: str = r"model\.layers", live: str = "mlp"
@@ -508,8 +509,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     # (7B) or one each (40B, 180B: ln_attn, ln_mlp)
     _decoder(  # EXAONE 3.0, 3.5: Llama's layers under GPT-2's names; transformers loads it as Llama, renamed
         "exaone", ("ExaoneForCausalLM", "LlamaForCausalLM"),  # the second: its config as transformers 5 writes it
-        layers=r"(?:transformer\.h|model\.layers)", embeddings=r"(transformer\.wte|model\.embed_tokens)",  # (checkpoint,
-        final_norm=r"(transformer\.ln_f|model\.norm)",  # live)
+        # the names of its checkpoint, then of its live model
+        layers=r"(?:transformer\.h|model\.layers)", embeddings=r"(transformer\.wte|model\.embed_tokens)",
+        final_norm=r"(transformer\.ln_f|model\.norm)",
         num_layers_key="num_layers",
         output_projections=r"\.(attn\.attention\.out_proj|mlp\.c_proj)\.weight$",
         filters_see_live_names=False,

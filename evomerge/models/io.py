@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from evomerge.chat_templates import NAMED_CHAT_TEMPLATES
 from evomerge.errors import EvomergeError
 from evomerge.models.architectures import Architecture, architecture_for
-from evomerge.chat_templates import NAMED_CHAT_TEMPLATES
 from evomerge.paths import HUB_ID
 from evomerge.recipe import Recipe
 
