@@ -116,19 +116,24 @@ def test_a_layer_path_search_over_a_family_it_cannot_run(tiny_zoo, tmp_path):
                    "arcee, ministral, ministral3, internlm3, cohere2, cohere, stablelm, phi, glm4, starcoder2, olmo3, exaone4, smollm3, seed_oss, apertus, ernie4_5, "
                    "hunyuan_v1_dense, helium, glm, nemotron, vaultgemma, qwen3_5_text, lfm2, lfm2_moe, qwen3_moe, olmoe, mixtral, "
                    "qwen2_moe, granitemoehybrid, granitemoe, minimax_m2, hunyuan_v1_moe, phimoe, falcon_h1, nemotron_h, gpt_oss, "
-                   "glm4_moe, deepseek_v3, glm4_moe_lite, deepseek_v2, dots1, deepseek_v32, ernie4_5_moe, afmoe, llama4_text, qwen3_next, "
+                   "glm4_moe, deepseek_v3, glm4_moe_lite, deepseek_v2, dots1, deepseek_v32, glm_moe_dsa, ernie4_5_moe, afmoe, llama4_text, qwen3_next, "
                    "qwen3_5_moe_text, exaone models, not gpt2")
 
 
 def test_a_layer_path_search_over_models_whose_config_counts_their_dense_layers(tiny_zoo, tmp_path):
     """GLM-4.5 and DeepSeek-V3 configs count their first dense-MLP layers (first_k_dense_replace): a search's paths
-    would put one after a layer of experts, which no written model of theirs could describe. Without dense layers, and
-    where the config lists each layer's kind (GLM-4.7-Flash), it runs."""
+    would put one after a layer of experts, which no written model of theirs could describe; GLM-5's would start with a
+    layer that reuses the sparse-attention selection of the one before it. Without dense layers, and where the config
+    lists each layer's kind (GLM-4.7-Flash), it runs."""
     glm = build_tiny("glm4_moe", tmp_path / "glm", num_layers=2, hidden=32)
     assert_refused(search(tmp_path, dfs_experiment(tiny_zoo, [glm])), tmp_path, "space.kind",
                    "a data-flow search would try paths no written glm4_moe model can describe: glm4_moe cannot have a "
                    "dense-MLP layer after a mixture-of-experts one (its config counts its first dense layers, "
                    "first_k_dense_replace); this writes dense layer 0 as layer 1")
+    glm5 = build_tiny("glm_moe_dsa", tmp_path / "glm5", num_layers=2, hidden=32, first_k_dense_replace=0)  # indexer
+    assert_refused(search(tmp_path, dfs_experiment(tiny_zoo, [glm5])), tmp_path, "space.kind",  # kinds: full, shared
+                   "a data-flow search would try paths no written glm_moe_dsa model can describe: glm_moe_dsa cannot "
+                   "start with a layer that reuses the sparse-attention selection of the layer before it")
     for family, dense in (("deepseek_v3", 0), ("glm4_moe_lite", 1)):
         model = build_tiny(family, tmp_path / family, num_layers=2, hidden=32, first_k_dense_replace=dense)
         (tmp_path / f"run_{family}").mkdir()

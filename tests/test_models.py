@@ -69,7 +69,8 @@ PRE_POST = {  # family -> (tensors before the layers, after the layers), as tran
     "qwen3_vl_moe": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
     "qwen3_vl": ({"model.language_model.embed_tokens.weight"}, {"model.language_model.norm.weight", "lm_head.weight"}),
     "glm4_moe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
-    **{f: ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}) for f in ("deepseek_v3", "deepseek_v32")},
+    **{f: ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"})
+       for f in ("deepseek_v3", "deepseek_v32", "glm_moe_dsa")},
     "glm4_moe_lite": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "llama4_text": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
     "afmoe": ({"model.embed_tokens.weight"}, {"model.norm.weight", "lm_head.weight"}),
@@ -371,7 +372,8 @@ def test_a_layer_path_keeps_the_dense_first_layers_of_glm_and_deepseek_first(tmp
     from evomerge.recipe import LayerSlot, Recipe
 
     key = DENSE_COUNT.get(family, "first_k_dense_replace")
-    base = build_tiny(family, tmp_path / "base", num_layers=4, hidden=32, **{key: 2})  # dense 0, 1
+    indexers = {"index_topk_freq": 1} if family == "glm_moe_dsa" else {}  # (GLM-5: an indexer in every layer here)
+    base = build_tiny(family, tmp_path / "base", num_layers=4, hidden=32, **{key: 2}, **indexers)  # dense 0, 1
     slots = [1, 0, 0, 3, 2]
     merge_to_dir(Recipe(layers=[LayerSlot(source=str(base), layer=i) for i in slots]), tmp_path / "out", progress=False)
     assert json.loads((tmp_path / "out" / "config.json").read_text())[key] == 3
@@ -387,6 +389,33 @@ def test_a_layer_path_keeps_the_dense_first_layers_of_glm_and_deepseek_first(tmp
     merge_to_dir(recipe, tmp_path / "out2", progress=False)
     assert json.loads((tmp_path / "out2" / "config.json").read_text())["mlp_layer_types"] == ["sparse", "dense", "sparse"]
     _loads_as_its_sources(tmp_path / "out2", base, slots)
+
+
+def test_a_layer_path_over_glm5_lists_its_indexer_kinds_anew(tmp_path):
+    """GLM-5 runs a sparse-attention indexer in the layers its config's indexer_types call "full"; a "shared" layer
+    has none and reuses the selection of the layer before it. A written path lists the kinds anew from its slots'
+    sources (hub configs may give them by index_topk_freq and index_skip_topk_offset instead), and one that would
+    start with a shared layer is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge.materialize import merge_to_dir
+    from evomerge.recipe import LayerSlot, Recipe
+
+    base = build_tiny("glm_moe_dsa", tmp_path / "base", num_layers=4, hidden=32, first_k_dense_replace=0)
+    config = json.loads((base / "config.json").read_text())
+    assert config["indexer_types"] == ["full", "shared", "full", "shared"]
+    slots = [2, 3, 0, 1, 1]
+    merge_to_dir(Recipe(layers=[LayerSlot(source=str(base), layer=i) for i in slots]), tmp_path / "out", progress=False)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["indexer_types"] == ["full", "shared", "full", "shared", "shared"]
+    _loads_as_its_sources(tmp_path / "out", base, slots)
+    with torch.no_grad():
+        assert torch.isfinite(AutoModelForCausalLM.from_pretrained(tmp_path / "out")(torch.randint(4, 60, (1, 7))).logits).all()
+    arch = architecture_for(config, "config.json")
+    hub = {k: v for k, v in config.items() if k != "indexer_types"}  # the kinds by index_topk_freq / offset only
+    assert arch.set_num_layers(hub, 2, source_layers=[2, 1])["indexer_types"] == ["full", "shared"]
+    with pytest.raises(EvomergeError, match=r"cannot start with a layer that reuses .* this writes layer 1 as layer 0$"):
+        arch.set_num_layers(hub, 2, source_layers=[1, 0])
 
 
 def test_a_layer_path_over_llama4_lists_its_expert_and_nope_layers_anew(tmp_path):

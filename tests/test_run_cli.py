@@ -380,14 +380,16 @@ def test_a_search_over_mixtures_of_experts_scores_and_writes_them(tmp_path, kind
         re.sub(r"layers\.\d+", "L", n) for n in names}
 
 
-@pytest.mark.parametrize("family", ["glm4_moe", "deepseek_v3", "deepseek_v32"])
+@pytest.mark.parametrize("family", ["glm4_moe", "deepseek_v3", "deepseek_v32", "glm_moe_dsa"])
 def test_a_multi_token_prediction_layer_follows_the_layers_it_was_trained_after(tmp_path, family):
     """GLM-4.5's and DeepSeek-V3's hub checkpoints hold a multi-token-prediction (MTP) layer numbered num_hidden_layers,
     which transformers does not load: searches leave it out of their live models; the winner's merge writes it merged
     as the tensors after the layers are (t = 0, a gradient's first value), a layer path writes its last slot's source's,
     renumbered after the path's layers, and where a model lacks it (a fine-tune saved by transformers) the merge leaves
     it out and says so. Its embeddings and head are vocabulary rows (aligned as the model's own)."""
-    base = add_mtp_layer(build_tiny(family, tmp_path / "base", num_layers=3, hidden=32, first_k_dense_replace=0))
+    indexers = {"index_topk_freq": 1} if family == "glm_moe_dsa" else {}  # (GLM-5: an indexer in every layer, so a
+    base = add_mtp_layer(build_tiny(family, tmp_path / "base", num_layers=3, hidden=32, first_k_dense_replace=0,  # path
+                                    **indexers))  # may start anywhere)
     a, b = make_variants(base, tmp_path, n=2, scale=0.05)  # no dense layer: a data-flow search runs any path
     sources = {str(m): load_file(m / "model.safetensors") for m in (base, a, b)}
     mtp = sorted(n for n in sources[str(base)] if n.startswith("model.layers.3."))
@@ -420,7 +422,8 @@ def test_a_multi_token_prediction_layer_follows_the_layers_it_was_trained_after(
     assert not any(name.startswith("model.layers.3.embed_tokens") for name in written)
     for name in mtp:
         assert torch.equal(written[name.replace("layers.3.", "layers.5.")], sources[str(a)][name]), name
-    plain = build_tiny(family, tmp_path / "plain", num_layers=3, hidden=32, seed=1, first_k_dense_replace=0)  # no MTP
+    plain = build_tiny(family, tmp_path / "plain", num_layers=3, hidden=32, seed=1, first_k_dense_replace=0,  # no MTP
+                       **indexers)
     (tmp_path / "mixed.yaml").write_text(yaml.safe_dump({"merge_method": "linear", "models": [
         {"model": str(base), "parameters": {"weight": 0.5}}, {"model": str(plain), "parameters": {"weight": 0.5}}]}))
     result = run("merge", tmp_path / "mixed.yaml", tmp_path / "mixed_out")

@@ -25,17 +25,17 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
             "glm4_moe", "deepseek_v3", "glm4_moe_lite", "llama4_text", "llama4", "afmoe", "helium", "glm", "nemotron",
             "vaultgemma", "olmoe", "phimoe", "granitemoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe",
             "falcon_h1", "nemotron_h", "lfm2_moe", "exaone", "internlm3", "gpt_bigcode", "falcon", "mamba", "ministral",
-            "ministral3", "ernie4_5_moe", "deepseek_v32", "jamba")
+            "ministral3", "ernie4_5_moe", "deepseek_v32", "jamba", "glm_moe_dsa")
 IMAGE_TEXT = ("gemma3", "mistral3", "qwen3_5", "qwen3_5_moe", "gemma4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",  # a text
               "qwen3_vl_moe", "llama4")
 # model (its family the key's) beside a
 # 2-layer vision tower
 MOE = ("qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "qwen2_moe", "glm4_moe", "deepseek_v3",
        "glm4_moe_lite", "afmoe", "olmoe", "phimoe", "deepseek_v2", "dots1", "minimax_m2", "hunyuan_v1_moe",
-       "lfm2_moe", "ernie4_5_moe", "deepseek_v32", "jamba")  # mixtures of experts, per-expert checkpoint tensors
+       "lfm2_moe", "ernie4_5_moe", "deepseek_v32", "jamba", "glm_moe_dsa")  # mixtures of experts, per-expert checkpoint tensors
 # mixtures of experts whose first layer is dense
 DENSE_FIRST = ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "afmoe", "deepseek_v2", "dots1", "lfm2_moe", "ernie4_5_moe",
-               "deepseek_v32")
+               "deepseek_v32", "glm_moe_dsa")
 EXPERTS_UNDER = {"lfm2_moe": "feed_forward", "jamba": "feed_forward"}  # the module holding the experts, where not mlp
 
 
@@ -92,7 +92,8 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                "nemotron_h": "NemotronHConfig", "lfm2_moe": "Lfm2MoeConfig", "exaone": "ExaoneConfig",
                "internlm3": "InternLM3Config", "ministral": "MinistralConfig", "ministral3": "Ministral3Config",
                "ernie4_5_moe": "Ernie4_5_MoeConfig",
-               "deepseek_v32": "DeepseekV32Config", "jamba": "JambaConfig"}
+               "deepseek_v32": "DeepseekV32Config", "jamba": "JambaConfig",
+               "glm_moe_dsa": "GlmMoeDsaConfig"}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     dims = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
@@ -124,7 +125,7 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
         dims.update(mamba_d_ssm=2 * hidden, mamba_n_heads=4, mamba_d_head=hidden // 2, mamba_d_state=8, mamba_chunk_size=8)
     if family == "phimoe":  # biases in the attention and the head, as Phi-3.5-MoE's
         dims.update(attention_bias=True, lm_head_bias=True)
-    if family in ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "dots1", "deepseek_v32"):  # a dense layer, then 4 experts of 2 per
+    if family in ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "dots1", "deepseek_v32", "glm_moe_dsa"):  # a dense layer, then 4 experts of 2 per
         dims.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden, n_shared_experts=1,  # token
                     first_k_dense_replace=1, n_group=1, topk_group=1)  # beside a shared one
     if family == "llama4_text":  # experts (4, 1 per token, beside a shared one) in every other layer, from layer 1;
@@ -136,16 +137,18 @@ def _config(family: str, num_layers: int, hidden: int, vocab: int, **overrides):
                     moe_intermediate_size=hidden, head_dim=hidden // 2, global_attn_every_n_layers=2, sliding_window=4)
     if family == "glm4_moe":  # q and k normed
         dims.update(use_qk_norm=True)
-    if family in ("deepseek_v3", "glm4_moe_lite", "deepseek_v2", "deepseek_v32"):  # multi-head latent attention: queries and
-        dims.pop("head_dim", None)  # keys-values through low-rank projections
+    if family in ("deepseek_v3", "glm4_moe_lite", "deepseek_v2", "deepseek_v32", "glm_moe_dsa"):  # multi-head latent
+        dims.pop("head_dim", None)  # attention: queries and keys-values through low-rank projections
         dims.update(num_key_value_heads=2)  # as many as the heads: its keys are per head
         dims.update(q_lora_rank=hidden // 2 if family != "deepseek_v2" else None,  # V2-Lite's queries: one projection
                     kv_lora_rank=hidden // 2, qk_rope_head_dim=4, qk_nope_head_dim=hidden // 4, v_head_dim=hidden // 2)
     if family == "jamba":  # Mamba layers around an attention one (layer 1), 4 experts of 2 per token in every other
         dims.update(num_experts=4, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,  # layer from 1
                     attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_dt_rank=4)  # (a dense MLP before)
-    if family == "deepseek_v32":  # its indexer: 2 heads of 8
+    if family in ("deepseek_v32", "glm_moe_dsa"):  # its indexer: 2 heads of 8
         dims.update(index_n_heads=2, index_head_dim=8, index_topk=4)
+    if family == "glm_moe_dsa":  # an indexer in layers 0, 2, ...; the others reuse the selection of the layer before
+        dims.update(index_topk_freq=2, index_skip_topk_offset=1)
     if family == "gpt_oss":  # 4 experts of 2 per token (fused, with biases), sliding and full attention alternating
         dims.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=hidden, head_dim=hidden // 2,
                     sliding_window=4)

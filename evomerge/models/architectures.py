@@ -184,6 +184,13 @@ class Architecture:
                 raise EvomergeError(f"{self.name} layers cannot be restacked: its config puts experts in layers "
                                     f"{settings['moe_layer_start_index']} to {end}, one in {step}", key="layers")
             out["moe_layer_end_index"] = -1 if end == -1 else n - 1
+        kinds = _indexer_kinds(settings, self.num_layers(config)) if source_layers is not None else None
+        if kinds is not None:  # GLM-5: listed anew; a "shared" layer needs one before it
+            out["indexer_types"] = [kinds[i] for i in source_layers]
+            if out["indexer_types"][0] == "shared":
+                raise EvomergeError(f"{self.name} cannot start with a layer that reuses the sparse-attention selection of "
+                                    f"the layer before it (indexer_types 'shared'); this writes layer {source_layers[0]} "
+                                    f"as layer 0", key="layers")
         for key in DENSE_COUNT_KEYS:  # GLM-4.5, DeepSeek-V3, AFMoE, ERNIE-4.5-MoE: the first k layers' MLPs are dense
             if source_layers is None or not isinstance(settings.get(key), int):
                 continue
@@ -214,6 +221,20 @@ class Architecture:
 
     def tied_embeddings(self, config: dict) -> bool:
         return bool(config.get("tie_word_embeddings", self.tied_default))
+
+
+def _indexer_kinds(settings: dict, count: int) -> list[str] | None:
+    """GLM-5's layers' sparse-attention kinds, "full" (an indexer of its own) or "shared": as listed (indexer_types),
+    spelled (index_topk_pattern, "FSSF..."), or by transformers' rule from index_topk_freq and index_skip_topk_offset;
+    None for a config with none of them."""
+    if isinstance(settings.get("indexer_types"), list):
+        return settings["indexer_types"]
+    if (pattern := settings.get("index_topk_pattern")) is not None:
+        return [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else list(pattern)
+    if "index_topk_freq" in settings or "index_skip_topk_offset" in settings:
+        freq, offset = max(settings.get("index_topk_freq", 1), 1), settings.get("index_skip_topk_offset", 2)
+        return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(count)]
+    return None
 
 
 _LLAMA_OUT = r"\.(self_attn\.o_proj|mlp\.down_proj)\.(weight|bias)$"
@@ -424,8 +445,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                                  ("glm4_moe_lite", "Glm4MoeLiteForCausalLM"),  # 4.7-Flash: DeepSeek-V3's attention
                                  ("deepseek_v2", "DeepseekV2ForCausalLM"),  # V2, V2-Lite, Coder-V2 (no MTP layer)
                                  ("dots1", "Dots1ForCausalLM"),  # dots.llm1: DeepSeek-V3's MoE, plain attention
-                                 ("deepseek_v32", "DeepseekV32ForCausalLM"))),  # V3.2: V3's, and a sparse-attention
-    # indexer in each attention
+                                 ("deepseek_v32", "DeepseekV32ForCausalLM"),  # V3.2: V3's, and a sparse-attention
+                                 # indexer in each attention
+                                 ("glm_moe_dsa", "GlmMoeDsaForCausalLM"))),  # GLM-5: V3.2's, an indexer in the layers
+    # its config's indexer_types call "full", the "shared" ones reuse the selection of the layer before
     # ERNIE-4.5-MoE (21B-A3B, 300B-A47B): dense first layers (moe_layer_start_index), then experts beside shared ones;
     # its hub checkpoints' multi-token-prediction tensors (mtp_*), which transformers ignores, and its routers' bias
     # under another name
