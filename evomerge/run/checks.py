@@ -135,9 +135,11 @@ def _check_layer_paths(config, model_dir, source: str) -> None:
         families = ", ".join(a.name for a in ARCHITECTURES if a.live_layer_paths)
         raise EvomergeError(f"a data-flow search runs layer paths on {families} models, not {arch.name}",
                             source=source, key="space.kind")
-    try:  # each layer, from the last, before the first: paths a search may try, which a config may have no way to
-        for first in reversed(range(model_dir.num_layers)):  # describe (a dense layer after experts; GLM-5 starting
-            arch.set_num_layers(model_dir.config, 2, source_layers=[first, 0])  # with a layer that has no indexer)
+    # paths a search may try, which a config may have no way to describe: each layer, from the last, before the first
+    # (a dense layer after one of experts; GLM-5 starting with a layer that has no indexer of its own)
+    try:
+        for first in reversed(range(model_dir.num_layers)):
+            arch.set_num_layers(model_dir.config, 2, source_layers=[first, 0])
     except EvomergeError as err:
         raise EvomergeError(f"a data-flow search would try paths no written {arch.name} model can describe: "
                             f"{err.message}", source=source, key="space.kind") from None
