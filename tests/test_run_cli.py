@@ -430,6 +430,9 @@ def test_a_multi_token_prediction_layer_follows_the_layers_it_was_trained_after(
     assert result.exit_code == 0 and f"warning: the multi-token-prediction layer past the last of {base} is left out: " \
         "it follows the last slice's (or slot's) models, which do not all have one" in result.output, result.output
     assert not any(name.startswith("model.layers.3.") for name in tensors(tmp_path / "mixed_out"))
+    counted = json.loads((base / "config.json").read_text()).get("num_nextn_predict_layers")  # (V3.2's, GLM-5's: none)
+    assert json.loads((tmp_path / "mixed_out" / "config.json").read_text()).get("num_nextn_predict_layers") == (
+        None if counted is None else 0)
 
 
 def test_a_mergekit_evolve_config_becomes_an_experiment_that_searches(tmp_path, monkeypatch):

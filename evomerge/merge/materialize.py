@@ -84,6 +84,8 @@ def merge_to_dir(recipe: Recipe, out_dir: str | os.PathLike, *, source: str = "<
     if holding and not any((template.arch.layer_of(t.out_name) or 0) >= plan.num_layers for t in plan.tasks):
         plan.warnings.append(f"the multi-token-prediction layer past the last of {', '.join(holding)} is left out: it "
                              f"follows the last slice's (or slot's) models, which do not all have one")
+        if "num_nextn_predict_layers" in config:  # and the config says so (speculative decoding would look for it)
+            config = {**config, "num_nextn_predict_layers": 0}
     sources = by_token(LazySources(dirs, device, compute_dtype), stage, plan.tokenizer_from, source)  # models/vocab.py
     rows, compiled = None, CompiledMethods() if compile else None
     with ModelWriter(out_dir, max_shard_bytes=out_shard_bytes, force=force) as writer:
