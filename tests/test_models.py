@@ -271,6 +271,8 @@ def test_ernie_moe_expert_layers_of_a_restacked_path():
     for odd in ({"moe_layer_interval": 2}, {"moe_layer_end_index": 2}):
         with pytest.raises(EvomergeError, match="cannot be restacked: its config puts experts in layers 2 to"):
             arch.set_num_layers({**config, **odd}, 2, source_layers=[2, 3])
+        assert arch.set_num_layers({**config, **odd}, 4, source_layers=[0, 1, 2, 3]) == {**config, **odd}  # slices
+        # that keep every layer in place
     assert arch.is_unloaded("model.mtp_block.0.self_attn.q_proj.weight") and not arch.is_unloaded("model.norm.weight")
 
 

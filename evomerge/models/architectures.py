@@ -180,10 +180,11 @@ class Architecture:
         if source_layers is not None and isinstance(settings.get("moe_layer_start_index"), int):  # ERNIE-4.5-MoE:
             # experts in layers start..end, every step-th
             end, step = settings.get("moe_layer_end_index", -1), settings.get("moe_layer_interval", 1)
-            if step != 1 or end not in (-1, self.num_layers(config) - 1):
+            in_place = source_layers == list(range(self.num_layers(config)))  # (slices that keep every layer)
+            if not in_place and (step != 1 or end not in (-1, self.num_layers(config) - 1)):
                 raise EvomergeError(f"{self.name} layers cannot be restacked: its config puts experts in layers "
                                     f"{settings['moe_layer_start_index']} to {end}, one in {step}", key="layers")
-            out["moe_layer_end_index"] = -1 if end == -1 else n - 1
+            out["moe_layer_end_index"] = end if in_place or end == -1 else n - 1
         kinds = _indexer_kinds(settings, self.num_layers(config)) if source_layers is not None else None
         if kinds is not None:  # GLM-5: listed anew; a "shared" layer needs one before it
             out["indexer_types"] = [kinds[i] for i in source_layers]
