@@ -17,7 +17,7 @@ def fold_for_mergekit(recipe: Recipe, dirs: dict[str, ModelDir]) -> tuple[Recipe
     """The recipe with every hidden-state scale moved into per-tensor `weight_scale` filters."""
     if not recipe.layers or all(s.scale == 1.0 for s in recipe.layers):
         return recipe, []
-    template = recipe.merge.base_model or recipe.merge.referenced_models()[0] if recipe.merge else recipe.layers[0].source
+    template = recipe.template_model
     arch = dirs[template].arch
     if any(s.scale <= 0 for s in recipe.layers) or not arch.output_projections:
         return _without_scales(recipe), [f"hidden-state scales cannot be folded exactly into {arch.name} weights; "
@@ -49,7 +49,8 @@ def export_text(recipe: Recipe, fmt: str) -> tuple[str, list[str]]:
     if any(m.method in ("dare_ties", "dare_linear", "della", "della_linear") for m in [recipe.merge] if m):
         warnings.append("mergekit draws DARE/DELLA masks from torch's global RNG: its merge matches evomerge's in "
                         "distribution, not element by element")
-    return to_mergekit_yaml(folded), warnings + _layer_types_warnings(recipe, dirs)
+    modules = tuple(name for name, _ in dirs[recipe.template_model].arch.modules)
+    return to_mergekit_yaml(folded, modules), warnings + _layer_types_warnings(recipe, dirs)
 
 
 def _layer_types_warnings(recipe: Recipe, dirs: dict[str, ModelDir]) -> list[str]:

@@ -28,6 +28,7 @@ from evomerge.chat_templates import NAMED_CHAT_TEMPLATES
 from evomerge.errors import EvomergeError, read_yaml
 
 MERGED = "merged"  # the name of the parameter-space result inside a layer path
+TEXT_MODULE = "text_decoder"  # mergekit's module name for an image-text model's text model (whose layers are the layers)
 
 Scalar = Union[bool, float, int, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
@@ -99,11 +100,27 @@ class MergekitTokenizer(_Frozen):
     pad_to_multiple_of: int | None = Field(None, gt=0)
 
 
+class Module(_Frozen):
+    """mergekit's `modules.<name>`: one part of an image-text model (its text model `text_decoder`, its vision tower,
+    its projector) merged from models or slices of its own, with parameters between its slices' and the stage's."""
+
+    models: list[ModelEntry] | None = Field(None, min_length=1)
+    slices: list[OutputSlice] | None = Field(None, min_length=1)
+    parameters: Params = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _models_or_slices(self):
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' or 'slices'")
+        return self
+
+
 class MergeStage(_Frozen):
     method: str
     base_model: str | None = None
     models: list[ModelEntry] | None = Field(None, min_length=1)
     slices: list[OutputSlice] | None = Field(None, min_length=1)
+    modules: dict[str, Module] | None = Field(None, min_length=1)  # instead of models or slices (image-text models)
     parameters: Params = Field(default_factory=dict)
     dtype: str | None = None  # compute dtype; None keeps the sources' dtype
     out_dtype: str | None = None
@@ -115,8 +132,14 @@ class MergeStage(_Frozen):
 
     @model_validator(mode="after")
     def _models_or_slices(self):
-        if (self.models is None) == (self.slices is None):
-            raise ValueError("give exactly one of 'models' or 'slices'")
+        if [self.models, self.slices, self.modules].count(None) != 2:
+            raise ValueError("give exactly one of 'models', 'slices' or 'modules'")
+        if self.modules and TEXT_MODULE not in self.modules:
+            raise ValueError(f"modules: the text model's module {TEXT_MODULE!r} is missing")
+        for name, module in (self.modules or {}).items():
+            if name != TEXT_MODULE and module.slices is not None:
+                raise ValueError(f"modules.{name}: evomerge merges the modules beside the text model whole, layers in "
+                                 f"place: give its models")
         if (self.tokens or self.pad_to_multiple_of) and not self.tokenizer_source:
             raise ValueError("tokens and pad_to_multiple_of need a tokenizer_source (base, union or a model)")
         return self
@@ -129,12 +152,24 @@ class MergeStage(_Frozen):
                              f"nor one of the named templates {', '.join(NAMED_CHAT_TEMPLATES)}")
         return value
 
+    @property
+    def parts(self) -> dict[str, Module]:
+        """The stage's modules, text model first; without `modules:` one, the text model's, of its models or slices."""
+        if not self.modules:
+            return {TEXT_MODULE: Module.model_construct(models=self.models, slices=self.slices, parameters={})}
+        return {TEXT_MODULE: self.modules[TEXT_MODULE], **self.modules}
+
+    @property
+    def template_model(self) -> str:
+        """The model whose config (and tensor layout) the output starts from: the base, else the first model."""
+        return self.base_model or self.referenced_models()[0]
+
     def referenced_models(self) -> list[str]:
         names = [self.base_model] if self.base_model else []
-        for entry in self.models or []:
-            names.append(entry.model)
-        for out in self.slices or []:
-            names += [s.model for s in out.sources] + ([out.base_model] if out.base_model else [])
+        for part in self.parts.values():
+            names += [entry.model for entry in part.models or []]
+            for out in part.slices or []:
+                names += [s.model for s in out.sources] + ([out.base_model] if out.base_model else [])
         return list(dict.fromkeys(names))
 
 
@@ -177,6 +212,11 @@ class Recipe(_Frozen):
         canonical = json.dumps(self.weights_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
+    @property
+    def template_model(self) -> str:
+        """The model whose config the output starts from: the merge stage's, else the path's first source's."""
+        return self.merge.template_model if self.merge else self.layers[0].source
+
     def referenced_models(self) -> list[str]:
         names = self.merge.referenced_models() if self.merge else []
         names += [s.source for s in self.layers or [] if s.source != MERGED]
@@ -187,8 +227,8 @@ class Recipe(_Frozen):
         merge stage's slices (their first source's layer_range); None without either."""
         if self.layers:
             return [slot.layer for slot in self.layers]
-        if self.merge and self.merge.slices:
-            return [i for out in self.merge.slices for i in range(*out.sources[0].layer_range)]
+        if self.merge and (slices := self.merge.parts[TEXT_MODULE].slices):
+            return [i for out in slices for i in range(*out.sources[0].layer_range)]
         return None
 
     def with_provenance(self, **fields) -> "Recipe":
@@ -256,7 +296,7 @@ def iter_settings(params: Params):
 # YAML I/O: evomerge documents and mergekit documents (single or mergekit-multi)
 
 _STAGE_OUTPUT_KEYS = ("dtype", "out_dtype", "tokenizer_source", "chat_template")  # one value for the whole recipe
-_MERGEKIT_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", *_STAGE_OUTPUT_KEYS}
+_MERGEKIT_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "parameters", *_STAGE_OUTPUT_KEYS}
 
 
 def format_validation_error(err: ValidationError, source: str, *, key: str | None = None,
@@ -297,17 +337,23 @@ def _merge_stage_from_mergekit(doc: dict, source: str) -> MergeStage:
 
 
 def _passthrough_path(stage: MergeStage) -> list[LayerSlot] | None:
-    """A passthrough `slices:` document with one source per slice is a layer path (its `scale` scales weights)."""
-    if stage.method != "passthrough" or not stage.slices or set(stage.parameters) - {"scale"}:
+    """A passthrough `slices:` document with one source per slice is a layer path (its `scale` scales weights); under
+    `modules:` too, where the modules beside the text model come whole from the last slice's model (as a path's do)."""
+    text = stage.parts[TEXT_MODULE]
+    if stage.method != "passthrough" or not text.slices or (set(stage.parameters) | set(text.parameters)) - {"scale"}:
+        return None
+    last = text.slices[-1].sources[0].model
+    if any(module.parameters or module.models != [ModelEntry(model=last)]
+           for name, module in stage.parts.items() if name != TEXT_MODULE):
         return None
     slots = []
-    for out in stage.slices:
+    for out in text.slices:
         if len(out.sources) != 1 or out.base_model or set(out.parameters) - {"scale"}:
             return None
         src = out.sources[0]
         if set(src.parameters) - {"scale"}:
             return None
-        setting = resolve_scope_setting("scale", [src.parameters, out.parameters, stage.parameters])
+        setting = resolve_scope_setting("scale", [src.parameters, out.parameters, text.parameters, stage.parameters])
         first, end = src.layer_range
         for i in range(first, end):
             t = (i - first) / (end - first - 1) if end - first > 1 else 1.0  # mergekit's t within a slice
@@ -362,7 +408,8 @@ def recipe_from_dict(docs: list[dict], source: str = "<recipe>") -> Recipe:
                                 f"evomerge reads it from the first document: set it there", source=source, key=key)
     path = _passthrough_path(path_stage)
     if path is None:
-        raise EvomergeError("the second mergekit-multi document must be passthrough slices, one source each", source=source)
+        raise EvomergeError("the second mergekit-multi document must be passthrough slices, one source each (under modules:, "
+                             "the modules beside the text model from the last slice's model)", source=source)
     path = [slot.model_copy(update={"source": MERGED}) if slot.source == name else slot for slot in path]
     return Recipe(merge=stage, layers=path)
 
@@ -377,17 +424,26 @@ def _params_to_yaml(params: Params) -> dict:
             for k, v in params.items()}
 
 
+def _inputs_to_mergekit(part: MergeStage | Module) -> dict:
+    """The `models:` or `slices:` and the `parameters:` of a stage or a module."""
+    doc: dict[str, Any] = {}
+    if part.models is not None:
+        doc["models"] = [{"model": m.model, **({"parameters": _params_to_yaml(m.parameters)} if m.parameters else {})}
+                         for m in part.models]
+    if part.slices is not None:
+        doc["slices"] = [out.model_dump(mode="json", exclude_defaults=True) for out in part.slices]
+    if part.parameters:
+        doc["parameters"] = _params_to_yaml(part.parameters)
+    return doc
+
+
 def _stage_to_mergekit(stage: MergeStage) -> dict:
     doc: dict[str, Any] = {"merge_method": stage.method}
     if stage.base_model:
         doc["base_model"] = stage.base_model
-    if stage.models is not None:
-        doc["models"] = [{"model": m.model, **({"parameters": _params_to_yaml(m.parameters)} if m.parameters else {})}
-                         for m in stage.models]
-    else:
-        doc["slices"] = [out.model_dump(mode="json", exclude_defaults=True) for out in stage.slices]
-    if stage.parameters:
-        doc["parameters"] = _params_to_yaml(stage.parameters)
+    if stage.modules:
+        doc["modules"] = {name: _inputs_to_mergekit(module) for name, module in stage.modules.items()}
+    doc.update(_inputs_to_mergekit(stage))
     for key in _STAGE_OUTPUT_KEYS:
         if getattr(stage, key):
             doc[key] = getattr(stage, key)
@@ -415,17 +471,23 @@ def _path_to_slices(layers: list[LayerSlot], rename: dict[str, str]) -> list[dic
     return slices
 
 
-def to_mergekit_docs(recipe: Recipe, stage_name: str = "evomerge-ps") -> list[dict]:
+def to_mergekit_docs(recipe: Recipe, stage_name: str = "evomerge-ps", modules: tuple[str, ...] = ()) -> list[dict]:
     """mergekit documents for a recipe: one for a single stage, two (mergekit-multi) for PS+DFS.
 
-    mergekit has no hidden-state scale: a path must have its `scale`s folded into `weight_scale` first.
+    mergekit has no hidden-state scale: a path must have its `scale`s folded into `weight_scale` first. `modules`: an
+    image-text model's modules beside its text model, whose slices mergekit reads only under `modules:`; a path takes
+    them whole from its last slot's source (as `evomerge merge` does).
     """
     docs = []
     if recipe.merge:
         docs.append(_stage_to_mergekit(recipe.merge))
     if recipe.layers:
         rename = {MERGED: stage_name}
-        path_doc: dict[str, Any] = {"merge_method": "passthrough", "slices": _path_to_slices(recipe.layers, rename)}
+        slices = _path_to_slices(recipe.layers, rename)
+        last = rename.get(recipe.layers[-1].source, recipe.layers[-1].source)
+        path_doc: dict[str, Any] = {"merge_method": "passthrough", **({"modules": {
+            TEXT_MODULE: {"slices": slices}, **{name: {"models": [{"model": last}]} for name in modules}}}
+            if modules else {"slices": slices})}
         if recipe.merge:
             docs[0] = {"name": stage_name, **docs[0]}
             for key in (*_STAGE_OUTPUT_KEYS, "tokenizer"):
@@ -454,8 +516,8 @@ def to_evomerge_yaml(recipe: Recipe) -> str:
     return dump_yaml(recipe.model_dump(mode="json", exclude_defaults=True))
 
 
-def to_mergekit_yaml(recipe: Recipe) -> str:
-    return dump_yaml(to_mergekit_docs(recipe))
+def to_mergekit_yaml(recipe: Recipe, modules: tuple[str, ...] = ()) -> str:
+    return dump_yaml(to_mergekit_docs(recipe, modules=modules))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

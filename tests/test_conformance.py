@@ -18,7 +18,7 @@ pytest.importorskip("mergekit")
 
 from evomerge.errors import EvomergeError  # noqa: E402
 from evomerge.export import export_text  # noqa: E402
-from evomerge.models.architectures import architecture_for  # noqa: E402
+from evomerge.models.architectures import ARCHITECTURES, architecture_for  # noqa: E402
 from evomerge.recipe import LayerSlot, Recipe  # noqa: E402
 from mergekit_harness import RANDOMIZED, build_zoo, load_dir, method_configs, run_evomerge, run_mergekit, write_config  # noqa: E402
 from tiny_models import DENSE_FIRST, FAMILIES, IMAGE_TEXT, MOE, add_mtp_layer, build_tiny, make_variants  # noqa: E402
@@ -160,8 +160,9 @@ def test_every_family_merges_and_stacks_layers_as_mergekit_does(family, tmp_path
     run_evomerge(config, tmp_path / "ties_evomerge")
     arch = architecture_for(json.loads((base / "config.json").read_text()), "config.json")
     kinds = ["ties"]
-    # mergekit 0.1.5 stacks an image-text model's layers only by its `modules:` syntax; Gemma-4's cannot move at all
-    if family not in IMAGE_TEXT and not arch.fixed_layers:
+    # mergekit 0.1.5 stacks an image-text model's layers only by its `modules:` syntax (the export writes it where
+    # mergekit has a table of modules); Gemma-4's cannot move at all
+    if (family not in IMAGE_TEXT or arch.modules) and not arch.fixed_layers:
         kinds.append("path")
         path = Recipe(layers=[LayerSlot(source=str(a), layer=0), LayerSlot(source=str(base), layer=2, scale=0.8),
                               LayerSlot(source=str(b), layer=1, scale=1.25)])
@@ -184,6 +185,45 @@ def test_every_family_merges_and_stacks_layers_as_mergekit_does(family, tmp_path
             if not (kind == "path" and (inferred and arch.is_post_layer(name) or name == final_norm_first)) \
                     and not re.search(at_gradient_end, name):
                 torch.testing.assert_close(ours[name], expected, atol=2e-5, rtol=1e-5, msg=lambda m: f"{kind} {name}: {m}")
+
+
+ARCHITECTURES_BY_NAME = {a.name: a for a in ARCHITECTURES}
+# mergekit has a table of their modules (its Qwen2-VL table reads the layer count at the top of a config, where
+# transformers 5 writes it into text_config: it cannot read our Qwen2-VL at all)
+MODULES = [f for f in IMAGE_TEXT if ARCHITECTURES_BY_NAME[f].modules and f != "qwen2_vl"]
+
+
+@pytest.mark.parametrize("family", MODULES)
+def test_modules_merge_each_part_from_its_own_models_as_mergekit_does(family, tmp_path):
+    """mergekit's `modules:` syntax: the text model from slices (two, with parameters of their own), the vision tower
+    and the projector each from their own models, each module's parameters between its slices' and the stage's (a
+    gradient over the vision tower's layers), the same tensors as mergekit's."""
+    base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32, fused=family in MOE)
+    a, b = make_variants(base, tmp_path, n=2)
+    base, a, b = str(base), str(a), str(b)
+    vision = next(name for name, _ in ARCHITECTURES_BY_NAME[family].modules if name.startswith("vision"))
+    text = {"slices": [{"sources": [{"model": m, "layer_range": [0, 2], **extra} for m, extra in
+                                    ((a, {"parameters": {"weight": 0.7}}), (b, {}), (base, {}))],
+                        "parameters": {"density": 0.5}},
+                       {"sources": [{"model": m, "layer_range": [2, 3]} for m in (a, b, base)]}],
+            "parameters": {"weight": [0.2, 0.9]}}
+    modules = {"text_decoder": text,
+               vision: {"models": [{"model": a, "parameters": {"weight": 0.3}}, {"model": b}],
+                        "parameters": {"weight": [1.0, 0.0], "density": 0.8}},
+               "multi_modal_projector": {"models": [{"model": b}], "parameters": {"weight": 0.5}}}
+    config = write_config(tmp_path / "modules.yaml", "ties", {"merge_method": "ties", "base_model": base,
+                                                              "modules": modules, "parameters": {"weight": 0.4,
+                                                                                                 "density": 0.6}})
+    run_mergekit(config, tmp_path / "mergekit")
+    run_evomerge(config, tmp_path / "evomerge")
+    arch = ARCHITECTURES_BY_NAME[family]
+    theirs, ours = ({arch.live_names(n)[-1]: t for n, t in load_dir(tmp_path / tool).items()}
+                    for tool in ("mergekit", "evomerge"))
+    assert set(ours) == set(theirs), set(ours) ^ set(theirs)
+    for name, expected in theirs.items():
+        torch.testing.assert_close(ours[name], expected, atol=2e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    tower = next(n for n in load_dir(base) if arch.module_of(n) == vision)
+    assert not torch.equal(load_dir(tmp_path / "evomerge")[tower], load_dir(base)[tower])
 
 
 @pytest.mark.parametrize("family", sorted(set(MOE) - {"qwen3_5_moe", "lfm2_moe", "ernie4_5_moe", "jamba"} - NO_MERGEKIT_EXPERTS))

@@ -206,7 +206,22 @@ BAD = {
                                          "merge: tokens and pad_to_multiple_of need a tokenizer_source"),
     "tokenizer of another model": (lambda m, p: ties(m, tokenizer_source=other_shape(p)),
                                    "wide' is not one of the recipe's models"),
+    "modules of a text model": (lambda m, p: modules(m, text_decoder={"models": [{"model": m[1]}]}),
+                                "modules: llama is one module (its text model) in mergekit: give models or slices"),
+    "modules without the text model": (lambda m, p: modules(m, vision_tower={"models": [{"model": m[1]}]}),
+                                       "modules: the text model's module 'text_decoder' is missing"),
+    "a vision tower of slices": (
+        lambda m, p: modules(m, text_decoder={"models": [{"model": m[1]}]},
+                             vision_tower={"slices": [{"sources": [{"model": m[1], "layer_range": [0, 2]}]}]}),
+        "modules.vision_tower: evomerge merges the modules beside the text model whole, layers in place: give its models"),
+    "models and modules": (lambda m, p: {**modules(m, text_decoder={"models": [{"model": m[1]}]}),
+                                         "models": [{"model": m[1]}]},
+                           "give exactly one of 'models', 'slices' or 'modules'"),
 }
+
+
+def modules(models, **parts):
+    return {"merge_method": "linear", "modules": parts, "parameters": {"weight": 1.0}}
 
 
 def test_tokenizer_source_names_a_recipe_model_however_its_path_is_spelled(models, tmp_path):
@@ -491,6 +506,29 @@ def test_gemma4_layers_stay_where_they_are(gemma4, tmp_path, key, doc, message):
     result = run("merge", write(tmp_path / "r.yaml", doc(gemma4)), tmp_path / "out")
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert result.output.startswith(f"error: {tmp_path / 'r.yaml'}: {key}: gemma4_text layers ") and message in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("parts, key, message", [
+    ({"text_decoder": {"models": [{"model": "A"}]}, "vision_tower": {"models": [{"model": "A"}]},
+      "projector": {"models": [{"model": "A"}]}},
+     "modules.projector", "no module 'projector' in gemma3 (its modules: text_decoder, vision_tower, multi_modal_projector)"),
+    ({"text_decoder": {"models": [{"model": "A"}]}, "vision_tower": {"models": [{"model": "A"}]}},
+     "modules", "module multi_modal_projector of gemma3 is missing (mergekit would write a model without it)"),
+    ({"text_decoder": {"models": [{"model": "A"}]}, "vision_tower": {"models": [{"model": "A"}], "parameters": {"t": 1}},
+      "multi_modal_projector": {"models": [{"model": "A"}]}},
+     "modules.vision_tower.parameters.t", "unknown parameter 't' for method linear"),
+])
+def test_modules_name_each_module_of_the_family_once(tmp_path, parts, key, message):
+    """mergekit's `modules:` (an image-text model's text model, vision tower and projector, each merged from models of
+    its own): a module the family lacks, or one left out, is one line naming it (mergekit would leave the module's
+    tensors out of the written model)."""
+    base = str(build_tiny("gemma3", tmp_path / "base", num_layers=2))
+    parts = {name: {**part, "models": [{"model": base}]} for name, part in parts.items()}
+    doc = {"merge_method": "linear", "modules": parts, "parameters": {"weight": 1.0}}
+    result = run("merge", write(tmp_path / "r.yaml", doc), tmp_path / "out")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"error: {tmp_path / 'r.yaml'}: {key}: {message}"), result.output
     assert not (tmp_path / "out").exists()
 
 

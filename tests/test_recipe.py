@@ -109,6 +109,59 @@ def test_mergekit_tokenizer_block_round_trips_and_mergekit_reads_the_export():
     assert parse(to_mergekit_yaml(path)) == path
 
 
+MERGEKIT_MODULES = """
+merge_method: ties
+base_model: base
+modules:
+  text_decoder:
+    slices:
+      - sources:
+          - {model: a, layer_range: [0, 2], parameters: {weight: 0.7}}
+          - {model: base, layer_range: [0, 2]}
+      - sources:
+          - {model: a, layer_range: [1, 3]}
+          - {model: base, layer_range: [1, 3]}
+    parameters: {weight: [0.2, 0.9]}
+  vision_tower:
+    models: [{model: a, parameters: {weight: 0.3}}]
+  multi_modal_projector:
+    models: [{model: base}]
+parameters: {density: 0.5, weight: 1.0}
+"""
+
+
+def test_mergekit_modules_round_trip_and_mergekit_reads_the_export():
+    """An image-text model's `modules:` (each module from models or slices of its own): read, written back as
+    mergekit's YAML (which mergekit's own config model reads as the same modules), and as evomerge's."""
+    from mergekit.config import MergeConfiguration
+
+    r = parse(MERGEKIT_MODULES)
+    assert list(r.merge.modules) == ["text_decoder", "vision_tower", "multi_modal_projector"]
+    assert r.merge.referenced_models() == ["base", "a"] and r.source_layers() == [0, 1, 1, 2]
+    assert r.merge.modules["text_decoder"].parameters["weight"] == [0.2, 0.9]
+    exported = yaml.safe_load(to_mergekit_yaml(r))
+    theirs = MergeConfiguration.model_validate(exported)
+    assert theirs.modules["vision_tower"].models[0].parameters["weight"] == 0.3
+    assert [s.sources[0].layer_range for s in theirs.modules["text_decoder"].slices] == [(0, 2), (1, 3)]
+    assert parse(to_mergekit_yaml(r)) == r and parse(to_evomerge_yaml(r)) == r
+
+
+def test_an_image_text_layer_path_exports_as_modules_and_reads_back():
+    """mergekit reads slices of an image-text model only under `modules:`: a PS+DFS recipe's path document names the
+    text model's slices and takes the other modules whole from the last slot's model, and reads back as the path."""
+    stage = parse(MERGEKIT_TIES).merge
+    r = Recipe(merge=stage, layers=[LayerSlot(source=MERGED, layer=0), LayerSlot(source="a", layer=1),
+                                    LayerSlot(source="a", layer=2, weight_scale=0.5), LayerSlot(source=MERGED, layer=2)])
+    docs = list(yaml.safe_load_all(to_mergekit_yaml(r, modules=("vision_tower", "multi_modal_projector"))))
+    assert docs[1]["modules"]["vision_tower"] == {"models": [{"model": "evomerge-ps"}]}
+    assert [s["sources"][0]["layer_range"] for s in docs[1]["modules"]["text_decoder"]["slices"]] == [[0, 1], [1, 2],
+                                                                                                    [2, 3], [2, 3]]
+    assert parse(yaml.safe_dump_all(docs)) == r
+    docs[1]["modules"]["vision_tower"] = {"models": [{"model": "a"}]}  # not the last slot's: not a path
+    with pytest.raises(EvomergeError, match="the second mergekit-multi document must be passthrough slices"):
+        parse(yaml.safe_dump_all(docs))
+
+
 @pytest.mark.parametrize("key, value", [("chat_template", "auto"), ("tokenizer_source", "a"), ("dtype", "float16")])
 def test_a_mergekit_multi_path_document_cannot_set_what_the_first_one_does_not(key, value):
     """The second document's dtype, tokenizer or chat template would be dropped (the recipe keeps the first's)."""
@@ -142,7 +195,7 @@ slices:
 
 @pytest.mark.parametrize("text, key", [
     ("merge: {method: ties, base_model: a, modles: []}", "merge.modles"),
-    ("merge: {method: ties, base_model: a}", "give exactly one of 'models' or 'slices'"),
+    ("merge: {method: ties, base_model: a}", "give exactly one of 'models', 'slices' or 'modules'"),
     ("merge_method: ties\nmodels: [{model: a}]\nbogus: 1", "bogus"),
     ("layers: [{source: merged, layer: 0}]", "needs a 'merge' stage"),
     ("layers: [{source: a, layer: -1}]", "layers.0.layer"),

@@ -15,8 +15,8 @@ from typing import Any
 from evomerge.errors import EvomergeError
 from evomerge.merge.registry import MethodSpec, get_method
 from evomerge.models.io import ModelDir, tokenizer_model
-from evomerge.recipe import (MERGED, LayerSlot, MergeStage, OutputSlice, Params, Recipe, SliceSource, evaluate_setting,
-                             is_finite_number, iter_settings, resolve)
+from evomerge.recipe import (MERGED, TEXT_MODULE, LayerSlot, MergeStage, Module, OutputSlice, Params, Recipe, SliceSource,
+                             evaluate_setting, is_finite_number, iter_settings, resolve)
 
 Ref = tuple[str, str]  # (model, tensor name in that model)
 
@@ -73,37 +73,50 @@ def validate_stage(stage: MergeStage, source: str) -> MethodSpec:
     """Method, parameter names, ranges and model counts; raises EvomergeError naming the key."""
     spec = get_method(stage.method, source=source, key="merge.method")
     _check_params(spec, stage.parameters, source, "parameters", per_model_ok=True, global_ok=True)
-    for i, entry in enumerate(stage.models or []):
-        _check_params(spec, entry.parameters, source, f"models[{i}].parameters", per_model_ok=True, global_ok=False)
-    for i, out in enumerate(stage.slices or []):
-        _check_params(spec, out.parameters, source, f"slices[{i}].parameters", per_model_ok=True, global_ok=True)
-        for j, src in enumerate(out.sources):
-            _check_params(spec, src.parameters, source, f"slices[{i}].sources[{j}].parameters", per_model_ok=True, global_ok=False)
-    for i, out in enumerate(_slices(stage)):
-        base = out.base_model or stage.base_model
-        if spec.base == "required" and not base:
-            raise EvomergeError(f"method {spec.name} needs a base_model", source=source, key="base_model")
-        n = len([s for s in out.sources if spec.base == "none" or s.model != base])
-        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
-            want = f"exactly {spec.min_models}" if spec.min_models == spec.max_models else \
-                f"at least {spec.min_models}" if spec.max_models is None else f"{spec.min_models} to {spec.max_models}"
-            base_note = " besides the base" if spec.base != "none" else ""
-            raise EvomergeError(f"method {spec.name} takes {want} model{'s' * (spec.max_models != 1)}{base_note}, got {n}",
-                                source=source, key="models" if stage.models is not None else f"slices[{i}].sources")
+    for name, part in stage.parts.items():
+        at = f"modules.{name}." if stage.modules else ""
+        _check_params(spec, part.parameters, source, f"{at}parameters", per_model_ok=True, global_ok=True)
+        for i, entry in enumerate(part.models or []):
+            _check_params(spec, entry.parameters, source, f"{at}models[{i}].parameters", per_model_ok=True, global_ok=False)
+        for i, out in enumerate(part.slices or []):
+            _check_params(spec, out.parameters, source, f"{at}slices[{i}].parameters", per_model_ok=True, global_ok=True)
+            for j, src in enumerate(out.sources):
+                _check_params(spec, src.parameters, source, f"{at}slices[{i}].sources[{j}].parameters", per_model_ok=True,
+                              global_ok=False)
+        for i, out in enumerate(_slices(part, stage.base_model)):
+            base = out.base_model or stage.base_model
+            if spec.base == "required" and not base:
+                raise EvomergeError(f"method {spec.name} needs a base_model", source=source, key="base_model")
+            n = len([s for s in out.sources if spec.base == "none" or s.model != base])
+            if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+                want = f"exactly {spec.min_models}" if spec.min_models == spec.max_models else \
+                    f"at least {spec.min_models}" if spec.max_models is None else f"{spec.min_models} to {spec.max_models}"
+                base_note = " besides the base" if spec.base != "none" else ""
+                raise EvomergeError(f"method {spec.name} takes {want} model{'s' * (spec.max_models != 1)}{base_note}, "
+                                    f"got {n}", source=source,
+                                    key=f"{at}models" if part.models is not None else f"{at}slices[{i}].sources")
     return spec
 
 
-def _slices(stage: MergeStage, num_layers: int | None = None) -> list[OutputSlice]:
+def _slices(part: Module, base_model: str | None, num_layers: int | None = None) -> list[OutputSlice]:
     """mergekit's normalisation: `models:` is one slice over every layer, with the base added when not listed."""
-    if stage.slices is not None:
-        return stage.slices
-    sources = [SliceSource(model=m.model, layer_range=(0, num_layers or 0), parameters=m.parameters) for m in stage.models]
-    if stage.base_model and stage.base_model not in [m.model for m in stage.models]:
-        sources.append(SliceSource(model=stage.base_model, layer_range=(0, num_layers or 0)))
+    if part.slices is not None:
+        return part.slices
+    sources = [SliceSource(model=m.model, layer_range=(0, num_layers or 0), parameters=m.parameters) for m in part.models]
+    if base_model and base_model not in [m.model for m in part.models]:
+        sources.append(SliceSource(model=base_model, layer_range=(0, num_layers or 0)))
     return [OutputSlice(sources=sources)]
 
 
-def _resolve_task(spec: MethodSpec, stage: MergeStage, out: OutputSlice, slot: "_Slot", source: str) -> TensorTask:
+def _output_slices(stage: MergeStage, num_layers: int) -> list[tuple[str, OutputSlice, Params]]:
+    """(module, output slice, module parameters) in planning order: the text model's slices, then one for each other
+    module (mergekit's `modules:`); without modules, the stage's slices."""
+    return [(name, out, part.parameters) for name, part in stage.parts.items()
+            for out in _slices(part, stage.base_model, num_layers)]
+
+
+def _resolve_task(spec: MethodSpec, stage: MergeStage, out: OutputSlice, module: Params, slot: "_Slot",
+                  source: str) -> TensorTask:
     base_model, out_name, t = out.base_model or stage.base_model, slot.out_name, slot.t
     base_ref, others = None, []
     for (j, name), names in zip(slot.inputs, slot.filter_names[1:]):
@@ -116,14 +129,14 @@ def _resolve_task(spec: MethodSpec, stage: MergeStage, out: OutputSlice, slot: "
         raise EvomergeError(f"base model {base_model} is not a source of this slice", source=source, key="base_model")
     params: dict[str, Any] = {}
     for p in spec.global_params:
-        value = resolve(p.name, [out.parameters, stage.parameters], slot.filter_names[0], t)
+        value = resolve(p.name, [out.parameters, module, stage.parameters], slot.filter_names[0], t)
         if value is None and p.required:
             raise EvomergeError(f"missing required parameter {p.name!r} (tensor {out_name})", source=source, key=p.name)
         params[p.arg] = p.default if value is None else value
     for p in spec.per_model_params:
         values = []
         for src, name, names in others:
-            value = resolve(p.name, [src.parameters, out.parameters, stage.parameters], names, t)
+            value = resolve(p.name, [src.parameters, out.parameters, module, stage.parameters], names, t)
             if value is None and p.required:
                 raise EvomergeError(f"missing required parameter {p.name!r} for model {src.model} (tensor {name})",
                                     source=source, key=f"{p.name}")
@@ -162,7 +175,7 @@ class _Slot:
     """One output tensor of a stage before its parameters are resolved: where its inputs come from."""
 
     out_name: str
-    slice: int  # index into the stage's slices
+    slice: int  # index into the stage's output slices (`_output_slices`)
     inputs: tuple[tuple[int, str], ...]  # (index of the source in the slice, tensor name in that source)
     t: float  # position inside the slice, for gradient parameters
     vocab: bool
@@ -174,27 +187,35 @@ Layout = tuple[list[_Slot], list[list[_Slot]]]  # (non-layer slots, per-output-l
 
 def structure(stage: MergeStage) -> tuple:
     """All a stage's layout depends on (with the model dirs): its method, models and layer ranges, not parameter values."""
-    if stage.slices is None:
-        return stage.method, stage.base_model, tuple(m.model for m in stage.models)
-    return stage.method, stage.base_model, tuple(
-        (out.base_model, tuple((s.model, s.layer_range) for s in out.sources)) for out in stage.slices)
+    def inputs(part: Module) -> tuple:
+        if part.slices is None:
+            return tuple(m.model for m in part.models)
+        return tuple((out.base_model, tuple((s.model, s.layer_range) for s in out.sources)) for out in part.slices)
+
+    return stage.method, stage.base_model, tuple((name, inputs(part)) for name, part in stage.parts.items())
 
 
 def stage_layout(stage: MergeStage, dirs: dict[str, ModelDir], source: str) -> Layout:
     """Which input tensors make each output tensor: the structural checks and name bookkeeping of `plan_stage`."""
     used = {m: dirs[m] for m in stage.referenced_models()}
     _check_compatible(used, source)
-    template = dirs[stage.base_model or stage.referenced_models()[0]]
+    template = dirs[stage.template_model]
     arch = template.arch
-    slices = _slices(stage, template.num_layers)
-    for i, out in enumerate(slices):
-        lengths = {s.layer_range[1] - s.layer_range[0] for s in out.sources}
+    if stage.modules:
+        arch.check_modules(list(stage.modules), source)
+    outputs = _output_slices(stage, template.num_layers)
+    text = [i for i, (module, _, _) in enumerate(outputs) if module == TEXT_MODULE]  # the text model's slices
+    module_slice = {module: i for i, (module, _, _) in enumerate(outputs) if module != TEXT_MODULE}
+    slices = [out for _, out, _ in outputs]
+    for i in text:
+        at = f"modules.{TEXT_MODULE}.slices[{i}]" if stage.modules else f"slices[{i}]"
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in slices[i].sources}
         if len(lengths) != 1:
-            raise EvomergeError("all sources of a slice need the same number of layers", source=source, key=f"slices[{i}]")
-        for s in out.sources:
+            raise EvomergeError("all sources of a slice need the same number of layers", source=source, key=at)
+        for s in slices[i].sources:
             if not 0 <= s.layer_range[0] <= s.layer_range[1] <= dirs[s.model].num_layers:
                 raise EvomergeError(f"layer_range {list(s.layer_range)} is outside 0..{dirs[s.model].num_layers} of {s.model}",
-                                    source=source, key=f"slices[{i}].layer_range")
+                                    source=source, key=f"{at}.layer_range")
 
     parts = arch.part_positions(template.tensor_names)  # an image-text model's vision layers: t = i / (n - 1) of their own
 
@@ -205,21 +226,26 @@ def stage_layout(stage: MergeStage, dirs: dict[str, ModelDir], source: str) -> L
 
     tied = arch.tied_embeddings(template.config)
     outside = [n for n in template.tensor_names if arch.layer_of(n) is None and not (tied and n.startswith("lm_head."))]
+    # the text model's tensors before its layers from its first slice, the others from its last (a vision tower too,
+    # unless a module of its own gives it)
+    last = text[-1]
     pre = [n for n in outside if arch.is_pre_layer(n)]
-    head = non_layer(pre, 0) + non_layer([n for n in outside if n not in pre], len(slices) - 1)
+    slice_of = {n: module_slice.get(arch.module_of(n), last) for n in outside if n not in pre}
+    head = non_layer(pre, 0) + [slot for i in dict.fromkeys([last, *module_slice.values()])
+                                for slot in non_layer([n for n, at in slice_of.items() if at == i], i)]
     layers: list[list[_Slot]] = []
-    for i, out in enumerate(slices):
-        first = out.sources[0]  # an output layer has the tensors of its first source's layer (kinds differ: Qwen3.5)
+    for i in text:
+        first = slices[i].sources[0]  # an output layer has the tensors of its first source's layer (kinds differ: Qwen3.5)
         n = first.layer_range[1] - first.layer_range[0]
         for idx in range(n):
             t, names = idx / (n - 1) if n > 1 else 1.0, dirs[first.model].layer_tensor_names(first.layer_range[0] + idx)
             layers.append([_Slot(arch.rename_layer(name, len(layers)), i, tuple(
-                (j, arch.rename_layer(name, s.layer_range[0] + idx)) for j, s in enumerate(out.sources)), t, False)
+                (j, arch.rename_layer(name, s.layer_range[0] + idx)) for j, s in enumerate(slices[i].sources)), t, False)
                 for name in names])
     arch.check_layers_stay([(k, arch.layer_of(name)) for k, layer in enumerate(layers) for _, name in layer[0].inputs],
                            template.num_layers, source, "slices")
     # layers past num_layers (multi-token prediction) follow the last slice's layers, where each of its sources has them
-    last, sources = len(slices) - 1, slices[-1].sources
+    sources = slices[last].sources
     reference = dirs[sources[0].model]
     past = reference.past_layers
     have = [set(dirs[s.model].tensor_names) for s in sources] if past else []
@@ -247,10 +273,11 @@ def plan_stage(stage: MergeStage, dirs: dict[str, ModelDir], source: str, layout
     layouts, key = {} if layouts is None else layouts, structure(stage)
     if key not in layouts:
         layouts[key] = stage_layout(stage, dirs, source)
-    slices = _slices(stage, dirs[stage.base_model or stage.referenced_models()[0]].num_layers)
+    outputs = _output_slices(stage, dirs[stage.template_model].num_layers)
 
     def task(slot: _Slot) -> TensorTask:
-        return _resolve_task(spec, stage, slices[slot.slice], slot, source)
+        _, out, module = outputs[slot.slice]
+        return _resolve_task(spec, stage, out, module, slot, source)
 
     head, layers = layouts[key]
     return [task(s) for s in head], [[task(s) for s in layer] for layer in layers]
@@ -276,7 +303,7 @@ def plan_recipe(recipe: Recipe, dirs: dict[str, ModelDir], source: str = "<recip
     warnings: list[str] = []
     head, merged_layers = plan_stage(recipe.merge, dirs, source, layouts) if recipe.merge else ([], [])
     if recipe.merge:
-        config_from = recipe.merge.base_model or recipe.merge.referenced_models()[0]
+        config_from = recipe.merge.template_model
     if not recipe.layers:
         return Plan(head + [t for layer in merged_layers for t in layer], len(merged_layers), config_from,
                     tokenizer_model(recipe, config_from, dirs, source), warnings)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from evomerge.errors import EvomergeError
+from evomerge.recipe import TEXT_MODULE
 
 Block = Literal["attn", "mlp", "norm"]
 # config keys counting a model's first dense layers (ERNIE-4.5-MoE's: the first with experts)
@@ -54,6 +55,9 @@ class Architecture:
     # regex (match): the layers of an image-text model's other parts (its vision tower), group 1 the prefix, group 2 the
     # index; a gradient list spreads over them as over the text layers (mergekit plans each part on its own)
     part_layer: str = ""
+    # mergekit's modules of an image-text model beside its text model (`TEXT_MODULE`), as (name, regex (match) of its
+    # tensors), where mergekit's table has several: a recipe's `modules:` merges each from models of its own
+    modules: tuple[tuple[str, str], ...] = ()
     # regex (match): checkpoint tensors transformers does not load (Qwen3.5's multi-token-prediction head): a merge
     # writes them merged as any tensor; a search's live models have none, so its workers leave them out
     unloaded: str = ""
@@ -123,6 +127,10 @@ class Architecture:
         for prefix, i in found.values():
             counts[prefix] = max(counts.get(prefix, 0), i + 1)
         return {n: i / (counts[p] - 1) if counts[p] > 1 else 1.0 for n, (p, i) in found.items()}
+
+    def module_of(self, tensor_name: str) -> str:
+        """The mergekit module a tensor belongs to: one of `modules`, else the text model's."""
+        return next((name for name, pattern in self.modules if re.match(pattern, tensor_name)), TEXT_MODULE)
 
     def text_settings(self, config: dict) -> dict:
         """The part of config.json that describes the text model: all of it, or its `text_config` (an image-text config
@@ -208,6 +216,21 @@ class Architecture:
         """A copy of `config` whose text model is described by `settings`."""
         return {**config, self.text_config: settings} if self.text_config in config else settings
 
+    def check_modules(self, names: list[str], source: str) -> None:
+        """A recipe's `modules:` names every mergekit module of this family, and no other."""
+        known = [TEXT_MODULE, *(name for name, _ in self.modules)]
+        if len(known) == 1:
+            raise EvomergeError(f"{self.name} is one module (its text model) in mergekit: give models or slices, not "
+                                f"modules", source=source, key="modules")
+        for name in names:
+            if name not in known:
+                raise EvomergeError(f"no module {name!r} in {self.name} (its modules: {', '.join(known)})",
+                                    source=source, key=f"modules.{name}")
+        missing = [name for name in known if name not in names]
+        if missing:
+            raise EvomergeError(f"module {missing[0]} of {self.name} is missing (mergekit would write a model without "
+                                f"it)", source=source, key="modules")
+
     def check_layers_stay(self, layers: list[tuple[int, int]], num_layers: int, source: str, key: str) -> None:
         """Refuses, where this family's layers cannot move (`fixed_layers`), a written model whose layers ((written,
         source) index pairs) are not its source's num_layers layers, each in its place."""
@@ -285,6 +308,11 @@ _QWEN3_5_MOE = dict(attn=_QWEN3_5.attn, unloaded=_QWEN3_5.unloaded,
                                        r"mlp\.experts\.\d+\.down_proj)\.weight$|\.mlp\.experts\.down_proj$")
 
 _TEXT_MODEL = r"(?:language_model\.model|model\.language_model)"  # an image-text checkpoint's text model, both namings
+# mergekit's modules beside the text model: Gemma-3's and Mistral-3's (LLaVA's names), Qwen3-VL's (its deepstack mergers
+# project vision features as its merger does)
+_LLAVA_MODULES = (("vision_tower", r"(model\.)?vision_tower\."), ("multi_modal_projector", r"(model\.)?multi_modal_projector\."))
+_QWEN3_VL_MODULES = (("multi_modal_projector", r"model\.visual\.(merger|deepstack_merger_list)\."),
+                     ("vision_tower", r"model\.visual\."))
 _LLAVA_RENAMES = ((r"^language_model\.model\.", "model.language_model."), (r"^language_model\.lm_head\.", "lm_head."),
                   (r"^multi_modal_projector\.", "model.multi_modal_projector."))
 
@@ -485,17 +513,19 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     # `model.language_model.` (the live module's names); both load.
     _image_text("gemma3", "Gemma3ForConditionalGeneration", tied=True,
                 vision_layers=r"((?:model\.)?vision_tower\.(?:vision_model\.)?encoder\.layers\.)(\d+)\.",
-                live_renames=(*_LLAVA_RENAMES, (r"^(model\.)?vision_tower\.(vision_model\.)?", "model.vision_tower."))),
+                live_renames=(*_LLAVA_RENAMES, (r"^(model\.)?vision_tower\.(vision_model\.)?", "model.vision_tower.")),
+                modules=_LLAVA_MODULES),
     _image_text("gemma4", "Gemma4ForConditionalGeneration", text=r"model\.language_model",
                 vision_layers=r"(model\.(?:vision_tower\.encoder|audio_tower)\.layers\.)(\d+)\.", **_GEMMA4,
                 pre=rf"model\.language_model\.({_GEMMA4_PRE})"),
     _image_text("llama4", "Llama4ForConditionalGeneration", tied=False,  # Llama 4 Scout, Maverick
                 vision_layers=r"(vision_model\.model\.layers\.)(\d+)\.", mlp=_LLAMA4["mlp"],
-                output_projections=rf"^{_TEXT_MODEL}\.layers\.\d+{_LLAMA4['output_projections']}"),  # not the vision's
+                output_projections=rf"^{_TEXT_MODEL}\.layers\.\d+{_LLAMA4['output_projections']}",  # not the vision's
+                modules=(("vision_model", r"(model\.)?vision_model\."), _LLAVA_MODULES[1])),
     _image_text("mistral3", "Mistral3ForConditionalGeneration", tied=True,  # Mistral Small 3.x, Ministral 3
                 vision_layers=r"((?:model\.)?vision_tower\.transformer\.layers\.)(\d+)\.",
                 mlp=r"\.(mlp|feed_forward)\.", output_projections=_LLAMA_OUT,
-                live_renames=(*_LLAVA_RENAMES, (r"^vision_tower\.", "model.vision_tower."))),
+                live_renames=(*_LLAVA_RENAMES, (r"^vision_tower\.", "model.vision_tower.")), modules=_LLAVA_MODULES),
     _image_text("qwen3_5", "Qwen3_5ForConditionalGeneration", tied=False, text=r"model\.language_model",
                 vision_layers=r"(model\.visual\.blocks\.)(\d+)\.", attn=_QWEN3_5.attn,
                 output_projections=_QWEN3_5.output_projections, unloaded=_QWEN3_5.unloaded),
@@ -509,18 +539,19 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                   vision_layers=r"((?:model\.)?visual\.blocks\.)(\d+)\.", mlp=r"\.mlp\.(?!\d)",  # not the projector's
                   output_projections=r"^model\.(language_model\.)?layers\.\d+" + _LLAMA_OUT,  # not the vision tower's
                   live_renames=((r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
-                                (r"^visual\.", "model.visual.")))
+                                (r"^visual\.", "model.visual.")),
+                  modules=(("multi_modal_projector", r"(model\.)?visual\.merger\."), ("vision_tower", r"(model\.)?visual\.")))
       for name, architecture in (("qwen2_vl", "Qwen2VLForConditionalGeneration"),
                                  ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"))),
     # Qwen3-VL: its deepstack mergers (one per early text layer that takes vision features) spread a gradient as layers
     _image_text("qwen3_vl", "Qwen3VLForConditionalGeneration", tied=False, text=r"model\.language_model",
                 vision_layers=r"(model\.visual\.(?:blocks|deepstack_merger_list)\.)(\d+)\.",
-                output_projections=_LLAMA_OUT),
+                output_projections=_LLAMA_OUT, modules=_QWEN3_VL_MODULES),
     # Qwen3-VL-MoE: fused experts in its checkpoints, the hub's as [experts, in, out] (transformers transposes them on
     # load; a search's live model takes them so)
     _image_text("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", tied=False, text=r"model\.language_model",
                 vision_layers=r"(model\.visual\.(?:blocks|deepstack_merger_list)\.)(\d+)\.",
-                output_projections=r"\.(self_attn\.o_proj\.weight|mlp\.down_proj\.weight|mlp\.experts\.down_proj)$"),
+                output_projections=r"\.(self_attn\.o_proj\.weight|mlp\.down_proj\.weight|mlp\.experts\.down_proj)$", modules=_QWEN3_VL_MODULES),
     _GPT2,
     replace(_GPT2, name="gpt_bigcode", architectures=("GPTBigCodeForCausalLM",)),  # StarCoder (1), SantaCoder: GPT-2's
     # names (one key-value head)

@@ -89,7 +89,7 @@ class DataFlowSpace(SearchSpace):
         if model in num_layers:
             return num_layers[model]
         if model == MERGED:  # the merge stage has the layers of its base (or first) model
-            return self._layer_count(self.merge.base_model or self.merge.referenced_models()[0], num_layers)
+            return self._layer_count(self.merge.template_model, num_layers)
         raise EvomergeError(f"no layer count for model {model!r} (a placeholder not overridden?)", source=self.source,
                             key="models")
 
