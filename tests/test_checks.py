@@ -117,7 +117,8 @@ def test_a_layer_path_search_over_a_family_it_cannot_run(tiny_zoo, tmp_path):
                    "hunyuan_v1_dense, helium, glm, nemotron, vaultgemma, qwen3_5_text, lfm2, lfm2_moe, qwen3_moe, olmoe, mixtral, "
                    "qwen2_moe, granitemoehybrid, granitemoe, minimax_m2, hunyuan_v1_moe, phimoe, falcon_h1, nemotron_h, gpt_oss, "
                    "glm4_moe, deepseek_v3, glm4_moe_lite, deepseek_v2, dots1, deepseek_v32, glm_moe_dsa, ernie4_5_moe, afmoe, llama4_text, qwen3_next, "
-                   "qwen3_5_moe_text, exaone models, not gpt2")
+                   "qwen3_5_moe_text, gemma3, llama4, mistral3, qwen3_5, qwen3_5_moe, qwen2_vl, qwen2_5_vl, qwen3_vl, "
+                   "qwen3_vl_moe, exaone models, not gpt2")
 
 
 def test_a_layer_path_search_over_models_whose_config_counts_their_dense_layers(tiny_zoo, tmp_path):

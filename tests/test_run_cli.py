@@ -12,8 +12,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from evomerge.cli import main
-from evomerge.merge.materialize import merge_to_dir
 from evomerge.export import export_text
+from evomerge.merge.materialize import merge_to_dir
+from evomerge.models.architectures import architecture_for
 from evomerge.recipe import LayerSlot, Recipe, load_recipe, save_recipe
 from evomerge.run.config import experiment_from_dict, load_experiment
 from evomerge.run.loop import search
@@ -338,6 +339,37 @@ def test_a_search_over_image_text_models_scores_and_writes_them(tmp_path, family
         weights = [m["parameters"]["weight"][-1]["value"][0] for m in recipe["models"]]
         expected = sum(i * w for i, w in enumerate(weights)) / sum(weights)
         torch.testing.assert_close(written["mtp.fc.weight"], torch.full((32, 64), expected), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama4", "qwen2_5_vl", "qwen3_5"])
+def test_a_data_flow_search_over_image_text_models_runs_their_text_layers(tmp_path, family):
+    """A layer path over image-text models (Gemma-3's alternating attention, Llama 4's text model nested as a causal LM
+    of its own, Qwen2.5-VL's multimodal rotary positions, Qwen3.5's linear attention): the worker runs the text
+    model's layers in the path's order; the winner is written with the path's text layers (text_config) and the
+    vision tower and projector of its last slot's source, and its mergekit export names them as modules where
+    mergekit has a table of modules (it reads an image-text model's slices only so)."""
+    base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32)
+    a, b = make_variants(base, tmp_path, n=2, scale=0.05)
+    doc = {"name": "vl", "seed": 0, "space": {"kind": "dfs", "models": [str(a), str(b)], "repeats": 2, "scale": "none"},
+           "optimizer": {"name": "random"}, "budget": {"trials": 3}, "evaluation": {"tasks": ["toy_cipher_gen"], "limit": 2},
+           "validation": {"top_k": 1}}
+    (tmp_path / "exp.yaml").write_text(json.dumps(doc))
+    result = run("search", tmp_path / "exp.yaml", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0 and "3 trials, 0 failed" in result.output, result.output
+    assert run("merge", tmp_path / "run/best/recipe.yaml", tmp_path / "out").exit_code == 0
+    recipe = load_recipe(tmp_path / "run/best/recipe.yaml")
+    config = json.loads((tmp_path / "out/config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == len(recipe.layers)
+    arch, written, last = base_arch(base), tensors(tmp_path / "out"), tensors(Path(recipe.layers[-1].source))
+    outside = [n for n in last if arch.layer_of(n) is None and not arch.is_pre_layer(n) and arch.module_of(n) != "text_decoder"
+               or arch.part_layer and re.match(arch.part_layer, n)]
+    assert outside and all(torch.equal(written[n], last[n]) for n in outside)
+    exported = yaml.safe_load((tmp_path / "run/best/recipe.mergekit.yaml").read_text())
+    assert ("modules" in exported) == bool(arch.modules), exported
+
+
+def base_arch(model_dir: Path):
+    return architecture_for(json.loads((model_dir / "config.json").read_text()), "config.json")
 
 
 @pytest.mark.parametrize("family, mtp", [("nemotron_h", "mtp.layers.0.mixer.up_proj.weight"),

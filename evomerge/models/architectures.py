@@ -330,6 +330,7 @@ def _image_text(name: str, architecture: str, *, tied: bool, vision_layers: str,
         "tied_default": tied,
         "text_config": "text_config",
         "part_layer": vision_layers,
+        "live_layer_paths": not fields.get("fixed_layers"),
         **fields,
     })
 

@@ -1,10 +1,10 @@
 """A data-flow-space candidate as a live model that runs resident layers in the order of its layer path, copying nothing.
 
-The path model is a shallow copy of a skeleton model (embeddings, final norm, head) whose layer list is replaced by one
-slot per path entry. A slot reuses a resident decoder layer's parameters; only the modules holding a `layer_idx` (its
-attention, an attention's indexer) are shallow-copied so that each slot has its own KV-cache entry when a layer appears
-twice. A slot scales the hidden state
-entering it (Sakana's DFS scaling). A repeated layer therefore costs no memory.
+The path model is a shallow copy of a skeleton model (embeddings, final norm, head) whose layer list (an image-text
+model's: its text model's) is replaced by one slot per path entry. A slot reuses a resident decoder layer's parameters;
+only the modules holding a `layer_idx` (its attention, an attention's indexer) are shallow-copied so that each slot has
+its own KV-cache entry when a layer appears twice. A slot scales the hidden state entering it (Sakana's DFS scaling).
+A repeated layer therefore costs no memory.
 """
 
 from __future__ import annotations
@@ -39,12 +39,30 @@ class ScaledSlot(nn.Module):
         return self.layer(hidden_states, *args, **kwargs)
 
 
+# where a causal LM holds its decoder (the module with `layers`): text models at `model`, image-text models at
+# `model.language_model` (Llama 4: a causal LM of its own at `language_model`, with the head)
+_DECODER_AT = (("model",), ("model", "language_model"), ("language_model", "model"))
+
+
+def _decoder_at(model: nn.Module) -> tuple[str, ...]:
+    for names in _DECODER_AT:
+        inner = model
+        for name in names:
+            inner = getattr(inner, name, None)
+        if isinstance(getattr(inner, "layers", None), nn.ModuleList):
+            return names
+    raise EvomergeError(f"data-flow search needs a decoder with `model.layers` (Llama, Mistral, Qwen2 style); "
+                        f"got {type(model).__name__}", key="space.dfs")
+
+
+def _inner(model: nn.Module, names: tuple[str, ...]) -> nn.Module:
+    for name in names:
+        model = getattr(model, name)
+    return model
+
+
 def _decoder(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "model", None)
-    if inner is None or not isinstance(getattr(inner, "layers", None), nn.ModuleList):
-        raise EvomergeError(f"data-flow search needs a decoder with `model.layers` (Llama, Mistral, Qwen2 style); "
-                            f"got {type(model).__name__}", key="space.dfs")
-    return inner
+    return _inner(model, _decoder_at(model))
 
 
 def _slot(layer: nn.Module, index: int, scale: float) -> nn.Module:
@@ -74,23 +92,36 @@ def build_path_model(first: nn.Module, layers: dict[str, nn.ModuleList], path: l
     a head tied to the embeddings stays `first`'s, since the written model stores one matrix for both (its embeddings).
     """
     last = first if last is None else last
-    model = copy.copy(first)
-    model._modules = dict(first._modules)
     tied = first.get_output_embeddings().weight is first.get_input_embeddings().weight
-    model._modules["lm_head"] = first.lm_head if tied else last.lm_head
-    decoder = copy.copy(_decoder(first))
-    decoder._modules = dict(decoder._modules)
+    config = copy.deepcopy(first.config)
+    text = config.get_text_config()  # an image-text model's text_config: where its layer count and kinds are
+    configs = {id(first.config): config, id(first.config.get_text_config()): text}
+    names = _decoder_at(first)
+    chain = [_copied(first, configs)]  # the path model, then each module on the way to its decoder: copies
+    for name in names:
+        chain.append(_copied(chain[-1]._modules[name], configs))
+        chain[-2]._modules[name] = chain[-1]
+    model, decoder = chain[0], chain[-1]
+    owner = next(k for k, module in enumerate(chain) if "lm_head" in module._modules)  # Llama 4's: its text model
+    chain[owner]._modules["lm_head"] = _inner(first if tied else last, names[:owner]).lm_head
     norm = next(n for n in ("norm", "embedding_norm", "final_layernorm", "norm_f") if n in decoder._modules)  # the
     decoder._modules[norm] = getattr(_decoder(last), norm)  # final norm (LFM2's, Phi-2's, Nemotron-H's names)
     decoder._modules["layers"] = nn.ModuleList(_slot(layers[src][i], k, s) for k, (src, i, s) in enumerate(path))
-    config = copy.deepcopy(first.config)
-    config.num_hidden_layers = len(path)
-    kinds = config.attribute_map.get("layer_types", "layer_types")  # Nemotron-H's: layers_block_type
-    if vars(config).get(kinds):  # (Falcon-H1's is a property of the layer count)
-        setattr(config, kinds, [getattr(config, kinds)[min(i, len(getattr(config, kinds)) - 1)] for _, i, _ in path])
-    model.config = decoder.config = config
-    model._modules["model"] = decoder
+    text.num_hidden_layers = len(path)
+    kinds = text.attribute_map.get("layer_types", "layer_types")  # Nemotron-H's: layers_block_type
+    if vars(text).get(kinds):  # (Falcon-H1's is a property of the layer count)
+        setattr(text, kinds, [getattr(text, kinds)[min(i, len(getattr(text, kinds)) - 1)] for _, i, _ in path])
     return model
+
+
+def _copied(module: nn.Module, configs: dict[int, object]) -> nn.Module:
+    """A shallow copy of `module` with a children dict of its own, and its config the path's (`configs`, by the id of
+    the config it replaces)."""
+    shared = copy.copy(module)
+    shared._modules = dict(module._modules)
+    if id(getattr(module, "config", None)) in configs:
+        shared.config = configs[id(module.config)]
+    return shared
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
