@@ -204,8 +204,10 @@ class Recipe(_Frozen):
         return self
 
     def weights_dict(self) -> dict:
-        """Everything that changes the weights, in canonical form."""
-        return self.model_dump(mode="json", exclude={"provenance": True, "merge": {"chat_template"}})
+        """Everything that changes the weights, in canonical form (a stage without `modules:` as before they were read,
+        so that a recipe keeps its identity: a resumed run knows the recipes it scored by it)."""
+        unset = {"modules"} if self.merge and self.merge.modules is None else set()
+        return self.model_dump(mode="json", exclude={"provenance": True, "merge": {"chat_template", *unset}})
 
     @property
     def identity(self) -> str:

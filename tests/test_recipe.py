@@ -54,6 +54,14 @@ def test_identity_ignores_provenance_and_chat_template_only():
     assert changed.identity != r.identity
 
 
+def test_identity_is_what_earlier_versions_computed():
+    """A run dedupes its candidates by recipe identity, also after a resume under a newer evomerge: these are the
+    identities evomerge gave these recipes before it read mergekit's `modules:` (dacf034)."""
+    r = parse(MERGEKIT_TIES)
+    path = Recipe(merge=r.merge, layers=[LayerSlot(source=MERGED, layer=0), LayerSlot(source="a", layer=1, scale=0.5)])
+    assert (r.identity, path.identity) == ("a7c3514e54ab490b", "dbc2a948ab233faa")
+
+
 def test_gradients_and_filters_match_mergekit():
     from mergekit.config import ConditionalParameter, evaluate_setting as mk_evaluate
 
