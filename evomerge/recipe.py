@@ -410,8 +410,8 @@ def recipe_from_dict(docs: list[dict], source: str = "<recipe>") -> Recipe:
                                 f"evomerge reads it from the first document: set it there", source=source, key=key)
     path = _passthrough_path(path_stage)
     if path is None:
-        raise EvomergeError("the second mergekit-multi document must be passthrough slices, one source each (under modules:, "
-                             "the modules beside the text model from the last slice's model)", source=source)
+        raise EvomergeError("the second mergekit-multi document must be passthrough slices, one source each (under "
+                            "modules:, the modules beside the text model from the last slice's model)", source=source)
     path = [slot.model_copy(update={"source": MERGED}) if slot.source == name else slot for slot in path]
     return Recipe(merge=stage, layers=path)
 

@@ -361,8 +361,8 @@ def test_a_data_flow_search_over_image_text_models_runs_their_text_layers(tmp_pa
     config = json.loads((tmp_path / "out/config.json").read_text())
     assert config["text_config"]["num_hidden_layers"] == len(recipe.layers)
     arch, written, last = base_arch(base), tensors(tmp_path / "out"), tensors(Path(recipe.layers[-1].source))
-    outside = [n for n in last if arch.layer_of(n) is None and not arch.is_pre_layer(n) and arch.module_of(n) != "text_decoder"
-               or arch.part_layer and re.match(arch.part_layer, n)]
+    outside = [n for n in last if arch.layer_of(n) is None and not arch.is_pre_layer(n)
+               and arch.module_of(n) != "text_decoder" or arch.part_layer and re.match(arch.part_layer, n)]
     assert outside and all(torch.equal(written[n], last[n]) for n in outside)
     exported = yaml.safe_load((tmp_path / "run/best/recipe.mergekit.yaml").read_text())
     assert ("modules" in exported) == bool(arch.modules), exported

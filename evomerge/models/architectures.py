@@ -310,7 +310,8 @@ _QWEN3_5_MOE = dict(attn=_QWEN3_5.attn, unloaded=_QWEN3_5.unloaded,
 _TEXT_MODEL = r"(?:language_model\.model|model\.language_model)"  # an image-text checkpoint's text model, both namings
 # mergekit's modules beside the text model: Gemma-3's and Mistral-3's (LLaVA's names), Qwen3-VL's (its deepstack mergers
 # project vision features as its merger does)
-_LLAVA_MODULES = (("vision_tower", r"(model\.)?vision_tower\."), ("multi_modal_projector", r"(model\.)?multi_modal_projector\."))
+_LLAVA_MODULES = (("vision_tower", r"(model\.)?vision_tower\."),
+                  ("multi_modal_projector", r"(model\.)?multi_modal_projector\."))
 _QWEN3_VL_MODULES = (("multi_modal_projector", r"model\.visual\.(merger|deepstack_merger_list)\."),
                      ("vision_tower", r"model\.visual\."))
 _LLAVA_RENAMES = ((r"^language_model\.model\.", "model.language_model."), (r"^language_model\.lm_head\.", "lm_head."),
@@ -541,7 +542,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                   output_projections=r"^model\.(language_model\.)?layers\.\d+" + _LLAMA_OUT,  # not the vision tower's
                   live_renames=((r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
                                 (r"^visual\.", "model.visual.")),
-                  modules=(("multi_modal_projector", r"(model\.)?visual\.merger\."), ("vision_tower", r"(model\.)?visual\.")))
+                  modules=(("multi_modal_projector", r"(model\.)?visual\.merger\."),
+                           ("vision_tower", r"(model\.)?visual\.")))
       for name, architecture in (("qwen2_vl", "Qwen2VLForConditionalGeneration"),
                                  ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"))),
     # Qwen3-VL: its deepstack mergers (one per early text layer that takes vision features) spread a gradient as layers
@@ -552,7 +554,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     # load; a search's live model takes them so)
     _image_text("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", tied=False, text=r"model\.language_model",
                 vision_layers=r"(model\.visual\.(?:blocks|deepstack_merger_list)\.)(\d+)\.",
-                output_projections=r"\.(self_attn\.o_proj\.weight|mlp\.down_proj\.weight|mlp\.experts\.down_proj)$", modules=_QWEN3_VL_MODULES),
+                output_projections=r"\.(self_attn\.o_proj\.weight|mlp\.down_proj\.weight|mlp\.experts\.down_proj)$",
+                modules=_QWEN3_VL_MODULES),
     _GPT2,
     replace(_GPT2, name="gpt_bigcode", architectures=("GPTBigCodeForCausalLM",)),  # StarCoder (1), SantaCoder: GPT-2's
     # names (one key-value head)
