@@ -584,6 +584,19 @@ def test_a_qwen2_5_vl_config_without_text_config_merges_as_the_hubs_do(tmp_path)
         assert AutoModelForImageTextToText.from_pretrained(tmp_path / f"{kind}_out").config.text_config.num_hidden_layers == 2
 
 
+def test_an_image_text_merge_ships_the_image_processor(tmp_path):
+    """A merged image-text model takes images: it ships the image processor of the model whose tokenizer it ships
+    (preprocessor_config.json, as AutoImageProcessor reads it), beside the tokenizer."""
+    from transformers import AutoImageProcessor, Gemma3ImageProcessor
+
+    base = build_tiny("gemma3", tmp_path / "base", num_layers=2)
+    (ft,) = make_variants(base, tmp_path, n=1)
+    Gemma3ImageProcessor(size={"height": 56, "width": 56}).save_pretrained(base)
+    doc = {"merge_method": "linear", "models": [{"model": str(base)}, {"model": str(ft)}], "parameters": {"weight": 0.5}}
+    assert run("merge", write(tmp_path / "r.yaml", doc), tmp_path / "out").exit_code == 0
+    assert AutoImageProcessor.from_pretrained(tmp_path / "out").size == {"height": 56, "width": 56}
+
+
 def test_gpt_oss_mxfp4_checkpoints_are_refused_as_quantized(tmp_path):
     """The hub's gpt-oss checkpoints hold their experts in MXFP4 (uint8 blocks and scales beside a quantization_config):
     refused in one line, where their BF16 versions (the names transformers writes) merge."""

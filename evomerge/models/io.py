@@ -27,8 +27,11 @@ from evomerge.recipe import Recipe
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+# what a written model takes from the model whose tokenizer it ships: the tokenizer, an image-text model's image and video
+# processors (AutoProcessor needs them to take images), the generation settings
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
                    "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
                    "generation_config.json")
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 _HUB_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.jinja", "tokenizer.model"]
@@ -368,7 +371,7 @@ class ModelWriter:
         (self._tmp / name).write_text(text)
 
     def copy_tokenizer(self, model_dir: ModelDir | str | os.PathLike) -> list[str]:
-        """Copies the tokenizer files (and generation_config.json) present in `model_dir`; returns their names."""
+        """Copies the TOKENIZER_FILES present in `model_dir`; returns their names."""
         src = model_dir.path if isinstance(model_dir, ModelDir) else Path(model_dir)
         copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
         for f in copied:
