@@ -289,6 +289,10 @@ def test_hub_ids_pinned_to_a_revision_merge_the_snapshot_of_that_revision(models
     assert set(asked) == set(served)
     hub, local = load_file(tmp_path / "hub/model.safetensors"), load_file(tmp_path / "local/model.safetensors")
     assert set(hub) == set(local) and all(torch.equal(hub[n], local[n]) for n in hub)
+    # the card's metadata names the hub repos merged (the Hub's family tree of the model); local dirs are no repos
+    cards = [yaml.safe_load((tmp_path / out / "README.md").read_text().split("---")[1]) for out in ("hub", "local")]
+    assert cards[0]["base_model"] == ["someone/base", "someone/a"] and cards[0]["base_model_relation"] == "merge"
+    assert "base_model" not in cards[1] and cards[1]["tags"] == ["merge", "evomerge"]
 
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from evomerge.errors import EvomergeError
@@ -17,8 +18,9 @@ from evomerge.merge.compiled import CompiledMethods
 from evomerge.merge.plan import Layout, Plan, TensorTask, plan_recipe, validate_stage
 from evomerge.merge.registry import get_method
 from evomerge.merge.rng import MaskKey
-from evomerge.models.io import (ModelDir, ModelWriter, check_device, check_finite, common_dtype, live_param,
-                                parse_dtype, pick_chat_template)
+from evomerge.models.io import (ModelDir, ModelWriter, check_device, check_finite, common_dtype, hub_repo, live_param,
+                                on_hub, parse_dtype, pick_chat_template)
+from evomerge.models.lora import split_reference
 from evomerge.models.sources import LazySources, MappedSources, ResidentSources, Sources
 from evomerge.models.vocab import by_token, write_tokenizer
 from evomerge.recipe import Recipe, to_evomerge_yaml
@@ -47,7 +49,13 @@ def compute(task: TensorTask, sources: Sources, compiled: CompiledMethods | None
 
 
 def model_card(recipe: Recipe, plan: Plan) -> str:
-    return (f"---\ntags: [merge, evomerge]\n---\n# Merged model\n\nMade by evomerge from this recipe "
+    """The README of a merged model: its recipe, and as metadata the hub repos it was merged from (`base_model`, which
+    the Hub draws as the model's family tree)."""
+    parts = [part for ref in recipe.referenced_models() for part in split_reference(ref) or (ref,)]
+    metadata = {"base_model": list(dict.fromkeys(hub_repo(p)["repo_id"] for p in parts if on_hub(p))) or None,
+                "base_model_relation": "merge", "tags": ["merge", "evomerge"], "library_name": "transformers"}
+    front = yaml.safe_dump({k: v for k, v in metadata.items() if v is not None}, sort_keys=False)
+    return (f"---\n{front}---\n# Merged model\n\nMade by evomerge from this recipe "
             f"(`evomerge merge recipe.yaml OUT` reproduces it):\n\n```yaml\n{to_evomerge_yaml(recipe)}```\n"
             + ("".join(f"\nWarning: {w}\n" for w in plan.warnings)))
 

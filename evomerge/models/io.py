@@ -113,7 +113,7 @@ def _refuse_quantized(config: dict, header: dict[str, dict], fail) -> None:
 def resolve_model(ref: str, source: str | None = None) -> Path:
     """A local directory, or a hub snapshot when `ref` is not a local path but looks like a repo id. `source`: the
     file that names `ref` (errors name both)."""
-    if not _on_hub(ref):
+    if not on_hub(ref):
         return Path(ref).expanduser()
     from huggingface_hub import snapshot_download
 
@@ -123,7 +123,8 @@ def resolve_model(ref: str, source: str | None = None) -> Path:
         raise _hub_error(ref, err, source) from None
 
 
-def _on_hub(ref: str) -> bool:
+def on_hub(ref: str) -> bool:
+    """Whether `ref` names a Hugging Face Hub repo: no local path, and a repo id (`org/name`, `org/name@revision`)."""
     return not Path(ref).expanduser().exists() and HUB_ID.fullmatch(ref) is not None
 
 
@@ -200,7 +201,7 @@ class ModelDir:
 
         if pair := split_reference(str(ref)):  # mergekit's model+adapter: a LoRA adapter applied to the model
             return AdaptedModelDir.open_adapted(*pair, source=source, headers_only=headers_only)
-        if headers_only and _on_hub(str(ref)):
+        if headers_only and on_hub(str(ref)):
             path, shards, header = _hub_headers(str(ref), source)
             config, arch = _read_config(path, model_failure(path, source))
             files = {name: path / shards[name] for name in header}
