@@ -230,9 +230,10 @@ def stage_layout(stage: MergeStage, dirs: dict[str, ModelDir], source: str) -> L
     # unless a module of its own gives it)
     last = text[-1]
     pre = [n for n in outside if arch.is_pre_layer(n)]
-    slice_of = {n: module_slice.get(arch.module_of(n), last) for n in outside if n not in pre}
-    head = non_layer(pre, 0) + [slot for i in dict.fromkeys([last, *module_slice.values()])
-                                for slot in non_layer([n for n, at in slice_of.items() if at == i], i)]
+    after = [n for n in outside if n not in pre]
+    head = non_layer(pre, 0) + non_layer([n for n in after if arch.module_of(n) not in module_slice], last)
+    for module, i in module_slice.items():
+        head += non_layer([n for n in after if arch.module_of(n) == module], i)
     layers: list[list[_Slot]] = []
     for i in text:
         first = slices[i].sources[0]  # an output layer has the tensors of its first source's layer (kinds differ: Qwen3.5)
