@@ -127,7 +127,7 @@ def test_a_head_tied_to_the_embeddings_is_the_written_models(family, tmp_path):
             torch.testing.assert_close(theirs[name], written[name], atol=0, rtol=1e-12)
 
 
-LAYER_PATH_FAMILIES = [arch.name for arch in ARCHITECTURES if arch.live_layer_paths]
+LAYER_PATH_FAMILIES = [arch.name for arch in ARCHITECTURES if not arch.fixed_layers]
 # gemma3's layers alternate sliding-window and full attention, each with its own rotary embedding: the path model must
 # give each slot its layer's kind (a window of 3 tokens is shorter than the 7 scored, so a wrong kind changes the logits)
 OVERRIDES = {"gemma3_text": {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"], "sliding_window": 3}}
@@ -142,7 +142,9 @@ def test_every_family_scores_the_model_it_writes(family, tmp_path):
     where the family's output projections can hold them (else the search refuses scales, tests/test_checks.py)."""
     eps = {"cohere2": "layer_norm_eps", "starcoder2": "norm_epsilon", "lfm2": "norm_eps", "cohere": "layer_norm_eps",
            "stablelm": "layer_norm_eps", "phi": "layer_norm_eps", "nemotron": "norm_eps",
-           "nemotron_h": "layer_norm_epsilon", "lfm2_moe": "norm_eps"}.get(family, "rms_norm_eps")
+           "nemotron_h": "layer_norm_epsilon", "lfm2_moe": "norm_eps", "gpt2": "layer_norm_epsilon",
+           "gpt_bigcode": "layer_norm_epsilon", "falcon": "layer_norm_epsilon", "mamba": "layer_norm_epsilon",
+           "gpt_neox": "layer_norm_eps"}.get(family, "rms_norm_eps")
     base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32, dtype=torch.float64,
                       **{eps: 1e-12, **OVERRIDES.get(family, {})})
     (a,) = make_variants(base, tmp_path, n=1, scale=0.05)

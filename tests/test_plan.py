@@ -172,6 +172,18 @@ def test_the_reserve_is_for_the_configured_evaluation_batch(mistral_dirs, tmp_pa
         assert plan.reserve.total * share == mistral_arithmetic()["reserve"], batch
 
 
+def test_a_state_space_models_reserve_holds_its_state_not_a_kv_cache(tmp_path):
+    """Mamba has no attention: its evaluation keeps, per layer and sequence, a convolution and an SSM state of fixed
+    size (intermediate_size x (conv_kernel + state_size)), not keys and values that grow with the tokens."""
+    from evomerge.models.io import ModelDir
+    from evomerge.run.memory import evaluation_reserve
+    from tiny_models import build_tiny
+
+    config = json.loads((build_tiny("mamba", tmp_path / "mamba", num_layers=3, hidden=32) / "config.json").read_text())
+    reserve = evaluation_reserve(ModelDir.open(tmp_path / "mamba"), torch.float32, batch=4)
+    assert reserve.kv_cache == 4 * 3 * config["intermediate_size"] * (config["conv_kernel"] + config["state_size"]) * 4
+
+
 def test_plan_refuses_device_that_does_not_fit_after_printing_the_plan(mistral_dirs, tmp_path):
     exp = paper_experiment(tmp_path, mistral_dirs, sources="device")
     result = CliRunner().invoke(main, ["plan", str(exp), "--device-memory", "80GB"])

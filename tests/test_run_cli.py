@@ -368,6 +368,24 @@ def test_a_data_flow_search_over_image_text_models_runs_their_text_layers(tmp_pa
     assert ("modules" in exported) == bool(arch.modules), exported
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "falcon", "mamba"])
+def test_a_data_flow_search_over_older_layouts_runs_their_layers(tmp_path, family):
+    """GPT-2's and Falcon's layers (`transformer.h`), GPT-NeoX's (`gpt_neox.layers`), Mamba's (`backbone.layers`): a
+    worker runs them in a path's order, scaled, and the winner is written with the path's layers."""
+    base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32)
+    a, b = make_variants(base, tmp_path, n=2, scale=0.05)
+    doc = {"name": "old", "seed": 0, "space": {"kind": "dfs", "models": [str(a), str(b)], "repeats": 2, "scale": "slot"},
+           "optimizer": {"name": "random"}, "budget": {"trials": 3},
+           "evaluation": {"tasks": ["toy_cipher_gen"], "limit": 2}, "validation": {"top_k": 1}}
+    (tmp_path / "exp.yaml").write_text(json.dumps(doc))
+    result = run("search", tmp_path / "exp.yaml", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0 and "3 trials, 0 failed" in result.output, result.output
+    assert run("merge", tmp_path / "run/best/recipe.yaml", tmp_path / "out").exit_code == 0
+    recipe, arch = load_recipe(tmp_path / "run/best/recipe.yaml"), base_arch(base)
+    config = json.loads((tmp_path / "out/config.json").read_text())
+    assert config[arch.num_layers_key] == len(recipe.layers) == len({arch.layer_of(n) for n in tensors(tmp_path / "out")} - {None})
+
+
 def base_arch(model_dir: Path):
     return architecture_for(json.loads((model_dir / "config.json").read_text()), "config.json")
 

@@ -35,9 +35,6 @@ class Architecture:
     # multiplying them by c multiplies what the layer adds to the hidden state by c. Empty where no such weights exist
     # (Gemma-2 normalises each branch's output, with a (1 + w) norm weight).
     output_projections: str = ""
-    # a search runs its layer paths (data-flow space) on live models of this family (run/path_model.py: a decoder with
-    # `model.layers`); a written layer path needs no such thing
-    live_layer_paths: bool = False
     # config keys holding one entry per layer (e.g. sliding vs full attention), a list or a string of one character a
     # layer (Nemotron-H's hybrid_override_pattern); they follow the layers when the stack changes
     per_layer_keys: tuple[str, ...] = ("layer_types", "mlp_layer_types")
@@ -283,7 +280,7 @@ def _decoder(name: str, architectures: tuple[str, ...], *, layers: str, embeddin
 def _llama_like(name: str, architecture: str, **fields) -> Architecture:
     """A decoder named as Llama's (`model.layers.`); `fields` override the rest."""
     llama = {"layers": r"model\.layers", "embeddings": r"model\.embed_tokens", "final_norm": r"model\.norm",
-             "output_projections": _LLAMA_OUT, "live_layer_paths": True}
+             "output_projections": _LLAMA_OUT}
     return _decoder(name, fields.pop("architectures", (architecture,)), **{**llama, **fields})
 
 
@@ -331,7 +328,6 @@ def _image_text(name: str, architecture: str, *, tied: bool, vision_layers: str,
         "tied_default": tied,
         "text_config": "text_config",
         "part_layer": vision_layers,
-        "live_layer_paths": not fields.get("fixed_layers"),
         **fields,
     })
 
@@ -410,8 +406,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                 output_projections=r"\.((self_attn|conv)\.out_proj|feed_forward\.(experts\.\d+\.)?w2)\.weight$|"
                                    r"\.feed_forward\.experts\.down_proj$",
                 live_experts=_fused_experts(r"feed_forward\.experts", "w1", "w3", "w2", live="feed_forward")),
-    _llama_like("gemma4_text", "Gemma4ForCausalLM", **_GEMMA4, pre=rf"model\.({_GEMMA4_PRE})",
-                live_layer_paths=False),
+    _llama_like("gemma4_text", "Gemma4ForCausalLM", **_GEMMA4, pre=rf"model\.({_GEMMA4_PRE})"),
     # Mixtures of experts: checkpoints hold each expert's tensors (the hub's) or the live module's fused ones (as
     # transformers 5 and mergekit 0.1.5 name them); a merge takes either, expert by expert or fused tensor by tensor.
     *(_llama_like(name, architecture, output_projections=_EXPERTS_OUT,
@@ -456,7 +451,6 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         mlp=r"\.mixer\.(experts|shared_experts|gate|up_proj|down_proj)\b",
         output_projections=r"\.mixer\.(out_proj|o_proj|down_proj|(shared_experts|experts\.\d+)\.down_proj)\.weight$|"
                            r"\.mixer\.experts\.down_proj$",
-        live_layer_paths=True,
         per_layer_keys=("layers_block_type", "hybrid_override_pattern"),
         unloaded=r"(backbone\.)?mtp\.",  # its multi-token-prediction layers, which transformers ignores on load
         live_renames=((r"^backbone\.", "model."),),
@@ -491,7 +485,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     # Jamba: Mamba layers with an attention one every attn_layer_period-th, experts every expert_layer_period-th (dense
     # MLPs between); periods and offsets cannot spell a restacked path's kinds, so its layers stay in place
     _llama_like("jamba", "JambaForCausalLM", attn=r"\.(self_attn|mamba)\.", mlp=r"\.feed_forward\.",
-                post=r"model\.final_layernorm\.weight|lm_head\.weight", live_layer_paths=False,
+                post=r"model\.final_layernorm\.weight|lm_head\.weight",
                 output_projections=r"\.(self_attn\.o_proj|mamba\.out_proj|feed_forward\.(experts\.\d+\.)?down_proj)\.weight$|"
                                    r"\.feed_forward\.experts\.down_proj$",
                 live_experts=_fused_experts(r"feed_forward\.experts", "gate_proj", "up_proj", "down_proj",
@@ -574,7 +568,6 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         num_layers_key="num_layers",
         output_projections=r"\.(attn\.attention\.out_proj|mlp\.c_proj)\.weight$",
         filters_see_live_names=False,
-        live_layer_paths=True,
         live_renames=((r"^transformer\.wte\.", "model.embed_tokens."), (r"^transformer\.ln_f\.", "model.norm."),
                       *((rf"^transformer\.h\.(\d+)\.{old}\.", rf"model.layers.\1.{new}.") for old, new in (
                           ("attn.attention.q_proj", "self_attn.q_proj"), ("attn.attention.k_proj", "self_attn.k_proj"),

@@ -125,16 +125,13 @@ def _start_at(space, base, optimizer: str, source: str) -> list[str]:
 
 
 def _check_layer_paths(config, model_dir, source: str) -> None:
-    """A data-flow search runs its paths on live models of a family that has them, whose written paths its config can
-    describe, and searches hidden-state scales only where the written model can hold them (folded into the output
-    projections)."""
-    from evomerge.models.architectures import ARCHITECTURES
-
+    """A data-flow search runs its paths on live models of a family whose layers can move, whose written paths its
+    config can describe, and searches hidden-state scales only where the written model can hold them (folded into the
+    output projections)."""
     arch = model_dir.arch
-    if not arch.live_layer_paths:
-        families = ", ".join(a.name for a in ARCHITECTURES if a.live_layer_paths)
-        raise EvomergeError(f"a data-flow search runs layer paths on {families} models, not {arch.name}",
-                            source=source, key="space.kind")
+    if arch.fixed_layers:
+        raise EvomergeError(f"a data-flow search moves and repeats layers, which {arch.name} models cannot "
+                            f"({arch.fixed_layers})", source=source, key="space.kind")
     # paths a search may try, which a config may have no way to describe: each layer, from the last, before the first
     # (a dense layer after one of experts; GLM-5 starting with a layer that has no indexer of its own)
     try:

@@ -140,18 +140,20 @@ def evaluation_reserve(model_dir, dtype, batch: int = EVAL_BATCH) -> Reserve:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(model_dir.path)).get_text_config()  # an image-text model's text model
-    layers = config.num_hidden_layers
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    layers, hidden, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
     intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
-    vocab = config.vocab_size
     e = (dtype or model_dir.dtype(model_dir.tensor_names[0])).itemsize
     tokens = batch * EVAL_TOKENS
-    return Reserve(kv_cache=tokens * 2 * layers * kv_heads * head_dim * e, layer=tokens * intermediate * 3 * e,
-                   head=tokens * vocab * 2 * e, hidden=tokens * hidden * 2 * e,
-                   shape=f"{layers} layers x {kv_heads} kv heads x {head_dim} head_dim, hidden {hidden}, "
-                         f"intermediate {intermediate}, vocab {vocab}, {e} bytes", batch=batch)
+    if heads := getattr(config, "num_attention_heads", None):
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        cache, cache_shape = tokens * 2 * layers * kv_heads * head_dim * e, f"{kv_heads} kv heads x {head_dim} head_dim"
+    else:  # a state-space model (Mamba): per layer and sequence a state of fixed size, whatever the tokens
+        state = config.state_size + config.conv_kernel
+        cache, cache_shape = batch * layers * intermediate * state * e, f"a state of {intermediate} x {state}"
+    return Reserve(kv_cache=cache, layer=tokens * intermediate * 3 * e, head=tokens * vocab * 2 * e,
+                   hidden=tokens * hidden * 2 * e, shape=f"{layers} layers x {cache_shape}, hidden {hidden}, "
+                                                        f"intermediate {intermediate}, vocab {vocab}, {e} bytes", batch=batch)
 
 
 def device_capacity(workers) -> int | None:

@@ -39,9 +39,14 @@ class ScaledSlot(nn.Module):
         return self.layer(hidden_states, *args, **kwargs)
 
 
-# where a causal LM holds its decoder (the module with `layers`): text models at `model`, image-text models at
-# `model.language_model` (Llama 4: a causal LM of its own at `language_model`, with the head)
-_DECODER_AT = (("model",), ("model", "language_model"), ("language_model", "model"))
+# where a causal LM holds its decoder (the module with the layers): most at `model`, image-text models at
+# `model.language_model` (Llama 4: a causal LM of its own at `language_model`, with the head), GPT-2's and Falcon's at
+# `transformer`, GPT-NeoX's at `gpt_neox`, Mamba's at `backbone`
+_DECODER_AT = (("model",), ("model", "language_model"), ("language_model", "model"), ("transformer",), ("gpt_neox",),
+               ("backbone",))
+_LAYERS = ("layers", "h")  # the decoder's list of layers (GPT-2's and Falcon's: h)
+_FINAL_NORMS = ("norm", "embedding_norm", "final_layernorm", "norm_f", "ln_f", "final_layer_norm")  # (LFM2's, Phi-2's,
+# Mamba's and Nemotron-H's, GPT-2's and Falcon's, GPT-NeoX's)
 
 
 def _decoder_at(model: nn.Module) -> tuple[str, ...]:
@@ -49,10 +54,14 @@ def _decoder_at(model: nn.Module) -> tuple[str, ...]:
         inner = model
         for name in names:
             inner = getattr(inner, name, None)
-        if isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        if any(isinstance(getattr(inner, layers, None), nn.ModuleList) for layers in _LAYERS):
             return names
-    raise EvomergeError(f"data-flow search needs a decoder with `model.layers` (Llama, Mistral, Qwen2 style); "
+    raise EvomergeError(f"data-flow search needs a decoder with a list of layers (`model.layers`, as Llama's); "
                         f"got {type(model).__name__}", key="space.dfs")
+
+
+def _layers_name(decoder: nn.Module) -> str:
+    return next(name for name in _LAYERS if isinstance(getattr(decoder, name, None), nn.ModuleList))
 
 
 def _inner(model: nn.Module, names: tuple[str, ...]) -> nn.Module:
@@ -104,9 +113,9 @@ def build_path_model(first: nn.Module, layers: dict[str, nn.ModuleList], path: l
     model, decoder = chain[0], chain[-1]
     owner = next(k for k, module in enumerate(chain) if "lm_head" in module._modules)  # Llama 4's: its text model
     chain[owner]._modules["lm_head"] = _inner(first if tied else last, names[:owner]).lm_head
-    norm = next(n for n in ("norm", "embedding_norm", "final_layernorm", "norm_f") if n in decoder._modules)  # the
-    decoder._modules[norm] = getattr(_decoder(last), norm)  # final norm (LFM2's, Phi-2's, Nemotron-H's names)
-    decoder._modules["layers"] = nn.ModuleList(_slot(layers[src][i], k, s) for k, (src, i, s) in enumerate(path))
+    norm = next(n for n in _FINAL_NORMS if n in decoder._modules)
+    decoder._modules[norm] = getattr(_decoder(last), norm)
+    decoder._modules[_layers_name(decoder)] = nn.ModuleList(_slot(layers[src][i], k, s) for k, (src, i, s) in enumerate(path))
     text.num_hidden_layers = len(path)
     kinds = text.attribute_map.get("layer_types", "layer_types")  # Nemotron-H's: layers_block_type
     if vars(text).get(kinds):  # (Falcon-H1's is a property of the layer count)
@@ -125,4 +134,5 @@ def _copied(module: nn.Module, configs: dict[int, object]) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return _decoder(model).layers
+    decoder = _decoder(model)
+    return getattr(decoder, _layers_name(decoder))
