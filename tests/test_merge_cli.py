@@ -536,6 +536,27 @@ def test_modules_name_each_module_of_the_family_once(tmp_path, parts, key, messa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("family", ["qwen3_5_text", "lfm2", "nemotron_h"])
+def test_a_hybrid_layer_path_keeps_an_attention_layer(tmp_path, family):
+    """Qwen3.5's linear-attention, LFM2's convolution and Nemotron-H's Mamba layers need one softmax-attention layer in
+    the model (transformers builds its masks there): a written path without one is refused in one line; a search's
+    trial over such a path fails with that line, not transformers' error."""
+    from evomerge.recipe import LayerSlot, Recipe
+    from evomerge.run.worker import TrialRunner
+
+    base = build_tiny(family, tmp_path / "base", num_layers=3)
+    kinds = json.loads((base / "config.json").read_text())
+    kinds = kinds.get("layer_types") or kinds["layers_block_type"]
+    others = [i for i, kind in enumerate(kinds) if "attention" not in kind or kind == "linear_attention"]
+    result = run("merge", write(tmp_path / "r.yaml", {"layers": [{"source": str(base), "layer": i} for i in others]}),
+                 tmp_path / "out")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert f"layers: a {family} model needs one of its attention layers" in result.output and not (tmp_path / "out").exists()
+    runner = TrialRunner([str(base)], str(base), lambda: None, dtype="float32")
+    trial = runner.run(0, Recipe(layers=[LayerSlot(source=str(base), layer=i) for i in others]))
+    assert trial.status == "failed" and f"a {family} model needs one of its attention layers" in trial.error, trial.error
+
+
 def test_jamba_layers_stay_where_they_are(tmp_path):
     """Jamba's config gives each layer's kind (attention or Mamba, experts or an MLP) by periods and offsets, which
     cannot spell a restacked path's kinds: a layer path that moves its layers is refused."""

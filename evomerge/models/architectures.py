@@ -207,6 +207,9 @@ class Architecture:
                 raise EvomergeError(f"{self.name} cannot have a dense-MLP layer after a mixture-of-experts one (its config "
                                     f"counts its first dense layers, {key}); this writes dense layer {source_layers[j]} "
                                     f"as layer {j}", key="layers")
+        if source_layers is not None and _attention_layers(settings) and _attention_layers(out) == 0:
+            raise EvomergeError(f"a {self.name} model needs one of its attention layers (transformers builds its masks "
+                                f"there); this path keeps none (source layers {source_layers})", key="layers")
         return self.with_text_settings(config, out)
 
     def with_text_settings(self, config: dict, settings: dict) -> dict:
@@ -242,6 +245,17 @@ class Architecture:
 
     def tied_embeddings(self, config: dict) -> bool:
         return bool(config.get("tie_word_embeddings", self.tied_default))
+
+
+def _attention_layers(settings: dict) -> int | None:
+    """How many layers a hybrid config's per-layer kinds make softmax attention (not linear attention, a state-space
+    mixer or a convolution); None where it lists no kinds."""
+    for key in ("layer_types", "layers_block_type"):
+        if isinstance(kinds := settings.get(key), list):
+            return sum(k == "attention" or k.endswith("_attention") and k != "linear_attention" for k in kinds)
+    if isinstance(pattern := settings.get("hybrid_override_pattern"), str):  # Nemotron-H's: "*" an attention layer
+        return pattern.count("*")
+    return len(settings["full_attn_idxs"]) if isinstance(settings.get("full_attn_idxs"), list) else None  # LFM2's
 
 
 def _indexer_kinds(settings: dict, count: int) -> list[str] | None:

@@ -132,11 +132,12 @@ def _check_layer_paths(config, model_dir, source: str) -> None:
     if arch.fixed_layers:
         raise EvomergeError(f"a data-flow search moves and repeats layers, which {arch.name} models cannot "
                             f"({arch.fixed_layers})", source=source, key="space.kind")
-    # paths a search may try, which a config may have no way to describe: each layer, from the last, before the first
+    # paths a search may try, which a config may have no way to describe: each layer, from the last, before all of them
     # (a dense layer after one of experts; GLM-5 starting with a layer that has no indexer of its own)
+    n = model_dir.num_layers
     try:
-        for first in reversed(range(model_dir.num_layers)):
-            arch.set_num_layers(model_dir.config, 2, source_layers=[first, 0])
+        for first in reversed(range(n)):
+            arch.set_num_layers(model_dir.config, n + 1, source_layers=[first, *range(n)])
     except EvomergeError as err:
         raise EvomergeError(f"a data-flow search would try paths no written {arch.name} model can describe: "
                             f"{err.message}", source=source, key="space.kind") from None

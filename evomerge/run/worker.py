@@ -105,6 +105,8 @@ class TrialRunner:
         if missing:  # a caller's mistake, not the candidate's: the search passes every model a layer path may run
             raise ValueError(f"layer path over {missing[0]}, which this worker ({self.sources_mode}) has not on its "
                              "device: name it in path_models")
+        template = self.dirs[recipe.template_model]  # a path its written model could not describe fails here, in words
+        template.arch.set_num_layers(template.config, len(recipe.layers), source_layers=recipe.source_layers())
         layers = {m: decoder_layers(model) for m, model in models.items()}
         return build_path_model(models[recipe.layers[0].source], layers, [(s.source, s.layer, s.scale) for s in recipe.layers],
                                 last=models[recipe.layers[-1].source])
