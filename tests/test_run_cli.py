@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from evomerge.cli import main
 from evomerge.export import export_text
 from evomerge.merge.materialize import merge_to_dir
-from evomerge.models.architectures import architecture_for
+from evomerge.models.io import ModelDir
 from evomerge.recipe import LayerSlot, Recipe, load_recipe, save_recipe
 from evomerge.run.config import experiment_from_dict, load_experiment
 from evomerge.run.loop import search
@@ -294,17 +294,22 @@ def test_search_refuses_an_unknown_task_before_it_starts(models, tmp_path):  # n
     assert not (tmp_path / "run").exists()
 
 
-def linear_search_and_merge(tmp_path: Path, models: list[Path], trials: int, **space) -> dict:
-    """A linear-weight search of `trials` random candidates over `models` (toy cipher, 2 documents), none failing, and
-    its winner merged into tmp_path / "out"; the winner's merge stage."""
-    doc = {"name": "models", "seed": 0,
-           "space": {"kind": "ps", "method": "linear", "models": [str(m) for m in models], "search": ["weight"], **space},
-           "optimizer": {"name": "random"}, "budget": {"trials": trials},
+def search_and_merge(tmp_path: Path, space: dict, trials: int = 3) -> Recipe:
+    """A search of `trials` random candidates over `space` (toy cipher, 2 documents), none failing, and its winner merged
+    into tmp_path / "out"; the winner's recipe."""
+    doc = {"name": "models", "seed": 0, "space": space, "optimizer": {"name": "random"}, "budget": {"trials": trials},
            "evaluation": {"tasks": ["toy_cipher_gen"], "limit": 2}, "validation": {"top_k": 1}}
     (tmp_path / "exp.yaml").write_text(json.dumps(doc))
     result = run("search", tmp_path / "exp.yaml", "--run-dir", tmp_path / "run")
     assert result.exit_code == 0 and f"{trials} trials, 0 failed" in result.output, result.output
     assert run("merge", tmp_path / "run/best/recipe.yaml", tmp_path / "out").exit_code == 0
+    return load_recipe(tmp_path / "run/best/recipe.yaml")
+
+
+def linear_search_and_merge(tmp_path: Path, models: list[Path], trials: int, **space) -> dict:
+    """`search_and_merge` of a linear-weight search over `models`; the winner's merge stage, as its YAML has it."""
+    search_and_merge(tmp_path, {"kind": "ps", "method": "linear", "models": [str(m) for m in models],
+                                "search": ["weight"], **space}, trials)
     return yaml.safe_load((tmp_path / "run/best/recipe.yaml").read_text())["merge"]
 
 
@@ -350,17 +355,10 @@ def test_a_data_flow_search_over_image_text_models_runs_their_text_layers(tmp_pa
     mergekit has a table of modules (it reads an image-text model's slices only so)."""
     base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32)
     a, b = make_variants(base, tmp_path, n=2, scale=0.05)
-    doc = {"name": "vl", "seed": 0, "space": {"kind": "dfs", "models": [str(a), str(b)], "repeats": 2, "scale": "none"},
-           "optimizer": {"name": "random"}, "budget": {"trials": 3}, "evaluation": {"tasks": ["toy_cipher_gen"], "limit": 2},
-           "validation": {"top_k": 1}}
-    (tmp_path / "exp.yaml").write_text(json.dumps(doc))
-    result = run("search", tmp_path / "exp.yaml", "--run-dir", tmp_path / "run")
-    assert result.exit_code == 0 and "3 trials, 0 failed" in result.output, result.output
-    assert run("merge", tmp_path / "run/best/recipe.yaml", tmp_path / "out").exit_code == 0
-    recipe = load_recipe(tmp_path / "run/best/recipe.yaml")
+    recipe = search_and_merge(tmp_path, {"kind": "dfs", "models": [str(a), str(b)], "repeats": 2, "scale": "none"})
     config = json.loads((tmp_path / "out/config.json").read_text())
     assert config["text_config"]["num_hidden_layers"] == len(recipe.layers)
-    arch, written, last = base_arch(base), tensors(tmp_path / "out"), tensors(Path(recipe.layers[-1].source))
+    arch, written, last = ModelDir.open(base).arch, tensors(tmp_path / "out"), tensors(Path(recipe.layers[-1].source))
     outside = [n for n in last if arch.layer_of(n) is None and not arch.is_pre_layer(n)
                and arch.module_of(n) != "text_decoder" or arch.part_layer and re.match(arch.part_layer, n)]
     assert outside and all(torch.equal(written[n], last[n]) for n in outside)
@@ -371,23 +369,17 @@ def test_a_data_flow_search_over_image_text_models_runs_their_text_layers(tmp_pa
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "falcon", "mamba"])
 def test_a_data_flow_search_over_older_layouts_runs_their_layers(tmp_path, family):
     """GPT-2's and Falcon's layers (`transformer.h`), GPT-NeoX's (`gpt_neox.layers`), Mamba's (`backbone.layers`): a
-    worker runs them in a path's order, scaled, and the winner is written with the path's layers."""
+    worker runs them in a path's order, scaled, and the winner is written with the path's layers: each slot its
+    source's layer, the hidden-state scales folded into the output projections only."""
     base = build_tiny(family, tmp_path / "base", num_layers=3, hidden=32)
     a, b = make_variants(base, tmp_path, n=2, scale=0.05)
-    doc = {"name": "old", "seed": 0, "space": {"kind": "dfs", "models": [str(a), str(b)], "repeats": 2, "scale": "slot"},
-           "optimizer": {"name": "random"}, "budget": {"trials": 3},
-           "evaluation": {"tasks": ["toy_cipher_gen"], "limit": 2}, "validation": {"top_k": 1}}
-    (tmp_path / "exp.yaml").write_text(json.dumps(doc))
-    result = run("search", tmp_path / "exp.yaml", "--run-dir", tmp_path / "run")
-    assert result.exit_code == 0 and "3 trials, 0 failed" in result.output, result.output
-    assert run("merge", tmp_path / "run/best/recipe.yaml", tmp_path / "out").exit_code == 0
-    recipe, arch = load_recipe(tmp_path / "run/best/recipe.yaml"), base_arch(base)
-    config = json.loads((tmp_path / "out/config.json").read_text())
-    assert config[arch.num_layers_key] == len(recipe.layers) == len({arch.layer_of(n) for n in tensors(tmp_path / "out")} - {None})
-
-
-def base_arch(model_dir: Path):
-    return architecture_for(json.loads((model_dir / "config.json").read_text()), "config.json")
+    recipe = search_and_merge(tmp_path, {"kind": "dfs", "models": [str(a), str(b)], "repeats": 2, "scale": "slot"})
+    arch, written = ModelDir.open(base).arch, tensors(tmp_path / "out")
+    assert json.loads((tmp_path / "out/config.json").read_text())[arch.num_layers_key] == len(recipe.layers)
+    for k, slot in enumerate(recipe.layers):
+        source = tensors(Path(slot.source))
+        kept = [n for n in source if arch.layer_of(n) == slot.layer and not arch.is_output_projection(n)]
+        assert kept and all(torch.equal(written[arch.rename_layer(n, k)], source[n]) for n in kept), (k, slot)
 
 
 @pytest.mark.parametrize("family, mtp", [("nemotron_h", "mtp.layers.0.mixer.up_proj.weight"),
